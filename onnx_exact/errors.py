@@ -1,0 +1,43 @@
+"""The one exception hierarchy of onnx-exact.
+
+Every error the tool raises on purpose derives from :class:`OnnxExactError`. Its message is one line
+that names the file, node or argument at fault and says what to do; the CLI prints exactly that line
+and exits with :attr:`OnnxExactError.exit_code`. Anything else that escapes is an internal error
+(exit 3) and the CLI asks the user to report it.
+"""
+
+from __future__ import annotations
+
+
+class OnnxExactError(Exception):
+    """Base class: a clear, one-line, user-facing failure."""
+
+    exit_code: int = 2
+
+
+class UnsupportedModelError(OnnxExactError):
+    """The model cannot be read or analysed (not ONNX, unsupported op, non-constant weight, ...)."""
+
+
+class DomainError(OnnxExactError):
+    """The input domain is missing, malformed, empty, not finite or of the wrong size."""
+
+
+class UsageError(OnnxExactError):
+    """A command-line argument or API argument is wrong (bad path, conflicting options, ...)."""
+
+
+class SolverError(OnnxExactError):
+    """HiGHS failed in a way that is not a time limit; the affected directions are kept."""
+
+    exit_code = 3
+
+
+class ResourceError(OnnxExactError):
+    """The job would exceed a resource guard (memory) set by the user or the machine."""
+
+
+class VerificationError(OnnxExactError):
+    """The compressed model does not match the original within the requested tolerance."""
+
+    exit_code = 1

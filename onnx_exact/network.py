@@ -1,0 +1,177 @@
+"""The intermediate representation every analysis works on.
+
+A :class:`Network` is what the reader extracts from an ONNX graph, independently of the exporter
+that wrote it:
+
+    x_net = input_map(x_raw)                         (elementwise affine preprocessing, flattened)
+    y_1 = W_1 x_net + b_1,       h_1 = relu(y_1)     (or h_1 = y_1 for a layer without ReLU)
+    y_k = W_k h_{k-1} + b_k,     h_k = relu(y_k)
+    ...
+    y_L = W_L h_{L-1} + b_L                          (the output layer; may carry a ReLU too)
+
+``x_raw`` is the model input flattened to one feature vector per sample (batch first). All arrays
+are float64: the reader converts the stored float32/float16 values exactly, so the analysis runs
+on precisely the numbers onnxruntime multiplies.
+
+The tail after the last affine layer (Softmax, ArgMax, ZipMap, ...) is not part of the network:
+it is left untouched in the ONNX graph, and two networks with equal ``y_L`` feed it equally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class InputMap:
+    """Elementwise affine preprocessing ``x_net = scale * x_raw + shift`` (flattened features).
+
+    It models Sub/Div/Mul/Add (and ai.onnx.ml ``Scaler``) nodes in front of the first layer. The
+    domain is given on ``x_raw`` (what the user feeds the model); the analysis runs on ``x_net``.
+    """
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+    def apply(self, x_raw: np.ndarray) -> np.ndarray:
+        """Map raw inputs of shape ``(batch, n)`` to network inputs."""
+        return x_raw * self.scale + self.shift
+
+    def invert(self, x_net: np.ndarray, raw_fill: np.ndarray) -> np.ndarray:
+        """Map network inputs back to raw inputs.
+
+        Features with ``scale == 0`` carry no information; they take ``raw_fill`` (typically the
+        centre of the raw box) so that the raw point stays in the domain.
+        """
+        out = np.array(np.broadcast_to(raw_fill, x_net.shape), dtype=np.float64)
+        nz = self.scale != 0
+        out[:, nz] = (x_net[:, nz] - self.shift[nz]) / self.scale[nz]
+        return out
+
+    @classmethod
+    def identity(cls, n: int) -> InputMap:
+        return cls(scale=np.ones(n), shift=np.zeros(n))
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(np.all(self.scale == 1.0) and np.all(self.shift == 0.0))
+
+
+@dataclass
+class DenseLayer:
+    """One affine layer ``y = W h + b`` with an optional ReLU.
+
+    Attributes
+    ----------
+    weight : (out, in) float64
+    bias : (out,) float64
+    relu : whether ``h_out = max(0, y)`` (True) or ``h_out = y`` (False).
+    name : a stable, human-readable name (the ReLU node's name, or the affine node's for a layer
+        without ReLU); reports use it.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    relu: bool
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.weight = np.asarray(self.weight, dtype=np.float64)
+        self.bias = np.asarray(self.bias, dtype=np.float64).reshape(-1)
+        if self.weight.ndim != 2 or self.weight.shape[0] != self.bias.shape[0]:
+            raise ValueError(
+                f"layer {self.name!r}: weight {self.weight.shape} and bias {self.bias.shape} disagree"
+            )
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def param_count(self) -> int:
+        return int(self.weight.size + self.bias.size)
+
+
+@dataclass
+class Network:
+    """A feed-forward ReLU network: input map, then affine layers; the last is the output layer."""
+
+    layers: list[DenseLayer]
+    input_map: InputMap
+    input_name: str = "input"
+    output_name: str = "output"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a network needs at least one affine layer")
+        for prev, nxt in zip(self.layers, self.layers[1:], strict=False):
+            if prev.out_features != nxt.in_features:
+                raise ValueError(
+                    f"layer {nxt.name!r} expects {nxt.in_features} inputs, "
+                    f"layer {prev.name!r} gives {prev.out_features}"
+                )
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].out_features
+
+    @property
+    def relu_layer_indices(self) -> list[int]:
+        """Indices (into ``layers``) of the layers that carry a ReLU, in graph order."""
+        return [k for k, layer in enumerate(self.layers) if layer.relu]
+
+    @property
+    def param_count(self) -> int:
+        return sum(layer.param_count for layer in self.layers)
+
+    @property
+    def mac_count(self) -> int:
+        """Multiply-accumulates per sample of the affine layers."""
+        return sum(layer.weight.size for layer in self.layers)
+
+    def preactivations(self, x_net: np.ndarray) -> list[np.ndarray]:
+        """All pre-activations ``y_k`` for a batch of *network* inputs ``(batch, in)``, float64."""
+        h = np.asarray(x_net, dtype=np.float64)
+        if h.ndim == 1:
+            h = h[None, :]
+        out = []
+        for layer in self.layers:
+            y = h @ layer.weight.T + layer.bias
+            out.append(y)
+            h = np.maximum(y, 0.0) if layer.relu else y
+        return out
+
+    def forward_net(self, x_net: np.ndarray) -> np.ndarray:
+        """Network output (after the output layer's ReLU, if any) for network-space inputs."""
+        y = self.preactivations(x_net)[-1]
+        return np.maximum(y, 0.0) if self.layers[-1].relu else y
+
+    def forward(self, x_raw: np.ndarray) -> np.ndarray:
+        """Network output for raw (flattened, un-preprocessed) inputs ``(batch, n)``, float64."""
+        x_raw = np.asarray(x_raw, dtype=np.float64)
+        if x_raw.ndim == 1:
+            x_raw = x_raw[None, :]
+        return self.forward_net(self.input_map.apply(x_raw))
+
+    def copy(self) -> Network:
+        return Network(
+            layers=[
+                DenseLayer(layer.weight.copy(), layer.bias.copy(), layer.relu, layer.name)
+                for layer in self.layers
+            ],
+            input_map=InputMap(self.input_map.scale.copy(), self.input_map.shift.copy()),
+            input_name=self.input_name,
+            output_name=self.output_name,
+            meta=dict(self.meta),
+        )
