@@ -1,0 +1,471 @@
+"""Sampled equivalence of two ONNX models on a box, checked with onnxruntime.
+
+The proofs make the compressed model exactly equal to the original in real arithmetic; this module
+checks the float32 artefacts that onnxruntime actually runs. Inputs, all clipped into the box:
+
+* the box centre and its all-lower and all-upper corners;
+* ``extra_inputs`` (typically the analysis's witnesses: they sit next to ReLU kinks, where a wrong
+  stability decision shows first);
+* Bernoulli corners: each feature at its upper bound with probability ``p`` in (0.1, 0.5, 0.9),
+  else at its lower bound (vertices are where linear regions are extreme);
+* uniform samples in the box.
+
+Comparison follows Polygraphy: for a float output element with candidate value ``a`` and reference
+value ``b`` the check fails only if ``|a - b| > atol`` AND ``|a - b| > rtol * |b|``. Integer, bool
+and string outputs (ArgMax labels) must be equal; ZipMap outputs (sequences of maps) must have the
+same keys and values within the float tolerance. Samples stream through in chunks, so memory does
+not grow with the sample count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .domain import Box, InputLayout
+from .errors import UnsupportedModelError, UsageError, VerificationError
+
+CHUNK_SAMPLES = 512
+"""Samples per streamed chunk (a 3072-feature chunk is 12 MiB in float64)."""
+
+BERNOULLI_PROBABILITIES = (0.1, 0.5, 0.9)
+"""Probabilities of a feature sitting at its upper bound in the corner samples."""
+
+_FLOAT_TENSOR_TYPES = {"tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"}
+_INPUT_DTYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+}
+
+
+@dataclass
+class OutputComparison:
+    """How one graph output of the candidate matched the reference over all inputs.
+
+    Attributes
+    ----------
+    name : the output.
+    max_abs_diff : ``max |a - b|`` over all elements (for labels: of the numeric values).
+    max_rel_diff : ``max |a - b| / |b|`` (``inf`` where ``b == 0 != a``).
+    where_abs : index of the input (in generation order) that attains ``max_abs_diff``; for
+        exact outputs the first input with a mismatch.
+    required_atol : the smallest atol that passes with the given rtol:
+        ``max |a - b|`` over elements with ``|a - b| > rtol |b|`` (0 if none; ``inf`` for a
+        mismatching exact output).
+    required_rtol : the smallest rtol that passes with the given atol:
+        ``max |a - b| / |b|`` over elements with ``|a - b| > atol`` (0 if none).
+    passed : no element failed.
+    mismatched_elements : elements that failed (exact outputs: unequal entries; float outputs:
+        entries beyond both tolerances).
+    """
+
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    where_abs: int
+    required_atol: float
+    required_rtol: float
+    passed: bool
+    mismatched_elements: int = 0
+
+
+@dataclass
+class EquivalenceReport:
+    """The verdict over all outputs and all inputs tried.
+
+    ``worst_input`` is the flattened raw input (as fed, i.e. after the cast to the input's dtype)
+    where the worst output differed most: the first place to look when the check fails.
+    """
+
+    samples: int
+    outputs: list[OutputComparison]
+    passed: bool
+    atol: float | dict[str, float]
+    rtol: float | dict[str, float]
+    max_abs_diff: float
+    max_rel_diff: float
+    worst_input: np.ndarray = field(repr=False)
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def onnxruntime_session(model: onnx.ModelProto | str | os.PathLike) -> ort.InferenceSession:
+    """A CPU onnxruntime session with one thread (deterministic, polite on a 2-core machine).
+
+    A path is handed to onnxruntime directly so that external data next to it is found.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        what = os.fspath(model) if not isinstance(model, onnx.ModelProto) else "the model"
+        raise UnsupportedModelError(
+            f"onnxruntime cannot load {what}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _session(model: onnx.ModelProto | str | os.PathLike | ort.InferenceSession):
+    return model if isinstance(model, ort.InferenceSession) else onnxruntime_session(model)
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """The one input a session is fed: its layout and dtype."""
+
+    layout: InputLayout
+    dtype: np.dtype
+
+
+def _feed_for(session: ort.InferenceSession, n_features: int, input_name: str | None) -> _Feed:
+    """Which input carries the box and how to shape it.
+
+    The model must have exactly one input to feed (initializers do not count): the box covers
+    one input, and its name may differ between exporters, so it is not required to match
+    ``input_name`` (used in the message only).
+    """
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(repr(node_arg.name) for node_arg in inputs)
+        raise UsageError(
+            f"the model has inputs {names}; only one, the box input {input_name!r}, can be "
+            "sampled: the others would need values"
+        )
+    node_arg = inputs[0]
+    if node_arg.type not in _INPUT_DTYPES:
+        raise UnsupportedModelError(
+            f"input {node_arg.name!r} has type {node_arg.type}; only float16/float/double "
+            "inputs can be sampled from a box"
+        )
+    dims = [d if isinstance(d, int) else None for d in node_arg.shape]
+    return _Feed(
+        InputLayout.from_dims(node_arg.name, dims, n_features), _INPUT_DTYPES[node_arg.type]
+    )
+
+
+def _run_chunk(session: ort.InferenceSession, feed: _Feed, x: np.ndarray) -> dict[str, object]:
+    """Outputs for the rows of ``x`` (already in the input dtype), batch axis first.
+
+    Tensor outputs come back as arrays of shape ``(m, ...)``; sequence-of-map outputs as lists of
+    ``m`` dicts. Fixed-batch inputs run in batches of that size (the last one padded by repeating
+    its final row, the padding's outputs dropped); inputs without batch axis run one row at a time.
+    """
+    layout = feed.layout
+    m = x.shape[0]
+    per_run = layout.samples_per_run or m
+    padded_rows = -m % per_run
+    if padded_rows:
+        x = np.concatenate([x, np.repeat(x[-1:], padded_rows, axis=0)])
+    shape = ((per_run,) if layout.has_batch_axis else ()) + layout.sample_shape
+    output_names = [node_arg.name for node_arg in session.get_outputs()]
+    collected: dict[str, list] = {name: [] for name in output_names}
+    for start in range(0, x.shape[0], per_run):
+        values = session.run(None, {layout.name: x[start : start + per_run].reshape(shape)})
+        for name, value in zip(output_names, values, strict=True):
+            collected[name].append(_rows(value, per_run, layout.has_batch_axis, name))
+    out: dict[str, object] = {}
+    for name, parts in collected.items():
+        if isinstance(parts[0], list):
+            out[name] = [row for part in parts for row in part][:m]
+        else:
+            out[name] = np.concatenate(parts)[:m]
+    return out
+
+
+def _rows(value: object, rows: int, has_batch_axis: bool, name: str) -> object:
+    """One run's output with a leading axis of ``rows`` samples."""
+    if isinstance(value, list):
+        if len(value) != rows or not all(isinstance(item, dict) for item in value):
+            raise UnsupportedModelError(
+                f"output {name!r} is a sequence that is not one map per sample; cannot compare it"
+            )
+        return value
+    value = np.asarray(value)
+    if not has_batch_axis:
+        return value[None]
+    if value.ndim >= 1 and value.shape[0] == rows:
+        return value
+    if value.size % rows:
+        raise UnsupportedModelError(
+            f"output {name!r} of shape {list(value.shape)} does not split into {rows} samples"
+        )
+    return value.reshape(rows, -1)
+
+
+def run_model(
+    model: onnx.ModelProto | str | os.PathLike | ort.InferenceSession,
+    x_flat: np.ndarray,
+    input_name: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Run a model on flattened raw inputs ``(m, n)`` (or one ``(n,)``), whatever its input layout.
+
+    Returns every output with the sample axis first. Sequence-of-map outputs (ZipMap) become
+    float64 arrays ``(m, k)`` with columns in the first map's key order. Inputs are cast to the
+    model's input dtype as given (no clipping: a counterexample replay wants the exact point).
+    """
+    session = _session(model)
+    x_flat = np.atleast_2d(np.asarray(x_flat, dtype=np.float64))
+    feed = _feed_for(session, x_flat.shape[1], input_name)
+    out = {}
+    for name, value in _run_chunk(session, feed, x_flat.astype(feed.dtype)).items():
+        out[name] = _map_rows_to_array(value, name)[1] if isinstance(value, list) else value
+    return out
+
+
+def _map_rows_to_array(rows: list[dict], name: str) -> tuple[list, np.ndarray]:
+    """``(keys, values (m, k) float64)`` of a list of maps that must all have the same keys."""
+    keys = list(rows[0].keys())
+    key_set = set(keys)
+    if any(set(row.keys()) != key_set for row in rows):
+        raise VerificationError(f"output {name!r}: the maps do not all have the same keys")
+    return keys, np.array([[row[key] for key in keys] for row in rows], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def verification_inputs(
+    box: Box,
+    extra_inputs: np.ndarray | None,
+    samples: int,
+    seed: int,
+    chunk: int = CHUNK_SAMPLES,
+) -> Iterator[np.ndarray]:
+    """Chunks of raw float64 inputs ``(m, n)`` inside ``box``, deterministic in ``seed``.
+
+    Order: centre, all-lower, all-upper; the extra inputs (clipped into the box; rows with NaN
+    dropped); ``samples // 10`` Bernoulli corners for each probability; uniform samples for the
+    rest of ``samples``.
+    """
+    lower, upper = box.lower, box.upper
+    rng = np.random.default_rng(seed)
+    yield np.stack([box.center, lower, upper])
+    if extra_inputs is not None:
+        extra = np.atleast_2d(np.asarray(extra_inputs, dtype=np.float64))
+        if extra.shape[1] != box.size:
+            raise UsageError(
+                f"extra_inputs have {extra.shape[1]} features per row, the box has {box.size}"
+            )
+        extra = extra[~np.isnan(extra).any(axis=1)]
+        for start in range(0, extra.shape[0], chunk):
+            yield np.clip(extra[start : start + chunk], lower, upper)
+    corners_per_probability = samples // 10
+    for probability in BERNOULLI_PROBABILITIES:
+        for start in range(0, corners_per_probability, chunk):
+            m = min(chunk, corners_per_probability - start)
+            yield np.where(rng.random((m, box.size)) < probability, upper, lower)
+    uniform = samples - corners_per_probability * len(BERNOULLI_PROBABILITIES)
+    for start in range(0, uniform, chunk):
+        m = min(chunk, uniform - start)
+        yield lower + rng.random((m, box.size)) * (upper - lower)
+
+
+def _cast_inside(x: np.ndarray, box: Box, dtype: np.dtype) -> np.ndarray:
+    """``x`` in ``dtype``, rounded toward the inside of the box where rounding left it.
+
+    Nearest rounding can put a float32 value just past a bound that is not a float32 number;
+    one ``nextafter`` step back fixes that. A degenerate feature whose single value is not
+    representable keeps its nearest value (no representable point lies inside).
+    """
+    cast = x.astype(dtype)
+    if dtype == np.float64:
+        return cast
+    widened = cast.astype(np.float64)
+    above, below = widened > box.upper, widened < box.lower
+    nudged = np.where(above, np.nextafter(cast, dtype.type(-np.inf)), cast)
+    nudged = np.where(below, np.nextafter(cast, dtype.type(np.inf)), nudged)
+    nudged64 = nudged.astype(np.float64)
+    still_outside = (nudged64 > box.upper) | (nudged64 < box.lower)
+    return np.where(still_outside, cast, nudged)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _tolerance(value: float | Mapping[str, float], name: str, default: float) -> float:
+    """Per-output tolerance (Polygraphy style): the output's entry, else ``""``/``"*"``, else
+    ``default``."""
+    if isinstance(value, Mapping):
+        for key in (name, "", "*"):
+            if key in value:
+                return float(value[key])
+        return default
+    return float(value)
+
+
+class _OutputStats:
+    """Running comparison of one output over the chunks (all reductions vectorised per chunk)."""
+
+    def __init__(self, name: str, exact: bool, atol: float, rtol: float) -> None:
+        self.name, self.exact, self.atol, self.rtol = name, exact, atol, rtol
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+        self.where = -1
+        self.worst_row: np.ndarray | None = None
+        self.required_atol = 0.0
+        self.required_rtol = 0.0
+        self.mismatched = 0
+
+    def update(self, candidate: np.ndarray, reference: np.ndarray, offset: int, fed: np.ndarray):
+        if candidate.shape != reference.shape:
+            raise VerificationError(
+                f"output {self.name!r}: candidate shape {list(candidate.shape[1:])} per sample, "
+                f"reference {list(reference.shape[1:])}"
+            )
+        m = reference.shape[0]
+        if self.exact:
+            self._update_exact(candidate.reshape(m, -1), reference.reshape(m, -1), offset, fed)
+        else:
+            self._update_float(candidate.reshape(m, -1), reference.reshape(m, -1), offset, fed)
+
+    def _update_exact(self, a: np.ndarray, b: np.ndarray, offset: int, fed: np.ndarray) -> None:
+        unequal = a != b
+        count = int(unequal.sum())
+        if not count:
+            return
+        if np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_:
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(unequal, diff / np.abs(b.astype(np.float64)), 0.0)
+            self.max_rel = max(self.max_rel, float(rel.max()))
+        else:
+            self.max_abs = self.max_rel = np.inf
+        if not self.mismatched:
+            first = int(np.flatnonzero(unequal.any(axis=1))[0])
+            self.where, self.worst_row = offset + first, fed[first].copy()
+        self.mismatched += count
+        self.required_atol = self.required_rtol = np.inf
+
+    def _update_float(self, a: np.ndarray, b: np.ndarray, offset: int, fed: np.ndarray) -> None:
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            raw = np.abs(a - b)
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        diff = np.where(same, 0.0, np.nan_to_num(raw, nan=np.inf))
+        magnitude = np.abs(b)
+        rel = np.divide(diff, magnitude, out=np.where(diff > 0, np.inf, 0.0), where=magnitude > 0)
+        beyond_rtol = diff > self.rtol * magnitude
+        beyond_atol = diff > self.atol
+        self.mismatched += int((beyond_rtol & beyond_atol).sum())
+        if beyond_rtol.any():
+            self.required_atol = max(self.required_atol, float(diff[beyond_rtol].max()))
+        if beyond_atol.any():
+            self.required_rtol = max(self.required_rtol, float(rel[beyond_atol].max()))
+        self.max_rel = max(self.max_rel, float(rel.max(initial=0.0)))
+        row_max = diff.max(axis=1, initial=0.0)
+        worst = int(np.argmax(row_max))
+        if self.where < 0 or row_max[worst] > self.max_abs:
+            self.max_abs = float(row_max[worst])
+            self.where = offset + worst
+            self.worst_row = fed[worst].copy()
+
+    def result(self) -> OutputComparison:
+        return OutputComparison(
+            name=self.name,
+            max_abs_diff=self.max_abs,
+            max_rel_diff=self.max_rel,
+            where_abs=self.where,
+            required_atol=self.required_atol,
+            required_rtol=self.required_rtol,
+            passed=self.mismatched == 0,
+            mismatched_elements=self.mismatched,
+        )
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def compare_models(
+    reference: onnx.ModelProto | str | os.PathLike,
+    candidate: onnx.ModelProto | str | os.PathLike,
+    box: Box,
+    *,
+    extra_inputs: np.ndarray | None = None,
+    samples: int = 2000,
+    seed: int = 0,
+    atol: float | dict[str, float] = 1e-5,
+    rtol: float | dict[str, float] = 1e-5,
+) -> EquivalenceReport:
+    """Compare every output of ``candidate`` with ``reference`` on inputs drawn from ``box``.
+
+    Parameters
+    ----------
+    reference, candidate : models or paths; both must take the box's input (a single-input model
+        is fed through its one input whatever its name) and have the same output names.
+    box : the domain, over the flattened raw input.
+    extra_inputs : raw flattened points ``(k, n)`` to try as well (clipped into the box).
+    samples : random inputs: a tenth each of Bernoulli(0.1/0.5/0.9) corners, the rest uniform.
+    seed : makes the inputs reproducible.
+    atol, rtol : Polygraphy tolerances, a number or ``{output name: value}`` with an optional
+        default under ``""`` (else 1e-5).
+
+    Raises
+    ------
+    VerificationError
+        When the outputs differ in names, per-sample shapes or map keys (no tolerance applies).
+    """
+    reference_session, candidate_session = _session(reference), _session(candidate)
+    reference_feed = _feed_for(reference_session, box.size, box.input_name)
+    candidate_feed = _feed_for(candidate_session, box.size, box.input_name)
+    reference_outputs = {o.name: o.type for o in reference_session.get_outputs()}
+    candidate_outputs = {o.name for o in candidate_session.get_outputs()}
+    if set(reference_outputs) != candidate_outputs:
+        raise VerificationError(
+            f"the models' outputs differ: reference {sorted(reference_outputs)}, candidate "
+            f"{sorted(candidate_outputs)}"
+        )
+    stats = {
+        name: _OutputStats(
+            name,
+            exact=kind not in _FLOAT_TENSOR_TYPES and not kind.startswith("seq(map("),
+            atol=_tolerance(atol, name, 1e-5),
+            rtol=_tolerance(rtol, name, 1e-5),
+        )
+        for name, kind in reference_outputs.items()
+    }
+    offset = 0
+    for chunk in verification_inputs(box, extra_inputs, samples, seed):
+        fed = _cast_inside(chunk, box, reference_feed.dtype)
+        reference_values = _run_chunk(reference_session, reference_feed, fed)
+        candidate_values = _run_chunk(
+            candidate_session, candidate_feed, fed.astype(candidate_feed.dtype)
+        )
+        fed64 = fed.astype(np.float64)
+        for name, output_stats in stats.items():
+            reference_value, candidate_value = reference_values[name], candidate_values[name]
+            if isinstance(reference_value, list):
+                reference_keys, reference_value = _map_rows_to_array(reference_value, name)
+                candidate_keys, candidate_value = _map_rows_to_array(candidate_value, name)
+                if set(reference_keys) != set(candidate_keys):
+                    raise VerificationError(
+                        f"output {name!r}: map keys differ (reference {reference_keys}, "
+                        f"candidate {candidate_keys})"
+                    )
+                order = [candidate_keys.index(key) for key in reference_keys]
+                candidate_value = candidate_value[:, order]
+            output_stats.update(candidate_value, reference_value, offset, fed64)
+        offset += chunk.shape[0]
+    comparisons = [output_stats.result() for output_stats in stats.values()]
+    failing = [s for s in stats.values() if s.mismatched] or list(stats.values())
+    worst = max(failing, key=lambda s: s.max_abs)
+    return EquivalenceReport(
+        samples=offset,
+        outputs=comparisons,
+        passed=all(c.passed for c in comparisons),
+        atol=atol,
+        rtol=rtol,
+        max_abs_diff=max(c.max_abs_diff for c in comparisons),
+        max_rel_diff=max(c.max_rel_diff for c in comparisons),
+        worst_input=worst.worst_row if worst.worst_row is not None else box.center.copy(),
+    )
