@@ -1,0 +1,266 @@
+"""The ``onnx-exact`` command line (typer + rich).
+
+``onnx-exact IN OUT [options]`` is the main job (the ``compress`` subcommand is implied);
+``onnx-exact analyze IN`` only reports; ``onnx-exact check A B`` compares two models.
+
+Exit codes: 0 done (and verified); 1 verification failed (no output written); 2 usage or input
+error; 3 internal error; 130 / 143 interrupted by SIGINT / SIGTERM (no output written).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import OnnxExactError, UsageError
+from .pipeline import AnalysisOptions, DomainSpec, analyze, compress
+from .report import render
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Exact compression of ReLU networks in ONNX by proving neuron stability over an input box.",
+)
+
+SUBCOMMANDS = {"compress", "analyze", "check"}
+METHODS = ("auto", "isa", "per-neuron")
+
+InputRange = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-range",
+        "-r",
+        help="Box for the input: '[lo,hi]' or 'name:[lo,hi]' (repeatable).",
+    ),
+]
+RangeFile = Annotated[
+    str | None,
+    typer.Option(help="Box from a file: .npz/.json with lower/upper, or .npy of shape (2, ...)."),
+]
+Vnnlib = Annotated[
+    str | None,
+    typer.Option(help="Box from the input constraints of a VNN-LIB property."),
+]
+TimeLimit = Annotated[
+    float | None,
+    typer.Option(help="Seconds for the whole analysis; open neurons are kept (UNDECIDED)."),
+]
+Method = Annotated[
+    str, typer.Option(help="Stability engine: auto (tiered), isa or per-neuron (paper baselines).")
+]
+Jobs = Annotated[int, typer.Option(help="Worker processes for independent LP/MILP solves.")]
+Seed = Annotated[int, typer.Option(help="Seed for sampling (results are deterministic).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show details on errors.")]
+
+
+class _State:
+    verbose: bool = False
+
+
+def _console(quiet: bool) -> Console:
+    return Console(stderr=False, quiet=quiet, highlight=False)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator:
+    """A rich progress display fed by the analysis's ``progress(phase, done, total)`` callback."""
+    if not enabled:
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=max(total, 1))
+            progress.update(tasks[phase], completed=done, total=max(total, 1))
+
+        yield update
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UsageError(f"--method '{method}' is not one of {', '.join(METHODS)}")
+
+
+def _parse_tolerance(values: list[str] | None, option: str) -> float | dict[str, float]:
+    """Polygraphy-style tolerances: ``1e-5`` (all outputs) and/or ``out0:1e-4`` (per output)."""
+    if not values:
+        return 1e-5
+    default = 1e-5
+    per_output: dict[str, float] = {}
+    for value in values:
+        name, _, number = value.rpartition(":")
+        try:
+            parsed = float(number)
+        except ValueError:
+            raise UsageError(
+                f"{option} '{value}': expected a number or 'output_name:number'"
+            ) from None
+        if parsed < 0:
+            raise UsageError(f"{option} '{value}': a tolerance cannot be negative")
+        if name:
+            per_output[name] = parsed
+        else:
+            default = parsed
+    if not per_output:
+        return default
+    per_output.setdefault("", default)
+    return per_output
+
+
+@app.command("compress")
+def compress_command(
+    model: Annotated[str, typer.Argument(help="Input ONNX model.")],
+    output: Annotated[str, typer.Argument(help="Where to write the compressed model.")],
+    input_range: InputRange = None,
+    input_range_file: RangeFile = None,
+    vnnlib: Vnnlib = None,
+    time_limit: TimeLimit = None,
+    method: Method = "auto",
+    jobs: Jobs = 1,
+    seed: Seed = 0,
+    samples: Annotated[int, typer.Option(help="Random box samples for verification.")] = 2000,
+    atol: Annotated[
+        list[str] | None,
+        typer.Option(help="Absolute tolerance, e.g. 1e-5 or out0:1e-4 (repeatable)."),
+    ] = None,
+    rtol: Annotated[
+        list[str] | None,
+        typer.Option(help="Relative tolerance, e.g. 1e-5 or out0:1e-4 (repeatable)."),
+    ] = None,
+    report: Annotated[
+        str | None,
+        typer.Option(help="Write the report as JSON to this file."),
+    ] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Compress MODEL exactly on the input box and write OUTPUT (only if it verifies)."""
+    _State.verbose = verbose
+    _check_method(method)
+    tol_abs = _parse_tolerance(atol, "--atol")
+    tol_rel = _parse_tolerance(rtol, "--rtol")
+    console = _console(quiet)
+    with _progress(not quiet and sys.stderr.isatty()) as progress:
+        result = compress(
+            model,
+            output,
+            DomainSpec(input_range or (), input_range_file, vnnlib),
+            AnalysisOptions(method=method, time_limit=time_limit, jobs=jobs, seed=seed),
+            samples=samples,
+            atol=tol_abs,
+            rtol=tol_rel,
+            progress=progress,
+        )
+    run = result.report
+    render(run, console)
+    if report:
+        run.write_json(report)
+    if run.verification is not None and not run.verification.passed:
+        Console(stderr=True).print(
+            f"onnx-exact: verification FAILED (max abs diff {run.verification.max_abs_diff:.3g}); "
+            f"'{output}' was not written. Please report this with the model and domain."
+        )
+        raise typer.Exit(1)
+    console.print(f"wrote {output}")
+
+
+@app.command("analyze")
+def analyze_command(
+    model: Annotated[str, typer.Argument(help="Input ONNX model.")],
+    input_range: InputRange = None,
+    input_range_file: RangeFile = None,
+    vnnlib: Vnnlib = None,
+    time_limit: TimeLimit = None,
+    method: Method = "auto",
+    jobs: Jobs = 1,
+    seed: Seed = 0,
+    json_path: Annotated[
+        str | None,
+        typer.Option("--json", help="Write the analysis as JSON to this file."),
+    ] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Report which ReLU neurons of MODEL are stable on the input box (writes no model)."""
+    _State.verbose = verbose
+    _check_method(method)
+    with _progress(not quiet and sys.stderr.isatty()) as progress:
+        result = analyze(
+            model,
+            DomainSpec(input_range or (), input_range_file, vnnlib),
+            AnalysisOptions(method=method, time_limit=time_limit, jobs=jobs, seed=seed),
+            progress=progress,
+        )
+    render(result.report, _console(quiet))
+    if json_path:
+        result.report.write_json(json_path)
+
+
+class _Interrupted:
+    signum: int = signal.SIGINT
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """SIGINT/SIGTERM: unwind like Ctrl-C; nothing is written before verification passed."""
+    _Interrupted.signum = signum
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: implied ``compress``, one-line errors, documented exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("--version", "-V"):
+        print(f"onnx-exact {__version__}")
+        sys.exit(0)
+    if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
+        args.insert(0, "compress")
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        exit_code = app(args=args, prog_name="onnx-exact", standalone_mode=False)
+    except OnnxExactError as err:
+        print(f"onnx-exact: error: {err}", file=sys.stderr)
+        if _State.verbose:
+            traceback.print_exc()
+        sys.exit(err.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        term = _Interrupted.signum == signal.SIGTERM
+        print(
+            f"onnx-exact: interrupted ({'SIGTERM' if term else 'SIGINT'}); no output written",
+            file=sys.stderr,
+        )
+        sys.exit(143 if term else 130)
+    except click.exceptions.ClickException as err:
+        err.show()
+        sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - the last line of defence: never a traceback
+        print(
+            f"onnx-exact: internal error: {type(err).__name__}: {err}. This is a bug: please report "
+            "it with the command line (run again with --verbose for the traceback).",
+            file=sys.stderr,
+        )
+        if _State.verbose or "--verbose" in args or "-v" in args:
+            traceback.print_exc()
+        sys.exit(3)
+    sys.exit(exit_code if isinstance(exit_code, int) else 0)

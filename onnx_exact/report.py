@@ -1,0 +1,253 @@
+"""What a run established, as a typed summary, JSON and rich tables.
+
+The JSON shape is a contract other tools rely on (README "Machine-readable output"):
+``{"layers": [{"name", "size", "stably_active", "stably_inactive", "unstable", "undecided", ...}],
+"params_before", "params_after", "verification": {"samples", "max_abs_diff", "max_rel_diff",
+"passed"}, "timings_s": {phase: seconds}}`` — one entry per ReLU layer in graph order, with indices
+into that layer's neurons of the *input* model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .network import Network
+from .reduce import Reduction
+from .stability import NeuronState, StabilityResult
+from .verify import EquivalenceReport
+
+
+@dataclass
+class LayerSummary:
+    """Stability verdicts and the reduction of one ReLU layer of the input model."""
+
+    name: str
+    size: int
+    stably_active: list[int]
+    stably_inactive: list[int]
+    unstable: list[int]
+    undecided: list[int]
+    removed: int = 0
+    folded: bool = False
+    decided_by: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "stably_active": self.stably_active,
+            "stably_inactive": self.stably_inactive,
+            "unstable": self.unstable,
+            "undecided": self.undecided,
+            "removed": self.removed,
+            "folded": self.folded,
+            "decided_by": self.decided_by,
+        }
+
+
+@dataclass
+class RunReport:
+    """Everything a compress or analyze run reports (verification/params_after only for compress)."""
+
+    model: str
+    domain_source: str
+    method: str
+    layers: list[LayerSummary]
+    params_before: int
+    macs_before: int
+    params_after: int | None = None
+    macs_after: int | None = None
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+    verification: EquivalenceReport | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+    time_limit_hit: bool = False
+    constant_output: bool = False
+    notes: list[str] = field(default_factory=list)
+    output: str | None = None
+
+    @property
+    def undecided_total(self) -> int:
+        return sum(len(layer.undecided) for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model,
+            "domain": self.domain_source,
+            "method": self.method,
+            "layers": [layer.to_json() for layer in self.layers],
+            "params_before": self.params_before,
+            "macs_before": self.macs_before,
+            "timings_s": {k: round(v, 6) for k, v in self.timings_s.items()},
+            "time_limit_hit": self.time_limit_hit,
+            "notes": self.notes,
+        }
+        if self.params_after is not None:
+            out["params_after"] = self.params_after
+            out["macs_after"] = self.macs_after
+            out["constant_output"] = self.constant_output
+            out["output"] = self.output
+        if self.bytes_before is not None:
+            out["bytes_before"] = self.bytes_before
+        if self.bytes_after is not None:
+            out["bytes_after"] = self.bytes_after
+        if self.verification is not None:
+            v = self.verification
+            out["verification"] = {
+                "samples": v.samples,
+                "max_abs_diff": v.max_abs_diff,
+                "max_rel_diff": v.max_rel_diff,
+                "passed": v.passed,
+                "atol": v.atol,
+                "rtol": v.rtol,
+                "outputs": [
+                    {
+                        "name": o.name,
+                        "max_abs_diff": o.max_abs_diff,
+                        "max_rel_diff": o.max_rel_diff,
+                        "required_atol": o.required_atol,
+                        "passed": o.passed,
+                    }
+                    for o in v.outputs
+                ],
+            }
+        return out
+
+    def write_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_json(), fh, indent=2, default=_json_default)
+            fh.write("\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def summarize_layers(
+    net: Network, stability: StabilityResult, reduction: Reduction | None = None
+) -> list[LayerSummary]:
+    """One :class:`LayerSummary` per ReLU layer of ``net`` (graph order, input-model indices)."""
+    summaries = []
+    for k in net.relu_layer_indices:
+        ls = stability.layers[k]
+        states = ls.states
+
+        def idx(state: NeuronState, states: np.ndarray = states) -> list[int]:
+            return [int(i) for i in np.flatnonzero(states == state)]
+
+        decided = Counter(str(m) for m in ls.decided_by if str(m))
+        summary = LayerSummary(
+            name=ls.name or net.layers[k].name,
+            size=int(states.shape[0]),
+            stably_active=idx(NeuronState.ACTIVE),
+            stably_inactive=idx(NeuronState.INACTIVE),
+            unstable=idx(NeuronState.UNSTABLE),
+            undecided=idx(NeuronState.UNDECIDED),
+            decided_by=dict(sorted(decided.items())),
+        )
+        if reduction is not None:
+            lr = reduction.layers[k]
+            summary.removed = int(lr.size - len(lr.kept)) if not lr.folded else int(lr.size)
+            summary.folded = bool(lr.folded)
+        summaries.append(summary)
+    return summaries
+
+
+def _pct(after: int, before: int) -> str:
+    if before == 0:
+        return ""
+    return f"{100.0 * (before - after) / before:.1f}%"
+
+
+def render(report: RunReport, console: Console) -> None:
+    """Print the per-layer table, the before/after totals and the verification verdict."""
+    table = Table(title=f"ReLU stability over {report.domain_source}", title_justify="left")
+    for col in ("layer", "units", "active", "inactive", "unstable", "undecided"):
+        table.add_column(col, justify="right" if col != "layer" else "left")
+    compress = report.params_after is not None
+    if compress:
+        table.add_column("removed", justify="right")
+        table.add_column("folded", justify="center")
+    table.add_column("decided by", justify="left")
+    for layer in report.layers:
+        row = [
+            layer.name,
+            str(layer.size),
+            str(len(layer.stably_active)),
+            str(len(layer.stably_inactive)),
+            str(len(layer.unstable)),
+            str(len(layer.undecided)),
+        ]
+        if compress:
+            row += [str(layer.removed), "yes" if layer.folded else ""]
+        row.append(", ".join(f"{k} {v}" for k, v in layer.decided_by.items()))
+        table.add_row(*row)
+    console.print(table)
+
+    if compress:
+        totals = Table(title="Before / after", title_justify="left")
+        totals.add_column("")
+        totals.add_column("before", justify="right")
+        totals.add_column("after", justify="right")
+        totals.add_column("reduction", justify="right")
+        units_before = sum(layer.size for layer in report.layers)
+        units_after = units_before - sum(layer.removed for layer in report.layers)
+        totals.add_row(
+            "ReLU units", str(units_before), str(units_after), _pct(units_after, units_before)
+        )
+        totals.add_row(
+            "parameters",
+            f"{report.params_before:,}",
+            f"{report.params_after:,}",
+            _pct(report.params_after or 0, report.params_before),
+        )
+        totals.add_row(
+            "MACs / sample",
+            f"{report.macs_before:,}",
+            f"{report.macs_after:,}",
+            _pct(report.macs_after or 0, report.macs_before),
+        )
+        if report.bytes_before is not None and report.bytes_after is not None:
+            totals.add_row(
+                "file size (bytes)",
+                f"{report.bytes_before:,}",
+                f"{report.bytes_after:,}",
+                _pct(report.bytes_after, report.bytes_before),
+            )
+        console.print(totals)
+
+    if report.undecided_total:
+        console.print(
+            f"[yellow]{report.undecided_total} neurons undecided"
+            f"{' (time limit hit)' if report.time_limit_hit else ''}: kept, the output stays exact.[/]"
+        )
+    for note in report.notes:
+        console.print(f"note: {note}")
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items())
+    console.print(f"timings: {timings}")
+
+    v = report.verification
+    if v is not None:
+        verdict = "[green]PASSED[/]" if v.passed else "[red]FAILED[/]"
+        console.print(
+            f"verification {verdict}: {v.samples} inputs (box samples, corners, witnesses), "
+            f"max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g} "
+            f"(atol {v.atol}, rtol {v.rtol})"
+        )
+        for o in v.outputs:
+            status = "PASSED" if o.passed else "FAILED"
+            console.print(
+                f"  {o.name}: {status}  max abs {o.max_abs_diff:.3g}, max rel {o.max_rel_diff:.3g}, "
+                f"min atol that passes {o.required_atol:.3g}"
+            )

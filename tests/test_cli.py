@@ -1,0 +1,123 @@
+"""The command line end to end: exit codes, one-line errors, no partial outputs, JSON reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_exact.cli import main
+
+
+def _mlp(path: Path, seed: int = 0, metadata: dict[str, str] | None = None) -> Path:
+    """A 4-8-8-3 Gemm MLP with a few forced-dead and forced-active neurons on [0,1]^4."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(8, 4)).astype(np.float32)
+    b1 = rng.normal(size=8).astype(np.float32)
+    b1[:2] = -10.0  # stably inactive on [0,1]^4 (|w| sums stay below 10 with this seed)
+    b1[2:4] = 10.0  # stably active
+    w2 = rng.normal(size=(8, 8)).astype(np.float32)
+    b2 = rng.normal(size=8).astype(np.float32)
+    w3 = rng.normal(size=(3, 8)).astype(np.float32)
+    b3 = rng.normal(size=3).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (w3, "w3"), (b3, "b3")]
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["y1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["y1"], ["h1"], name="relu1"),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["y2"], name="fc2", transB=1),
+        helper.make_node("Relu", ["y2"], ["h2"], name="relu2"),
+        helper.make_node("Gemm", ["h2", "w3", "b3"], ["logits"], name="fc3", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, path)
+    return path
+
+
+def run(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    return int(done.value.code or 0)
+
+
+def test_compress_bare_form_writes_verified_model_and_report(tmp_path, capsys):
+    model = _mlp(tmp_path / "m.onnx")
+    out = tmp_path / "small.onnx"
+    report = tmp_path / "r.json"
+    code = run([str(model), str(out), "--input-range", "x:[0,1]", "--report", str(report)])
+    assert code == 0, capsys.readouterr()
+    data = json.loads(report.read_text())
+    assert data["verification"]["passed"] is True
+    assert data["params_after"] < data["params_before"]
+    assert len(data["layers"]) == 2
+    first = data["layers"][0]
+    assert {0, 1} <= set(first["stably_inactive"])
+    assert {2, 3} <= set(first["stably_active"])
+    assert first["undecided"] == []
+    small = onnx.load(out)
+    onnx.checker.check_model(small)
+    keys = {p.key for p in small.metadata_props}
+    assert "onnx_exact.domain.x" in keys
+    # The output records its domain, so it can be re-analysed without flags.
+    assert run(["analyze", str(out), "--json", str(tmp_path / "a.json"), "-q"]) == 0
+
+
+def test_domain_from_metadata_needs_no_flags(tmp_path):
+    meta = {"onnx_exact.domain.x": json.dumps({"lower": 0.0, "upper": 1.0})}
+    model = _mlp(tmp_path / "m.onnx", metadata=meta)
+    assert run([str(model), str(tmp_path / "o.onnx"), "-q"]) == 0
+    assert (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("make_args", "needle"),
+    [
+        (lambda d, m: [str(d / "missing.onnx"), str(d / "o.onnx"), "-r", "[0,1]"], "missing.onnx"),
+        (lambda d, m: [str(m), str(d / "o.onnx")], "domain"),
+        (lambda d, m: [str(m), str(d / "o.onnx"), "-r", "[1,0]"], "lower"),
+        (lambda d, m: [str(m), str(d / "o.onnx"), "-r", "x:[0,"], "--input-range"),
+        (lambda d, m: [str(m), str(m), "-r", "[0,1]"], "input model"),
+        (lambda d, m: [str(m), str(d), "-r", "[0,1]"], "directory"),
+        (lambda d, m: [str(m), str(d / "o.onnx"), "-r", "[0,1]", "--method", "x"], "--method"),
+    ],
+)
+def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, make_args, needle):
+    model = _mlp(tmp_path / "m.onnx")
+    before = set(tmp_path.iterdir())
+    code = run(make_args(tmp_path, model))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_console_script_runs_as_a_subprocess(tmp_path):
+    model = _mlp(tmp_path / "m.onnx")
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnx_exact", str(model), str(tmp_path / "o.onnx"), "-r", "[0,1]"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "verification PASSED" in proc.stdout
