@@ -205,6 +205,6 @@ def compress(
     report.notes.extend(reduction.notes)
 
     if output is not None and verification.passed:
-        save_model_atomic(model, output)
+        save_model_atomic(model, output, external_data=read.uses_external_data)
         report.output = os.fspath(output)
     return CompressResult(model=model, reduction=reduction, analysis=analysis, report=report)
