@@ -179,7 +179,6 @@ def render(report: RunReport, console: Console) -> None:
     if compress:
         table.add_column("removed", justify="right")
         table.add_column("folded", justify="center")
-    table.add_column("decided by", justify="left")
     for layer in report.layers:
         row = [
             layer.name,
@@ -191,9 +190,15 @@ def render(report: RunReport, console: Console) -> None:
         ]
         if compress:
             row += [str(layer.removed), "yes" if layer.folded else ""]
-        row.append(", ".join(f"{k} {v}" for k, v in layer.decided_by.items()))
         table.add_row(*row)
     console.print(table)
+    decided: Counter[str] = Counter()
+    for layer in report.layers:
+        decided.update(layer.decided_by)
+    if decided:
+        console.print(
+            "neurons decided by: " + ", ".join(f"{k} {v}" for k, v in sorted(decided.items()))
+        )
 
     if compress:
         totals = Table(title="Before / after", title_justify="left")
