@@ -9,6 +9,15 @@ Python API::
 
 __version__ = "1.0.0"
 
-from .pipeline import AnalysisOptions, DomainSpec, analyze, compress  # noqa: E402
+from .equivalence import check_equivalence  # noqa: E402
+from .pipeline import AnalysisOptions, DomainSpec, analyze, check, compress  # noqa: E402
 
-__all__ = ["AnalysisOptions", "DomainSpec", "__version__", "analyze", "compress"]
+__all__ = [
+    "AnalysisOptions",
+    "DomainSpec",
+    "__version__",
+    "analyze",
+    "check",
+    "check_equivalence",
+    "compress",
+]

@@ -22,8 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
+from .equivalence import render_check
 from .errors import OnnxExactError, UsageError
-from .pipeline import AnalysisOptions, DomainSpec, analyze, compress
+from .pipeline import AnalysisOptions, DomainSpec, analyze, check, compress
 from .report import render
 
 app = typer.Typer(
@@ -63,6 +64,14 @@ Jobs = Annotated[int, typer.Option(help="Worker processes for independent LP/MIL
 Seed = Annotated[int, typer.Option(help="Seed for sampling (results are deterministic).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show details on errors.")]
+Atol = Annotated[
+    list[str] | None,
+    typer.Option(help="Absolute tolerance, e.g. 1e-5 or out0:1e-4 (repeatable)."),
+]
+Rtol = Annotated[
+    list[str] | None,
+    typer.Option(help="Relative tolerance, e.g. 1e-5 or out0:1e-4 (repeatable)."),
+]
 
 
 class _State:
@@ -140,14 +149,11 @@ def compress_command(
     jobs: Jobs = 1,
     seed: Seed = 0,
     samples: Annotated[int, typer.Option(help="Random box samples for verification.")] = 2000,
-    atol: Annotated[
-        list[str] | None,
-        typer.Option(help="Absolute tolerance, e.g. 1e-5 or out0:1e-4 (repeatable)."),
-    ] = None,
-    rtol: Annotated[
-        list[str] | None,
-        typer.Option(help="Relative tolerance, e.g. 1e-5 or out0:1e-4 (repeatable)."),
-    ] = None,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    prove: Annotated[
+        bool, typer.Option(help="Also prove the output equivalent to the input on the box.")
+    ] = False,
     report: Annotated[
         str | None,
         typer.Option(help="Write the report as JSON to this file."),
@@ -170,15 +176,17 @@ def compress_command(
             samples=samples,
             atol=tol_abs,
             rtol=tol_rel,
+            prove=prove,
             progress=progress,
         )
     run = result.report
     render(run, console)
     if report:
         run.write_json(report)
-    if run.verification is not None and not run.verification.passed:
+    if not run.passed:
         Console(stderr=True).print(
-            f"onnx-exact: verification FAILED (max abs diff {run.verification.max_abs_diff:.3g}); "
+            f"onnx-exact: verification FAILED (max abs diff {run.verification.max_abs_diff:.3g}"
+            f"{', the proof found a counterexample' if run.proof is not None else ''}); "
             f"'{output}' was not written. Please report this with the model and domain."
         )
         raise typer.Exit(1)
@@ -219,6 +227,53 @@ def analyze_command(
 
 class _Interrupted:
     signum: int = signal.SIGINT
+
+
+@app.command("check")
+def check_command(
+    reference: Annotated[str, typer.Argument(help="Reference ONNX model (A).")],
+    candidate: Annotated[str, typer.Argument(help="Model to compare against it (B).")],
+    input_range: InputRange = None,
+    input_range_file: RangeFile = None,
+    vnnlib: Vnnlib = None,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    samples: Annotated[int, typer.Option(help="Random box samples.")] = 10_000,
+    seed: Seed = 0,
+    prove: Annotated[
+        bool, typer.Option(help="Prove max |f_A - f_B| <= atol on the box (ReLU nets).")
+    ] = True,
+    time_limit: Annotated[
+        float | None, typer.Option(help="Seconds for the proof; on expiry it is 'not proved'.")
+    ] = 600.0,
+    counterexample: Annotated[
+        str | None, typer.Option(help="Save a counterexample input here (.npy).")
+    ] = None,
+    json_path: Annotated[
+        str | None, typer.Option("--json", help="Write the result as JSON to this file.")
+    ] = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Are A and B the same on the input box? Samples, then a proof (exit 1 if they differ)."""
+    _State.verbose = verbose
+    result = check(
+        reference,
+        candidate,
+        DomainSpec(input_range or (), input_range_file, vnnlib),
+        atol=_parse_tolerance(atol, "--atol"),
+        rtol=_parse_tolerance(rtol, "--rtol"),
+        samples=samples,
+        seed=seed,
+        prove=prove,
+        time_limit=time_limit,
+        counterexample_path=counterexample,
+    )
+    render_check(result, _console(quiet))
+    if json_path:
+        result.write_json(json_path)
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 def _on_signal(signum: int, frame: object) -> None:

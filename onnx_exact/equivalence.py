@@ -1193,7 +1193,7 @@ def render_check(report: CheckReport, console: Console) -> None:
             )
     proof = report.proof
     if proof is not None:
-        console.print(_verdict_line(proof))
+        console.print(proof_verdict(proof))
         for note in proof.notes:
             console.print(f"  note: {note}")
     if report.counterexample_path:
@@ -1204,7 +1204,7 @@ def render_check(report: CheckReport, console: Console) -> None:
     )
 
 
-def _verdict_line(proof: ProofResult) -> str:
+def proof_verdict(proof: ProofResult) -> str:
     if proof.status == "proved":
         return (
             f"[green]proved equivalent on the box up to ε = {proof.bound:.3g}[/green] "

@@ -14,8 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .domain import Box, domain_metadata, resolve_domain
-from .errors import UsageError
+from .domain import (
+    Box,
+    domain_metadata,
+    metadata_range,
+    model_input_dims,
+    model_input_names,
+    resolve_domain,
+)
+from .equivalence import CheckReport, check_equivalence
+from .errors import DomainError, UnsupportedModelError, UsageError
 from .network import Network
 from .onnx_reader import ReadResult, read_model
 from .onnx_writer import build_model, save_model_atomic
@@ -154,9 +162,14 @@ def compress(
     samples: int = 2000,
     atol: float | dict[str, float] = 1e-5,
     rtol: float | dict[str, float] = 1e-5,
+    prove: bool = False,
     progress: ProgressCallback | None = None,
 ) -> CompressResult:
     """Compress ``source`` exactly on the domain, verify it, and (if it verifies) save it.
+
+    With ``prove``, the compressed model is also *proved* equivalent to the original on the box
+    (:func:`onnx_exact.equivalence.check_equivalence`, reusing this run's stability analysis); a
+    replayed counterexample fails the run like a failed sampled verification.
 
     The output file is written only after verification passed, atomically (temporary file, then
     rename): a failed run never leaves a wrong or partial model behind.
@@ -204,7 +217,105 @@ def compress(
     report.constant_output = reduction.constant_output
     report.notes.extend(reduction.notes)
 
-    if output is not None and verification.passed:
+    if prove:
+        t0 = time.perf_counter()
+        remaining = None
+        if options.time_limit is not None:
+            remaining = max(options.time_limit - report.timings_s["stability"], 1.0)
+        check = check_equivalence(
+            read,
+            model,
+            box,
+            atol=atol,
+            rtol=rtol,
+            samples=0,
+            seed=options.seed,
+            time_limit=remaining,
+            stability_a=stability,
+        )
+        report.proof = check.proof
+        report.timings_s["prove"] = time.perf_counter() - t0
+
+    if output is not None and report.passed:
         save_model_atomic(model, output, external_data=read.uses_external_data)
         report.output = os.fspath(output)
     return CompressResult(model=model, reduction=reduction, analysis=analysis, report=report)
+
+
+def _declared_features(model: onnx.ModelProto, input_name: str, source: str) -> int:
+    """Flattened per-sample size of a model input from its declared shape (batch axis dropped)."""
+    dims = model_input_dims(model, input_name)
+    if not dims or any(d is None for d in dims[1:]) or (len(dims) == 1 and dims[0] is None):
+        raise UsageError(
+            f"{source}: input {input_name!r} has no fully declared shape, so the domain size is "
+            "unknown; give a model the reader accepts as the first (reference) model"
+        )
+    return int(np.prod(dims[1:])) if len(dims) > 1 else int(dims[0])
+
+
+def check(
+    reference: str | os.PathLike,
+    candidate: str | os.PathLike,
+    domain: DomainSpec | None = None,
+    *,
+    atol: float | dict[str, float] = 1e-5,
+    rtol: float | dict[str, float] = 1e-5,
+    samples: int = 10_000,
+    seed: int = 0,
+    prove: bool = True,
+    time_limit: float | None = None,
+    counterexample_path: str | os.PathLike | None = None,
+) -> CheckReport:
+    """Are two models the same on the domain? Sampled comparison, then a proof where possible.
+
+    The domain comes from the flags, else the reference model's metadata, else the candidate's
+    (a model written by ``onnx-exact`` records the box it is exact on).
+    """
+    domain = domain or DomainSpec()
+    try:
+        read = read_model(reference)
+        model, n_features, input_name = (
+            read.model,
+            read.network.in_features,
+            read.network.input_name,
+        )
+        source: ReadResult | str | os.PathLike = read
+    except UnsupportedModelError:
+        # Not a ReLU network we can analyse: sampling still works, the proof will say why not.
+        model = onnx.load(os.fspath(reference), load_external_data=False)
+        names = model_input_names(model)
+        if len(names) != 1:
+            raise
+        input_name = names[0]
+        n_features = _declared_features(model, input_name, os.fspath(reference))
+        source = reference
+    try:
+        box = resolve_domain(
+            model,
+            n_features,
+            input_name,
+            input_ranges=domain.input_ranges,
+            range_file=domain.range_file,
+            vnnlib=domain.vnnlib,
+            model_path=os.fspath(reference),
+        )
+    except DomainError:
+        given = domain.input_ranges or domain.range_file or domain.vnnlib
+        candidate_model = onnx.load(os.fspath(candidate), load_external_data=False)
+        if given or metadata_range(candidate_model, input_name) is None:
+            raise
+        box = resolve_domain(
+            candidate_model, n_features, input_name, model_path=os.fspath(candidate)
+        )
+    return check_equivalence(
+        source,
+        candidate,
+        box,
+        atol=atol,
+        rtol=rtol,
+        samples=samples,
+        seed=seed,
+        prove=prove,
+        time_limit=time_limit,
+        counterexample_path=counterexample_path,
+    )

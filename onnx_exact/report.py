@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from .equivalence import ProofResult, proof_verdict
 from .network import Network
 from .reduce import Reduction
 from .stability import NeuronState, StabilityResult
@@ -67,11 +68,18 @@ class RunReport:
     bytes_before: int | None = None
     bytes_after: int | None = None
     verification: EquivalenceReport | None = None
+    proof: ProofResult | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     time_limit_hit: bool = False
     constant_output: bool = False
     notes: list[str] = field(default_factory=list)
     output: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """Sampled verification passed and no proof found a counterexample."""
+        sampled_ok = self.verification is None or self.verification.passed
+        return sampled_ok and (self.proof is None or self.proof.status != "counterexample")
 
     @property
     def undecided_total(self) -> int:
@@ -118,6 +126,8 @@ class RunReport:
                     for o in v.outputs
                 ],
             }
+        if self.proof is not None:
+            out["proof"] = self.proof.to_json()
         return out
 
     def write_json(self, path: str) -> None:
@@ -256,3 +266,7 @@ def render(report: RunReport, console: Console) -> None:
                 f"  {o.name}: {status}  max abs {o.max_abs_diff:.3g}, max rel {o.max_rel_diff:.3g}, "
                 f"min atol that passes {o.required_atol:.3g}"
             )
+    if report.proof is not None:
+        console.print(proof_verdict(report.proof))
+        for note in report.proof.notes:
+            console.print(f"  note: {note}")

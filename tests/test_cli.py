@@ -121,3 +121,27 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "verification PASSED" in proc.stdout
+
+
+def test_check_proves_compressed_output_and_flags_a_perturbed_weight(tmp_path, capsys):
+    model = _mlp(tmp_path / "m.onnx")
+    small = tmp_path / "small.onnx"
+    assert run([str(model), str(small), "-r", "[0,1]", "--prove", "-q"]) == 0
+    report = tmp_path / "check.json"
+    assert run(["check", str(model), str(small), "--json", str(report), "--samples", "500"]) == 0
+    data = json.loads(report.read_text())
+    assert data["proof"]["status"] == "proved"
+
+    broken = onnx.load(model)
+    for init in broken.graph.initializer:
+        if init.name == "w3":
+            w3 = numpy_helper.to_array(init).copy()
+            w3[0, 4] += 0.5
+            init.CopyFrom(numpy_helper.from_array(w3, "w3"))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(broken, bad)
+    cex = tmp_path / "cex.npy"
+    code = run(["check", str(model), str(bad), "-r", "[0,1]", "--counterexample", str(cex)])
+    assert code == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert cex.exists() and np.load(cex).shape == (4,)
