@@ -1,0 +1,1265 @@
+"""Every HiGHS model of onnx-exact: LP (triangle), ideal cuts, decision MILP, ISA and baselines.
+
+A *direction* ``(k, i, sign)`` asks "can ``sign * y_{k,i}`` be positive on the box?". A "no" proves
+neuron ``i`` of layer ``k`` stably inactive (``sign = +1``) or stably active (``sign = -1``); a "yes"
+is shown by one input whose float64 forward pass (:meth:`Network.preactivations`) gives
+``sign * y > 0``. Every answer of this module is one of those two kinds of evidence, or "undecided".
+
+Encoding (big-M, one binary per uncertain ReLU)
+    Layer ``k`` gets columns ``y_k`` with its proved bounds ``[L, U]`` and rows
+    ``y_k - W_k h_{k-1} = b_k``. A ReLU neuron with ``L < 0 < U`` gets ``h`` in ``[0, U]`` and
+    ``z`` in ``[0, 1]`` (integer for a MILP) with ``h >= y``, ``h <= U z`` and
+    ``h <= y - L (1 - z)``; with ``z`` continuous this is exactly the triangle relaxation. Proved
+    active neurons use ``h = y``, proved inactive ones ``h = 0`` (no column), layers without ReLU are
+    linear. The ISA baseline moves the indicator's threshold from 0 to ``t`` (see
+    :func:`add_network_encoding`).
+
+Soundness policy
+    * HiGHS drops matrix entries below ``small_matrix_value``; it is lowered to 1e-12 and entries
+      still below are taken out of the matrix by us, widening the row's bounds by
+      ``|w| max(|lo|, |hi|)`` of the dropped term, so the model stays a relaxation of the network.
+    * LP proofs are rigorous: the bound is re-derived from the row duals with the
+      Neumaier-Shcherbina bound (every column is boxed), minus a forward error bound of the float
+      sums. A direction is proved iff ``bound <= -margin``.
+    * MILP dual bounds are not certifiable. A MILP proof needs ``bound <= -margin`` with
+      ``bound = sign b - dual_bound + slack`` and ``slack = 1e-6 (sum_j |W_ij| max(|lo_j|, |hi_j|)
+      + |b_i|)``: the change of ``y`` that the MIP feasibility tolerance (1e-6 per row and bound)
+      allows, scaled to the neuron. Extremes closer to 0 than ``margin + slack`` stay undecided.
+    * A witness is an input inside the box (solver points are clipped to it) whose float64 forward
+      pass shows the sign; solver values of ``z``, ``p`` or the objective never count.
+    * A time limit leaves a direction undecided.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import highspy
+import numpy as np
+
+from . import bounds as _bounds
+from . import stability as _stability
+from .domain import Box
+from .errors import SolverError
+from .network import Network
+
+SMALL_MATRIX_VALUE = 1e-12
+"""Smallest matrix entry HiGHS accepts; smaller ones are moved into the row bounds."""
+
+FEASIBILITY_TOLERANCE = 1e-6
+"""``mip_feasibility_tolerance`` of every MILP, the basis of the MILP slack."""
+
+CUT_ROUNDS = 3
+CUTS_PER_ROUND = 20
+MILP_ROUND_SIZE = 8
+"""Decision MILPs solved between two exchanges of witnesses (fixed, so jobs=1 and jobs=n agree)."""
+
+DIRECTION_TIME_LIMIT = 60.0
+"""Default cap (seconds) on one decision MILP."""
+
+IPM_NONZEROS = 200_000
+"""LP relaxations with more matrix entries solve their first LP with the interior-point method.
+
+Measured on 784-400-400 (layer-2 LP, 317k entries): a cold dual simplex took 16 s, IPM 3-4 s per
+LP, and IPM (with crossover) once followed by warm dual simplex 4.6 s, then 0.8-2.3 s per LP.
+"""
+
+_EPS = np.finfo(np.float64).eps
+_INF = highspy.kHighsInf
+_MODEL = highspy.HighsModelStatus
+_TIERS = ("lp", "cuts", "milp")
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One sign question about one neuron: can ``sign * y[layer][neuron]`` be positive?"""
+
+    layer: int
+    neuron: int
+    sign: int
+
+
+@dataclass
+class DirectionResult:
+    """The answer to one :class:`Direction`.
+
+    ``bound`` is a sound upper bound on ``max sign * y`` over the box (``inf`` if none was found);
+    ``witness`` is set exactly when ``status == "refuted"``.
+    """
+
+    direction: Direction
+    status: str
+    bound: float
+    method: str
+    witness: np.ndarray | None = None
+
+
+@dataclass
+class NetworkEncoding:
+    """Column indices of a network encoded by :func:`add_network_encoding`.
+
+    ``h[k][i] == -1`` means ``h`` is identically 0 (proved inactive); for proved active neurons and
+    linear layers ``h[k][i] == y[k][i]``. ``z[k][i] == -1`` means the neuron has no indicator.
+    ``h_lower``/``h_upper`` are the column bounds of ``h`` (0 where ``h`` is 0).
+    """
+
+    x: np.ndarray
+    box: Box
+    y: list[np.ndarray] = field(default_factory=list)
+    h: list[np.ndarray] = field(default_factory=list)
+    z: list[np.ndarray] = field(default_factory=list)
+    h_lower: list[np.ndarray] = field(default_factory=list)
+    h_upper: list[np.ndarray] = field(default_factory=list)
+    thresholds: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def has_binaries(self) -> bool:
+        """Whether any neuron has an indicator (else the model is an LP)."""
+        return any(bool(np.any(z >= 0)) for z in self.z)
+
+    def input_cols(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Live input columns of ``layer``: (mask over its inputs, columns, lower, upper)."""
+        if layer == 0:
+            live = np.ones(self.x.shape[0], dtype=bool)
+            return live, self.x, self.box.lower, self.box.upper
+        cols = self.h[layer - 1]
+        live = cols >= 0
+        return live, cols[live], self.h_lower[layer - 1][live], self.h_upper[layer - 1][live]
+
+    def solution_from_input(self, net: Network, x_net: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All column values of the network point of input ``x_net``, for ``Highs.setSolution``."""
+        pre = net.preactivations(x_net)
+        cols = [self.x]
+        vals = [np.asarray(x_net, dtype=np.float64).reshape(-1)]
+        for k, (y_cols, h_cols, z_cols) in enumerate(zip(self.y, self.h, self.z, strict=True)):
+            y = pre[k][0]
+            binary = z_cols >= 0
+            cols += [y_cols, h_cols[binary], z_cols[binary]]
+            vals += [
+                y,
+                np.maximum(y[binary], 0.0),
+                (y[binary] >= self.thresholds[k][binary]).astype(np.float64),
+            ]
+        return np.concatenate(cols).astype(np.int32), np.concatenate(vals)
+
+
+# --------------------------------------------------------------------------- HiGHS basics
+
+
+def _set_options(highs: highspy.Highs, **options) -> None:
+    """Set HiGHS options, turning a rejected name or value into a :class:`SolverError`."""
+    for name, value in options.items():
+        if highs.setOptionValue(name, value) == highspy.HighsStatus.kError:
+            raise SolverError(
+                f"HiGHS rejected option {name}={value!r}; install highspy>=1.7 (pip install -U highspy)"
+            )
+
+
+def _new_highs() -> highspy.Highs:
+    """A silent single-threaded HiGHS instance that keeps matrix entries down to 1e-12."""
+    highs = highspy.Highs()
+    _set_options(
+        highs,
+        output_flag=False,
+        small_matrix_value=SMALL_MATRIX_VALUE,
+        threads=1,
+        random_seed=0,
+        mip_feasibility_tolerance=FEASIBILITY_TOLERANCE,
+    )
+    return highs
+
+
+def _check(status: highspy.HighsStatus, what: str) -> None:
+    if status == highspy.HighsStatus.kError:
+        raise SolverError(f"HiGHS failed to {what}; the affected neurons are kept")
+
+
+def _add_columns(
+    highs: highspy.Highs, lower: np.ndarray, upper: np.ndarray, integer: bool = False
+) -> np.ndarray:
+    """Append boxed columns and return their indices."""
+    first = highs.getNumCol()
+    count = int(lower.shape[0])
+    if count == 0:
+        return np.empty(0, dtype=np.int64)
+    _check(highs.addVars(count, lower.astype(np.float64), upper.astype(np.float64)), "add columns")
+    cols = np.arange(first, first + count)
+    if integer:
+        kinds = np.full(count, highspy.HighsVarType.kInteger)
+        _check(highs.changeColsIntegrality(count, cols.astype(np.int32), kinds), "mark integers")
+    return cols
+
+
+def _add_rows(
+    highs: highspy.Highs,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    row_ids: np.ndarray,
+    cols: np.ndarray,
+    vals: np.ndarray,
+    entry_absmax: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """Append rows ``lower <= sum vals * x[cols] <= upper`` given as row-sorted COO entries.
+
+    Entries with ``|v| < SMALL_MATRIX_VALUE`` (HiGHS would drop them, or fail) are removed and
+    their largest possible contribution ``|v| * entry_absmax`` (``entry_absmax`` = the largest
+    magnitude of the entry's column) widens the row's bounds, outward by at least one ulp, so
+    every point of the exact row still satisfies the relaxed one. Returns the rows as added:
+    (lower, upper, row ids counted from 0, cols, vals).
+    """
+    count = int(lower.shape[0])
+    lower = np.asarray(lower, dtype=np.float64)
+    upper = np.asarray(upper, dtype=np.float64)
+    small = np.abs(vals) <= SMALL_MATRIX_VALUE
+    if small.any():
+        widen = np.bincount(
+            row_ids[small], weights=np.abs(vals[small]) * entry_absmax[small], minlength=count
+        )
+        grow = widen > 0
+        lower = np.where(grow, np.nextafter(lower - widen, -np.inf), lower)
+        upper = np.where(grow, np.nextafter(upper + widen, np.inf), upper)
+        row_ids, cols, vals = row_ids[~small], cols[~small], vals[~small]
+    starts = np.searchsorted(row_ids, np.arange(count)).astype(np.int32)
+    if count:
+        status = highs.addRows(
+            count, lower, upper, int(vals.shape[0]), starts, cols.astype(np.int32), vals
+        )
+        _check(status, "add rows")
+    return lower, upper, row_ids, cols, vals
+
+
+def _remaining(deadline: float) -> float:
+    return deadline - time.monotonic()
+
+
+def _input_absmax(net: Network, box: Box, bounds: Sequence, layer: int) -> np.ndarray:
+    """``max(|lo|, |hi|)`` of the inputs of ``layer`` (the box, or the previous layer's outputs)."""
+    if layer == 0:
+        return np.maximum(np.abs(box.lower), np.abs(box.upper))
+    lo, hi = bounds[layer - 1].lower, bounds[layer - 1].upper
+    if net.layers[layer - 1].relu:
+        lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+    return np.maximum(np.abs(lo), np.abs(hi))
+
+
+def milp_slack(net: Network, box: Box, bounds: Sequence, layer: int) -> np.ndarray:
+    """Per-neuron slack added to MILP dual bounds of ``layer`` (see the module's policy).
+
+    ``slack_i = 1e-6 * (sum_j |W_ij| max(|lo_j|, |hi_j|) + |b_i|)``: a MIP point may violate each
+    bound and row by the feasibility tolerance, which moves ``y_i`` by at most about this much.
+    """
+    weight = net.layers[layer].weight
+    scale = np.abs(weight) @ _input_absmax(net, box, bounds, layer) + np.abs(net.layers[layer].bias)
+    return FEASIBILITY_TOLERANCE * scale
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _relu_rows(
+    highs: highspy.Highs,
+    y: np.ndarray,
+    h: np.ndarray,
+    z: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    threshold: np.ndarray,
+) -> None:
+    """Big-M rows of ``h = relu(y)`` with an indicator ``z`` whose threshold is ``t``.
+
+    ``z = 1`` allows exactly ``y >= t``, ``z = 0`` exactly ``y <= t``; with ``Lm = min(L, 0)``,
+    ``Up = max(U, 0)``, ``t+ = max(t, 0)``, ``t- = min(t, 0)``::
+
+        h - y >= 0
+        h - (Up - t+) z <= t+                      (h <= U z when t <= 0)
+        h - y - (Lm - t-) z <= -Lm                 (h <= y - L (1 - z) when t >= 0)
+        y - (U - t) z <= t,   y - (t - L) z >= L   (only where t != 0; implied when t = 0)
+
+    Every network point satisfies them with ``z = [y >= t]`` (for ``t < 0`` and ``y`` in
+    ``[t, 0]``, ``h = 0 <= y - t``; for ``t > 0`` and ``y`` in ``[0, t]``, ``h = y <= t``), so the
+    model stays a relaxation; ``t = 0`` gives the classic big-M and, relaxed, the triangle.
+    """
+    n = int(y.shape[0])
+    if n == 0:
+        return
+    lm, up = np.minimum(lower, 0.0), np.maximum(upper, 0.0)
+    t_pos, t_neg = np.maximum(threshold, 0.0), np.minimum(threshold, 0.0)
+    y_abs = np.maximum(np.abs(lower), np.abs(upper))
+    one, zero = np.ones(n), np.zeros(n)
+    blocks = [  # (lower, upper, [(cols, vals, absmax), ...])
+        (zero, np.full(n, _INF), [(h, one, up), (y, -one, y_abs)]),
+        (np.full(n, -_INF), t_pos, [(h, one, up), (z, -(up - t_pos), one)]),
+        (np.full(n, -_INF), -lm, [(h, one, up), (y, -one, y_abs), (z, -(lm - t_neg), one)]),
+    ]
+    shifted = threshold != 0
+    if shifted.any():
+        s = shifted
+        blocks.append(
+            (
+                np.full(s.sum(), -_INF),
+                threshold[s],
+                [(y[s], one[s], y_abs[s]), (z[s], -(upper[s] - threshold[s]), one[s])],
+            )
+        )
+        blocks.append(
+            (
+                lower[s],
+                np.full(s.sum(), _INF),
+                [(y[s], one[s], y_abs[s]), (z[s], -(threshold[s] - lower[s]), one[s])],
+            )
+        )
+    offset = 0
+    lows, ups, rows, cols, vals, absmax = [], [], [], [], [], []
+    for block_lower, block_upper, terms in blocks:
+        m = int(block_lower.shape[0])
+        lows.append(block_lower)
+        ups.append(block_upper)
+        rows.append(np.repeat(np.arange(offset, offset + m), len(terms)))
+        cols.append(np.stack([t[0] for t in terms], axis=1).ravel())
+        vals.append(np.stack([t[1] for t in terms], axis=1).ravel())
+        absmax.append(np.stack([t[2] for t in terms], axis=1).ravel())
+        offset += m
+    _add_rows(
+        highs,
+        np.concatenate(lows),
+        np.concatenate(ups),
+        np.concatenate(rows),
+        np.concatenate(cols),
+        np.concatenate(vals),
+        np.concatenate(absmax),
+    )
+
+
+def add_network_encoding(
+    highs: highspy.Highs,
+    net: Network,
+    box: Box,
+    bounds: Sequence,
+    states: Sequence[np.ndarray],
+    upto_layer: int,
+    input_cols: np.ndarray | None = None,
+    *,
+    integral: bool = True,
+    thresholds: Sequence[np.ndarray] | None = None,
+) -> NetworkEncoding:
+    """Encode layers ``0..upto_layer`` of ``net`` over the network-space ``box`` into ``highs``.
+
+    Parameters
+    ----------
+    bounds : sound ``LayerBounds`` of layers ``0..upto_layer`` (they become the columns' bounds and
+        the big-M constants).
+    states : ``NeuronState`` arrays for a prefix of the layers; ACTIVE gives ``h = y`` (and clips
+        ``L`` to 0), INACTIVE gives ``h = 0`` (and clips ``U`` to 0), anything else -- and layers
+        beyond the prefix -- gets an indicator when ``L < t < U``, else follows its bounds.
+    input_cols : existing input columns to share (two networks over one input); new ones otherwise.
+    integral : binaries (MILP) or continuous ``z`` in ``[0, 1]`` (triangle LP).
+    thresholds : per layer, the indicator threshold ``t`` (default 0) -- the ISA's margin shift.
+    """
+    active_state, inactive_state = _stability.NeuronState.ACTIVE, _stability.NeuronState.INACTIVE
+    if input_cols is None:
+        x = _add_columns(highs, box.lower, box.upper)
+    else:
+        x = np.asarray(input_cols, dtype=np.int64)
+    enc = NetworkEncoding(x=x, box=box)
+    for k in range(upto_layer + 1):
+        layer = net.layers[k]
+        n = layer.out_features
+        lower = np.array(bounds[k].lower, dtype=np.float64)
+        upper = np.array(bounds[k].upper, dtype=np.float64)
+        state = (
+            np.asarray(states[k])
+            if k < len(states)
+            else np.full(n, _stability.NeuronState.UNDECIDED)
+        )
+        if layer.relu:
+            lower = np.where(state == active_state, np.maximum(lower, 0.0), lower)
+            upper = np.where(state == inactive_state, np.minimum(upper, 0.0), upper)
+            upper = np.maximum(upper, lower)
+        y = _add_columns(highs, lower, upper)
+
+        live, in_cols, in_lo, in_hi = enc.input_cols(k)
+        weight = layer.weight[:, live]
+        m = int(in_cols.shape[0])
+        in_absmax = np.maximum(np.abs(in_lo), np.abs(in_hi))
+        y_absmax = np.maximum(np.abs(lower), np.abs(upper))
+        _add_rows(
+            highs,
+            layer.bias,
+            layer.bias,
+            np.repeat(np.arange(n), m + 1),
+            np.concatenate([y[:, None], np.broadcast_to(in_cols, (n, m))], axis=1).ravel(),
+            np.concatenate([np.ones((n, 1)), -weight], axis=1).ravel(),
+            np.concatenate([y_absmax[:, None], np.broadcast_to(in_absmax, (n, m))], axis=1).ravel(),
+        )
+
+        threshold = np.zeros(n) if thresholds is None else np.asarray(thresholds[k], dtype=float)
+        z = np.full(n, -1, dtype=np.int64)
+        if not layer.relu:
+            h, h_lo, h_hi = y, lower, upper
+        else:
+            proved = (state == active_state) | (state == inactive_state)
+            binary = (lower < threshold) & (threshold < upper) & ~proved
+            active = ~binary & ((state == active_state) | ((lower >= 0) & ~proved))
+            inactive = ~binary & ~active
+            if np.any(inactive & (upper > 0) & (state != inactive_state)):
+                raise ValueError(
+                    f"layer {k}: an indicator threshold lies outside its neuron's bounds"
+                )
+            h = np.where(active, y, -1)
+            h_binary = _add_columns(highs, np.zeros(binary.sum()), np.maximum(upper[binary], 0.0))
+            z_binary = _add_columns(
+                highs, np.zeros(binary.sum()), np.ones(binary.sum()), integer=integral
+            )
+            h[binary], z[binary] = h_binary, z_binary
+            _relu_rows(
+                highs,
+                y[binary],
+                h_binary,
+                z_binary,
+                lower[binary],
+                upper[binary],
+                threshold[binary],
+            )
+            h_lo = np.where(active, lower, 0.0)
+            h_hi = np.where(active, upper, np.where(binary, np.maximum(upper, 0.0), 0.0))
+        enc.y.append(y)
+        enc.h.append(h)
+        enc.z.append(z)
+        enc.h_lower.append(h_lo)
+        enc.h_upper.append(h_hi)
+        enc.thresholds.append(threshold)
+    return enc
+
+
+# --------------------------------------------------------------------------- LP relaxation
+
+
+@dataclass
+class _Objective:
+    """``min costs . v[cols]``, which bounds ``max sign * y = offset - min``."""
+
+    cols: np.ndarray
+    costs: np.ndarray
+    offset: float
+
+
+def _objective(
+    enc: NetworkEncoding, net: Network, layer: int, neuron: int, sign: int
+) -> _Objective:
+    live, cols, _, _ = enc.input_cols(layer)
+    costs = -sign * net.layers[layer].weight[neuron, live]
+    return _Objective(cols, costs, float(sign * net.layers[layer].bias[neuron]))
+
+
+class _Relaxation:
+    """The triangle LP of the layers below ``layer``, shared by every direction of that layer.
+
+    Only the costs change between directions, so dual simplex restarts warm from the last basis;
+    Anderson cuts accumulate in one pool (they are valid for every objective).
+    """
+
+    def __init__(self, net: Network, layer: int, highs: highspy.Highs, enc: NetworkEncoding):
+        self.net, self.layer, self.highs, self.enc = net, layer, highs, enc
+        self._cold_ipm = highs.getNumNz() > IPM_NONZEROS
+        _set_options(
+            highs, presolve="off", solver="ipm" if self._cold_ipm else "simplex", simplex_strategy=1
+        )
+        self.cuts: list[tuple[np.ndarray, ...]] = []
+        self._matrix: tuple[np.ndarray, ...] | None = None
+        self._cost_cols = np.empty(0, dtype=np.int64)
+
+    @classmethod
+    def build(
+        cls, net: Network, box: Box, bounds: Sequence, states: Sequence, layer: int
+    ) -> _Relaxation:
+        """A fresh relaxation of the layers below ``layer``."""
+        highs = _new_highs()
+        enc = add_network_encoding(highs, net, box, bounds, states, layer - 1, integral=False)
+        return cls(net, layer, highs, enc)
+
+    def _append_rows(self, added: tuple[np.ndarray, ...]) -> None:
+        """Extend the cached matrix by rows just added (as returned by :func:`_add_rows`)."""
+        lower, upper, row_ids, cols, vals = added
+        rows, old_cols, old_vals, col_lo, col_hi, row_lo, row_hi = self._lp_arrays()
+        self._matrix = (
+            np.concatenate([rows, row_ids + row_lo.shape[0]]),
+            np.concatenate([old_cols, cols]),
+            np.concatenate([old_vals, vals]),
+            col_lo,
+            col_hi,
+            np.concatenate([row_lo, lower]),
+            np.concatenate([row_hi, upper]),
+        )
+
+    def _lp_arrays(self) -> tuple[np.ndarray, ...]:
+        """(entry rows, entry cols, values, col bounds, row bounds) of the model as HiGHS holds it."""
+        if self._matrix is None:
+            lp = self.highs.getLp()
+            a = lp.a_matrix_
+            start = np.asarray(a.start_, dtype=np.int64)
+            index = np.asarray(a.index_, dtype=np.int64)
+            outer = np.repeat(np.arange(start.shape[0] - 1), np.diff(start))
+            rowwise = a.format_ == highspy.MatrixFormat.kRowwise
+            rows, cols = (outer, index) if rowwise else (index, outer)
+            self._matrix = (
+                rows,
+                cols,
+                np.asarray(a.value_),
+                np.asarray(lp.col_lower_),
+                np.asarray(lp.col_upper_),
+                np.asarray(lp.row_lower_),
+                np.asarray(lp.row_upper_),
+            )
+        return self._matrix
+
+    def safe_lower_bound(self, obj: _Objective, row_dual: np.ndarray) -> float:
+        """Neumaier-Shcherbina lower bound on ``min costs . v`` over the LP, from any row duals.
+
+        For any ``y``, ``c.v = y.(A v) + (c - A^T y).v >= sum_r min(y_r r_lo, y_r r_up)
+        + sum_j min(d_j v_lo_j, d_j v_up_j)``. Duals of the wrong sign for an infinite row side are
+        zeroed; the result is lowered by ``gamma * sum |terms|`` (``gamma = (n + 2) eps``, ``n`` the
+        longest float sum), which bounds the rounding of the float evaluation.
+        """
+        rows, cols, vals, col_lo, col_hi, row_lo, row_hi = self._lp_arrays()
+        n_cols = col_lo.shape[0]
+        dual = np.array(row_dual, dtype=np.float64)
+        dual[~np.isfinite(dual)] = 0.0
+        dual[(dual > 0) & ~np.isfinite(row_lo)] = 0.0
+        dual[(dual < 0) & ~np.isfinite(row_hi)] = 0.0
+        costs = np.zeros(n_cols)
+        np.add.at(costs, obj.cols, obj.costs)
+        a_t_y = np.bincount(cols, weights=vals * dual[rows], minlength=n_cols)
+        abs_a_t_y = np.bincount(cols, weights=np.abs(vals * dual[rows]), minlength=n_cols)
+        reduced = costs - a_t_y
+        row_side = np.where(dual > 0, row_lo, row_hi)
+        row_terms = np.zeros_like(dual)
+        np.multiply(dual, row_side, out=row_terms, where=dual != 0)
+        col_side = np.where(reduced > 0, col_lo, col_hi)
+        col_terms = np.zeros(n_cols)
+        np.multiply(reduced, col_side, out=col_terms, where=reduced != 0)
+        total = row_terms.sum() + col_terms.sum()
+        if not np.isfinite(total):
+            return -np.inf
+        longest = n_cols + dual.shape[0] + (np.bincount(cols).max() if cols.size else 0) + 2
+        magnitude = np.abs(row_terms).sum() + np.sum(
+            (np.abs(costs) + abs_a_t_y) * np.maximum(np.abs(col_lo), np.abs(col_hi))
+        )
+        return float(total - 1.01 * longest * _EPS * magnitude)
+
+    def solve(
+        self, obj: _Objective, stop_at: float, deadline: float
+    ) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+        """Minimise ``obj``; return (safe lower bound, input point, full primal point).
+
+        ``stop_at`` is the ``objective_bound``: dual simplex stops once its (dual) objective
+        exceeds it, which already settles a proof.
+        """
+        remaining = _remaining(deadline)
+        if remaining <= 0:
+            return -np.inf, None, None
+        highs = self.highs
+        if self._cost_cols.size:
+            zeros = np.zeros(self._cost_cols.shape[0])
+            highs.changeColsCost(self._cost_cols.shape[0], self._cost_cols.astype(np.int32), zeros)
+        highs.changeColsCost(obj.cols.shape[0], obj.cols.astype(np.int32), obj.costs)
+        self._cost_cols = obj.cols
+        _set_options(highs, objective_bound=float(stop_at), time_limit=float(remaining))
+        highs.run()
+        if self._cold_ipm:  # the crossover basis warm-starts dual simplex from now on
+            self._cold_ipm = False
+            _set_options(highs, solver="simplex")
+        solution = highs.getSolution()
+        primal = np.asarray(solution.col_value)
+        if not solution.dual_valid or primal.shape[0] != highs.getNumCol():
+            return -np.inf, None, None
+        lower_bound = self.safe_lower_bound(obj, np.asarray(solution.row_dual))
+        box = self.enc.box
+        x = np.clip(primal[self.enc.x], box.lower, box.upper)
+        return lower_bound, x, primal
+
+    def separate(self, primal: np.ndarray) -> int:
+        """Add up to ``CUTS_PER_ROUND`` most violated Anderson et al. ideal cuts; return how many.
+
+        For ``h = relu(w.v + b)`` with ``v`` in ``[vl, vu]``, ``L_i = vl_i if w_i >= 0 else vu_i``
+        and ``U_i`` the other end: at the LP point, ``A_i = w_i (v_i - L_i (1 - z))``,
+        ``C_i = w_i U_i z``, ``I = {A_i < C_i}``; the cut
+        ``h <= sum_{i in I} w_i (v_i - L_i (1 - z)) + (b + sum_{i not in I} w_i U_i) z`` is valid
+        for every network point and violated iff ``h > sum_i min(A_i, C_i) + b z``.
+        """
+        enc, candidates = self.enc, []
+        for m in range(self.layer):
+            binary = enc.z[m] >= 0
+            if not binary.any():
+                continue
+            live, in_cols, in_lo, in_hi = enc.input_cols(m)
+            weight = self.net.layers[m].weight[binary][:, live]
+            bias = self.net.layers[m].bias[binary]
+            v, h, z = primal[in_cols], primal[enc.h[m][binary]], primal[enc.z[m][binary]]
+            low_end = np.where(weight >= 0, in_lo, in_hi)
+            high_end = np.where(weight >= 0, in_hi, in_lo)
+            a_terms = weight * (v - low_end * (1.0 - z)[:, None])
+            c_terms = weight * high_end * z[:, None]
+            in_set = a_terms < c_terms
+            violation = h - (np.minimum(a_terms, c_terms).sum(axis=1) + bias * z)
+            in_absmax = np.maximum(np.abs(in_lo), np.abs(in_hi))
+            scale = 1.0 + np.abs(weight) @ in_absmax + np.abs(bias)
+            relative = violation / scale
+            for j in np.flatnonzero(relative > 1e-7):
+                candidates.append((relative[j], m, j, binary, in_set[j], weight[j], bias[j]))
+        candidates.sort(key=lambda c: -c[0])
+        chosen = candidates[:CUTS_PER_ROUND]
+        parts: list[tuple[np.ndarray, ...]] = []
+        for row, (_, m, j, binary, in_set, weight, bias) in enumerate(chosen):
+            live, in_cols, in_lo, in_hi = enc.input_cols(m)
+            low_end = np.where(weight >= 0, in_lo, in_hi)
+            high_end = np.where(weight >= 0, in_hi, in_lo)
+            h_col, z_col = enc.h[m][binary][j], enc.z[m][binary][j]
+            in_sum = float(np.sum(weight[in_set] * low_end[in_set]))
+            z_coef = -(in_sum + bias + float(np.sum(weight[~in_set] * high_end[~in_set])))
+            cols = np.concatenate([[h_col], in_cols[in_set], [z_col]])
+            vals = np.concatenate([[1.0], -weight[in_set], [z_coef]])
+            absmax = np.concatenate(
+                [
+                    [enc.h_upper[m][binary][j]],
+                    np.maximum(np.abs(in_lo), np.abs(in_hi))[in_set],
+                    [1.0],
+                ]
+            )
+            parts.append(
+                (
+                    np.array([-_INF]),
+                    np.array([-in_sum]),
+                    np.full(cols.shape[0], row, dtype=np.int64),
+                    cols,
+                    vals,
+                    absmax,
+                )
+            )
+        cut = tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+        if chosen:
+            self._append_rows(_add_rows(self.highs, *cut))
+            self.cuts.append(cut)
+        return len(chosen)
+
+
+# --------------------------------------------------------------------------- decision MILP
+
+
+@dataclass
+class _MilpContext:
+    """Everything a decision MILP of one layer needs (sent once to each worker process)."""
+
+    net: Network
+    box: Box
+    bounds: list
+    states: list
+    layer: int
+    cuts: list
+
+
+@dataclass
+class _MilpOutcome:
+    proved: bool
+    bound: float
+    points: np.ndarray  # (m, n_in) forward-pass candidates harvested from the solver
+
+
+_WORKER_CONTEXT: _MilpContext | None = None
+
+
+def _init_worker(context: _MilpContext) -> None:
+    global _WORKER_CONTEXT
+    _WORKER_CONTEXT = context
+
+
+def _worker_milp(args: tuple) -> _MilpOutcome:
+    return _decision_milp(_WORKER_CONTEXT, *args)
+
+
+def _run_min(
+    highs: highspy.Highs,
+    enc: NetworkEncoding,
+    obj: _Objective,
+    cutoff: float,
+    target: float,
+    start: np.ndarray | None,
+    net: Network,
+    time_limit: float,
+) -> tuple[float, list[np.ndarray], highspy.HighsModelStatus]:
+    """Minimise ``obj`` over a built MILP; return (lower bound, harvested inputs, status).
+
+    The lower bound is ``min(info.mip_dual_bound, cutoff)``; the status alone is not trusted.
+    Nodes are pruned against the cutoff, so when everything was pruned HiGHS proved only
+    ``min >= cutoff``: it may then report "Optimal" with a (start) incumbent beyond the cutoff and
+    a dual bound equal to that incumbent, or "Infeasible" with a dual bound of ``-inf`` (the model
+    always has points, so infeasible means pruned).
+    """
+    highs.changeColsCost(obj.cols.shape[0], obj.cols.astype(np.int32), obj.costs)
+    _set_options(
+        highs, objective_bound=float(cutoff), objective_target=float(target), time_limit=time_limit
+    )
+    harvested: list[np.ndarray] = []
+    x_cols = enc.x
+
+    def on_solution(event) -> None:
+        harvested.append(np.array(event.data_out.mip_solution[x_cols], dtype=np.float64))
+
+    highs.cbMipSolution.subscribe(on_solution)
+    if start is not None:
+        cols, vals = enc.solution_from_input(net, start)
+        highs.setSolution(cols.shape[0], cols, vals)
+    highs.run()
+    highs.cbMipSolution.unsubscribe(on_solution)
+    status = highs.getModelStatus()
+    solution = highs.getSolution()
+    if solution.value_valid:
+        harvested.append(np.asarray(solution.col_value)[x_cols].copy())
+    if status == _MODEL.kInfeasible:
+        return cutoff, harvested, status
+    dual_bound = float(highs.getInfo().mip_dual_bound)
+    if np.isnan(dual_bound):
+        dual_bound = -np.inf
+    return min(dual_bound, cutoff), harvested, status
+
+
+def _decision_milp(
+    context: _MilpContext,
+    direction: Direction,
+    margin: float,
+    slack: float,
+    start: np.ndarray | None,
+    deadline: float,
+    time_cap: float,
+) -> _MilpOutcome:
+    """Decide one direction with the MILP of the layers below it.
+
+    Minimise ``-sign W_i . h`` with ``objective_bound = sign b + margin + slack`` (every node that
+    cannot beat it is pruned: a proof) and ``objective_target = sign b - slack`` (stop at a likely
+    witness). A stop at the target that the forward pass does not confirm is re-run without it.
+    """
+    net, layer = context.net, context.layer
+    highs = _new_highs()
+    enc = add_network_encoding(
+        highs, net, context.box, context.bounds, context.states, layer - 1, integral=True
+    )
+    for cut in context.cuts:
+        _add_rows(highs, *cut)
+    obj = _objective(enc, net, layer, direction.neuron, direction.sign)
+    if not enc.has_binaries:
+        relaxation = _Relaxation(net, layer, highs, enc)
+        lower_bound, x, _ = relaxation.solve(obj, obj.offset + margin, deadline)
+        points = np.empty((0, net.in_features)) if x is None else x[None, :]
+        bound = obj.offset - lower_bound
+        return _MilpOutcome(bound <= -margin, bound, points)
+    _set_options(highs, mip_heuristic_run_feasibility_jump=False)
+    cutoff = obj.offset + margin + slack
+    target = obj.offset - slack
+    box = context.box
+    all_points: list[np.ndarray] = []
+    best_bound, proved = np.inf, False
+    for _attempt in range(2):
+        time_limit = min(_remaining(deadline), time_cap)
+        if time_limit <= 0:
+            break
+        lower_bound, harvested, status = _run_min(
+            highs, enc, obj, cutoff, target, start, net, time_limit
+        )
+        best_bound = min(best_bound, obj.offset - lower_bound + slack)
+        points = np.clip(np.array(harvested).reshape(-1, net.in_features), box.lower, box.upper)
+        all_points.append(points)
+        proved = lower_bound >= cutoff
+        if proved:
+            break
+        if points.shape[0]:
+            values = direction.sign * net.preactivations(points)[layer][:, direction.neuron]
+            if values.max() > 0:
+                break
+        if status != _MODEL.kObjectiveTarget:
+            break
+        target = -_INF
+    points = np.concatenate(all_points) if all_points else np.empty((0, net.in_features))
+    return _MilpOutcome(proved, best_bound, points)
+
+
+# --------------------------------------------------------------------------- the tiered decision
+
+
+class _LayerBook:
+    """Open directions of one layer, their best bounds and the best input seen for each."""
+
+    def __init__(self, net: Network, layer: int, directions: Sequence[Direction], margins):
+        self.net, self.layer = net, layer
+        self.directions = list(directions)
+        self.neurons = np.array([d.neuron for d in directions], dtype=np.int64)
+        self.signs = np.array([d.sign for d in directions], dtype=np.float64)
+        self.margins = np.asarray(margins, dtype=np.float64)[self.neurons]
+        count = len(directions)
+        self.status = ["undecided"] * count
+        self.method = [""] * count
+        self.bound = np.full(count, np.inf)
+        self.witness: list[np.ndarray | None] = [None] * count
+        self.best_value = np.full(count, -np.inf)
+        self.best_point: list[np.ndarray | None] = [None] * count
+
+    def open(self) -> list[int]:
+        return [j for j, s in enumerate(self.status) if s == "undecided"]
+
+    def absorb(self, points: np.ndarray, method: str) -> None:
+        """Forward-pass candidate inputs; refute every open direction one of them shows."""
+        if points.shape[0] == 0:
+            return
+        values = self.net.preactivations(points)[self.layer][:, self.neurons] * self.signs
+        best = values.argmax(axis=0)
+        best_values = values[best, np.arange(values.shape[1])]
+        for j in np.flatnonzero(best_values > self.best_value):
+            self.best_value[j] = best_values[j]
+            self.best_point[j] = points[best[j]].copy()
+            if best_values[j] > 0 and self.status[j] == "undecided":
+                self.status[j], self.method[j] = "refuted", method
+                self.witness[j] = points[best[j]].copy()
+
+    def record_bound(self, j: int, bound: float, method: str, proved: bool = False) -> None:
+        """Keep the tighter bound; ``proved`` marks a MILP that cleared its cutoff exactly."""
+        self.bound[j] = min(self.bound[j], bound)
+        proved = proved or self.bound[j] <= -self.margins[j]
+        if self.status[j] == "undecided" and proved:
+            self.status[j], self.method[j] = "proved", method
+
+    def results(self, tiers: Sequence[str]) -> list[DirectionResult]:
+        fallback = "milp" if "milp" in tiers else ("lp+cuts" if "cuts" in tiers else "lp")
+        return [
+            DirectionResult(
+                d, self.status[j], float(self.bound[j]), self.method[j] or fallback, self.witness[j]
+            )
+            for j, d in enumerate(self.directions)
+        ]
+
+
+def _lp_tiers(
+    book: _LayerBook, relaxation: _Relaxation, tiers: Sequence[str], deadline: float
+) -> None:
+    """Triangle LP for every open direction, then cut rounds for those still open."""
+    net, layer = book.net, book.layer
+    for tier in ("lp", "cuts"):
+        if tier not in tiers:
+            continue
+        method = "lp" if tier == "lp" else "lp+cuts"
+        for j in book.open():
+            if book.status[j] != "undecided":
+                continue
+            if _remaining(deadline) <= 0:
+                return
+            d = book.directions[j]
+            obj = _objective(relaxation.enc, net, layer, d.neuron, d.sign)
+            rounds = CUT_ROUNDS if tier == "cuts" else 0
+            for round_index in range(rounds + 1):
+                lower_bound, x, primal = relaxation.solve(
+                    obj, obj.offset + book.margins[j], deadline
+                )
+                book.record_bound(j, obj.offset - lower_bound + 2 * _EPS * abs(obj.offset), method)
+                if x is not None:
+                    book.absorb(x[None, :], method)
+                if book.status[j] != "undecided" or primal is None or round_index == rounds:
+                    break
+                if relaxation.separate(primal) == 0:
+                    break
+
+
+def _milp_tier(
+    book: _LayerBook,
+    context: _MilpContext,
+    slack: np.ndarray,
+    deadline: float,
+    jobs: int,
+    time_cap: float,
+) -> None:
+    """Decision MILPs for the open directions, in rounds of ``MILP_ROUND_SIZE``.
+
+    After each round, every input harvested by its MILPs is forward-passed against the directions
+    still open. The rounds do not depend on ``jobs``, so serial and parallel runs agree.
+    """
+    pending = book.open()
+    if not pending:
+        return
+    executor = None
+    if jobs > 1 and len(pending) > 1:
+        executor = ProcessPoolExecutor(
+            max_workers=min(jobs, len(pending)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(context,),
+        )
+    try:
+        while pending and _remaining(deadline) > 0:
+            batch, pending = pending[:MILP_ROUND_SIZE], pending[MILP_ROUND_SIZE:]
+            tasks = [
+                (
+                    book.directions[j],
+                    float(book.margins[j]),
+                    float(slack[book.neurons[j]]),
+                    book.best_point[j],
+                    deadline,
+                    time_cap,
+                )
+                for j in batch
+            ]
+            if executor is None:
+                outcomes = [_decision_milp(context, *task) for task in tasks]
+            else:
+                outcomes = list(executor.map(_worker_milp, tasks))
+            for j, outcome in zip(batch, outcomes, strict=True):
+                book.record_bound(j, outcome.bound, "milp", outcome.proved)
+            for outcome in outcomes:
+                book.absorb(outcome.points, "milp")
+            pending = [j for j in pending if book.status[j] == "undecided"]
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+
+
+def decide_directions(
+    net: Network,
+    box: Box,
+    bounds: Sequence,
+    states: Sequence[np.ndarray],
+    layer: int,
+    directions: Sequence[Direction],
+    margins: np.ndarray,
+    deadline: float,
+    *,
+    tiers: Sequence[str] = _TIERS,
+    jobs: int = 1,
+    direction_time_limit: float = DIRECTION_TIME_LIMIT,
+) -> list[DirectionResult]:
+    """Prove or refute sign directions of one layer: LP, then LP + ideal cuts, then MILP.
+
+    Parameters
+    ----------
+    box : the network-space box.
+    bounds : sound ``LayerBounds`` for layers ``0..layer``; ``bounds[layer]`` is not used.
+    states : ``NeuronState`` arrays for layers ``0..layer-1``.
+    directions : all with ``direction.layer == layer``.
+    margins : per neuron of ``layer``; a direction is proved iff its sound bound ``<= -margin``.
+    deadline : a ``time.monotonic()`` value; directions still open then are "undecided".
+    tiers : any of "lp", "cuts", "milp" (cuts imply the LP they are added to).
+    jobs : worker processes for the decision MILPs (``spawn`` start; results equal ``jobs=1``).
+    direction_time_limit : cap in seconds on one decision MILP.
+
+    Returns
+    -------
+    One :class:`DirectionResult` per direction, in the given order. Every candidate input met on
+    the way (LP optima, MILP incumbents) is forward-passed against all open directions.
+    """
+    unknown = set(tiers) - set(_TIERS)
+    if unknown:
+        raise ValueError(f"unknown tiers {sorted(unknown)}; use a subset of {_TIERS}")
+    if any(d.layer != layer or d.sign not in (1, -1) for d in directions):
+        raise ValueError(f"every direction must have layer={layer} and sign +1 or -1")
+    book = _LayerBook(net, layer, directions, margins)
+    if not directions or _remaining(deadline) <= 0:
+        return book.results(tiers)
+    tiers = tuple(tiers)
+    first_method = "lp" if ("lp" in tiers or "cuts" in tiers) else "milp"
+    book.absorb(box.center[None, :], first_method)
+    relaxation = None
+    if ("lp" in tiers or "cuts" in tiers) and _remaining(deadline) > 0:
+        relaxation = _Relaxation.build(net, box, bounds, states, layer)
+        _lp_tiers(book, relaxation, tiers, deadline)
+    if "milp" in tiers and _remaining(deadline) > 0:
+        context = _MilpContext(
+            net,
+            box,
+            list(bounds[:layer]),
+            list(states[:layer]),
+            layer,
+            relaxation.cuts if relaxation is not None else [],
+        )
+        slack = milp_slack(net, box, bounds, layer)
+        _milp_tier(book, context, slack, deadline, jobs, direction_time_limit)
+    return book.results(tiers)
+
+
+def tighten_bounds(
+    net: Network,
+    box: Box,
+    bounds: Sequence,
+    states: Sequence[np.ndarray],
+    layer: int,
+    neurons: Sequence[int] | np.ndarray,
+    deadline: float,
+):
+    """Triangle-LP bounds of the given neurons of ``layer``, intersected with ``bounds[layer]``.
+
+    ``max y_i = b_i - min(-W_i . h)`` and ``min y_i = b_i + min(W_i . h)`` over the LP, each bounded
+    by the rigorous dual bound, so the result is sound whatever HiGHS's tolerances. Neurons not
+    reached before ``deadline`` keep their given bounds.
+    """
+    lower = np.array(bounds[layer].lower, dtype=np.float64)
+    upper = np.array(bounds[layer].upper, dtype=np.float64)
+    relaxation = _Relaxation.build(net, box, bounds, states, layer)
+    for neuron in np.asarray(neurons, dtype=np.int64):
+        for sign in (1, -1):
+            if _remaining(deadline) <= 0:
+                return _bounds.LayerBounds(lower, np.maximum(upper, lower))
+            obj = _objective(relaxation.enc, net, layer, int(neuron), sign)
+            lower_bound, _, _ = relaxation.solve(obj, _INF, deadline)
+            extreme = obj.offset - lower_bound + 2 * _EPS * abs(obj.offset)
+            if sign == 1:
+                upper[neuron] = min(upper[neuron], extreme)
+            else:
+                lower[neuron] = max(lower[neuron], -extreme)
+    return _bounds.LayerBounds(np.minimum(lower, upper), np.maximum(lower, upper))
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _labels(
+    relu: bool,
+    inactive: np.ndarray,
+    active: np.ndarray,
+    seen_pos: np.ndarray,
+    seen_neg: np.ndarray,
+) -> np.ndarray:
+    """NeuronState per neuron from proofs and witnesses (layers without ReLU are ACTIVE)."""
+    state = _stability.NeuronState
+    labels = np.full(inactive.shape[0], state.UNDECIDED, dtype=np.int64)
+    if not relu:
+        labels[:] = state.ACTIVE
+        return labels
+    labels[seen_pos & seen_neg] = state.UNSTABLE
+    labels[active] = state.ACTIVE
+    labels[inactive] = state.INACTIVE
+    return labels
+
+
+def per_neuron_stability(
+    net: Network, box: Box, bounds: Sequence, margins: Sequence[np.ndarray], deadline: float
+) -> tuple[list[np.ndarray], np.ndarray, bool]:
+    """The old approach (Serra et al. 2020): two exact MILPs (max and min of ``y``) per neuron.
+
+    Layer by layer, big-M with the interval ``bounds``, each layer's bounds tightened by the
+    optima found for it before the next layer is encoded. A neuron is INACTIVE iff
+    ``max y <= -margin`` (ACTIVE iff ``min y >= margin``) where the maximum is the MILP dual bound
+    plus the slack of the module's policy (a rigorous LP bound for the first layer, which has no
+    binaries); it is UNSTABLE iff the forward-passed optima show both signs. Directions already
+    proved by ``bounds`` are not re-solved (their label cannot change).
+
+    Returns
+    -------
+    (NeuronState arrays for every layer -- ACTIVE for layers without ReLU --, witnesses, timed out)
+    """
+    bounds = [
+        _bounds.LayerBounds(np.array(b.lower, float), np.array(b.upper, float)) for b in bounds
+    ]
+    states: list[np.ndarray] = []
+    witnesses: list[np.ndarray] = []
+    timed_out = False
+    for k, layer in enumerate(net.layers):
+        n = layer.out_features
+        seen_pos, seen_neg = np.zeros(n, bool), np.zeros(n, bool)
+        margin = np.asarray(margins[k], dtype=np.float64)
+        proved = {1: bounds[k].upper <= -margin, -1: bounds[k].lower >= margin}
+        if not layer.relu or timed_out:
+            states.append(_labels(layer.relu, proved[1], proved[-1], seen_pos, seen_neg))
+            timed_out = timed_out or _remaining(deadline) <= 0
+            continue
+        highs = _new_highs()
+        enc = add_network_encoding(highs, net, box, bounds, [], k - 1, integral=True)
+        if enc.has_binaries:
+            _set_options(highs, mip_heuristic_run_feasibility_jump=False)
+        slack = milp_slack(net, box, bounds, k) if enc.has_binaries else np.zeros(n)
+        relaxation = None
+        if not enc.has_binaries:
+            relaxation = _Relaxation(net, k, highs, enc)
+        for i in range(n):
+            for sign in (1, -1):
+                if proved[sign][i]:
+                    continue
+                time_limit = _remaining(deadline)
+                if time_limit <= 0:
+                    timed_out = True
+                    break
+                obj = _objective(enc, net, k, i, sign)
+                if relaxation is not None:
+                    lower_bound, x, _ = relaxation.solve(obj, _INF, deadline)
+                    points = [] if x is None else [x]
+                else:
+                    lower_bound, points, _ = _run_min(
+                        highs, enc, obj, _INF, -_INF, None, net, time_limit
+                    )
+                extreme = obj.offset - lower_bound + slack[i] + 2 * _EPS * abs(obj.offset)
+                proved[sign][i] = extreme <= -margin[i]
+                if sign == 1:
+                    bounds[k].upper[i] = min(bounds[k].upper[i], extreme)
+                else:
+                    bounds[k].lower[i] = max(bounds[k].lower[i], -extreme)
+                if points:
+                    x = np.clip(np.array(points[-1:]), box.lower, box.upper)
+                    y = net.preactivations(x)[k][0, i]
+                    if sign * y > 0:
+                        (seen_pos if sign == 1 else seen_neg)[i] = True
+                        witnesses.append(x[0])
+            if timed_out:
+                break
+        bounds[k] = _bounds.LayerBounds(
+            np.minimum(bounds[k].lower, bounds[k].upper),
+            np.maximum(bounds[k].lower, bounds[k].upper),
+        )
+        states.append(_labels(True, proved[1], proved[-1], seen_pos, seen_neg))
+    points = np.array(witnesses).reshape(-1, net.in_features)
+    return states, points, timed_out
+
+
+def isa_stability(
+    net: Network,
+    box: Box,
+    bounds: Sequence,
+    seen_pos: Sequence[np.ndarray],
+    seen_neg: Sequence[np.ndarray],
+    margins: Sequence[np.ndarray],
+    deadline: float,
+) -> tuple[list[np.ndarray], np.ndarray, bool]:
+    """The paper's ISA (Serra et al. 2021) as closely as HiGHS allows.
+
+    One MILP over all ReLU layers (big-M with the interval ``bounds``); candidates ``P`` (never
+    seen ``y > 0``: maybe inactive) and ``Q`` (never seen ``y < 0``: maybe active) get continuous
+    ``p_i <= z_i``, ``q_i <= 1 - z_i``; maximise ``sum p + sum q``. Each incumbent's input is
+    forward-passed in float64 and updates the candidates. When the optimum is proved ``< 0.5``
+    (objective cutoff), every candidate still in "prove" mode is stable.
+
+    Margins (``s = margin + slack`` of the module's policy): a P candidate starts in *prove* mode,
+    its indicator's threshold at ``-s`` (``p_i = 1`` needs ``y_i >= -s``), so the final proof means
+    ``max y <= -margin`` like every other MILP proof here. An incumbent with ``y_i`` in ``(-s, 0]``
+    shows it cannot be proved; it switches to *witness* mode (threshold ``+s``) to find out whether
+    ``y_i > 0`` is possible, which decides UNSTABLE vs UNDECIDED as the per-direction engines do
+    (only a maximum within ``(0, s)`` can be labelled differently). Q mirrors this. A neuron that
+    is a candidate both ways with opposite thresholds uses 0.
+
+    Differences from the paper: HiGHS has no lazy constraints, so the solve is interrupted at the
+    first incumbent, candidates are updated and the MILP is rebuilt and re-solved (the paper keeps
+    one branch-and-bound tree with lazy ``p_i = 0``); LP-relaxation points are not injected as
+    heuristic solutions; the margin modes above are ours. Incumbents that the forward pass does
+    not confirm drop the candidates they claim, so every round changes at least one candidate.
+
+    Returns
+    -------
+    (NeuronState arrays for every layer -- ACTIVE for layers without ReLU --, witnesses, timed out)
+    """
+    n_layers = len(net.layers)
+    relu_layers = net.relu_layer_indices
+    last = max(relu_layers) if relu_layers else -1
+    sizes = [layer.out_features for layer in net.layers[: last + 1]]
+    splits = np.cumsum(sizes)[:-1]
+
+    def flat(arrays, dtype) -> np.ndarray:
+        """Layers ``0..last`` concatenated into one vector over all encoded neurons."""
+        parts = [np.asarray(a, dtype) for a in arrays[: last + 1]]
+        return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+    pos, neg = flat(seen_pos, bool), flat(seen_neg, bool)
+    margin = flat(margins, np.float64)
+    lower = flat([b.lower for b in bounds], np.float64)
+    upper = flat([b.upper for b in bounds], np.float64)
+    shift = margin + flat([milp_slack(net, box, bounds, k) for k in range(last + 1)], np.float64)
+    relu = flat([np.full(n, net.layers[k].relu) for k, n in enumerate(sizes)], bool)
+    inactive = relu & (upper <= -margin)
+    active = relu & (lower >= margin)
+    open_ = relu & ~inactive & ~active
+    none_mode, prove_mode, witness_mode = 0, 1, 2
+    p_mode = np.where(open_ & ~pos & (lower < -shift), prove_mode, none_mode)
+    q_mode = np.where(open_ & ~neg & (upper > shift), prove_mode, none_mode)
+    witnesses: list[np.ndarray] = []
+    timed_out = False
+    while np.any(p_mode) or np.any(q_mode):
+        time_limit = _remaining(deadline)
+        if time_limit <= 0:
+            timed_out = True
+            break
+        has_p, has_q = p_mode != none_mode, q_mode != none_mode
+        t_p = np.where(p_mode == prove_mode, -shift, shift)
+        t_q = np.where(q_mode == prove_mode, shift, -shift)
+        threshold = np.where(
+            has_p & has_q,
+            np.where(t_p == t_q, t_p, 0.0),
+            np.where(has_p, t_p, np.where(has_q, t_q, 0.0)),
+        )
+        highs = _new_highs()
+        enc = add_network_encoding(
+            highs, net, box, bounds, [], last, integral=True, thresholds=np.split(threshold, splits)
+        )
+        z = flat(enc.z, np.int64)
+        p_z, q_z = z[has_p], z[has_q]
+        n_p, n_q = p_z.shape[0], q_z.shape[0]
+        pq = _add_columns(highs, np.zeros(n_p + n_q), np.ones(n_p + n_q))
+        ones = np.ones(n_p + n_q)
+        _add_rows(  # p - z <= 0 and q + z <= 1
+            highs,
+            np.full(n_p + n_q, -_INF),
+            np.concatenate([np.zeros(n_p), np.ones(n_q)]),
+            np.repeat(np.arange(n_p + n_q), 2),
+            np.stack([pq, np.concatenate([p_z, q_z])], axis=1).ravel(),
+            np.stack([ones, np.concatenate([-np.ones(n_p), np.ones(n_q)])], axis=1).ravel(),
+            np.ones(2 * (n_p + n_q)),
+        )
+        highs.changeColsCost(n_p + n_q, pq.astype(np.int32), -ones)
+        _set_options(
+            highs,
+            objective_bound=-0.5,
+            time_limit=float(time_limit),
+            mip_heuristic_run_feasibility_jump=False,
+        )
+        found: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def on_solution(event, found=found, pq=pq, x_cols=enc.x) -> None:
+            if event.data_out.objective_function_value <= -0.5:
+                solution = event.data_out.mip_solution
+                found.append((np.array(solution[x_cols]), np.array(solution[pq])))
+
+        def on_interrupt(event, found=found) -> None:
+            if found:
+                event.interrupt()
+
+        highs.cbMipSolution.subscribe(on_solution)
+        highs.cbMipInterrupt.subscribe(on_interrupt)
+        highs.run()
+        status = highs.getModelStatus()
+        if not found:
+            dual_bound = highs.getInfo().mip_dual_bound
+            if status == _MODEL.kInfeasible or dual_bound >= -0.5:
+                inactive |= p_mode == prove_mode
+                active |= q_mode == prove_mode
+                break
+            timed_out = True
+            if status != _MODEL.kTimeLimit:
+                raise SolverError(f"HiGHS ended the ISA MILP with status {status}; neurons kept")
+            break
+        points = np.clip(np.array([f[0] for f in found]), box.lower, box.upper)
+        values = np.concatenate(net.preactivations(points)[: last + 1], axis=1)
+        new_sign = ((values > 0) & ~pos) | ((values < 0) & ~neg)
+        witnesses.extend(points[new_sign.any(axis=1)])
+        pos |= (values > 0).any(axis=0)
+        neg |= (values < 0).any(axis=0)
+        before = (p_mode.copy(), q_mode.copy())
+        p_mode[pos] = none_mode
+        q_mode[neg] = none_mode
+        p_unprovable = (p_mode == prove_mode) & (values > -shift).any(axis=0)
+        q_unprovable = (q_mode == prove_mode) & (values < shift).any(axis=0)
+        p_mode[p_unprovable] = np.where(upper[p_unprovable] > shift[p_unprovable], witness_mode, 0)
+        q_mode[q_unprovable] = np.where(lower[q_unprovable] < -shift[q_unprovable], witness_mode, 0)
+        if np.array_equal(before[0], p_mode) and np.array_equal(before[1], q_mode):
+            claimed = found[-1][1] >= 0.5
+            p_mode[np.flatnonzero(has_p)[claimed[:n_p]]] = none_mode
+            q_mode[np.flatnonzero(has_q)[claimed[n_p:]]] = none_mode
+    split = [np.split(a, splits) if last >= 0 else [] for a in (inactive, active, pos, neg)]
+    states = [
+        _labels(net.layers[k].relu, *(part[k] for part in split))
+        if k <= last
+        else _labels(False, *(np.zeros(net.layers[k].out_features, bool),) * 4)
+        for k in range(n_layers)
+    ]
+    return states, np.array(witnesses).reshape(-1, net.in_features), timed_out

@@ -1,0 +1,350 @@
+"""Tests of the HiGHS models: LP safe bounds, cuts, decision MILPs, ISA and per-neuron baselines.
+
+Oracles: a dense grid over 2-input boxes (exact enough to compare with exact solvers away from
+zero) and dense random / Bernoulli-corner sampling for 10-input nets (a sampled extreme is a lower
+bound on the true one, so no proof may contradict it).
+"""
+
+from __future__ import annotations
+
+import time
+
+import highspy
+import numpy as np
+import pytest
+
+from onnx_exact import milp
+from onnx_exact.bounds import LayerBounds
+from onnx_exact.domain import Box
+from onnx_exact.network import DenseLayer, InputMap, Network
+from onnx_exact.stability import NeuronState
+
+MARGIN = 1e-9
+
+
+def _interval_bounds(net: Network, box: Box) -> list[LayerBounds]:
+    """Plain interval propagation (the tests' own bounds, independent of bounds.py)."""
+    lo, hi, out = box.lower, box.upper, []
+    for layer in net.layers:
+        centre, radius = (lo + hi) / 2, (hi - lo) / 2
+        mid = layer.weight @ centre + layer.bias
+        spread = np.abs(layer.weight) @ radius
+        out.append(LayerBounds(mid - spread, mid + spread))
+        lo, hi = mid - spread, mid + spread
+        if layer.relu:
+            lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+    return out
+
+
+def _random_net(seed: int, sizes: list[int], bias_scale: float = 0.5) -> Network:
+    rng = np.random.default_rng(seed)
+    layers = [
+        DenseLayer(
+            rng.normal(size=(n_out, n_in)) / np.sqrt(n_in),
+            rng.normal(size=n_out) * bias_scale,
+            relu=j < len(sizes) - 2,
+            name=f"fc{j}",
+        )
+        for j, (n_in, n_out) in enumerate(zip(sizes, sizes[1:], strict=False))
+    ]
+    return Network(layers, InputMap.identity(sizes[0]))
+
+
+def _grid(box: Box, per_axis: int = 301) -> np.ndarray:
+    axes = [np.linspace(lo, hi, per_axis) for lo, hi in zip(box.lower, box.upper, strict=True)]
+    return np.stack(np.meshgrid(*axes), axis=-1).reshape(-1, box.size)
+
+
+def _samples(box: Box, seed: int, count: int = 20000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    uniform = rng.uniform(box.lower, box.upper, size=(count, box.size))
+    corners = np.where(rng.random((count, box.size)) < 0.5, box.upper, box.lower)
+    return np.concatenate([uniform, corners])
+
+
+def _all_directions(net: Network, layer: int) -> list[milp.Direction]:
+    return [
+        milp.Direction(layer, i, sign)
+        for i in range(net.layers[layer].out_features)
+        for sign in (1, -1)
+    ]
+
+
+def _states_from(results: list[milp.DirectionResult], width: int) -> np.ndarray:
+    """NeuronState per neuron from the two directions' results (the pipeline's rule)."""
+    proved = {(r.direction.neuron, r.direction.sign) for r in results if r.status == "proved"}
+    refuted = {(r.direction.neuron, r.direction.sign) for r in results if r.status == "refuted"}
+    states = np.full(width, NeuronState.UNDECIDED, dtype=np.int64)
+    for i in range(width):
+        if (i, 1) in proved:
+            states[i] = NeuronState.INACTIVE
+        elif (i, -1) in proved:
+            states[i] = NeuronState.ACTIVE
+        elif (i, 1) in refuted and (i, -1) in refuted:
+            states[i] = NeuronState.UNSTABLE
+    return states
+
+
+def _tiered_states(net, box, bounds, tiers=("lp", "cuts", "milp"), jobs=1) -> list[np.ndarray]:
+    states: list[np.ndarray] = []
+    for k, layer in enumerate(net.layers):
+        if not layer.relu:
+            states.append(np.full(layer.out_features, NeuronState.ACTIVE, dtype=np.int64))
+            continue
+        results = milp.decide_directions(
+            net,
+            box,
+            bounds,
+            states,
+            k,
+            _all_directions(net, k),
+            np.full(layer.out_features, MARGIN),
+            time.monotonic() + 60,
+            tiers=tiers,
+            jobs=jobs,
+        )
+        states.append(_states_from(results, layer.out_features))
+    return states
+
+
+def _grid_states(net: Network, points: np.ndarray, gap: float) -> list[np.ndarray | None]:
+    """Oracle labels, or None for a layer with a neuron whose extreme is within ``gap`` of 0."""
+    out = []
+    for k, pre in enumerate(net.preactivations(points)):
+        top, bottom = pre.max(axis=0), pre.min(axis=0)
+        if not net.layers[k].relu:
+            out.append(np.full(pre.shape[1], NeuronState.ACTIVE))
+            continue
+        if np.any(np.abs(top) < gap) or np.any(np.abs(bottom) < gap):
+            out.append(None)
+            continue
+        states = np.full(pre.shape[1], NeuronState.UNSTABLE)
+        states[top < 0] = NeuronState.INACTIVE
+        states[bottom > 0] = NeuronState.ACTIVE
+        out.append(states)
+    return out
+
+
+SMALL_NETS = [(seed, [2, 8, 8, 1]) for seed in range(4)] + [
+    (10 + s, [3, 6, 6, 6, 2]) for s in range(2)
+]
+
+
+@pytest.mark.parametrize(("seed", "sizes"), SMALL_NETS[:4])
+def test_lp_bounds_are_sound_against_grid(seed, sizes):
+    net = _random_net(seed, sizes)
+    box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
+    bounds = _interval_bounds(net, box)
+    pre = net.preactivations(_grid(box))
+    states: list[np.ndarray] = []
+    for k in range(len(sizes) - 2):
+        results = milp.decide_directions(
+            net,
+            box,
+            bounds,
+            states,
+            k,
+            _all_directions(net, k),
+            np.full(sizes[k + 1], MARGIN),
+            time.monotonic() + 30,
+            tiers=("lp",),
+        )
+        for r in results:
+            sampled_max = (r.direction.sign * pre[k][:, r.direction.neuron]).max()
+            assert r.bound >= sampled_max - 1e-12
+        states.append(_states_from(results, sizes[k + 1]))
+        tightened = milp.tighten_bounds(
+            net, box, bounds, states, k, np.arange(sizes[k + 1]), time.monotonic() + 30
+        )
+        assert np.all(tightened.upper >= pre[k].max(axis=0) - 1e-12)
+        assert np.all(tightened.lower <= pre[k].min(axis=0) + 1e-12)
+        assert np.all(tightened.upper <= bounds[k].upper) and np.all(
+            tightened.lower >= bounds[k].lower
+        )
+        if k == 0:  # the first layer's LP is exact: its bound is the extreme, attained at a corner
+            corner_pre = net.preactivations(_grid(box, 2))[0]
+            for r in results:
+                exact = (r.direction.sign * corner_pre[:, r.direction.neuron]).max()
+                assert r.bound == np.inf or r.bound == pytest.approx(exact, abs=1e-12)
+                assert (r.status == "proved") == (exact <= -MARGIN)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decisions_never_contradict_sampling(seed):
+    net = _random_net(100 + seed, [10, 20, 20, 3], bias_scale=1.0)
+    box = Box(np.zeros(10), np.full(10, 0.6))
+    bounds = _interval_bounds(net, box)
+    pre = net.preactivations(_samples(box, seed))
+    states: list[np.ndarray] = []
+    for k in range(2):
+        results = milp.decide_directions(
+            net,
+            box,
+            bounds,
+            states,
+            k,
+            _all_directions(net, k),
+            np.full(20, MARGIN),
+            time.monotonic() + 60,
+        )
+        for r in results:
+            d = r.direction
+            sampled_max = (d.sign * pre[k][:, d.neuron]).max()
+            assert r.bound >= sampled_max - 1e-9
+            if r.status == "proved":
+                assert sampled_max <= 0
+            if r.status == "refuted":
+                assert np.all(r.witness >= box.lower) and np.all(r.witness <= box.upper)
+                assert d.sign * net.preactivations(r.witness)[k][0, d.neuron] > 0
+            assert r.status != "undecided"  # nothing is close to zero here and there is time
+        states.append(_states_from(results, 20))
+
+
+@pytest.mark.parametrize(("seed", "sizes"), SMALL_NETS)
+def test_milp_alone_matches_grid(seed, sizes):
+    net = _random_net(seed, sizes)
+    box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
+    bounds = _interval_bounds(net, box)
+    grid = _grid(box, 301 if sizes[0] == 2 else 41)
+    oracle = _grid_states(net, grid, gap=0.05)
+    states = _tiered_states(net, box, bounds, tiers=("milp",))
+    for k, expected in enumerate(oracle):
+        if expected is not None:
+            np.testing.assert_array_equal(states[k], expected)
+
+
+@pytest.mark.parametrize(("seed", "sizes"), SMALL_NETS)
+def test_baselines_agree_with_tiers_and_grid(seed, sizes):
+    net = _random_net(seed, sizes)
+    box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
+    bounds = _interval_bounds(net, box)
+    margins = [np.full(layer.out_features, MARGIN) for layer in net.layers]
+    deadline = time.monotonic() + 60
+    per_neuron, _, per_neuron_late = milp.per_neuron_stability(net, box, bounds, margins, deadline)
+    nothing = [np.zeros(layer.out_features, bool) for layer in net.layers]
+    isa, isa_witnesses, isa_late = milp.isa_stability(
+        net, box, bounds, nothing, [a.copy() for a in nothing], margins, deadline
+    )
+    tiered = _tiered_states(net, box, bounds)
+    assert not per_neuron_late and not isa_late
+    for k in range(len(net.layers)):
+        np.testing.assert_array_equal(per_neuron[k], isa[k])
+        np.testing.assert_array_equal(per_neuron[k], tiered[k])
+    for k, expected in enumerate(_grid_states(net, _grid(box, 301 if sizes[0] == 2 else 41), 0.05)):
+        if expected is not None:
+            np.testing.assert_array_equal(isa[k], expected)
+    # every ISA witness is in the box and was the first to show some sign
+    assert np.all(isa_witnesses >= box.lower) and np.all(isa_witnesses <= box.upper)
+
+
+def test_isa_uses_preprocessing_and_random_10_20_20():
+    net = _random_net(7, [10, 20, 20, 2], bias_scale=1.0)
+    box = Box(np.zeros(10), np.full(10, 0.5))
+    bounds = _interval_bounds(net, box)
+    margins = [np.full(layer.out_features, MARGIN) for layer in net.layers]
+    pre = net.preactivations(_samples(box, 3, 2000))
+    seen_pos = [(p > 0).any(axis=0) for p in pre]
+    seen_neg = [(p < 0).any(axis=0) for p in pre]
+    deadline = time.monotonic() + 60
+    isa, _, late = milp.isa_stability(net, box, bounds, seen_pos, seen_neg, margins, deadline)
+    per_neuron, _, _ = milp.per_neuron_stability(net, box, bounds, margins, deadline)
+    assert not late
+    np.testing.assert_array_equal(isa[2], per_neuron[2])
+    for k in range(2):
+        np.testing.assert_array_equal(isa[k], per_neuron[k])
+        assert np.all(isa[k] != NeuronState.UNDECIDED)
+        # never stable against a sampled sign
+        assert not np.any((isa[k] == NeuronState.INACTIVE) & seen_pos[k])
+        assert not np.any((isa[k] == NeuronState.ACTIVE) & seen_neg[k])
+
+
+def test_parallel_equals_serial():
+    net = _random_net(21, [10, 20, 20, 2], bias_scale=1.0)
+    box = Box(np.zeros(10), np.full(10, 0.4))
+    bounds = _interval_bounds(net, box)
+    layer0 = milp.decide_directions(
+        net, box, bounds, [], 0, _all_directions(net, 0), np.full(20, MARGIN), time.monotonic() + 30
+    )
+    states = [_states_from(layer0, 20)]
+    runs = [
+        milp.decide_directions(
+            net,
+            box,
+            bounds,
+            states,
+            1,
+            _all_directions(net, 1),
+            np.full(20, MARGIN),
+            time.monotonic() + 60,
+            tiers=("milp",),
+            jobs=jobs,
+        )
+        for jobs in (1, 2)
+    ]
+    assert [(r.status, r.bound, r.method) for r in runs[0]] == [
+        (r.status, r.bound, r.method) for r in runs[1]
+    ]
+    assert all(r.status != "undecided" for r in runs[0])
+
+
+def test_past_deadline_is_undecided_never_wrong():
+    net = _random_net(5, [10, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    bounds = _interval_bounds(net, box)
+    past = time.monotonic() - 1.0
+    results = milp.decide_directions(
+        net, box, bounds, [], 0, _all_directions(net, 0), np.full(20, MARGIN), past
+    )
+    assert all(r.status == "undecided" and r.bound == np.inf for r in results)
+    margins = [np.full(layer.out_features, MARGIN) for layer in net.layers]
+    nothing = [np.zeros(layer.out_features, bool) for layer in net.layers]
+    for states, _, late in (
+        milp.per_neuron_stability(net, box, bounds, margins, past),
+        milp.isa_stability(net, box, bounds, nothing, nothing, margins, past),
+    ):
+        assert late
+        proved_by_bounds = [
+            np.where(
+                b.upper <= -MARGIN,
+                NeuronState.INACTIVE,
+                np.where(b.lower >= MARGIN, NeuronState.ACTIVE, -1),
+            )
+            for b in bounds
+        ]
+        for k in range(2):
+            stable = (states[k] == NeuronState.ACTIVE) | (states[k] == NeuronState.INACTIVE)
+            np.testing.assert_array_equal(states[k][stable], proved_by_bounds[k][stable])
+
+
+def test_tiny_weights_stay_sound():
+    """Entries below HiGHS's small_matrix_value are moved into the row bounds, not lost."""
+    net = _random_net(3, [2, 8, 8, 1])
+    net.layers[1].weight[:, ::2] = 3e-13
+    net.layers[0].weight[0, 0] = -5e-14
+    box = Box(-np.ones(2), np.ones(2))
+    bounds = _interval_bounds(net, box)
+    pre = net.preactivations(_grid(box))
+    results = milp.decide_directions(
+        net, box, bounds, [], 1, _all_directions(net, 1), np.full(8, MARGIN), time.monotonic() + 30
+    )
+    for r in results:
+        sampled_max = (r.direction.sign * pre[1][:, r.direction.neuron]).max()
+        assert r.bound >= sampled_max - 1e-12
+        assert not (r.status == "proved" and sampled_max > 0)
+
+
+def test_shared_input_encoding_proves_self_equivalence():
+    """Two copies of a network over one input: the MILP max of their output difference is 0."""
+    net = _random_net(11, [3, 6, 6, 1])
+    box = Box(-np.ones(3), np.ones(3))
+    bounds = _interval_bounds(net, box)
+    highs = milp._new_highs()
+    first = milp.add_network_encoding(highs, net, box, bounds, [], 2)
+    second = milp.add_network_encoding(highs, net.copy(), box, bounds, [], 2, input_cols=first.x)
+    np.testing.assert_array_equal(first.x, second.x)
+    out_a, out_b = int(first.y[2][0]), int(second.y[2][0])
+    highs.changeColsCost(2, np.array([out_a, out_b], dtype=np.int32), np.array([-1.0, 1.0]))
+    highs.run()
+    assert highs.getModelStatus() == highspy.HighsModelStatus.kOptimal
+    assert abs(highs.getInfo().objective_function_value) <= 1e-6
+    assert highs.getInfo().mip_dual_bound >= -1e-6
