@@ -1,11 +1,86 @@
-"""Stability analysis: which ReLU neurons are provably always active / always inactive."""
+"""Stability analysis: which ReLU neurons are provably always active / always inactive.
+
+A neuron ``i`` of layer ``k`` has two *directions*: "+1: can ``y_{k,i}`` be > 0 on the box?" (a proof
+of "no" makes it INACTIVE) and "-1: can it be < 0?" (a proof of "no" makes it ACTIVE). A direction
+is *refuted* by one input whose float64 forward pass shows the sign strictly, and *proved* by a sound
+bound that clears zero by the margin below. The default pipeline (``method="auto"``) settles the
+layers in order; each tier works only on the directions still open, and every input any tier
+produces is forward-passed (refuting directions in *all* layers) before the next tier runs:
+
+1. ``witness`` — box centre, uniform samples, Bernoulli corners, the exact first-layer extreme
+   vertices and user inputs (:mod:`onnx_exact.witness`);
+2. ``interval`` — IBP bounds (exact for the first layer, together with its extreme vertices);
+3. ``symbolic`` — CROWN back-substitution for the rows IBP leaves open; its concretisation
+   vertices are witness candidates;
+4. ``ascent`` — Frank–Wolfe corner ascent toward the missing sign from the most promising
+   observed point and from the symbolic vertex;
+5. ``lp``, ``cuts``, ``milp`` — :func:`onnx_exact.milp.decide_directions` (triangle LP, LP with ideal
+   cuts, decision MILP), one tier at a time over batches of directions, so that solution points
+   refute directions early and each tier's wall time is recorded.
+
+Before the solver tiers of layer ``k`` run, the not-yet-stable neurons of layers ``1 .. k-1`` get
+LP bounds, bottom-up and once per layer (``milp.tighten_bounds``; the first layer is skipped, its
+interval bounds are exact), layer ``k`` gets CROWN again on top of them, and all later layers'
+bounds are re-propagated from the intersected bounds. The sound bound each solver answer carries
+(plus its margin) also tightens the layer's bounds.
+
+Margin policy
+-------------
+Neuron scale ``s_i = ||W_i||_1 * max|h_prev| + |b_i|``, with ``h_prev`` bounded by the previous layer's
+post-activation bounds (the box for layer 0). Interval and symbolic bounds (float64 arithmetic) prove
+INACTIVE when ``upper <= -1e-12 * s_i`` and ACTIVE when ``lower >= 1e-12 * s_i``; this covers float64
+rounding of the bound computation (relative error ~1e-16 per operation). LP and MILP proofs need
+``max sign*y <= -(1e-7 * s_i + 1e-9)``, a margin above the solvers' feasibility and optimality
+tolerances, passed to :mod:`onnx_exact.milp`, which applies it on top of its own soundness
+measures (rigorous dual bounds for LPs, a feasibility-tolerance slack for MILP dual bounds).
+A neuron whose extreme lies within its margin of zero is neither refuted nor proved: it is UNDECIDED
+and kept, which keeps the compression exact. Witnesses refute only on a strict sign (``y > 0`` or
+``y < 0``) in float64; ``y == 0`` refutes nothing. A neuron with an all-zero weight row and zero bias
+has ``y == 0`` exactly and is INACTIVE by the interval tier (``s_i = 0``, bound ``0 <= 0``).
+
+``method="isa"`` (the paper's single-MILP algorithm, after witness preprocessing) and
+``method="per-neuron"`` (two MILPs per neuron) dispatch to the baselines in :mod:`onnx_exact.milp`.
+A time limit leaves the directions still open UNDECIDED and sets ``time_limit_hit``.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
+
+from . import milp
+from .bounds import LayerBounds, interval_bounds, layer_input_bounds, symbolic_bounds
+from .domain import Box
+from .errors import DomainError, UsageError
+from .network import Network
+from .witness import (
+    Observation,
+    best_points,
+    corner_ascent,
+    first_layer_extremes,
+    observe,
+    sample_inputs,
+)
+
+ProgressCallback = Callable[[str, int, int], None]
+
+METHODS = ("auto", "isa", "per-neuron")
+SOLVER_TIERS = ("lp", "cuts", "milp")
+FLOAT_MARGIN = 1e-12  # relative margin for interval/symbolic proofs (float64 rounding)
+SOLVER_MARGIN_REL = 1e-7  # relative margin for LP/MILP proofs (solver tolerances)
+SOLVER_MARGIN_ABS = 1e-9
+
+# Witness sampling: forward passes cost about (points x multiply-accumulates); aim at ~2e9 MACs.
+_SAMPLE_MACS = 2e9
+_SAMPLE_MIN, _SAMPLE_MAX, _SAMPLE_ROUND = 256, 8192, 1024
+_SOLVER_BATCH = 32  # directions per solver call; witnesses found in one batch refute the next
+# Cheapest first: an UNSTABLE neuron is credited to the costlier of its two refuting tiers.
+_TIER_ORDER = ("witness", "symbolic", "ascent", "lp", "lp+cuts", "milp", "isa", "per-neuron")
 
 
 class NeuronState(IntEnum):
@@ -33,6 +108,10 @@ class LayerStability:
     lower: np.ndarray
     upper: np.ndarray
 
+    def counts(self) -> dict[str, int]:
+        """Number of neurons per state name (``{"ACTIVE": 3, ...}``)."""
+        return {state.name: int(np.count_nonzero(self.states == state)) for state in NeuronState}
+
 
 @dataclass
 class StabilityResult:
@@ -42,3 +121,478 @@ class StabilityResult:
     method: str = "auto"
     time_limit_hit: bool = False
     notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Neurons per state over the ReLU layers (layers without ReLU are not counted)."""
+        total = dict.fromkeys((state.name for state in NeuronState), 0)
+        for layer in self.layers:
+            relu = layer.decided_by != "linear"
+            for state in NeuronState:
+                total[state.name] += int(np.count_nonzero(layer.states[relu] == state))
+        return total
+
+    @property
+    def complete(self) -> bool:
+        """True when every neuron is ACTIVE, INACTIVE or UNSTABLE (nothing left undecided)."""
+        return all(not np.any(layer.states == NeuronState.UNDECIDED) for layer in self.layers)
+
+
+def neuron_scale(net: Network, box: Box, bounds: list[LayerBounds], layer: int) -> np.ndarray:
+    """``s_i = ||W_i||_1 * max|h_prev| + |b_i|``: the magnitude a rounding error is relative to."""
+    lower, upper = layer_input_bounds(net, box, bounds, layer)
+    peak = float(np.max(np.maximum(np.abs(lower), np.abs(upper)), initial=0.0))
+    current = net.layers[layer]
+    return np.abs(current.weight).sum(axis=1) * peak + np.abs(current.bias)
+
+
+def solver_margins(net: Network, box: Box, bounds: list[LayerBounds], layer: int) -> np.ndarray:
+    """Margins LP/MILP proofs must clear: ``1e-7 * s_i + 1e-9``."""
+    return SOLVER_MARGIN_REL * neuron_scale(net, box, bounds, layer) + SOLVER_MARGIN_ABS
+
+
+def analyze_stability(
+    net: Network,
+    box: Box,
+    *,
+    method: str = "auto",
+    time_limit: float | None = None,
+    jobs: int = 1,
+    seed: int = 0,
+    user_inputs: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
+    tiers: tuple[str, ...] = SOLVER_TIERS,
+) -> StabilityResult:
+    """Decide every ReLU neuron of ``net`` over the network-space box ``box``.
+
+    Parameters
+    ----------
+    net : the network.
+    box : the input box in *network* space (``Box.to_network`` of the user's box).
+    method : "auto" (tiered pipeline), "isa" (the paper's single MILP) or "per-neuron" (two MILPs
+        per neuron).
+    time_limit : seconds for the whole analysis; directions open at the deadline stay UNDECIDED.
+    jobs : worker processes the solver tiers may use.
+    seed : seed of the witness sampler.
+    user_inputs : optional ``(m, n_in)`` network-space inputs (e.g. training data), clipped into the
+        box and used as witnesses.
+    progress : optional ``progress(phase, done, total)`` callback.
+    tiers : solver tiers of the auto pipeline, a subset of ("lp", "cuts", "milp") in that order;
+        with fewer tiers the analysis is faster but may leave neurons UNDECIDED.
+
+    Returns
+    -------
+    StabilityResult with one LayerStability per layer of ``net``; layers without ReLU are all
+    ACTIVE, decided by "linear".
+    """
+    if method not in METHODS:
+        raise UsageError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if time_limit is not None and not time_limit > 0:
+        raise UsageError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    unknown = [tier for tier in tiers if tier not in SOLVER_TIERS]
+    if unknown:
+        raise UsageError(f"tiers {unknown} are not among {', '.join(SOLVER_TIERS)}")
+    if box.size != net.in_features:
+        raise DomainError(
+            f"the box for input {box.input_name!r} has {box.size} features, "
+            f"the network expects {net.in_features}"
+        )
+    if user_inputs is not None:
+        user_inputs = np.asarray(user_inputs, dtype=np.float64)
+        if user_inputs.ndim != 2 or user_inputs.shape[1] != net.in_features:
+            raise UsageError(
+                f"user_inputs must have shape (m, {net.in_features}), got {user_inputs.shape}"
+            )
+    deadline = time.monotonic() + time_limit if time_limit is not None else np.inf
+    analysis = _Analysis(net, box, deadline, seed, jobs, progress)
+    # The old per-neuron approach has no witness preprocessing: only user inputs are observed.
+    analysis.collect_witnesses(user_inputs, sample=method != "per-neuron")
+    analysis.interval_tier()
+    if method == "auto":
+        analysis.run_tiers(tuple(tier for tier in SOLVER_TIERS if tier in tiers))
+    else:
+        analysis.run_baseline(method)
+    return analysis.result(method)
+
+
+class _Analysis:
+    """Mutable state of one analysis: observations, bounds, verdicts and bookkeeping."""
+
+    def __init__(
+        self,
+        net: Network,
+        box: Box,
+        deadline: float,
+        seed: int,
+        jobs: int,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.net, self.box, self.deadline, self.jobs = net, box, deadline, jobs
+        self.rng = np.random.default_rng(seed)
+        self.progress = progress or (lambda phase, done, total: None)
+        self.obs = Observation.empty(net)
+        self.bounds: list[LayerBounds] = []
+        self.states = [
+            np.full(layer.out_features, NeuronState.UNDECIDED, dtype=np.int8)
+            for layer in net.layers
+        ]
+        self.decided_by = [np.full(layer.out_features, "", dtype=object) for layer in net.layers]
+        self.refuted_pos_by = [
+            np.full(layer.out_features, "", dtype=object) for layer in net.layers
+        ]
+        self.refuted_neg_by = [
+            np.full(layer.out_features, "", dtype=object) for layer in net.layers
+        ]
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+        self.time_limit_hit = False
+        self.tightened: set[int] = set()
+
+    # ----------------------------------------------------------------- bookkeeping
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+    def out_of_time(self) -> bool:
+        if time.monotonic() >= self.deadline:
+            self.time_limit_hit = True
+        return self.time_limit_hit
+
+    def see(self, points: np.ndarray, tier: str) -> None:
+        """Forward-pass candidate inputs (clipped into the box) and credit new signs to ``tier``."""
+        points = np.clip(np.atleast_2d(points), self.box.lower, self.box.upper)
+        before_pos = [seen.copy() for seen in self.obs.seen_pos]
+        before_neg = [seen.copy() for seen in self.obs.seen_neg]
+        observe(self.net, points, self.obs)
+        for k in range(len(self.net.layers)):
+            self.refuted_pos_by[k][self.obs.seen_pos[k] & ~before_pos[k]] = tier
+            self.refuted_neg_by[k][self.obs.seen_neg[k] & ~before_neg[k]] = tier
+
+    def settled(self, k: int) -> np.ndarray:
+        proved = (self.states[k] == NeuronState.ACTIVE) | (self.states[k] == NeuronState.INACTIVE)
+        return proved | (self.obs.seen_pos[k] & self.obs.seen_neg[k])
+
+    def open_directions(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Neuron indices and signs of layer k's directions neither proved nor refuted."""
+        unsettled = ~self.settled(k)
+        pos = np.flatnonzero(unsettled & ~self.obs.seen_pos[k])
+        neg = np.flatnonzero(unsettled & ~self.obs.seen_neg[k])
+        neurons = np.concatenate([pos, neg])
+        signs = np.concatenate(
+            [np.ones(pos.size, dtype=np.int64), -np.ones(neg.size, dtype=np.int64)]
+        )
+        return neurons, signs
+
+    def has_open(self, k: int) -> bool:
+        """Layer k has directions neither proved nor refuted, and the deadline has not passed."""
+        return bool(self.open_directions(k)[0].size) and not self.out_of_time()
+
+    def any_open(self) -> bool:
+        return any(
+            self.net.layers[k].relu and not self.settled(k).all()
+            for k in range(len(self.net.layers))
+        )
+
+    def prove(self, k: int, neurons: np.ndarray, state: NeuronState, tier: str) -> None:
+        """Record proofs; a proof contradicted by a witness is reported and not applied."""
+        seen = self.obs.seen_pos[k] if state == NeuronState.INACTIVE else self.obs.seen_neg[k]
+        open_now = ~self.settled(k)[neurons]
+        contradicted = neurons[open_now & seen[neurons]]
+        if contradicted.size:
+            self.notes.append(
+                f"layer {self.net.layers[k].name!r}: {tier} bound contradicts a witness for "
+                f"neurons {contradicted.tolist()}; kept as unstable"
+            )
+        accepted = neurons[open_now & ~seen[neurons]]
+        self.states[k][accepted] = state
+        self.decided_by[k][accepted] = tier
+
+    def prove_from_bounds(self, k: int, tier: str) -> None:
+        """Apply the float64 margin policy to layer k's current bounds."""
+        margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)
+        self.prove(k, np.flatnonzero(self.bounds[k].upper <= -margin), NeuronState.INACTIVE, tier)
+        self.prove(k, np.flatnonzero(self.bounds[k].lower >= margin), NeuronState.ACTIVE, tier)
+
+    def propagate(self) -> None:
+        """Re-run interval propagation from the current (intersected) bounds of every layer."""
+        self.bounds = interval_bounds(self.net, self.box, self.bounds)
+
+    def solver_states(self, layer: int) -> list[np.ndarray]:
+        """Verdicts of the layers below ``layer`` as the solver expects them."""
+        states = []
+        for k in range(layer):
+            current = self.states[k].copy()
+            if not self.net.layers[k].relu:
+                current[:] = NeuronState.ACTIVE
+            states.append(current)
+        return states
+
+    # ----------------------------------------------------------------- tiers
+    def collect_witnesses(self, user_inputs: np.ndarray | None, sample: bool) -> None:
+        """Witness tier: user inputs, then first-layer extreme vertices and sampling rounds."""
+        with self.timed("witness"):
+            if user_inputs is not None and user_inputs.size:
+                self.see(user_inputs, "witness")
+            if not sample:
+                return
+            self.see(first_layer_extremes(self.net, self.box), "witness")
+            budget = int(
+                np.clip(_SAMPLE_MACS / max(self.net.mac_count, 1), _SAMPLE_MIN, _SAMPLE_MAX)
+            )
+            done = 0
+            while done < budget and self.any_open() and not self.out_of_time():
+                before = sum(int(s.sum()) for s in self.obs.seen_pos + self.obs.seen_neg)
+                batch = min(_SAMPLE_ROUND, budget - done)
+                self.see(sample_inputs(self.box, self.rng, batch), "witness")
+                done += batch
+                self.progress("witnesses", done, budget)
+                after = sum(int(s.sum()) for s in self.obs.seen_pos + self.obs.seen_neg)
+                if after == before and done >= 2 * _SAMPLE_ROUND:
+                    break  # two rounds without news: the remaining directions need bounds
+
+    def interval_tier(self) -> None:
+        with self.timed("interval"):
+            self.bounds = interval_bounds(self.net, self.box)
+
+    def run_tiers(self, solver_tiers: tuple[str, ...]) -> None:
+        relu_layers = self.net.relu_layer_indices
+        for k in range(len(self.net.layers)):
+            if not self.net.layers[k].relu:
+                self.states[k][:] = NeuronState.ACTIVE
+                self.decided_by[k][:] = "linear"
+                continue
+            self.decide_layer(k, solver_tiers)
+            self.progress("layers", relu_layers.index(k) + 1, len(relu_layers))
+
+    def decide_layer(self, k: int, solver_tiers: tuple[str, ...]) -> None:
+        """The tiers cheapest first, each only while layer k has open directions and time is left."""
+        with self.timed("interval"):
+            self.prove_from_bounds(k, "interval")
+        if k > 0 and self.has_open(k):
+            self.symbolic_tier(k)
+        if solver_tiers and k > 1 and self.has_open(k):
+            self.tighten_previous(k)
+        for tier in solver_tiers:
+            if not self.has_open(k):
+                break
+            self.solver_tier(k, tier)
+        self.finish_layer(k)
+
+    def symbolic_tier(self, k: int) -> None:
+        """CROWN on the open rows, then corner ascent from the best points and the CROWN vertices."""
+        with self.timed("symbolic"):
+            rows = np.flatnonzero(~self.settled(k))
+            refined, corners = symbolic_bounds(self.net, self.box, self.bounds, k, rows)
+            self.bounds[k] = refined
+            self.prove_from_bounds(k, "symbolic")
+            self.propagate()
+            neurons, signs = self.open_directions(k)
+            if not neurons.size:
+                return
+            # Vertices attaining each open direction's linear bound: maximiser for +1, minimiser for -1.
+            position = np.searchsorted(rows, neurons)
+            vertices = corners[np.where(signs > 0, 0, 1), position]
+            self.see(vertices, "symbolic")
+        with self.timed("ascent"):
+            neurons, signs = self.open_directions(k)
+            if not neurons.size:
+                return
+            pool = np.concatenate([self.obs.witnesses, self.box.center[None, :]])
+            starts = np.concatenate(
+                [
+                    best_points(self.net, k, neurons, signs, pool),
+                    corners[np.where(signs > 0, 0, 1), np.searchsorted(rows, neurons)],
+                ]
+            )
+            found = corner_ascent(
+                self.net,
+                self.box,
+                k,
+                np.concatenate([neurons, neurons]),
+                np.concatenate([signs, signs]),
+                starts,
+            )
+            self.see(found, "ascent")
+
+    def tighten_previous(self, k: int) -> None:
+        """LP bounds for the not-yet-stable neurons of layers ``1 .. k - 1``, then CROWN for layer k.
+
+        Runs only when layer k still has open directions after the cheap tiers: then its LP/MILP
+        models are only as strong as the big-M bounds below it. Layer 0 is skipped (its interval
+        bounds are exact); each layer is tightened once, bottom-up, so every LP sees the tightened
+        bounds of the layers beneath it.
+        """
+        for previous in range(1, k):
+            if previous in self.tightened or self.out_of_time():
+                continue
+            self.tightened.add(previous)
+            loose = np.flatnonzero(
+                (self.states[previous] != NeuronState.ACTIVE)
+                & (self.states[previous] != NeuronState.INACTIVE)
+            )
+            if not loose.size:
+                continue
+            with self.timed("tighten"):
+                tightened = milp.tighten_bounds(
+                    self.net,
+                    self.box,
+                    self.bounds,
+                    self.solver_states(previous),
+                    previous,
+                    loose,
+                    self.deadline,
+                )
+                self.bounds[previous] = self.bounds[previous].intersect(tightened)
+                self.propagate()
+        with self.timed("symbolic"):
+            self.prove_from_bounds(k, "interval")
+            rows = np.flatnonzero(~self.settled(k))
+            if rows.size:
+                self.bounds[k], _ = symbolic_bounds(self.net, self.box, self.bounds, k, rows)
+                self.prove_from_bounds(k, "symbolic")
+                self.propagate()
+
+    def solver_tier(self, k: int, tier: str) -> None:
+        """One solver tier on layer k's open directions, in batches; solution points refute early.
+
+        Each direction is sent at most once per tier; directions refuted by a witness from an
+        earlier batch (of any layer's neuron) are dropped before their turn.
+        """
+        with self.timed(tier):
+            neurons, signs = self.open_directions(k)
+            pending = list(zip(neurons.tolist(), signs.tolist(), strict=True))
+            total = len(pending)
+            while pending and not self.out_of_time():
+                neurons, signs = self.open_directions(k)
+                still_open = set(zip(neurons.tolist(), signs.tolist(), strict=True))
+                pending = [direction for direction in pending if direction in still_open]
+                batch, pending = pending[:_SOLVER_BATCH], pending[_SOLVER_BATCH:]
+                if not batch:
+                    break
+                margins = solver_margins(self.net, self.box, self.bounds, k)
+                results = milp.decide_directions(
+                    self.net,
+                    self.box,
+                    self.bounds,
+                    self.solver_states(k),
+                    k,
+                    [milp.Direction(layer=k, neuron=i, sign=s) for i, s in batch],
+                    margins,
+                    self.deadline,
+                    tiers=(tier,),
+                    jobs=self.jobs,
+                )
+                self.apply_solver_results(k, results, margins)
+                self.progress(tier, total - len(pending), total)
+
+    def apply_solver_results(self, k: int, results: list, margins: np.ndarray) -> None:
+        """Witnesses are forward-passed; proofs and sound bounds tighten layer k."""
+        for result in results:
+            if result.witness is not None:
+                self.see(result.witness, result.method)
+        for result in results:
+            i, sign = result.direction.neuron, result.direction.sign
+            if np.isfinite(result.bound):
+                # max sign*y <= bound (+ margin for solver tolerance)
+                limit = result.bound + margins[i]
+                if sign > 0:
+                    self.bounds[k].upper[i] = max(
+                        min(self.bounds[k].upper[i], limit), self.bounds[k].lower[i]
+                    )
+                else:
+                    self.bounds[k].lower[i] = min(
+                        max(self.bounds[k].lower[i], -limit), self.bounds[k].upper[i]
+                    )
+            if result.status == "proved":
+                state = NeuronState.INACTIVE if sign > 0 else NeuronState.ACTIVE
+                self.prove(k, np.array([i]), state, result.method)
+        self.propagate()
+
+    def finish_layer(self, k: int) -> None:
+        """Both signs witnessed → UNSTABLE, credited to the tier that found the later witness."""
+        unstable = (
+            self.obs.seen_pos[k]
+            & self.obs.seen_neg[k]
+            & (self.states[k] != NeuronState.ACTIVE)
+            & (self.states[k] != NeuronState.INACTIVE)
+        )
+        self.states[k][unstable] = NeuronState.UNSTABLE
+        order = {name: rank for rank, name in enumerate(_TIER_ORDER)}
+        pos_rank = np.array([order.get(t, 0) for t in self.refuted_pos_by[k]], dtype=np.int64)
+        neg_rank = np.array([order.get(t, 0) for t in self.refuted_neg_by[k]], dtype=np.int64)
+        later = np.where(pos_rank >= neg_rank, self.refuted_pos_by[k], self.refuted_neg_by[k])
+        self.decided_by[k][unstable] = later[unstable]
+
+    # ----------------------------------------------------------------- baselines
+    def run_baseline(self, method: str) -> None:
+        with self.timed("symbolic"):
+            for k in range(len(self.net.layers)):
+                if k > 0:
+                    self.bounds[k], _ = symbolic_bounds(self.net, self.box, self.bounds, k)
+                    self.propagate()
+        margins = [
+            solver_margins(self.net, self.box, self.bounds, k) for k in range(len(self.net.layers))
+        ]
+        with self.timed(method):
+            if method == "isa":
+                states, witnesses, timed_out = milp.isa_stability(
+                    self.net,
+                    self.box,
+                    self.bounds,
+                    self.obs.seen_pos,
+                    self.obs.seen_neg,
+                    margins,
+                    self.deadline,
+                )
+            else:
+                states, witnesses, timed_out = milp.per_neuron_stability(
+                    self.net, self.box, self.bounds, margins, self.deadline
+                )
+        if len(witnesses):
+            self.see(np.asarray(witnesses), method)
+        self.time_limit_hit |= bool(timed_out)
+        for k, layer in enumerate(self.net.layers):
+            if not layer.relu:
+                self.states[k][:] = NeuronState.ACTIVE
+                self.decided_by[k][:] = "linear"
+                continue
+            for state in (NeuronState.INACTIVE, NeuronState.ACTIVE):
+                self.prove(k, np.flatnonzero(np.asarray(states[k]) == state), state, method)
+            self.finish_layer(k)
+
+    # ----------------------------------------------------------------- result
+    def result(self, method: str) -> StabilityResult:
+        layers = []
+        for k, layer in enumerate(self.net.layers):
+            if layer.relu:
+                # Witnesses found while deciding later layers may complete earlier neurons' pairs.
+                self.finish_layer(k)
+            undecided = int(np.count_nonzero(self.states[k] == NeuronState.UNDECIDED))
+            if undecided:
+                reason = (
+                    "time limit reached"
+                    if self.time_limit_hit
+                    else "no witness and no proof beyond the margin"
+                )
+                self.notes.append(f"layer {layer.name!r}: {undecided} neurons undecided ({reason})")
+            layers.append(
+                LayerStability(
+                    index=k,
+                    name=layer.name,
+                    states=self.states[k],
+                    decided_by=self.decided_by[k],
+                    lower=self.bounds[k].lower,
+                    upper=self.bounds[k].upper,
+                )
+            )
+        return StabilityResult(
+            layers=layers,
+            witnesses=self.obs.witnesses,
+            timings_s=self.timings,
+            method=method,
+            time_limit_hit=self.time_limit_hit,
+            notes=self.notes,
+        )

@@ -1,0 +1,245 @@
+"""Witnesses: concrete inputs that show a neuron's pre-activation in each sign.
+
+One input whose float64 forward pass gives ``y_{k,i} > 0`` refutes "neuron i is stably inactive";
+one with ``y_{k,i} < 0`` refutes "stably active". A neuron with both is unstable, whatever any bound
+says. Refuting is cheap and decisive, so the analysis collects witnesses first and from every tier:
+
+* :func:`sample_inputs` — the box centre, uniform points and Bernoulli corners
+  ``where(rand < p, hi, lo)`` for ``p`` in {0.1, 0.5, 0.9} (uniform points of a high-dimensional box
+  concentrate near its centre; biased corners reach the extremes);
+* :func:`first_layer_extremes` — the vertices attaining each first-layer neuron's max and min exactly;
+* bound corners (the concretisation vertices of :func:`onnx_exact.bounds.symbolic_bounds`);
+* :func:`corner_ascent` — Frank–Wolfe steps over the box toward the unobserved sign;
+* LP/MILP solution points.
+
+Every candidate is judged only by :func:`observe`, i.e. by an exact float64 forward pass, never by
+what a bound or a solver claims. Callers must pass points inside the box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .domain import Box
+from .network import Network
+
+# Upper limit on float64 values materialised per forward-pass chunk (about 32 MB).
+_CHUNK_VALUES = 4_000_000
+_BERNOULLI_PROBS = (0.1, 0.5, 0.9)
+
+
+@dataclass
+class Observation:
+    """What float64 forward passes have shown so far.
+
+    Attributes
+    ----------
+    seen_pos, seen_neg : per layer of the network, bool arrays: some observed input gave
+        ``y > 0`` (resp. ``y < 0``) strictly.
+    witnesses : ``(m, n_in)`` network-space inputs, each of which was the first to show at least one
+        (neuron, sign); kept so that verification can replay them (they sit near ReLU kinks).
+    """
+
+    seen_pos: list[np.ndarray]
+    seen_neg: list[np.ndarray]
+    witnesses: np.ndarray
+
+    @classmethod
+    def empty(cls, net: Network) -> Observation:
+        return cls(
+            seen_pos=[np.zeros(layer.out_features, dtype=bool) for layer in net.layers],
+            seen_neg=[np.zeros(layer.out_features, dtype=bool) for layer in net.layers],
+            witnesses=np.empty((0, net.in_features)),
+        )
+
+
+def _chunk_rows(net: Network) -> int:
+    """Rows per forward-pass chunk so that one chunk's activations stay within ``_CHUNK_VALUES``."""
+    width = net.in_features + sum(layer.out_features for layer in net.layers)
+    return int(np.clip(_CHUNK_VALUES // width, 1, 8192))
+
+
+def observe(net: Network, inputs: np.ndarray, obs: Observation | None = None) -> Observation:
+    """Forward-pass network-space inputs and record which signs they show.
+
+    The batch is streamed in chunks (bounded memory). An input is kept as a witness only if it shows
+    some (neuron, sign) that neither an earlier observation nor an earlier row did; per new
+    (neuron, sign) the first such row is kept.
+
+    Parameters
+    ----------
+    net : the network.
+    inputs : ``(batch, n_in)`` or ``(n_in,)`` network-space points inside the box.
+    obs : the observation to update in place; a fresh one when ``None``.
+
+    Returns
+    -------
+    The updated observation (``obs`` itself when given).
+    """
+    obs = Observation.empty(net) if obs is None else obs
+    inputs = np.asarray(inputs, dtype=np.float64)
+    if inputs.ndim == 1:
+        inputs = inputs[None, :]
+    step = _chunk_rows(net)
+    kept = [obs.witnesses]
+    for start in range(0, inputs.shape[0], step):
+        chunk = inputs[start : start + step]
+        revealing = np.zeros(chunk.shape[0], dtype=bool)
+        for k, y in enumerate(net.preactivations(chunk)):
+            for strict_sign, seen in ((y > 0.0, obs.seen_pos[k]), (y < 0.0, obs.seen_neg[k])):
+                new = strict_sign & ~seen
+                new_columns = new.any(axis=0)
+                if new_columns.any():
+                    revealing[np.argmax(new[:, new_columns], axis=0)] = True
+                    seen |= new_columns
+        if revealing.any():
+            kept.append(chunk[revealing])
+    obs.witnesses = np.concatenate(kept) if len(kept) > 1 else obs.witnesses
+    return obs
+
+
+def sample_inputs(box: Box, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` points of the box: its centre, then uniform points and Bernoulli corners.
+
+    The ``n - 1`` non-centre points are split evenly between uniform sampling and the Bernoulli
+    corners ``where(rand < p, hi, lo)`` for ``p`` in {0.1, 0.5, 0.9}. Features with ``lo == hi`` stay
+    at that value in every point.
+    """
+    lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
+    groups = np.array_split(np.arange(max(n - 1, 0)), 1 + len(_BERNOULLI_PROBS))
+    parts = [box.center[None, :]]
+    uniform = lo + rng.random((groups[0].size, lo.size)) * (hi - lo)
+    parts.append(np.clip(uniform, lo, hi))
+    for prob, group in zip(_BERNOULLI_PROBS, groups[1:], strict=True):
+        parts.append(np.where(rng.random((group.size, lo.size)) < prob, hi, lo))
+    return np.concatenate(parts)[:n]
+
+
+def first_layer_extremes(net: Network, box: Box) -> np.ndarray:
+    """The vertices where each first-layer pre-activation attains its max and its min.
+
+    ``y_i = W_i x + b_i`` is linear, so over a box its maximum sits at ``where(W_i > 0, hi, lo)`` and
+    its minimum at the opposite vertex. Forward-passing them decides every first-layer direction
+    that interval arithmetic leaves open: first-layer neurons never need a solver.
+
+    Returns
+    -------
+    ``(2 * n_0, n_in)``: the maximising vertices of all neurons, then the minimising ones.
+    """
+    positive = net.layers[0].weight > 0.0
+    lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
+    return np.concatenate([np.where(positive, hi, lo), np.where(positive, lo, hi)])
+
+
+def best_points(
+    net: Network, layer: int, neurons: np.ndarray, signs: np.ndarray, pool: np.ndarray
+) -> np.ndarray:
+    """For each direction, the pool point with the largest ``sign * y_{layer, neuron}``.
+
+    Good starting points for :func:`corner_ascent`: the input that came closest to showing the
+    missing sign.
+    """
+    step = _chunk_rows(net)
+    best_value = np.full(neurons.shape[0], -np.inf)
+    best_index = np.zeros(neurons.shape[0], dtype=np.int64)
+    for start in range(0, pool.shape[0], step):
+        values = net.preactivations(pool[start : start + step])[layer][:, neurons] * signs
+        chunk_best = np.argmax(values, axis=0)
+        chunk_value = values[chunk_best, np.arange(neurons.shape[0])]
+        better = chunk_value > best_value
+        best_value[better] = chunk_value[better]
+        best_index[better] = chunk_best[better] + start
+    return pool[best_index]
+
+
+def _value_and_gradient(
+    net: Network, layer: int, neurons: np.ndarray, points: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``y_{layer, neurons[d]}`` at ``points[d]`` and its gradient in the point's linear region.
+
+    Inside one activation pattern the network is affine: the gradient of ``y_{k,i}`` w.r.t. ``x`` is
+    ``W_k[i]`` pushed back through ``diag(mask_j) W_j`` for ``j = k-1 .. 0``; one row per direction.
+    """
+    h = points
+    masks = []
+    for j in range(layer):
+        current = net.layers[j]
+        y = h @ current.weight.T + current.bias
+        if current.relu:
+            mask = y > 0.0
+            h = np.where(mask, y, 0.0)
+        else:
+            mask = np.ones_like(y, dtype=bool)
+            h = y
+        masks.append(mask)
+    target = net.layers[layer]
+    rows = target.weight[neurons]
+    value = np.einsum("dn,dn->d", h, rows) + target.bias[neurons]
+    gradient = rows
+    for j in range(layer - 1, -1, -1):
+        gradient = (gradient * masks[j]) @ net.layers[j].weight
+    return value, gradient
+
+
+def corner_ascent(
+    net: Network,
+    box: Box,
+    layer: int,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+    start_points: np.ndarray,
+    max_steps: int = 20,
+) -> np.ndarray:
+    """Search the box for inputs with ``sign * y_{layer, neuron} > 0``, one search per direction.
+
+    Frank–Wolfe on the box: the linearisation of ``sign * y`` at the current point (its gradient in
+    the current activation pattern) is maximised by the vertex ``where(sign * g > 0, hi, lo)``
+    (coordinates with ``g = 0`` stay). Jump there if that increases ``sign * y``, else try the
+    points ``1/2`` and ``1/4`` of the way; stop a direction when nothing increases, when it shows the
+    wanted sign, or after ``max_steps``. All directions advance together as matrix operations.
+
+    Parameters
+    ----------
+    neurons, signs : ``(d,)`` neuron indices of layer ``layer`` and the wanted sign (+1 / -1).
+    start_points : ``(d, n_in)`` points in the box.
+
+    Returns
+    -------
+    ``(d, n_in)`` the final point of each search (inside the box); the caller forward-passes them
+    with :func:`observe`, which alone decides what they show.
+    """
+    lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
+    signs = np.asarray(signs, dtype=np.float64)
+    points = np.clip(np.asarray(start_points, dtype=np.float64), lo, hi)
+    value, gradient = _value_and_gradient(net, layer, neurons, points)
+    running = signs * value <= 0.0
+    for _ in range(max_steps):
+        idx = np.flatnonzero(running)
+        if idx.size == 0:
+            break
+        current, toward = points[idx], signs[idx, None] * gradient[idx]
+        vertex = np.where(toward > 0.0, hi, np.where(toward < 0.0, lo, current))
+        improved = np.zeros(idx.size, dtype=bool)
+        for fraction in (1.0, 0.5, 0.25):
+            trying = np.flatnonzero(~improved)
+            if trying.size == 0:
+                break
+            if fraction == 1.0:
+                candidate = vertex[trying]
+            else:
+                candidate = current[trying] + fraction * (vertex[trying] - current[trying])
+                candidate = np.clip(candidate, lo, hi)
+            cand_value, cand_gradient = _value_and_gradient(
+                net, layer, neurons[idx[trying]], candidate
+            )
+            better = signs[idx[trying]] * cand_value > signs[idx[trying]] * value[idx[trying]]
+            accepted = idx[trying[better]]
+            points[accepted] = candidate[better]
+            value[accepted] = cand_value[better]
+            gradient[accepted] = cand_gradient[better]
+            improved[trying[better]] = True
+        running[idx[~improved]] = False
+        running &= signs * value <= 0.0
+    return points

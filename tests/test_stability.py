@@ -1,0 +1,207 @@
+"""The tiered stability pipeline is sound (a dense grid never contradicts a proof) and complete."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnx_exact.domain import Box
+from onnx_exact.errors import DomainError, UsageError
+from onnx_exact.network import DenseLayer, InputMap, Network
+from onnx_exact.onnx_reader import read_model
+from onnx_exact.stability import NeuronState, analyze_stability
+from onnx_exact.witness import observe
+
+SHARED_MODELS = Path("/work/shared/models")
+
+
+def random_network(rng: np.random.Generator, sizes: list[int]) -> Network:
+    layers = [
+        DenseLayer(
+            rng.normal(size=(n_out, n_in)) / np.sqrt(n_in),
+            rng.normal(size=n_out) * 0.5,
+            relu=k < len(sizes) - 2,
+            name=f"fc{k}",
+        )
+        for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False))
+    ]
+    return Network(layers, InputMap.identity(sizes[0]))
+
+
+def grid(box: Box, per_axis: int) -> np.ndarray:
+    axes = [np.linspace(lo, hi, per_axis) for lo, hi in zip(box.lower, box.upper, strict=True)]
+    return np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=1)
+
+
+def assert_sound(net: Network, box: Box, result, points: np.ndarray) -> None:
+    """Proofs never flip on ``points``; every UNSTABLE neuron's witnesses show both signs."""
+    assert np.all((result.witnesses >= box.lower) & (result.witnesses <= box.upper))
+    replay = observe(net, result.witnesses)
+    for k, (layer, y) in enumerate(zip(result.layers, net.preactivations(points), strict=True)):
+        if not net.layers[k].relu:
+            assert np.all(layer.states == NeuronState.ACTIVE)
+            assert np.all(layer.decided_by == "linear")
+            continue
+        active = layer.states == NeuronState.ACTIVE
+        inactive = layer.states == NeuronState.INACTIVE
+        unstable = layer.states == NeuronState.UNSTABLE
+        assert np.all(y[:, active] >= 0.0)
+        assert np.all(y[:, inactive] <= 0.0)
+        assert np.all(replay.seen_pos[k][unstable] & replay.seen_neg[k][unstable])
+        assert np.all(layer.lower <= y.min(axis=0) + 1e-9)
+        assert np.all(layer.upper >= y.max(axis=0) - 1e-9)
+        assert np.all(layer.decided_by[layer.states != NeuronState.UNDECIDED] != "")
+
+
+def small_cases() -> list[tuple[Network, Box]]:
+    rng = np.random.default_rng(2021)
+    cases = []
+    for n_in, hidden in itertools.product((2, 3), ([8, 8], [6, 6, 6])):
+        for _ in range(3):
+            net = random_network(rng, [n_in, *hidden, 2])
+            lower = rng.uniform(-1.0, 0.5, n_in)
+            cases.append((net, Box(lower, lower + rng.uniform(0.05, 1.0, n_in))))
+    return cases
+
+
+def oracle_points(box: Box) -> np.ndarray:
+    return grid(box, 200 if box.size == 2 else 40)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_tiers_without_solver_are_sound(case: int) -> None:
+    net, box = small_cases()[case]
+    result = analyze_stability(net, box, tiers=())
+    assert_sound(net, box, result, oracle_points(box))
+    assert not result.time_limit_hit
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_full_pipeline_is_sound_and_complete(case: int) -> None:
+    net, box = small_cases()[case]
+    result = analyze_stability(net, box)
+    assert_sound(net, box, result, oracle_points(box))
+    assert result.complete and not result.time_limit_hit
+    assert result.counts()["UNDECIDED"] == 0
+
+
+def test_labels_match_the_baselines_on_random_nets() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        net = random_network(rng, [5, 12, 12, 3])
+        centre = rng.uniform(-1, 1, 5)
+        box = Box(centre - 0.3, centre + 0.3)
+        tiered = analyze_stability(net, box)
+        for method in ("per-neuron", "isa"):
+            baseline = analyze_stability(net, box, method=method)
+            assert tiered.complete and baseline.complete and baseline.method == method
+            for ours, theirs in zip(tiered.layers, baseline.layers, strict=True):
+                np.testing.assert_array_equal(ours.states, theirs.states)
+
+
+def needle_network(n: int = 24) -> tuple[Network, Box]:
+    """Layer-1 neuron 0 is positive only within 1e-3 of one vertex of the box (see test_witness)."""
+    signs = np.where(np.arange(n) % 3 == 0, -1.0, 1.0)
+    lower, upper = np.full(n, 0.1), np.ones(n)
+    peak = np.maximum(signs, 0) @ upper + np.minimum(signs, 0) @ lower
+    net = Network(
+        [
+            DenseLayer(np.eye(n), np.zeros(n), relu=True, name="identity"),
+            DenseLayer(signs[None, :], np.array([1e-3 - peak]), relu=True, name="needle"),
+            DenseLayer(np.ones((1, 1)), np.zeros(1), relu=False, name="out"),
+        ],
+        InputMap.identity(n),
+    )
+    return net, Box(lower, upper)
+
+
+def test_a_needle_is_found_and_credited_to_a_cheap_tier() -> None:
+    net, box = needle_network()
+    calls: list[tuple[str, int, int]] = []
+    result = analyze_stability(net, box, tiers=(), progress=lambda *call: calls.append(call))
+    assert ("layers", 2, 2) in calls and all(done <= total for _, done, total in calls)
+    assert result.layers[1].states[0] == NeuronState.UNSTABLE
+    assert result.layers[1].decided_by[0] in ("symbolic", "ascent")
+    assert np.all(result.layers[0].states == NeuronState.ACTIVE)
+    assert set(result.timings_s) >= {"witness", "interval", "symbolic"}
+
+
+def test_user_inputs_are_clipped_and_count_as_witnesses() -> None:
+    net, box = needle_network()
+    needle = np.where(
+        net.layers[1].weight[0] > 0, 5.0, -5.0
+    )  # outside the box: clipped to the vertex
+    result = analyze_stability(net, box, tiers=(), user_inputs=needle[None, :])
+    assert result.layers[1].states[0] == NeuronState.UNSTABLE
+    assert result.layers[1].decided_by[0] == "witness"
+    with pytest.raises(UsageError, match="user_inputs"):
+        analyze_stability(net, box, user_inputs=np.zeros((2, 3)))
+
+
+def test_a_tiny_time_limit_leaves_neurons_undecided_never_wrong() -> None:
+    net, box = needle_network()
+    result = analyze_stability(net, box, time_limit=1e-9)
+    assert result.time_limit_hit
+    assert result.layers[1].states[0] == NeuronState.UNDECIDED
+    assert any("time limit" in note for note in result.notes)
+    points = np.random.default_rng(0).uniform(box.lower, box.upper, size=(2000, box.size))
+    assert_sound(net, box, result, points)
+
+
+def test_zero_rows_are_inactive_and_wrong_arguments_are_rejected() -> None:
+    weight = np.array([[0.0, 0.0], [1.0, 1.0], [-1.0, -1.0]])
+    net = Network(
+        [
+            DenseLayer(weight, np.array([0.0, 0.5, -0.5]), relu=True, name="fc0"),
+            DenseLayer(np.ones((1, 3)), np.zeros(1), relu=False, name="out"),
+        ],
+        InputMap.identity(2),
+    )
+    box = Box(np.zeros(2), np.ones(2))
+    result = analyze_stability(net, box)
+    np.testing.assert_array_equal(
+        result.layers[0].states, [NeuronState.INACTIVE, NeuronState.ACTIVE, NeuronState.INACTIVE]
+    )
+    assert list(result.layers[0].decided_by) == ["interval"] * 3
+    assert result.counts() == {"UNSTABLE": 0, "ACTIVE": 1, "INACTIVE": 2, "UNDECIDED": 0}
+    with pytest.raises(UsageError, match="method"):
+        analyze_stability(net, box, method="fastest")
+    with pytest.raises(UsageError, match="time_limit"):
+        analyze_stability(net, box, time_limit=0)
+    with pytest.raises(DomainError, match="3 features"):
+        analyze_stability(net, Box(np.zeros(3), np.ones(3)))
+
+
+def shared_case(model: str, box_file: str) -> tuple[Network, Box]:
+    """A shared third-party model and one of its boxes, mapped to network space."""
+    path = SHARED_MODELS / model
+    if not path.exists():
+        pytest.skip(f"shared model {path} is absent")
+    net = read_model(path).network
+    box_npz = np.load(path.parent / box_file)
+    return net, Box(box_npz["lower"], box_npz["upper"]).to_network(net.input_map)
+
+
+@pytest.mark.parametrize("box_file", ["cartpole.case_safe_14.npz", "cartpole.case_safe_27.npz"])
+def test_labels_match_the_per_neuron_baseline_on_shared_models(box_file: str) -> None:
+    net, box = shared_case("rl/cartpole.onnx", box_file)
+    tiered = analyze_stability(net, box, time_limit=120)
+    baseline = analyze_stability(net, box, method="per-neuron", time_limit=120)
+    assert tiered.complete and baseline.complete
+    for ours, theirs in zip(tiered.layers, baseline.layers, strict=True):
+        np.testing.assert_array_equal(ours.states, theirs.states)
+
+
+def test_a_shared_model_is_decided_completely_and_soundly() -> None:
+    """dubinsrejoin (tf2onnx MLP, 8-256-256-8, 512 ReLUs): the baselines time out at 300 s here."""
+    net, box = shared_case("rl/dubinsrejoin.onnx", "dubinsrejoin.case_safe_1.npz")
+    result = analyze_stability(net, box, time_limit=120)
+    assert result.complete and not result.time_limit_hit
+    points = np.random.default_rng(0).uniform(box.lower, box.upper, size=(20000, box.size))
+    vertices = np.where(
+        np.random.default_rng(1).random((20000, box.size)) < 0.5, box.upper, box.lower
+    )
+    assert_sound(net, box, result, np.concatenate([points, vertices, result.witnesses]))

@@ -1,0 +1,139 @@
+"""Witnesses are real: observations match forward passes, samples stay in the box, ascent flips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_exact import witness
+from onnx_exact.bounds import interval_bounds
+from onnx_exact.domain import Box
+from onnx_exact.network import DenseLayer, InputMap, Network
+from onnx_exact.witness import (
+    Observation,
+    best_points,
+    corner_ascent,
+    first_layer_extremes,
+    observe,
+    sample_inputs,
+)
+
+
+def random_network(rng: np.random.Generator, sizes: list[int]) -> Network:
+    layers = [
+        DenseLayer(rng.normal(size=(n_out, n_in)), rng.normal(size=n_out), relu=k < len(sizes) - 2)
+        for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False))
+    ]
+    return Network(layers, InputMap.identity(sizes[0]))
+
+
+def test_observe_matches_forward_pass_and_keeps_only_revealing_inputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(0)
+    net = random_network(rng, [4, 8, 8, 3])
+    points = rng.uniform(-1, 1, size=(500, 4))
+    monkeypatch.setattr(witness, "_CHUNK_VALUES", 7 * (4 + 8 + 8 + 3))  # 7-row chunks
+    obs = observe(net, points)
+    for y, pos, neg in zip(net.preactivations(points), obs.seen_pos, obs.seen_neg, strict=True):
+        np.testing.assert_array_equal(pos, (y > 0).any(axis=0))
+        np.testing.assert_array_equal(neg, (y < 0).any(axis=0))
+    # The kept witnesses alone reproduce the masks, and there are at most one per (neuron, sign).
+    replay = observe(net, obs.witnesses)
+    for a, b in zip(replay.seen_pos + replay.seen_neg, obs.seen_pos + obs.seen_neg, strict=True):
+        np.testing.assert_array_equal(a, b)
+    n_signs = sum(int(m.sum()) for m in obs.seen_pos + obs.seen_neg)
+    assert 0 < obs.witnesses.shape[0] <= n_signs
+    # Observing the same points again reveals nothing and keeps nothing new.
+    again = observe(net, points, obs)
+    assert again is obs and obs.witnesses.shape[0] == replay.witnesses.shape[0]
+
+
+def test_observe_zero_is_not_a_sign() -> None:
+    net = Network(
+        [DenseLayer(np.array([[1.0, -1.0]]), np.zeros(1), relu=True)], InputMap.identity(2)
+    )
+    obs = observe(net, np.array([[0.5, 0.5], [0.0, 0.0]]))
+    assert not obs.seen_pos[0][0] and not obs.seen_neg[0][0]
+    assert obs.witnesses.shape == (0, 2)
+    assert Observation.empty(net).witnesses.shape == (0, 2)
+
+
+def test_sample_inputs_cover_centre_interior_and_vertices() -> None:
+    rng = np.random.default_rng(1)
+    lower = np.array([0.0, -1.0, 2.0, 0.5])
+    upper = np.array([1.0, 1.0, 2.0, 0.75])  # feature 2 is degenerate
+    box = Box(lower, upper)
+    points = sample_inputs(box, rng, 401)
+    assert points.shape == (401, 4)
+    np.testing.assert_array_equal(points[0], box.center)
+    assert np.all((points >= lower) & (points <= upper))
+    np.testing.assert_array_equal(points[:, 2], 2.0)
+    is_vertex = np.all((points == lower) | (points == upper), axis=1)
+    assert 250 <= is_vertex.sum() <= 310  # three of the four groups are Bernoulli corners
+    vertices = points[is_vertex]
+    share_hi = (vertices[:, 0] == upper[0]).mean()
+    assert 0.35 < share_hi < 0.65  # p = 0.1, 0.5, 0.9 average to one half
+    assert sample_inputs(box, rng, 1).shape == (1, 4)
+
+
+def test_first_layer_extremes_attain_the_interval_bounds() -> None:
+    rng = np.random.default_rng(2)
+    net = random_network(rng, [6, 5, 2])
+    box = Box(rng.uniform(-1, 0, 6), rng.uniform(0, 1, 6))
+    extremes = first_layer_extremes(net, box)
+    assert extremes.shape == (10, 6)
+    y = net.preactivations(extremes)[0]
+    bounds = interval_bounds(net, box)[0]
+    np.testing.assert_allclose(y[np.arange(5), np.arange(5)], bounds.upper, rtol=1e-13)
+    np.testing.assert_allclose(y[5 + np.arange(5), np.arange(5)], bounds.lower, rtol=1e-13)
+
+
+def _needle_network(n: int, rng: np.random.Generator) -> tuple[Network, Box, np.ndarray]:
+    """Layer-1 neuron 0 is positive only within 1e-3 of one box vertex; neuron 1 only negative there.
+
+    Layer 0 is active on the whole box (identity), so the layer-1 neurons are linear with maxima
+    ``1e-3`` above zero at the vertex ``where(w > 0, hi, lo)``: sampling essentially never finds it.
+    """
+    signs = np.where(rng.random(n) < 0.5, 1.0, -1.0)
+    lower, upper = np.full(n, 0.1), np.ones(n)
+    peak = np.maximum(signs, 0) @ upper + np.minimum(signs, 0) @ lower
+    net = Network(
+        [
+            DenseLayer(np.eye(n), np.zeros(n), relu=True),
+            DenseLayer(np.stack([signs, -signs]), np.array([1e-3 - peak, peak - 1e-3]), relu=True),
+            DenseLayer(np.ones((1, 2)), np.zeros(1), relu=False),
+        ],
+        InputMap.identity(n),
+    )
+    return net, Box(lower, upper), np.where(signs > 0, upper, lower)
+
+
+def test_corner_ascent_finds_a_needle_vertex_that_sampling_misses() -> None:
+    rng = np.random.default_rng(3)
+    net, box, needle = _needle_network(24, rng)
+    samples = observe(net, sample_inputs(box, rng, 4000))
+    assert not samples.seen_pos[1][0] and not samples.seen_neg[1][1]
+    found = corner_ascent(
+        net, box, 1, np.array([0, 1]), np.array([1, -1]), np.tile(box.center, (2, 1))
+    )
+    np.testing.assert_array_equal(found[0], needle)
+    obs = observe(net, found)
+    assert obs.seen_pos[1][0] and obs.seen_neg[1][1]
+
+
+def test_corner_ascent_never_loses_ground_and_stays_in_box() -> None:
+    rng = np.random.default_rng(4)
+    net = random_network(rng, [5, 12, 12, 12, 2])
+    box = Box(np.full(5, -1.0), np.full(5, 1.0))
+    neurons = np.arange(12).repeat(2)
+    signs = np.tile([1, -1], 12)
+    pool = sample_inputs(box, rng, 64)
+    starts = best_points(net, 2, neurons, signs, pool)
+    start_values = net.preactivations(starts)[2][np.arange(24), neurons] * signs
+    pool_best = (net.preactivations(pool)[2][:, neurons] * signs).max(axis=0)
+    np.testing.assert_array_equal(start_values, pool_best)
+    found = corner_ascent(net, box, 2, neurons, signs, starts)
+    assert np.all((found >= box.lower) & (found <= box.upper))
+    found_values = net.preactivations(found)[2][np.arange(24), neurons] * signs
+    assert np.all(found_values >= start_values)
