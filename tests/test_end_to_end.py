@@ -75,9 +75,10 @@ def _shared_cases() -> list[tuple[str, str]]:
     manifest = SHARED / "manifest.json"
     if not manifest.exists():
         return []
+    # The cases that finish in seconds; the benchmark (bench/stability.py) runs all of them.
     wanted = {
-        "acasxu/ACASXU_run2a_1_1_batch_2000.onnx": {"prop_1", "prop_2", "prop_3", "prop_4"},
-        "mnistfc/mnist-net_256x2.onnx": {"prop_0_0.03", "prop_0_0.05", "prop_1_0.03"},
+        "acasxu/ACASXU_run2a_1_1_batch_2000.onnx": {"prop_4"},
+        "mnistfc/mnist-net_256x2.onnx": {"prop_0_0.03"},
         "rl/cartpole.onnx": {"case_safe_14"},
         "rl/dubinsrejoin.onnx": {"case_safe_0"},
     }
@@ -97,7 +98,9 @@ SHARED_CASES = _shared_cases()
 @pytest.mark.parametrize(
     ("model_rel", "box_path"),
     SHARED_CASES,
-    ids=[f"{Path(m).stem}:{Path(b).stem.split('.')[-1]}" for m, b in SHARED_CASES],
+    ids=[
+        f"{Path(m).stem}:{Path(b).stem.removeprefix(Path(m).stem + '.')}" for m, b in SHARED_CASES
+    ],
 )
 def test_shared_models_compress_and_prove_at_least_onnxsim(model_rel, box_path, tmp_path):
     from onnxsim import stable_relu_prune
