@@ -26,6 +26,7 @@ from .equivalence import render_check
 from .errors import OnnxExactError, UsageError
 from .pipeline import AnalysisOptions, DomainSpec, analyze, check, compress
 from .report import render
+from .resources import parse_memory_size, raise_if_interrupted, request_interrupt
 
 app = typer.Typer(
     add_completion=False,
@@ -60,8 +61,14 @@ TimeLimit = Annotated[
 Method = Annotated[
     str, typer.Option(help="Stability engine: auto (tiered), isa or per-neuron (paper baselines).")
 ]
-Jobs = Annotated[int, typer.Option(help="Worker processes for independent LP/MILP solves.")]
-Seed = Annotated[int, typer.Option(help="Seed for sampling (results are deterministic).")]
+Jobs = Annotated[int, typer.Option(min=1, help="Worker processes for independent LP/MILP solves.")]
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        help="Refuse (exit 2) before analysing if the estimated peak exceeds this, e.g. 4G."
+    ),
+]
+Seed = Annotated[int, typer.Option(min=0, help="Seed for sampling (results are deterministic).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show details on errors.")]
 Atol = Annotated[
@@ -106,15 +113,25 @@ def _progress(enabled: bool) -> Iterator:
         yield update
 
 
-def _check_method(method: str) -> None:
+def _options(
+    method: str, time_limit: float | None, jobs: int, seed: int, max_memory: str | None
+) -> AnalysisOptions:
     if method not in METHODS:
         raise UsageError(f"--method '{method}' is not one of {', '.join(METHODS)}")
+    if time_limit is not None and not time_limit > 0:
+        raise UsageError(f"--time-limit {time_limit}: give a positive number of seconds")
+    limit = parse_memory_size(max_memory) if max_memory is not None else None
+    return AnalysisOptions(
+        method=method, time_limit=time_limit, jobs=jobs, seed=seed, max_memory=limit
+    )
 
 
-def _parse_tolerance(values: list[str] | None, option: str) -> float | dict[str, float]:
+def _parse_tolerance(
+    values: list[str] | None, option: str, default: float | None = 1e-5
+) -> float | dict[str, float] | None:
     """Polygraphy-style tolerances: ``1e-5`` (all outputs) and/or ``out0:1e-4`` (per output)."""
     if not values:
-        return 1e-5
+        return default
     default = 1e-5
     per_output: dict[str, float] = {}
     for value in values:
@@ -148,7 +165,10 @@ def compress_command(
     method: Method = "auto",
     jobs: Jobs = 1,
     seed: Seed = 0,
-    samples: Annotated[int, typer.Option(help="Random box samples for verification.")] = 2000,
+    samples: Annotated[
+        int, typer.Option(min=0, help="Random box samples for verification.")
+    ] = 2000,
+    max_memory: MaxMemory = None,
     atol: Atol = None,
     rtol: Rtol = None,
     prove: Annotated[
@@ -163,8 +183,7 @@ def compress_command(
 ) -> None:
     """Compress MODEL exactly on the input box and write OUTPUT (only if it verifies)."""
     _State.verbose = verbose
-    _check_method(method)
-    tol_abs = _parse_tolerance(atol, "--atol")
+    tol_abs = _parse_tolerance(atol, "--atol", default=None)
     tol_rel = _parse_tolerance(rtol, "--rtol")
     console = _console(quiet)
     with _progress(not quiet and sys.stderr.isatty()) as progress:
@@ -172,7 +191,7 @@ def compress_command(
             model,
             output,
             DomainSpec(input_range or (), input_range_file, vnnlib),
-            AnalysisOptions(method=method, time_limit=time_limit, jobs=jobs, seed=seed),
+            _options(method, time_limit, jobs, seed, max_memory),
             samples=samples,
             atol=tol_abs,
             rtol=tol_rel,
@@ -203,6 +222,7 @@ def analyze_command(
     method: Method = "auto",
     jobs: Jobs = 1,
     seed: Seed = 0,
+    max_memory: MaxMemory = None,
     json_path: Annotated[
         str | None,
         typer.Option("--json", help="Write the analysis as JSON to this file."),
@@ -212,12 +232,11 @@ def analyze_command(
 ) -> None:
     """Report which ReLU neurons of MODEL are stable on the input box (writes no model)."""
     _State.verbose = verbose
-    _check_method(method)
     with _progress(not quiet and sys.stderr.isatty()) as progress:
         result = analyze(
             model,
             DomainSpec(input_range or (), input_range_file, vnnlib),
-            AnalysisOptions(method=method, time_limit=time_limit, jobs=jobs, seed=seed),
+            _options(method, time_limit, jobs, seed, max_memory),
             progress=progress,
         )
     render(result.report, _console(quiet))
@@ -279,6 +298,7 @@ def check_command(
 def _on_signal(signum: int, frame: object) -> None:
     """SIGINT/SIGTERM: unwind like Ctrl-C; nothing is written before verification passed."""
     _Interrupted.signum = signum
+    request_interrupt(signum)
     raise KeyboardInterrupt
 
 
@@ -294,20 +314,22 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, _on_signal)
     try:
         exit_code = app(args=args, prog_name="onnx-exact", standalone_mode=False)
+        raise_if_interrupted()  # typer turns a KeyboardInterrupt into a returned 130
     except OnnxExactError as err:
         print(f"onnx-exact: error: {err}", file=sys.stderr)
         if _State.verbose:
             traceback.print_exc()
         sys.exit(err.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         term = _Interrupted.signum == signal.SIGTERM
         print(
             f"onnx-exact: interrupted ({'SIGTERM' if term else 'SIGINT'}); no output written",
             file=sys.stderr,
         )
         sys.exit(143 if term else 130)
-    except click.exceptions.ClickException as err:
-        err.show()
+    except (click.exceptions.ClickException, typer.exceptions.TyperException) as err:
+        # typer >= 0.20 vendors click: its usage errors are not click's classes.
+        print(f"onnx-exact: error: {err.format_message()} (see onnx-exact --help)", file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # noqa: BLE001 - the last line of defence: never a traceback
         print(

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,10 @@ def parse_input_range(text: str) -> tuple[str | None, float | np.ndarray, float 
 # ----------------------------------------------------------------------------- range files
 
 
+#: The first bytes of a valid file, checked before numpy is asked (it would try to unpickle).
+_NUMPY_SIGNATURES = {".npz": b"PK\x03\x04", ".npy": b"\x93NUMPY"}
+
+
 def load_range_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read ``(lower, upper)`` float64 arrays from a ``.npz``, ``.npy`` or ``.json`` file.
 
@@ -219,6 +224,13 @@ def load_range_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if suffix not in (".npz", ".npy", ".json"):
         raise DomainError(f"{where}: unknown file type {suffix!r}; use .npz, .npy or .json")
     try:
+        if suffix in _NUMPY_SIGNATURES:
+            with open(path, "rb") as handle:
+                if not handle.read(8).startswith(_NUMPY_SIGNATURES[suffix]):
+                    raise DomainError(
+                        f"{where}: not a {suffix} file (wrong signature: corrupt, truncated or "
+                        f"another format); write it with np.{'savez' if suffix == '.npz' else 'save'}"
+                    )
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 missing = [key for key in ("lower", "upper") if key not in archive.files]
@@ -246,7 +258,7 @@ def load_range_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         return _float_array(lower, f"{where} lower"), _float_array(upper, f"{where} upper")
     except DomainError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DomainError(f"{where}: cannot read it ({exc})") from None
 
 

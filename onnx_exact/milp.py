@@ -33,6 +33,8 @@ Soundness policy
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +48,7 @@ from . import stability as _stability
 from .domain import Box
 from .errors import SolverError
 from .network import Network
+from .resources import raise_if_interrupted
 
 SMALL_MATRIX_VALUE = 1e-12
 """Smallest matrix entry HiGHS accepts; smaller ones are moved into the row bounds."""
@@ -72,6 +75,20 @@ _EPS = np.finfo(np.float64).eps
 _INF = highspy.kHighsInf
 _MODEL = highspy.HighsModelStatus
 _TIERS = ("lp", "cuts", "milp")
+#: Model statuses after which HiGHS's dual bound is a valid bound (the solve ran and stopped
+#: cleanly); after any other status (errors, a solve that never ran) nothing is proved.
+_BOUND_STATUSES = frozenset(
+    {
+        _MODEL.kOptimal,
+        _MODEL.kInfeasible,
+        _MODEL.kObjectiveBound,
+        _MODEL.kObjectiveTarget,
+        _MODEL.kTimeLimit,
+        _MODEL.kIterationLimit,
+        _MODEL.kSolutionLimit,
+        _MODEL.kInterrupt,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -159,8 +176,33 @@ def _set_options(highs: highspy.Highs, **options) -> None:
             )
 
 
+_BANNER_SILENCED = False
+
+
+def _silence_banner() -> None:
+    """Construct the process's first Highs with fd 1 on /dev/null.
+
+    HiGHS prints its copyright banner from C++ on the first construction in a process, before any
+    option can be set; a command-line tool (and ``--quiet``) must not print it.
+    """
+    global _BANNER_SILENCED
+    if _BANNER_SILENCED:
+        return
+    _BANNER_SILENCED = True
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _new_highs() -> highspy.Highs:
     """A silent single-threaded HiGHS instance that keeps matrix entries down to 1e-12."""
+    _silence_banner()
     highs = highspy.Highs()
     _set_options(
         highs,
@@ -569,6 +611,7 @@ class _Relaxation:
         self._cost_cols = obj.cols
         _set_options(highs, objective_bound=float(stop_at), time_limit=float(remaining))
         highs.run()
+        raise_if_interrupted()
         if self._cold_ipm:  # the crossover basis warm-starts dual simplex from now on
             self._cold_ipm = False
             _set_options(highs, solver="simplex")
@@ -712,12 +755,15 @@ def _run_min(
     if start is not None:
         cols, vals = enc.solution_from_input(net, start)
         highs.setSolution(cols.shape[0], cols, vals)
-    highs.run()
+    run_status = highs.run()
+    raise_if_interrupted()  # highspy swallows a KeyboardInterrupt raised inside its callbacks
     highs.cbMipSolution.unsubscribe(on_solution)
     status = highs.getModelStatus()
     solution = highs.getSolution()
     if solution.value_valid:
         harvested.append(np.asarray(solution.col_value)[x_cols].copy())
+    if run_status == highspy.HighsStatus.kError or status not in _BOUND_STATUSES:
+        return -np.inf, harvested, status  # the solve failed: it proves nothing
     if status == _MODEL.kInfeasible:
         return cutoff, harvested, status
     dual_bound = float(highs.getInfo().mip_dual_bound)
@@ -1226,17 +1272,18 @@ def isa_stability(
 
         highs.cbMipSolution.subscribe(on_solution)
         highs.cbMipInterrupt.subscribe(on_interrupt)
-        highs.run()
+        run_status = highs.run()
+        raise_if_interrupted()
         status = highs.getModelStatus()
         if not found:
             dual_bound = highs.getInfo().mip_dual_bound
-            if status == _MODEL.kInfeasible or dual_bound >= -0.5:
+            trusted = run_status != highspy.HighsStatus.kError and status in _BOUND_STATUSES
+            if trusted and (status == _MODEL.kInfeasible or dual_bound >= -0.5):
                 inactive |= p_mode == prove_mode
                 active |= q_mode == prove_mode
                 break
+            # A time limit or a failed solve proves nothing: the open candidates are kept.
             timed_out = True
-            if status != _MODEL.kTimeLimit:
-                raise SolverError(f"HiGHS ended the ISA MILP with status {status}; neurons kept")
             break
         points = np.clip(np.array([f[0] for f in found]), box.lower, box.upper)
         values = np.concatenate(net.preactivations(points)[: last + 1], axis=1)

@@ -58,6 +58,14 @@ FLOAT_TYPES = {
     TensorProto.FLOAT16: np.dtype(np.float16),
 }
 ML_DOMAIN = "ai.onnx.ml"
+ONNX_DOMAIN = "ai.onnx"
+#: Newest opset per domain this onnx installation defines (onnxruntime runs models up to these).
+MAX_OPSETS = {
+    domain: max(v for (d, v) in helper.OP_SET_ID_VERSION_MAP if d == domain)
+    for domain in (ONNX_DOMAIN, ML_DOMAIN)
+}
+#: Oldest default-domain opset onnxruntime supports.
+MIN_ONNX_OPSET = 7
 
 
 @dataclass
@@ -203,7 +211,34 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
         path = Path(os.fspath(source))
         label = str(path)
         model, external = _load(path)
+    _check_opsets(model, label)
     return _GraphWalker(model, label).read(path, external)
+
+
+def _check_opsets(model: onnx.ModelProto, label: str) -> None:
+    """Refuse opsets that onnx or onnxruntime cannot run, before any analysis time is spent.
+
+    The compressed model keeps the input's opsets and is verified with onnxruntime, so a model
+    stamped with an opset newer than this onnx knows (``onnx.defs.onnx_opset_version()``) or older
+    than onnxruntime supports (7) would only fail after the whole analysis.
+    """
+    versions = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
+    if "ai.onnx" not in versions:
+        raise UnsupportedModelError(
+            f"{label}: imports no opset for the default ONNX domain; re-export the model with an "
+            "opset (e.g. opset_version=17)"
+        )
+    for domain, version in versions.items():
+        if domain not in (ONNX_DOMAIN, ML_DOMAIN):
+            continue
+        newest = MAX_OPSETS[domain]
+        oldest = MIN_ONNX_OPSET if domain == ONNX_DOMAIN else 1
+        if not oldest <= version <= newest:
+            raise UnsupportedModelError(
+                f"{label}: opset {version} of domain '{domain}' is not supported (onnx "
+                f"{onnx.__version__} and onnxruntime run {oldest} to {newest}); convert it with "
+                f"onnx.version_converter.convert_version(model, {min(max(version, oldest), newest)})"
+            )
 
 
 def _load(path: Path) -> tuple[onnx.ModelProto, bool]:

@@ -20,6 +20,7 @@ initializers and stale ``value_info`` are then removed and the result must pass 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -459,13 +460,22 @@ def save_model_atomic(
             os.replace(data_tmp, folder / data_name)
         os.replace(model_tmp, path)
     except (OSError, ValueError) as exc:
-        for temporary in temporaries:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        _remove_quietly(temporaries)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UsageError(
             f"{path}: cannot write the model ({reason}); choose a writable path"
         ) from None
+    except BaseException:
+        # Ctrl-C / SIGTERM (KeyboardInterrupt) or any other unwinding: no temporary file survives.
+        _remove_quietly(temporaries)
+        raise
+
+
+def _remove_quietly(paths: list[str]) -> None:
+    """Delete the temporary files that still exist (a failed cleanup must not hide the cause)."""
+    for temporary in paths:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
 
 
 def _temporary(folder: Path, stem: str, registry: list[str]) -> str:

@@ -29,10 +29,12 @@ from .onnx_reader import ReadResult, read_model
 from .onnx_writer import build_model, save_model_atomic
 from .reduce import Reduction, reduce_network
 from .report import RunReport, summarize_layers
+from .resources import check_memory
 from .stability import StabilityResult, analyze_stability
-from .verify import compare_models
+from .verify import compare_models, run_model
 
 ProgressCallback = Callable[[str, int, int], None]
+NO_RELU_NOTE = "the model has no ReLU: nothing to prove; its affine layers are merged exactly"
 
 
 @dataclass
@@ -50,6 +52,7 @@ class AnalysisOptions:
     time_limit: float | None = None
     jobs: int = 1
     seed: int = 0
+    max_memory: int | None = None  # bytes; None: no guard
 
 
 @dataclass
@@ -94,6 +97,10 @@ def analyze(
     t0 = time.perf_counter()
     read = read_model(source)
     timings["read"] = time.perf_counter() - t0
+    if options.max_memory is not None:
+        check_memory(
+            read.network, options.max_memory, stored_bytes_per_weight=read.input_dtype.itemsize
+        )
 
     t0 = time.perf_counter()
     box = _resolve(read, domain)
@@ -125,7 +132,7 @@ def analyze(
         bytes_before=read.model.ByteSize(),
         timings_s=timings,
         time_limit_hit=stability.time_limit_hit,
-        notes=list(stability.notes),
+        notes=list(stability.notes) + ([] if net.relu_layer_indices else [NO_RELU_NOTE]),
     )
     return Analysis(read=read, box=box, stability=stability, report=report)
 
@@ -153,6 +160,60 @@ def _summary_metadata(report: RunReport, reduction: Reduction) -> dict[str, str]
     }
 
 
+DEFAULT_ATOL = 1e-5
+ROUNDOFF_FACTOR = 4.0
+"""Default verification atol = max(1e-5, this × the input model's own measured float round-off)."""
+
+ROUNDOFF_SAMPLES = 512
+
+
+def measured_roundoff(read: ReadResult, box: Box, seed: int) -> dict[str, float]:
+    """How far onnxruntime's evaluation of the *input* model is from exact (float64) arithmetic.
+
+    Max over box samples and vertices of ``|f_onnxruntime(x) - f_float64(x)|`` for the graph output
+    that is the network's own output tensor (outputs behind a tail are not measured). Folding layers
+    changes the float32 rounding, so the compressed model can differ from the original by about
+    this much even though both compute the same exact function: this is the scale against which
+    "equal up to float round-off" is judged and reported.
+    """
+    net = read.network
+    if net.output_name not in [o.name for o in read.model.graph.output]:
+        return {}
+    rng = np.random.default_rng(seed)
+    x = np.concatenate(
+        [
+            rng.uniform(box.lower, box.upper, size=(ROUNDOFF_SAMPLES, box.size)),
+            np.where(rng.random((ROUNDOFF_SAMPLES, box.size)) < 0.5, box.upper, box.lower),
+        ]
+    )
+    x = x.astype(read.input_dtype).astype(np.float64)
+    x = np.clip(x, box.lower, box.upper)
+    got = np.asarray(run_model(read.model, x)[net.output_name], dtype=np.float64)
+    exact = net.forward(x)
+    return {net.output_name: float(np.max(np.abs(got.reshape(exact.shape) - exact)))}
+
+
+def _roundoff_atol(atol: float, roundoff: dict[str, float]) -> float | dict[str, float]:
+    raised = {name: max(atol, ROUNDOFF_FACTOR * r) for name, r in roundoff.items()}
+    if all(value == atol for value in raised.values()):
+        return atol
+    return {**raised, "": atol}
+
+
+def _check_output_path(source: str | os.PathLike | onnx.ModelProto, output: str) -> None:
+    """Fail before the analysis, not after it, when the output cannot be written."""
+    if not isinstance(source, onnx.ModelProto):
+        if os.path.realpath(output) == os.path.realpath(os.fspath(source)):
+            raise UsageError(f"output path '{output}' is the input model: choose another file name")
+    if os.path.isdir(output):
+        raise UsageError(f"output path '{output}' is a directory: give a file name")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise UsageError(f"output folder '{folder}' does not exist: create it or choose another")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"output folder '{folder}' is not writable: choose another output path")
+
+
 def compress(
     source: str | os.PathLike | onnx.ModelProto,
     output: str | os.PathLike | None = None,
@@ -160,7 +221,7 @@ def compress(
     options: AnalysisOptions | None = None,
     *,
     samples: int = 2000,
-    atol: float | dict[str, float] = 1e-5,
+    atol: float | dict[str, float] | None = None,
     rtol: float | dict[str, float] = 1e-5,
     prove: bool = False,
     progress: ProgressCallback | None = None,
@@ -171,17 +232,17 @@ def compress(
     (:func:`onnx_exact.equivalence.check_equivalence`, reusing this run's stability analysis); a
     replayed counterexample fails the run like a failed sampled verification.
 
+    ``atol=None`` (the default) means 1e-5, raised to ``ROUNDOFF_FACTOR`` times the input model's
+    own measured float round-off where that is larger (:func:`measured_roundoff`); the report
+    states both.
+
     The output file is written only after verification passed, atomically (temporary file, then
     rename): a failed run never leaves a wrong or partial model behind.
     """
     options = options or AnalysisOptions()
-    if output is not None and not isinstance(source, onnx.ModelProto):
-        if os.path.abspath(os.fspath(output)) == os.path.abspath(os.fspath(source)):
-            raise UsageError(
-                f"output path '{os.fspath(output)}' is the input model: choose another file name"
-            )
-        if os.path.isdir(os.fspath(output)):
-            raise UsageError(f"output path '{os.fspath(output)}' is a directory: give a file name")
+    source_is_file = isinstance(source, onnx.ModelProto) or os.path.isfile(os.fspath(source))
+    if output is not None and source_is_file:  # else reading the model reports the problem
+        _check_output_path(source, os.fspath(output))
     analysis = analyze(source, domain, options, progress)
     read, box, stability, report = analysis.read, analysis.box, analysis.stability, analysis.report
     net = read.network
@@ -197,6 +258,15 @@ def compress(
     report.timings_s["write"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if atol is None:
+        roundoff = measured_roundoff(read, box, options.seed)
+        atol = _roundoff_atol(DEFAULT_ATOL, roundoff)
+        for name, value in roundoff.items():
+            report.notes.append(
+                f"float round-off of the input model itself on '{name}': {value:.3g} "
+                f"(onnxruntime vs exact float64); verification atol "
+                f"{max(DEFAULT_ATOL, ROUNDOFF_FACTOR * value):.3g}"
+            )
     verification = compare_models(
         read.model,
         model,

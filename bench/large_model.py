@@ -1,0 +1,213 @@
+"""Large-model benchmark: peak memory and time of ``onnx-exact`` on a synthetic 3072-2048-2048-10 MLP.
+
+The model has CIFAR-sized inputs and two 2048-unit hidden layers (10.5 M parameters, 42 MB as
+float32), seeded so every run sees the same weights. Each scenario runs the real command line in a
+child process; its peak resident set comes from :func:`onnx_exact.resources.measure_command` (the
+kernel's ``ru_maxrss`` of that one child, started from a small launcher so that this script's own
+memory is not counted) and the per-phase times from the JSON report. The estimate of
+:func:`onnx_exact.resources.estimate_peak_memory` is printed next to the measurement.
+
+Scenarios
+---------
+``local``     a box of half-width 0.001 around a random point of [0,1]^3072 (most neurons stable);
+``full``      the whole box [0,1]^3072, under ``--time-limit`` (open neurons stay UNDECIDED);
+``external``  the ``local`` scenario on the model saved with external data (the >2 GB storage path:
+              tensors in ``<model>.data``, read and written back the same way).
+
+Usage::
+
+    python bench/large_model.py [--workdir DIR] [--time-limit 300] [--doc docs/reliability.md]
+
+With ``--doc`` the results replace the section between the ``large-model`` markers of that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_exact.onnx_reader import read_model
+from onnx_exact.resources import estimate_peak_memory, format_bytes, measure_command
+
+SIZES = (3072, 2048, 2048, 10)
+SEED = 0
+LOCAL_RADIUS = 0.001
+BEGIN, END = "<!-- large-model:begin -->", "<!-- large-model:end -->"
+
+
+def build_model(sizes: tuple[int, ...] = SIZES, seed: int = SEED) -> onnx.ModelProto:
+    """A Gemm/Relu MLP with He-scaled normal weights and small biases (float32, seeded)."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, tensor = [], [], "input"
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+        weight = rng.normal(0.0, np.sqrt(2.0 / n_in), size=(n_out, n_in)).astype(np.float32)
+        bias = rng.normal(0.0, 0.05, size=n_out).astype(np.float32)
+        initializers += [
+            numpy_helper.from_array(weight, f"fc{k}.weight"),
+            numpy_helper.from_array(bias, f"fc{k}.bias"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "Gemm",
+                [tensor, f"fc{k}.weight", f"fc{k}.bias"],
+                [f"fc{k}"],
+                name=f"fc{k}",
+                transB=1,
+            )
+        )
+        tensor = f"fc{k}"
+        if k < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [tensor], [f"relu{k}"], name=f"relu{k}"))
+            tensor = f"relu{k}"
+    graph = helper.make_graph(
+        nodes,
+        "large_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info(tensor, TensorProto.FLOAT, ["batch", sizes[-1]])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def run_cli(args: list[str]) -> dict:
+    """Run ``python -m onnx_exact ARGS``; measure that child's own peak RSS, CPU and wall time."""
+    usage = measure_command([sys.executable, "-m", "onnx_exact", *args])
+    return {
+        "exit": usage.exit_code,
+        "wall_s": usage.wall_s,
+        "cpu_s": usage.cpu_s,
+        "peak_rss": usage.peak_rss_bytes,
+        "stderr": usage.stderr.strip(),
+    }
+
+
+def scenario(name: str, model: Path, box: Path, workdir: Path, extra: list[str]) -> dict:
+    out, report = workdir / f"{name}.out.onnx", workdir / f"{name}.json"
+    result = run_cli(
+        [str(model), str(out), "--input-range-file", str(box), "-q"]
+        + extra
+        + [
+            "--report",
+            str(report),
+        ]
+    )
+    result["name"] = name
+    if report.exists():
+        data = json.loads(report.read_text())
+        result["timings_s"] = data.get("timings_s", {})
+        result["params"] = (data.get("params_before"), data.get("params_after"))
+        result["verification"] = data.get("verification", {})
+        result["layers"] = [
+            {
+                key: len(layer[key])
+                for key in ("stably_active", "stably_inactive", "unstable", "undecided")
+            }
+            for layer in data.get("layers", [])
+        ]
+    result["output_bytes"] = sum(
+        p.stat().st_size for p in workdir.glob(f"{name}.out.onnx*") if p.is_file()
+    )
+    print(json.dumps(result, indent=1, default=str), flush=True)
+    return result
+
+
+def markdown(results: list[dict], estimate_text: str, model_bytes: int, time_limit: float) -> str:
+    lines = [
+        BEGIN,
+        f"Synthetic {'-'.join(map(str, SIZES))} Gemm/Relu MLP (seed {SEED}, {model_bytes / 2**20:.1f} MiB "
+        f"float32), `python bench/large_model.py`; `--time-limit {time_limit:g}` on every run.",
+        f"Estimated peak (`resources.estimate_peak_memory`): {estimate_text}.",
+        "",
+        "| scenario | exit | peak RSS | wall s | CPU s | params before → after | active / inactive / "
+        "unstable / undecided (per layer) | verify max abs diff | phase times (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        layers = "; ".join(
+            f"{x['stably_active']}/{x['stably_inactive']}/{x['unstable']}/{x['undecided']}"
+            for x in r.get("layers", [])
+        )
+        phases = ", ".join(
+            f"{k} {v:.1f}" for k, v in r.get("timings_s", {}).items() if "." not in k
+        )
+        before, after = r.get("params", (None, None))
+        diff = r.get("verification", {}).get("max_abs_diff")
+        lines.append(
+            f"| {r['name']} | {r['exit']} | {format_bytes(r['peak_rss'])} | {r['wall_s']:.1f} | "
+            f"{r['cpu_s']:.1f} | {before} → {after} | {layers} | "
+            f"{'' if diff is None else f'{diff:.2g}'} | {phases} |"
+        )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, section: str) -> None:
+    text = doc.read_text() if doc.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--time-limit", type=float, default=300.0)
+    parser.add_argument("--doc", type=Path, default=None)
+    parser.add_argument("--scenarios", default="local,external,full")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="onnx_exact_large_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    model = build_model()
+    model_path = workdir / "large.onnx"
+    onnx.save(model, model_path)
+    external_path = workdir / "large_external.onnx"
+    onnx.save(
+        model,
+        external_path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="large_external.onnx.data",
+        size_threshold=0,
+    )
+    rng = np.random.default_rng(SEED)
+    center = rng.random(SIZES[0])
+    local = workdir / "local_box.npz"
+    np.savez(
+        local,
+        lower=np.clip(center - LOCAL_RADIUS, 0, 1),
+        upper=np.clip(center + LOCAL_RADIUS, 0, 1),
+    )
+    full = workdir / "full_box.npz"
+    np.savez(full, lower=np.zeros(SIZES[0]), upper=np.ones(SIZES[0]))
+
+    estimate = estimate_peak_memory(read_model(model_path).network)
+    print(f"estimated peak: {estimate.describe()}", flush=True)
+    limit = ["--time-limit", f"{args.time_limit:g}"]
+    plans = {
+        "local": (model_path, local),
+        "external": (external_path, local),
+        "full": (model_path, full),
+    }
+    results = [scenario(name, *plans[name], workdir, limit) for name in args.scenarios.split(",")]
+    section = markdown(results, estimate.describe(), model_path.stat().st_size, args.time_limit)
+    print(section)
+    if args.doc:
+        update_doc(args.doc, section)
+
+
+if __name__ == "__main__":
+    main()
