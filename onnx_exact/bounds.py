@@ -15,6 +15,12 @@ in the box ``[lo, hi]``:
   concretising ``Λ x + const`` over the box with ``max(Λ, 0) hi + min(Λ, 0) lo`` bounds ``y_k``;
   the maximising vertex ``where(Λ > 0, hi, lo)`` is a natural witness candidate.
 
+* **Sub-boxes** (:func:`subbox_bounds`, :func:`subbox_neuron_bounds`): both bounds for ``B`` parts of
+  the box at once, each part with its own intermediate bounds and relaxations (every array gets a
+  leading batch axis; the back-substitution runs as one BLAS product over all parts' rows). The
+  input-splitting tier of :mod:`onnx_exact.stability` uses them: bounds on the parts of a box are
+  tighter than on the box, and a sign proved on every part is proved on the box.
+
 Soundness: everything is computed in float64 on the exact weights. Rounding can move a computed
 bound by a few units in the last place of the magnitudes involved; the margin policy of
 :mod:`onnx_exact.stability` (a proof needs the bound to clear zero by ``1e-12`` times the neuron's
@@ -110,8 +116,9 @@ def relu_relaxation(bounds: LayerBounds, relu: bool) -> tuple[np.ndarray, np.nda
 
     Valid for every ``y`` in ``[bounds.lower, bounds.upper]``: identity for active and linear neurons,
     zero for inactive ones, the triangle upper line and the adaptive lower line for unstable ones.
+    Elementwise, so the bounds may carry leading batch axes (one row per sub-box).
     """
-    n = bounds.lower.shape[0]
+    n = bounds.lower.shape
     if not relu:
         return np.ones(n), np.zeros(n), np.ones(n)
     lower, upper = bounds.lower, bounds.upper
@@ -210,3 +217,163 @@ def symbolic_bounds(
         result.lower[block] = refined.lower
         result.upper[block] = refined.upper
     return result, corners
+
+
+# --------------------------------------------------------------------------- batched sub-boxes
+
+
+def _back_substitute_batched(
+    net: Network,
+    relaxations: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    layer: int,
+    coeffs: np.ndarray,
+    const: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_back_substitute` for ``B`` sub-boxes at once.
+
+    ``coeffs`` is ``(B, R, n_{layer-1})`` and ``const`` ``(B, R)``: ``R`` linear functions of
+    ``h_{layer-1}`` per sub-box; ``relaxations[j]`` holds ``(B, n_j)`` slopes and intercepts (each
+    sub-box has its own intermediate bounds). Returns ``(B, R, n_in)`` input coefficients and the
+    ``(B, R)`` constants of linear upper bounds valid on each sub-box. Columns that are inactive in
+    every sub-box are skipped.
+    """
+    batch, rows = coeffs.shape[:2]
+    for j in range(layer - 1, -1, -1):
+        upper_slope, upper_intercept, lower_slope = relaxations[j]
+        positive = np.maximum(coeffs, 0.0)
+        const = const + np.matmul(positive, upper_intercept[:, :, None])[:, :, 0]
+        # positive * upper_slope + negative * lower_slope, with negative = coeffs - positive
+        coeffs = (
+            positive * (upper_slope - lower_slope)[:, None, :] + coeffs * lower_slope[:, None, :]
+        )
+        live = np.any((upper_slope != 0.0) | (lower_slope != 0.0), axis=0)
+        weight, bias = net.layers[j].weight, net.layers[j].bias
+        if not live.all():
+            coeffs, weight, bias = coeffs[:, :, live], weight[live], bias[live]
+        # One BLAS product over all sub-boxes' rows (a batched 3-D matmul is far slower).
+        flat = coeffs.reshape(batch * rows, -1)
+        const = const + (flat @ bias).reshape(batch, rows)
+        coeffs = (flat @ weight).reshape(batch, rows, -1)
+    return coeffs, const
+
+
+def _concretise_upper(
+    coeffs: np.ndarray, const: np.ndarray, lower: np.ndarray, upper: np.ndarray
+) -> np.ndarray:
+    """``max`` of ``coeffs . x + const`` over each sub-box ``[lower[b], upper[b]]``: ``(B, R)``."""
+    return (
+        const
+        + np.einsum("brn,bn->br", np.maximum(coeffs, 0.0), upper)
+        + np.einsum("brn,bn->br", np.minimum(coeffs, 0.0), lower)
+    )
+
+
+def subbox_bounds(
+    net: Network, lower: np.ndarray, upper: np.ndarray, layer: int, outer: list[LayerBounds]
+) -> list[LayerBounds]:
+    """Sound bounds of layers ``0 .. layer - 1`` on each of ``B`` sub-boxes of the input box.
+
+    For sub-box ``b`` and layer ``j``: interval propagation from the sub-box's own bounds of layer
+    ``j - 1``, intersected with ``outer[j]`` (bounds proved on the whole box hold on every part of
+    it) and, for ``j >= 1``, with CROWN over the sub-box for the neurons that are still unstable in
+    some sub-box. Layer 0 needs no CROWN: interval bounds of an affine map over a box are exact.
+
+    Parameters
+    ----------
+    lower, upper : ``(B, n_in)`` sub-boxes (network space).
+    outer : sound bounds of at least layers ``0 .. layer - 1`` over the whole box.
+
+    Returns
+    -------
+    ``layer`` LayerBounds whose arrays are ``(B, n_j)``.
+    """
+    result: list[LayerBounds] = []
+    relaxations: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    prev_lo, prev_hi = lower, upper
+    for j in range(layer):
+        current = net.layers[j]
+        centre = (prev_lo + prev_hi) / 2.0
+        radius = (prev_hi - prev_lo) / 2.0
+        mid = centre @ current.weight.T + current.bias
+        spread = radius @ np.abs(current.weight).T
+        bounds_j = LayerBounds(mid - spread, mid + spread).intersect(
+            LayerBounds(outer[j].lower[None, :], outer[j].upper[None, :])
+        )
+        rows = np.flatnonzero(np.any((bounds_j.lower < 0.0) & (bounds_j.upper > 0.0), axis=0))
+        if j > 0 and current.relu and rows.size:
+            batch = lower.shape[0]
+            rows_weight = current.weight[rows]
+            stacked = np.concatenate([rows_weight, -rows_weight])
+            coeffs = np.broadcast_to(stacked, (batch, *stacked.shape))
+            const = np.broadcast_to(
+                np.concatenate([current.bias[rows], -current.bias[rows]]), (batch, 2 * rows.size)
+            )
+            coeffs, const = _back_substitute_batched(net, relaxations, j, coeffs, const)
+            values = _concretise_upper(coeffs, const, lower, upper)
+            m = rows.size
+            refined = LayerBounds(-values[:, m:], values[:, :m]).intersect(
+                LayerBounds(bounds_j.lower[:, rows], bounds_j.upper[:, rows])
+            )
+            bounds_j.lower[:, rows] = refined.lower
+            bounds_j.upper[:, rows] = refined.upper
+        result.append(bounds_j)
+        relaxations.append(relu_relaxation(bounds_j, current.relu))
+        prev_lo, prev_hi = _post_activation(bounds_j, current.relu)
+    return result
+
+
+def subbox_neuron_bounds(
+    net: Network,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    layer: int,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+    outer: list[LayerBounds],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Upper bounds on ``signs[r] * y_{layer, neurons[r]}`` over each of ``B`` sub-boxes.
+
+    The intermediate bounds come from :func:`subbox_bounds` (computed once per sub-box and shared
+    by all ``R`` rows); each row is bounded by CROWN (back-substituted through each sub-box's own
+    relaxations), by interval arithmetic and, when ``outer`` covers ``layer``, by its whole-box
+    bound; the smallest is returned (CROWN is not monotone in the box: a half can get a looser
+    bound than the whole).
+
+    Parameters
+    ----------
+    lower, upper : ``(B, n_in)`` sub-boxes (network space).
+    neurons, signs : ``(R,)`` rows of layer ``layer`` and their signs (+1 / -1).
+    outer : sound bounds over the whole box of at least layers ``0 .. layer - 1``.
+
+    Returns
+    -------
+    values : ``(B, R)`` sound upper bounds.
+    coeffs : ``(B, R, n_in)`` input coefficients of the CROWN linear bounds: the maximising vertex
+        ``where(coeffs > 0, upper, lower)`` is a witness candidate, and ``|coeffs| * width`` says
+        how much each input dimension contributes to the bound (where to split).
+    """
+    inner = subbox_bounds(net, lower, upper, layer, outer)
+    target = net.layers[layer]
+    signs = np.asarray(signs, dtype=np.float64)
+    row_weight = signs[:, None] * target.weight[neurons]
+    row_bias = signs * target.bias[neurons]
+    if layer == 0:
+        prev_lo, prev_hi = lower, upper
+    else:
+        prev_lo, prev_hi = _post_activation(inner[layer - 1], net.layers[layer - 1].relu)
+    centre, radius = (prev_lo + prev_hi) / 2.0, (prev_hi - prev_lo) / 2.0
+    interval = centre @ row_weight.T + radius @ np.abs(row_weight).T + row_bias
+    relaxations = [relu_relaxation(inner[j], net.layers[j].relu) for j in range(layer)]
+    batch = lower.shape[0]
+    coeffs, const = _back_substitute_batched(
+        net,
+        relaxations,
+        layer,
+        np.broadcast_to(row_weight, (batch, *row_weight.shape)),
+        np.broadcast_to(row_bias, (batch, row_bias.shape[0])),
+    )
+    values = np.minimum(interval, _concretise_upper(coeffs, const, lower, upper))
+    if len(outer) > layer:
+        whole = np.where(signs > 0, outer[layer].upper[neurons], -outer[layer].lower[neurons])
+        values = np.minimum(values, whole)
+    return values, coeffs

@@ -13,8 +13,16 @@ produces is forward-passed (refuting directions in *all* layers) before the next
 3. ``symbolic`` — CROWN back-substitution for the rows IBP leaves open; its concretisation
    vertices are witness candidates;
 4. ``ascent`` — Frank–Wolfe corner ascent toward the missing sign from the most promising
-   observed point and from the symbolic vertex;
-5. ``lp``, ``cuts``, ``milp`` — :func:`onnx_exact.milp.decide_directions` (triangle LP, LP with ideal
+   observed point and from the symbolic vertex, then projected sign-gradient ascent (PGD) from the
+   best point found so far, for signs shown only inside the box;
+5. ``split`` — input-splitting branch and bound (networks with at most ``SPLIT_MAX_INPUTS`` input
+   features): one queue of sub-boxes shared by the layer's open directions, bounded in batches by
+   per-sub-box interval + CROWN; a direction is closed on a sub-box when its bound clears the
+   margin and proved when closed on all of them; sub-box centres and CROWN vertices refute;
+   boxes are halved along the input dimension that contributes most to the open bounds; what is
+   open when the layer's sub-box budget is spent goes on to the solvers
+   (:meth:`_Analysis.split_tier`; ACAS Xu prop_1..4: every direction in about 1 s);
+6. ``lp``, ``cuts``, ``milp`` — :func:`onnx_exact.milp.decide_directions` (triangle LP, LP with ideal
    cuts, decision MILP), one tier at a time over batches of directions, so that solution points
    refute directions early and each tier's wall time is recorded.
 
@@ -54,7 +62,13 @@ from enum import IntEnum
 import numpy as np
 
 from . import milp
-from .bounds import LayerBounds, interval_bounds, layer_input_bounds, symbolic_bounds
+from .bounds import (
+    LayerBounds,
+    interval_bounds,
+    layer_input_bounds,
+    subbox_neuron_bounds,
+    symbolic_bounds,
+)
 from .domain import Box
 from .errors import DomainError, UsageError
 from .network import Network
@@ -63,6 +77,7 @@ from .witness import (
     best_points,
     corner_ascent,
     first_layer_extremes,
+    gradient_ascent,
     observe,
     sample_inputs,
 )
@@ -70,7 +85,7 @@ from .witness import (
 ProgressCallback = Callable[[str, int, int], None]
 
 METHODS = ("auto", "isa", "per-neuron")
-SOLVER_TIERS = ("lp", "cuts", "milp")
+SOLVER_TIERS = ("split", "lp", "cuts", "milp")
 FLOAT_MARGIN = 1e-12  # relative margin for interval/symbolic proofs (float64 rounding)
 SOLVER_MARGIN_REL = 1e-7  # relative margin for LP/MILP proofs (solver tolerances)
 SOLVER_MARGIN_ABS = 1e-9
@@ -79,8 +94,24 @@ SOLVER_MARGIN_ABS = 1e-9
 _SAMPLE_MACS = 2e9
 _SAMPLE_MIN, _SAMPLE_MAX, _SAMPLE_ROUND = 256, 8192, 1024
 _SOLVER_BATCH = 32  # directions per solver call; witnesses found in one batch refute the next
+# Input splitting: used up to this many input features; sub-boxes bounded per layer before the
+# open directions are handed to the LP/MILP tiers; float64 values one batch may materialise.
+SPLIT_MAX_INPUTS = 16
+_SPLIT_BOXES_PER_LAYER = 50_000
+_SPLIT_BATCH_VALUES = 1e6
+_SPLIT_BATCH_MAX = 4096
 # Cheapest first: an UNSTABLE neuron is credited to the costlier of its two refuting tiers.
-_TIER_ORDER = ("witness", "symbolic", "ascent", "lp", "lp+cuts", "milp", "isa", "per-neuron")
+_TIER_ORDER = (
+    "witness",
+    "symbolic",
+    "ascent",
+    "split",
+    "lp",
+    "lp+cuts",
+    "milp",
+    "isa",
+    "per-neuron",
+)
 
 
 class NeuronState(IntEnum):
@@ -97,7 +128,7 @@ class LayerStability:
     """Per-neuron verdicts of one layer (aligned with ``Network.layers``).
 
     ``decided_by[i]`` names the tier that settled neuron i ("witness", "interval", "symbolic",
-    "ascent", "lp", "lp+cuts", "milp", "isa", "per-neuron", "linear", "" when undecided).
+    "ascent", "split", "lp", "lp+cuts", "milp", "isa", "per-neuron", "linear", "" when undecided).
     ``lower``/``upper`` are the tightest proved pre-activation bounds found.
     """
 
@@ -176,8 +207,8 @@ def analyze_stability(
     user_inputs : optional ``(m, n_in)`` network-space inputs (e.g. training data), clipped into the
         box and used as witnesses.
     progress : optional ``progress(phase, done, total)`` callback.
-    tiers : solver tiers of the auto pipeline, a subset of ("lp", "cuts", "milp") in that order;
-        with fewer tiers the analysis is faster but may leave neurons UNDECIDED.
+    tiers : exact tiers of the auto pipeline, a subset of ("split", "lp", "cuts", "milp") in that
+        order; with fewer tiers the analysis is faster but may leave neurons UNDECIDED.
 
     Returns
     -------
@@ -373,9 +404,16 @@ class _Analysis:
             self.prove_from_bounds(k, "interval")
         if k > 0 and self.has_open(k):
             self.symbolic_tier(k)
-        if solver_tiers and k > 1 and self.has_open(k):
+        if (
+            "split" in solver_tiers
+            and self.net.in_features <= SPLIT_MAX_INPUTS
+            and self.has_open(k)
+        ):
+            self.split_tier(k)
+        milp_tiers = tuple(tier for tier in solver_tiers if tier != "split")
+        if milp_tiers and k > 1 and self.has_open(k):
             self.tighten_previous(k)
-        for tier in solver_tiers:
+        for tier in milp_tiers:
             if not self.has_open(k):
                 break
             self.solver_tier(k, tier)
@@ -416,6 +454,140 @@ class _Analysis:
                 starts,
             )
             self.see(found, "ascent")
+            neurons, signs = self.open_directions(k)
+            if not neurons.size:
+                return
+            pool = np.concatenate([pool, found])
+            start = best_points(self.net, k, neurons, signs, pool)
+            self.see(gradient_ascent(self.net, self.box, k, neurons, signs, start), "ascent")
+
+    def split_tier(self, k: int) -> None:
+        """Input-splitting branch and bound for layer k's open directions (few input features).
+
+        One queue of sub-boxes serves all open directions ``(i, s)`` of layer k; each sub-box
+        carries the set of directions still open on it and starts as the whole box with all of
+        them. Batches of sub-boxes are bounded at once by
+        :func:`onnx_exact.bounds.subbox_neuron_bounds` (per sub-box interval + CROWN bounds of every
+        layer below k, shared by the directions, then CROWN and interval for each ``s * y_{k,i}``).
+        A direction is closed on a sub-box when its bound there is ``<= -1e-12 * s_i``:
+        ``s * y_{k,i} <= 0`` holds on it. The centre and the CROWN maximising vertices of every
+        sub-box with open directions are forward-passed (a strict sign refutes a direction, here and
+        in any other layer); the sub-box is then halved along the input dimension that contributes
+        most to the open directions' bounds (``|Λ_d| * width_d`` with ``Λ`` the CROWN input
+        coefficients, normalised per direction), and the halves inherit its open directions, with
+        its largest open bound as priority (largest first: the region closest to a witness).
+
+        A direction is proved when no sub-box has it open: the sub-boxes on which it was closed
+        cover the box, and the largest of their bounds is a sound bound on the whole box. Sound at
+        every step and complete in the limit (the relaxations become exact as the sub-boxes shrink,
+        except for extremes within the margin of 0). When the layer's sub-box budget is spent,
+        directions still open go on to the LP/MILP tiers unchanged.
+        """
+        with self.timed("split"):
+            neurons, signs = self.open_directions(k)
+            count = neurons.size
+            if not count:
+                return
+            margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
+            lower, upper = self.box.lower[None, :].copy(), self.box.upper[None, :].copy()
+            open_on = np.ones((1, count), dtype=bool)
+            priority = np.full(1, np.inf)
+            worst = np.full(count, -np.inf)
+            given_up = np.zeros(count, dtype=bool)
+            batch_size, spent = self.split_batch_size(k), 0
+
+            def still_open() -> np.ndarray:
+                unsettled = ~self.settled(k)[neurons]
+                seen_pos, seen_neg = self.obs.seen_pos[k][neurons], self.obs.seen_neg[k][neurons]
+                return unsettled & ~np.where(signs > 0, seen_pos, seen_neg) & ~given_up
+
+            while priority.size and spent < _SPLIT_BOXES_PER_LAYER and not self.out_of_time():
+                open_on &= still_open()
+                keep = open_on.any(axis=1)
+                lower, upper, open_on, priority = (
+                    lower[keep],
+                    upper[keep],
+                    open_on[keep],
+                    priority[keep],
+                )
+                if not priority.size:
+                    break
+                chosen = np.zeros(priority.size, dtype=bool)
+                if priority.size > batch_size:
+                    chosen[np.argpartition(-priority, batch_size - 1)[:batch_size]] = True
+                else:
+                    chosen[:] = True
+                b_lower, b_upper, b_open = lower[chosen], upper[chosen], open_on[chosen]
+                lower, upper = lower[~chosen], upper[~chosen]
+                open_on, priority = open_on[~chosen], priority[~chosen]
+                spent += b_open.shape[0]
+                rows = np.flatnonzero(b_open.any(axis=0))
+                values, coeffs = subbox_neuron_bounds(
+                    self.net, b_lower, b_upper, k, neurons[rows], signs[rows], self.bounds
+                )
+                was_open = b_open[:, rows]
+                closed = was_open & (values <= -margin[rows])
+                worst[rows] = np.maximum(worst[rows], np.where(closed, values, -np.inf).max(axis=0))
+                still = was_open & ~closed
+                busy = still.any(axis=1)
+                b_lower, b_upper, still = b_lower[busy], b_upper[busy], still[busy]
+                values, coeffs = values[busy], coeffs[busy]
+                if not busy.any():
+                    continue
+                box_index, row_index = np.nonzero(still)
+                vertices = np.where(
+                    coeffs[box_index, row_index] > 0.0, b_upper[box_index], b_lower[box_index]
+                )
+                self.see(np.concatenate([(b_lower + b_upper) / 2.0, vertices]), "split")
+                width = b_upper - b_lower
+                point = ~np.any(width > 0.0, axis=1)
+                given_up[rows[np.flatnonzero(still[point].any(axis=0))]] = True
+                contribution = np.abs(coeffs) * width[:, None, :]
+                share = contribution / np.maximum(contribution.sum(axis=2, keepdims=True), 1e-300)
+                score = (share * still[:, :, None]).sum(axis=1)
+                score = np.where(np.any(score > 0.0, axis=1, keepdims=True), score, width)
+                boxes = np.arange(b_lower.shape[0])
+                dim = np.argmax(score, axis=1)
+                middle = (b_lower[boxes, dim] + b_upper[boxes, dim]) / 2.0
+                left_upper, right_lower = b_upper.copy(), b_lower.copy()
+                left_upper[boxes, dim] = middle
+                right_lower[boxes, dim] = middle
+                child_open = np.zeros((boxes.size, count), dtype=bool)
+                child_open[:, rows] = still
+                child_priority = np.where(still, values, -np.inf).max(axis=1)
+                lower = np.concatenate([lower, b_lower, right_lower])
+                upper = np.concatenate([upper, left_upper, b_upper])
+                open_on = np.concatenate([open_on, child_open, child_open])
+                priority = np.concatenate([priority, child_priority, child_priority])
+            proved = still_open() & ~open_on.any(axis=0)
+            for sign, state in ((1, NeuronState.INACTIVE), (-1, NeuronState.ACTIVE)):
+                chosen = np.flatnonzero(proved & (signs == sign))
+                i = neurons[chosen]
+                if sign > 0:
+                    self.bounds[k].upper[i] = np.maximum(
+                        np.minimum(self.bounds[k].upper[i], worst[chosen]), self.bounds[k].lower[i]
+                    )
+                else:
+                    self.bounds[k].lower[i] = np.minimum(
+                        np.maximum(self.bounds[k].lower[i], -worst[chosen]), self.bounds[k].upper[i]
+                    )
+                self.prove(k, i, state, "split")
+            self.propagate()
+
+    def split_batch_size(self, k: int) -> int:
+        """Sub-boxes per batch of :meth:`split_tier`, so that one batch stays within a memory cap.
+
+        Per sub-box, the widest CROWN back-substitution below layer k holds ``2 n_j n_{j-1}``
+        coefficients (both signs of layer j's rows over layer j-1's outputs); the target rows
+        hold up to ``2 n_k n_{k-1}``. Arrays under ~8 MB also stay in the allocator's reuse pool
+        (larger ones are mapped and page-faulted afresh on every use).
+        """
+        layers = self.net.layers
+        per_box = max(
+            [layers[k].in_features]
+            + [2 * layers[j].out_features * layers[j].in_features for j in range(1, k + 1)]
+        )
+        return int(np.clip(_SPLIT_BATCH_VALUES // per_box, 16, _SPLIT_BATCH_MAX))
 
     def tighten_previous(self, k: int) -> None:
         """LP bounds for the not-yet-stable neurons of layers ``1 .. k - 1``, then CROWN for layer k.

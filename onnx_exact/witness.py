@@ -10,6 +10,7 @@ says. Refuting is cheap and decisive, so the analysis collects witnesses first a
 * :func:`first_layer_extremes` — the vertices attaining each first-layer neuron's max and min exactly;
 * bound corners (the concretisation vertices of :func:`onnx_exact.bounds.symbolic_bounds`);
 * :func:`corner_ascent` — Frank–Wolfe steps over the box toward the unobserved sign;
+* :func:`gradient_ascent` — projected sign-gradient steps (PGD) for signs shown only inside the box;
 * LP/MILP solution points.
 
 Every candidate is judged only by :func:`observe`, i.e. by an exact float64 forward pass, never by
@@ -28,6 +29,8 @@ from .network import Network
 # Upper limit on float64 values materialised per forward-pass chunk (about 32 MB).
 _CHUNK_VALUES = 4_000_000
 _BERNOULLI_PROBS = (0.1, 0.5, 0.9)
+# Gradient ascent step: first step 1/4 of the box width, the last 1/1024 of it.
+_PGD_FIRST_STEP, _PGD_DECAY = 0.25, 1.0 / 256.0
 
 
 @dataclass
@@ -243,3 +246,46 @@ def corner_ascent(
         running[idx[~improved]] = False
         running &= signs * value <= 0.0
     return points
+
+
+def gradient_ascent(
+    net: Network,
+    box: Box,
+    layer: int,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+    start_points: np.ndarray,
+    max_steps: int = 40,
+) -> np.ndarray:
+    """Projected sign-gradient ascent (PGD) on ``sign * y_{layer, neuron}``, one search per direction.
+
+    Corner ascent only visits vertices; a neuron that is positive only in a thin region inside the
+    box (its extreme on a face or in the interior, where other ReLUs switch) needs small steps. Each
+    step moves ``x <- clip(x + alpha * (hi - lo) * sign(sign * g), lo, hi)`` with ``g`` the gradient
+    in the current linear region and ``alpha`` decaying geometrically from 1/4 to 1/1024 of the box
+    width (coarse moves first, then precision to land in thin regions); the best point seen per
+    direction is kept. A search stops once it shows the wanted sign.
+
+    Returns
+    -------
+    ``(d, n_in)`` the best point of each search (inside the box); only :func:`observe` judges it.
+    """
+    lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
+    signs = np.asarray(signs, dtype=np.float64)
+    points = np.clip(np.asarray(start_points, dtype=np.float64), lo, hi)
+    value, gradient = _value_and_gradient(net, layer, neurons, points)
+    best, best_value = points.copy(), signs * value
+    running = best_value <= 0.0
+    for iteration in range(max_steps):
+        idx = np.flatnonzero(running)
+        if idx.size == 0:
+            break
+        step = _PGD_FIRST_STEP * _PGD_DECAY ** (iteration / max(max_steps - 1, 1)) * (hi - lo)
+        moved = np.clip(points[idx] + step * np.sign(signs[idx, None] * gradient[idx]), lo, hi)
+        value_idx, gradient_idx = _value_and_gradient(net, layer, neurons[idx], moved)
+        points[idx], gradient[idx] = moved, gradient_idx
+        better = signs[idx] * value_idx > best_value[idx]
+        best[idx[better]] = moved[better]
+        best_value[idx[better]] = signs[idx[better]] * value_idx[better]
+        running[idx] = best_value[idx] <= 0.0
+    return best

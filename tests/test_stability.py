@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from onnx_exact import stability
 from onnx_exact.domain import Box
 from onnx_exact.errors import DomainError, UsageError
 from onnx_exact.network import DenseLayer, InputMap, Network
@@ -100,6 +101,42 @@ def test_labels_match_the_baselines_on_random_nets() -> None:
             assert tiered.complete and baseline.complete and baseline.method == method
             for ours, theirs in zip(tiered.layers, baseline.layers, strict=True):
                 np.testing.assert_array_equal(ours.states, theirs.states)
+
+
+def split_case(seed: int) -> tuple[Network, Box]:
+    """A 2- or 3-input net, 3 x 16 ReLUs: CROWN leaves directions open, input splitting closes them."""
+    rng = np.random.default_rng(seed)
+    n_in = 2 + seed % 2
+    net = random_network(rng, [n_in, 16, 16, 16, 2])
+    lower = rng.uniform(-1.0, 0.5, n_in)
+    return net, Box(lower, lower + rng.uniform(0.3, 1.0, n_in))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_input_splitting_proves_what_crown_cannot_and_matches_per_neuron(seed: int) -> None:
+    net, box = split_case(seed)
+    cheap = analyze_stability(net, box, tiers=())
+    split = analyze_stability(net, box, tiers=("split",))
+    assert cheap.counts()["UNDECIDED"] > 0
+    assert split.complete and not split.time_limit_hit
+    assert any(np.any(layer.decided_by == "split") for layer in split.layers)
+    assert_sound(net, box, split, oracle_points(box))
+    baseline = analyze_stability(net, box, method="per-neuron")
+    assert baseline.complete
+    for ours, theirs in zip(split.layers, baseline.layers, strict=True):
+        np.testing.assert_array_equal(ours.states, theirs.states)
+
+
+def test_input_splitting_hands_directions_over_its_budget_to_the_solvers(monkeypatch) -> None:
+    net, box = split_case(0)
+    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)
+    starved = analyze_stability(net, box, tiers=("split",))
+    assert starved.counts()["UNDECIDED"] > 0 and not starved.time_limit_hit
+    assert_sound(net, box, starved, oracle_points(box))
+    full = analyze_stability(net, box)
+    assert full.complete and "split" in full.timings_s
+    monkeypatch.setattr(stability, "SPLIT_MAX_INPUTS", 1)
+    assert "split" not in analyze_stability(net, box).timings_s
 
 
 def needle_network(n: int = 24) -> tuple[Network, Box]:
@@ -204,4 +241,18 @@ def test_a_shared_model_is_decided_completely_and_soundly() -> None:
     vertices = np.where(
         np.random.default_rng(1).random((20000, box.size)) < 0.5, box.upper, box.lower
     )
+    assert_sound(net, box, result, np.concatenate([points, vertices, result.witnesses]))
+
+
+def test_acas_xu_is_decided_by_input_splitting_without_solvers() -> None:
+    """ACAS Xu (5 inputs, 6 x 50 ReLUs), prop_4 box: the MILP tier needed 18 s; splitting ~1 s."""
+    net, box = shared_case(
+        "acasxu/ACASXU_run2a_1_1_batch_2000.onnx", "ACASXU_run2a_1_1_batch_2000.prop_4.npz"
+    )
+    result = analyze_stability(net, box, time_limit=120, tiers=("split",))
+    assert result.complete and not result.time_limit_hit
+    assert any(np.any(layer.decided_by == "split") for layer in result.layers)
+    rng = np.random.default_rng(0)
+    points = rng.uniform(box.lower, box.upper, size=(20000, box.size))
+    vertices = np.where(rng.random((20000, box.size)) < 0.5, box.upper, box.lower)
     assert_sound(net, box, result, np.concatenate([points, vertices, result.witnesses]))

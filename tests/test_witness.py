@@ -14,6 +14,7 @@ from onnx_exact.witness import (
     best_points,
     corner_ascent,
     first_layer_extremes,
+    gradient_ascent,
     observe,
     sample_inputs,
 )
@@ -137,3 +138,31 @@ def test_corner_ascent_never_loses_ground_and_stays_in_box() -> None:
     assert np.all((found >= box.lower) & (found <= box.upper))
     found_values = net.preactivations(found)[2][np.arange(24), neurons] * signs
     assert np.all(found_values >= start_values)
+
+
+def test_gradient_ascent_lands_in_an_interior_bump_that_corner_ascent_misses() -> None:
+    """``y = 0.02 - ||x - c||_1`` is positive only in a small diamond around an interior point."""
+    for n in (6, 20):
+        centre = np.random.default_rng(n).uniform(0.2, 0.8, n)
+        net = Network(
+            [
+                DenseLayer(
+                    np.concatenate([np.eye(n), -np.eye(n)]),
+                    np.concatenate([-centre, centre]),
+                    True,
+                    "split",
+                ),
+                DenseLayer(-np.ones((1, 2 * n)), np.array([0.02]), True, "bump"),
+                DenseLayer(np.ones((1, 1)), np.zeros(1), False, "out"),
+            ],
+            InputMap.identity(n),
+        )
+        box = Box(np.zeros(n), np.ones(n))
+        starts = np.stack([box.center, box.lower, box.upper])
+        neurons, signs = np.zeros(3, dtype=np.int64), np.ones(3)
+        vertices = corner_ascent(net, box, 1, neurons, signs, starts)
+        assert np.all(net.preactivations(vertices)[1][:, 0] < 0)
+        found = gradient_ascent(net, box, 1, neurons, signs, starts)
+        assert np.all((found >= box.lower) & (found <= box.upper))
+        assert np.all(net.preactivations(found)[1][:, 0] > 0)
+        assert observe(net, found).seen_pos[1][0]
