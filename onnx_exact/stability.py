@@ -744,6 +744,7 @@ class _Analysis:
                 self.finish_layer(k)
             undecided = int(np.count_nonzero(self.states[k] == NeuronState.UNDECIDED))
             if undecided:
+                self.out_of_time()  # the deadline may have passed inside the last tier
                 reason = (
                     "time limit reached"
                     if self.time_limit_hit

@@ -77,7 +77,7 @@ def _shared_cases() -> list[tuple[str, str]]:
         return []
     # The cases that finish in seconds; the benchmark (bench/stability.py) runs all of them.
     wanted = {
-        "acasxu/ACASXU_run2a_1_1_batch_2000.onnx": {"prop_4"},
+        "acasxu/ACASXU_run2a_1_1_batch_2000.onnx": {"prop_1", "prop_2", "prop_3", "prop_4"},
         "mnistfc/mnist-net_256x2.onnx": {"prop_0_0.03"},
         "rl/cartpole.onnx": {"case_safe_14"},
         "rl/dubinsrejoin.onnx": {"case_safe_0"},

@@ -256,3 +256,21 @@ def test_acas_xu_is_decided_by_input_splitting_without_solvers() -> None:
     points = rng.uniform(box.lower, box.upper, size=(20000, box.size))
     vertices = np.where(rng.random((20000, box.size)) < 0.5, box.upper, box.lower)
     assert_sound(net, box, result, np.concatenate([points, vertices, result.witnesses]))
+
+
+def test_time_limit_inside_the_last_tier_is_reported_as_the_reason():
+    """Directions left open because the deadline passed are flagged as a time limit, not a margin."""
+    rng = np.random.default_rng(7)
+    layers = [
+        DenseLayer(rng.normal(size=(40, 30)), rng.normal(size=40) * 0.1, True, "r1"),
+        DenseLayer(rng.normal(size=(40, 40)) / 6, rng.normal(size=40) * 0.1, True, "r2"),
+        DenseLayer(rng.normal(size=(3, 40)), np.zeros(3), False, "out"),
+    ]
+    net = Network(layers=layers, input_map=InputMap.identity(30))
+    centre = rng.uniform(0.2, 0.8, size=30)
+    box = Box(centre - 0.05, centre + 0.05)
+    result = analyze_stability(net, box, time_limit=1e-3)
+    undecided = sum(int(np.sum(layer.states == NeuronState.UNDECIDED)) for layer in result.layers)
+    assert undecided > 0
+    assert result.time_limit_hit
+    assert all("time limit" in note for note in result.notes if "undecided" in note)
