@@ -257,7 +257,7 @@ def check_command(
     vnnlib: Vnnlib = None,
     atol: Atol = None,
     rtol: Rtol = None,
-    samples: Annotated[int, typer.Option(help="Random box samples.")] = 10_000,
+    samples: Annotated[int, typer.Option(min=0, help="Random box samples.")] = 10_000,
     seed: Seed = 0,
     prove: Annotated[
         bool, typer.Option(help="Prove max |f_A - f_B| <= atol on the box (ReLU nets).")
