@@ -119,8 +119,9 @@ class DirectionResult:
 class NetworkEncoding:
     """Column indices of a network encoded by :func:`add_network_encoding`.
 
-    ``h[k][i] == -1`` means ``h`` is identically 0 (proved inactive); for proved active neurons and
-    linear layers ``h[k][i] == y[k][i]``. ``z[k][i] == -1`` means the neuron has no indicator.
+    ``h[k][i] == -1`` means ``h`` is identically 0 (proved inactive; then ``y[k][i]`` is a free
+    column in its bounds, its defining row omitted); for proved active neurons and linear layers
+    ``h[k][i] == y[k][i]``. ``z[k][i] == -1`` means the neuron has no indicator.
     ``h_lower``/``h_upper`` are the column bounds of ``h`` (0 where ``h`` is 0).
     """
 
@@ -422,27 +423,9 @@ def add_network_encoding(
             upper = np.where(state == inactive_state, np.minimum(upper, 0.0), upper)
             upper = np.maximum(upper, lower)
         y = _add_columns(highs, lower, upper)
-
-        live, in_cols, in_lo, in_hi = enc.input_cols(k)
-        weight = layer.weight[:, live]
-        m = int(in_cols.shape[0])
-        in_absmax = np.maximum(np.abs(in_lo), np.abs(in_hi))
-        y_absmax = np.maximum(np.abs(lower), np.abs(upper))
-        _add_rows(
-            highs,
-            layer.bias,
-            layer.bias,
-            np.repeat(np.arange(n), m + 1),
-            np.concatenate([y[:, None], np.broadcast_to(in_cols, (n, m))], axis=1).ravel(),
-            np.concatenate([np.ones((n, 1)), -weight], axis=1).ravel(),
-            np.concatenate([y_absmax[:, None], np.broadcast_to(in_absmax, (n, m))], axis=1).ravel(),
-        )
-
         threshold = np.zeros(n) if thresholds is None else np.asarray(thresholds[k], dtype=float)
         z = np.full(n, -1, dtype=np.int64)
-        if not layer.relu:
-            h, h_lo, h_hi = y, lower, upper
-        else:
+        if layer.relu:
             proved = (state == active_state) | (state == inactive_state)
             binary = (lower < threshold) & (threshold < upper) & ~proved
             active = ~binary & ((state == active_state) | ((lower >= 0) & ~proved))
@@ -451,6 +434,31 @@ def add_network_encoding(
                 raise ValueError(
                     f"layer {k}: an indicator threshold lies outside its neuron's bounds"
                 )
+        else:
+            inactive = np.zeros(n, dtype=bool)
+
+        # y = W h_prev + b; an inactive neuron's row is omitted (its h is 0 whatever y is).
+        live, in_cols, in_lo, in_hi = enc.input_cols(k)
+        rows = np.flatnonzero(~inactive)
+        weight = layer.weight[rows][:, live]
+        n_rows, m = int(rows.shape[0]), int(in_cols.shape[0])
+        in_absmax = np.maximum(np.abs(in_lo), np.abs(in_hi))
+        y_absmax = np.maximum(np.abs(lower), np.abs(upper))[rows]
+        _add_rows(
+            highs,
+            layer.bias[rows],
+            layer.bias[rows],
+            np.repeat(np.arange(n_rows), m + 1),
+            np.concatenate([y[rows, None], np.broadcast_to(in_cols, (n_rows, m))], axis=1).ravel(),
+            np.concatenate([np.ones((n_rows, 1)), -weight], axis=1).ravel(),
+            np.concatenate(
+                [y_absmax[:, None], np.broadcast_to(in_absmax, (n_rows, m))], axis=1
+            ).ravel(),
+        )
+
+        if not layer.relu:
+            h, h_lo, h_hi = y, lower, upper
+        else:
             h = np.where(active, y, -1)
             h_binary = _add_columns(highs, np.zeros(binary.sum()), np.maximum(upper[binary], 0.0))
             z_binary = _add_columns(
@@ -497,19 +505,25 @@ def _objective(
     return _Objective(cols, costs, float(sign * net.layers[layer].bias[neuron]))
 
 
-class _Relaxation:
+class LayerRelaxation:
     """The triangle LP of the layers below ``layer``, shared by every direction of that layer.
 
-    Only the costs change between directions, so dual simplex restarts warm from the last basis;
-    Anderson cuts accumulate in one pool (they are valid for every objective).
+    Build it once per layer (:meth:`build`) and pass it to every :func:`decide_directions` call of
+    that layer: only the costs change between directions, so each solve restarts warm from the
+    last basis, and Anderson cuts accumulate in one pool (they are valid for every objective).
+
+    The first solve is cold and runs primal simplex (interior point with crossover above
+    ``IPM_NONZEROS``): dual simplex from the slack basis stalls on these degenerate LPs (measured
+    on the 2x400 zoo net: a median of 15 s and up to 340 s per cold solve, against 0.5 s primal).
+    Warm solves run dual simplex, which the measurements favour once a basis exists and which is
+    the natural method after cut rows are added.
     """
 
     def __init__(self, net: Network, layer: int, highs: highspy.Highs, enc: NetworkEncoding):
         self.net, self.layer, self.highs, self.enc = net, layer, highs, enc
-        self._cold_ipm = highs.getNumNz() > IPM_NONZEROS
-        _set_options(
-            highs, presolve="off", solver="ipm" if self._cold_ipm else "simplex", simplex_strategy=1
-        )
+        self._cold = True
+        cold_solver = "ipm" if highs.getNumNz() > IPM_NONZEROS else "simplex"
+        _set_options(highs, presolve="off", solver=cold_solver, simplex_strategy=4)
         self.cuts: list[tuple[np.ndarray, ...]] = []
         self._matrix: tuple[np.ndarray, ...] | None = None
         self._cost_cols = np.empty(0, dtype=np.int64)
@@ -517,7 +531,7 @@ class _Relaxation:
     @classmethod
     def build(
         cls, net: Network, box: Box, bounds: Sequence, states: Sequence, layer: int
-    ) -> _Relaxation:
+    ) -> LayerRelaxation:
         """A fresh relaxation of the layers below ``layer``."""
         highs = _new_highs()
         enc = add_network_encoding(highs, net, box, bounds, states, layer - 1, integral=False)
@@ -612,9 +626,9 @@ class _Relaxation:
         _set_options(highs, objective_bound=float(stop_at), time_limit=float(remaining))
         highs.run()
         raise_if_interrupted()
-        if self._cold_ipm:  # the crossover basis warm-starts dual simplex from now on
-            self._cold_ipm = False
-            _set_options(highs, solver="simplex")
+        if self._cold:  # the cold basis warm-starts dual simplex from now on
+            self._cold = False
+            _set_options(highs, solver="simplex", simplex_strategy=1)
         solution = highs.getSolution()
         primal = np.asarray(solution.col_value)
         if not solution.dual_valid or primal.shape[0] != highs.getNumCol():
@@ -796,7 +810,7 @@ def _decision_milp(
         _add_rows(highs, *cut)
     obj = _objective(enc, net, layer, direction.neuron, direction.sign)
     if not enc.has_binaries:
-        relaxation = _Relaxation(net, layer, highs, enc)
+        relaxation = LayerRelaxation(net, layer, highs, enc)
         lower_bound, x, _ = relaxation.solve(obj, obj.offset + margin, deadline)
         points = np.empty((0, net.in_features)) if x is None else x[None, :]
         bound = obj.offset - lower_bound
@@ -886,7 +900,7 @@ class _LayerBook:
 
 
 def _lp_tiers(
-    book: _LayerBook, relaxation: _Relaxation, tiers: Sequence[str], deadline: float
+    book: _LayerBook, relaxation: LayerRelaxation, tiers: Sequence[str], deadline: float
 ) -> None:
     """Triangle LP for every open direction, then cut rounds for those still open."""
     net, layer = book.net, book.layer
@@ -980,6 +994,7 @@ def decide_directions(
     tiers: Sequence[str] = _TIERS,
     jobs: int = 1,
     direction_time_limit: float = DIRECTION_TIME_LIMIT,
+    relaxation: LayerRelaxation | None = None,
 ) -> list[DirectionResult]:
     """Prove or refute sign directions of one layer: LP, then LP + ideal cuts, then MILP.
 
@@ -994,6 +1009,9 @@ def decide_directions(
     tiers : any of "lp", "cuts", "milp" (cuts imply the LP they are added to).
     jobs : worker processes for the decision MILPs (``spawn`` start; results equal ``jobs=1``).
     direction_time_limit : cap in seconds on one decision MILP.
+    relaxation : the layer's :class:`LayerRelaxation`, built over the same ``bounds`` and
+        ``states``; reusing it across calls keeps the warm basis and the cut pool. Built here when
+        omitted.
 
     Returns
     -------
@@ -1011,9 +1029,9 @@ def decide_directions(
     tiers = tuple(tiers)
     first_method = "lp" if ("lp" in tiers or "cuts" in tiers) else "milp"
     book.absorb(box.center[None, :], first_method)
-    relaxation = None
     if ("lp" in tiers or "cuts" in tiers) and _remaining(deadline) > 0:
-        relaxation = _Relaxation.build(net, box, bounds, states, layer)
+        if relaxation is None:
+            relaxation = LayerRelaxation.build(net, box, bounds, states, layer)
         _lp_tiers(book, relaxation, tiers, deadline)
     if "milp" in tiers and _remaining(deadline) > 0:
         context = _MilpContext(
@@ -1046,7 +1064,7 @@ def tighten_bounds(
     """
     lower = np.array(bounds[layer].lower, dtype=np.float64)
     upper = np.array(bounds[layer].upper, dtype=np.float64)
-    relaxation = _Relaxation.build(net, box, bounds, states, layer)
+    relaxation = LayerRelaxation.build(net, box, bounds, states, layer)
     for neuron in np.asarray(neurons, dtype=np.int64):
         for sign in (1, -1):
             if _remaining(deadline) <= 0:
@@ -1121,7 +1139,7 @@ def per_neuron_stability(
         slack = milp_slack(net, box, bounds, k) if enc.has_binaries else np.zeros(n)
         relaxation = None
         if not enc.has_binaries:
-            relaxation = _Relaxation(net, k, highs, enc)
+            relaxation = LayerRelaxation(net, k, highs, enc)
         for i in range(n):
             for sign in (1, -1):
                 if proved[sign][i]:

@@ -277,6 +277,7 @@ class _Analysis:
         self.notes: list[str] = []
         self.time_limit_hit = False
         self.tightened: set[int] = set()
+        self.relaxation: milp.LayerRelaxation | None = None  # of the layer being decided
 
     # ----------------------------------------------------------------- bookkeeping
     @contextmanager
@@ -645,6 +646,10 @@ class _Analysis:
                 if not batch:
                     break
                 margins = solver_margins(self.net, self.box, self.bounds, k)
+                if self.relaxation is None or self.relaxation.layer != k:
+                    self.relaxation = milp.LayerRelaxation.build(
+                        self.net, self.box, self.bounds, self.solver_states(k), k
+                    )
                 results = milp.decide_directions(
                     self.net,
                     self.box,
@@ -656,6 +661,7 @@ class _Analysis:
                     self.deadline,
                     tiers=(tier,),
                     jobs=self.jobs,
+                    relaxation=self.relaxation,
                 )
                 self.apply_solver_results(k, results, margins)
                 self.progress(tier, total - len(pending), total)
@@ -685,6 +691,7 @@ class _Analysis:
 
     def finish_layer(self, k: int) -> None:
         """Both signs witnessed → UNSTABLE, credited to the tier that found the later witness."""
+        self.relaxation = None
         unstable = (
             self.obs.seen_pos[k]
             & self.obs.seen_neg[k]
