@@ -544,6 +544,7 @@ TIER_ABBREVIATIONS = {
     "tighten": "t",
     "lp": "lp",
     "cuts": "c",
+    "bab": "b",
     "milp": "m",
 }
 

@@ -32,6 +32,7 @@ Soundness policy
 
 from __future__ import annotations
 
+import heapq
 import multiprocessing
 import os
 import sys
@@ -62,6 +63,11 @@ MILP_ROUND_SIZE = 8
 """Decision MILPs solved between two exchanges of witnesses (fixed, so jobs=1 and jobs=n agree)."""
 
 DIRECTION_TIME_LIMIT = 60.0
+"""Cap in seconds on one decision MILP."""
+
+BAB_NODE_LIMIT = 2000
+BAB_TIME_LIMIT = 20.0
+"""Caps on the LP branch and bound of one direction (nodes, seconds)."""
 """Default cap (seconds) on one decision MILP."""
 
 IPM_NONZEROS = 200_000
@@ -74,7 +80,7 @@ LP, and IPM (with crossover) once followed by warm dual simplex 4.6 s, then 0.8-
 _EPS = np.finfo(np.float64).eps
 _INF = highspy.kHighsInf
 _MODEL = highspy.HighsModelStatus
-_TIERS = ("lp", "cuts", "milp")
+_TIERS = ("lp", "cuts", "bab", "milp")
 #: Model statuses after which HiGHS's dual bound is a valid bound (the solve ran and stopped
 #: cleanly); after any other status (errors, a solve that never ran) nothing is proved.
 _BOUND_STATUSES = frozenset(
@@ -133,6 +139,8 @@ class NetworkEncoding:
     h_lower: list[np.ndarray] = field(default_factory=list)
     h_upper: list[np.ndarray] = field(default_factory=list)
     thresholds: list[np.ndarray] = field(default_factory=list)
+    upper_rows: list[np.ndarray] = field(default_factory=list)
+    """Per layer, ``(2, n)`` row indices of ``h <= U z`` and ``h <= y - L (1 - z)`` (-1: none)."""
 
     @property
     def has_binaries(self) -> bool:
@@ -425,6 +433,7 @@ def add_network_encoding(
         y = _add_columns(highs, lower, upper)
         threshold = np.zeros(n) if thresholds is None else np.asarray(thresholds[k], dtype=float)
         z = np.full(n, -1, dtype=np.int64)
+        upper_rows = np.full((2, n), -1, dtype=np.int64)
         if layer.relu:
             proved = (state == active_state) | (state == inactive_state)
             binary = (lower < threshold) & (threshold < upper) & ~proved
@@ -465,6 +474,10 @@ def add_network_encoding(
                 highs, np.zeros(binary.sum()), np.ones(binary.sum()), integer=integral
             )
             h[binary], z[binary] = h_binary, z_binary
+            first_row, n_binary = highs.getNumRow(), int(binary.sum())
+            upper_rows[:, binary] = (
+                first_row + n_binary * np.arange(1, 3)[:, None] + np.arange(n_binary)
+            )
             _relu_rows(
                 highs,
                 y[binary],
@@ -482,6 +495,7 @@ def add_network_encoding(
         enc.h_lower.append(h_lo)
         enc.h_upper.append(h_hi)
         enc.thresholds.append(threshold)
+        enc.upper_rows.append(upper_rows)
     return enc
 
 
@@ -525,6 +539,7 @@ class LayerRelaxation:
         cold_solver = "ipm" if highs.getNumNz() > IPM_NONZEROS else "simplex"
         _set_options(highs, presolve="off", solver=cold_solver, simplex_strategy=4)
         self.cuts: list[tuple[np.ndarray, ...]] = []
+        self.row_dual = np.empty(0)  # of the last successful solve
         self._matrix: tuple[np.ndarray, ...] | None = None
         self._cost_cols = np.empty(0, dtype=np.int64)
 
@@ -565,8 +580,8 @@ class LayerRelaxation:
                 rows,
                 cols,
                 np.asarray(a.value_),
-                np.asarray(lp.col_lower_),
-                np.asarray(lp.col_upper_),
+                np.array(lp.col_lower_, dtype=np.float64),
+                np.array(lp.col_upper_, dtype=np.float64),
                 np.asarray(lp.row_lower_),
                 np.asarray(lp.row_upper_),
             )
@@ -633,10 +648,25 @@ class LayerRelaxation:
         primal = np.asarray(solution.col_value)
         if not solution.dual_valid or primal.shape[0] != highs.getNumCol():
             return -np.inf, None, None
-        lower_bound = self.safe_lower_bound(obj, np.asarray(solution.row_dual))
+        self.row_dual = np.asarray(solution.row_dual)
+        lower_bound = self.safe_lower_bound(obj, self.row_dual)
         box = self.enc.box
         x = np.clip(primal[self.enc.x], box.lower, box.upper)
         return lower_bound, x, primal
+
+    def set_column_bounds(self, cols: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> None:
+        """Change column bounds in HiGHS and in the arrays the safe bound reads."""
+        _, _, _, col_lo, col_hi, _, _ = self._lp_arrays()
+        col_lo[cols], col_hi[cols] = lower, upper
+        _check(
+            self.highs.changeColsBounds(
+                cols.shape[0],
+                cols.astype(np.int32),
+                np.asarray(lower, dtype=np.float64),
+                np.asarray(upper, dtype=np.float64),
+            ),
+            "change column bounds",
+        )
 
     def separate(self, primal: np.ndarray) -> int:
         """Add up to ``CUTS_PER_ROUND`` most violated Anderson et al. ideal cuts; return how many.
@@ -929,6 +959,134 @@ def _lp_tiers(
                     break
 
 
+@dataclass
+class _Binaries:
+    """The indicator columns of a relaxation, flattened over its layers, for branching."""
+
+    z: np.ndarray
+    h: np.ndarray
+    y: np.ndarray
+    upper_rows: np.ndarray  # (2, n)
+    span: np.ndarray  # U - L of each neuron's pre-activation
+
+    @classmethod
+    def of(cls, relaxation: LayerRelaxation) -> _Binaries:
+        enc = relaxation.enc
+        pick = [z >= 0 for z in enc.z]
+        empty = [np.empty(0, dtype=np.int64)]
+        z, h, y = (
+            np.concatenate(empty + [c[m] for c, m in zip(cols, pick, strict=True)])
+            for cols in (enc.z, enc.h, enc.y)
+        )
+        rows = np.concatenate(
+            [np.empty((2, 0), dtype=np.int64)]
+            + [r[:, m] for r, m in zip(enc.upper_rows, pick, strict=True)],
+            axis=1,
+        )
+        _, _, _, col_lo, col_hi, _, _ = relaxation._lp_arrays()
+        return cls(z, h, y, rows, col_hi[y] - col_lo[y])
+
+
+def _branching_neuron(
+    binaries: _Binaries, phase: np.ndarray, primal: np.ndarray, row_dual: np.ndarray
+) -> int:
+    """The free neuron whose triangle costs the LP bound most, or -1 if every triangle is tight.
+
+    At the LP optimum neuron ``i`` is relaxed by ``gap_i = h_i - max(y_i, 0)``; the duals of its
+    two upper rows price how much that slack is worth to the objective (a BaBSR-like score
+    ``gap_i * (|dual_1| + |dual_2|)``). When no relaxed neuron is priced, the largest relative gap
+    is split. A gap below ``1e-9 * (1 + span)`` counts as tight (solver tolerance).
+    """
+    if not binaries.z.size:
+        return -1
+    h, y = primal[binaries.h], primal[binaries.y]
+    gap = h - np.maximum(y, 0.0)
+    open_gap = (phase < 0) & (gap > 1e-9 * (1.0 + binaries.span))
+    if not open_gap.any():
+        return -1
+    price = np.abs(row_dual[binaries.upper_rows]).sum(axis=0)
+    score = np.where(open_gap, gap * price, -1.0)
+    if score.max() <= 0:
+        score = np.where(open_gap, gap / (1.0 + binaries.span), -1.0)
+    return int(score.argmax())
+
+
+def _bab_direction(
+    book: _LayerBook,
+    j: int,
+    relaxation: LayerRelaxation,
+    binaries: _Binaries,
+    deadline: float,
+    node_limit: int,
+) -> None:
+    """Decide direction ``j`` by branch and bound on ReLU phases over the LP relaxation.
+
+    A node fixes some indicators: ``z_i = 1`` makes the triangle rows ``h = y >= 0``, ``z_i = 0``
+    makes them ``h = 0 >= y``; the two children of a node cover its whole sub-domain, so the
+    leaves' LP bounds (each the rigorous Neumaier-Shcherbina bound) bound ``max sign * y`` over the
+    box. Best-first: the node with the largest parent bound is solved next; a node is pruned once
+    its bound is ``<= -margin``, every LP optimum is forward-passed as a witness candidate. Unlike
+    the decision MILP, no MIP tolerance slack enters, so extremes within ``(-margin - slack,
+    -margin]`` become provable. It stops undecided at ``node_limit``, at the deadline, on a failed
+    LP, or when a node's LP optimum is tight at every triangle yet neither proves nor refutes (the
+    extreme lies within the margin).
+    """
+    d = book.directions[j]
+    net, layer = book.net, book.layer
+    obj = _objective(relaxation.enc, net, layer, d.neuron, d.sign)
+    margin = float(book.margins[j])
+    n = binaries.z.shape[0]
+    queue = [(-np.inf, 0, np.full(n, -1, dtype=np.int8))]
+    counter, worst_leaf = 1, -np.inf
+    try:
+        while queue:
+            if counter > node_limit or _remaining(deadline) <= 0:
+                return
+            _, _, phase = heapq.heappop(queue)
+            relaxation.set_column_bounds(
+                binaries.z, (phase == 1).astype(np.float64), (phase != 0).astype(np.float64)
+            )
+            lower_bound, x, primal = relaxation.solve(obj, obj.offset + margin, deadline)
+            if x is None or primal is None:
+                return
+            bound = obj.offset - lower_bound + 2 * _EPS * abs(obj.offset)
+            book.absorb(x[None, :], "bab")
+            if book.status[j] != "undecided":
+                return
+            if bound <= -margin:
+                worst_leaf = max(worst_leaf, bound)
+                continue
+            branch = _branching_neuron(binaries, phase, primal, relaxation.row_dual)
+            if branch < 0:
+                return
+            for value in (0, 1):
+                child = phase.copy()
+                child[branch] = value
+                heapq.heappush(queue, (-bound, counter, child))
+                counter += 1
+        book.record_bound(j, worst_leaf, "bab", proved=True)
+    finally:
+        relaxation.set_column_bounds(binaries.z, np.zeros(n), np.ones(n))
+
+
+def _bab_tier(
+    book: _LayerBook,
+    relaxation: LayerRelaxation,
+    deadline: float,
+    time_cap: float,
+    node_limit: int,
+) -> None:
+    """Branch and bound for every open direction in turn, each capped by time and nodes."""
+    binaries = _Binaries.of(relaxation)
+    for j in book.open():
+        if book.status[j] != "undecided":
+            continue
+        if _remaining(deadline) <= 0:
+            return
+        cap = min(deadline, time.monotonic() + time_cap)
+        _bab_direction(book, j, relaxation, binaries, cap, node_limit)
+
+
 def _milp_tier(
     book: _LayerBook,
     context: _MilpContext,
@@ -1006,7 +1164,7 @@ def decide_directions(
     directions : all with ``direction.layer == layer``.
     margins : per neuron of ``layer``; a direction is proved iff its sound bound ``<= -margin``.
     deadline : a ``time.monotonic()`` value; directions still open then are "undecided".
-    tiers : any of "lp", "cuts", "milp" (cuts imply the LP they are added to).
+    tiers : any of "lp", "cuts", "bab", "milp" (cuts and bab imply the LP they work on).
     jobs : worker processes for the decision MILPs (``spawn`` start; results equal ``jobs=1``).
     direction_time_limit : cap in seconds on one decision MILP.
     relaxation : the layer's :class:`LayerRelaxation`, built over the same ``bounds`` and
@@ -1027,12 +1185,16 @@ def decide_directions(
     if not directions or _remaining(deadline) <= 0:
         return book.results(tiers)
     tiers = tuple(tiers)
-    first_method = "lp" if ("lp" in tiers or "cuts" in tiers) else "milp"
+    first_method = "lp" if ("lp" in tiers or "cuts" in tiers) else tiers[0]
     book.absorb(box.center[None, :], first_method)
     if ("lp" in tiers or "cuts" in tiers) and _remaining(deadline) > 0:
         if relaxation is None:
             relaxation = LayerRelaxation.build(net, box, bounds, states, layer)
         _lp_tiers(book, relaxation, tiers, deadline)
+    if "bab" in tiers and _remaining(deadline) > 0:
+        if relaxation is None:
+            relaxation = LayerRelaxation.build(net, box, bounds, states, layer)
+        _bab_tier(book, relaxation, deadline, BAB_TIME_LIMIT, BAB_NODE_LIMIT)
     if "milp" in tiers and _remaining(deadline) > 0:
         context = _MilpContext(
             net,

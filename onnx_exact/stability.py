@@ -85,7 +85,7 @@ from .witness import (
 ProgressCallback = Callable[[str, int, int], None]
 
 METHODS = ("auto", "isa", "per-neuron")
-SOLVER_TIERS = ("split", "lp", "cuts", "milp")
+SOLVER_TIERS = ("split", "lp", "cuts", "bab", "milp")
 FLOAT_MARGIN = 1e-12  # relative margin for interval/symbolic proofs (float64 rounding)
 SOLVER_MARGIN_REL = 1e-7  # relative margin for LP/MILP proofs (solver tolerances)
 SOLVER_MARGIN_ABS = 1e-9
@@ -108,6 +108,7 @@ _TIER_ORDER = (
     "split",
     "lp",
     "lp+cuts",
+    "bab",
     "milp",
     "isa",
     "per-neuron",
@@ -128,7 +129,7 @@ class LayerStability:
     """Per-neuron verdicts of one layer (aligned with ``Network.layers``).
 
     ``decided_by[i]`` names the tier that settled neuron i ("witness", "interval", "symbolic",
-    "ascent", "split", "lp", "lp+cuts", "milp", "isa", "per-neuron", "linear", "" when undecided).
+    "ascent", "split", "lp", "lp+cuts", "bab", "milp", "isa", "per-neuron", "linear", "" when undecided).
     ``lower``/``upper`` are the tightest proved pre-activation bounds found.
     """
 
@@ -207,7 +208,7 @@ def analyze_stability(
     user_inputs : optional ``(m, n_in)`` network-space inputs (e.g. training data), clipped into the
         box and used as witnesses.
     progress : optional ``progress(phase, done, total)`` callback.
-    tiers : exact tiers of the auto pipeline, a subset of ("split", "lp", "cuts", "milp") in that
+    tiers : exact tiers of the auto pipeline, a subset of ("split", "lp", "cuts", "bab", "milp") in that
         order; with fewer tiers the analysis is faster but may leave neurons UNDECIDED.
 
     Returns
