@@ -7,13 +7,14 @@ one unit has a strongly negative bias (stably inactive on the box) and one a str
 each builder, for the reader/writer tests, the end-to-end tests and fuzzers.
 
 ``save_external(model, path)`` writes a model the way torch's dynamo exporter does (tensors in
-``<path>.data``); the ``torch_dynamo`` builder is meant to be saved with it.
+``<path>.data``); the ``torch_dynamo`` builder is meant to be saved with it. ``gemm_mlp`` is the
+plain Gemm/Relu model for tests that need *a* small ReLU network rather than an exporter's pattern.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -24,19 +25,21 @@ ONNX_TYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): Tens
 
 
 def mlp_parameters(
-    sizes: tuple[int, ...] = SIZES, seed: int = 0, dtype=np.float32
+    sizes: Sequence[int] = SIZES, seed: int = 0, dtype=np.float32, pinned: bool = True
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Weights ``W (out, in)`` and biases per layer; hidden unit 0 is dead, unit 1 always active.
+    """Seeded weights ``W (out, in)`` and biases per layer, hidden units 0 and 1 ``pinned``.
 
-    With inputs in [-1, 1] and weights of scale ``1/sqrt(in)``, a hidden pre-activation stays well
-    inside ``±6``, so biases of ``∓20`` decide the sign of units 0 and 1 on any box used here.
+    Pinned, hidden unit 0 is dead and unit 1 always active: with inputs in [-1, 1] and weights of
+    scale ``1/sqrt(in)``, a hidden pre-activation stays well inside ``±6``, so biases of ``∓20``
+    decide the sign of units 0 and 1 on any box used here. Pinning only overwrites those biases;
+    every other value is the same either way.
     """
     rng = np.random.default_rng(seed)
     layers = []
     for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
         weight = rng.normal(0.0, 1.0 / np.sqrt(n_in), size=(n_out, n_in))
         bias = rng.normal(0.0, 0.1, size=n_out)
-        if k < len(sizes) - 2 and n_out >= 2:
+        if pinned and k < len(sizes) - 2 and n_out >= 2:
             bias[0], bias[1] = -20.0, 20.0
         layers.append((weight.astype(dtype), bias.astype(dtype)))
     return layers
@@ -153,6 +156,63 @@ def save_external(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         location=os.path.basename(os.fspath(path)) + ".data",
         size_threshold=0,
     )
+
+
+# --------------------------------------------------------------------------- plain Gemm MLP
+def gemm_mlp(
+    sizes: Sequence[int] = SIZES,
+    seed: int = 0,
+    *,
+    dtype=np.float32,
+    pinned: bool = True,
+    params: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> onnx.ModelProto:
+    """A plain ``x -> Gemm -> Relu -> ... -> Gemm`` ONNX model with seeded or given weights.
+
+    The exporter builders below reproduce real exporters' names and op patterns. Many tests
+    (command line, faults, properties) only need *some* small fully connected ReLU network as an
+    ONNX model; they share this one so that its layout, and the tensor names they patch, are
+    defined in one place.
+
+    Parameters
+    ----------
+    sizes
+        Layer widths, input first: ``(4, 8, 3)`` has one hidden layer of 8 units.
+    seed
+        Seed of the random weights, drawn by :func:`mlp_parameters` (scale ``1/sqrt(in)``).
+    dtype
+        Element type of the input, the weights and the output (float32 or float64).
+    pinned
+        Pin hidden unit 0 stably inactive and unit 1 stably active (see :func:`mlp_parameters`);
+        False keeps every bias random.
+    params
+        Explicit ``(weight (out, in), bias (out,))`` pairs, cast to ``dtype``, used instead of
+        seeded ones; ``sizes``, ``seed`` and ``pinned`` are then unused.
+
+    Returns
+    -------
+    onnx.ModelProto
+        Opset 17, IR version 8, checked. Input ``x`` of shape ``["N", sizes[0]]``. Layer ``k``
+        (from 0) has initializers ``w{k}`` and ``b{k}`` and a Gemm ``fc{k}`` (``transB=1``) with
+        output ``y{k}``, followed on every layer but the last by a Relu ``relu{k}`` with output
+        ``h{k}``. The graph output is the last layer's ``y{k}``.
+    """
+    if params is None:
+        params = mlp_parameters(sizes, seed, dtype, pinned)
+    g = GraphBuilder(dtype)
+    x = "x"
+    for k, (weight, bias) in enumerate(params):
+        x = g.node(
+            "Gemm",
+            [x, g.const(weight, f"w{k}"), g.const(bias, f"b{k}")],
+            name=f"fc{k}",
+            output=f"y{k}",
+            transB=1,
+        )
+        if k < len(params) - 1:
+            x = g.node("Relu", [x], name=f"relu{k}", output=f"h{k}")
+    n_in, n_out = np.shape(params[0][0])[1], np.shape(params[-1][0])[0]
+    return g.model([g.tensor("x", ["N", n_in])], [g.tensor(x, ["N", n_out])])
 
 
 # --------------------------------------------------------------------------- torch legacy

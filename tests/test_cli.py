@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from exporter_fixtures import gemm_mlp
+from onnx import numpy_helper
 
 from onnx_exact.cli import main
 
@@ -18,33 +20,14 @@ from onnx_exact.cli import main
 def _mlp(path: Path, seed: int = 0, metadata: dict[str, str] | None = None) -> Path:
     """A 4-8-8-3 Gemm MLP with a few forced-dead and forced-active neurons on [0,1]^4."""
     rng = np.random.default_rng(seed)
-    w1 = rng.normal(size=(8, 4)).astype(np.float32)
-    b1 = rng.normal(size=8).astype(np.float32)
-    b1[:2] = -10.0  # stably inactive on [0,1]^4 (|w| sums stay below 10 with this seed)
-    b1[2:4] = 10.0  # stably active
-    w2 = rng.normal(size=(8, 8)).astype(np.float32)
-    b2 = rng.normal(size=8).astype(np.float32)
-    w3 = rng.normal(size=(3, 8)).astype(np.float32)
-    b3 = rng.normal(size=3).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(a, n)
-        for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (w3, "w3"), (b3, "b3")]
+    params = [
+        (rng.normal(size=(n_out, n_in)), rng.normal(size=n_out))
+        for n_in, n_out in itertools.pairwise((4, 8, 8, 3))
     ]
-    nodes = [
-        helper.make_node("Gemm", ["x", "w1", "b1"], ["y1"], name="fc1", transB=1),
-        helper.make_node("Relu", ["y1"], ["h1"], name="relu1"),
-        helper.make_node("Gemm", ["h1", "w2", "b2"], ["y2"], name="fc2", transB=1),
-        helper.make_node("Relu", ["y2"], ["h2"], name="relu2"),
-        helper.make_node("Gemm", ["h2", "w3", "b3"], ["logits"], name="fc3", transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    first_bias = params[0][1]
+    first_bias[:2] = -10.0  # stably inactive on [0,1]^4 (|w| sums stay below 10 with this seed)
+    first_bias[2:4] = 10.0  # stably active
+    model = gemm_mlp(params=params)
     for key, value in (metadata or {}).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -134,10 +117,10 @@ def test_check_proves_compressed_output_and_flags_a_perturbed_weight(tmp_path, c
 
     broken = onnx.load(model)
     for init in broken.graph.initializer:
-        if init.name == "w3":
-            w3 = numpy_helper.to_array(init).copy()
-            w3[0, 4] += 0.5
-            init.CopyFrom(numpy_helper.from_array(w3, "w3"))
+        if init.name == "w2":  # the output layer's weights
+            w2 = numpy_helper.to_array(init).copy()
+            w2[0, 4] += 0.5
+            init.CopyFrom(numpy_helper.from_array(w2, "w2"))
     bad = tmp_path / "bad.onnx"
     onnx.save(broken, bad)
     cex = tmp_path / "cex.npy"

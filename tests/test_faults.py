@@ -18,7 +18,7 @@ import highspy
 import numpy as np
 import onnx
 import pytest
-from exporter_fixtures import box_samples, run_onnx, save_external, torch_dynamo
+from exporter_fixtures import box_samples, gemm_mlp, run_onnx, save_external, torch_dynamo
 from onnx import TensorProto, helper, numpy_helper
 from test_bad_inputs import run_cli
 
@@ -44,38 +44,6 @@ SIGNAL_READY_TIMEOUT_S = 90.0  # interpreter start-up on a loaded 2-core machine
 SIGNAL_EXIT_TIMEOUT_S = 30.0
 
 
-def gemm_mlp(sizes: tuple[int, ...], seed: int, forced: bool = False) -> onnx.ModelProto:
-    """A seeded Gemm/Relu MLP; with ``forced``, hidden unit 0 is dead and unit 1 always active."""
-    rng = np.random.default_rng(seed)
-    nodes, initializers, tensor = [], [], "x"
-    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-        weight = rng.normal(0.0, 1.0 / np.sqrt(n_in), size=(n_out, n_in))
-        bias = rng.normal(0.0, 0.1, size=n_out)
-        if forced and k < len(sizes) - 2:
-            bias[:2] = (-20.0, 20.0)
-        initializers += [
-            numpy_helper.from_array(weight.astype(np.float32), f"w{k}"),
-            numpy_helper.from_array(bias.astype(np.float32), f"b{k}"),
-        ]
-        nodes.append(
-            helper.make_node("Gemm", [tensor, f"w{k}", f"b{k}"], [f"y{k}"], name=f"fc{k}", transB=1)
-        )
-        tensor = f"y{k}"
-        if k < len(sizes) - 2:
-            nodes.append(helper.make_node("Relu", [tensor], [f"h{k}"], name=f"relu{k}"))
-            tensor = f"h{k}"
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", sizes[0]])],
-        [helper.make_tensor_value_info(tensor, TensorProto.FLOAT, ["N", sizes[-1]])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 def solver_needed_mlp() -> onnx.ModelProto:
     """A 2-2-2-1 MLP on [-1,1]^2 with a stable neuron that interval and CROWN bounds cannot prove.
 
@@ -84,31 +52,14 @@ def solver_needed_mlp() -> onnx.ModelProto:
     relaxation and CROWN both bound ``a + b`` by 3, and no input can refute a stable neuron, so
     the solver baselines must decide it. Its partner ``a - b`` is unstable.
     """
-    g = [
-        numpy_helper.from_array(np.array([[1, 1], [1, -1]], np.float32), "w0"),
-        numpy_helper.from_array(np.zeros(2, np.float32), "b0"),
-        numpy_helper.from_array(np.array([[1, 1], [1, -1]], np.float32), "w1"),
-        numpy_helper.from_array(np.array([-2.5, 0], np.float32), "b1"),
-        numpy_helper.from_array(np.array([[1, 1]], np.float32), "w2"),
-        numpy_helper.from_array(np.zeros(1, np.float32), "b2"),
-    ]
-    nodes = [
-        helper.make_node("Gemm", ["x", "w0", "b0"], ["y0"], name="fc0", transB=1),
-        helper.make_node("Relu", ["y0"], ["h0"], name="relu0"),
-        helper.make_node("Gemm", ["h0", "w1", "b1"], ["y1"], name="fc1", transB=1),
-        helper.make_node("Relu", ["y1"], ["h1"], name="relu1"),
-        helper.make_node("Gemm", ["h1", "w2", "b2"], ["out"], name="fc2", transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "solver_needed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 1])],
-        g,
+    diagonals = np.array([[1, 1], [1, -1]])
+    return gemm_mlp(
+        params=[
+            (diagonals, np.zeros(2)),
+            (diagonals, np.array([-2.5, 0])),
+            (np.array([[1, 1]]), np.zeros(1)),
+        ]
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def listing(folder: Path) -> set[str]:
@@ -130,7 +81,7 @@ def _handlers_installed(pid: int) -> bool:
 def test_sigint_and_sigterm_during_a_long_solve_write_nothing(tmp_path):
     """Ctrl-C / SIGTERM while per-neuron MILPs run: exit 130 / 143, one line, no file left."""
     model = tmp_path / "slow.onnx"
-    onnx.save(gemm_mlp((20, 60, 60, 60, 10), seed=1), model)
+    onnx.save(gemm_mlp((20, 60, 60, 60, 10), seed=1, pinned=False), model)
     runs = {}
     for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         folder = tmp_path / signal.Signals(signum).name
@@ -175,7 +126,7 @@ def test_sigint_and_sigterm_during_a_long_solve_write_nothing(tmp_path):
 
 
 def test_interrupt_while_saving_removes_the_temporary_files(tmp_path, monkeypatch):
-    model = gemm_mlp((4, 5, 3), seed=0)
+    model = gemm_mlp((4, 5, 3), seed=0, pinned=False)
 
     def interrupted_rename(source, destination):
         raise KeyboardInterrupt
@@ -246,7 +197,7 @@ def test_solver_time_limit_keeps_neurons_and_the_report_says_so(tmp_path, monkey
 # --------------------------------------------------------------------------- determinism
 def test_two_runs_give_byte_identical_output(tmp_path):
     model = tmp_path / "m.onnx"
-    onnx.save(gemm_mlp((6, 12, 12, 3), seed=3, forced=True), model)
+    onnx.save(gemm_mlp((6, 12, 12, 3), seed=3), model)
     outputs = []
     for run in ("a", "b"):
         out = tmp_path / f"{run}.onnx"
@@ -282,7 +233,7 @@ def test_external_data_model_round_trips_byte_identically(tmp_path):
 
 def test_large_model_path_saves_external_data(tmp_path, monkeypatch):
     """Above the 2 GB protobuf limit the writer switches to external data (forced cheaply here)."""
-    model = gemm_mlp((16, 32, 4), seed=0)
+    model = gemm_mlp((16, 32, 4), seed=0, pinned=False)
     monkeypatch.setattr(onnx_writer, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
     out = tmp_path / "big.onnx"
     onnx_writer.save_model_atomic(model, out)
@@ -297,7 +248,7 @@ def test_large_model_path_saves_external_data(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- odd but valid models
 def test_model_without_relu_is_merged_exactly_and_says_so(tmp_path):
     """No ReLU: nothing to prove. The affine layers are merged (exact), verified and written."""
-    model = gemm_mlp((4, 5, 3), seed=0)
+    model = gemm_mlp((4, 5, 3), seed=0, pinned=False)
     relu = next(i for i, node in enumerate(model.graph.node) if node.op_type == "Relu")
     del model.graph.node[relu]
     model.graph.node[relu].input[0] = "y0"
@@ -350,7 +301,7 @@ def test_shared_weights_are_cloned_not_corrupted(tmp_path):
 
 def test_unsupported_activation_in_the_tail_is_left_alone(tmp_path):
     """A Sigmoid after the last affine layer is outside the analysed MLP: compress the rest."""
-    model = gemm_mlp((4, 6, 3), seed=2, forced=True)
+    model = gemm_mlp((4, 6, 3), seed=2)
     model.graph.node.append(helper.make_node("Sigmoid", ["y1"], ["prob"], name="sigmoid"))
     model.graph.output[0].name = "prob"
     path, out = tmp_path / "tail.onnx", tmp_path / "out.onnx"
@@ -362,7 +313,7 @@ def test_unsupported_activation_in_the_tail_is_left_alone(tmp_path):
 
 # --------------------------------------------------------------------------- resources
 def test_memory_guard_refuses_with_the_estimate_and_the_fix():
-    net = read_model(gemm_mlp((3072, 2048, 2048, 10), seed=0)).network
+    net = read_model(gemm_mlp((3072, 2048, 2048, 10), seed=0, pinned=False)).network
     estimate = estimate_peak_memory(net)
     assert check_memory(net, 2 * estimate.total) == estimate
     with pytest.raises(ResourceError) as refused:
@@ -377,7 +328,7 @@ def test_memory_guard_refuses_with_the_estimate_and_the_fix():
 def test_memory_estimate_bounds_the_measured_peak(tmp_path):
     """The guard must not under-estimate (the OS would kill the run) nor refuse needlessly."""
     model = tmp_path / "m.onnx"
-    onnx.save(gemm_mlp((784, 512, 512, 10), seed=0), model)
+    onnx.save(gemm_mlp((784, 512, 512, 10), seed=0, pinned=False), model)
     usage = measure_command(
         [sys.executable, "-m", "onnx_exact", str(model), str(tmp_path / "o.onnx"), "-r", "[0,1]"]
         + ["-q", "--time-limit", "60"]

@@ -12,9 +12,9 @@ import itertools
 
 import numpy as np
 import onnx
+from exporter_fixtures import gemm_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
 
 from onnx_exact.domain import Box
 from onnx_exact.network import DenseLayer, InputMap, Network
@@ -74,36 +74,12 @@ def test_proved_stable_neurons_never_flip_on_dense_samples(case):
             assert witnessed[:, i].max() > 0 and witnessed[:, i].min() < 0
 
 
-def to_onnx(net: Network) -> onnx.ModelProto:
-    """The network as a torch-legacy-style Gemm graph in float32."""
-    nodes, inits, current = [], [], "x"
-    for k, layer in enumerate(net.layers):
-        w, b = f"w{k}", f"b{k}"
-        inits += [
-            numpy_helper.from_array(layer.weight.astype(np.float32), w),
-            numpy_helper.from_array(layer.bias.astype(np.float32), b),
-        ]
-        out = f"y{k}" if k < len(net.layers) - 1 else "out"
-        nodes.append(helper.make_node("Gemm", [current, w, b], [out], name=f"fc{k}", transB=1))
-        current = out
-        if layer.relu:
-            nodes.append(helper.make_node("Relu", [out], [f"h{k}"], name=f"relu{k}"))
-            current = f"h{k}"
-    graph = helper.make_graph(
-        nodes,
-        "random",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", net.in_features])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", net.out_features])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=networks_and_boxes())
 def test_compress_then_compare_on_samples(case, tmp_path_factory):
     net, box = case
-    model = to_onnx(net)
+    model = gemm_mlp(params=[(layer.weight, layer.bias) for layer in net.layers])
+    out = model.graph.output[0].name
     folder = tmp_path_factory.mktemp("prop")
     box_file = folder / "box.npz"
     np.savez(box_file, lower=box.lower, upper=box.upper)
@@ -112,11 +88,11 @@ def test_compress_then_compare_on_samples(case, tmp_path_factory):
     assert result.report.params_after <= result.report.params_before
     small = onnx.load(folder / "small.onnx")
     x = dense_points(box, np.random.default_rng(2))[:5000]
-    expected = run_model(model, x)["out"]
-    got = run_model(small, x)["out"]
+    expected = run_model(model, x)[out]
+    got = run_model(small, x)[out]
     # Equal up to float round-off: the tolerance the pipeline derived from the input model's own
     # measured float32 round-off (at least 1e-5).
     atol = result.report.verification.atol
-    atol = atol.get("out", atol[""]) if isinstance(atol, dict) else atol
+    atol = atol.get(out, atol[""]) if isinstance(atol, dict) else atol
     assert atol <= max(1e-5, 1e-3 * float(np.abs(expected).max()))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=atol)
