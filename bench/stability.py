@@ -53,6 +53,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -204,8 +205,10 @@ def select_cases(args: argparse.Namespace) -> tuple[list[Case], list[str]]:
     else:
         cases = zoo_cases(args.quick) + shared_cases(args.quick)
     if args.cases:
-        pattern = args.cases if any(c in args.cases for c in "*?[") else f"*{args.cases}*"
-        cases = [case for case in cases if fnmatch.fnmatch(case.id, pattern)]
+        patterns = [
+            text if any(c in text for c in "*?[") else f"*{text}*" for text in args.cases.split(",")
+        ]
+        cases = [case for case in cases if any(fnmatch.fnmatch(case.id, p) for p in patterns)]
     return locate_zoo_models(cases, build=not (args.quick or args.no_build))
 
 
@@ -319,7 +322,7 @@ def run_method(case: Case, method: str, time_limit: float, jobs: int, seed: int)
             if wall >= hard_limit
             else f"child died with exit code {child.exitcode}"
         )
-        summary = {"error": why}
+        summary = {"error": why, "killed": wall >= hard_limit}
     summary["method"] = method
     summary["time_limit"] = time_limit
     return summary
@@ -499,9 +502,12 @@ class CaseResult:
     def baseline_time(self, method: str) -> tuple[float, bool] | None:
         """(seconds, is_lower_bound) of a baseline, or None if it failed.
 
-        A run that hit its cap would have needed at least the cap: its time is a lower bound.
+        A run that hit its cap would have needed at least the cap: its time is a lower bound. So
+        would a run killed for overrunning its cap (it had not finished at the cap either).
         """
         run = self.runs[method]
+        if run.get("killed"):
+            return run["time_limit"], True
         if run.get("error"):
             return None
         capped = run["time_limit_hit"]
@@ -520,6 +526,8 @@ def fmt_seconds(value: float) -> str:
 
 
 def fmt_run_time(run: dict) -> str:
+    if run.get("killed"):
+        return f"≥ {fmt_seconds(run['time_limit'])} (killed)"
     if run.get("error"):
         return "error"
     undecided = count_undecided(run)
@@ -740,6 +748,20 @@ def machine_description() -> str:
     )
 
 
+def engine_commit() -> str:
+    """``git describe`` of the checkout that ran (``-dirty`` if it had uncommitted changes)."""
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
 def markdown_section(
     results: list[CaseResult],
     args: argparse.Namespace,
@@ -760,7 +782,7 @@ def markdown_section(
         f"### Run `{args.section}`: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"- Command: `python bench/stability.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"- Machine: {machine_description()}",
+        f"- Machine: {machine_description()}; engine at commit {engine_commit()}",
         f"- Caps: auto {args.time_limit:.0f} s per case, baselines (isa, per-neuron) "
         f"{args.baseline_cap:.0f} s per case; `--jobs {args.jobs}`, seed {args.seed}; "
         f"{len(results)} cases in {elapsed / 60:.1f} min. {progress}".rstrip(),
@@ -843,7 +865,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="committed zoo models and small shared cases (< 5 min)"
     )
-    parser.add_argument("--cases", help="only case ids 'model:box' matching this (glob/substring)")
+    parser.add_argument(
+        "--cases",
+        help="only cases whose id 'model:box' matches one of these comma-separated globs or substrings",
+    )
     parser.add_argument("--model", action="append", help="benchmark this model on its metadata box")
     parser.add_argument(
         "--baseline-cap",
