@@ -21,6 +21,9 @@ Soundness policy
     * LP proofs are rigorous: the bound is re-derived from the row duals with the
       Neumaier-Shcherbina bound (every column is boxed), minus a forward error bound of the float
       sums. A direction is proved iff ``bound <= -margin``.
+    * Branch and bound on ReLU phases (:func:`_bab_direction`) fixes indicator columns of the
+      same LP to 0 or 1; every node's bound is that rigorous LP bound, and a direction is proved
+      when every leaf clears the margin, so no MILP slack applies.
     * MILP dual bounds are not certifiable. A MILP proof needs ``bound <= -margin`` with
       ``bound = sign b - dual_bound + slack`` and ``slack = 1e-6 (sum_j |W_ij| max(|lo_j|, |hi_j|)
       + |b_i|)``: the change of ``y`` that the MIP feasibility tolerance (1e-6 per row and bound)
@@ -289,6 +292,17 @@ def _add_rows(
 
 def _remaining(deadline: float) -> float:
     return deadline - time.monotonic()
+
+
+def time_limit_option(highs: highspy.Highs, seconds: float) -> float:
+    """The ``time_limit`` option value that allows ``seconds`` more for the next ``run()``.
+
+    HiGHS compares ``time_limit`` with the *cumulative* run time of the ``Highs`` object (HiGHS
+    issues #1331, #1477; highspy 1.16 has no ``zeroAllClocks``), so a model solved many times --
+    the warm per-layer relaxation, the ISA's re-solves -- would otherwise stop at once with
+    ``kTimeLimit`` and a meaningless primal once its solves add up to the limit.
+    """
+    return float(highs.getRunTime() + seconds)
 
 
 def _input_absmax(net: Network, box: Box, bounds: Sequence, layer: int) -> np.ndarray:
@@ -642,7 +656,11 @@ class LayerRelaxation:
             highs.changeColsCost(self._cost_cols.shape[0], self._cost_cols.astype(np.int32), zeros)
         highs.changeColsCost(obj.cols.shape[0], obj.cols.astype(np.int32), obj.costs)
         self._cost_cols = obj.cols
-        _set_options(highs, objective_bound=float(stop_at), time_limit=float(remaining))
+        _set_options(
+            highs,
+            objective_bound=float(stop_at),
+            time_limit=time_limit_option(highs, remaining),
+        )
         highs.run()
         raise_if_interrupted()
         if self._cold:  # the cold basis warm-starts dual simplex from now on
@@ -796,7 +814,10 @@ def _run_min(
     """
     highs.changeColsCost(obj.cols.shape[0], obj.cols.astype(np.int32), obj.costs)
     _set_options(
-        highs, objective_bound=float(cutoff), objective_target=float(target), time_limit=time_limit
+        highs,
+        objective_bound=float(cutoff),
+        objective_target=float(target),
+        time_limit=time_limit_option(highs, time_limit),
     )
     harvested: list[np.ndarray] = []
     x_cols = enc.x
@@ -1445,7 +1466,7 @@ def isa_stability(
         _set_options(
             highs,
             objective_bound=-0.5,
-            time_limit=float(time_limit),
+            time_limit=time_limit_option(highs, time_limit),
             mip_heuristic_run_feasibility_jump=False,
         )
         found: list[tuple[np.ndarray, np.ndarray]] = []
