@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import importlib
 import importlib.util
 import json
@@ -748,8 +749,13 @@ def machine_description() -> str:
     )
 
 
+@functools.cache
 def engine_commit() -> str:
-    """``git describe`` of the checkout that ran (``-dirty`` if it had uncommitted changes)."""
+    """``git describe`` of the checkout when the run started (``-dirty``: uncommitted changes).
+
+    Cached from the first call, which :func:`main` makes before the first case, so edits made
+    while a long run is going do not relabel it.
+    """
     try:
         return subprocess.run(
             ["git", "describe", "--always", "--dirty"],
@@ -833,8 +839,9 @@ section below is one run; re-running a mode replaces its section only.
 
 Columns: *stable found* and *undecided* are `auto`'s verdicts over all ReLU neurons; *auto time per
 tier* splits `auto`'s wall time into w(itness), i(nterval), s(ymbolic), a(scent), t(ighten), lp,
-c(uts), m(ilp), and any other tier under its own name (e.g. split); a baseline time `≥ T (n open)`
-hit its cap T with n neurons still undecided, and its ratio to auto is then a lower bound; *labels*
+c(uts), b (LP branch and bound), m(ilp), and any other tier under its own name (e.g. split); a
+baseline time `≥ T (n open)` hit its cap T with n neurons still undecided, `≥ T (killed)` overran
+its cap and was killed, and its ratio to auto is then a lower bound; *labels*
 compares the three methods neuron by neuron wherever both decided; *onnxsim proofs* counts the
 neurons `onnxsim.stable_relu_prune.analyze` (interval + CROWN, margin 1e-5) proves stable and checks
 that `auto` proves every one of them; *auto peak MiB* is the peak RSS (`VmHWM`) of the child process
@@ -930,6 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     args = parse_args(argv)
+    engine_commit()
     console = Console(width=None if sys.stdout.isatty() else 200)
     cases, skipped = select_cases(args)
     if skipped:

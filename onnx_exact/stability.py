@@ -22,9 +22,11 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    boxes are halved along the input dimension that contributes most to the open bounds; what is
    open when the layer's sub-box budget is spent goes on to the solvers
    (:meth:`_Analysis.split_tier`; ACAS Xu prop_1..4: every direction in about 1 s);
-6. ``lp``, ``cuts``, ``milp`` — :func:`onnx_exact.milp.decide_directions` (triangle LP, LP with ideal
-   cuts, decision MILP), one tier at a time over batches of directions, so that solution points
-   refute directions early and each tier's wall time is recorded.
+6. ``lp``, ``cuts``, ``bab``, ``milp`` — :func:`onnx_exact.milp.decide_directions` (triangle LP,
+   LP with ideal cuts, LP branch and bound on ReLU phases, decision MILP), one tier at a time over
+   batches of directions, so that solution points refute directions early and each tier's wall
+   time is recorded. The first three share one warm :class:`onnx_exact.milp.LayerRelaxation` per
+   layer (built once the bounds below the layer are final); the MILPs start from its cut pool.
 
 Before the solver tiers of layer ``k`` run, the not-yet-stable neurons of layers ``1 .. k-1`` get
 LP bounds, bottom-up and once per layer (``milp.tighten_bounds``; the first layer is skipped, its
@@ -40,7 +42,8 @@ INACTIVE when ``upper <= -1e-12 * s_i`` and ACTIVE when ``lower >= 1e-12 * s_i``
 rounding of the bound computation (relative error ~1e-16 per operation). LP and MILP proofs need
 ``max sign*y <= -(1e-7 * s_i + 1e-9)``, a margin above the solvers' feasibility and optimality
 tolerances, passed to :mod:`onnx_exact.milp`, which applies it on top of its own soundness
-measures (rigorous dual bounds for LPs, a feasibility-tolerance slack for MILP dual bounds).
+measures (rigorous dual bounds for LPs and for every branch-and-bound node, a feasibility-tolerance
+slack for MILP dual bounds).
 A neuron whose extreme lies within its margin of zero is neither refuted nor proved: it is UNDECIDED
 and kept, which keeps the compression exact. Witnesses refute only on a strict sign (``y > 0`` or
 ``y < 0``) in float64; ``y == 0`` refutes nothing. A neuron with an all-zero weight row and zero bias
