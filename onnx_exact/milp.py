@@ -1181,7 +1181,7 @@ def decide_directions(
     *,
     tiers: Sequence[str] = _TIERS,
     jobs: int = 1,
-    direction_time_limit: float = DIRECTION_TIME_LIMIT,
+    effort: float = 1.0,
     relaxation: LayerRelaxation | None = None,
 ) -> list[DirectionResult]:
     """Prove or refute sign directions of one layer: LP, then LP + ideal cuts, then MILP.
@@ -1196,7 +1196,8 @@ def decide_directions(
     deadline : a ``time.monotonic()`` value; directions still open then are "undecided".
     tiers : any of "lp", "cuts", "bab", "milp" (cuts and bab imply the LP they work on).
     jobs : worker processes for the decision MILPs (``spawn`` start; results equal ``jobs=1``).
-    direction_time_limit : cap in seconds on one decision MILP.
+    effort : multiplies the per-direction caps (``DIRECTION_TIME_LIMIT`` seconds per decision
+        MILP, ``BAB_TIME_LIMIT`` seconds and ``BAB_NODE_LIMIT`` nodes per branch and bound).
     relaxation : the layer's :class:`LayerRelaxation`, built over the same ``bounds`` and
         ``states``; reusing it across calls keeps the warm basis and the cut pool. Built here when
         omitted.
@@ -1224,7 +1225,7 @@ def decide_directions(
     if "bab" in tiers and _remaining(deadline) > 0:
         if relaxation is None:
             relaxation = LayerRelaxation.build(net, box, bounds, states, layer)
-        _bab_tier(book, relaxation, deadline, BAB_TIME_LIMIT, BAB_NODE_LIMIT)
+        _bab_tier(book, relaxation, deadline, BAB_TIME_LIMIT * effort, int(BAB_NODE_LIMIT * effort))
     if "milp" in tiers and _remaining(deadline) > 0:
         context = _MilpContext(
             net,
@@ -1235,7 +1236,7 @@ def decide_directions(
             relaxation.cuts if relaxation is not None else [],
         )
         slack = milp_slack(net, box, bounds, layer)
-        _milp_tier(book, context, slack, deadline, jobs, direction_time_limit)
+        _milp_tier(book, context, slack, deadline, jobs, DIRECTION_TIME_LIMIT * effort)
     return book.results(tiers)
 
 

@@ -27,6 +27,8 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    batches of directions, so that solution points refute directions early and each tier's wall
    time is recorded. The first three share one warm :class:`onnx_exact.milp.LayerRelaxation` per
    layer (built once the bounds below the layer are final); the MILPs start from its cut pool.
+   Under a time limit, directions still open after that get the ``bab`` and ``milp`` tiers again
+   with their per-direction caps multiplied by 4, then 16, while time remains.
 
 Before the solver tiers of layer ``k`` run, the not-yet-stable neurons of layers ``1 .. k-1`` get
 LP bounds, bottom-up and once per layer (``milp.tighten_bounds``; the first layer is skipped, its
@@ -97,6 +99,9 @@ SOLVER_MARGIN_ABS = 1e-9
 _SAMPLE_MACS = 2e9
 _SAMPLE_MIN, _SAMPLE_MAX, _SAMPLE_ROUND = 256, 8192, 1024
 _SOLVER_BATCH = 32  # directions per solver call; witnesses found in one batch refute the next
+# Under a time limit, directions left open by the capped bab/milp tiers are retried with the
+# per-direction caps multiplied by these factors, in turn, while time remains.
+_RETRY_EFFORTS = (4.0, 16.0)
 # Input splitting: used up to this many input features; sub-boxes bounded per layer before the
 # open directions are handed to the LP/MILP tiers; float64 values one batch may materialise.
 SPLIT_MAX_INPUTS = 16
@@ -422,6 +427,16 @@ class _Analysis:
             if not self.has_open(k):
                 break
             self.solver_tier(k, tier)
+        # Directions the capped exact tiers gave up on get longer tries while a time limit leaves
+        # room (without a time limit the caps are what bounds the run, so no retries).
+        retry_tiers = tuple(tier for tier in milp_tiers if tier in ("bab", "milp"))
+        for effort in _RETRY_EFFORTS:
+            if not retry_tiers or not np.isfinite(self.deadline):
+                break
+            for tier in retry_tiers:
+                if not self.has_open(k) or self.out_of_time():
+                    break
+                self.solver_tier(k, tier, effort)
         self.finish_layer(k)
 
     def symbolic_tier(self, k: int) -> None:
@@ -632,8 +647,10 @@ class _Analysis:
                 self.prove_from_bounds(k, "symbolic")
                 self.propagate()
 
-    def solver_tier(self, k: int, tier: str) -> None:
+    def solver_tier(self, k: int, tier: str, effort: float = 1.0) -> None:
         """One solver tier on layer k's open directions, in batches; solution points refute early.
+
+        ``effort`` multiplies the tier's per-direction caps (:func:`milp.decide_directions`).
 
         Each direction is sent at most once per tier; directions refuted by a witness from an
         earlier batch (of any layer's neuron) are dropped before their turn.
@@ -665,6 +682,7 @@ class _Analysis:
                     self.deadline,
                     tiers=(tier,),
                     jobs=self.jobs,
+                    effort=effort,
                     relaxation=self.relaxation,
                 )
                 self.apply_solver_results(k, results, margins)

@@ -274,3 +274,30 @@ def test_time_limit_inside_the_last_tier_is_reported_as_the_reason():
     assert undecided > 0
     assert result.time_limit_hit
     assert all("time limit" in note for note in result.notes if "undecided" in note)
+
+
+def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(monkeypatch):
+    """With one node per branch and bound, a first pass leaves directions open; under a time
+    limit the retries (4x, 16x the caps) decide more of them, soundly; without one, none run."""
+    from onnx_exact import milp
+
+    net = random_network(np.random.default_rng(7), [10, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    monkeypatch.setattr(milp, "BAB_NODE_LIMIT", 1)
+    calls: list[float] = []
+    original = milp.decide_directions
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("effort", 1.0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(milp, "decide_directions", counting)
+    once = analyze_stability(net, box, tiers=("bab",))
+    assert set(calls) == {1.0} and once.counts()["UNDECIDED"] > 0
+    calls.clear()
+    retried = analyze_stability(net, box, tiers=("bab",), time_limit=120)
+    assert {4.0, 16.0} & set(calls)
+    assert retried.counts()["UNDECIDED"] < once.counts()["UNDECIDED"]
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.uniform(box.lower, box.upper, (20000, 10)), box.lower[None]])
+    assert_sound(net, box, retried, points)
