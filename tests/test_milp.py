@@ -218,6 +218,46 @@ def test_one_exact_tier_alone_matches_grid(seed, sizes, tier):
             assert np.all(states[k] != NeuronState.UNDECIDED)
 
 
+def test_branch_and_bound_never_contradicts_samples_and_restores_the_lp(monkeypatch):
+    """Proofs hold on 40k samples, a node limit leaves directions undecided (never wrong), and
+    the shared relaxation gets its [0, 1] indicator bounds back."""
+    net = _random_net(7, [10, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    bounds = _interval_bounds(net, box)
+    states = [np.full(20, NeuronState.UNDECIDED, dtype=np.int64)]
+    pre = net.preactivations(_samples(box, 7))[1]
+    directions = _all_directions(net, 1)
+    outcomes = {}
+    for node_limit in (1, milp.BAB_NODE_LIMIT):
+        monkeypatch.setattr(milp, "BAB_NODE_LIMIT", node_limit)
+        relaxation = milp.LayerRelaxation.build(net, box, bounds, states, 1)
+        results = milp.decide_directions(
+            net,
+            box,
+            bounds,
+            states,
+            1,
+            directions,
+            np.full(20, MARGIN),
+            time.monotonic() + 60,
+            tiers=("bab",),
+            relaxation=relaxation,
+        )
+        _, _, _, col_lo, col_hi, _, _ = relaxation._lp_arrays()
+        z_cols = relaxation.enc.z[0][relaxation.enc.z[0] >= 0]
+        assert np.all(col_lo[z_cols] == 0) and np.all(col_hi[z_cols] == 1)
+        lp = relaxation.highs.getLp()
+        assert np.all(np.asarray(lp.col_lower_)[z_cols] == 0)
+        assert np.all(np.asarray(lp.col_upper_)[z_cols] == 1)
+        for r in results:
+            sampled_max = (r.direction.sign * pre[:, r.direction.neuron]).max()
+            assert not (r.status == "proved" and sampled_max > 0)
+            assert r.bound >= sampled_max - 1e-9
+        outcomes[node_limit] = [r.status for r in results]
+    assert "undecided" not in outcomes[milp.BAB_NODE_LIMIT]
+    assert outcomes[1].count("undecided") > 0  # a root LP alone cannot decide all of them
+
+
 @pytest.mark.parametrize(("seed", "sizes"), SMALL_NETS)
 def test_baselines_agree_with_tiers_and_grid(seed, sizes):
     net = _random_net(seed, sizes)
