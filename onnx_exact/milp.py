@@ -40,7 +40,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -908,8 +908,12 @@ def _decision_milp(
 # --------------------------------------------------------------------------- the tiered decision
 
 
-class _LayerBook:
-    """Open directions of one layer, their best bounds and the best input seen for each."""
+class DirectionBook:
+    """Open directions of one layer, their best bounds and the best input seen for each.
+
+    Shared by every exact tier (the HiGHS tiers here and :mod:`onnx_exact.relu_bab`): a direction
+    is refuted by the first forward-passed input that shows its sign, whichever tier produced it.
+    """
 
     def __init__(self, net: Network, layer: int, directions: Sequence[Direction], margins):
         self.net, self.layer = net, layer
@@ -950,7 +954,8 @@ class _LayerBook:
             self.status[j], self.method[j] = "proved", method
 
     def results(self, tiers: Sequence[str]) -> list[DirectionResult]:
-        fallback = "milp" if "milp" in tiers else ("lp+cuts" if "cuts" in tiers else "lp")
+        named = {"milp": "milp", "cuts": "lp+cuts", "lp": "lp"}
+        fallback = next((named[t] for t in ("milp", "cuts", "lp") if t in tiers), tiers[-1])
         return [
             DirectionResult(
                 d, self.status[j], float(self.bound[j]), self.method[j] or fallback, self.witness[j]
@@ -960,7 +965,7 @@ class _LayerBook:
 
 
 def _lp_tiers(
-    book: _LayerBook, relaxation: LayerRelaxation, tiers: Sequence[str], deadline: float
+    book: DirectionBook, relaxation: LayerRelaxation, tiers: Sequence[str], deadline: float
 ) -> None:
     """Triangle LP for every open direction, then cut rounds for those still open."""
     net, layer = book.net, book.layer
@@ -1042,7 +1047,7 @@ def _branching_neuron(
 
 
 def _bab_direction(
-    book: _LayerBook,
+    book: DirectionBook,
     j: int,
     relaxation: LayerRelaxation,
     binaries: _Binaries,
@@ -1099,8 +1104,61 @@ def _bab_direction(
         relaxation.set_column_bounds(binaries.z, np.zeros(n), np.ones(n))
 
 
+def lp_dive(
+    book: DirectionBook, j: int, relaxation: LayerRelaxation, deadline: float
+) -> Iterator[None]:
+    """Dive down the LP branch-and-bound tree of direction ``j`` toward a witness, step by step.
+
+    A generator: each ``next`` is one step. The first solves the root LP; every later one takes
+    the neuron :func:`_branching_neuron` would split at the current node, solves both children
+    and moves to the one with the larger bound (where a witness, if any, is likelier). Every LP
+    optimum is forward-passed. As the triangles the LP point uses get fixed it becomes a real
+    network point, so a sign that shows only in a thin region is reached in a few dozen LPs,
+    where best-first search would first bound every node above it. Proves nothing; it ends at a
+    refutation, when both children clear the margin, when no triangle is loose, at the deadline
+    or on a failed LP. The indicator bounds are restored whenever it ends or is closed.
+    """
+    d = book.directions[j]
+    binaries = _Binaries.of(relaxation)
+    n = binaries.z.shape[0]
+    obj = _objective(relaxation.enc, book.net, book.layer, d.neuron, d.sign)
+    margin = float(book.margins[j])
+
+    def solve(phase: np.ndarray) -> tuple[float, np.ndarray | None, np.ndarray]:
+        relaxation.set_column_bounds(
+            binaries.z, (phase == 1).astype(np.float64), (phase != 0).astype(np.float64)
+        )
+        lower_bound, x, primal = relaxation.solve(obj, obj.offset + margin, deadline)
+        if x is not None:
+            book.absorb(x[None, :], "crown-bab")
+        return obj.offset - lower_bound, primal, relaxation.row_dual.copy()
+
+    phase = np.full(n, -1, dtype=np.int8)
+    try:
+        bound, primal, dual = solve(phase)
+        while primal is not None and book.status[j] == "undecided" and bound > -margin:
+            yield
+            branch = _branching_neuron(binaries, phase, primal, dual)
+            if branch < 0 or _remaining(deadline) <= 0:
+                return
+            children = []
+            for value in (0, 1):
+                child = phase.copy()
+                child[branch] = value
+                child_bound, child_primal, child_dual = solve(child)
+                if book.status[j] != "undecided":
+                    return
+                if child_primal is not None:
+                    children.append((child_bound, child, child_primal, child_dual))
+            if not children:
+                return
+            bound, phase, primal, dual = max(children, key=lambda c: c[0])
+    finally:
+        relaxation.set_column_bounds(binaries.z, np.zeros(n), np.ones(n))
+
+
 def _bab_tier(
-    book: _LayerBook,
+    book: DirectionBook,
     relaxation: LayerRelaxation,
     deadline: float,
     time_cap: float,
@@ -1118,7 +1176,7 @@ def _bab_tier(
 
 
 def _milp_tier(
-    book: _LayerBook,
+    book: DirectionBook,
     context: _MilpContext,
     slack: np.ndarray,
     deadline: float,
@@ -1212,7 +1270,7 @@ def decide_directions(
         raise ValueError(f"unknown tiers {sorted(unknown)}; use a subset of {_TIERS}")
     if any(d.layer != layer or d.sign not in (1, -1) for d in directions):
         raise ValueError(f"every direction must have layer={layer} and sign +1 or -1")
-    book = _LayerBook(net, layer, directions, margins)
+    book = DirectionBook(net, layer, directions, margins)
     if not directions or _remaining(deadline) <= 0:
         return book.results(tiers)
     tiers = tuple(tiers)

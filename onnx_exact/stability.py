@@ -66,7 +66,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from . import milp
+from . import milp, relu_bab
 from .bounds import (
     LayerBounds,
     interval_bounds,
@@ -90,7 +90,7 @@ from .witness import (
 ProgressCallback = Callable[[str, int, int], None]
 
 METHODS = ("auto", "isa", "per-neuron")
-SOLVER_TIERS = ("split", "lp", "cuts", "bab", "milp")
+SOLVER_TIERS = ("split", "lp", "cuts", "crown-bab", "bab", "milp")
 FLOAT_MARGIN = 1e-12  # relative margin for interval/symbolic proofs (float64 rounding)
 SOLVER_MARGIN_REL = 1e-7  # relative margin for LP/MILP proofs (solver tolerances)
 SOLVER_MARGIN_ABS = 1e-9
@@ -116,6 +116,7 @@ _TIER_ORDER = (
     "split",
     "lp",
     "lp+cuts",
+    "crown-bab",
     "bab",
     "milp",
     "isa",
@@ -429,7 +430,7 @@ class _Analysis:
             self.solver_tier(k, tier)
         # Directions the capped exact tiers gave up on get longer tries while a time limit leaves
         # room (without a time limit the caps are what bounds the run, so no retries).
-        retry_tiers = tuple(tier for tier in milp_tiers if tier in ("bab", "milp"))
+        retry_tiers = tuple(tier for tier in milp_tiers if tier in ("crown-bab", "bab", "milp"))
         for effort in _RETRY_EFFORTS:
             if not retry_tiers or not np.isfinite(self.deadline):
                 break
@@ -667,6 +668,26 @@ class _Analysis:
                 if not batch:
                     break
                 margins = solver_margins(self.net, self.box, self.bounds, k)
+                if tier == "crown-bab":
+                    if self.relaxation is None or self.relaxation.layer != k:
+                        self.relaxation = milp.LayerRelaxation.build(
+                            self.net, self.box, self.bounds, self.solver_states(k), k
+                        )
+                    results = relu_bab.decide_directions(
+                        self.net,
+                        self.box,
+                        self.bounds,
+                        self.solver_states(k),
+                        k,
+                        [milp.Direction(layer=k, neuron=i, sign=s) for i, s in batch],
+                        margins,
+                        self.deadline,
+                        effort=effort,
+                        relaxation=self.relaxation,
+                    )
+                    self.apply_solver_results(k, results, margins)
+                    self.progress(tier, total - len(pending), total)
+                    continue
                 if self.relaxation is None or self.relaxation.layer != k:
                     self.relaxation = milp.LayerRelaxation.build(
                         self.net, self.box, self.bounds, self.solver_states(k), k

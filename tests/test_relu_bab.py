@@ -1,0 +1,201 @@
+"""Tests of the CROWN branch and bound tier (:mod:`onnx_exact.relu_bab`).
+
+Oracles: finite differences for the bound's gradient; samples filtered by a node's split
+constraints for node bounds (a sampled maximum is a lower bound on the node's true maximum, so no
+node bound may be below it); a dense grid over 2- and 3-input boxes for the labels.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from test_milp import (
+    MARGIN,
+    SMALL_NETS,
+    _all_directions,
+    _grid,
+    _grid_states,
+    _interval_bounds,
+    _random_net,
+    _samples,
+    _states_from,
+)
+
+from onnx_exact import milp, relu_bab
+from onnx_exact.domain import Box
+from onnx_exact.stability import NeuronState, analyze_stability
+
+
+def _undecided(net, layer):
+    return [np.full(net.layers[j].out_features, NeuronState.UNDECIDED) for j in range(layer)]
+
+
+def _problem(seed: int = 3, sizes=(5, 16, 16, 16, 2), layer: int = 3):
+    net = _random_net(seed, list(sizes))
+    box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
+    bounds = _interval_bounds(net, box)
+    sub = relu_bab.SubNetwork.below(net, box, bounds, _undecided(net, layer), layer)
+    return net, box, bounds, sub
+
+
+def _random_nodes(sub, rng, count=5):
+    phase = np.full((count, sub.count), -1, dtype=np.int8)
+    for row in range(1, count):
+        chosen = rng.choice(sub.count, size=min(6, sub.count), replace=False)
+        phase[row, chosen] = rng.integers(0, 2, size=chosen.size)
+    alpha = rng.random((count, sub.count))
+    multipliers = rng.random((count, 2 * sub.neurons)) * 0.3
+    return phase, alpha, multipliers
+
+
+def test_gradient_matches_finite_differences():
+    net, _, _, sub = _problem()
+    rng = np.random.default_rng(0)
+    phase, alpha, multipliers = _random_nodes(sub, rng)
+    target, offset = net.layers[3].weight[0], float(net.layers[3].bias[0])
+    exact = relu_bab.bound_nodes(sub, target, offset, phase, alpha, multipliers)
+    step = 1e-6
+    for name, values, gradient in (
+        ("alpha", alpha, exact.grad_alpha),
+        ("multipliers", multipliers, exact.grad_multipliers),
+    ):
+        for column in rng.choice(values.shape[1], size=25, replace=False):
+            moved = values.copy()
+            moved[:, column] += step
+            args = (moved, multipliers) if name == "alpha" else (alpha, moved)
+            value = relu_bab.bound_nodes(sub, target, offset, phase, *args, gradient=False).value
+            np.testing.assert_allclose(
+                (value - exact.value) / step, gradient[:, column], atol=1e-4, rtol=1e-4
+            )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_node_bounds_enclose_every_sample_of_the_node(seed):
+    """Any slopes in [0, 1] and multipliers >= 0 give a bound above every point of the node."""
+    net, box, _, sub = _problem(seed)
+    rng = np.random.default_rng(seed)
+    phase, alpha, multipliers = _random_nodes(sub, rng, count=8)
+    points = _samples(box, seed, 30000)
+    pre = net.preactivations(points)
+    columns = [(j, i) for j, idx in enumerate(sub.unstable) for i in idx]
+    for neuron in range(2):
+        for sign in (1, -1):
+            target = sign * net.layers[3].weight[neuron]
+            offset = sign * float(net.layers[3].bias[neuron])
+            bound = relu_bab.bound_nodes(sub, target, offset, phase, alpha, multipliers).value
+            optimised, *_ = relu_bab.optimise_nodes(
+                sub, target, offset, phase, alpha, multipliers, 15
+            )
+            for row in range(phase.shape[0]):
+                inside = np.ones(points.shape[0], dtype=bool)
+                for m, (j, i) in enumerate(columns):
+                    if phase[row, m] == 1:
+                        inside &= pre[j][:, i] >= 0
+                    elif phase[row, m] == 0:
+                        inside &= pre[j][:, i] <= 0
+                if inside.any():
+                    sampled = (sign * pre[3][inside, neuron]).max()
+                    assert bound[row] >= sampled - 1e-9
+                    assert optimised[row] >= sampled - 1e-9
+
+
+def test_optimisation_tightens_the_root_bound():
+    net, _, _, sub = _problem()
+    target, offset = net.layers[3].weight[1], float(net.layers[3].bias[1])
+    root = np.full((1, sub.count), -1, dtype=np.int8)
+    start = (sub.initial_alphas()[None, :], np.zeros((1, 2 * sub.neurons)))
+    deep_poly, *_ = relu_bab.optimise_nodes(sub, target, offset, root, *start, 1)
+    optimised, *_ = relu_bab.optimise_nodes(sub, target, offset, root, *start, 60)
+    assert optimised[0] < deep_poly[0]
+
+
+def _crown_bab_states(net, box, bounds, relaxation: bool, node_limit=None):
+    states = []
+    for k, layer in enumerate(net.layers):
+        if not layer.relu:
+            states.append(np.full(layer.out_features, NeuronState.ACTIVE))
+            continue
+        results = relu_bab.decide_directions(
+            net,
+            box,
+            bounds,
+            states,
+            k,
+            _all_directions(net, k),
+            np.full(layer.out_features, MARGIN),
+            time.monotonic() + 60,
+            relaxation=milp.LayerRelaxation.build(net, box, bounds, states, k)
+            if relaxation and k > 0
+            else None,
+        )
+        states.append(_states_from(results, layer.out_features))
+    return states, results
+
+
+@pytest.mark.parametrize("relaxation", [False, True])
+@pytest.mark.parametrize(("seed", "sizes"), SMALL_NETS)
+def test_labels_match_the_grid(seed, sizes, relaxation):
+    """Every decided neuron is labelled as the grid labels it. With the LP dive none is left
+    undecided; alone, CROWN's witnesses are box vertices, so a sign shown only inside the box
+    stays undecided (kept, never wrong)."""
+    net = _random_net(seed, sizes)
+    box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
+    bounds = _interval_bounds(net, box)
+    oracle = _grid_states(net, _grid(box, 301 if sizes[0] == 2 else 41), gap=0.05)
+    states, _ = _crown_bab_states(net, box, bounds, relaxation)
+    for k, expected in enumerate(oracle):
+        decided = states[k] != NeuronState.UNDECIDED
+        if expected is not None:
+            np.testing.assert_array_equal(states[k][decided], expected[decided])
+        if relaxation and net.layers[k].relu:
+            assert decided.all()
+
+
+def test_node_limit_leaves_directions_undecided_never_wrong(monkeypatch):
+    """With a one-node budget only the roots decide; the rest stay undecided, and every proof and
+    bound still holds on 40k samples."""
+    net = _random_net(7, [10, 20, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    bounds = _interval_bounds(net, box)
+    pre = net.preactivations(_samples(box, 7))
+    states = [np.full(20, NeuronState.UNDECIDED) for _ in range(2)]
+    outcomes = {}
+    for limit in (1, relu_bab.NODE_LIMIT):
+        monkeypatch.setattr(relu_bab, "NODE_LIMIT", limit)
+        results = relu_bab.decide_directions(
+            net,
+            box,
+            bounds,
+            states,
+            2,
+            _all_directions(net, 2),
+            np.full(20, MARGIN),
+            time.monotonic() + 60,
+        )
+        for r in results:
+            sampled = (r.direction.sign * pre[2][:, r.direction.neuron]).max()
+            assert not (r.status == "proved" and sampled > 0)
+            assert r.bound >= sampled - 1e-9
+            if r.status == "refuted":
+                assert (
+                    r.direction.sign * net.preactivations(r.witness)[2][0, r.direction.neuron] > 0
+                )
+        outcomes[limit] = [r.status for r in results]
+    assert outcomes[1].count("undecided") > outcomes[relu_bab.NODE_LIMIT].count("undecided")
+
+
+def test_pipeline_with_crown_bab_alone_is_sound():
+    """The auto pipeline restricted to this tier decides a 10-input net soundly."""
+    net = _random_net(5, [10, 24, 24, 24, 3])
+    box = Box(np.zeros(10), np.ones(10))
+    result = analyze_stability(net, box, tiers=("crown-bab",))
+    points = _samples(box, 5, 40000)
+    pre = net.preactivations(points)
+    for k, layer in enumerate(result.layers[:-1]):
+        inactive = layer.states == NeuronState.INACTIVE
+        active = layer.states == NeuronState.ACTIVE
+        assert np.all(pre[k][:, inactive] <= 0)
+        assert np.all(pre[k][:, active] >= 0)
+    assert "crown-bab" in result.timings_s
