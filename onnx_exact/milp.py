@@ -1298,38 +1298,6 @@ def decide_directions(
     return book.results(tiers)
 
 
-def tighten_bounds(
-    net: Network,
-    box: Box,
-    bounds: Sequence,
-    states: Sequence[np.ndarray],
-    layer: int,
-    neurons: Sequence[int] | np.ndarray,
-    deadline: float,
-):
-    """Triangle-LP bounds of the given neurons of ``layer``, intersected with ``bounds[layer]``.
-
-    ``max y_i = b_i - min(-W_i . h)`` and ``min y_i = b_i + min(W_i . h)`` over the LP, each bounded
-    by the rigorous dual bound, so the result is sound whatever HiGHS's tolerances. Neurons not
-    reached before ``deadline`` keep their given bounds.
-    """
-    lower = np.array(bounds[layer].lower, dtype=np.float64)
-    upper = np.array(bounds[layer].upper, dtype=np.float64)
-    relaxation = LayerRelaxation.build(net, box, bounds, states, layer)
-    for neuron in np.asarray(neurons, dtype=np.int64):
-        for sign in (1, -1):
-            if _remaining(deadline) <= 0:
-                return _bounds.LayerBounds(lower, np.maximum(upper, lower))
-            obj = _objective(relaxation.enc, net, layer, int(neuron), sign)
-            lower_bound, _, _ = relaxation.solve(obj, _INF, deadline)
-            extreme = obj.offset - lower_bound + 2 * _EPS * abs(obj.offset)
-            if sign == 1:
-                upper[neuron] = min(upper[neuron], extreme)
-            else:
-                lower[neuron] = max(lower[neuron], -extreme)
-    return _bounds.LayerBounds(np.minimum(lower, upper), np.maximum(lower, upper))
-
-
 # --------------------------------------------------------------------------- baselines
 
 

@@ -194,6 +194,9 @@ def bound_nodes(
 ) -> NodeBounds:
     """Upper bounds of ``F = target · h_{k-1} + offset`` over N nodes (see the module docstring).
 
+    ``target`` is one row ``(n_{k-1},)`` shared by the nodes or one per node ``(N, n_{k-1})``, and
+    ``offset`` a scalar or ``(N,)`` to match.
+
     ``phase`` is ``(N, U)`` int8: -1 free, 0 split inactive, 1 split active; ``alpha`` is
     ``(N, U)`` in ``[0, 1]``; ``multipliers`` is ``(N, 2H)`` and ``>= 0``: ``ρ`` (first ``H``) of the
     constraints ``z <= U'``, ``σ`` (last ``H``) of ``z >= L'``, where ``[L', U']`` is the neuron's
@@ -201,8 +204,8 @@ def bound_nodes(
     """
     n_nodes = phase.shape[0]
     n_hidden = sub.neurons
-    lam = np.broadcast_to(target, (n_nodes, target.shape[0])).copy()
-    const = np.full(n_nodes, float(offset))
+    lam = np.broadcast_to(target, (n_nodes, target.shape[-1])).copy()
+    const = np.broadcast_to(np.asarray(offset, dtype=np.float64), (n_nodes,)).copy()
     tape = []
     score = np.full(phase.shape, -np.inf)
     magnitude = np.zeros(n_nodes)
@@ -342,6 +345,41 @@ def optimise_nodes(
         multipliers *= allowed
         rate *= _RATE_DECAY
     return best, alpha, multipliers, result
+
+
+def optimised_bounds(
+    net: Network,
+    box: Box,
+    bounds: Sequence,
+    states: Sequence[np.ndarray],
+    layer: int,
+    neurons: np.ndarray,
+    steps: int = ROOT_STEPS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """α-CROWN bounds ``(lower, upper)`` on the pre-activations ``y_{layer, neurons}``.
+
+    Both signs of every neuron are one batch of root nodes (one target row each) whose lower
+    slopes are optimised together, so the whole layer costs a few dozen matrix products instead
+    of two LPs per neuron. Each bound is valid for its own slopes; it is about as tight as the
+    triangle LP without the LP's intermediate bound constraints.
+    """
+    neurons = np.asarray(neurons, dtype=np.int64)
+    sub = SubNetwork.below(net, box, bounds, states, layer)
+    weight, bias = net.layers[layer].weight[neurons], net.layers[layer].bias[neurons]
+    targets = np.concatenate([weight, -weight])
+    offsets = np.concatenate([bias, -bias])
+    rows = targets.shape[0]
+    best, *_ = optimise_nodes(
+        sub,
+        targets,
+        offsets,
+        np.full((rows, sub.count), -1, dtype=np.int8),
+        np.broadcast_to(sub.initial_alphas(), (rows, sub.count)),
+        np.zeros((rows, 2 * sub.neurons)),
+        steps,
+    )
+    count = neurons.shape[0]
+    return -best[count:], best[:count]
 
 
 def _batch_size(sub: SubNetwork) -> int:

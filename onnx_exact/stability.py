@@ -22,18 +22,21 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    boxes are halved along the input dimension that contributes most to the open bounds; what is
    open when the layer's sub-box budget is spent goes on to the solvers
    (:meth:`_Analysis.split_tier`; ACAS Xu prop_1..4: every direction in about 1 s);
-6. ``lp``, ``cuts``, ``bab``, ``milp`` — :func:`onnx_exact.milp.decide_directions` (triangle LP,
-   LP with ideal cuts, LP branch and bound on ReLU phases, decision MILP), one tier at a time over
-   batches of directions, so that solution points refute directions early and each tier's wall
-   time is recorded. The first three share one warm :class:`onnx_exact.milp.LayerRelaxation` per
-   layer (built once the bounds below the layer are final); the MILPs start from its cut pool.
-   Under a time limit, directions still open after that get the ``bab`` and ``milp`` tiers again
-   with their per-direction caps multiplied by 4, then 16, while time remains.
+6. ``lp``, ``cuts``, ``crown-bab``, ``bab``, ``milp`` — triangle LP, LP with ideal cuts, CROWN
+   branch and bound on ReLU phases with optimised slopes and split multipliers
+   (:func:`onnx_exact.relu_bab.decide_directions`: thousands of nodes a second, with an LP dive
+   for witnesses), LP branch and bound on ReLU phases, decision MILP
+   (:func:`onnx_exact.milp.decide_directions`), one tier at a time over batches of directions,
+   so that solution points refute directions early and each tier's wall time is recorded. All
+   but the MILP share one warm :class:`onnx_exact.milp.LayerRelaxation` per layer (built once the
+   bounds below the layer are final); the MILPs start from its cut pool. Under a time limit,
+   directions still open after that get the ``crown-bab``, ``bab`` and ``milp`` tiers again with
+   their per-direction caps multiplied by 4, then 16, while time remains.
 
 Before the solver tiers of layer ``k`` run, the not-yet-stable neurons of layers ``1 .. k-1`` get
-LP bounds, bottom-up and once per layer (``milp.tighten_bounds``; the first layer is skipped, its
-interval bounds are exact), layer ``k`` gets CROWN again on top of them, and all later layers'
-bounds are re-propagated from the intersected bounds. The sound bound each solver answer carries
+α-CROWN bounds, bottom-up and once per layer (``relu_bab.optimised_bounds``; the first layer is
+skipped, its interval bounds are exact), layer ``k`` gets CROWN again on top of them, and all
+later layers' bounds are re-propagated from the intersected bounds. The sound bound each solver answer carries
 (plus its margin) also tightens the layer's bounds.
 
 Margin policy
@@ -138,7 +141,8 @@ class LayerStability:
     """Per-neuron verdicts of one layer (aligned with ``Network.layers``).
 
     ``decided_by[i]`` names the tier that settled neuron i ("witness", "interval", "symbolic",
-    "ascent", "split", "lp", "lp+cuts", "bab", "milp", "isa", "per-neuron", "linear", "" when undecided).
+    "ascent", "split", "lp", "lp+cuts", "crown-bab", "bab", "milp", "isa", "per-neuron", "linear",
+    "" when undecided).
     ``lower``/``upper`` are the tightest proved pre-activation bounds found.
     """
 
@@ -217,8 +221,9 @@ def analyze_stability(
     user_inputs : optional ``(m, n_in)`` network-space inputs (e.g. training data), clipped into the
         box and used as witnesses.
     progress : optional ``progress(phase, done, total)`` callback.
-    tiers : exact tiers of the auto pipeline, a subset of ("split", "lp", "cuts", "bab", "milp") in that
-        order; with fewer tiers the analysis is faster but may leave neurons UNDECIDED.
+    tiers : exact tiers of the auto pipeline, a subset of SOLVER_TIERS ("split", "lp", "cuts",
+        "crown-bab", "bab", "milp"), run in that order; with fewer tiers the analysis is faster
+        but may leave neurons UNDECIDED.
 
     Returns
     -------
@@ -611,12 +616,15 @@ class _Analysis:
         return int(np.clip(_SPLIT_BATCH_VALUES // per_box, 16, _SPLIT_BATCH_MAX))
 
     def tighten_previous(self, k: int) -> None:
-        """LP bounds for the not-yet-stable neurons of layers ``1 .. k - 1``, then CROWN for layer k.
+        """α-CROWN bounds for the not-yet-stable neurons of layers ``1 .. k - 1``, then CROWN for k.
 
         Runs only when layer k still has open directions after the cheap tiers: then its LP/MILP
-        models are only as strong as the big-M bounds below it. Layer 0 is skipped (its interval
-        bounds are exact); each layer is tightened once, bottom-up, so every LP sees the tightened
-        bounds of the layers beneath it.
+        models and CROWN nodes are only as strong as the big-M bounds below it. Layer 0 is
+        skipped (its interval bounds are exact); each layer is tightened once, bottom-up, so
+        every bound sees the tightened bounds of the layers beneath it. Optimised slopes
+        (:func:`onnx_exact.relu_bab.optimised_bounds`, all neurons of a layer in one batch) came
+        within 0.1% of the triangle LP's bounds on the 5x100 MNIST net at a fraction of the cost
+        (layer 4: 1.0 s against 15.5 s for the LPs).
         """
         for previous in range(1, k):
             if previous in self.tightened or self.out_of_time():
@@ -629,15 +637,12 @@ class _Analysis:
             if not loose.size:
                 continue
             with self.timed("tighten"):
-                tightened = milp.tighten_bounds(
-                    self.net,
-                    self.box,
-                    self.bounds,
-                    self.solver_states(previous),
-                    previous,
-                    loose,
-                    self.deadline,
+                lower, upper = relu_bab.optimised_bounds(
+                    self.net, self.box, self.bounds, self.solver_states(previous), previous, loose
                 )
+                tightened = self.bounds[previous].copy()
+                tightened.lower[loose] = lower
+                tightened.upper[loose] = upper
                 self.bounds[previous] = self.bounds[previous].intersect(tightened)
                 self.propagate()
         with self.timed("symbolic"):

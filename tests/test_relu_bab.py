@@ -199,3 +199,23 @@ def test_pipeline_with_crown_bab_alone_is_sound():
         assert np.all(pre[k][:, inactive] <= 0)
         assert np.all(pre[k][:, active] >= 0)
     assert "crown-bab" in result.timings_s
+
+
+def test_optimised_bounds_enclose_samples_and_beat_crown():
+    """α-CROWN bounds of a whole layer hold on dense samples and are no looser than CROWN's."""
+    from onnx_exact.bounds import symbolic_bounds
+
+    net = _random_net(11, [6, 20, 20, 20, 2])
+    box = Box(np.zeros(6), np.ones(6))
+    bounds = _interval_bounds(net, box)
+    pre = net.preactivations(_samples(box, 11, 40000))
+    for layer in (1, 2):
+        crown, _ = symbolic_bounds(net, box, bounds, layer)
+        neurons = np.arange(20)
+        lower, upper = relu_bab.optimised_bounds(
+            net, box, bounds, _undecided(net, layer), layer, neurons
+        )
+        assert np.all(upper >= pre[layer].max(axis=0) - 1e-9)
+        assert np.all(lower <= pre[layer].min(axis=0) + 1e-9)
+        assert np.all(upper <= crown.upper + 1e-9) and np.all(lower >= crown.lower - 1e-9)
+        assert np.sum(upper - lower) < np.sum(crown.upper - crown.lower)
