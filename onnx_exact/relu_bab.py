@@ -9,6 +9,8 @@ Why this tier exists
     with the same splits (Wang et al. 2021, "Beta-CROWN"). Every node of a batch is bounded by the
     same few matrix products, so hundreds of nodes cost what one LP costs, and a few projected
     gradient steps (warm-started from the parent's ``α``, ``β``) get most of the LP's tightness.
+    Measured on the 784-100x4 MNIST net (ℓ1 = 3e-4): about 2,000 nodes a second against about
+    12 for the LP branch and bound; the analysis of that net went from 155 s to 13 s.
 
 The bound of one node
     Target ``F = a · h_{k-1} + c`` (``a = sign W_k[i]``, ``c = sign b_k[i]``) over the box. Walking
@@ -20,33 +22,38 @@ The bound of one node
     * free unstable neuron with ``λ_m >= 0``: upper line ``h <= s (z - l)``, ``s = u / (u - l)``,
       so ``μ_m = λ_m s`` and ``const += -λ_m s l``; with ``λ_m < 0``: lower line ``h >= α_m z``,
       ``μ_m = λ_m α_m``;
-    * split constraints enter with multipliers ``β_m >= 0``: ``z_m >= 0`` (split active) allows
-      ``F <= F + β_m z_m``, ``z_m <= 0`` (split inactive) allows ``F <= F - β_m z_m``, so
-      ``μ_m += ±β_m``.
+    * constraints ``L' <= z_m <= U'`` enter with multipliers ``σ_m, ρ_m >= 0``:
+      ``F <= F + ρ_m (U' - z_m) + σ_m (z_m - L')`` wherever they hold, so ``μ_m += σ_m - ρ_m`` and
+      ``const += ρ_m U' - σ_m L'``. A split sets ``L' = 0`` (active) or ``U' = 0`` (inactive); the
+      search optimises only those split multipliers (β-CROWN's ``β``).
 
     Then ``const += μ_j · b_j`` and ``λ_{j-1} = W_j^T μ_j``; at the input,
     ``F <= const + λ · centre + |λ| · radius``, attained at the vertex ``where(λ > 0, hi, lo)``
-    (a witness candidate). The gradient of that bound with respect to ``α`` and ``β`` is one more
-    pass the other way (``∂B/∂μ_j = W_j ∂B/∂λ_{j-1} + b_j``), so Adam steps on ``α`` (projected to
-    ``[0, 1]``) and ``β`` (projected to ``β >= 0``) cost two products per layer. Every iterate's
-    bound is valid; each node keeps its smallest.
+    (a witness candidate). The gradient of that bound with respect to ``α`` and the multipliers
+    is one more pass the other way (``∂B/∂μ_j = W_j ∂B/∂λ_{j-1} + b_j``), so Adam steps on ``α``
+    (projected to ``[0, 1]``) and the multipliers (projected to ``>= 0``) cost two products per
+    layer. Every iterate's bound is valid; each node keeps its smallest, and never more than its
+    parent's (which holds on the child too).
 
 The search
     Best-first over nodes (largest bound first), in batches: every chosen node is split on the free
     neuron with the largest intercept contribution ``λ_m s_m (-l_m)`` (BaBSR's estimate of what the
-    split removes from the bound), its two children inherit ``α`` and ``β`` and are optimised
-    together. A child whose bound is ``<= -margin`` is closed; the direction is proved when no node
-    is open (the children of a node cover it, so the largest closed bound bounds ``max F``), and
-    refuted as soon as a forward-passed vertex shows ``sign * y > 0``. It stops undecided at the
-    node or time cap, or when an open node has every neuron split (its bound can then only be
-    tightened by the LP tiers).
+    split removes from the bound), its two children inherit ``α`` and the multipliers and are
+    optimised together. A child whose bound is ``<= -margin`` is closed; the direction is proved
+    when no node is open (the children of a node cover it, so the largest closed bound bounds
+    ``max F``), and refuted as soon as a forward-passed point shows ``sign * y > 0``. CROWN
+    vertices are box corners, so a sign that shows only inside the box is looked for by the LP
+    dive of :func:`onnx_exact.milp.lp_dive`, which takes turns with the search at an equal share
+    of the time. It stops undecided at the node or time cap, or when an open node has every
+    neuron split (its bound can then only be tightened by the LP tiers, which also have the cut
+    pool and the intermediate bound constraints this bound lacks).
 
 Soundness
-    Float64 throughout on the exact weights; ``α`` and ``β`` are clipped to their domains before
-    the bound is evaluated, so every bound used is the bound of a valid relaxation. A node whose
-    split constraints are infeasible has no point to bound; any value is then correct. Rounding of
-    the products is covered by the solver margin (``1e-7 s_i + 1e-9``, far above float64 rounding of
-    these sums), the same margin the LP tiers must clear.
+    Float64 throughout on the exact weights; ``α`` and the multipliers are projected onto their
+    domains before the bound is evaluated, so every bound used is the bound of a valid
+    relaxation. A node whose split constraints are infeasible has no point to bound; any value is
+    then correct. Rounding of the products is covered by the solver margin (``1e-7 s_i + 1e-9``,
+    far above float64 rounding of these sums), the same margin the LP tiers must clear.
 """
 
 from __future__ import annotations

@@ -673,44 +673,26 @@ class _Analysis:
                 if not batch:
                     break
                 margins = solver_margins(self.net, self.box, self.bounds, k)
-                if tier == "crown-bab":
-                    if self.relaxation is None or self.relaxation.layer != k:
-                        self.relaxation = milp.LayerRelaxation.build(
-                            self.net, self.box, self.bounds, self.solver_states(k), k
-                        )
-                    results = relu_bab.decide_directions(
-                        self.net,
-                        self.box,
-                        self.bounds,
-                        self.solver_states(k),
-                        k,
-                        [milp.Direction(layer=k, neuron=i, sign=s) for i, s in batch],
-                        margins,
-                        self.deadline,
-                        effort=effort,
-                        relaxation=self.relaxation,
-                    )
-                    self.apply_solver_results(k, results, margins)
-                    self.progress(tier, total - len(pending), total)
-                    continue
                 if self.relaxation is None or self.relaxation.layer != k:
                     self.relaxation = milp.LayerRelaxation.build(
                         self.net, self.box, self.bounds, self.solver_states(k), k
                     )
-                results = milp.decide_directions(
-                    self.net,
-                    self.box,
-                    self.bounds,
-                    self.solver_states(k),
-                    k,
-                    [milp.Direction(layer=k, neuron=i, sign=s) for i, s in batch],
-                    margins,
-                    self.deadline,
-                    tiers=(tier,),
-                    jobs=self.jobs,
-                    effort=effort,
-                    relaxation=self.relaxation,
-                )
+                directions = [milp.Direction(layer=k, neuron=i, sign=s) for i, s in batch]
+                common = (self.net, self.box, self.bounds, self.solver_states(k), k, directions)
+                if tier == "crown-bab":
+                    results = relu_bab.decide_directions(
+                        *common, margins, self.deadline, effort=effort, relaxation=self.relaxation
+                    )
+                else:
+                    results = milp.decide_directions(
+                        *common,
+                        margins,
+                        self.deadline,
+                        tiers=(tier,),
+                        jobs=self.jobs,
+                        effort=effort,
+                        relaxation=self.relaxation,
+                    )
                 self.apply_solver_results(k, results, margins)
                 self.progress(tier, total - len(pending), total)
 
