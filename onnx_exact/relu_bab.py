@@ -85,6 +85,8 @@ _ADAM_B1, _ADAM_B2, _ADAM_EPS = 0.9, 0.999, 1e-300
 _BATCH_VALUES = 4e6
 """float64 values one batch of nodes may hold per layer array (sets the batch size)."""
 _BATCH_MIN, _BATCH_MAX = 8, 512
+_STORE_BYTES = 256 * 2**20
+"""Memory the open nodes of one search may hold; the node cap is lowered to fit it."""
 
 
 @dataclass(frozen=True)
@@ -553,7 +555,8 @@ def decide_directions(
     """Prove or refute sign directions of ``layer`` by CROWN branch and bound, one at a time.
 
     Parameters are those of :func:`onnx_exact.milp.decide_directions`; ``effort`` multiplies the
-    per-direction caps :data:`NODE_LIMIT` and :data:`TIME_LIMIT`. Every vertex bounded on the way
+    per-direction caps :data:`NODE_LIMIT` and :data:`TIME_LIMIT` (the node cap is lowered so that
+    the open nodes, at most half of those bounded, fit in ``_STORE_BYTES``). Every vertex bounded on the way
     is forward-passed against all the given directions. With the layer's ``relaxation`` (built
     over the same bounds and states), each batch also solves the LP of its most promising child
     (:func:`_probe_worst`).
@@ -563,11 +566,13 @@ def decide_directions(
         return book.results((METHOD,))
     sub = SubNetwork.below(net, box, bounds, states, layer)
     book.absorb(box.center[None, :], METHOD)
+    per_node = sub.count * (1 + 4 + 4) + 2 * sub.neurons * 4  # phase, α, score, multipliers
+    node_limit = min(int(NODE_LIMIT * effort), 2 * _STORE_BYTES // max(per_node, 1))
     for j in book.open():
         if book.status[j] != "undecided":
             continue
         if time.monotonic() >= deadline:
             break
         cap = min(deadline, time.monotonic() + TIME_LIMIT * effort)
-        _branch_direction(book, j, sub, net, cap, int(NODE_LIMIT * effort), relaxation)
+        _branch_direction(book, j, sub, net, cap, node_limit, relaxation)
     return book.results((METHOD,))
