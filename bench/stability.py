@@ -551,6 +551,7 @@ TIER_ABBREVIATIONS = {
     "symbolic": "s",
     "ascent": "a",
     "tighten": "t",
+    "alpha-crown": "ac",
     "lp": "lp",
     "cuts": "c",
     "crown-bab": "cb",
@@ -839,7 +840,7 @@ Produced by `python bench/stability.py` (see `bench/README.md` for what it measu
 section below is one run; re-running a mode replaces its section only.
 
 Columns: *stable found* and *undecided* are `auto`'s verdicts over all ReLU neurons; *auto time per
-tier* splits `auto`'s wall time into w(itness), i(nterval), s(ymbolic), a(scent), t(ighten), lp,
+tier* splits `auto`'s wall time into w(itness), i(nterval), s(ymbolic), a(scent), t(ighten), ac (α-CROWN), lp,
 c(uts), cb (CROWN branch and bound), b (LP branch and bound), m(ilp), and any other tier under its own name (e.g. split); a
 baseline time `≥ T (n open)` hit its cap T with n neurons still undecided, `≥ T (killed)` overran
 its cap and was killed, and its ratio to auto is then a lower bound; *labels*

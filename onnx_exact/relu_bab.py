@@ -364,13 +364,14 @@ def optimised_bounds(
     layer: int,
     neurons: np.ndarray,
     steps: int = ROOT_STEPS,
-) -> tuple[np.ndarray, np.ndarray]:
-    """α-CROWN bounds ``(lower, upper)`` on the pre-activations ``y_{layer, neurons}``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """α-CROWN bounds ``(lower, upper)`` on ``y_{layer, neurons}``, and the bounds' input vertices.
 
     Both signs of every neuron are one batch of root nodes (one target row each) whose lower
     slopes are optimised together, so the whole layer costs a few dozen matrix products instead
     of two LPs per neuron. Each bound is valid for its own slopes; it is about as tight as the
-    triangle LP without the LP's intermediate bound constraints.
+    triangle LP without the LP's intermediate bound constraints. The vertices (one per row,
+    maximisers first, then minimisers, of the last slopes) are witness candidates.
     """
     neurons = np.asarray(neurons, dtype=np.int64)
     sub = SubNetwork.below(net, box, bounds, states, layer)
@@ -378,7 +379,7 @@ def optimised_bounds(
     targets = np.concatenate([weight, -weight])
     offsets = np.concatenate([bias, -bias])
     rows = targets.shape[0]
-    best, *_ = optimise_nodes(
+    best, _, _, last = optimise_nodes(
         sub,
         targets,
         offsets,
@@ -388,7 +389,7 @@ def optimised_bounds(
         steps,
     )
     count = neurons.shape[0]
-    return -best[count:], best[:count]
+    return -best[count:], best[:count], last.vertex
 
 
 def _batch_size(sub: SubNetwork) -> int:

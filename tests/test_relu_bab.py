@@ -212,7 +212,7 @@ def test_optimised_bounds_enclose_samples_and_beat_crown():
     for layer in (1, 2):
         crown, _ = symbolic_bounds(net, box, bounds, layer)
         neurons = np.arange(20)
-        lower, upper = relu_bab.optimised_bounds(
+        lower, upper, _ = relu_bab.optimised_bounds(
             net, box, bounds, _undecided(net, layer), layer, neurons
         )
         assert np.all(upper >= pre[layer].max(axis=0) - 1e-9)
