@@ -82,10 +82,10 @@ CHILD_STEPS = 12
 """Adam steps on each batch of children, warm-started from the parent's ``α`` and ``β``."""
 _ALPHA_RATE, _MULTIPLIER_RATE, _RATE_DECAY = 0.3, 0.05, 0.98
 _ADAM_B1, _ADAM_B2, _ADAM_EPS = 0.9, 0.999, 1e-300
-_BATCH_VALUES = 4e6
-"""float64 values one batch of nodes may hold per layer array (sets the batch size)."""
+BATCH_BYTES = 32 * 2**20
+"""Working memory of one batch of nodes (sets the batch size, see :func:`_batch_size`)."""
 _BATCH_MIN, _BATCH_MAX = 8, 512
-_STORE_BYTES = 256 * 2**20
+STORE_BYTES = 64 * 2**20
 """Memory the open nodes of one search may hold; the node cap is lowered to fit it."""
 
 
@@ -393,8 +393,14 @@ def optimised_bounds(
 
 
 def _batch_size(sub: SubNetwork) -> int:
-    widest = max([sub.box.size] + [w.shape[0] for w in sub.weights] + [sub.count])
-    return int(np.clip(_BATCH_VALUES // max(widest, 1), _BATCH_MIN, _BATCH_MAX))
+    """Nodes per batch so that one optimisation stays within :data:`BATCH_BYTES`.
+
+    Per node, :func:`bound_nodes` keeps about a dozen float64 rows per layer (coefficients,
+    slopes, node bounds and their gradients) over the layers and the input, and
+    :func:`optimise_nodes` six copies of the multipliers (values, gradient, two Adam moments).
+    """
+    per_node = 8 * (12 * (sub.neurons + sub.box.size) + 6 * 2 * sub.neurons)
+    return int(np.clip(BATCH_BYTES // max(per_node, 1), _BATCH_MIN, _BATCH_MAX))
 
 
 def _branch_direction(
@@ -557,7 +563,7 @@ def decide_directions(
 
     Parameters are those of :func:`onnx_exact.milp.decide_directions`; ``effort`` multiplies the
     per-direction caps :data:`NODE_LIMIT` and :data:`TIME_LIMIT` (the node cap is lowered so that
-    the open nodes, at most half of those bounded, fit in ``_STORE_BYTES``). Every vertex bounded on the way
+    the open nodes, at most half of those bounded, fit in :data:`STORE_BYTES`). Every vertex bounded on the way
     is forward-passed against all the given directions. With the layer's ``relaxation`` (built
     over the same bounds and states), each batch also solves the LP of its most promising child
     (:func:`_probe_worst`).
@@ -568,7 +574,7 @@ def decide_directions(
     sub = SubNetwork.below(net, box, bounds, states, layer)
     book.absorb(box.center[None, :], METHOD)
     per_node = sub.count * (1 + 4 + 4) + 2 * sub.neurons * 4  # phase, α, score, multipliers
-    node_limit = min(int(NODE_LIMIT * effort), 2 * _STORE_BYTES // max(per_node, 1))
+    node_limit = min(int(NODE_LIMIT * effort), 2 * STORE_BYTES // max(per_node, 1))
     for j in book.open():
         if book.status[j] != "undecided":
             continue

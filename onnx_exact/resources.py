@@ -26,7 +26,8 @@ weight (4 for float32):
   back-substitution coefficients (``2 B max_j n_j`` doubles, four live copies, ``B`` rows a block);
 * ``lp``: the triangle relaxation of the layers below the last hidden layer, ``nnz`` matrix
   entries at ``LP_BYTES_PER_NONZERO`` (HiGHS keeps the model, its row- and column-wise copies, a
-  scaled copy and the factorisation or interior-point workspace; the cut tier adds dense rows);
+  scaled copy and the factorisation or interior-point workspace; the cut tier adds dense rows),
+  plus ``CROWN_BAB_BYTES`` for the CROWN branch and bound that runs beside it (its caps);
 * ``verify``: two onnxruntime sessions (each holds the weights once more, pre-packed: ``2 s P``)
   and a chunk of samples.
 
@@ -60,6 +61,9 @@ INTERPRETER_BYTES = 90 * 2**20
 #: scaled copy, factorisation or interior-point workspace, and the ideal-cut rows added to it),
 #: measured on the 3072-2048-2048-10 benchmark with the LP and cut tiers running for 300 s.
 LP_BYTES_PER_NONZERO = 160
+#: What the CROWN branch and bound adds while the LP relaxation is alive: its open-node store and
+#: one batch's working memory (``relu_bab.STORE_BYTES + relu_bab.BATCH_BYTES``).
+CROWN_BAB_BYTES = 96 * 2**20
 #: Float64 values in one forward-pass chunk of the witness tier (``witness._CHUNK_VALUES``).
 SAMPLING_CHUNK_VALUES = 4_000_000
 #: Rows per back-substitution block of the symbolic bounds (``bounds._ROW_BLOCK``).
@@ -142,7 +146,7 @@ def estimate_peak_memory(
         # matrices plus the triangle rows (about six more entries per unstable unit).
         deepest = hidden[-1]
         nonzeros = sum(net.layers[j].weight.size + 6 * widths[j + 1] for j in range(deepest))
-        phases["lp"] = LP_BYTES_PER_NONZERO * nonzeros
+        phases["lp"] = LP_BYTES_PER_NONZERO * nonzeros + CROWN_BAB_BYTES
 
     chunk = VERIFY_CHUNK_SAMPLES * (2 * net.in_features + 2 * sum(widths[1:]))
     phases["verify"] = 2 * 2 * stored_bytes_per_weight * params + stored_bytes_per_weight * chunk

@@ -219,3 +219,10 @@ def test_optimised_bounds_enclose_samples_and_beat_crown():
         assert np.all(lower <= pre[layer].min(axis=0) + 1e-9)
         assert np.all(upper <= crown.upper + 1e-9) and np.all(lower >= crown.lower - 1e-9)
         assert np.sum(upper - lower) < np.sum(crown.upper - crown.lower)
+
+
+def test_memory_estimate_counts_the_crown_bab_caps():
+    """The --max-memory estimate reserves exactly what the tier's caps let it hold."""
+    from onnx_exact import resources
+
+    assert resources.CROWN_BAB_BYTES == relu_bab.STORE_BYTES + relu_bab.BATCH_BYTES
