@@ -563,10 +563,11 @@ def decide_directions(
 
     Parameters are those of :func:`onnx_exact.milp.decide_directions`; ``effort`` multiplies the
     per-direction caps :data:`NODE_LIMIT` and :data:`TIME_LIMIT` (the node cap is lowered so that
-    the open nodes, at most half of those bounded, fit in :data:`STORE_BYTES`). Every vertex bounded on the way
-    is forward-passed against all the given directions. With the layer's ``relaxation`` (built
-    over the same bounds and states), each batch also solves the LP of its most promising child
-    (:func:`_probe_worst`).
+    the open nodes, at most half of those bounded, fit in :data:`STORE_BYTES`). Every vertex
+    bounded on the way is forward-passed against all the given directions. With the layer's
+    ``relaxation`` (built over the same bounds and states), the LP dive
+    (:func:`onnx_exact.milp.lp_dive`) takes turns with each search; without it, only CROWN
+    vertices can refute.
     """
     book = milp.DirectionBook(net, layer, directions, margins)
     if not directions or time.monotonic() >= deadline:
