@@ -1105,7 +1105,7 @@ def _bab_direction(
 
 
 def lp_dive(
-    book: DirectionBook, j: int, relaxation: LayerRelaxation, deadline: float
+    book: DirectionBook, j: int, relaxation: LayerRelaxation, deadline: float, method: str
 ) -> Iterator[None]:
     """Dive down the LP branch-and-bound tree of direction ``j`` toward a witness, step by step.
 
@@ -1117,6 +1117,7 @@ def lp_dive(
     where best-first search would first bound every node above it. Proves nothing; it ends at a
     refutation, when both children clear the margin, when no triangle is loose, at the deadline
     or on a failed LP. The indicator bounds are restored whenever it ends or is closed.
+    Refutations are credited to ``method`` (the tier the dive serves).
     """
     d = book.directions[j]
     binaries = _Binaries.of(relaxation)
@@ -1130,7 +1131,7 @@ def lp_dive(
         )
         lower_bound, x, primal = relaxation.solve(obj, obj.offset + margin, deadline)
         if x is not None:
-            book.absorb(x[None, :], "crown-bab")
+            book.absorb(x[None, :], method)
         return obj.offset - lower_bound, primal, relaxation.row_dual.copy()
 
     phase = np.full(n, -1, dtype=np.int8)

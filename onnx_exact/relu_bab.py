@@ -438,7 +438,7 @@ def _branch_direction(
     book.record_bound(j, float(bound[0]), METHOD, proved=bool(bound[0] <= -book.margins[j]))
     if book.status[j] != "undecided":
         return
-    dive = milp.lp_dive(book, j, relaxation, deadline) if relaxation is not None else None
+    dive = milp.lp_dive(book, j, relaxation, deadline, METHOD) if relaxation is not None else None
     try:
         start = _stored(root[0], alpha[0], multipliers[0], last.score[0], bound[0])
         _best_first(book, j, sub, target, offset, start, deadline, node_limit, dive)

@@ -36,8 +36,8 @@ produces is forward-passed (refuting directions in *all* layers) before the next
 Before the solver tiers of layer ``k`` run, the not-yet-stable neurons of layers ``1 .. k-1`` get
 α-CROWN bounds, bottom-up and once per layer (``relu_bab.optimised_bounds``; the first layer is
 skipped, its interval bounds are exact), layer ``k`` gets CROWN again on top of them, and all
-later layers' bounds are re-propagated from the intersected bounds. The sound bound each solver answer carries
-(plus its margin) also tightens the layer's bounds.
+later layers' bounds are re-propagated from the intersected bounds. The sound bound each solver
+answer carries (plus its margin) also tightens the layer's bounds.
 
 Margin policy
 -------------
@@ -640,13 +640,7 @@ class _Analysis:
             if not loose.size:
                 continue
             with self.timed("tighten"):
-                lower, upper, _ = relu_bab.optimised_bounds(
-                    self.net, self.box, self.bounds, self.solver_states(previous), previous, loose
-                )
-                tightened = self.bounds[previous].copy()
-                tightened.lower[loose] = lower
-                tightened.upper[loose] = upper
-                self.bounds[previous] = self.bounds[previous].intersect(tightened)
+                self.optimise_rows(previous, loose)
                 self.propagate()
         with self.timed("symbolic"):
             self.prove_from_bounds(k, "interval")
@@ -655,6 +649,16 @@ class _Analysis:
                 self.bounds[k], _ = symbolic_bounds(self.net, self.box, self.bounds, k, rows)
                 self.prove_from_bounds(k, "symbolic")
                 self.propagate()
+
+    def optimise_rows(self, k: int, rows: np.ndarray) -> np.ndarray:
+        """Intersect layer k's bounds on ``rows`` with α-CROWN's; return the bounds' vertices."""
+        lower, upper, vertices = relu_bab.optimised_bounds(
+            self.net, self.box, self.bounds, self.solver_states(k), k, rows
+        )
+        optimised = self.bounds[k].copy()
+        optimised.lower[rows], optimised.upper[rows] = lower, upper
+        self.bounds[k] = self.bounds[k].intersect(optimised)
+        return vertices
 
     def alpha_crown_tier(self, k: int) -> None:
         """α-CROWN bounds for layer k's open rows, all in one batch, before any LP.
@@ -665,13 +669,7 @@ class _Analysis:
         candidates. A float64 CROWN bound: proofs follow the interval/symbolic margin.
         """
         with self.timed("alpha-crown"):
-            rows = np.flatnonzero(~self.settled(k))
-            lower, upper, vertices = relu_bab.optimised_bounds(
-                self.net, self.box, self.bounds, self.solver_states(k), k, rows
-            )
-            optimised = self.bounds[k].copy()
-            optimised.lower[rows], optimised.upper[rows] = lower, upper
-            self.bounds[k] = self.bounds[k].intersect(optimised)
+            vertices = self.optimise_rows(k, np.flatnonzero(~self.settled(k)))
             self.prove_from_bounds(k, "alpha-crown")
             self.see(vertices, "alpha-crown")
             self.propagate()

@@ -85,23 +85,30 @@ def _states_from(results: list[milp.DirectionResult], width: int) -> np.ndarray:
     return states
 
 
-def _tiered_states(net, box, bounds, tiers=("lp", "cuts", "milp"), jobs=1) -> list[np.ndarray]:
+def _tiered_states(net, box, bounds, tiers=("lp", "cuts", "milp"), jobs=1, decide=None):
+    """Labels of every layer, bottom-up, from one exact decision function per layer.
+
+    ``decide(k, states, directions, margins, deadline)`` defaults to
+    :func:`milp.decide_directions` with ``tiers`` and ``jobs``.
+    """
+
+    def milp_tiers(k, states, directions, margins, deadline):
+        return milp.decide_directions(
+            net, box, bounds, states, k, directions, margins, deadline, tiers=tiers, jobs=jobs
+        )
+
+    decide = decide or milp_tiers
     states: list[np.ndarray] = []
     for k, layer in enumerate(net.layers):
         if not layer.relu:
             states.append(np.full(layer.out_features, NeuronState.ACTIVE, dtype=np.int64))
             continue
-        results = milp.decide_directions(
-            net,
-            box,
-            bounds,
-            states,
+        results = decide(
             k,
+            states,
             _all_directions(net, k),
             np.full(layer.out_features, MARGIN),
             time.monotonic() + 60,
-            tiers=tiers,
-            jobs=jobs,
         )
         states.append(_states_from(results, layer.out_features))
     return states

@@ -20,7 +20,7 @@ from test_milp import (
     _interval_bounds,
     _random_net,
     _samples,
-    _states_from,
+    _tiered_states,
 )
 
 from onnx_exact import milp, relu_bab
@@ -111,27 +111,16 @@ def test_optimisation_tightens_the_root_bound():
     assert optimised[0] < deep_poly[0]
 
 
-def _crown_bab_states(net, box, bounds, relaxation: bool, node_limit=None):
-    states = []
-    for k, layer in enumerate(net.layers):
-        if not layer.relu:
-            states.append(np.full(layer.out_features, NeuronState.ACTIVE))
-            continue
-        results = relu_bab.decide_directions(
-            net,
-            box,
-            bounds,
-            states,
-            k,
-            _all_directions(net, k),
-            np.full(layer.out_features, MARGIN),
-            time.monotonic() + 60,
-            relaxation=milp.LayerRelaxation.build(net, box, bounds, states, k)
-            if relaxation and k > 0
-            else None,
+def _crown_bab_states(net, box, bounds, relaxation: bool):
+    """Labels from the CROWN branch and bound alone, with or without the layer's LP for the dive."""
+
+    def decide(k, states, directions, margins, deadline):
+        lp = milp.LayerRelaxation.build(net, box, bounds, states, k) if relaxation and k else None
+        return relu_bab.decide_directions(
+            net, box, bounds, states, k, directions, margins, deadline, relaxation=lp
         )
-        states.append(_states_from(results, layer.out_features))
-    return states, results
+
+    return _tiered_states(net, box, bounds, decide=decide)
 
 
 @pytest.mark.parametrize("relaxation", [False, True])
@@ -144,7 +133,7 @@ def test_labels_match_the_grid(seed, sizes, relaxation):
     box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
     bounds = _interval_bounds(net, box)
     oracle = _grid_states(net, _grid(box, 301 if sizes[0] == 2 else 41), gap=0.05)
-    states, _ = _crown_bab_states(net, box, bounds, relaxation)
+    states = _crown_bab_states(net, box, bounds, relaxation)
     for k, expected in enumerate(oracle):
         decided = states[k] != NeuronState.UNDECIDED
         if expected is not None:
