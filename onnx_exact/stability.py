@@ -102,9 +102,11 @@ SOLVER_MARGIN_ABS = 1e-9
 _SAMPLE_MACS = 2e9
 _SAMPLE_MIN, _SAMPLE_MAX, _SAMPLE_ROUND = 256, 8192, 1024
 _SOLVER_BATCH = 32  # directions per solver call; witnesses found in one batch refute the next
-# Under a time limit, directions left open by the capped bab/milp tiers are retried with the
-# per-direction caps multiplied by these factors, in turn, while time remains.
+# Under a time limit, directions left open by the capped crown-bab/bab/milp tiers are retried with
+# the per-direction caps multiplied by these factors, in turn, while time remains: each retry
+# round visits every layer, after the first pass has visited them all.
 _RETRY_EFFORTS = (4.0, 16.0)
+_RETRY_TIERS = ("crown-bab", "bab", "milp")
 # Input splitting: used up to this many input features; sub-boxes bounded per layer before the
 # open directions are handed to the LP/MILP tiers; float64 values one batch may materialise.
 SPLIT_MAX_INPUTS = 16
@@ -406,6 +408,17 @@ class _Analysis:
             self.bounds = interval_bounds(self.net, self.box)
 
     def run_tiers(self, solver_tiers: tuple[str, ...]) -> None:
+        """Every layer bottom-up with capped tiers, then retry rounds over the layers left open.
+
+        Why two passes: one hard direction (a neuron whose extreme lies within a hair of 0) can
+        absorb any budget, and with retries inside the layer pass it starved every layer above
+        it (ACAS Xu, operational domain: one layer-3 neuron took the whole 300 s and left three
+        later layers untried). The first pass gives every layer its capped tiers; only then do
+        the retries at :data:`_RETRY_EFFORTS` (longer caps per direction) go round the layers
+        still open, lowest first. Deciding a neuron late is sound for the layers above: while it
+        was open they treated it as unstable, a relaxation that covers both of its phases.
+        Without a time limit the caps are what bounds the run, so there are no retries.
+        """
         relu_layers = self.net.relu_layer_indices
         for k in range(len(self.net.layers)):
             if not self.net.layers[k].relu:
@@ -414,6 +427,16 @@ class _Analysis:
                 continue
             self.decide_layer(k, solver_tiers)
             self.progress("layers", relu_layers.index(k) + 1, len(relu_layers))
+        retry_tiers = tuple(tier for tier in solver_tiers if tier in _RETRY_TIERS)
+        if not retry_tiers or not np.isfinite(self.deadline):
+            return
+        for effort in _RETRY_EFFORTS:
+            for k in relu_layers:
+                for tier in retry_tiers:
+                    if k == 0 or not self.has_open(k) or self.out_of_time():
+                        break
+                    self.solver_tier(k, tier, effort)
+                self.finish_layer(k)
 
     def decide_layer(self, k: int, solver_tiers: tuple[str, ...]) -> None:
         """The tiers cheapest first, each only while layer k has open directions and time is left."""
@@ -436,16 +459,6 @@ class _Analysis:
             if not self.has_open(k):
                 break
             self.solver_tier(k, tier)
-        # Directions the capped exact tiers gave up on get longer tries while a time limit leaves
-        # room (without a time limit the caps are what bounds the run, so no retries).
-        retry_tiers = tuple(tier for tier in milp_tiers if tier in ("crown-bab", "bab", "milp"))
-        for effort in _RETRY_EFFORTS:
-            if not retry_tiers or not np.isfinite(self.deadline):
-                break
-            for tier in retry_tiers:
-                if not self.has_open(k) or self.out_of_time():
-                    break
-                self.solver_tier(k, tier, effort)
         self.finish_layer(k)
 
     def symbolic_tier(self, k: int) -> None:

@@ -301,3 +301,22 @@ def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(m
     rng = np.random.default_rng(0)
     points = np.concatenate([rng.uniform(box.lower, box.upper, (20000, 10)), box.lower[None]])
     assert_sound(net, box, retried, points)
+
+
+def test_retries_start_only_after_every_layer_had_its_first_pass(monkeypatch):
+    """A direction no tier decides must not starve the layers above it: every layer's capped
+    tiers run (bottom-up) before any retry, and each retry round again goes bottom-up."""
+    net = random_network(np.random.default_rng(7), [10, 20, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    calls: list[tuple[float, int]] = []
+
+    def undecided(self, k, tier, effort=1.0):  # a tier that never decides anything
+        calls.append((effort, k))
+
+    monkeypatch.setattr(stability._Analysis, "solver_tier", undecided)
+    result = analyze_stability(net, box, tiers=("bab",), time_limit=120)
+    open_layers = sorted({k for effort, k in calls if effort == 1.0})
+    assert len(open_layers) >= 2 and result.counts()["UNDECIDED"] > 0
+    assert calls == sorted(calls), "retries (effort > 1) ran before a layer's first pass"
+    assert [k for effort, k in calls if effort == 4.0] == open_layers
+    assert [k for effort, k in calls if effort == 16.0] == open_layers
