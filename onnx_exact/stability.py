@@ -412,8 +412,8 @@ class _Analysis:
 
         Why two passes: one hard direction (a neuron whose extreme lies within a hair of 0) can
         absorb any budget, and with retries inside the layer pass it starved every layer above
-        it (ACAS Xu, operational domain: one layer-3 neuron took the whole 300 s and left three
-        later layers untried). The first pass gives every layer its capped tiers; only then do
+        it (ACAS Xu, operational domain: one neuron of the third ReLU layer took the whole 300 s
+        and left the three layers above it untried). The first pass gives every layer its capped tiers; only then do
         the retries at :data:`_RETRY_EFFORTS` (longer caps per direction) go round the layers
         still open, lowest first. Deciding a neuron late is sound for the layers above: while it
         was open they treated it as unstable, a relaxation that covers both of its phases.
@@ -431,9 +431,9 @@ class _Analysis:
         if not retry_tiers or not np.isfinite(self.deadline):
             return
         for effort in _RETRY_EFFORTS:
-            for k in relu_layers:
+            for k in (k for k in relu_layers if k > 0):  # layer 0 is decided by interval bounds
                 for tier in retry_tiers:
-                    if k == 0 or not self.has_open(k) or self.out_of_time():
+                    if not self.has_open(k):  # also false once time is up
                         break
                     self.solver_tier(k, tier, effort)
                 self.finish_layer(k)
