@@ -30,8 +30,14 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    so that solution points refute directions early and each tier's wall time is recorded. All
    but the MILP share one warm :class:`onnx_exact.milp.LayerRelaxation` per layer (built once the
    bounds below the layer are final); the MILPs start from its cut pool. Under a time limit,
-   directions still open after that get the ``crown-bab``, ``bab`` and ``milp`` tiers again with
-   their per-direction caps multiplied by 4, then 16, while time remains.
+   directions still open after that get the ``crown-bab``, ``bab``, ``milp`` (and ``subdivide``)
+   tiers again with their per-direction caps multiplied by 4, then 16, while time remains;
+7. ``subdivide`` — for networks with at most ``SPLIT_MAX_INPUTS`` input features it takes the
+   place of the box-wide tier 6: what input splitting leaves open is decided piece by piece. The
+   box is cut into pieces, each gets a focused sub-analysis (tiers 1-6 on the network up to the
+   layer, with the piece's own bounds, for half a second), and pieces that stay open are halved
+   again (:meth:`_Analysis.subdivide_tier`; ACAS Xu on its operational domain: 3 of the 4
+   directions the box-wide tiers left open). Retries continue its queue of pieces.
 
 Before the solver tiers of layer ``k`` run, the not-yet-stable neurons of layers ``1 .. k-1`` get
 α-CROWN bounds, bottom-up and once per layer (``relu_bab.optimised_bounds``; the first layer is
@@ -62,9 +68,10 @@ A time limit leaves the directions still open UNDECIDED and sets ``time_limit_hi
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import numpy as np
@@ -93,7 +100,7 @@ from .witness import (
 ProgressCallback = Callable[[str, int, int], None]
 
 METHODS = ("auto", "isa", "per-neuron")
-SOLVER_TIERS = ("split", "lp", "cuts", "crown-bab", "bab", "milp")
+SOLVER_TIERS = ("split", "lp", "cuts", "crown-bab", "bab", "milp", "subdivide")
 FLOAT_MARGIN = 1e-12  # relative margin for interval/symbolic proofs (float64 rounding)
 SOLVER_MARGIN_REL = 1e-7  # relative margin for LP/MILP proofs (solver tolerances)
 SOLVER_MARGIN_ABS = 1e-9
@@ -106,13 +113,21 @@ _SOLVER_BATCH = 32  # directions per solver call; witnesses found in one batch r
 # the per-direction caps multiplied by these factors, in turn, while time remains: each retry
 # round visits every layer, after the first pass has visited them all.
 _RETRY_EFFORTS = (4.0, 16.0)
-_RETRY_TIERS = ("crown-bab", "bab", "milp")
+_RETRY_TIERS = ("crown-bab", "bab", "milp", "subdivide")
 # Input splitting: used up to this many input features; sub-boxes bounded per layer before the
 # open directions are handed to the LP/MILP tiers; float64 values one batch may materialise.
 SPLIT_MAX_INPUTS = 16
 _SPLIT_BOXES_PER_LAYER = 50_000
 _SPLIT_BATCH_VALUES = 1e6
 _SPLIT_BATCH_MAX = 4096
+# Subdivision (few input features, after the solver tiers): the box is cut into 2**depth pieces to
+# start with; each piece gets a focused sub-analysis of at most this many seconds, one call of the
+# tier at most this many pieces (times its effort). A piece's own input-splitting tier gets a
+# smaller sub-box budget than a whole layer.
+_SUBDIVIDE_START_DEPTH = 3
+_SUBDIVIDE_PIECE_SECONDS = 0.5
+_SUBDIVIDE_PIECES = 64
+_SUBDIVIDE_SPLIT_BOXES = 4_000
 # Cheapest first: an UNSTABLE neuron is credited to the costlier of its two refuting tiers.
 _TIER_ORDER = (
     "witness",
@@ -125,6 +140,7 @@ _TIER_ORDER = (
     "crown-bab",
     "bab",
     "milp",
+    "subdivide",
     "isa",
     "per-neuron",
 )
@@ -144,8 +160,8 @@ class LayerStability:
     """Per-neuron verdicts of one layer (aligned with ``Network.layers``).
 
     ``decided_by[i]`` names the tier that settled neuron i ("witness", "interval", "symbolic",
-    "ascent", "split", "lp", "lp+cuts", "crown-bab", "bab", "milp", "isa", "per-neuron", "linear",
-    "" when undecided).
+    "ascent", "split", "lp", "lp+cuts", "crown-bab", "bab", "milp", "subdivide", "isa",
+    "per-neuron", "linear", "" when undecided).
     ``lower``/``upper`` are the tightest proved pre-activation bounds found.
     """
 
@@ -263,6 +279,36 @@ def analyze_stability(
     return analysis.result(method)
 
 
+@dataclass
+class _Subdivision:
+    """The subdivide tier's state for one layer: its directions, their bounds, the open pieces."""
+
+    neurons: np.ndarray
+    signs: np.ndarray
+    worst: np.ndarray  # largest sign * y bound over the pieces each direction is closed on
+    extent: np.ndarray  # the box's widths, for "relatively widest"
+    pieces: deque  # (lower, upper, open mask over the directions), processed breadth first
+
+    @classmethod
+    def start(cls, box: Box, neurons: np.ndarray, signs: np.ndarray) -> _Subdivision:
+        extent = np.where(box.upper > box.lower, box.upper - box.lower, 1.0)
+        pieces = [(box.lower, box.upper, np.ones(neurons.size, dtype=bool))]
+        for _ in range(_SUBDIVIDE_START_DEPTH):
+            pieces = [half for piece in pieces for half in _halve(*piece, extent)]
+        return cls(neurons, signs, np.full(neurons.size, -np.inf), extent, deque(pieces))
+
+
+def _halve(
+    lower: np.ndarray, upper: np.ndarray, open_on: np.ndarray, extent: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]:
+    """The two halves of a box along its widest dimension relative to ``extent``."""
+    dim = int(np.argmax((upper - lower) / extent))
+    middle = (lower[dim] + upper[dim]) / 2.0
+    left_upper, right_lower = upper.copy(), lower.copy()
+    left_upper[dim], right_lower[dim] = middle, middle
+    return (lower, left_upper, open_on.copy()), (right_lower, upper, open_on.copy())
+
+
 class _Analysis:
     """Mutable state of one analysis: observations, bounds, verdicts and bookkeeping."""
 
@@ -296,6 +342,12 @@ class _Analysis:
         self.time_limit_hit = False
         self.tightened: set[int] = set()
         self.relaxation: milp.LayerRelaxation | None = None  # of the layer being decided
+        # Sub-analyses of the subdivide tier ask only for some directions of one layer: per
+        # layer, the (+1, -1) directions the tiers should work on (None: all of them).
+        self.focus: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.split_boxes = _SPLIT_BOXES_PER_LAYER
+        self.subdivisions: dict[int, _Subdivision] = {}  # the subdivide tier's queue per layer
+        self.piece_tiers: tuple[str, ...] = ()  # the exact tiers a piece's analysis runs
 
     # ----------------------------------------------------------------- bookkeeping
     @contextmanager
@@ -328,8 +380,10 @@ class _Analysis:
     def open_directions(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Neuron indices and signs of layer k's directions neither proved nor refuted."""
         unsettled = ~self.settled(k)
-        pos = np.flatnonzero(unsettled & ~self.obs.seen_pos[k])
-        neg = np.flatnonzero(unsettled & ~self.obs.seen_neg[k])
+        pos_open, neg_open = unsettled & ~self.obs.seen_pos[k], unsettled & ~self.obs.seen_neg[k]
+        if self.focus is not None:
+            pos_open, neg_open = pos_open & self.focus[k][0], neg_open & self.focus[k][1]
+        pos, neg = np.flatnonzero(pos_open), np.flatnonzero(neg_open)
         neurons = np.concatenate([pos, neg])
         signs = np.concatenate(
             [np.ones(pos.size, dtype=np.int64), -np.ones(neg.size, dtype=np.int64)]
@@ -413,12 +467,23 @@ class _Analysis:
         Why two passes: one hard direction (a neuron whose extreme lies within a hair of 0) can
         absorb any budget, and with retries inside the layer pass it starved every layer above
         it (ACAS Xu, operational domain: one neuron of the third ReLU layer took the whole 300 s
-        and left the three layers above it untried). The first pass gives every layer its capped tiers; only then do
-        the retries at :data:`_RETRY_EFFORTS` (longer caps per direction) go round the layers
-        still open, lowest first. Deciding a neuron late is sound for the layers above: while it
+        and left the three layers above it untried). The first pass gives every layer its capped
+        tiers; only then do the retries at :data:`_RETRY_EFFORTS` (longer caps per direction) go
+        round the layers still open, lowest first. Deciding a neuron late is sound for the layers above: while it
         was open they treated it as unstable, a relaxation that covers both of its phases.
         Without a time limit the caps are what bounds the run, so there are no retries.
+
+        With ``subdivide`` among the tiers and at most ``SPLIT_MAX_INPUTS`` input features, the
+        box-wide LP, cut, branch-and-bound and MILP tiers are not run: the pieces run them with
+        their own, tighter bounds. On ACAS Xu over its operational domain the box-wide tiers
+        spent 145-180 of the 300 s without deciding a direction and starved the pieces of the
+        layers above (3 directions left open, against 1 without them).
         """
+        self.piece_tiers = tuple(tier for tier in solver_tiers if tier != "subdivide")
+        if "subdivide" in solver_tiers and self.net.in_features <= SPLIT_MAX_INPUTS:
+            solver_tiers = tuple(tier for tier in solver_tiers if tier in ("split", "subdivide"))
+        else:
+            solver_tiers = self.piece_tiers
         relu_layers = self.net.relu_layer_indices
         for k in range(len(self.net.layers)):
             if not self.net.layers[k].relu:
@@ -435,7 +500,7 @@ class _Analysis:
                 for tier in retry_tiers:
                     if not self.has_open(k):  # also false once time is up
                         break
-                    self.solver_tier(k, tier, effort)
+                    self.exact_tier(k, tier, effort)
                 self.finish_layer(k)
 
     def decide_layer(self, k: int, solver_tiers: tuple[str, ...]) -> None:
@@ -458,8 +523,15 @@ class _Analysis:
         for tier in milp_tiers:
             if not self.has_open(k):
                 break
-            self.solver_tier(k, tier)
+            self.exact_tier(k, tier)
         self.finish_layer(k)
+
+    def exact_tier(self, k: int, tier: str, effort: float = 1.0) -> None:
+        """Run one exact tier on layer k (subdivide only above the first layer: IBP is exact there)."""
+        if tier != "subdivide":
+            self.solver_tier(k, tier, effort)
+        elif k > 0:
+            self.subdivide_tier(k, effort)
 
     def symbolic_tier(self, k: int) -> None:
         """CROWN on the open rows, then corner ascent from the best points and the CROWN vertices."""
@@ -543,7 +615,7 @@ class _Analysis:
                 seen_pos, seen_neg = self.obs.seen_pos[k][neurons], self.obs.seen_neg[k][neurons]
                 return unsettled & ~np.where(signs > 0, seen_pos, seen_neg) & ~given_up
 
-            while priority.size and spent < _SPLIT_BOXES_PER_LAYER and not self.out_of_time():
+            while priority.size and spent < self.split_boxes and not self.out_of_time():
                 open_on &= still_open()
                 keep = open_on.any(axis=1)
                 lower, upper, open_on, priority = (
@@ -602,19 +674,25 @@ class _Analysis:
                 open_on = np.concatenate([open_on, child_open, child_open])
                 priority = np.concatenate([priority, child_priority, child_priority])
             proved = still_open() & ~open_on.any(axis=0)
-            for sign, state in ((1, NeuronState.INACTIVE), (-1, NeuronState.ACTIVE)):
-                chosen = np.flatnonzero(proved & (signs == sign))
-                i = neurons[chosen]
-                if sign > 0:
-                    self.bounds[k].upper[i] = np.maximum(
-                        np.minimum(self.bounds[k].upper[i], worst[chosen]), self.bounds[k].lower[i]
-                    )
-                else:
-                    self.bounds[k].lower[i] = np.minimum(
-                        np.maximum(self.bounds[k].lower[i], -worst[chosen]), self.bounds[k].upper[i]
-                    )
-                self.prove(k, i, state, "split")
-            self.propagate()
+            self.prove_covered(k, neurons[proved], signs[proved], worst[proved], "split")
+
+    def prove_covered(
+        self, k: int, neurons: np.ndarray, signs: np.ndarray, worst: np.ndarray, tier: str
+    ) -> None:
+        """Directions proved piecewise: ``sign * y_{k,i} <= worst`` on every part of a cover."""
+        for sign, state in ((1, NeuronState.INACTIVE), (-1, NeuronState.ACTIVE)):
+            chosen = np.flatnonzero(signs == sign)
+            i = neurons[chosen]
+            if sign > 0:
+                self.bounds[k].upper[i] = np.maximum(
+                    np.minimum(self.bounds[k].upper[i], worst[chosen]), self.bounds[k].lower[i]
+                )
+            else:
+                self.bounds[k].lower[i] = np.minimum(
+                    np.maximum(self.bounds[k].lower[i], -worst[chosen]), self.bounds[k].upper[i]
+                )
+            self.prove(k, i, state, tier)
+        self.propagate()
 
     def split_batch_size(self, k: int) -> int:
         """Sub-boxes per batch of :meth:`split_tier`, so that one batch stays within a memory cap.
@@ -630,6 +708,95 @@ class _Analysis:
             + [2 * layers[j].out_features * layers[j].in_features for j in range(1, k + 1)]
         )
         return int(np.clip(_SPLIT_BATCH_VALUES // per_box, 16, _SPLIT_BATCH_MAX))
+
+    def subdivide_tier(self, k: int, effort: float = 1.0) -> None:
+        """Layer k's open directions decided piece by piece, each piece by its own sub-analysis.
+
+        Why: over a wide box of a few-input network (ACAS Xu on its operational domain) the
+        relaxations of the layers below k are loose everywhere. Input splitting bounds its
+        sub-boxes by plain CROWN (no ReLU splits), and the ReLU-phase searches keep the
+        intermediate bounds of the whole box, so a direction whose extreme lies near 0 stays
+        open under both; on a piece of the box, every tier is far tighter. Each piece therefore
+        gets a sub-analysis of the network up to layer k, focused on the open directions
+        (:meth:`piece_analysis`: witnesses sampled on the piece, interval, CROWN and corner
+        ascent, input splitting with :data:`_SUBDIVIDE_SPLIT_BOXES` sub-boxes, α-CROWN of the
+        layers below, then the solver tiers with the piece's bounds), for at most
+        :data:`_SUBDIVIDE_PIECE_SECONDS`.
+
+        The box is first cut into ``2**_SUBDIVIDE_START_DEPTH`` pieces (halving the relatively
+        widest dimension each time); a piece that leaves directions open is halved again and its
+        halves queued (breadth first) with the directions still open on it. A direction is
+        refuted by any witness a piece finds (a point of the box, forward-passed here). It is
+        closed on a piece when the piece's analysis proved it (by the margin policy at the
+        piece's scales) with a bound that also clears the interval margin at the box's scales,
+        ``sign * y <= -1e-12 * s_i`` (the split tier's criterion), and proved when it is closed on
+        every piece of the cover; the largest of its piece bounds then bounds it on the box. One
+        call processes at most ``_SUBDIVIDE_PIECES * effort`` pieces before the deadline; the
+        queue is kept per layer, so a retry continues where the previous call stopped.
+        """
+        with self.timed("subdivide"):
+            if not self.open_directions(k)[0].size:
+                return
+            if k not in self.subdivisions:
+                self.subdivisions[k] = _Subdivision.start(self.box, *self.open_directions(k))
+            state = self.subdivisions[k]
+            neurons, signs = state.neurons, state.signs
+            margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
+            budget = int(_SUBDIVIDE_PIECES * effort)
+
+            def still_open() -> np.ndarray:
+                unsettled = ~self.settled(k)[neurons]
+                seen_pos, seen_neg = self.obs.seen_pos[k][neurons], self.obs.seen_neg[k][neurons]
+                return unsettled & ~np.where(signs > 0, seen_pos, seen_neg)
+
+            while state.pieces and budget > 0 and not self.out_of_time():
+                lower, upper, open_on = state.pieces.popleft()
+                open_on = open_on & still_open()
+                if not open_on.any():
+                    continue
+                budget -= 1
+                piece = self.piece_analysis(k, neurons[open_on], signs[open_on], lower, upper)
+                self.see(piece.obs.witnesses, "subdivide")
+                rows = np.flatnonzero(open_on)
+                i = neurons[rows]
+                proved_state = np.where(signs[rows] > 0, NeuronState.INACTIVE, NeuronState.ACTIVE)
+                value = np.where(
+                    signs[rows] > 0, piece.bounds[k].upper[i], -piece.bounds[k].lower[i]
+                )
+                closed = (piece.states[k][i] == proved_state) & (value <= -margin[rows])
+                state.worst[rows[closed]] = np.maximum(state.worst[rows[closed]], value[closed])
+                open_on[rows[closed]] = False
+                if (open_on & still_open()).any():
+                    state.pieces.extend(_halve(lower, upper, open_on, state.extent))
+            unfinished = np.zeros(neurons.size, dtype=bool)
+            for _, _, open_on in state.pieces:  # pieces left when the budget or the time ran out
+                unfinished |= open_on
+            proved = still_open() & ~unfinished
+            self.prove_covered(k, neurons[proved], signs[proved], state.worst[proved], "subdivide")
+
+    def piece_analysis(
+        self, k: int, neurons: np.ndarray, signs: np.ndarray, lower: np.ndarray, upper: np.ndarray
+    ) -> _Analysis:
+        """The sub-analysis of :meth:`subdivide_tier` on one piece: layers ``0 .. k``, focused."""
+        net = replace(self.net, layers=self.net.layers[: k + 1])
+        piece = Box(lower, upper, self.box.input_name, self.box.source)
+        deadline = min(self.deadline, time.monotonic() + _SUBDIVIDE_PIECE_SECONDS)
+        seed = int(self.rng.integers(2**31))
+        analysis = _Analysis(net, piece, deadline, seed, self.jobs, None)
+        analysis.split_boxes = _SUBDIVIDE_SPLIT_BOXES
+        analysis.focus = [
+            (np.zeros(layer.out_features, dtype=bool), np.zeros(layer.out_features, dtype=bool))
+            for layer in net.layers
+        ]
+        analysis.focus[k][0][neurons[signs > 0]] = True
+        analysis.focus[k][1][neurons[signs < 0]] = True
+        analysis.collect_witnesses(None, sample=True)
+        analysis.interval_tier()
+        for j in range(k):
+            if not net.layers[j].relu:
+                analysis.states[j][:] = NeuronState.ACTIVE
+        analysis.decide_layer(k, self.piece_tiers)
+        return analysis
 
     def tighten_previous(self, k: int) -> None:
         """α-CROWN bounds for the not-yet-stable neurons of layers ``1 .. k - 1``, then CROWN for k.

@@ -139,6 +139,58 @@ def test_input_splitting_hands_directions_over_its_budget_to_the_solvers(monkeyp
     assert "split" not in analyze_stability(net, box).timings_s
 
 
+def diagonal_net() -> tuple[Network, Box]:
+    """``a = relu(x1 + x2)``, ``b = relu(x1 - x2)`` on [-1, 1]^2; ``a + b - 2.5`` is stably inactive.
+
+    ``a + b <= 2`` on the box, but the triangle relaxation (hence α-CROWN, whose optimum it is
+    for the second layer) bounds it by 3: only a split of the input or of a ReLU proves it.
+    """
+    diagonals = np.array([[1.0, 1.0], [1.0, -1.0]])
+    layers = [
+        DenseLayer(diagonals, np.zeros(2), relu=True, name="fc0"),
+        DenseLayer(diagonals, np.array([-2.5, 0.0]), relu=True, name="fc1"),
+        DenseLayer(np.ones((1, 2)), np.zeros(1), relu=False, name="out"),
+    ]
+    return Network(layers, InputMap.identity(2)), Box(-np.ones(2), np.ones(2))
+
+
+def test_subdivision_proves_what_the_box_wide_tiers_cannot(monkeypatch) -> None:
+    """With the split tier starved (one sub-box), the LP-free tiers leave ``a + b - 2.5`` open;
+    pieces of the box, each with its own focused analysis (and split budget), prove it."""
+    net, box = diagonal_net()
+    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)
+    starved = analyze_stability(net, box, tiers=("split",))
+    assert starved.layers[1].states[0] == NeuronState.UNDECIDED
+    result = analyze_stability(net, box, tiers=("split", "subdivide"))
+    assert result.complete and not result.time_limit_hit
+    assert result.layers[1].states[0] == NeuronState.INACTIVE
+    assert result.layers[1].decided_by[0] == "subdivide"
+    assert result.layers[1].upper[0] <= 0.0  # the largest bound over the pieces
+    assert result.layers[1].states[1] == NeuronState.UNSTABLE
+    assert_sound(net, box, result, oracle_points(box))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_subdivision_is_sound_and_matches_per_neuron(monkeypatch, seed: int) -> None:
+    net, box = split_case(seed)
+    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)
+    result = analyze_stability(net, box, tiers=("split", "subdivide"))
+    assert result.complete and not result.time_limit_hit
+    assert_sound(net, box, result, oracle_points(box))
+    baseline = analyze_stability(net, box, method="per-neuron")
+    for ours, theirs in zip(result.layers, baseline.layers, strict=True):
+        np.testing.assert_array_equal(ours.states, theirs.states)
+
+
+def test_subdivision_needs_few_inputs_and_an_open_direction(monkeypatch) -> None:
+    net, box = split_case(1)
+    assert "subdivide" not in analyze_stability(net, box).timings_s  # split decides it all
+    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)
+    monkeypatch.setattr(stability, "SPLIT_MAX_INPUTS", 1)
+    result = analyze_stability(net, box, tiers=("split", "subdivide"))
+    assert "subdivide" not in result.timings_s and "split" not in result.timings_s
+
+
 def needle_network(n: int = 24) -> tuple[Network, Box]:
     """Layer-1 neuron 0 is positive only within 1e-3 of one vertex of the box (see test_witness)."""
     signs = np.where(np.arange(n) % 3 == 0, -1.0, 1.0)
