@@ -67,9 +67,11 @@ A time limit leaves the directions still open UNDECIDED and sets ``time_limit_hi
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -128,6 +130,8 @@ _SUBDIVIDE_START_DEPTH = 3
 _SUBDIVIDE_PIECE_SECONDS = 0.5
 _SUBDIVIDE_PIECES = 64
 _SUBDIVIDE_SPLIT_BOXES = 4_000
+# Pieces per round; witnesses are exchanged between rounds, so the rounds do not depend on --jobs.
+_SUBDIVIDE_ROUND = 8
 # Cheapest first: an UNSTABLE neuron is credited to the costlier of its two refuting tiers.
 _TIER_ORDER = (
     "witness",
@@ -277,6 +281,78 @@ def analyze_stability(
     else:
         analysis.run_baseline(method)
     return analysis.result(method)
+
+
+@dataclass
+class _PieceOutcome:
+    """What a piece's sub-analysis returns for its directions, and the witnesses it found."""
+
+    proved: np.ndarray  # per direction asked: proved (by the margin policy on the piece)
+    values: np.ndarray  # per direction asked: the proved bound on sign * y over the piece
+    witnesses: np.ndarray  # network-space inputs (points of the piece) that refuted something
+
+    def closed(self, margin: np.ndarray) -> np.ndarray:
+        """Proved, with a bound that clears ``margin`` (the box's interval margin)."""
+        return self.proved & (self.values <= -margin)
+
+
+@dataclass
+class _PieceJob:
+    """The part of a piece's sub-analysis shared by every piece of one layer's subdivision.
+
+    A module-level object (not a method of the analysis) so that worker processes can run it.
+    """
+
+    net: Network  # the network up to the layer
+    layer: int
+    input_name: str
+    tiers: tuple[str, ...]  # the exact tiers a piece runs (never subdivide itself)
+
+    def run(
+        self,
+        neurons: np.ndarray,
+        signs: np.ndarray,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        seed: int,
+        deadline: float,
+    ) -> _PieceOutcome:
+        """The focused sub-analysis of one piece: for at most ``_SUBDIVIDE_PIECE_SECONDS``."""
+        k, net = self.layer, self.net
+        piece_deadline = min(deadline, time.monotonic() + _SUBDIVIDE_PIECE_SECONDS)
+        analysis = _Analysis(net, Box(lower, upper, self.input_name), piece_deadline, seed, 1, None)
+        analysis.split_boxes = _SUBDIVIDE_SPLIT_BOXES
+        analysis.focus = [
+            (np.zeros(layer.out_features, dtype=bool), np.zeros(layer.out_features, dtype=bool))
+            for layer in net.layers
+        ]
+        analysis.focus[k][0][neurons[signs > 0]] = True
+        analysis.focus[k][1][neurons[signs < 0]] = True
+        analysis.collect_witnesses(None, sample=True)
+        analysis.interval_tier()
+        for j in range(k):
+            if not net.layers[j].relu:
+                analysis.states[j][:] = NeuronState.ACTIVE
+        analysis.decide_layer(k, self.tiers)
+        wanted = np.where(signs > 0, NeuronState.INACTIVE, NeuronState.ACTIVE)
+        bounds = analysis.bounds[k]
+        return _PieceOutcome(
+            proved=analysis.states[k][neurons] == wanted,
+            values=np.where(signs > 0, bounds.upper[neurons], -bounds.lower[neurons]),
+            witnesses=analysis.obs.witnesses,
+        )
+
+
+_PIECE_JOB: _PieceJob | None = None  # set in each worker process by _init_piece_worker
+
+
+def _init_piece_worker(job: _PieceJob) -> None:
+    global _PIECE_JOB
+    _PIECE_JOB = job
+
+
+def _run_piece_worker(task: tuple) -> _PieceOutcome:
+    return _PIECE_JOB.run(*task)
 
 
 @dataclass
@@ -718,7 +794,7 @@ class _Analysis:
         intermediate bounds of the whole box, so a direction whose extreme lies near 0 stays
         open under both; on a piece of the box, every tier is far tighter. Each piece therefore
         gets a sub-analysis of the network up to layer k, focused on the open directions
-        (:meth:`piece_analysis`: witnesses sampled on the piece, interval, CROWN and corner
+        (:meth:`_PieceJob.run`: witnesses sampled on the piece, interval, CROWN and corner
         ascent, input splitting with :data:`_SUBDIVIDE_SPLIT_BOXES` sub-boxes, α-CROWN of the
         layers below, then the solver tiers with the piece's bounds), for at most
         :data:`_SUBDIVIDE_PIECE_SECONDS`.
@@ -733,6 +809,11 @@ class _Analysis:
         every piece of the cover; the largest of its piece bounds then bounds it on the box. One
         call processes at most ``_SUBDIVIDE_PIECES * effort`` pieces before the deadline; the
         queue is kept per layer, so a retry continues where the previous call stopped.
+
+        Pieces go in rounds of :data:`_SUBDIVIDE_ROUND`, in queue order; with ``jobs > 1`` a
+        round's pieces run in that many worker processes (spawned once per call), and the
+        witnesses of a round are forward-passed before the next round is chosen, so the rounds
+        are the same for any ``jobs``.
         """
         with self.timed("subdivide"):
             if not self.open_directions(k)[0].size:
@@ -742,61 +823,66 @@ class _Analysis:
             state = self.subdivisions[k]
             neurons, signs = state.neurons, state.signs
             margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
-            budget = int(_SUBDIVIDE_PIECES * effort)
+            budget = total = int(_SUBDIVIDE_PIECES * effort)
 
             def still_open() -> np.ndarray:
                 unsettled = ~self.settled(k)[neurons]
                 seen_pos, seen_neg = self.obs.seen_pos[k][neurons], self.obs.seen_neg[k][neurons]
                 return unsettled & ~np.where(signs > 0, seen_pos, seen_neg)
 
-            while state.pieces and budget > 0 and not self.out_of_time():
-                lower, upper, open_on = state.pieces.popleft()
-                open_on = open_on & still_open()
-                if not open_on.any():
-                    continue
-                budget -= 1
-                piece = self.piece_analysis(k, neurons[open_on], signs[open_on], lower, upper)
-                self.see(piece.obs.witnesses, "subdivide")
-                rows = np.flatnonzero(open_on)
-                i = neurons[rows]
-                proved_state = np.where(signs[rows] > 0, NeuronState.INACTIVE, NeuronState.ACTIVE)
-                value = np.where(
-                    signs[rows] > 0, piece.bounds[k].upper[i], -piece.bounds[k].lower[i]
+            net = replace(self.net, layers=self.net.layers[: k + 1])
+            job = _PieceJob(net, k, self.box.input_name, self.piece_tiers)
+            executor = None
+            if self.jobs > 1:
+                executor = ProcessPoolExecutor(
+                    max_workers=min(self.jobs, _SUBDIVIDE_ROUND),
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_piece_worker,
+                    initargs=(job,),
                 )
-                closed = (piece.states[k][i] == proved_state) & (value <= -margin[rows])
-                state.worst[rows[closed]] = np.maximum(state.worst[rows[closed]], value[closed])
-                open_on[rows[closed]] = False
-                if (open_on & still_open()).any():
-                    state.pieces.extend(_halve(lower, upper, open_on, state.extent))
+            try:
+                while state.pieces and budget > 0 and not self.out_of_time():
+                    chosen = []  # a round of pieces with open directions, in queue order
+                    while state.pieces and len(chosen) < min(budget, _SUBDIVIDE_ROUND):
+                        lower, upper, open_on = state.pieces.popleft()
+                        open_on = open_on & still_open()
+                        if open_on.any():
+                            chosen.append((lower, upper, open_on))
+                    budget -= len(chosen)
+                    tasks = [
+                        (
+                            neurons[open_on],
+                            signs[open_on],
+                            lower,
+                            upper,
+                            int(self.rng.integers(2**31)),
+                            self.deadline,
+                        )
+                        for lower, upper, open_on in chosen
+                    ]
+                    if executor is None:
+                        outcomes = [job.run(*task) for task in tasks]
+                    else:
+                        outcomes = list(executor.map(_run_piece_worker, tasks))
+                    for outcome in outcomes:
+                        self.see(outcome.witnesses, "subdivide")
+                    for (lower, upper, open_on), outcome in zip(chosen, outcomes, strict=True):
+                        rows = np.flatnonzero(open_on)
+                        closed = outcome.closed(margin[rows])
+                        value = outcome.values[closed]
+                        state.worst[rows[closed]] = np.maximum(state.worst[rows[closed]], value)
+                        open_on[rows[closed]] = False
+                        if (open_on & still_open()).any():
+                            state.pieces.extend(_halve(lower, upper, open_on, state.extent))
+                    self.progress("subdivide", total - budget, total)
+            finally:
+                if executor is not None:
+                    executor.shutdown(cancel_futures=True)
             unfinished = np.zeros(neurons.size, dtype=bool)
             for _, _, open_on in state.pieces:  # pieces left when the budget or the time ran out
                 unfinished |= open_on
             proved = still_open() & ~unfinished
             self.prove_covered(k, neurons[proved], signs[proved], state.worst[proved], "subdivide")
-
-    def piece_analysis(
-        self, k: int, neurons: np.ndarray, signs: np.ndarray, lower: np.ndarray, upper: np.ndarray
-    ) -> _Analysis:
-        """The sub-analysis of :meth:`subdivide_tier` on one piece: layers ``0 .. k``, focused."""
-        net = replace(self.net, layers=self.net.layers[: k + 1])
-        piece = Box(lower, upper, self.box.input_name, self.box.source)
-        deadline = min(self.deadline, time.monotonic() + _SUBDIVIDE_PIECE_SECONDS)
-        seed = int(self.rng.integers(2**31))
-        analysis = _Analysis(net, piece, deadline, seed, self.jobs, None)
-        analysis.split_boxes = _SUBDIVIDE_SPLIT_BOXES
-        analysis.focus = [
-            (np.zeros(layer.out_features, dtype=bool), np.zeros(layer.out_features, dtype=bool))
-            for layer in net.layers
-        ]
-        analysis.focus[k][0][neurons[signs > 0]] = True
-        analysis.focus[k][1][neurons[signs < 0]] = True
-        analysis.collect_witnesses(None, sample=True)
-        analysis.interval_tier()
-        for j in range(k):
-            if not net.layers[j].relu:
-                analysis.states[j][:] = NeuronState.ACTIVE
-        analysis.decide_layer(k, self.piece_tiers)
-        return analysis
 
     def tighten_previous(self, k: int) -> None:
         """α-CROWN bounds for the not-yet-stable neurons of layers ``1 .. k - 1``, then CROWN for k.

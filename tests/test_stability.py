@@ -182,6 +182,17 @@ def test_subdivision_is_sound_and_matches_per_neuron(monkeypatch, seed: int) -> 
         np.testing.assert_array_equal(ours.states, theirs.states)
 
 
+def test_subdivision_in_worker_processes_gives_the_serial_labels(monkeypatch) -> None:
+    net, box = split_case(3)
+    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)  # the parent's split only
+    serial = analyze_stability(net, box, tiers=("split", "subdivide"))
+    parallel = analyze_stability(net, box, tiers=("split", "subdivide"), jobs=2)
+    assert serial.complete and parallel.complete
+    assert any(np.any(layer.decided_by == "subdivide") for layer in parallel.layers)
+    for ours, theirs in zip(parallel.layers, serial.layers, strict=True):
+        np.testing.assert_array_equal(ours.states, theirs.states)
+
+
 def test_subdivision_needs_few_inputs_and_an_open_direction(monkeypatch) -> None:
     net, box = split_case(1)
     assert "subdivide" not in analyze_stability(net, box).timings_s  # split decides it all
