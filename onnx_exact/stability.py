@@ -545,8 +545,9 @@ class _Analysis:
         it (ACAS Xu, operational domain: one neuron of the third ReLU layer took the whole 300 s
         and left the three layers above it untried). The first pass gives every layer its capped
         tiers; only then do the retries at :data:`_RETRY_EFFORTS` (longer caps per direction) go
-        round the layers still open, lowest first. Deciding a neuron late is sound for the layers above: while it
-        was open they treated it as unstable, a relaxation that covers both of its phases.
+        round the layers still open, lowest first. Deciding a neuron late is sound for the layers
+        above: while it was open they treated it as unstable, a relaxation that covers both of its
+        phases.
         Without a time limit the caps are what bounds the run, so there are no retries.
 
         With ``subdivide`` among the tiers and at most ``SPLIT_MAX_INPUTS`` input features, the
