@@ -122,10 +122,10 @@ SPLIT_MAX_INPUTS = 16
 _SPLIT_BOXES_PER_LAYER = 50_000
 _SPLIT_BATCH_VALUES = 1e6
 _SPLIT_BATCH_MAX = 4096
-# Subdivision (few input features, after the solver tiers): the box is cut into 2**depth pieces to
-# start with; each piece gets a focused sub-analysis of at most this many seconds, one call of the
-# tier at most this many pieces (times its effort). A piece's own input-splitting tier gets a
-# smaller sub-box budget than a whole layer.
+# Subdivision (few input features, in place of the box-wide solver tiers): the box is cut into
+# 2**depth pieces to start with; each piece gets a focused sub-analysis of at most this many
+# seconds, one call of the tier at most this many pieces (times its effort). A piece's own
+# input-splitting tier gets a smaller sub-box budget than a whole layer.
 _SUBDIVIDE_START_DEPTH = 3
 _SUBDIVIDE_PIECE_SECONDS = 0.5
 _SUBDIVIDE_PIECES = 64
@@ -466,6 +466,12 @@ class _Analysis:
         )
         return neurons, signs
 
+    def still_open(self, k: int, neurons: np.ndarray, signs: np.ndarray) -> np.ndarray:
+        """Which of the given directions of layer k are neither proved nor refuted yet."""
+        unsettled = ~self.settled(k)[neurons]
+        seen_pos, seen_neg = self.obs.seen_pos[k][neurons], self.obs.seen_neg[k][neurons]
+        return unsettled & ~np.where(signs > 0, seen_pos, seen_neg)
+
     def has_open(self, k: int) -> bool:
         """Layer k has directions neither proved nor refuted, and the deadline has not passed."""
         return bool(self.open_directions(k)[0].size) and not self.out_of_time()
@@ -688,9 +694,7 @@ class _Analysis:
             batch_size, spent = self.split_batch_size(k), 0
 
             def still_open() -> np.ndarray:
-                unsettled = ~self.settled(k)[neurons]
-                seen_pos, seen_neg = self.obs.seen_pos[k][neurons], self.obs.seen_neg[k][neurons]
-                return unsettled & ~np.where(signs > 0, seen_pos, seen_neg) & ~given_up
+                return self.still_open(k, neurons, signs) & ~given_up
 
             while priority.size and spent < self.split_boxes and not self.out_of_time():
                 open_on &= still_open()
@@ -826,11 +830,6 @@ class _Analysis:
             margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
             budget = total = int(_SUBDIVIDE_PIECES * effort)
 
-            def still_open() -> np.ndarray:
-                unsettled = ~self.settled(k)[neurons]
-                seen_pos, seen_neg = self.obs.seen_pos[k][neurons], self.obs.seen_neg[k][neurons]
-                return unsettled & ~np.where(signs > 0, seen_pos, seen_neg)
-
             net = replace(self.net, layers=self.net.layers[: k + 1])
             job = _PieceJob(net, k, self.box.input_name, self.piece_tiers)
             executor = None
@@ -846,7 +845,7 @@ class _Analysis:
                     chosen = []  # a round of pieces with open directions, in queue order
                     while state.pieces and len(chosen) < min(budget, _SUBDIVIDE_ROUND):
                         lower, upper, open_on = state.pieces.popleft()
-                        open_on = open_on & still_open()
+                        open_on = open_on & self.still_open(k, neurons, signs)
                         if open_on.any():
                             chosen.append((lower, upper, open_on))
                     budget -= len(chosen)
@@ -873,7 +872,7 @@ class _Analysis:
                         value = outcome.values[closed]
                         state.worst[rows[closed]] = np.maximum(state.worst[rows[closed]], value)
                         open_on[rows[closed]] = False
-                        if (open_on & still_open()).any():
+                        if (open_on & self.still_open(k, neurons, signs)).any():
                             state.pieces.extend(_halve(lower, upper, open_on, state.extent))
                     self.progress("subdivide", total - budget, total)
             finally:
@@ -882,7 +881,7 @@ class _Analysis:
             unfinished = np.zeros(neurons.size, dtype=bool)
             for _, _, open_on in state.pieces:  # pieces left when the budget or the time ran out
                 unfinished |= open_on
-            proved = still_open() & ~unfinished
+            proved = self.still_open(k, neurons, signs) & ~unfinished
             self.prove_covered(k, neurons[proved], signs[proved], state.worst[proved], "subdivide")
 
     def tighten_previous(self, k: int) -> None:
