@@ -31,7 +31,12 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    but the MILP share one warm :class:`onnx_exact.milp.LayerRelaxation` per layer (built once the
    bounds below the layer are final); the MILPs start from its cut pool. Under a time limit,
    directions still open after that get the ``crown-bab``, ``bab``, ``milp`` (and ``subdivide``)
-   tiers again with their per-direction caps multiplied by 4, then 16, while time remains;
+   tiers again with their per-direction caps multiplied by 4, then 16, while time remains.
+   Before the first of these costly tiers of a layer (and before each retry of it) the
+   ``attack`` tier runs multi-start PGD (:func:`onnx_exact.witness.multistart_ascent`) on the
+   directions still open, with 64 random starts per direction times the retry's effort: a
+   witness costs far less than a proof, and on deep ℓ1-free nets most directions the bounds
+   cannot close are unstable, with their rare sign in a sliver no single-start search reaches;
 7. ``subdivide`` — for networks with at most ``SPLIT_MAX_INPUTS`` input features it takes the
    place of the box-wide tier 6: what input splitting leaves open is decided piece by piece. The
    box is cut into pieces, each gets a focused sub-analysis (tiers 1-6 on the network up to the
@@ -95,6 +100,7 @@ from .witness import (
     corner_ascent,
     first_layer_extremes,
     gradient_ascent,
+    multistart_ascent,
     observe,
     sample_inputs,
 )
@@ -116,6 +122,9 @@ _SOLVER_BATCH = 32  # directions per solver call; witnesses found in one batch r
 # round visits every layer, after the first pass has visited them all.
 _RETRY_EFFORTS = (4.0, 16.0)
 _RETRY_TIERS = ("crown-bab", "bab", "milp", "subdivide")
+# The attack tier (multi-start PGD) runs before the first of the _RETRY_TIERS of a layer, with
+# this many random starts per open direction, times the effort of the round.
+_ATTACK_STARTS = 64
 # Input splitting: used up to this many input features; sub-boxes bounded per layer before the
 # open directions are handed to the LP/MILP tiers; float64 values one batch may materialise.
 SPLIT_MAX_INPUTS = 16
@@ -141,6 +150,7 @@ _TIER_ORDER = (
     "alpha-crown",
     "lp",
     "lp+cuts",
+    "attack",
     "crown-bab",
     "bab",
     "milp",
@@ -164,7 +174,7 @@ class LayerStability:
     """Per-neuron verdicts of one layer (aligned with ``Network.layers``).
 
     ``decided_by[i]`` names the tier that settled neuron i ("witness", "interval", "symbolic",
-    "ascent", "split", "lp", "lp+cuts", "crown-bab", "bab", "milp", "subdivide", "isa",
+    "ascent", "split", "lp", "lp+cuts", "attack", "crown-bab", "bab", "milp", "subdivide", "isa",
     "per-neuron", "linear", "" when undecided).
     ``lower``/``upper`` are the tightest proved pre-activation bounds found.
     """
@@ -580,6 +590,8 @@ class _Analysis:
             return
         for effort in _RETRY_EFFORTS:
             for k in (k for k in relu_layers if k > 0):  # layer 0 is decided by interval bounds
+                if self.has_open(k):
+                    self.attack_tier(k, effort)
                 for tier in retry_tiers:
                     if not self.has_open(k):  # also false once time is up
                         break
@@ -603,9 +615,15 @@ class _Analysis:
             self.tighten_previous(k)
         if milp_tiers and k > 0 and self.has_open(k):
             self.alpha_crown_tier(k)
+        attacked = False
         for tier in milp_tiers:
             if not self.has_open(k):
                 break
+            if tier in _RETRY_TIERS and k > 0 and not attacked:
+                self.attack_tier(k)
+                attacked = True
+                if not self.has_open(k):
+                    break
             self.exact_tier(k, tier)
         self.finish_layer(k)
 
@@ -657,6 +675,31 @@ class _Analysis:
             pool = np.concatenate([pool, found])
             start = best_points(self.net, k, neurons, signs, pool)
             self.see(gradient_ascent(self.net, self.box, k, neurons, signs, start), "ascent")
+
+    def attack_tier(self, k: int, effort: float = 1.0) -> None:
+        """Multi-start PGD on layer k's open directions, the best observed point among the starts.
+
+        Runs just before the costly exact tiers: each of them spends up to its cap on a direction
+        before giving up, whereas ``_ATTACK_STARTS * effort`` searches of 300 steps cost a few
+        dozen forward/backward passes of the sub-network per start.
+        """
+        with self.timed("attack"):
+            neurons, signs = self.open_directions(k)
+            if not neurons.size:
+                return
+            pool = np.concatenate([self.obs.witnesses, self.box.center[None, :]])
+            found = multistart_ascent(
+                self.net,
+                self.box,
+                k,
+                neurons,
+                signs,
+                self.rng,
+                starts=int(_ATTACK_STARTS * effort),
+                start_points=best_points(self.net, k, neurons, signs, pool),
+                deadline=self.deadline,
+            )
+            self.see(found, "attack")
 
     def split_tier(self, k: int) -> None:
         """Input-splitting branch and bound for layer k's open directions (few input features).

@@ -15,6 +15,7 @@ from onnx_exact.witness import (
     corner_ascent,
     first_layer_extremes,
     gradient_ascent,
+    multistart_ascent,
     observe,
     sample_inputs,
 )
@@ -166,3 +167,66 @@ def test_gradient_ascent_lands_in_an_interior_bump_that_corner_ascent_misses() -
         assert np.all((found >= box.lower) & (found <= box.upper))
         assert np.all(net.preactivations(found)[1][:, 0] > 0)
         assert observe(net, found).seen_pos[1][0]
+
+
+def _decoy_network(n: int) -> tuple[Network, Box]:
+    """Layer-2 neuron 0 computes ``y = max(f1, f2)`` on ``[0, 1]^n`` with two L1 bumps.
+
+    ``f1 = -0.1 - 0.05 ||x - 0.2||_1`` is a gentle negative decoy; ``f2 = 0.02 - 0.2 ||x - 0.8||_1``
+    is positive near ``0.8 * 1``. From the box centre ``f1`` is the larger, so every single-start
+    ascent climbs to the decoy's peak ``-0.1``; starts in ``f2``'s basin (about a quarter of the box
+    for ``n = 3``) reach ``y = 0.02``. As ReLUs: layer 0 splits ``x - c`` into its positive and
+    negative parts, layer 1 holds ``relu(f1 - f2)``, ``relu(f2)`` and ``relu(-f2)``, and
+    ``y = relu(f2) - relu(-f2) + relu(f1 - f2)``.
+    """
+    eye = np.eye(n)
+    c1, c2 = np.full(n, 0.2), np.full(n, 0.8)
+    split = DenseLayer(
+        np.concatenate([eye, -eye, eye, -eye]), np.concatenate([-c1, c1, -c2, c2]), True, "abs"
+    )
+    dist1 = np.concatenate([np.ones(2 * n), np.zeros(2 * n)])  # ||x - c1||_1 from layer 0
+    dist2 = np.concatenate([np.zeros(2 * n), np.ones(2 * n)])
+    f1_w, f1_b = -0.05 * dist1, -0.1
+    f2_w, f2_b = -0.2 * dist2, 0.02
+    parts = DenseLayer(
+        np.stack([f1_w - f2_w, f2_w, -f2_w]), np.array([f1_b - f2_b, f2_b, -f2_b]), True, "parts"
+    )
+    target = DenseLayer(np.array([[1.0, 1.0, -1.0]]), np.zeros(1), True, "max")
+    out = DenseLayer(np.ones((1, 1)), np.zeros(1), False, "out")
+    return Network([split, parts, target, out], InputMap.identity(n)), Box(np.zeros(n), np.ones(n))
+
+
+def test_multistart_ascent_escapes_a_decoy_that_single_start_ascent_climbs() -> None:
+    net, box = _decoy_network(3)
+    neurons, signs = np.zeros(1, dtype=np.int64), np.ones(1)
+    start = box.center[None, :]
+    np.testing.assert_allclose(net.preactivations(start)[2][0, 0], -0.1 - 0.05 * 0.9)
+    single = gradient_ascent(net, box, 2, neurons, signs, start, max_steps=300)
+    assert net.preactivations(single)[2][0, 0] < 0  # stuck on the decoy
+    found = multistart_ascent(
+        net, box, 2, neurons, signs, np.random.default_rng(0), starts=64, start_points=start
+    )
+    assert np.all((found >= box.lower) & (found <= box.upper))
+    assert net.preactivations(found)[2][0, 0] > 0
+    assert observe(net, found).seen_pos[2][0]
+
+
+def test_multistart_ascent_keeps_the_best_point_and_honours_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(5)
+    net = random_network(rng, [5, 12, 12, 12, 2])
+    box = Box(np.full(5, -1.0), np.full(5, 1.0))
+    neurons, signs = np.arange(12).repeat(2), np.tile([1, -1], 12)
+    starts = best_points(net, 2, neurons, signs, sample_inputs(box, rng, 64))
+    start_values = net.preactivations(starts)[2][np.arange(24), neurons] * signs
+    monkeypatch.setattr(witness, "_CHUNK_VALUES", 16 * (5 + 12 + 12 + 12 + 2))  # 2 directions
+    found = multistart_ascent(net, box, 2, neurons, signs, rng, starts=8, start_points=starts)
+    assert np.all((found >= box.lower) & (found <= box.upper))
+    found_values = net.preactivations(found)[2][np.arange(24), neurons] * signs
+    assert np.all(found_values >= start_values)
+    # Past the deadline no search is begun: each direction returns its given start.
+    late = multistart_ascent(
+        net, box, 2, neurons, signs, rng, starts=8, start_points=starts, deadline=0.0
+    )
+    np.testing.assert_array_equal(late, starts)
