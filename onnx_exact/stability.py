@@ -32,12 +32,14 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    bounds below the layer are final); the MILPs start from its cut pool. Under a time limit,
    directions still open after that get the ``crown-bab``, ``bab``, ``milp`` (and ``subdivide``)
    tiers again with their per-direction caps multiplied by 4, then 16, while time remains.
-   Before each of these costly tiers of a layer (and before each retry round of it) the
-   ``attack`` tier runs multi-start PGD (:func:`onnx_exact.witness.multistart_ascent`) on the
-   directions still open, with 64, 256, then 1024 random starts per direction (1024 in the
-   retries): a witness costs far less than a proof, and on deep ℓ1-free nets most directions
-   the bounds cannot close are unstable, with their rare sign in a sliver no single-start
-   search reaches;
+   Before the ``bab``, ``milp`` and ``subdivide`` tiers of a layer (and before each retry round
+   of it) the ``attack`` tier runs multi-start PGD (:func:`onnx_exact.witness.multistart_ascent`)
+   on the directions still open, with 64, then 256 random starts per direction (1024 in the
+   retries) and at most 1, 4 (16) seconds per direction: on deep ℓ1-free nets most directions
+   the bounds cannot close are unstable, their rare sign in a sliver no single-start search
+   reaches, and a witness costs far less than a capped exact tier that gives up. It comes after
+   ``crown-bab``, which proves most directions of local boxes in a fraction of a second each
+   (MNIST 256x2 at eps 0.05: attacking before it cost 109 of 230 s and refuted nothing);
 7. ``subdivide`` — for networks with at most ``SPLIT_MAX_INPUTS`` input features it takes the
    place of the box-wide tier 6: what input splitting leaves open is decided piece by piece. The
    box is cut into pieces, each gets a focused sub-analysis (tiers 1-6 on the network up to the
@@ -123,11 +125,12 @@ _SOLVER_BATCH = 32  # directions per solver call; witnesses found in one batch r
 # round visits every layer, after the first pass has visited them all.
 _RETRY_EFFORTS = (4.0, 16.0)
 _RETRY_TIERS = ("crown-bab", "bab", "milp", "subdivide")
-# The attack tier (multi-start PGD) runs before each of the _RETRY_TIERS of a layer, with this
-# many random starts per open direction, times an effort that grows by _ATTACK_ESCALATION per
-# tier up to _ATTACK_MAX_EFFORT (the effort of every retry round): the cost of one attack,
-# about starts x 600 forward/backward passes, stays below the exact tier's cap it may save.
-_ATTACK_STARTS = 64
+# The attack tier (multi-start PGD) runs before each of _ATTACKED_TIERS of a layer, with this
+# many random starts and seconds per open direction, times an effort that grows by
+# _ATTACK_ESCALATION per tier up to _ATTACK_MAX_EFFORT (the effort of every retry round), so
+# that an attack costs well below the cap of the tier it may save (bab 20 s, milp 60 s).
+_ATTACKED_TIERS = ("bab", "milp", "subdivide")
+_ATTACK_STARTS, _ATTACK_SECONDS = 64, 1.0
 _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT = 4.0, 16.0
 # Input splitting: used up to this many input features; sub-boxes bounded per layer before the
 # open directions are handed to the LP/MILP tiers; float64 values one batch may materialise.
@@ -623,7 +626,7 @@ class _Analysis:
         for tier in milp_tiers:
             if not self.has_open(k):
                 break
-            if tier in _RETRY_TIERS and k > 0:
+            if tier in _ATTACKED_TIERS and k > 0:
                 self.attack_tier(k, attack_effort)
                 attack_effort = min(attack_effort * _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT)
                 if not self.has_open(k):
@@ -683,10 +686,11 @@ class _Analysis:
     def attack_tier(self, k: int, effort: float = 1.0) -> None:
         """Multi-start PGD on layer k's open directions, the best observed point among the starts.
 
-        Runs just before each costly exact tier: each of them spends up to its cap on a direction
-        before giving up, whereas ``_ATTACK_STARTS * effort`` searches cost about 600 forward and
-        backward passes of the sub-network per start (0.3 s per direction at 64 starts on a
-        third layer of MNIST 5x100).
+        Runs just before each of ``_ATTACKED_TIERS``: each of them spends up to its cap on a
+        direction before giving up, whereas ``_ATTACK_STARTS * effort`` searches cost about 600
+        forward and backward passes of the sub-network per start (0.3 s per direction at 64
+        starts on a third layer of MNIST 5x100), and at most ``_ATTACK_SECONDS * effort`` per
+        direction.
         """
         with self.timed("attack"):
             neurons, signs = self.open_directions(k)
@@ -701,6 +705,7 @@ class _Analysis:
                 signs,
                 self.rng,
                 starts=int(_ATTACK_STARTS * effort),
+                seconds_per_direction=_ATTACK_SECONDS * effort,
                 start_points=best_points(self.net, k, neurons, signs, pool),
                 deadline=self.deadline,
             )

@@ -310,6 +310,7 @@ def multistart_ascent(
     starts: int,
     start_points: np.ndarray | None = None,
     deadline: float = np.inf,
+    seconds_per_direction: float = np.inf,
     max_steps: int = _MULTISTART_STEPS,
 ) -> np.ndarray:
     """PGD on ``sign * y_{layer, neuron}`` from ``starts`` points per direction, all batched.
@@ -335,8 +336,11 @@ def multistart_ascent(
     starts : starts per direction (at least 1).
     start_points : optional ``(d, n_in)`` points in the box, each replacing the first uniform
         start of its direction (e.g. the best point seen so far).
-    deadline : ``time.monotonic()`` value after which no further batch of directions or round
-        is begun; directions not reached return their first start.
+    deadline : ``time.monotonic()`` value at which the searches stop; directions not reached
+        return their first start.
+    seconds_per_direction : time budget of a batch of directions, per direction: a batch of
+        ``b`` directions stops after ``b * seconds_per_direction`` seconds (or at ``deadline``),
+        keeping the best points found so far.
 
     Returns
     -------
@@ -355,12 +359,13 @@ def multistart_ascent(
         if start_points is not None:
             points[:, 0] = start_points[chosen]
         best[chosen] = points[:, 0]
-        if time.monotonic() >= deadline:
+        stop = min(deadline, time.monotonic() + seconds_per_direction * chosen.size)
+        if time.monotonic() >= stop:
             continue
-        batch = (net, layer, neurons[chosen], signs[chosen], lo, hi, max_steps)
+        batch = (net, layer, neurons[chosen], signs[chosen], lo, hi, max_steps, stop)
         points, values = _ascend_from_starts(*batch, np.clip(points, lo, hi), _MULTISTART_SCHEDULE)
         for _ in range(_REFINE_ROUNDS):
-            if (values.max(axis=1) > 0.0).all() or time.monotonic() >= deadline:
+            if (values.max(axis=1) > 0.0).all() or time.monotonic() >= stop:
                 break
             top = np.argsort(values, axis=1)[:, -kept:]
             top_points = np.take_along_axis(points, top[:, :, None], axis=1)
@@ -382,12 +387,14 @@ def _ascend_from_starts(
     lo: np.ndarray,
     hi: np.ndarray,
     max_steps: int,
+    stop: float,
     points: np.ndarray,
     schedule: tuple[float, float],
 ) -> tuple[np.ndarray, np.ndarray]:
     """PGD on one batch of :func:`multistart_ascent`: ``points`` is ``(d, starts, n_in)``.
 
-    ``schedule`` is (first step, last step / first step) as fractions of the box width. Returns
+    ``schedule`` is (first step, last step / first step) as fractions of the box width; no step
+    begins after ``time.monotonic()`` reaches ``stop``. Returns
     the best point of each search and its ``sign * y``, shaped ``(d, starts, n_in)`` and
     ``(d, starts)``; a direction stops once one of its searches shows ``sign * y > 0``.
     """
@@ -400,7 +407,7 @@ def _ascend_from_starts(
     running = np.repeat((best_value.reshape(d, starts) <= 0.0).all(axis=1), starts)
     for iteration in range(max_steps):
         idx = np.flatnonzero(running)
-        if idx.size == 0:
+        if idx.size == 0 or time.monotonic() >= stop:
             break
         alpha = first_step * decay ** (iteration / max(max_steps - 1, 1))
         moved = np.clip(

@@ -211,7 +211,7 @@ def test_multistart_ascent_escapes_a_decoy_that_single_start_ascent_climbs() -> 
     assert observe(net, found).seen_pos[2][0]
 
 
-def test_multistart_ascent_keeps_the_best_point_and_honours_the_deadline(
+def test_multistart_ascent_keeps_the_best_point_and_honours_its_time_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rng = np.random.default_rng(5)
@@ -230,3 +230,7 @@ def test_multistart_ascent_keeps_the_best_point_and_honours_the_deadline(
         net, box, 2, neurons, signs, rng, starts=8, start_points=starts, deadline=0.0
     )
     np.testing.assert_array_equal(late, starts)
+    unfunded = multistart_ascent(
+        net, box, 2, neurons, signs, rng, starts=8, start_points=starts, seconds_per_direction=0.0
+    )
+    np.testing.assert_array_equal(unfunded, starts)
