@@ -157,8 +157,8 @@ _TIER_ORDER = (
     "alpha-crown",
     "lp",
     "lp+cuts",
-    "attack",
     "crown-bab",
+    "attack",
     "bab",
     "milp",
     "subdivide",
@@ -181,7 +181,7 @@ class LayerStability:
     """Per-neuron verdicts of one layer (aligned with ``Network.layers``).
 
     ``decided_by[i]`` names the tier that settled neuron i ("witness", "interval", "symbolic",
-    "ascent", "split", "lp", "lp+cuts", "attack", "crown-bab", "bab", "milp", "subdivide", "isa",
+    "ascent", "split", "lp", "lp+cuts", "crown-bab", "attack", "bab", "milp", "subdivide", "isa",
     "per-neuron", "linear", "" when undecided).
     ``lower``/``upper`` are the tightest proved pre-activation bounds found.
     """
