@@ -280,24 +280,11 @@ def gradient_ascent(
     ``(d, n_in)`` the best point of each search (inside the box); only :func:`observe` judges it.
     """
     lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
-    signs = np.asarray(signs, dtype=np.float64)
     points = np.clip(np.asarray(start_points, dtype=np.float64), lo, hi)
-    value, gradient = _value_and_gradient(net, layer, neurons, points)
-    best, best_value = points.copy(), signs * value
-    running = best_value <= 0.0
-    for iteration in range(max_steps):
-        idx = np.flatnonzero(running)
-        if idx.size == 0:
-            break
-        step = _PGD_FIRST_STEP * _PGD_DECAY ** (iteration / max(max_steps - 1, 1)) * (hi - lo)
-        moved = np.clip(points[idx] + step * np.sign(signs[idx, None] * gradient[idx]), lo, hi)
-        value_idx, gradient_idx = _value_and_gradient(net, layer, neurons[idx], moved)
-        points[idx], gradient[idx] = moved, gradient_idx
-        better = signs[idx] * value_idx > best_value[idx]
-        best[idx[better]] = moved[better]
-        best_value[idx[better]] = signs[idx[better]] * value_idx[better]
-        running[idx] = best_value[idx] <= 0.0
-    return best
+    schedule = (_PGD_FIRST_STEP, _PGD_DECAY)
+    batch = (net, layer, neurons, np.asarray(signs, dtype=np.float64), lo, hi, max_steps, np.inf)
+    best, _ = _ascend_from_starts(*batch, points[:, None, :], schedule)
+    return best[:, 0]
 
 
 def multistart_ascent(
