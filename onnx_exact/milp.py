@@ -1158,6 +1158,151 @@ def lp_dive(
         relaxation.set_column_bounds(binaries.z, np.zeros(n), np.ones(n))
 
 
+REGION_FLIPS_PER_STEP = 8
+"""Neighbouring regions :func:`region_ascent` tries per step (largest row duals first)."""
+
+
+def _region_affine(
+    net: Network, layer: int, active: list[np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(A_j, c_j)`` with ``y_j = A_j x + c_j`` for ``j = 0 .. layer`` inside one activation pattern.
+
+    With ``D_j = diag(active_j)`` (all ones for a layer without ReLU) the composition is
+    ``A_0 = W_0, A_j = W_j D_{j-1} A_{j-1}`` and ``c_0 = b_0, c_j = W_j D_{j-1} c_{j-1} + b_j``.
+    """
+    maps = [(net.layers[0].weight, net.layers[0].bias)]
+    for j in range(1, layer + 1):
+        a_prev, c_prev = maps[-1]
+        mask = active[j - 1].astype(np.float64)
+        weight = net.layers[j].weight
+        maps.append(((weight * mask) @ a_prev, (weight * mask) @ c_prev + net.layers[j].bias))
+    return maps
+
+
+def _region_lp(
+    net: Network,
+    box: Box,
+    layer: int,
+    neuron: int,
+    sign: float,
+    active: list[np.ndarray],
+    stop: float,
+) -> tuple[np.ndarray | None, float, np.ndarray, np.ndarray]:
+    """Maximise ``sign * y_{layer, neuron}`` over the box and one activation region, exactly.
+
+    The region of pattern ``active`` is ``{x : s_ji (A_j x + c_j)_i >= 0}`` with ``s_ji = +1`` for
+    an active and ``-1`` for an inactive ReLU of a layer below ``layer``; on it ``y`` is affine, so
+    this LP finds the region's maximum. Returns (input point or None, LP value, row duals, and the
+    ``(layer, neuron)`` each row constrains; constant rows are left out).
+    """
+    maps = _region_affine(net, layer, active)
+    relu_layers = [j for j in range(layer) if net.layers[j].relu]
+    empty = np.empty((0, 2), dtype=np.int64)
+    if relu_layers:
+        signs = [np.where(active[j], 1.0, -1.0) for j in relu_layers]
+        rows = np.vstack(
+            [-s[:, None] * maps[j][0] for s, j in zip(signs, relu_layers, strict=True)]
+        )
+        upper = np.concatenate([s * maps[j][1] for s, j in zip(signs, relu_layers, strict=True)])
+        owner = np.vstack(
+            [
+                np.column_stack([np.full(maps[j][1].shape[0], j), np.arange(maps[j][1].shape[0])])
+                for j in relu_layers
+            ]
+        )
+        varying = np.abs(rows).max(axis=1) > 0
+        rows, upper, owner = rows[varying], upper[varying], owner[varying]
+    else:
+        rows, upper, owner = np.empty((0, box.lower.size)), np.empty(0), empty
+    highs = _new_highs()
+    _set_options(highs, presolve="off", time_limit=max(stop - time.monotonic(), 1e-3))
+    x_cols = _add_columns(highs, box.lower, box.upper)
+    entry_rows, entry_cols = np.nonzero(rows)
+    absmax = np.maximum(np.abs(box.lower), np.abs(box.upper))
+    _add_rows(
+        highs,
+        np.full(upper.shape[0], -_INF),
+        upper,
+        entry_rows,
+        x_cols[entry_cols],
+        rows[entry_rows, entry_cols],
+        absmax[entry_cols],
+    )
+    objective = sign * maps[layer][0][neuron]
+    highs.changeColsCost(x_cols.shape[0], x_cols.astype(np.int32), -objective)
+    highs.run()
+    raise_if_interrupted()
+    solution = highs.getSolution()
+    if highs.getModelStatus() != _MODEL.kOptimal or not solution.value_valid:
+        return None, -np.inf, np.empty(0), empty
+    x = np.clip(np.asarray(solution.col_value), box.lower, box.upper)
+    value = float(objective @ x + sign * maps[layer][1][neuron])
+    return x, value, np.asarray(solution.row_dual), owner
+
+
+def region_ascent(
+    net: Network,
+    box: Box,
+    layer: int,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+    points: np.ndarray,
+    seconds_per_direction: float,
+    deadline: float = np.inf,
+) -> np.ndarray:
+    """Exact local search over linear regions for ``sign * y_{layer, neuron} > 0``, per direction.
+
+    Why: gradient steps approach a region's best vertex but stop short of it, and on deep
+    ℓ1-free nets that is often where the rare sign is (MNIST 4x100, third layer, neuron 66: the
+    best of 512 PGD starts had ``y = -0.011``; the LP over that point's activation region reached
+    ``y = +4.7e-4``). Inside the activation pattern of a point the network below ``layer`` is
+    affine, so the LP of :func:`_region_lp` finds the region's maximum. At its optimum some region
+    walls ``y_ji = 0`` are tight; crossing one flips neuron ``(j, i)`` and, as ``y`` is continuous,
+    the neighbour's maximum is at least the current one. Each step tries the walls in order of
+    their row duals (the first-order gain of relaxing them), at most ``REGION_FLIPS_PER_STEP``,
+    and moves to the first neighbour that is strictly better. It stops at a local maximum, at the
+    wanted sign, or after ``seconds_per_direction``.
+
+    Proves nothing: only :func:`onnx_exact.witness.observe` judges the points returned.
+
+    Returns
+    -------
+    ``(d, n_in)`` the best point found per direction (``points[d]`` if no LP improved on it).
+    """
+    best = np.array(points, dtype=np.float64)
+    for d, (neuron, sign) in enumerate(zip(neurons, signs, strict=True)):
+        stop = min(deadline, time.monotonic() + seconds_per_direction)
+        if time.monotonic() >= stop:
+            break
+        values = net.preactivations(best[d][None, :])
+        active = [values[j][0] > 0.0 for j in range(layer)]
+        current = float(sign * values[layer][0, neuron])
+        if current > 0.0:
+            continue
+        x, value, dual, owner = _region_lp(net, box, layer, int(neuron), sign, active, stop)
+        while x is not None:
+            observed = float(sign * net.preactivations(x[None, :])[layer][0, neuron])
+            if observed > current:
+                best[d], current = x, observed
+            if current > 0.0:
+                break
+            step = None
+            for row in np.argsort(-np.abs(dual))[:REGION_FLIPS_PER_STEP]:
+                if dual[row] == 0.0 or time.monotonic() >= stop:
+                    break
+                j, i = owner[row]
+                neighbour = [mask.copy() for mask in active]
+                neighbour[j][i] = not neighbour[j][i]
+                found = _region_lp(net, box, layer, int(neuron), sign, neighbour, stop)
+                if found[1] > value + 1e-9 * max(1.0, abs(value)):
+                    active, step = neighbour, found
+                    break
+            if step is None:
+                break
+            x, value, dual, owner = step
+    return best
+
+
 def _bab_tier(
     book: DirectionBook,
     relaxation: LayerRelaxation,

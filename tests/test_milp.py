@@ -392,3 +392,46 @@ def test_shared_input_encoding_proves_self_equivalence():
     assert highs.getModelStatus() == highspy.HighsModelStatus.kOptimal
     assert abs(highs.getInfo().objective_function_value) <= 1e-6
     assert highs.getInfo().mip_dual_bound >= -1e-6
+
+
+def test_region_ascent_crosses_a_wall_to_the_wanted_sign():
+    """y = 4 relu(x - 0.5) + relu(x) - 2.9 on [0, 1]: from x = 0.1 the first region's LP stops at
+    the wall x = 0.5 (y = -2.4); only the neighbour region reaches y(1) = +0.1."""
+    hidden = DenseLayer(np.array([[1.0], [1.0]]), np.array([-0.5, 0.0]), relu=True, name="h")
+    target = DenseLayer(np.array([[4.0, 1.0]]), np.array([-2.9]), relu=False, name="y")
+    net = Network([hidden, target], InputMap.identity(1))
+    box = Box(np.zeros(1), np.ones(1))
+    found = milp.region_ascent(
+        net, box, 1, np.array([0]), np.array([1.0]), np.array([[0.1]]), seconds_per_direction=10
+    )
+    np.testing.assert_allclose(found, [[1.0]], atol=1e-9)
+    assert net.preactivations(found)[1][0, 0] > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_region_ascent_never_loses_ground_and_stays_in_the_box(seed):
+    """From starts of the wrong sign, the point returned is in the box, at least as good as the
+    start, and (unless it shows the sign) at least as good as every sample of the start's own
+    linear region, whose maximum the first LP finds."""
+    net = _random_net(seed, [3, 10, 10, 10, 1])
+    box = Box(-np.ones(3), np.ones(3))
+    rng = np.random.default_rng(seed)
+    starts = rng.uniform(-1, 1, size=(6, 3))
+    neurons = rng.integers(0, 10, size=6)
+    signs = -np.sign(net.preactivations(starts)[2][np.arange(6), neurons])  # unseen at the start
+    found = milp.region_ascent(net, box, 2, neurons, signs, starts, seconds_per_direction=5)
+    assert np.all(found >= box.lower) and np.all(found <= box.upper)
+    rows = np.arange(6)
+    before = signs * net.preactivations(starts)[2][rows, neurons]
+    after = signs * net.preactivations(found)[2][rows, neurons]
+    assert np.all(after >= before - 1e-12)
+    samples = _samples(box, seed)
+    pre = net.preactivations(samples)
+    for d in rows:
+        start_pre = net.preactivations(starts[d : d + 1])
+        same_region = np.ones(samples.shape[0], dtype=bool)
+        for j in range(2):
+            same_region &= ((pre[j] > 0) == (start_pre[j][0] > 0)).all(axis=1)
+        if same_region.any():
+            best_sample = (signs[d] * pre[2][same_region, neurons[d]]).max()
+            assert after[d] >= min(best_sample, 0.0) - 1e-9
