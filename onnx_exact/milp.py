@@ -1158,8 +1158,13 @@ def lp_dive(
         relaxation.set_column_bounds(binaries.z, np.zeros(n), np.ones(n))
 
 
-REGION_FLIPS_PER_STEP = 8
-"""Neighbouring regions :func:`region_ascent` tries per step (largest row duals first)."""
+REGION_FLIPS_PER_STEP = 32
+"""Neighbouring regions :func:`region_ascent` tries per step (largest row duals first).
+
+Measured on MNIST 4x100 ℓ1 = 0, fourth layer, neuron 66, from 10 PGD end points (64 starts each)
+at 3 s per walk: 8 tries reached ``y > 0`` once in 5 s of walking, 32 twice in 13 s, all tight
+walls three times in 23 s; 32 keeps the near misses (``y ~ -0.002``) in reach without spending
+the budget of the hopeless ones."""
 
 
 def _region_affine(
@@ -1179,6 +1184,29 @@ def _region_affine(
     return maps
 
 
+@dataclass
+class _RegionOptimum:
+    """The LP optimum over one activation region (see :func:`_region_lp`)."""
+
+    x: np.ndarray  # (n_in,) the optimal input, clipped into the box
+    value: float  # sign * y at x by the region's affine map
+    row_dual: np.ndarray  # one per region wall, in the order of :func:`_region_walls`
+    basis: highspy.HighsBasis  # warm start for a neighbouring region's LP
+
+
+def _region_walls(net: Network, layer: int) -> np.ndarray:
+    """``(layer, neuron)`` of every region wall (ReLU below ``layer``), in the LPs' row order."""
+    return np.array(
+        [
+            (j, i)
+            for j in range(layer)
+            if net.layers[j].relu
+            for i in range(net.layers[j].out_features)
+        ],
+        dtype=np.int64,
+    ).reshape(-1, 2)
+
+
 def _region_lp(
     net: Network,
     box: Box,
@@ -1187,33 +1215,28 @@ def _region_lp(
     sign: float,
     active: list[np.ndarray],
     stop: float,
-) -> tuple[np.ndarray | None, float, np.ndarray, np.ndarray]:
+    basis: highspy.HighsBasis | None = None,
+) -> _RegionOptimum | None:
     """Maximise ``sign * y_{layer, neuron}`` over the box and one activation region, exactly.
 
     The region of pattern ``active`` is ``{x : s_ji (A_j x + c_j)_i >= 0}`` with ``s_ji = +1`` for
     an active and ``-1`` for an inactive ReLU of a layer below ``layer``; on it ``y`` is affine, so
-    this LP finds the region's maximum. Returns (input point or None, LP value, row duals, and the
-    ``(layer, neuron)`` each row constrains; constant rows are left out).
+    this LP finds the region's maximum (None if it is empty or the solve fails). Every region of
+    the layer has the same rows (:func:`_region_walls`), so a neighbour's LP starts from
+    ``basis``, its parent's optimal basis, whose point lies on their common wall: dual simplex
+    then needs a few pivots instead of a cold solve.
     """
     maps = _region_affine(net, layer, active)
     relu_layers = [j for j in range(layer) if net.layers[j].relu]
-    empty = np.empty((0, 2), dtype=np.int64)
-    if relu_layers:
-        signs = [np.where(active[j], 1.0, -1.0) for j in relu_layers]
-        rows = np.vstack(
-            [-s[:, None] * maps[j][0] for s, j in zip(signs, relu_layers, strict=True)]
-        )
-        upper = np.concatenate([s * maps[j][1] for s, j in zip(signs, relu_layers, strict=True)])
-        owner = np.vstack(
-            [
-                np.column_stack([np.full(maps[j][1].shape[0], j), np.arange(maps[j][1].shape[0])])
-                for j in relu_layers
-            ]
-        )
-        varying = np.abs(rows).max(axis=1) > 0
-        rows, upper, owner = rows[varying], upper[varying], owner[varying]
-    else:
-        rows, upper, owner = np.empty((0, box.lower.size)), np.empty(0), empty
+    signs = [np.where(active[j], 1.0, -1.0) for j in relu_layers]
+    rows = np.vstack(
+        [-s[:, None] * maps[j][0] for s, j in zip(signs, relu_layers, strict=True)]
+        + [np.empty((0, box.lower.size))]
+    )
+    upper = np.concatenate(
+        [s * maps[j][1] for s, j in zip(signs, relu_layers, strict=True)] + [np.empty(0)]
+    )
+    upper[~rows.any(axis=1)] = _INF  # a constant wall does not depend on x (nor its rounding)
     highs = _new_highs()
     _set_options(highs, presolve="off", time_limit=max(stop - time.monotonic(), 1e-3))
     x_cols = _add_columns(highs, box.lower, box.upper)
@@ -1230,14 +1253,16 @@ def _region_lp(
     )
     objective = sign * maps[layer][0][neuron]
     highs.changeColsCost(x_cols.shape[0], x_cols.astype(np.int32), -objective)
+    if basis is not None:
+        highs.setBasis(basis)
     highs.run()
     raise_if_interrupted()
     solution = highs.getSolution()
     if highs.getModelStatus() != _MODEL.kOptimal or not solution.value_valid:
-        return None, -np.inf, np.empty(0), empty
+        return None
     x = np.clip(np.asarray(solution.col_value), box.lower, box.upper)
     value = float(objective @ x + sign * maps[layer][1][neuron])
-    return x, value, np.asarray(solution.row_dual), owner
+    return _RegionOptimum(x, value, np.asarray(solution.row_dual), highs.getBasis())
 
 
 def region_ascent(
@@ -1270,6 +1295,7 @@ def region_ascent(
     ``(d, n_in)`` the best point found per direction (``points[d]`` if no LP improved on it).
     """
     best = np.array(points, dtype=np.float64)
+    walls = _region_walls(net, layer)
     for d, (neuron, sign) in enumerate(zip(neurons, signs, strict=True)):
         stop = min(deadline, time.monotonic() + seconds_per_direction)
         if time.monotonic() >= stop:
@@ -1279,27 +1305,31 @@ def region_ascent(
         current = float(sign * values[layer][0, neuron])
         if current > 0.0:
             continue
-        x, value, dual, owner = _region_lp(net, box, layer, int(neuron), sign, active, stop)
-        while x is not None:
+        optimum = _region_lp(net, box, layer, int(neuron), sign, active, stop)
+        while optimum is not None:
+            x = optimum.x
             observed = float(sign * net.preactivations(x[None, :])[layer][0, neuron])
             if observed > current:
                 best[d], current = x, observed
             if current > 0.0:
                 break
             step = None
+            dual = optimum.row_dual
             for row in np.argsort(-np.abs(dual))[:REGION_FLIPS_PER_STEP]:
                 if dual[row] == 0.0 or time.monotonic() >= stop:
                     break
-                j, i = owner[row]
+                j, i = walls[row]
                 neighbour = [mask.copy() for mask in active]
                 neighbour[j][i] = not neighbour[j][i]
-                found = _region_lp(net, box, layer, int(neuron), sign, neighbour, stop)
-                if found[1] > value + 1e-9 * max(1.0, abs(value)):
+                found = _region_lp(
+                    net, box, layer, int(neuron), sign, neighbour, stop, optimum.basis
+                )
+                if found is not None and found.value > optimum.value + 1e-9 * max(
+                    1.0, abs(optimum.value)
+                ):
                     active, step = neighbour, found
                     break
-            if step is None:
-                break
-            x, value, dual, owner = step
+            optimum = step
     return best
 
 
