@@ -355,8 +355,6 @@ def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(milp, "decide_directions", counting)
-    # Without the attack tier: on this net it refutes every direction one-node bab leaves open.
-    monkeypatch.setattr(stability._Analysis, "attack_tier", lambda self, k, effort=1.0: None)
     once = analyze_stability(net, box, tiers=("bab",))
     assert set(calls) == {1.0} and once.counts()["UNDECIDED"] > 0
     calls.clear()
@@ -385,3 +383,20 @@ def test_retries_start_only_after_every_layer_had_its_first_pass(monkeypatch):
     assert calls == sorted(calls), "retries (effort > 1) ran before a layer's first pass"
     assert [k for effort, k in calls if effort == 4.0] == open_layers
     assert [k for effort, k in calls if effort == 16.0] == open_layers
+
+
+def test_the_attack_tier_refutes_what_one_node_branch_and_bound_leaves_open(monkeypatch):
+    """With one node per LP branch and bound, the directions bab gives up on reach the attack
+    tier (PGD rounds polished by region LPs); it settles some as unstable, by witnesses the
+    forward pass confirms, and is credited with them."""
+    from onnx_exact import milp
+
+    net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    monkeypatch.setattr(milp, "BAB_NODE_LIMIT", 1)
+    result = analyze_stability(net, box, tiers=("bab",))
+    credited = np.concatenate([layer.decided_by for layer in result.layers])
+    assert (credited == "attack").any()
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.uniform(box.lower, box.upper, (20000, 10)), box.lower[None]])
+    assert_sound(net, box, result, points)
