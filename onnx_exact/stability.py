@@ -32,12 +32,13 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    bounds below the layer are final); the MILPs start from its cut pool. Under a time limit,
    directions still open after that get the ``crown-bab``, ``bab``, ``milp`` (and ``subdivide``)
    tiers again with their per-direction caps multiplied by 4, then 16, while time remains.
-   Before the ``bab``, ``milp`` and ``subdivide`` tiers of a layer (and before each retry round
-   of it) the ``attack`` tier runs on the directions still open: rounds of multi-start PGD
+   Before the ``bab``, ``milp`` and ``subdivide`` tiers of a layer (and before each retried
+   tier) the ``attack`` tier runs on the directions still open: rounds of multi-start PGD
    (:func:`onnx_exact.witness.multistart_ascent`, 64 random starts per direction), each best end
    point then polished by LPs over its activation region and its neighbours
-   (:func:`onnx_exact.milp.region_ascent`): 1, then 4 rounds (16 in the retries) of at most
-   1 s of PGD and 3 s of LPs per direction: on deep ℓ1-free nets most directions the bounds cannot close are unstable, their
+   (:func:`onnx_exact.milp.region_ascent`): 1, then 4 rounds of at most 1 s of PGD and 3 s of
+   LPs per direction, and before a retried tier as many seconds per direction as that tier's
+   cap (one attack second per proof second, :func:`_retry_attack_effort`): on deep ℓ1-free nets most directions the bounds cannot close are unstable, their
    rare sign in a sliver no single-start search reaches, and a witness costs far less than a
    capped exact tier that gives up. It comes after
    ``crown-bab``, which proves most directions of local boxes in a fraction of a second each
@@ -131,11 +132,14 @@ _RETRY_TIERS = ("crown-bab", "bab", "milp", "subdivide")
 # _ATTACKED_TIERS of a layer: a round has this many random starts per open direction and at
 # most _ATTACK_SECONDS (PGD) plus _POLISH_SECONDS (region LPs) per direction; ``effort`` rounds
 # run within that budget times ``effort`` per direction, with an effort that grows by
-# _ATTACK_ESCALATION per tier up to _ATTACK_MAX_EFFORT (the effort of every retry round), so
+# _ATTACK_ESCALATION per tier up to _ATTACK_MAX_EFFORT (also the effort before a subdivide retry), so
 # that an attack costs well below the cap of the tier it may save (bab 20 s, milp 60 s).
 _ATTACKED_TIERS = ("bab", "milp", "subdivide")
 _ATTACK_STARTS, _ATTACK_SECONDS, _POLISH_SECONDS = 64, 1.0, 3.0
 _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT = 4.0, 16.0
+# In the retry rounds the attack runs before each retried tier and gets as many seconds per
+# direction as that tier's cap is about to spend (these caps times the retry's effort), see
+# ``_retry_attack_effort``; other tiers (subdivide) get _ATTACK_MAX_EFFORT.
 # Input splitting: used up to this many input features; sub-boxes bounded per layer before the
 # open directions are handed to the LP/MILP tiers; float64 values one batch may materialise.
 SPLIT_MAX_INPUTS = 16
@@ -224,6 +228,36 @@ class StabilityResult:
     def complete(self) -> bool:
         """True when every neuron is ACTIVE, INACTIVE or UNSTABLE (nothing left undecided)."""
         return all(not np.any(layer.states == NeuronState.UNDECIDED) for layer in self.layers)
+
+
+def _retry_attack_effort(tier: str, effort: float) -> float:
+    """Attack rounds before a retry of ``tier`` at ``effort``: one attack second per proof second.
+
+    A direction still open after the first pass is either unstable with its sign in a sliver of
+    the box, or stable with a proof out of reach of the capped tiers, and nothing tells the two
+    apart in advance (MNIST 4x100 l1 = 0, fourth layer: neuron 66 +1 is unstable, best value seen
+    -0.011 under a sound bound of +32; on 5x100 neuron 61 +1 looks stable, -0.12 under +25).
+    Giving the attack as many seconds per direction as the tier it precedes may spend (the
+    tier's cap ``tier_direction_seconds(tier) * effort``, one round costing at most
+    ``_ATTACK_SECONDS + _POLISH_SECONDS``) at most doubles the time to either answer, against
+    the order that would have been right; a fixed number of rounds instead starves the
+    refutation when one round succeeds rarely (that neuron: 1 to 3 rounds in 20, so the 16
+    rounds per retry left it open in every 600 s run).
+    """
+    seconds = tier_direction_seconds(tier)
+    if seconds is None:
+        return _ATTACK_MAX_EFFORT
+    return max(seconds * effort / (_ATTACK_SECONDS + _POLISH_SECONDS), 1.0)
+
+
+def tier_direction_seconds(tier: str) -> float | None:
+    """The cap in seconds one direction gets from ``tier`` at effort 1 (None: no such cap)."""
+    caps = {
+        "crown-bab": relu_bab.TIME_LIMIT,
+        "bab": milp.BAB_TIME_LIMIT,
+        "milp": milp.DIRECTION_TIME_LIMIT,
+    }
+    return caps.get(tier)
 
 
 def neuron_scale(net: Network, box: Box, bounds: list[LayerBounds], layer: int) -> np.ndarray:
@@ -601,9 +635,9 @@ class _Analysis:
             return
         for effort in _RETRY_EFFORTS:
             for k in (k for k in relu_layers if k > 0):  # layer 0 is decided by interval bounds
-                if self.has_open(k):
-                    self.attack_tier(k, _ATTACK_MAX_EFFORT)
                 for tier in retry_tiers:
+                    if self.has_open(k):
+                        self.attack_tier(k, _retry_attack_effort(tier, effort))
                     if not self.has_open(k):  # also false once time is up
                         break
                     self.exact_tier(k, tier, effort)

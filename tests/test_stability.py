@@ -377,6 +377,7 @@ def test_retries_start_only_after_every_layer_had_its_first_pass(monkeypatch):
         calls.append((effort, k))
 
     monkeypatch.setattr(stability._Analysis, "solver_tier", undecided)
+    monkeypatch.setattr(stability._Analysis, "attack_tier", lambda self, k, effort=1.0: None)
     result = analyze_stability(net, box, tiers=("bab",), time_limit=120)
     open_layers = sorted({k for effort, k in calls if effort == 1.0})
     assert len(open_layers) >= 2 and result.counts()["UNDECIDED"] > 0
@@ -400,3 +401,30 @@ def test_the_attack_tier_refutes_what_one_node_branch_and_bound_leaves_open(monk
     rng = np.random.default_rng(0)
     points = np.concatenate([rng.uniform(box.lower, box.upper, (20000, 10)), box.lower[None]])
     assert_sound(net, box, result, points)
+
+
+def test_each_retried_tier_is_preceded_by_an_attack_of_equal_time(monkeypatch):
+    """In the retry rounds the attack gets one second per direction for each second the tier it
+    precedes may spend (its per-direction cap times the retry's effort), so a rarely refutable
+    unstable direction is not starved by proof attempts that give up."""
+    net = random_network(np.random.default_rng(7), [10, 20, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    calls: list[tuple[str, float, int]] = []
+
+    def undecided(self, k, tier, effort=1.0):
+        calls.append((tier, effort, k))
+
+    def attack(self, k, effort=1.0):
+        calls.append(("attack", effort, k))
+
+    monkeypatch.setattr(stability._Analysis, "solver_tier", undecided)
+    monkeypatch.setattr(stability._Analysis, "attack_tier", attack)
+    tiers = ("crown-bab", "bab", "milp")
+    analyze_stability(net, box, tiers=tiers, time_limit=60)
+    round_seconds = stability._ATTACK_SECONDS + stability._POLISH_SECONDS
+    retried = [i for i, (tier, effort, _) in enumerate(calls) if tier in tiers and effort > 1]
+    assert {calls[i][0] for i in retried} == set(tiers)
+    for i in retried:
+        tier, effort, k = calls[i]
+        seconds = stability.tier_direction_seconds(tier) * effort
+        assert calls[i - 1] == ("attack", seconds / round_seconds, k)
