@@ -31,7 +31,8 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    but the MILP share one warm :class:`onnx_exact.milp.LayerRelaxation` per layer (built once the
    bounds below the layer are final); the MILPs start from its cut pool. Under a time limit,
    directions still open after that get the ``crown-bab``, ``bab``, ``milp`` (and ``subdivide``)
-   tiers again with their per-direction caps multiplied by 4, then 16, while time remains.
+   tiers again with their per-direction caps multiplied by 4, then 16 (repeated), while time
+   remains.
    Before the ``bab``, ``milp`` and ``subdivide`` tiers of a layer (and before each retried
    tier) the ``attack`` tier runs on the directions still open: rounds of multi-start PGD
    (:func:`onnx_exact.witness.multistart_ascent`, 64 random starts per direction), each best end
@@ -78,6 +79,7 @@ A time limit leaves the directions still open UNDECIDED and sets ``time_limit_hi
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import time
 from collections import deque
@@ -126,7 +128,8 @@ _SOLVER_BATCH = 32  # directions per solver call; witnesses found in one batch r
 # Under a time limit, directions left open by the capped crown-bab/bab/milp tiers are retried with
 # the per-direction caps multiplied by these factors, in turn, while time remains: each retry
 # round visits every layer, after the first pass has visited them all.
-_RETRY_EFFORTS = (4.0, 16.0)
+_RETRY_EFFORTS = (4.0, 16.0)  # the last one is repeated while time remains
+_IDLE_ROUND_SECONDS = 1.0
 _RETRY_TIERS = ("crown-bab", "bab", "milp", "subdivide")
 # The attack tier (rounds of multi-start PGD, each polished by region LPs) runs before each of
 # _ATTACKED_TIERS of a layer: a round has this many random starts per open direction and at
@@ -609,7 +612,13 @@ class _Analysis:
         round the layers still open, lowest first. Deciding a neuron late is sound for the layers
         above: while it was open they treated it as unstable, a relaxation that covers both of its
         phases.
-        Without a time limit the caps are what bounds the run, so there are no retries.
+        Without a time limit the caps are what bounds the run, so there are no retries. With one,
+        the last effort is repeated until the deadline: a retry continues the subdivision queue
+        and restarts the attack from new random starts, so later rounds are not wasted (ACAS Xu
+        operational, on a machine where its input-splitting tier took twice as long as on the
+        previous one: the two listed rounds spent their pieces and stopped at 586 of 600 s with
+        one direction open; the previous machine had decided it in 464 s). Only a round that returns within ``_IDLE_ROUND_SECONDS`` without deciding anything
+        ends the retries early: its tiers had nothing left to try.
 
         With ``subdivide`` among the tiers and at most ``SPLIT_MAX_INPUTS`` input features, the
         box-wide LP, cut, branch-and-bound and MILP tiers are not run: the pieces run them with
@@ -633,7 +642,11 @@ class _Analysis:
         retry_tiers = tuple(tier for tier in solver_tiers if tier in _RETRY_TIERS)
         if not retry_tiers or not np.isfinite(self.deadline):
             return
-        for effort in _RETRY_EFFORTS:
+        efforts = itertools.chain(_RETRY_EFFORTS, itertools.repeat(_RETRY_EFFORTS[-1]))
+        for round_index, effort in enumerate(efforts):
+            if not self.any_open() or self.out_of_time():
+                return
+            started, open_before = time.monotonic(), self.open_count()
             for k in (k for k in relu_layers if k > 0):  # layer 0 is decided by interval bounds
                 for tier in retry_tiers:
                     if self.has_open(k):
@@ -642,6 +655,13 @@ class _Analysis:
                         break
                     self.exact_tier(k, tier, effort)
                 self.finish_layer(k)
+            idle = time.monotonic() - started < _IDLE_ROUND_SECONDS
+            if round_index >= len(_RETRY_EFFORTS) - 1 and idle and self.open_count() == open_before:
+                return  # the tiers returned at once and decided nothing: they have nothing left
+
+    def open_count(self) -> int:
+        """Neurons of all ReLU layers not yet settled."""
+        return sum(int((~self.settled(k)).sum()) for k in self.net.relu_layer_indices)
 
     def decide_layer(self, k: int, solver_tiers: tuple[str, ...]) -> None:
         """The tiers cheapest first, each only while layer k has open directions and time is left."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import numpy as np
@@ -355,10 +356,12 @@ def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(milp, "decide_directions", counting)
+    # the attack before each retried tier would get 4-16x its cap and eat the time limit here
+    monkeypatch.setattr(stability._Analysis, "attack_tier", lambda self, k, effort=1.0: None)
     once = analyze_stability(net, box, tiers=("bab",))
     assert set(calls) == {1.0} and once.counts()["UNDECIDED"] > 0
     calls.clear()
-    retried = analyze_stability(net, box, tiers=("bab",), time_limit=120)
+    retried = analyze_stability(net, box, tiers=("bab",), time_limit=10)
     assert {4.0, 16.0} & set(calls)
     assert retried.counts()["UNDECIDED"] < once.counts()["UNDECIDED"]
     rng = np.random.default_rng(0)
@@ -428,3 +431,24 @@ def test_each_retried_tier_is_preceded_by_an_attack_of_equal_time(monkeypatch):
         tier, effort, k = calls[i]
         seconds = stability.tier_direction_seconds(tier) * effort
         assert calls[i - 1] == ("attack", seconds / round_seconds, k)
+
+
+def test_retries_go_on_until_the_deadline_while_their_tiers_keep_working(monkeypatch):
+    """Under a time limit the last retry effort repeats until the deadline: an undecided
+    direction gets every second the user allowed, not just two retry rounds."""
+    net = random_network(np.random.default_rng(7), [10, 20, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    calls: list[tuple[float, int]] = []
+
+    def working(self, k, tier, effort=1.0):  # a tier that spends time but decides nothing
+        calls.append((effort, k))
+        time.sleep(0.02)
+
+    monkeypatch.setattr(stability._Analysis, "solver_tier", working)
+    monkeypatch.setattr(stability._Analysis, "attack_tier", lambda self, k, effort=1.0: None)
+    monkeypatch.setattr(stability, "_IDLE_ROUND_SECONDS", 0.01)
+    result = analyze_stability(net, box, tiers=("bab",), time_limit=3)
+    open_layers = sorted({k for effort, k in calls if effort == 1.0})
+    last_rounds = [k for effort, k in calls if effort == stability._RETRY_EFFORTS[-1]]
+    assert len(last_rounds) > 2 * len(open_layers)
+    assert result.time_limit_hit and result.counts()["UNDECIDED"] > 0
