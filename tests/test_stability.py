@@ -406,10 +406,10 @@ def test_the_attack_tier_refutes_what_one_node_branch_and_bound_leaves_open(monk
     assert_sound(net, box, result, points)
 
 
-def test_each_retried_tier_is_preceded_by_an_attack_of_equal_time(monkeypatch):
-    """In the retry rounds the attack gets one second per direction for each second the tier it
-    precedes may spend (its per-direction cap times the retry's effort), so a rarely refutable
-    unstable direction is not starved by proof attempts that give up."""
+def test_each_retried_tier_is_followed_by_an_attack_of_equal_time(monkeypatch):
+    """In the retry rounds the directions a retried tier leaves open get one attack second each
+    for each second the tier could spend on them (its per-direction cap times the retry's
+    effort), so a rarely refutable unstable direction is not starved by proofs that give up."""
     net = random_network(np.random.default_rng(7), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
     calls: list[tuple[str, float, int]] = []
@@ -430,7 +430,7 @@ def test_each_retried_tier_is_preceded_by_an_attack_of_equal_time(monkeypatch):
     for i in retried:
         tier, effort, k = calls[i]
         seconds = stability.tier_direction_seconds(tier) * effort
-        assert calls[i - 1] == ("attack", seconds / round_seconds, k)
+        assert calls[i + 1] == ("attack", seconds / round_seconds, k)
 
 
 def test_retries_go_on_until_the_deadline_while_their_tiers_keep_working(monkeypatch):
