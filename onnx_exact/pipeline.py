@@ -176,8 +176,19 @@ def measured_roundoff(read: ReadResult, box: Box, seed: int) -> dict[str, float]
     this much even though both compute the same exact function: this is the scale against which
     "equal up to float round-off" is judged and reported.
     """
-    net = read.network
-    if net.output_name not in [o.name for o in read.model.graph.output]:
+    return model_roundoff(read.model, read.network, read.input_dtype, box, seed)
+
+
+def model_roundoff(
+    model: onnx.ModelProto, network: Network, input_dtype: np.dtype, box: Box, seed: int
+) -> dict[str, float]:
+    """``max |f_onnxruntime(x) - network.forward(x)|`` over box samples and vertices (see above).
+
+    For the compressed model ``network`` is the reduced network in float64, so this includes the
+    rounding of its folded weights to the model's dtype: the compressed model's own round-off,
+    which can exceed the input model's (a folded product ``W2 W1`` with cancelling terms).
+    """
+    if network.output_name not in [o.name for o in model.graph.output]:
         return {}
     rng = np.random.default_rng(seed)
     x = np.concatenate(
@@ -186,11 +197,11 @@ def measured_roundoff(read: ReadResult, box: Box, seed: int) -> dict[str, float]
             np.where(rng.random((ROUNDOFF_SAMPLES, box.size)) < 0.5, box.upper, box.lower),
         ]
     )
-    x = x.astype(read.input_dtype).astype(np.float64)
+    x = x.astype(input_dtype).astype(np.float64)
     x = np.clip(x, box.lower, box.upper)
-    got = np.asarray(run_model(read.model, x)[net.output_name], dtype=np.float64)
-    exact = net.forward(x)
-    return {net.output_name: float(np.max(np.abs(got.reshape(exact.shape) - exact)))}
+    got = np.asarray(run_model(model, x)[network.output_name], dtype=np.float64)
+    exact = network.forward(x)
+    return {network.output_name: float(np.max(np.abs(got.reshape(exact.shape) - exact)))}
 
 
 def _roundoff_atol(atol: float, roundoff: dict[str, float]) -> float | dict[str, float]:
@@ -232,9 +243,10 @@ def compress(
     (:func:`onnx_exact.equivalence.check_equivalence`, reusing this run's stability analysis); a
     replayed counterexample fails the run like a failed sampled verification.
 
-    ``atol=None`` (the default) means 1e-5, raised to ``ROUNDOFF_FACTOR`` times the input model's
-    own measured float round-off where that is larger (:func:`measured_roundoff`); the report
-    states both.
+    ``atol=None`` (the default) means 1e-5, raised to ``ROUNDOFF_FACTOR`` times the sum of the
+    input model's and the compressed model's own measured float round-off where that is larger
+    (:func:`model_roundoff`; two float evaluations of one exact function differ by up to the sum
+    of their errors, and folding can make the compressed one's larger); the report states them.
 
     The output file is written only after verification passed, atomically (temporary file, then
     rename): a failed run never leaves a wrong or partial model behind.
@@ -260,12 +272,17 @@ def compress(
     t0 = time.perf_counter()
     if atol is None:
         roundoff = measured_roundoff(read, box, options.seed)
-        atol = _roundoff_atol(DEFAULT_ATOL, roundoff)
+        written = {}
+        if not reduction.constant_output:
+            written = model_roundoff(model, reduction.network, read.input_dtype, box, options.seed)
+        # two float evaluations of one exact function differ by at most the sum of their errors
+        combined = {name: value + written.get(name, 0.0) for name, value in roundoff.items()}
+        atol = _roundoff_atol(DEFAULT_ATOL, combined)
         for name, value in roundoff.items():
             report.notes.append(
-                f"float round-off of the input model itself on '{name}': {value:.3g} "
-                f"(onnxruntime vs exact float64); verification atol "
-                f"{max(DEFAULT_ATOL, ROUNDOFF_FACTOR * value):.3g}"
+                f"float round-off of the input model itself on '{name}': {value:.3g}, of the "
+                f"compressed model: {written.get(name, 0.0):.3g} (onnxruntime vs exact float64); "
+                f"verification atol {max(DEFAULT_ATOL, ROUNDOFF_FACTOR * combined[name]):.3g}"
             )
     verification = compare_models(
         read.model,

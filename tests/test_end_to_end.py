@@ -132,3 +132,25 @@ def test_shared_models_compress_and_prove_at_least_onnxsim(model_rel, box_path, 
             continue
         assert np.all(our_layer.states[their_layer.dead_units] == NeuronState.INACTIVE)
         assert np.all(our_layer.states[their_layer.on_units] == NeuronState.ACTIVE)
+
+
+def test_the_tolerance_covers_the_round_off_of_both_models(tmp_path):
+    """The default verification atol is 4x the *sum* of the input model's and the compressed
+    model's own measured float32 round-off (at least 1e-5): two float evaluations of one exact
+    function can differ by both errors, and folding can make the compressed model's larger."""
+    from onnx_exact.onnx_reader import read_model
+    from onnx_exact.pipeline import ROUNDOFF_FACTOR, measured_roundoff, model_roundoff
+
+    source = Path(__file__).resolve().parent.parent / "models" / "mnist_2x100_l1_1e-3.onnx"
+    result = compress(source, tmp_path / "small.onnx", DomainSpec())
+    read = read_model(source)
+    box = result.analysis.box
+    name = read.network.output_name
+    own = measured_roundoff(read, box, seed=0)[name]
+    written = model_roundoff(result.model, result.reduction.network, read.input_dtype, box, 0)
+    assert own > 0 and written[name] > 0
+    atol = result.report.verification.atol
+    atol = atol.get(name, atol[""]) if isinstance(atol, dict) else atol
+    assert atol == pytest.approx(max(1e-5, ROUNDOFF_FACTOR * (own + written[name])))
+    assert any("of the compressed model" in note for note in result.report.notes)
+    assert result.report.verification.passed
