@@ -39,11 +39,12 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    point then polished by LPs over its activation region and its neighbours
    (:func:`onnx_exact.milp.region_ascent`): 1, then 4 rounds of at most 1 s of PGD and 3 s of
    LPs per direction, and after a retried tier as many seconds per direction as that tier's
-   cap (one attack second per proof second, :func:`_retry_attack_effort`): on deep ℓ1-free nets most directions the bounds cannot close are unstable, their
-   rare sign in a sliver no single-start search reaches, and a witness costs far less than a
-   capped exact tier that gives up. It comes after
-   ``crown-bab``, which proves most directions of local boxes in a fraction of a second each
-   (MNIST 256x2 at eps 0.05: attacking before it cost 109 of 230 s and refuted nothing);
+   cap (one attack second per proof second, :func:`_retry_attack_effort`): on deep ℓ1-free
+   nets most directions the bounds cannot close are unstable, their rare sign in a sliver no
+   single-start search reaches, and a witness costs far less than a capped exact tier that
+   gives up. It comes after ``crown-bab``, which proves most directions of local boxes in a
+   fraction of a second each (MNIST 256x2 at eps 0.05: attacking before it cost 109 of 230 s
+   and refuted nothing);
 7. ``subdivide`` — for networks with at most ``SPLIT_MAX_INPUTS`` input features it takes the
    place of the box-wide tier 6: what input splitting leaves open is decided piece by piece. The
    box is cut into pieces, each gets a focused sub-analysis (tiers 1-6 on the network up to the
@@ -135,13 +136,13 @@ _RETRY_TIERS = ("crown-bab", "bab", "milp", "subdivide")
 # _ATTACKED_TIERS of a layer: a round has this many random starts per open direction and at
 # most _ATTACK_SECONDS (PGD) plus _POLISH_SECONDS (region LPs) per direction; ``effort`` rounds
 # run within that budget times ``effort`` per direction, with an effort that grows by
-# _ATTACK_ESCALATION per tier up to _ATTACK_MAX_EFFORT (also the effort before a subdivide retry), so
+# _ATTACK_ESCALATION per tier up to _ATTACK_MAX_EFFORT (also the effort after a subdivide retry), so
 # that an attack costs well below the cap of the tier it may save (bab 20 s, milp 60 s).
 _ATTACKED_TIERS = ("bab", "milp", "subdivide")
 _ATTACK_STARTS, _ATTACK_SECONDS, _POLISH_SECONDS = 64, 1.0, 3.0
 _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT = 4.0, 16.0
 # In the retry rounds the attack runs after each retried tier and gets as many seconds per
-# direction as that tier's cap is about to spend (these caps times the retry's effort), see
+# direction as that tier's cap could have spent (these caps times the retry's effort), see
 # ``_retry_attack_effort``; other tiers (subdivide) get _ATTACK_MAX_EFFORT.
 # Input splitting: used up to this many input features; sub-boxes bounded per layer before the
 # open directions are handed to the LP/MILP tiers; float64 values one batch may materialise.
@@ -244,8 +245,8 @@ def _retry_attack_effort(tier: str, effort: float) -> float:
     could spend on them (its cap ``tier_direction_seconds(tier) * effort``, one round costing
     at most ``_ATTACK_SECONDS + _POLISH_SECONDS``) at most doubles the time to either answer,
     against the order that would have been right; a fixed number of rounds instead starves the
-    refutation when one round succeeds rarely (that neuron: 1 to 3 rounds in 20, so the 16
-    rounds per retry left it open in every 600 s run). After the tier, not before: directions
+    refutation when one round succeeds rarely (that neuron: 2 of 40 rounds, so the 16 rounds
+    per retry left it open in every 600 s run). After the tier, not before: directions
     it proves cost no attack (MNIST 256x2 prop_1_0.05, stable directions that the retried
     MILPs prove: 119 s of attack, against 13 s with fixed rounds, when it ran first).
     """
@@ -619,8 +620,9 @@ class _Analysis:
         and restarts the attack from new random starts, so later rounds are not wasted (ACAS Xu
         operational, on a machine where its input-splitting tier took twice as long as on the
         previous one: the two listed rounds spent their pieces and stopped at 586 of 600 s with
-        one direction open; the previous machine had decided it in 464 s). Only a round that returns within ``_IDLE_ROUND_SECONDS`` without deciding anything
-        ends the retries early: its tiers had nothing left to try.
+        one direction open; the previous machine had decided it in 464 s). Only a round that
+        returns within ``_IDLE_ROUND_SECONDS`` without deciding anything ends the retries early:
+        its tiers had nothing left to try.
 
         With ``subdivide`` among the tiers and at most ``SPLIT_MAX_INPUTS`` input features, the
         box-wide LP, cut, branch-and-bound and MILP tiers are not run: the pieces run them with
