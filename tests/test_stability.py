@@ -340,6 +340,10 @@ def test_time_limit_inside_the_last_tier_is_reported_as_the_reason():
     assert all("time limit" in note for note in result.notes if "undecided" in note)
 
 
+def _no_attack(self, k, effort=1.0):
+    """Stands in for ``_Analysis.attack_tier`` where a test is about the order of the tiers."""
+
+
 def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(monkeypatch):
     """With one node per branch and bound, a first pass leaves directions open; under a time
     limit the retries (4x, 16x the caps) decide more of them, soundly; without one, none run."""
@@ -356,8 +360,8 @@ def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(milp, "decide_directions", counting)
-    # the attack before each retried tier would get 4-16x its cap and eat the time limit here
-    monkeypatch.setattr(stability._Analysis, "attack_tier", lambda self, k, effort=1.0: None)
+    # the attack after each retried tier would get 4-16x its cap and eat the time limit here
+    monkeypatch.setattr(stability._Analysis, "attack_tier", _no_attack)
     once = analyze_stability(net, box, tiers=("bab",))
     assert set(calls) == {1.0} and once.counts()["UNDECIDED"] > 0
     calls.clear()
@@ -380,7 +384,7 @@ def test_retries_start_only_after_every_layer_had_its_first_pass(monkeypatch):
         calls.append((effort, k))
 
     monkeypatch.setattr(stability._Analysis, "solver_tier", undecided)
-    monkeypatch.setattr(stability._Analysis, "attack_tier", lambda self, k, effort=1.0: None)
+    monkeypatch.setattr(stability._Analysis, "attack_tier", _no_attack)
     result = analyze_stability(net, box, tiers=("bab",), time_limit=120)
     open_layers = sorted({k for effort, k in calls if effort == 1.0})
     assert len(open_layers) >= 2 and result.counts()["UNDECIDED"] > 0
@@ -445,7 +449,7 @@ def test_retries_go_on_until_the_deadline_while_their_tiers_keep_working(monkeyp
         time.sleep(0.02)
 
     monkeypatch.setattr(stability._Analysis, "solver_tier", working)
-    monkeypatch.setattr(stability._Analysis, "attack_tier", lambda self, k, effort=1.0: None)
+    monkeypatch.setattr(stability._Analysis, "attack_tier", _no_attack)
     monkeypatch.setattr(stability, "_IDLE_ROUND_SECONDS", 0.01)
     result = analyze_stability(net, box, tiers=("bab",), time_limit=3)
     open_layers = sorted({k for effort, k in calls if effort == 1.0})
