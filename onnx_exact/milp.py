@@ -77,11 +77,15 @@ BAB_TIME_LIMIT = 20.0
 """Caps on the LP branch and bound of one direction (nodes, seconds)."""
 """Default cap (seconds) on one decision MILP."""
 
-IPM_NONZEROS = 200_000
+IPM_NONZEROS = 40_000
 """LP relaxations with more matrix entries solve their first LP with the interior-point method.
 
 Measured on 784-400-400 (layer-2 LP, 317k entries): a cold dual simplex took 16 s, IPM 3-4 s per
 LP, and IPM (with crossover) once followed by warm dual simplex 4.6 s, then 0.8-2.3 s per LP.
+Measured on the MNIST zoo's first LP of each layer (50k-240k entries, 11 cold solves; dual
+simplex / primal simplex / IPM with crossover): dual 0.07-0.76 s but 9.7 s and over 20 s on two;
+primal 0.07-0.79 s; IPM 0.14-0.21 s, 0.41-0.52 s on the 239k-entry 2x400 LP. Below 40k entries
+(ACAS Xu, the pieces of a subdivided box) primal simplex is kept: those LPs solve in milliseconds.
 """
 
 _EPS = np.finfo(np.float64).eps
@@ -133,8 +137,10 @@ class NetworkEncoding:
     """Column indices of a network encoded by :func:`add_network_encoding`.
 
     ``h[k][i] == -1`` means ``h`` is identically 0 (proved inactive; then ``y[k][i]`` is a free
-    column in its bounds, its defining row omitted); for proved active neurons and linear layers
-    ``h[k][i] == y[k][i]``. ``z[k][i] == -1`` means the neuron has no indicator.
+    column in its bounds, its defining row omitted), or, where ``folded[i]``, a first-layer
+    neuron proved active that has no column at all: ``h = W_0[i] x + b_0[i]`` enters the objective
+    as that affine function of the input (``y[0][i] == -1`` too); for other proved active neurons
+    and linear layers ``h[k][i] == y[k][i]``. ``z[k][i] == -1`` means the neuron has no indicator.
     ``h_lower``/``h_upper`` are the column bounds of ``h`` (0 where ``h`` is 0).
     """
 
@@ -148,6 +154,8 @@ class NetworkEncoding:
     thresholds: list[np.ndarray] = field(default_factory=list)
     upper_rows: list[np.ndarray] = field(default_factory=list)
     """Per layer, ``(2, n)`` row indices of ``h <= U z`` and ``h <= y - L (1 - z)`` (-1: none)."""
+    folded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    """Mask over the first layer's neurons encoded as affine functions of ``x`` (see above)."""
 
     @property
     def has_binaries(self) -> bool:
@@ -170,10 +178,10 @@ class NetworkEncoding:
         vals = [np.asarray(x_net, dtype=np.float64).reshape(-1)]
         for k, (y_cols, h_cols, z_cols) in enumerate(zip(self.y, self.h, self.z, strict=True)):
             y = pre[k][0]
-            binary = z_cols >= 0
-            cols += [y_cols, h_cols[binary], z_cols[binary]]
+            binary, encoded = z_cols >= 0, y_cols >= 0
+            cols += [y_cols[encoded], h_cols[binary], z_cols[binary]]
             vals += [
-                y,
+                y[encoded],
                 np.maximum(y[binary], 0.0),
                 (y[binary] >= self.thresholds[k][binary]).astype(np.float64),
             ]
@@ -414,6 +422,7 @@ def add_network_encoding(
     *,
     integral: bool = True,
     thresholds: Sequence[np.ndarray] | None = None,
+    fold_active_first_layer: bool = False,
 ) -> NetworkEncoding:
     """Encode layers ``0..upto_layer`` of ``net`` over the network-space ``box`` into ``highs``.
 
@@ -427,6 +436,11 @@ def add_network_encoding(
     input_cols : existing input columns to share (two networks over one input); new ones otherwise.
     integral : binaries (MILP) or continuous ``z`` in ``[0, 1]`` (triangle LP).
     thresholds : per layer, the indicator threshold ``t`` (default 0) -- the ISA's margin shift.
+    fold_active_first_layer : with ``upto_layer == 0``, give the first layer's proved-active
+        neurons no column and no row (``NetworkEncoding.folded``); the objective of
+        :func:`_objective` takes them as affine functions of ``x``. Why: their rows are redundant,
+        the first layer's bounds being its exact interval bounds over the box, and they are most
+        of the matrix (MNIST 2x400 ℓ1 = 3e-4: 243 of the 304 dense first-layer rows).
     """
     active_state, inactive_state = _stability.NeuronState.ACTIVE, _stability.NeuronState.INACTIVE
     if input_cols is None:
@@ -448,8 +462,13 @@ def add_network_encoding(
             lower = np.where(state == active_state, np.maximum(lower, 0.0), lower)
             upper = np.where(state == inactive_state, np.minimum(upper, 0.0), upper)
             upper = np.maximum(upper, lower)
-        y = _add_columns(highs, lower, upper)
         threshold = np.zeros(n) if thresholds is None else np.asarray(thresholds[k], dtype=float)
+        folded = np.zeros(n, dtype=bool)
+        if layer.relu and fold_active_first_layer and k == 0 == upto_layer and thresholds is None:
+            folded = (state == active_state) | ((lower >= 0) & (state != inactive_state))
+            enc.folded = folded
+        y = np.full(n, -1, dtype=np.int64)
+        y[~folded] = _add_columns(highs, lower[~folded], upper[~folded])
         z = np.full(n, -1, dtype=np.int64)
         upper_rows = np.full((2, n), -1, dtype=np.int64)
         if layer.relu:
@@ -466,7 +485,7 @@ def add_network_encoding(
 
         # y = W h_prev + b; an inactive neuron's row is omitted (its h is 0 whatever y is).
         live, in_cols, in_lo, in_hi = enc.input_cols(k)
-        rows = np.flatnonzero(~inactive)
+        rows = np.flatnonzero(~inactive & ~folded)
         weight = layer.weight[rows][:, live]
         n_rows, m = int(rows.shape[0]), int(in_cols.shape[0])
         in_absmax = np.maximum(np.abs(in_lo), np.abs(in_hi))
@@ -486,7 +505,7 @@ def add_network_encoding(
         if not layer.relu:
             h, h_lo, h_hi = y, lower, upper
         else:
-            h = np.where(active, y, -1)
+            h = np.where(active & ~folded, y, -1)
             h_binary = _add_columns(highs, np.zeros(binary.sum()), np.maximum(upper[binary], 0.0))
             z_binary = _add_columns(
                 highs, np.zeros(binary.sum()), np.ones(binary.sum()), integer=integral
@@ -532,9 +551,22 @@ class _Objective:
 def _objective(
     enc: NetworkEncoding, net: Network, layer: int, neuron: int, sign: int
 ) -> _Objective:
+    """``max sign * y_{layer, neuron}`` as a minimisation over the encoding's columns.
+
+    Folded first-layer neurons (``enc.folded``) contribute ``w_i (W_0[i] . x + b_0[i])``:
+    costs on the input columns and a constant.
+    """
     live, cols, _, _ = enc.input_cols(layer)
-    costs = -sign * net.layers[layer].weight[neuron, live]
-    return _Objective(cols, costs, float(sign * net.layers[layer].bias[neuron]))
+    weight = net.layers[layer].weight[neuron]
+    costs = -sign * weight[live]
+    offset = float(sign * net.layers[layer].bias[neuron])
+    if layer == 1 and enc.folded.any():
+        first = net.layers[0]
+        folded_weight = weight[enc.folded]
+        cols = np.concatenate([cols, enc.x])
+        costs = np.concatenate([costs, -sign * (folded_weight @ first.weight[enc.folded])])
+        offset += float(sign * (folded_weight @ first.bias[enc.folded]))
+    return _Objective(cols, costs, offset)
 
 
 class LayerRelaxation:
@@ -544,9 +576,10 @@ class LayerRelaxation:
     that layer: only the costs change between directions, so each solve restarts warm from the
     last basis, and Anderson cuts accumulate in one pool (they are valid for every objective).
 
-    The first solve is cold and runs primal simplex (interior point with crossover above
+    The first solve is cold and runs interior point with crossover (primal simplex below
     ``IPM_NONZEROS``): dual simplex from the slack basis stalls on these degenerate LPs (measured
-    on the 2x400 zoo net: a median of 15 s and up to 340 s per cold solve, against 0.5 s primal).
+    on the 2x400 zoo net: a median of 15 s and up to 340 s per cold solve, against 0.5 s primal),
+    and primal simplex takes two to five times as long as IPM on the deeper zoo nets.
     Warm solves run dual simplex, which the measurements favour once a basis exists and which is
     the natural method after cut rows are added.
     """
@@ -567,7 +600,9 @@ class LayerRelaxation:
     ) -> LayerRelaxation:
         """A fresh relaxation of the layers below ``layer``."""
         highs = _new_highs()
-        enc = add_network_encoding(highs, net, box, bounds, states, layer - 1, integral=False)
+        enc = add_network_encoding(
+            highs, net, box, bounds, states, layer - 1, integral=False, fold_active_first_layer=True
+        )
         return cls(net, layer, highs, enc)
 
     def _append_rows(self, added: tuple[np.ndarray, ...]) -> None:

@@ -435,3 +435,35 @@ def test_region_ascent_never_loses_ground_and_stays_in_the_box(seed):
         if same_region.any():
             best_sample = (signs[d] * pre[2][same_region, neurons[d]]).max()
             assert after[d] >= min(best_sample, 0.0) - 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folding_the_first_layers_active_neurons_keeps_the_lp_bound(seed):
+    """A layer-1 relaxation without rows for the first layer's active neurons (their bounds are
+    implied by the box) has the LP optimum of the full triangle LP, in a smaller matrix; a
+    deeper relaxation folds nothing (folding would densify the next layer's rows)."""
+    net = _random_net(seed, [10, 30, 20, 2], bias_scale=1.5)
+    box = Box(np.zeros(10), np.ones(10))
+    bounds = _interval_bounds(net, box)
+    states = [np.full(30, NeuronState.UNDECIDED, dtype=np.int64)]
+    active = bounds[0].lower >= 0
+    assert active.any() and not active.all()
+    folded = milp.LayerRelaxation.build(net, box, bounds, states, 1)
+    assert np.array_equal(folded.enc.folded, active)
+    highs = milp._new_highs()
+    encoding = milp.add_network_encoding(highs, net, box, bounds, states, 0, integral=False)
+    full = milp.LayerRelaxation(net, 1, highs, encoding)
+    assert not full.enc.folded.any()
+    assert folded.highs.getNumNz() < full.highs.getNumNz()
+    assert folded.highs.getNumRow() == full.highs.getNumRow() - int(active.sum())
+    for neuron in range(20):
+        for sign in (1, -1):
+            bounds_of = []
+            for relaxation in (folded, full):
+                objective = milp._objective(relaxation.enc, net, 1, neuron, sign)
+                lower_bound, _, _ = relaxation.solve(objective, np.inf, np.inf)
+                bounds_of.append(objective.offset - lower_bound)
+            assert bounds_of[0] == pytest.approx(bounds_of[1], rel=1e-7, abs=1e-9)
+    undecided = np.full(20, NeuronState.UNDECIDED, dtype=np.int64)
+    deeper = milp.LayerRelaxation.build(net, box, bounds, states + [undecided], 2)
+    assert not deeper.enc.folded.any()
