@@ -552,6 +552,7 @@ TIER_ABBREVIATIONS = {
     "ascent": "a",
     "tighten": "t",
     "alpha-crown": "ac",
+    "probe": "pr",
     "lp": "lp",
     "cuts": "c",
     "attack": "pgd",

@@ -141,6 +141,8 @@ _RETRY_TIERS = ("crown-bab", "bab", "milp", "subdivide")
 _ATTACKED_TIERS = ("bab", "milp", "subdivide")
 _ATTACK_STARTS, _ATTACK_SECONDS, _POLISH_SECONDS = 64, 1.0, 3.0
 _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT = 4.0, 16.0
+# The probe: one attack round with short caps before a layer's first LP tier (``probe_tier``).
+_PROBE_STARTS, _PROBE_SECONDS, _PROBE_POLISH_SECONDS = 16, 0.05, 0.15
 # In the retry rounds the attack runs after each retried tier and gets as many seconds per
 # direction as that tier's cap could have spent (these caps times the retry's effort), see
 # ``_retry_attack_effort``; other tiers (subdivide) get _ATTACK_MAX_EFFORT.
@@ -167,6 +169,7 @@ _TIER_ORDER = (
     "ascent",
     "split",
     "alpha-crown",
+    "probe",
     "lp",
     "lp+cuts",
     "crown-bab",
@@ -193,8 +196,8 @@ class LayerStability:
     """Per-neuron verdicts of one layer (aligned with ``Network.layers``).
 
     ``decided_by[i]`` names the tier that settled neuron i ("witness", "interval", "symbolic",
-    "ascent", "split", "lp", "lp+cuts", "crown-bab", "attack", "bab", "milp", "subdivide", "isa",
-    "per-neuron", "linear", "" when undecided).
+    "ascent", "split", "alpha-crown", "probe", "lp", "lp+cuts", "crown-bab", "attack", "bab",
+    "milp", "subdivide", "isa", "per-neuron", "linear", "" when undecided).
     ``lower``/``upper`` are the tightest proved pre-activation bounds found.
     """
 
@@ -684,10 +687,15 @@ class _Analysis:
             self.tighten_previous(k)
         if milp_tiers and k > 0 and self.has_open(k):
             self.alpha_crown_tier(k)
-        attack_effort = 1.0
+        attack_effort, probed = 1.0, False
         for tier in milp_tiers:
             if not self.has_open(k):
                 break
+            if tier not in _ATTACKED_TIERS and k > 0 and not probed:
+                self.probe_tier(k)
+                probed = True
+                if not self.has_open(k):
+                    break
             if tier in _ATTACKED_TIERS and k > 0:
                 self.attack_tier(k, attack_effort)
                 attack_effort = min(attack_effort * _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT)
@@ -762,44 +770,83 @@ class _Analysis:
         reached ``y > 0``; 256 starts per round cost 2.5 times as much for 3 of 10).
         """
         with self.timed("attack"):
-            neurons, signs = self.open_directions(k)
-            if not neurons.size:
-                return
-            budget = (_ATTACK_SECONDS + _POLISH_SECONDS) * effort * neurons.size
-            stop = min(self.deadline, time.monotonic() + budget)
-            pool = np.concatenate([self.obs.witnesses, self.box.center[None, :]])
-            start_points = best_points(self.net, k, neurons, signs, pool)
-            for _round in range(max(int(effort), 1)):
-                if not neurons.size or time.monotonic() >= stop:
-                    break
-                found = multistart_ascent(
-                    self.net,
-                    self.box,
-                    k,
-                    neurons,
-                    signs,
-                    self.rng,
-                    starts=_ATTACK_STARTS,
-                    seconds_per_direction=_ATTACK_SECONDS,
-                    start_points=start_points,
-                    deadline=stop,
-                )
-                self.see(found, "attack")
-                for d in range(neurons.size):
-                    if self.still_open(k, neurons[d : d + 1], signs[d : d + 1])[0]:
-                        polished = milp.region_ascent(
-                            self.net,
-                            self.box,
-                            k,
-                            neurons[d : d + 1],
-                            signs[d : d + 1],
-                            found[d : d + 1],
-                            seconds_per_direction=_POLISH_SECONDS,
-                            deadline=stop,
-                        )
-                        self.see(polished, "attack")
-                still = self.still_open(k, neurons, signs)
-                neurons, signs, start_points = neurons[still], signs[still], None
+            self.attack_rounds(k, max(int(effort), 1), _ATTACK_SECONDS, _POLISH_SECONDS, "attack")
+
+    def probe_tier(self, k: int) -> None:
+        """One short attack round before the first LP tier of a layer's first pass.
+
+        Why: many directions that α-CROWN leaves open on an ℓ1-regularised net are unstable with
+        their rare sign in a sliver that a few PGD steps and one region LP reach, while the LP,
+        cut and CROWN branch-and-bound tiers spend their time trying to prove them before such a
+        point turns up (MNIST 2x400 ℓ1 = 3e-4: 3 of the 5 directions open after α-CROWN are
+        unstable; PGD plus region LPs refuted each in at most 0.25 s, where the LP tiers and CROWN
+        branch and bound had taken 3.5 s for them; 4x100 ℓ1 = 3e-4: the one unstable direction
+        of the fourth layer took CROWN branch and bound 6.3 s, the probe 0.2 s). The round is
+        capped at ``_PROBE_SECONDS`` of PGD from ``_PROBE_STARTS`` starts and
+        ``_PROBE_POLISH_SECONDS`` of region LPs per direction, so a stable direction costs little;
+        the full attack with its longer caps still runs before bab and milp. Measured over 10
+        probes of each of three such directions: 16 starts, 0.05 s and 0.15 s refuted as often
+        (7/10, 10/10, 10/10) as 64 starts, 0.1 s and 0.25 s (6/10, 10/10, 10/10), in two thirds
+        of the time.
+        """
+        with self.timed("probe"):
+            self.attack_rounds(
+                k, 1, _PROBE_SECONDS, _PROBE_POLISH_SECONDS, "probe", starts=_PROBE_STARTS
+            )
+
+    def attack_rounds(
+        self,
+        k: int,
+        rounds: int,
+        pgd_seconds: float,
+        polish_seconds: float,
+        tier: str,
+        starts: int = _ATTACK_STARTS,
+    ) -> None:
+        """``rounds`` rounds of PGD then region LPs on layer k's open directions, credited to ``tier``.
+
+        Each direction gets at most ``pgd_seconds + polish_seconds`` per round; the first round
+        starts from the best point seen so far (one of its ``_ATTACK_STARTS`` starts), later ones
+        from fresh uniform starts only.
+        """
+        neurons, signs = self.open_directions(k)
+        if not neurons.size:
+            return
+        budget = (pgd_seconds + polish_seconds) * rounds * neurons.size
+        stop = min(self.deadline, time.monotonic() + budget)
+        pool = np.concatenate([self.obs.witnesses, self.box.center[None, :]])
+        start_points = best_points(self.net, k, neurons, signs, pool)
+        for _round in range(rounds):
+            if not neurons.size or time.monotonic() >= stop:
+                break
+            found = multistart_ascent(
+                self.net,
+                self.box,
+                k,
+                neurons,
+                signs,
+                self.rng,
+                starts=starts,
+                seconds_per_direction=pgd_seconds,
+                start_points=start_points,
+                deadline=stop,
+            )
+            self.see(found, tier)
+            for d in range(neurons.size):
+                if self.still_open(k, neurons[d : d + 1], signs[d : d + 1])[0]:
+                    polished = milp.region_ascent(
+                        self.net,
+                        self.box,
+                        k,
+                        neurons[d : d + 1],
+                        signs[d : d + 1],
+                        found[d : d + 1],
+                        seconds_per_direction=polish_seconds,
+                        deadline=stop,
+                    )
+                    self.see(polished, tier)
+            still = self.still_open(k, neurons, signs)
+            neurons, signs, start_points = neurons[still], signs[still], None
 
     def split_tier(self, k: int) -> None:
         """Input-splitting branch and bound for layer k's open directions (few input features).
