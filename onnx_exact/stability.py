@@ -103,6 +103,7 @@ from .bounds import (
 from .domain import Box
 from .errors import DomainError, UsageError
 from .network import Network
+from .resources import retain_freed_heap
 from .witness import (
     Observation,
     best_points,
@@ -336,6 +337,7 @@ def analyze_stability(
                 f"user_inputs must have shape (m, {net.in_features}), got {user_inputs.shape}"
             )
     deadline = time.monotonic() + time_limit if time_limit is not None else np.inf
+    retain_freed_heap()  # numpy temporaries reuse freed blocks (see resources, "Allocator")
     analysis = _Analysis(net, box, deadline, seed, jobs, progress)
     # The old per-neuron approach has no witness preprocessing: only user inputs are observed.
     analysis.collect_witnesses(user_inputs, sample=method != "per-neuron")

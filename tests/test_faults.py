@@ -365,3 +365,16 @@ def test_a_recorded_signal_is_raised_after_a_solve():
     finally:
         clear_interrupt()
     assert interrupt_requested() is None
+
+
+def test_the_heap_is_tuned_on_glibc_once_and_reported_elsewhere():
+    """``retain_freed_heap`` sets glibc's thresholds (True), is idempotent, and reports False
+    instead of raising where the C library has no ``mallopt``."""
+    import platform
+
+    from onnx_exact import resources
+
+    first = resources.retain_freed_heap()
+    assert resources.retain_freed_heap() == first
+    if platform.libc_ver()[0] == "glibc":
+        assert first and resources._allocator_tuned
