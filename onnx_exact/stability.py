@@ -142,8 +142,11 @@ _RETRY_TIERS = ("crown-bab", "bab", "milp", "subdivide")
 _ATTACKED_TIERS = ("bab", "milp", "subdivide")
 _ATTACK_STARTS, _ATTACK_SECONDS, _POLISH_SECONDS = 64, 1.0, 3.0
 _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT = 4.0, 16.0
-# The probe: one attack round with short caps before a layer's first LP tier (``probe_tier``).
+# The probe: one attack round with short caps before a layer's CROWN branch and bound
+# (``probe_tier``); region LPs only from PGD end points within _PROBE_POLISH_GAP of the bound.
+_PROBED_TIERS = ("crown-bab",)
 _PROBE_STARTS, _PROBE_SECONDS, _PROBE_POLISH_SECONDS = 16, 0.05, 0.15
+_PROBE_POLISH_GAP = 0.3
 # In the retry rounds the attack runs after each retried tier and gets as many seconds per
 # direction as that tier's cap could have spent (these caps times the retry's effort), see
 # ``_retry_attack_effort``; other tiers (subdivide) get _ATTACK_MAX_EFFORT.
@@ -170,9 +173,9 @@ _TIER_ORDER = (
     "ascent",
     "split",
     "alpha-crown",
-    "probe",
     "lp",
     "lp+cuts",
+    "probe",
     "crown-bab",
     "attack",
     "bab",
@@ -197,7 +200,7 @@ class LayerStability:
     """Per-neuron verdicts of one layer (aligned with ``Network.layers``).
 
     ``decided_by[i]`` names the tier that settled neuron i ("witness", "interval", "symbolic",
-    "ascent", "split", "alpha-crown", "probe", "lp", "lp+cuts", "crown-bab", "attack", "bab",
+    "ascent", "split", "alpha-crown", "lp", "lp+cuts", "probe", "crown-bab", "attack", "bab",
     "milp", "subdivide", "isa", "per-neuron", "linear", "" when undecided).
     ``lower``/``upper`` are the tightest proved pre-activation bounds found.
     """
@@ -693,7 +696,7 @@ class _Analysis:
         for tier in milp_tiers:
             if not self.has_open(k):
                 break
-            if tier not in _ATTACKED_TIERS and k > 0 and not probed:
+            if tier in _PROBED_TIERS and k > 0 and not probed:
                 self.probe_tier(k)
                 probed = True
                 if not self.has_open(k):
@@ -775,25 +778,36 @@ class _Analysis:
             self.attack_rounds(k, max(int(effort), 1), _ATTACK_SECONDS, _POLISH_SECONDS, "attack")
 
     def probe_tier(self, k: int) -> None:
-        """One short attack round before the first LP tier of a layer's first pass.
+        """One short attack round before the CROWN branch and bound of a layer's first pass.
 
-        Why: many directions that α-CROWN leaves open on an ℓ1-regularised net are unstable with
-        their rare sign in a sliver that a few PGD steps and one region LP reach, while the LP,
-        cut and CROWN branch-and-bound tiers spend their time trying to prove them before such a
-        point turns up (MNIST 2x400 ℓ1 = 3e-4: 3 of the 5 directions open after α-CROWN are
-        unstable; PGD plus region LPs refuted each in at most 0.25 s, where the LP tiers and CROWN
-        branch and bound had taken 3.5 s for them; 4x100 ℓ1 = 3e-4: the one unstable direction
-        of the fourth layer took CROWN branch and bound 6.3 s, the probe 0.2 s). The round is
-        capped at ``_PROBE_SECONDS`` of PGD from ``_PROBE_STARTS`` starts and
-        ``_PROBE_POLISH_SECONDS`` of region LPs per direction, so a stable direction costs little;
-        the full attack with its longer caps still runs before bab and milp. Measured over 10
-        probes of each of three such directions: 16 starts, 0.05 s and 0.15 s refuted as often
-        (7/10, 10/10, 10/10) as 64 starts, 0.1 s and 0.25 s (6/10, 10/10, 10/10), in two thirds
-        of the time.
+        Why: a direction that the LP tiers leave open on an ℓ1-regularised net is often unstable
+        with its rare sign in a sliver that a few PGD steps and one region LP reach, while CROWN
+        branch and bound spends its cap trying to prove it before its vertices or LP dive land
+        there (MNIST 2x400 ℓ1 = 3e-4, first layer, neuron 8: CROWN branch and bound 2.4 s, the
+        probe 0.1 s; 4x100 ℓ1 = 3e-4, fourth layer, neuron 52: 6.3 s against 0.2 s). Why after
+        the LP tiers and not before: on local boxes most open directions are stable and the LP
+        tiers prove them in milliseconds each (MNIST 256x2, prop_1_0.03: 31 of 50, 2 unstable),
+        so a probe before them cost 7.8 s there, more than it saved.
+
+        The round is capped at ``_PROBE_SECONDS`` of PGD from ``_PROBE_STARTS`` starts and
+        ``_PROBE_POLISH_SECONDS`` of region LPs per direction; the full attack with its longer
+        caps still runs before bab and milp. Only PGD end points ``y`` (of ``sign * y``) with
+        ``-y <= _PROBE_POLISH_GAP * (bound - y)`` get region LPs, ``bound`` being the sound bound:
+        the region LP climbs from where PGD stopped, and the directions it refuted had PGD end
+        within 0.01-0.2 of the gap to their bound, where the 48 stable directions of the local
+        box above and the zoo had 0.03-0.99, most above 0.5. Measured over 10 probes of each of
+        three unstable directions: 16 starts, 0.05 s and 0.15 s refuted as often (7/10, 10/10,
+        10/10) as 64 starts, 0.1 s and 0.25 s (6/10, 10/10, 10/10), in two thirds of the time.
         """
         with self.timed("probe"):
             self.attack_rounds(
-                k, 1, _PROBE_SECONDS, _PROBE_POLISH_SECONDS, "probe", starts=_PROBE_STARTS
+                k,
+                1,
+                _PROBE_SECONDS,
+                _PROBE_POLISH_SECONDS,
+                "probe",
+                starts=_PROBE_STARTS,
+                polish_gap=_PROBE_POLISH_GAP,
             )
 
     def attack_rounds(
@@ -804,12 +818,15 @@ class _Analysis:
         polish_seconds: float,
         tier: str,
         starts: int = _ATTACK_STARTS,
+        polish_gap: float = np.inf,
     ) -> None:
         """``rounds`` rounds of PGD then region LPs on layer k's open directions, credited to ``tier``.
 
         Each direction gets at most ``pgd_seconds + polish_seconds`` per round; the first round
-        starts from the best point seen so far (one of its ``_ATTACK_STARTS`` starts), later ones
-        from fresh uniform starts only.
+        starts from the best point seen so far (one of the ``starts`` per direction), later ones
+        from fresh uniform starts only. Region LPs start only from PGD end points with
+        ``-y <= polish_gap * (bound - y)`` (``y`` the end point's ``sign * y``, ``bound`` the sound
+        bound on it).
         """
         neurons, signs = self.open_directions(k)
         if not neurons.size:
@@ -834,7 +851,14 @@ class _Analysis:
                 deadline=stop,
             )
             self.see(found, tier)
-            for d in range(neurons.size):
+            promising = np.ones(neurons.size, dtype=bool)
+            if np.isfinite(polish_gap):
+                rows = np.arange(neurons.size)
+                reached = signs * self.net.preactivations(found)[k][rows, neurons]
+                upper, lower = self.bounds[k].upper[neurons], self.bounds[k].lower[neurons]
+                bound = np.where(signs > 0, upper, -lower)
+                promising = -reached <= polish_gap * (bound - reached)
+            for d in np.flatnonzero(promising):
                 if self.still_open(k, neurons[d : d + 1], signs[d : d + 1])[0]:
                     polished = milp.region_ascent(
                         self.net,

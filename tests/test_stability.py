@@ -458,9 +458,10 @@ def test_retries_go_on_until_the_deadline_while_their_tiers_keep_working(monkeyp
     assert result.time_limit_hit and result.counts()["UNDECIDED"] > 0
 
 
-def test_the_probe_runs_once_per_layer_before_its_first_lp_tier_and_never_in_retries(monkeypatch):
-    """The probe (one short attack round) precedes a layer's first LP-type tier in the first
-    pass; the full attack still precedes bab, and the retry rounds have no probe."""
+def test_the_probe_runs_once_per_layer_before_crown_bab_and_never_in_retries(monkeypatch):
+    """The probe (one short attack round) runs between a layer's LP tiers and its CROWN branch
+    and bound in the first pass; the full attack still precedes bab, and the retry rounds have
+    no probe."""
     net = random_network(np.random.default_rng(7), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
     calls: list[tuple[str, int]] = []
@@ -473,27 +474,30 @@ def test_the_probe_runs_once_per_layer_before_its_first_lp_tier_and_never_in_ret
         stability._Analysis, "probe_tier", lambda self, k: calls.append(("probe", k))
     )
     monkeypatch.setattr(
-        stability._Analysis, "attack_tier", lambda self, k, effort=1.0: calls.append(("attack", k))
+        stability._Analysis,
+        "attack_tier",
+        lambda self, k, effort=1.0: undecided(self, k, "attack", effort),
     )
-    analyze_stability(net, box, tiers=("lp", "cuts", "bab"), time_limit=5)
+    analyze_stability(net, box, tiers=("lp", "cuts", "crown-bab", "bab"), time_limit=5)
     first_pass = [call for call in calls if "retry" not in call[0]]
     layers = sorted({k for _, k in first_pass})
     assert layers, "no layer reached the solver tiers"
     for k in layers:
         own = [tier for tier, layer in first_pass if layer == k]
-        assert own[:2] == ["probe", "lp"] and own.count("probe") == 1
-        assert own.index("attack") == own.index("bab") - 1
-    assert calls.count(("probe", layers[0])) == 1, "a retry round probed again"
+        assert own == ["lp", "cuts", "probe", "crown-bab", "attack", "bab"]
+    assert [call for call in calls if "retry" in call[0]], "no retry round ran"
+    assert sum(tier == "probe" for tier, _ in calls) == len(layers), "a retry round probed"
 
 
 def test_the_probe_refutes_soundly_and_is_credited(monkeypatch):
-    """With LP tiers that decide nothing, the probe's PGD and region LPs refute unstable
-    directions by witnesses the forward pass confirms, credited to "probe"; proofs stay sound."""
+    """With a CROWN branch and bound that decides nothing, the probe's PGD and region LPs refute
+    unstable directions by witnesses the forward pass confirms, credited to "probe"; proofs
+    stay sound."""
     net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
     monkeypatch.setattr(stability._Analysis, "solver_tier", lambda self, k, tier, effort=1.0: None)
     monkeypatch.setattr(stability._Analysis, "alpha_crown_tier", lambda self, k: None)
-    result = analyze_stability(net, box, tiers=("lp",))
+    result = analyze_stability(net, box, tiers=("crown-bab",))
     credited = np.concatenate([layer.decided_by for layer in result.layers])
     assert (credited == "probe").any()
     assert "probe" in result.timings_s
