@@ -843,7 +843,7 @@ section below is one run; re-running a mode replaces its section only.
 
 Columns: *stable found* and *undecided* are `auto`'s verdicts over all ReLU neurons; *auto time per
 tier* splits `auto`'s wall time into w(itness), i(nterval), s(ymbolic), a(scent), t(ighten), ac (α-CROWN), lp,
-c(uts), cb (CROWN branch and bound), pgd (multi-start PGD attack), b (LP branch and bound), m(ilp), and any other tier under its own name (e.g. split); a
+c(uts), pr (the probe: one short attack round before CROWN branch and bound), cb (CROWN branch and bound), pgd (multi-start PGD attack), b (LP branch and bound), m(ilp), and any other tier under its own name (e.g. split); a
 baseline time `≥ T (n open)` hit its cap T with n neurons still undecided, `≥ T (killed)` overran
 its cap and was killed, and its ratio to auto is then a lower bound; *labels*
 compares the three methods neuron by neuron wherever both decided; *onnxsim proofs* counts the
