@@ -536,6 +536,27 @@ def add_network_encoding(
     return enc
 
 
+def layer_encoding(
+    highs: highspy.Highs,
+    net: Network,
+    box: Box,
+    bounds: Sequence,
+    states: Sequence[np.ndarray],
+    layer: int,
+    *,
+    integral: bool,
+) -> NetworkEncoding:
+    """The layers below ``layer``, as the tiers of that layer encode them (first-layer folding on).
+
+    The triangle LP and the decision MILP of one layer must number their columns alike: the
+    MILP adds the LP's cut rows (:attr:`LayerRelaxation.cuts`) by column index. Both build their
+    model here, from the same bounds and states, so only the indicators' integrality differs.
+    """
+    return add_network_encoding(
+        highs, net, box, bounds, states, layer - 1, integral=integral, fold_active_first_layer=True
+    )
+
+
 # --------------------------------------------------------------------------- LP relaxation
 
 
@@ -600,9 +621,7 @@ class LayerRelaxation:
     ) -> LayerRelaxation:
         """A fresh relaxation of the layers below ``layer``."""
         highs = _new_highs()
-        enc = add_network_encoding(
-            highs, net, box, bounds, states, layer - 1, integral=False, fold_active_first_layer=True
-        )
+        enc = layer_encoding(highs, net, box, bounds, states, layer, integral=False)
         return cls(net, layer, highs, enc)
 
     def _append_rows(self, added: tuple[np.ndarray, ...]) -> None:
@@ -808,6 +827,8 @@ class _MilpContext:
     states: list
     layer: int
     cuts: list
+    cut_columns: int = 0
+    """Columns of the relaxation the cuts index (the MILP adds them only if its count matches)."""
 
 
 @dataclass
@@ -898,11 +919,12 @@ def _decision_milp(
     """
     net, layer = context.net, context.layer
     highs = _new_highs()
-    enc = add_network_encoding(
-        highs, net, context.box, context.bounds, context.states, layer - 1, integral=True
+    enc = layer_encoding(
+        highs, net, context.box, context.bounds, context.states, layer, integral=True
     )
-    for cut in context.cuts:
-        _add_rows(highs, *cut)
+    if highs.getNumCol() == context.cut_columns:  # else the rows would constrain other columns
+        for cut in context.cuts:
+            _add_rows(highs, *cut)
     obj = _objective(enc, net, layer, direction.neuron, direction.sign)
     if not enc.has_binaries:
         relaxation = LayerRelaxation(net, layer, highs, enc)
@@ -1503,6 +1525,7 @@ def decide_directions(
             list(states[:layer]),
             layer,
             relaxation.cuts if relaxation is not None else [],
+            relaxation.highs.getNumCol() if relaxation is not None else 0,
         )
         slack = milp_slack(net, box, bounds, layer)
         _milp_tier(book, context, slack, deadline, jobs, DIRECTION_TIME_LIMIT * effort)

@@ -467,3 +467,41 @@ def test_folding_the_first_layers_active_neurons_keeps_the_lp_bound(seed):
     undecided = np.full(20, NeuronState.UNDECIDED, dtype=np.int64)
     deeper = milp.LayerRelaxation.build(net, box, bounds, states + [undecided], 2)
     assert not deeper.enc.folded.any()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_decision_milp_numbers_its_columns_like_the_relaxation_whose_cuts_it_adds(seed):
+    """The MILP of a layer adds the relaxation's cut rows by column index, so both must encode
+    the same columns in the same order (first-layer folding included), and the MILP's proofs
+    with those cuts must hold on samples; a relaxation with other columns gets no cuts."""
+    net = _random_net(seed, [10, 30, 20, 2], bias_scale=1.5)
+    box = Box(np.zeros(10), np.ones(10))
+    bounds = _interval_bounds(net, box)
+    states = [np.full(30, NeuronState.UNDECIDED, dtype=np.int64)]
+    relaxation = milp.LayerRelaxation.build(net, box, bounds, states, 1)
+    assert relaxation.enc.folded.any()
+    directions = _all_directions(net, 1)
+    margins = np.full(20, MARGIN)
+    milp.decide_directions(
+        net, box, bounds, states, 1, directions, margins, time.monotonic() + 60,
+        tiers=("cuts",), relaxation=relaxation,
+    )  # fmt: skip
+    assert relaxation.cuts, "no cut was separated"
+    highs = milp._new_highs()
+    encoding = milp.layer_encoding(highs, net, box, bounds, states, 1, integral=True)
+    assert highs.getNumCol() == relaxation.highs.getNumCol()
+    assert np.array_equal(encoding.x, relaxation.enc.x)
+    for name in ("y", "h", "z"):
+        ours, theirs = getattr(encoding, name), getattr(relaxation.enc, name)
+        assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    ours, theirs = highs.getLp(), relaxation.highs.getLp()
+    assert np.array_equal(ours.col_lower_, theirs.col_lower_)
+    assert np.array_equal(ours.col_upper_, theirs.col_upper_)
+    results = milp.decide_directions(
+        net, box, bounds, states, 1, directions, margins, time.monotonic() + 60,
+        tiers=("milp",), relaxation=relaxation,
+    )  # fmt: skip
+    pre = net.preactivations(_samples(box, seed))[1]
+    for r in results:
+        sampled_max = (r.direction.sign * pre[:, r.direction.neuron]).max()
+        assert not (r.status == "proved" and sampled_max > 0)
