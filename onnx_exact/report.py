@@ -258,7 +258,7 @@ def render(report: RunReport, console: Console) -> None:
         console.print(
             f"verification {verdict}: {v.samples} inputs (box samples, corners, witnesses), "
             f"max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g} "
-            f"(atol {v.atol}, rtol {v.rtol})"
+            f"(atol {_format_tolerance(v.atol, [o.name for o in v.outputs])}, rtol {v.rtol:.3g})"
         )
         for o in v.outputs:
             status = "PASSED" if o.passed else "FAILED"
@@ -270,3 +270,17 @@ def render(report: RunReport, console: Console) -> None:
         console.print(proof_verdict(report.proof))
         for note in report.proof.notes:
             console.print(f"  note: {note}")
+
+
+def _format_tolerance(tolerance: float | dict[str, float], outputs: list[str]) -> str:
+    """A tolerance as the user reads it: ``1e-05``, or ``logits 7.52e-05`` per output.
+
+    A ``{output: value}`` tolerance may carry a default under ``""`` for outputs it does not
+    name; it is shown (as ``others``) only when some output falls back to it.
+    """
+    if not isinstance(tolerance, dict):
+        return f"{tolerance:.3g}"
+    parts = [f"{name} {value:.3g}" for name, value in tolerance.items() if name]
+    if "" in tolerance and any(name not in tolerance for name in outputs):
+        parts.append(f"others {tolerance['']:.3g}")
+    return ", ".join(parts)

@@ -104,6 +104,18 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "verification PASSED" in proc.stdout
+    summary = " ".join(proc.stdout.split())  # rich wraps long lines
+    tolerance = summary.split("(atol ", 1)[1].split(")", 1)[0]
+    assert "{" not in tolerance and ", rtol 1e-05" in tolerance  # per-output, not a dict repr
+
+
+def test_tolerances_read_per_output_with_the_default_only_where_used():
+    from onnx_exact.report import _format_tolerance
+
+    assert _format_tolerance(1e-05, ["y"]) == "1e-05"
+    assert _format_tolerance({"y": 7.519e-05, "": 1e-05}, ["y"]) == "y 7.52e-05"
+    both = _format_tolerance({"y": 7.519e-05, "": 1e-05}, ["y", "z"])
+    assert both == "y 7.52e-05, others 1e-05"
 
 
 def test_check_proves_compressed_output_and_flags_a_perturbed_weight(tmp_path, capsys):
