@@ -44,9 +44,9 @@ The search
     ``max F``), and refuted as soon as a forward-passed point shows ``sign * y > 0``. CROWN
     vertices are box corners, so a sign that shows only inside the box is looked for by the LP
     dive of :func:`onnx_exact.milp.lp_dive`, which takes turns with the search and gets
-    :data:`DIVE_SHARE` of the time. It stops undecided at the node or time cap, or when an open node has every
-    neuron split (its bound can then only be tightened by the LP tiers, which also have the cut
-    pool and the intermediate bound constraints this bound lacks).
+    :data:`DIVE_SHARE` of the time. It stops undecided at the node or time cap, or when an open
+    node has every neuron split (its bound can then only be tightened by the LP tiers, which also
+    have the cut pool and the intermediate bound constraints this bound lacks).
 
 Soundness
     Float64 throughout on the exact weights; ``α`` and the multipliers are projected onto their

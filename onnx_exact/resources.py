@@ -54,7 +54,6 @@ that freed blocks are reused.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import math
 import re
@@ -339,7 +338,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc mallo
 HEAP_BLOCK_BYTES = 64 * 2**20
 #: Free memory the heap keeps at its top instead of returning it to the system.
 HEAP_RETAIN_BYTES = 512 * 2**20
-_allocator_tuned = False
+_allocator_tuned: bool | None = None  # None: not tried yet in this process
 
 
 def retain_freed_heap() -> bool:
@@ -348,22 +347,18 @@ def retain_freed_heap() -> bool:
     Why: see "Allocator" in the module docstring. The cost is that up to
     :data:`HEAP_RETAIN_BYTES` of freed memory stays resident until the process exits; the peak
     is not raised, since the retained blocks are what the next temporaries reuse. A no-op (False)
-    where the C library has no ``mallopt`` (musl, macOS, Windows).
+    where the C library has no ``mallopt`` (musl, macOS, Windows). The outcome is kept, so later
+    calls cost nothing.
     """
     global _allocator_tuned
-    if _allocator_tuned:
-        return True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    tuned = bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, HEAP_RETAIN_BYTES)
-    )
-    _allocator_tuned = tuned
-    return tuned
+    if _allocator_tuned is None:
+        try:  # the symbols already loaded into this process, libc among them
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError, TypeError):
+            _allocator_tuned = False
+        else:
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)) and bool(
+                mallopt(_M_TRIM_THRESHOLD, HEAP_RETAIN_BYTES)
+            )
+    return _allocator_tuned
