@@ -437,6 +437,43 @@ def test_region_ascent_never_loses_ground_and_stays_in_the_box(seed):
             assert after[d] >= min(best_sample, 0.0) - 1e-9
 
 
+def test_pattern_search_leaves_a_local_maximum_that_stops_the_region_walk():
+    """y = x - 2 relu(x - 0.2) + 3 relu(x - 0.6) - 0.3 on [0, 1] rises to -0.1 at x = 0.2, falls
+    to -0.5 at 0.6 and rises again to +0.3 at 1. The region walk from x = 0.1 stops at 0.2: no
+    neighbour region beats -0.1. One pattern-search step frees both kinks and lands on x = 1."""
+    # the third hidden unit, relu(x), carries x itself (it is active on all of [0, 1])
+    weight, bias = np.ones((3, 1)), np.array([-0.2, -0.6, 0.0])
+    hidden = DenseLayer(weight, bias, relu=True, name="h")
+    target = DenseLayer(np.array([[-2.0, 3.0, 1.0]]), np.array([-0.3]), relu=False, name="y")
+    net = Network([hidden, target], InputMap.identity(1))
+    box = Box(np.zeros(1), np.ones(1))
+    bounds = _interval_bounds(net, box)
+    start = np.array([[0.1]])
+    walked = milp.region_ascent(net, box, 1, np.array([0]), np.array([1.0]), start, 10)
+    assert net.preactivations(walked)[1][0, 0] == pytest.approx(-0.1, abs=1e-9)
+    found = milp.pattern_search(net, box, bounds, [], 1, 0, 1, walked[0], seconds=10)
+    np.testing.assert_allclose(found, [1.0], atol=1e-9)
+    assert net.preactivations(found[None, :])[1][0, 0] == pytest.approx(0.3, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pattern_search_never_loses_ground_and_stays_in_the_box(seed):
+    """From starts of the wrong sign the point returned lies in the box and is at least as good
+    as the start; a direction it shows is confirmed by the forward pass alone."""
+    net = _random_net(seed, [3, 10, 10, 10, 1])
+    box = Box(-np.ones(3), np.ones(3))
+    bounds = _interval_bounds(net, box)
+    rng = np.random.default_rng(seed)
+    for start in rng.uniform(-1, 1, size=(4, 3)):
+        neuron = int(rng.integers(0, 10))
+        sign = -int(np.sign(net.preactivations(start[None, :])[2][0, neuron]))
+        found = milp.pattern_search(net, box, bounds, [], 2, neuron, sign, start, seconds=5)
+        assert np.all(found >= box.lower) and np.all(found <= box.upper)
+        before = sign * net.preactivations(start[None, :])[2][0, neuron]
+        after = sign * net.preactivations(found[None, :])[2][0, neuron]
+        assert after >= before - 1e-12
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_folding_the_first_layers_active_neurons_keeps_the_lp_bound(seed):
     """A layer-1 relaxation without rows for the first layer's active neurons (their bounds are
