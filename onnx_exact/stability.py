@@ -37,9 +37,12 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    tier) the ``attack`` tier runs on the directions still open: rounds of multi-start PGD
    (:func:`onnx_exact.witness.multistart_ascent`, 64 random starts per direction), each best end
    point then polished by LPs over its activation region and its neighbours
-   (:func:`onnx_exact.milp.region_ascent`): 1, then 4 rounds of at most 1 s of PGD and 3 s of
-   LPs per direction, and after a retried tier as many seconds per direction as that tier's
-   cap (one attack second per proof second, :func:`_retry_attack_effort`): on deep ℓ1-free
+   (:func:`onnx_exact.milp.region_ascent`) and, if it ends within 5% of the gap to its bound,
+   by a pattern search (:func:`onnx_exact.milp.pattern_search`: sub-MILPs with all but 10
+   indicators fixed to the point's phases): 1, then 4 rounds of at most 1 s of PGD, 3 s of
+   LPs and 3 s of pattern search per direction, and after a retried tier as many seconds per
+   direction as that tier's cap (one attack second per proof second,
+   :func:`_retry_attack_effort`): on deep ℓ1-free
    nets most directions the bounds cannot close are unstable, their rare sign in a sliver no
    single-start search reaches, and a witness costs far less than a capped exact tier that
    gives up. It comes after ``crown-bab``, which proves most directions of local boxes in a
