@@ -428,7 +428,9 @@ def test_each_retried_tier_is_followed_by_an_attack_of_equal_time(monkeypatch):
     monkeypatch.setattr(stability._Analysis, "attack_tier", attack)
     tiers = ("crown-bab", "bab", "milp")
     analyze_stability(net, box, tiers=tiers, time_limit=60)
-    round_seconds = stability._ATTACK_SECONDS + stability._POLISH_SECONDS
+    round_seconds = (
+        stability._ATTACK_SECONDS + stability._POLISH_SECONDS + stability._PATTERN_SECONDS
+    )
     retried = [i for i, (tier, effort, _) in enumerate(calls) if tier in tiers and effort > 1]
     assert {calls[i][0] for i in retried} == set(tiers)
     for i in retried:
