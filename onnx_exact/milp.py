@@ -1448,8 +1448,6 @@ def pattern_search(
     z_cols = np.concatenate([z[z >= 0] for z in enc.z])
     if not z_cols.size:
         return best  # the model is an LP: the region LPs already found its optimum
-    z_layer = np.concatenate([np.full(int((z >= 0).sum()), j) for j, z in enumerate(enc.z)])
-    z_index = np.concatenate([np.flatnonzero(z >= 0) for z in enc.z])
     width = np.concatenate(
         [(bounds[j].upper - bounds[j].lower)[z >= 0] for j, z in enumerate(enc.z)]
     )
@@ -1463,7 +1461,7 @@ def pattern_search(
     n_free = min(PATTERN_FREE_NEURONS, z_cols.size)
     while time.monotonic() < stop:
         values = net.preactivations(best[None, :])
-        pre = np.array([values[j][0, i] for j, i in zip(z_layer, z_index, strict=True)])
+        pre = np.concatenate([values[j][0][z >= 0] for j, z in enumerate(enc.z)])
         phase = (pre >= 0.0).astype(np.float64)  # as solution_from_input sets z (threshold 0)
         free = np.zeros(z_cols.size, dtype=bool)
         free[np.argsort(np.abs(pre) / width, kind="stable")[:n_free]] = True

@@ -259,11 +259,10 @@ def _retry_attack_effort(tier: str, effort: float) -> float:
     could spend on them (its cap ``tier_direction_seconds(tier) * effort``, one round costing
     at most ``_ATTACK_SECONDS + _POLISH_SECONDS + _PATTERN_SECONDS``) at most doubles the time
     to either answer, against the order that would have been right; a fixed number of rounds
-    instead starves the
-    refutation when one round succeeds rarely (that neuron: 2 of 40 rounds, so the 16 rounds
-    per retry left it open in every 600 s run). After the tier, not before: directions
-    it proves cost no attack (MNIST 256x2 prop_1_0.05, stable directions that the retried
-    MILPs prove: 119 s of attack, against 13 s with fixed rounds, when it ran first).
+    instead starves the refutation when one round succeeds rarely (that neuron: 2 of 40 rounds,
+    so the 16 rounds per retry left it open in every 600 s run). After the tier, not before:
+    directions it proves cost no attack (MNIST 256x2 prop_1_0.05, stable directions that the
+    retried MILPs prove: 119 s of attack, against 13 s with fixed rounds, when it ran first).
     """
     seconds = tier_direction_seconds(tier)
     if seconds is None:
@@ -874,13 +873,7 @@ class _Analysis:
                 deadline=stop,
             )
             self.see(found, tier)
-            promising = np.ones(neurons.size, dtype=bool)
-            if np.isfinite(polish_gap):
-                rows = np.arange(neurons.size)
-                reached = signs * self.net.preactivations(found)[k][rows, neurons]
-                upper, lower = self.bounds[k].upper[neurons], self.bounds[k].lower[neurons]
-                bound = np.where(signs > 0, upper, -lower)
-                promising = -reached <= polish_gap * (bound - reached)
+            promising = self.near_bound(k, neurons, signs, found, polish_gap)
             for d in np.flatnonzero(promising):
                 if self.still_open(k, neurons[d : d + 1], signs[d : d + 1])[0]:
                     polished = milp.region_ascent(
@@ -894,50 +887,44 @@ class _Analysis:
                         deadline=stop,
                     )
                     self.see(polished, tier)
+                    direction = (k, neurons[d : d + 1], signs[d : d + 1])
                     if (
                         pattern_seconds > 0
-                        and self.still_open(k, neurons[d : d + 1], signs[d : d + 1])[0]
+                        and self.still_open(*direction)[0]
+                        and self.near_bound(*direction, polished, _PATTERN_GAP)[0]
                     ):
-                        self.pattern_step(
+                        searched = milp.pattern_search(
+                            self.net,
+                            self.box,
+                            self.bounds,
+                            self.solver_states(k),
                             k,
                             int(neurons[d]),
                             int(signs[d]),
                             polished[0],
                             pattern_seconds,
-                            stop,
-                            tier,
+                            deadline=stop,
                         )
+                        self.see(searched, tier)
             still = self.still_open(k, neurons, signs)
             neurons, signs, start_points = neurons[still], signs[still], None
 
-    def pattern_step(
-        self,
-        k: int,
-        neuron: int,
-        sign: int,
-        point: np.ndarray,
-        seconds: float,
-        stop: float,
-        tier: str,
-    ) -> None:
-        """:func:`milp.pattern_search` from ``point`` if it lies within ``_PATTERN_GAP`` of the bound."""
-        reached = float(sign * self.net.preactivations(point[None, :])[k][0, neuron])
-        bound = self.bounds[k].upper[neuron] if sign > 0 else -self.bounds[k].lower[neuron]
-        if -reached > _PATTERN_GAP * (bound - reached):
-            return
-        found = milp.pattern_search(
-            self.net,
-            self.box,
-            self.bounds,
-            self.solver_states(k),
-            k,
-            neuron,
-            sign,
-            point,
-            seconds,
-            deadline=stop,
-        )
-        self.see(found, tier)
+    def near_bound(
+        self, k: int, neurons: np.ndarray, signs: np.ndarray, points: np.ndarray, gap: float
+    ) -> np.ndarray:
+        """Per direction, whether ``points[d]`` has ``-y <= gap * (bound - y)``.
+
+        ``y`` is the point's ``sign * y_{k, neuron}`` and ``bound`` the sound bound on it: the
+        point has come within ``gap`` of the way from the bound down to 0 (always true for an
+        infinite ``gap``).
+        """
+        if not np.isfinite(gap):
+            return np.ones(neurons.size, dtype=bool)
+        rows = np.arange(neurons.size)
+        reached = signs * self.net.preactivations(points)[k][rows, neurons]
+        upper, lower = self.bounds[k].upper[neurons], self.bounds[k].lower[neurons]
+        bound = np.where(signs > 0, upper, -lower)
+        return -reached <= gap * (bound - reached)
 
     def split_tier(self, k: int) -> None:
         """Input-splitting branch and bound for layer k's open directions (few input features).
