@@ -1,5 +1,35 @@
-"""``python -m onnx_exact`` is the same as the ``onnx-exact`` command."""
+"""The ``onnx-exact`` command's entry point (also ``python -m onnx_exact``).
 
-from .cli import main
+Why a separate entry point: :mod:`onnx_exact.cli` imports onnx, onnxruntime, highspy and numpy,
+which take one to several seconds (over a minute on an overloaded machine). A SIGINT or SIGTERM in
+that window used to print a ``KeyboardInterrupt`` traceback from deep inside an import. This module
+imports nothing heavy: it installs handlers that print the command's one-line message and exit
+with the documented code (130 for SIGINT, 143 for SIGTERM; nothing has been written yet), then
+hands over to :func:`onnx_exact.cli.main`, which installs its own handlers for the run.
+"""
 
-main()
+from __future__ import annotations
+
+import signal
+import sys
+
+_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _exit_during_start_up(signum: int, frame: object) -> None:
+    name = signal.Signals(signum).name
+    print(f"onnx-exact: interrupted ({name}) while starting; no output written", file=sys.stderr)
+    raise SystemExit(_EXIT_CODES[signum])
+
+
+def main() -> None:
+    """Install the start-up signal handlers, then run the command line."""
+    for signum in _EXIT_CODES:
+        signal.signal(signum, _exit_during_start_up)
+    from .cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -125,6 +125,58 @@ def test_sigint_and_sigterm_during_a_long_solve_write_nothing(tmp_path):
                 child.communicate()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_command_starts_up_gets_one_line_and_its_exit_code(
+    tmp_path, signum, code
+):
+    """The signal lands while onnx, onnxruntime and highspy are still being imported.
+
+    ``onnx_exact.__main__`` installs its handlers before importing the command line, so as soon
+    as the process catches SIGTERM the signal is sent, within milliseconds, and arrives during the
+    imports (hundreds of milliseconds even on a fast machine): one line, the code, no traceback.
+    """
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm_mlp((4, 5, 3), seed=0, pinned=False), model)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "onnx_exact", str(model), str(tmp_path / "out.onnx"), "-q"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + SIGNAL_READY_TIMEOUT_S
+        while not _handlers_installed(child.pid):
+            assert time.monotonic() < deadline, "the entry point never installed its handlers"
+            assert child.poll() is None, "the command ended before it caught signals"
+            time.sleep(0.005)
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=SIGNAL_EXIT_TIMEOUT_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == code, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0] and "no output written" in lines[0]
+    assert "while starting" in lines[0], "the signal was meant to land during the imports"
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_package_and_its_entry_point_import_no_heavy_library_until_used():
+    """What makes the start-up window above catchable: onnx & co. load only when first used."""
+    probe = (
+        "import sys, onnx_exact, onnx_exact.__main__\n"
+        "heavy = {'onnx', 'onnxruntime', 'highspy', 'numpy'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert all(getattr(onnx_exact, name) for name in onnx_exact.__all__)\n"
+        "assert 'onnx' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=SIGNAL_READY_TIMEOUT_S)
+
+
 def test_interrupt_while_saving_removes_the_temporary_files(tmp_path, monkeypatch):
     model = gemm_mlp((4, 5, 3), seed=0, pinned=False)
 
