@@ -27,11 +27,17 @@ weight (4 for float32):
 * ``lp``: the triangle relaxation of the layers below the last hidden layer, ``nnz`` matrix
   entries at ``LP_BYTES_PER_NONZERO`` (HiGHS keeps the model, its row- and column-wise copies, a
   scaled copy and the factorisation or interior-point workspace; the cut tier adds dense rows),
-  plus ``CROWN_BAB_BYTES`` for the CROWN branch and bound that runs beside it (its caps);
+  plus what runs beside it: ``CROWN_BAB_BYTES`` for the CROWN branch and bound (its caps) and
+  the decision MILP of that layer, its model at ``LP_BYTES_PER_NONZERO`` per entry again and a
+  full cut pool, ``MILP_CUT_POOL`` cuts each as long as the MILP has columns (``n_0`` inputs and
+  three per neuron below the layer), at ``MILP_BYTES_PER_CUT_ENTRY``. The two are summed, not
+  maxed: in measured runs that reached the MILP tier the peak exceeded the larger by about the
+  branch and bound's store (freed heap the MILP's allocations did not reuse);
 * ``verify``: two onnxruntime sessions (each holds the weights once more, pre-packed: ``2 s P``)
   and a chunk of samples.
 
-The constants were calibrated on the synthetic 3072-2048-2048-10 model of ``bench/large_model.py``
+The LP constants were calibrated on the synthetic 3072-2048-2048-10 model of ``bench/large_model.py``,
+the MILP ones on the ℓ1-free MNIST zoo nets and mnistfc
 (see ``docs/reliability.md`` for estimate against measured peak RSS).
 
 Interruption
@@ -74,6 +80,17 @@ LP_BYTES_PER_NONZERO = 160
 #: What the CROWN branch and bound adds while the LP relaxation is alive: its open-node store and
 #: one batch's working memory (``relu_bab.STORE_BYTES + relu_bab.BATCH_BYTES``).
 CROWN_BAB_BYTES = 96 * 2**20
+#: ``milp.MILP_CUT_POOL``: the cut-pool soft limit of a decision MILP, which bounds how far its
+#: memory grows (with HiGHS's default pool of 10,000 and its sub-MIP heuristics one 240 s MILP grew
+#: to twice as much, see ``docs/reliability.md``).
+MILP_CUT_POOL = 2000
+#: HiGHS memory per entry of a full cut pool of a decision MILP (the pool, its rows in the LP, the
+#: search tree that grows meanwhile). One 120 s MILP alone (MNIST 5x100 ℓ1 = 0, fourth layer,
+#: 1,684 columns, 100,800 entries) grew by 143 MiB, 40 bytes per entry; 56 makes the estimate
+#: bound the three whole runs measured with the MILP tier (auto peak, ``bench/stability.py``):
+#: 5x100 ℓ1 = 0 374 MiB (estimate 434), 4x100 ℓ1 = 0 310 MiB (399), mnistfc 256x2 prop_1_0.05
+#: 419 MiB (420).
+MILP_BYTES_PER_CUT_ENTRY = 56
 #: Float64 values in one forward-pass chunk of the witness tier (``witness._CHUNK_VALUES``).
 SAMPLING_CHUNK_VALUES = 4_000_000
 #: Rows per back-substitution block of the symbolic bounds (``bounds._ROW_BLOCK``).
@@ -156,7 +173,9 @@ def estimate_peak_memory(
         # matrices plus the triangle rows (about six more entries per unstable unit).
         deepest = hidden[-1]
         nonzeros = sum(net.layers[j].weight.size + 6 * widths[j + 1] for j in range(deepest))
-        phases["lp"] = LP_BYTES_PER_NONZERO * nonzeros + CROWN_BAB_BYTES
+        columns = net.in_features + 3 * sum(widths[1 : deepest + 1])
+        milp = LP_BYTES_PER_NONZERO * nonzeros + MILP_BYTES_PER_CUT_ENTRY * MILP_CUT_POOL * columns
+        phases["lp"] = LP_BYTES_PER_NONZERO * nonzeros + CROWN_BAB_BYTES + milp
 
     chunk = VERIFY_CHUNK_SAMPLES * (2 * net.in_features + 2 * sum(widths[1:]))
     phases["verify"] = 2 * 2 * stored_bytes_per_weight * params + stored_bytes_per_weight * chunk

@@ -388,8 +388,10 @@ def test_memory_estimate_bounds_the_measured_peak(tmp_path):
     assert usage.exit_code == 0, usage.stderr
     measured = usage.peak_rss_bytes
     estimated = estimate_peak_memory(read_model(model).network).total
-    # Conservative, but within a factor 3 (the interpreter alone is half of this run's peak).
-    assert measured <= estimated <= 3 * measured, (format_bytes(measured), format_bytes(estimated))
+    # Conservative, but within a factor 4: the interpreter alone is half of this run's peak, and
+    # the estimate reserves a decision MILP with a full cut pool that this run does not reach
+    # (3.5x since 2026-12-04; 1.4x without the MILP term).
+    assert measured <= estimated <= 4 * measured, (format_bytes(measured), format_bytes(estimated))
 
 
 @pytest.mark.parametrize(

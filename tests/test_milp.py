@@ -542,3 +542,32 @@ def test_the_decision_milp_numbers_its_columns_like_the_relaxation_whose_cuts_it
     for r in results:
         sampled_max = (r.direction.sign * pre[:, r.direction.neuron]).max()
         assert not (r.status == "proved" and sampled_max > 0)
+
+
+def test_the_decision_milp_caps_its_cut_pool_and_runs_no_primal_heuristics(monkeypatch):
+    """The memory estimate's MILP term assumes a pool of ``MILP_CUT_POOL`` cuts and no sub-MIPs
+    (with HiGHS's defaults one 240 s MILP grew to twice as much); witnesses come from the attack."""
+    from onnx_exact import resources
+
+    assert resources.MILP_CUT_POOL == milp.MILP_CUT_POOL
+    created = []
+    new_highs = milp._new_highs
+    monkeypatch.setattr(milp, "_new_highs", lambda: created.append(new_highs()) or created[-1])
+    net = _random_net(3, [10, 20, 20, 2], bias_scale=1.0)
+    box = Box(np.zeros(10), np.ones(10))
+    bounds = _interval_bounds(net, box)
+    states = [np.full(20, NeuronState.UNDECIDED, dtype=np.int64)]
+    results = milp.decide_directions(
+        net, box, bounds, states, 1, _all_directions(net, 1), np.full(20, MARGIN),
+        time.monotonic() + 60, tiers=("milp",),
+    )  # fmt: skip
+    mips = [h for h in created if h.getLp().integrality_]
+    assert mips, "no decision MILP was built"
+    for highs in mips:
+        assert highs.getOptionValue("mip_pool_soft_limit")[1] == milp.MILP_CUT_POOL
+        assert highs.getOptionValue("mip_heuristic_effort")[1] == 0.0
+    pre = net.preactivations(_samples(box, 3))[1]
+    for r in results:
+        assert not (
+            r.status == "proved" and (r.direction.sign * pre[:, r.direction.neuron]).max() > 0
+        )
