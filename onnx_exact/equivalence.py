@@ -640,7 +640,7 @@ class _ProofModel:
             highs,
             objective_bound=float(cutoff),
             objective_target=float(target),
-            time_limit=milp.time_limit_option(highs, time_limit),
+            time_limit=milp.time_limit_option(highs, time_limit, mip=self.binaries > 0),
         )
         harvested: list[np.ndarray] = []
         x_cols = self.x

@@ -571,3 +571,29 @@ def test_the_decision_milp_caps_its_cut_pool_and_runs_no_primal_heuristics(monke
         assert not (
             r.status == "proved" and (r.direction.sign * pre[:, r.direction.neuron]).max() > 0
         )
+
+
+def test_a_reused_milp_instance_gets_the_seconds_asked_for_on_every_run():
+    """HiGHS times a MIP run from its own start, not cumulatively like an LP: an option set to
+    cumulative run time + seconds let each re-run of one instance take all earlier runs' time
+    again (per-neuron ran 117 s under --time-limit 60). A MILP that takes minutes, re-run 4 times
+    with 0.5 s each: every run must stop near 0.5 s (the old option allowed 0.5, 1, 2 and 4 s)."""
+    from exporter_fixtures import gemm_mlp
+
+    from onnx_exact.onnx_reader import read_model
+
+    net = read_model(gemm_mlp((20, 60, 60, 60, 10), seed=1, pinned=False)).network
+    box = Box(np.zeros(20), np.ones(20))
+    bounds = _interval_bounds(net, box)
+    states = [np.full(60, NeuronState.UNDECIDED, dtype=np.int64)] * 3
+    highs = milp._new_highs()
+    enc = milp.layer_encoding(highs, net, box, bounds, states, 3, integral=True)
+    durations, statuses = [], []
+    for neuron in range(4):
+        obj = milp._objective(enc, net, 3, neuron, 1)
+        started = time.monotonic()
+        _, _, status = milp._run_min(highs, enc, obj, milp._INF, -milp._INF, None, net, 0.5)
+        durations.append(time.monotonic() - started)
+        statuses.append(status)
+    assert statuses[0] == highspy.HighsModelStatus.kTimeLimit, "the MILP must be hard to test this"
+    assert max(durations) < 1.5, durations
