@@ -36,9 +36,9 @@ weight (4 for float32):
 * ``verify``: two onnxruntime sessions (each holds the weights once more, pre-packed: ``2 s P``)
   and a chunk of samples.
 
-The LP constants were calibrated on the synthetic 3072-2048-2048-10 model of ``bench/large_model.py``,
-the MILP ones on the ℓ1-free MNIST zoo nets and mnistfc
-(see ``docs/reliability.md`` for estimate against measured peak RSS).
+The LP constants were calibrated on the synthetic 3072-2048-2048-10 model of
+``bench/large_model.py``, the MILP ones on the ℓ1-free MNIST zoo nets and mnistfc (see
+``docs/reliability.md`` for estimates against measured peak RSS).
 
 Interruption
 ------------
