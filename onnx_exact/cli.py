@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -24,7 +25,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from . import __version__
 from .equivalence import render_check
 from .errors import OnnxExactError, UsageError
-from .pipeline import AnalysisOptions, DomainSpec, analyze, check, compress
+from .pipeline import (
+    AnalysisOptions,
+    DomainSpec,
+    MemoryShortfallWarning,
+    analyze,
+    check,
+    compress,
+)
 from .report import render
 from .resources import parse_memory_size, raise_if_interrupted, request_interrupt
 
@@ -295,6 +303,17 @@ def check_command(
         raise typer.Exit(1)
 
 
+_show_other_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The tool's own warnings as one line on stderr, before the run; others as Python shows them."""
+    if issubclass(category, MemoryShortfallWarning):
+        print(f"onnx-exact: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _show_other_warning(message, category, filename, lineno, file, line)
+
+
 def _on_signal(signum: int, frame: object) -> None:
     """SIGINT/SIGTERM: unwind like Ctrl-C; nothing is written before verification passed."""
     _Interrupted.signum = signum
@@ -312,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         args.insert(0, "compress")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    warnings.showwarning = _show_warning
     try:
         exit_code = app(args=args, prog_name="onnx-exact", standalone_mode=False)
         raise_if_interrupted()  # typer turns a KeyboardInterrupt into a returned 130

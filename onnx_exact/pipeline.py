@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,11 +30,21 @@ from .onnx_reader import ReadResult, read_model
 from .onnx_writer import build_model, save_model_atomic
 from .reduce import Reduction, reduce_network
 from .report import RunReport, summarize_layers
-from .resources import check_memory
+from .resources import check_memory, memory_shortfall_note
 from .stability import StabilityResult, analyze_stability
 from .verify import compare_models, run_model
 
 ProgressCallback = Callable[[str, int, int], None]
+
+
+class MemoryShortfallWarning(UserWarning):
+    """The run may need more memory than the machine has free (``resources.memory_shortfall_note``).
+
+    A warning, not an error: the estimate is conservative, and a run is refused only under an
+    explicit ``--max-memory``.
+    """
+
+
 NO_RELU_NOTE = "the model has no ReLU: nothing to prove; its affine layers are merged exactly"
 
 
@@ -97,10 +108,18 @@ def analyze(
     t0 = time.perf_counter()
     read = read_model(source)
     timings["read"] = time.perf_counter() - t0
+    memory_notes: list[str] = []
     if options.max_memory is not None:
         check_memory(
             read.network, options.max_memory, stored_bytes_per_weight=read.input_dtype.itemsize
         )
+    else:
+        shortfall = memory_shortfall_note(
+            read.network, stored_bytes_per_weight=read.input_dtype.itemsize
+        )
+        if shortfall is not None:
+            warnings.warn(shortfall, MemoryShortfallWarning, stacklevel=2)
+            memory_notes.append(shortfall)
 
     t0 = time.perf_counter()
     box = _resolve(read, domain)
@@ -132,7 +151,9 @@ def analyze(
         bytes_before=read.model.ByteSize(),
         timings_s=timings,
         time_limit_hit=stability.time_limit_hit,
-        notes=list(stability.notes) + ([] if net.relu_layer_indices else [NO_RELU_NOTE]),
+        notes=memory_notes
+        + list(stability.notes)
+        + ([] if net.relu_layer_indices else [NO_RELU_NOTE]),
     )
     return Analysis(read=read, box=box, stability=stability, report=report)
 

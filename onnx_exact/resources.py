@@ -209,6 +209,26 @@ def check_memory(
     return estimate
 
 
+def memory_shortfall_note(net: Network, *, stored_bytes_per_weight: int = 4) -> str | None:
+    """A warning when the estimated peak exceeds the memory this process may still use, else None.
+
+    For runs without ``--max-memory``: they are not refused (the estimate is conservative), but an
+    out-of-memory kill would come without a message, so the user hears about the risk first.
+    None where the available memory cannot be read (non-Linux).
+    """
+    available = available_memory_bytes()
+    if available is None:
+        return None
+    estimate = estimate_peak_memory(net, stored_bytes_per_weight=stored_bytes_per_weight)
+    if estimate.total <= available:
+        return None
+    return (
+        f"estimated peak memory {format_bytes(estimate.total)} (mostly {estimate.peak_phase}) "
+        f"exceeds the {format_bytes(available)} available: the operating system may stop the "
+        "run; pass --max-memory to refuse such runs up front, or cap the work with --time-limit"
+    )
+
+
 def parse_memory_size(text: str, source: str = "--max-memory") -> int:
     """Bytes from a size such as ``4G``, ``512MiB``, ``2.5GB`` or ``1073741824`` (binary units).
 

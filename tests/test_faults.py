@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import highspy
@@ -392,6 +393,29 @@ def test_memory_estimate_bounds_the_measured_peak(tmp_path):
     # the estimate reserves a decision MILP with a full cut pool that this run does not reach
     # (3.5x since 2026-12-04; 1.4x without the MILP term).
     assert measured <= estimated <= 4 * measured, (format_bytes(measured), format_bytes(estimated))
+
+
+def test_a_run_that_may_not_fit_in_memory_warns_first_and_still_runs(tmp_path, monkeypatch):
+    """Without --max-memory, an estimate above the free memory is one stderr line before the run
+    (an out-of-memory kill gives no message) and a report note; with the option, no warning."""
+    from onnx_exact import resources
+
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda: 2**20)
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm_mlp((4, 5, 3), seed=0, pinned=False), model)
+    with warnings.catch_warnings():  # "always": an earlier run in this process must not hide it
+        warnings.simplefilter("always")
+        code, out, err = run_cli([str(model), str(tmp_path / "o.onnx"), "-r", "[0,1]"])
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if line.startswith("onnx-exact: warning:")]
+    assert len(warning) == 1 and "exceeds the 1 MiB available" in warning[0]
+    assert "--max-memory" in warning[0] and "estimated peak memory" in out
+    code, _, err = run_cli(
+        [str(model), str(tmp_path / "p.onnx"), "-r", "[0,1]", "--max-memory", "64G"]
+    )
+    assert code == 0 and "warning" not in err, err
+    monkeypatch.setattr(resources, "available_memory_bytes", lambda: None)
+    assert resources.memory_shortfall_note(read_model(model).network) is None
 
 
 @pytest.mark.parametrize(
