@@ -174,8 +174,9 @@ def estimate_peak_memory(
         deepest = hidden[-1]
         nonzeros = sum(net.layers[j].weight.size + 6 * widths[j + 1] for j in range(deepest))
         columns = net.in_features + 3 * sum(widths[1 : deepest + 1])
-        milp = LP_BYTES_PER_NONZERO * nonzeros + MILP_BYTES_PER_CUT_ENTRY * MILP_CUT_POOL * columns
-        phases["lp"] = LP_BYTES_PER_NONZERO * nonzeros + CROWN_BAB_BYTES + milp
+        model = LP_BYTES_PER_NONZERO * nonzeros  # held twice: the relaxation and the MILP
+        cut_pool = MILP_BYTES_PER_CUT_ENTRY * MILP_CUT_POOL * columns
+        phases["lp"] = 2 * model + CROWN_BAB_BYTES + cut_pool
 
     chunk = VERIFY_CHUNK_SAMPLES * (2 * net.in_features + 2 * sum(widths[1:]))
     phases["verify"] = 2 * 2 * stored_bytes_per_weight * params + stored_bytes_per_weight * chunk
