@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -35,6 +34,16 @@ from .pipeline import (
 )
 from .report import render
 from .resources import parse_memory_size, raise_if_interrupted, request_interrupt
+
+_PARSER_ERROR: type[Exception] = next(
+    cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"
+)
+"""The base class of the command-line parser's errors (bad option, missing argument, ...).
+
+Up to typer 0.25 it is click's ``ClickException`` (typer then depends on click); from 0.26 on
+typer vendors click as ``typer._click`` and no longer installs it, so importing click breaks a
+fresh install. ``typer.BadParameter`` is public in every version and derives from it.
+"""
 
 app = typer.Typer(
     add_completion=False,
@@ -340,15 +349,14 @@ def main(argv: list[str] | None = None) -> None:
         if _State.verbose:
             traceback.print_exc()
         sys.exit(err.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         term = _Interrupted.signum == signal.SIGTERM
         print(
             f"onnx-exact: interrupted ({'SIGTERM' if term else 'SIGINT'}); no output written",
             file=sys.stderr,
         )
         sys.exit(143 if term else 130)
-    except (click.exceptions.ClickException, typer.exceptions.TyperException) as err:
-        # typer >= 0.20 vendors click: its usage errors are not click's classes.
+    except _PARSER_ERROR as err:
         print(f"onnx-exact: error: {err.format_message()} (see onnx-exact --help)", file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # noqa: BLE001 - the last line of defence: never a traceback

@@ -109,6 +109,40 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
     assert "{" not in tolerance and ", rtol 1e-05" in tolerance  # per-output, not a dict repr
 
 
+def test_command_line_runs_without_click_installed(tmp_path):
+    """typer >= 0.26 vendors click and does not install it: a fresh install has no ``click``.
+
+    The command line used to ``import click`` for its exception classes, which only worked
+    where something else had installed click. Blocking the import reproduces the fresh machine:
+    a usage error must still be one line with exit 2, and the main job must still run.
+    """
+    import typer
+
+    if typer.BadParameter.__module__.startswith("click"):
+        pytest.skip("this typer depends on click itself")
+    model = _mlp(tmp_path / "m.onnx")
+    block_click = "import sys; sys.modules['click'] = None; from onnx_exact.__main__ import main; "
+    bad = subprocess.run(
+        [sys.executable, "-c", block_click + "main()", "--no-such-option"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "onnx-exact: error: No such option: --no-such-option (see onnx-exact --help)"
+    ]
+    good = subprocess.run(
+        [sys.executable, "-c", block_click + "main()", str(model), str(tmp_path / "o.onnx")]
+        + ["-r", "[0,1]", "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / "o.onnx").exists()
+
+
 def test_tolerances_read_per_output_with_the_default_only_where_used():
     from onnx_exact.report import _format_tolerance
 
