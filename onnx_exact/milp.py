@@ -40,9 +40,10 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import highspy
 import numpy as np
@@ -100,6 +101,16 @@ simplex / primal simplex / IPM with crossover): dual 0.07-0.76 s but 9.7 s and o
 primal 0.07-0.79 s; IPM 0.14-0.21 s, 0.41-0.52 s on the 239k-entry 2x400 LP. Below 40k entries
 (ACAS Xu, the pieces of a subdivided box) primal simplex is kept: those LPs solve in milliseconds.
 """
+
+WitnessFeed = Callable[[], np.ndarray]
+"""Inputs found by a search that runs beside the exact tiers (the background attack of
+:mod:`onnx_exact.stability`): each call returns the ``(m, n_in)`` network-space inputs found since
+the last call, possibly none. Tiers forward-pass them like their own candidates."""
+
+FEED_POLL_SECONDS = 0.25
+"""How often a :class:`DirectionBook` (and a decision MILP, from HiGHS's interrupt callback) asks
+its feed for new inputs: often enough that a refuted direction's tier stops within a fraction of
+a second, rarely enough that the queue reads cost nothing against a node's bound."""
 
 _EPS = np.finfo(np.float64).eps
 _INF = highspy.kHighsInf
@@ -877,8 +888,13 @@ def _run_min(
     start: np.ndarray | None,
     net: Network,
     time_limit: float,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[float, list[np.ndarray], highspy.HighsModelStatus]:
     """Minimise ``obj`` over a built MILP; return (lower bound, harvested inputs, status).
+
+    ``stop`` (asked at most every ``FEED_POLL_SECONDS`` from HiGHS's interrupt callback) ends the
+    run early when it returns True, e.g. once a search beside the solver refuted the direction;
+    an interrupted run's dual bound is still valid.
 
     The lower bound is ``min(info.mip_dual_bound, cutoff)``; the status alone is not trusted.
     Nodes are pruned against the cutoff, so when everything was pruned HiGHS proved only
@@ -899,13 +915,25 @@ def _run_min(
     def on_solution(event) -> None:
         harvested.append(np.array(event.data_out.mip_solution[x_cols], dtype=np.float64))
 
+    asked = [time.monotonic()]
+
+    def on_interrupt(event) -> None:
+        if time.monotonic() - asked[0] >= FEED_POLL_SECONDS:
+            asked[0] = time.monotonic()
+            if stop():
+                event.interrupt()
+
     highs.cbMipSolution.subscribe(on_solution)
+    if stop is not None:
+        highs.cbMipInterrupt.subscribe(on_interrupt)
     if start is not None:
         cols, vals = enc.solution_from_input(net, start)
         highs.setSolution(cols.shape[0], cols, vals)
     run_status = highs.run()
     raise_if_interrupted()  # highspy swallows a KeyboardInterrupt raised inside its callbacks
     highs.cbMipSolution.unsubscribe(on_solution)
+    if stop is not None:
+        highs.cbMipInterrupt.unsubscribe(on_interrupt)
     status = highs.getModelStatus()
     solution = highs.getSolution()
     if solution.value_valid:
@@ -928,6 +956,7 @@ def _decision_milp(
     start: np.ndarray | None,
     deadline: float,
     time_cap: float,
+    stop: Callable[[], bool] | None = None,
 ) -> _MilpOutcome:
     """Decide one direction with the MILP of the layers below it.
 
@@ -966,7 +995,7 @@ def _decision_milp(
         if time_limit <= 0:
             break
         lower_bound, harvested, status = _run_min(
-            highs, enc, obj, cutoff, target, start, net, time_limit
+            highs, enc, obj, cutoff, target, start, net, time_limit, stop
         )
         best_bound = min(best_bound, obj.offset - lower_bound + slack)
         points = np.clip(np.array(harvested).reshape(-1, net.in_features), box.lower, box.upper)
@@ -995,8 +1024,16 @@ class DirectionBook:
     is refuted by the first forward-passed input that shows its sign, whichever tier produced it.
     """
 
-    def __init__(self, net: Network, layer: int, directions: Sequence[Direction], margins):
+    def __init__(
+        self,
+        net: Network,
+        layer: int,
+        directions: Sequence[Direction],
+        margins,
+        feed: WitnessFeed | None = None,
+    ):
         self.net, self.layer = net, layer
+        self.feed, self.polled = feed, -np.inf
         self.directions = list(directions)
         self.neurons = np.array([d.neuron for d in directions], dtype=np.int64)
         self.signs = np.array([d.sign for d in directions], dtype=np.float64)
@@ -1013,7 +1050,27 @@ class DirectionBook:
         return [j for j, s in enumerate(self.status) if s == "undecided"]
 
     def absorb(self, points: np.ndarray, method: str) -> None:
-        """Forward-pass candidate inputs; refute every open direction one of them shows."""
+        """Forward-pass candidate inputs; refute every open direction one of them shows.
+
+        Every tier absorbs its candidates at least once per node or step, so this is also where
+        the inputs of the ``feed`` (a search running beside the tiers) are taken in.
+        """
+        self._forward(points, method)
+        self.poll()
+
+    def poll(self) -> None:
+        """Absorb the ``feed``'s new inputs, at most every ``FEED_POLL_SECONDS``."""
+        if self.feed is None or time.monotonic() - self.polled < FEED_POLL_SECONDS:
+            return
+        self.polled = time.monotonic()
+        self._forward(self.feed(), "attack")
+
+    def settled(self, j: int) -> bool:
+        """Whether direction ``j`` is proved or refuted (after taking in the feed's inputs)."""
+        self.poll()
+        return self.status[j] != "undecided"
+
+    def _forward(self, points: np.ndarray, method: str) -> None:
         if points.shape[0] == 0:
             return
         values = self.net.preactivations(points)[self.layer][:, self.neurons] * self.signs
@@ -1573,8 +1630,11 @@ def _milp_tier(
                 )
                 for j in batch
             ]
-            if executor is None:
-                outcomes = [_decision_milp(context, *task) for task in tasks]
+            if executor is None:  # a serial MILP stops once the book's feed refutes it
+                outcomes = [
+                    _decision_milp(context, *task, stop=partial(book.settled, j))
+                    for j, task in zip(batch, tasks, strict=True)
+                ]
             else:
                 outcomes = list(executor.map(_worker_milp, tasks))
             for j, outcome in zip(batch, outcomes, strict=True):
@@ -1601,6 +1661,7 @@ def decide_directions(
     jobs: int = 1,
     effort: float = 1.0,
     relaxation: LayerRelaxation | None = None,
+    feed: WitnessFeed | None = None,
 ) -> list[DirectionResult]:
     """Prove or refute sign directions of one layer: LP, then LP + ideal cuts, then MILP.
 
@@ -1619,6 +1680,9 @@ def decide_directions(
     relaxation : the layer's :class:`LayerRelaxation`, built over the same ``bounds`` and
         ``states``; reusing it across calls keeps the warm basis and the cut pool. Built here when
         omitted.
+    feed : inputs found by a search running beside the tiers (see :data:`WitnessFeed`); a
+        direction they refute is dropped by the tier working on it, a serial decision MILP
+        included.
 
     Returns
     -------
@@ -1630,7 +1694,7 @@ def decide_directions(
         raise ValueError(f"unknown tiers {sorted(unknown)}; use a subset of {_TIERS}")
     if any(d.layer != layer or d.sign not in (1, -1) for d in directions):
         raise ValueError(f"every direction must have layer={layer} and sign +1 or -1")
-    book = DirectionBook(net, layer, directions, margins)
+    book = DirectionBook(net, layer, directions, margins, feed)
     if not directions or _remaining(deadline) <= 0:
         return book.results(tiers)
     tiers = tuple(tiers)

@@ -572,6 +572,7 @@ def decide_directions(
     *,
     effort: float = 1.0,
     relaxation: milp.LayerRelaxation | None = None,
+    feed: milp.WitnessFeed | None = None,
 ) -> list[milp.DirectionResult]:
     """Prove or refute sign directions of ``layer`` by CROWN branch and bound, one at a time.
 
@@ -583,7 +584,7 @@ def decide_directions(
     (:func:`onnx_exact.milp.lp_dive`) takes turns with each search; without it, only CROWN
     vertices can refute.
     """
-    book = milp.DirectionBook(net, layer, directions, margins)
+    book = milp.DirectionBook(net, layer, directions, margins, feed)
     if not directions or time.monotonic() >= deadline:
         return book.results((METHOD,))
     sub = SubNetwork.below(net, box, bounds, states, layer)

@@ -85,6 +85,8 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import queue
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -92,6 +94,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
+from functools import partial
 
 import numpy as np
 
@@ -143,6 +146,13 @@ _RETRY_TIERS = ("crown-bab", "bab", "milp", "subdivide")
 # _ATTACK_ESCALATION per tier up to _ATTACK_MAX_EFFORT (also the effort after a subdivide retry), so
 # that an attack costs well below the cap of the tier it may save (bab 20 s, milp 60 s).
 _ATTACKED_TIERS = ("bab", "milp", "subdivide")
+# With jobs >= 2, a background attack (``_BackgroundAttack``) starts before the first of these
+# tiers of a layer that has fewer open directions than jobs, and replaces the attack tier there.
+_BACKGROUND_TIERS = ("crown-bab", "bab", "milp")
+# The background attack polishes (region LPs, pattern search) a round's PGD end point only if it
+# reaches the _BACKGROUND_POLISH_QUANTILE of the direction's earlier rounds (after the first
+# _BACKGROUND_WARMUP_ROUNDS, which are all polished).
+_BACKGROUND_POLISH_QUANTILE, _BACKGROUND_WARMUP_ROUNDS = 0.75, 4
 _ATTACK_STARTS, _ATTACK_SECONDS, _POLISH_SECONDS = 64, 1.0, 3.0
 _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT = 4.0, 16.0
 # After its region LPs, an attack round's direction still open gets a pattern search
@@ -461,6 +471,246 @@ def _halve(
     return (lower, left_upper, open_on.copy()), (right_lower, upper, open_on.copy())
 
 
+@dataclass(frozen=True)
+class _AttackTarget:
+    """The layer an attack searches, with what its pattern search builds its MILP from.
+
+    ``bounds`` are the sound bounds of every layer (those of ``layer`` judge how close a point
+    came, :func:`_near_bound`), ``states`` the verdicts of the layers below ``layer``.
+    """
+
+    net: Network
+    box: Box
+    bounds: list[LayerBounds]
+    states: list[np.ndarray]
+    layer: int
+
+
+@dataclass(frozen=True)
+class _AttackLimits:
+    """Per direction caps of one attack round (see :meth:`_Analysis.attack_rounds`)."""
+
+    pgd_seconds: float
+    polish_seconds: float
+    pattern_seconds: float = 0.0
+    starts: int = _ATTACK_STARTS
+    polish_gap: float = np.inf
+
+
+def _near_bound(
+    target: _AttackTarget, neurons: np.ndarray, signs: np.ndarray, points: np.ndarray, gap: float
+) -> np.ndarray:
+    """Per direction, whether ``points[d]`` has ``-y <= gap * (bound - y)``.
+
+    ``y`` is the point's ``sign * y_{layer, neuron}`` and ``bound`` the sound bound on it: the
+    point has come within ``gap`` of the way from the bound down to 0 (always true for an
+    infinite ``gap``).
+    """
+    if not np.isfinite(gap):
+        return np.ones(neurons.size, dtype=bool)
+    rows = np.arange(neurons.size)
+    reached = signs * target.net.preactivations(points)[target.layer][rows, neurons]
+    layer_bounds = target.bounds[target.layer]
+    bound = np.where(signs > 0, layer_bounds.upper[neurons], -layer_bounds.lower[neurons])
+    return -reached <= gap * (bound - reached)
+
+
+def _attack_round(
+    target: _AttackTarget,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+    rng: np.random.Generator,
+    limits: _AttackLimits,
+    *,
+    start_points: np.ndarray | None,
+    stop: float,
+    see: Callable[[np.ndarray], None],
+    still_open: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    polish_from: np.ndarray | None = None,
+) -> np.ndarray:
+    """One attack round on the given directions: PGD, then region LPs, then a pattern search.
+
+    PGD runs from ``limits.starts`` starts per direction (``start_points`` replacing the first);
+    each end point with ``-y <= limits.polish_gap * (bound - y)`` that ``still_open`` says is
+    open is polished by LPs over its activation region and its neighbours; a direction they
+    leave open gets a pattern search of at most ``limits.pattern_seconds`` from their best
+    point if it has ``-y <= _PATTERN_GAP * (bound - y)``. Every point goes to ``see`` as soon as
+    it is found (which forward-passes it, so ``still_open`` reflects it), and nothing runs past
+    ``stop``. With ``polish_from``, only end points with ``sign * y >= polish_from[d]`` are
+    polished. Shared by the attack tiers and the background attack (:class:`_BackgroundAttack`).
+
+    Returns
+    -------
+    ``(d,)`` the PGD end point's ``sign * y`` per direction.
+    """
+    net, box, k = target.net, target.box, target.layer
+    found = multistart_ascent(
+        net,
+        box,
+        k,
+        neurons,
+        signs,
+        rng,
+        starts=limits.starts,
+        seconds_per_direction=limits.pgd_seconds,
+        start_points=start_points,
+        deadline=stop,
+    )
+    see(found)
+    reached = signs * net.preactivations(found)[k][np.arange(neurons.size), neurons]
+    promising = _near_bound(target, neurons, signs, found, limits.polish_gap)
+    if polish_from is not None:
+        promising &= reached >= polish_from
+    for d in np.flatnonzero(promising):
+        direction = (neurons[d : d + 1], signs[d : d + 1])
+        if not still_open(*direction)[0]:
+            continue
+        polished = milp.region_ascent(
+            net,
+            box,
+            k,
+            *direction,
+            found[d : d + 1],
+            seconds_per_direction=limits.polish_seconds,
+            deadline=stop,
+        )
+        see(polished)
+        if (
+            limits.pattern_seconds > 0
+            and still_open(*direction)[0]
+            and _near_bound(target, *direction, polished, _PATTERN_GAP)[0]
+        ):
+            searched = milp.pattern_search(
+                net,
+                box,
+                target.bounds,
+                target.states,
+                k,
+                int(neurons[d]),
+                int(signs[d]),
+                polished[0],
+                limits.pattern_seconds,
+                deadline=stop,
+            )
+            see(searched)
+    return reached
+
+
+def _run_background_attack(
+    target: _AttackTarget,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+    seed: tuple[int, ...],
+    found: multiprocessing.Queue,
+) -> None:
+    """The background attack's process: full attack rounds until every direction is refuted.
+
+    Puts each input that shows an open direction's sign on ``found`` (network space, one row
+    per input). Runs until it has refuted all its directions or the analysis ends it; SIGINT is
+    left to the analysis, which stops this process on its way out.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rng = np.random.default_rng(seed)
+    index = {
+        direction: d
+        for d, direction in enumerate(zip(neurons.tolist(), signs.tolist(), strict=True))
+    }
+    open_ = np.ones(neurons.size, dtype=bool)
+    net, box, k = target.net, target.box, target.layer
+
+    def see(points: np.ndarray) -> None:
+        points = np.clip(np.atleast_2d(points), box.lower, box.upper)
+        shown = signs * net.preactivations(points)[k][:, neurons] > 0.0
+        refuting = shown[:, open_].any(axis=1)
+        if refuting.any():
+            found.put(points[refuting])
+            open_[shown.any(axis=0)] = False
+
+    def still_open(some_neurons: np.ndarray, some_signs: np.ndarray) -> np.ndarray:
+        pairs = zip(some_neurons.tolist(), some_signs.tolist(), strict=True)
+        return np.array([open_[index[pair]] for pair in pairs], dtype=bool)
+
+    limits = _AttackLimits(_ATTACK_SECONDS, _POLISH_SECONDS, _PATTERN_SECONDS)
+    history: list[list[float]] = [[] for _ in range(neurons.size)]
+    while open_.any():
+        live = np.flatnonzero(open_)
+        polish_from = np.array(
+            [
+                np.quantile(history[d], _BACKGROUND_POLISH_QUANTILE)
+                if len(history[d]) >= _BACKGROUND_WARMUP_ROUNDS
+                else -np.inf
+                for d in live
+            ]
+        )
+        reached = _attack_round(
+            target,
+            neurons[live],
+            signs[live],
+            rng,
+            limits,
+            start_points=None,
+            stop=np.inf,
+            see=see,
+            still_open=still_open,
+            polish_from=polish_from,
+        )
+        for d, value in zip(live, reached, strict=True):
+            history[d].append(float(value))
+
+
+class _BackgroundAttack:
+    """Attack rounds in a second process while the exact tiers of one layer run in this one.
+
+    Why: when a layer's last open directions reach the costly tiers (CROWN and LP branch and
+    bound, the decision MILP), those run one direction at a time and a second core idles. On
+    deep ℓ1-free nets most such directions are unstable, their rare sign found only by some
+    attack rounds (MNIST 4x100 ℓ1 = 0, fourth layer, neuron 66: about one round in nine), while
+    the proof tiers spend their caps in vain; the attack tier, run between them in the same
+    process, waits for them. Here the attack runs all the time on the idle core and the tiers
+    take its inputs in through their :class:`onnx_exact.milp.DirectionBook` feed, so the tier
+    working on a direction it refutes stops within ``milp.FEED_POLL_SECONDS``.
+
+    Proves nothing and changes no label: its inputs are forward-passed like any other witness.
+    """
+
+    def __init__(
+        self, target: _AttackTarget, neurons: np.ndarray, signs: np.ndarray, seed: tuple[int, ...]
+    ) -> None:
+        context = multiprocessing.get_context("spawn")  # HiGHS hangs in forked children
+        self.layer = target.layer
+        self.directions = set(zip(neurons.tolist(), signs.tolist(), strict=True))
+        self.in_features = target.net.in_features
+        self.started = time.perf_counter()
+        self.queue = context.Queue()
+        self.process = context.Process(
+            target=_run_background_attack,
+            args=(target, neurons, signs, seed, self.queue),
+            daemon=True,
+        )
+        self.process.start()
+
+    def covers(self, neurons: np.ndarray, signs: np.ndarray) -> bool:
+        """Whether every given direction is among those this attack searches."""
+        return set(zip(neurons.tolist(), signs.tolist(), strict=True)) <= self.directions
+
+    def drain(self) -> np.ndarray:
+        """The inputs found since the last call, ``(m, n_in)`` (possibly none)."""
+        batches = [np.empty((0, self.in_features))]
+        while True:
+            try:
+                batches.append(self.queue.get_nowait())
+            except queue.Empty:
+                return np.concatenate(batches)
+
+    def stop(self) -> float:
+        """End the process (inputs not yet drained are lost); return its wall time in seconds."""
+        self.process.terminate()
+        self.process.join(timeout=10.0)
+        self.queue.close()
+        self.queue.cancel_join_thread()
+        return time.perf_counter() - self.started
+
+
 class _Analysis:
     """Mutable state of one analysis: observations, bounds, verdicts and bookkeeping."""
 
@@ -474,7 +724,10 @@ class _Analysis:
         progress: ProgressCallback | None,
     ) -> None:
         self.net, self.box, self.deadline, self.jobs = net, box, deadline, jobs
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self.background: _BackgroundAttack | None = None  # beside the exact tiers of one layer
+        self.backgrounds_started = 0
         self.progress = progress or (lambda phase, done, total: None)
         self.obs = Observation.empty(net)
         self.bounds: list[LayerBounds] = []
@@ -550,7 +803,60 @@ class _Analysis:
 
     def has_open(self, k: int) -> bool:
         """Layer k has directions neither proved nor refuted, and the deadline has not passed."""
+        self.background_feed()
         return bool(self.open_directions(k)[0].size) and not self.out_of_time()
+
+    # ----------------------------------------------------------------- background attack
+    @contextmanager
+    def background_attack(self, k: int) -> Iterator[None]:
+        """Scope of the exact tiers of layer k: a background attack started inside ends here."""
+        try:
+            yield
+        finally:
+            if self.background is not None:
+                self.background_feed()
+                seconds = self.background.stop()
+                self.timings["background"] = self.timings.get("background", 0.0) + seconds
+                self.background = None
+
+    def start_background_attack(self, k: int) -> None:
+        """Start a :class:`_BackgroundAttack` on layer k's open directions if a core would idle.
+
+        Only with ``jobs >= 2`` and fewer open directions than ``jobs``: the exact tiers then
+        work on one direction at a time (a layer's decision MILPs run in parallel only for two
+        or more directions), so the attack takes a core nothing else uses. Never for the first
+        layer (its interval bounds are exact) or when one is already running.
+        """
+        if self.jobs < 2 or k == 0 or self.background is not None or self.out_of_time():
+            return
+        neurons, signs = self.open_directions(k)
+        if not 0 < neurons.size < self.jobs:
+            return
+        target = _AttackTarget(self.net, self.box, self.bounds, self.solver_states(k), k)
+        seed = (self.seed, k, self.backgrounds_started)
+        self.background = _BackgroundAttack(target, neurons, signs, seed)
+        self.backgrounds_started += 1
+
+    def background_feed(self) -> np.ndarray:
+        """Forward-pass the background attack's new inputs (credited to "attack"); return them.
+
+        The exact tiers call it through their direction book's feed, and :meth:`has_open` before
+        every tier.
+        """
+        if self.background is None:
+            return np.empty((0, self.net.in_features))
+        points = self.background.drain()
+        if points.shape[0]:
+            self.see(points, "attack")
+        return points
+
+    def attacked_in_background(self, k: int) -> bool:
+        """Whether a background attack searches every open direction of layer k already."""
+        return (
+            self.background is not None
+            and self.background.layer == k
+            and self.background.covers(*self.open_directions(k))
+        )
 
     def any_open(self) -> bool:
         return any(
@@ -667,12 +973,15 @@ class _Analysis:
                 return
             started, open_before = time.monotonic(), self.open_count()
             for k in (k for k in relu_layers if k > 0):  # layer 0 is decided by interval bounds
-                for tier in retry_tiers:
-                    if not self.has_open(k):  # also false once time is up
-                        break
-                    self.exact_tier(k, tier, effort)
-                    if self.has_open(k):
-                        self.attack_tier(k, _retry_attack_effort(tier, effort))
+                with self.background_attack(k):
+                    for tier in retry_tiers:
+                        if not self.has_open(k):  # also false once time is up
+                            break
+                        if tier in _BACKGROUND_TIERS:
+                            self.start_background_attack(k)
+                        self.exact_tier(k, tier, effort)
+                        if self.has_open(k) and not self.attacked_in_background(k):
+                            self.attack_tier(k, _retry_attack_effort(tier, effort))
                 self.finish_layer(k)
             idle = time.monotonic() - started < _IDLE_ROUND_SECONDS
             if round_index >= len(_RETRY_EFFORTS) - 1 and idle and self.open_count() == open_before:
@@ -700,20 +1009,23 @@ class _Analysis:
         if milp_tiers and k > 0 and self.has_open(k):
             self.alpha_crown_tier(k)
         attack_effort, probed = 1.0, False
-        for tier in milp_tiers:
-            if not self.has_open(k):
-                break
-            if tier in _PROBED_TIERS and k > 0 and not probed:
-                self.probe_tier(k)
-                probed = True
+        with self.background_attack(k):
+            for tier in milp_tiers:
                 if not self.has_open(k):
                     break
-            if tier in _ATTACKED_TIERS and k > 0:
-                self.attack_tier(k, attack_effort)
-                attack_effort = min(attack_effort * _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT)
-                if not self.has_open(k):
-                    break
-            self.exact_tier(k, tier)
+                if tier in _PROBED_TIERS and k > 0 and not probed:
+                    self.probe_tier(k)
+                    probed = True
+                    if not self.has_open(k):
+                        break
+                if tier in _BACKGROUND_TIERS:
+                    self.start_background_attack(k)
+                if tier in _ATTACKED_TIERS and k > 0 and not self.attacked_in_background(k):
+                    self.attack_tier(k, attack_effort)
+                    attack_effort = min(attack_effort * _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT)
+                    if not self.has_open(k):
+                        break
+                self.exact_tier(k, tier)
         self.finish_layer(k)
 
     def exact_tier(self, k: int, tier: str, effort: float = 1.0) -> None:
@@ -857,74 +1169,24 @@ class _Analysis:
         stop = min(self.deadline, time.monotonic() + budget)
         pool = np.concatenate([self.obs.witnesses, self.box.center[None, :]])
         start_points = best_points(self.net, k, neurons, signs, pool)
+        target = _AttackTarget(self.net, self.box, self.bounds, self.solver_states(k), k)
+        limits = _AttackLimits(pgd_seconds, polish_seconds, pattern_seconds, starts, polish_gap)
         for _round in range(rounds):
             if not neurons.size or time.monotonic() >= stop:
                 break
-            found = multistart_ascent(
-                self.net,
-                self.box,
-                k,
+            _attack_round(
+                target,
                 neurons,
                 signs,
                 self.rng,
-                starts=starts,
-                seconds_per_direction=pgd_seconds,
+                limits,
                 start_points=start_points,
-                deadline=stop,
+                stop=stop,
+                see=partial(self.see, tier=tier),
+                still_open=partial(self.still_open, k),
             )
-            self.see(found, tier)
-            promising = self.near_bound(k, neurons, signs, found, polish_gap)
-            for d in np.flatnonzero(promising):
-                if self.still_open(k, neurons[d : d + 1], signs[d : d + 1])[0]:
-                    polished = milp.region_ascent(
-                        self.net,
-                        self.box,
-                        k,
-                        neurons[d : d + 1],
-                        signs[d : d + 1],
-                        found[d : d + 1],
-                        seconds_per_direction=polish_seconds,
-                        deadline=stop,
-                    )
-                    self.see(polished, tier)
-                    direction = (k, neurons[d : d + 1], signs[d : d + 1])
-                    if (
-                        pattern_seconds > 0
-                        and self.still_open(*direction)[0]
-                        and self.near_bound(*direction, polished, _PATTERN_GAP)[0]
-                    ):
-                        searched = milp.pattern_search(
-                            self.net,
-                            self.box,
-                            self.bounds,
-                            self.solver_states(k),
-                            k,
-                            int(neurons[d]),
-                            int(signs[d]),
-                            polished[0],
-                            pattern_seconds,
-                            deadline=stop,
-                        )
-                        self.see(searched, tier)
             still = self.still_open(k, neurons, signs)
             neurons, signs, start_points = neurons[still], signs[still], None
-
-    def near_bound(
-        self, k: int, neurons: np.ndarray, signs: np.ndarray, points: np.ndarray, gap: float
-    ) -> np.ndarray:
-        """Per direction, whether ``points[d]`` has ``-y <= gap * (bound - y)``.
-
-        ``y`` is the point's ``sign * y_{k, neuron}`` and ``bound`` the sound bound on it: the
-        point has come within ``gap`` of the way from the bound down to 0 (always true for an
-        infinite ``gap``).
-        """
-        if not np.isfinite(gap):
-            return np.ones(neurons.size, dtype=bool)
-        rows = np.arange(neurons.size)
-        reached = signs * self.net.preactivations(points)[k][rows, neurons]
-        upper, lower = self.bounds[k].upper[neurons], self.bounds[k].lower[neurons]
-        bound = np.where(signs > 0, upper, -lower)
-        return -reached <= gap * (bound - reached)
 
     def split_tier(self, k: int) -> None:
         """Input-splitting branch and bound for layer k's open directions (few input features).
@@ -1234,9 +1496,15 @@ class _Analysis:
                     )
                 directions = [milp.Direction(layer=k, neuron=i, sign=s) for i, s in batch]
                 common = (self.net, self.box, self.bounds, self.solver_states(k), k, directions)
+                feed = self.background_feed if self.background is not None else None
                 if tier == "crown-bab":
                     results = relu_bab.decide_directions(
-                        *common, margins, self.deadline, effort=effort, relaxation=self.relaxation
+                        *common,
+                        margins,
+                        self.deadline,
+                        effort=effort,
+                        relaxation=self.relaxation,
+                        feed=feed,
                     )
                 else:
                     results = milp.decide_directions(
@@ -1247,6 +1515,7 @@ class _Analysis:
                         jobs=self.jobs,
                         effort=effort,
                         relaxation=self.relaxation,
+                        feed=feed,
                     )
                 self.apply_solver_results(k, results, margins)
                 self.progress(tier, total - len(pending), total)

@@ -598,3 +598,61 @@ def test_a_reused_milp_instance_gets_the_seconds_asked_for_on_every_run():
         statuses.append(status)
     assert statuses[0] == highspy.HighsModelStatus.kTimeLimit, "the MILP must be hard to test this"
     assert max(durations) < 3.0, durations
+
+
+@pytest.mark.parametrize("tier", ["lp", "bab", "milp"])
+def test_a_feed_refutes_a_direction_for_every_tier_and_is_credited(tier):
+    """Inputs from a search beside the tiers (the book's feed) are forward-passed like the
+    tiers' own: a direction they show is refuted, credited to "attack", whatever tier runs."""
+    net = _random_net(100, [10, 20, 20, 3], bias_scale=1.0)
+    box = Box(np.zeros(10), np.full(10, 0.6))
+    bounds = _interval_bounds(net, box)
+    points = _samples(box, 0)
+    pre = net.preactivations(points)[1]
+    centre = net.preactivations(box.center[None, :])[1][0]
+    neuron = next(i for i in range(20) if centre[i] <= 0 < pre[:, i].max())
+    witness = points[np.argmax(pre[:, neuron])][None, :]
+    fed: list[int] = []
+
+    def feed() -> np.ndarray:
+        fed.append(1)
+        return witness if len(fed) == 1 else np.empty((0, 10))
+
+    states = [np.full(20, NeuronState.UNSTABLE)]
+    (result,) = milp.decide_directions(
+        net,
+        box,
+        bounds,
+        states,
+        1,
+        [milp.Direction(1, neuron, 1)],
+        np.full(20, MARGIN),
+        time.monotonic() + 60,
+        tiers=(tier,),
+        feed=feed,
+    )
+    assert fed, "the feed was never asked"
+    assert result.status == "refuted" and result.method == "attack"
+    assert net.preactivations(result.witness)[1][0, neuron] > 0
+
+
+def test_a_decision_milp_stops_when_told_and_proves_nothing_then(monkeypatch):
+    """A serial decision MILP asks its ``stop`` from HiGHS's interrupt callback; stopped at
+    once, its run proves nothing (the direction is left to the caller, who knows why)."""
+    monkeypatch.setattr(milp, "FEED_POLL_SECONDS", 0.0)
+    net = _random_net(3, [12, 30, 30, 30, 2])
+    box = Box(np.zeros(12), np.ones(12))
+    bounds = _interval_bounds(net, box)
+    states = [np.full(30, NeuronState.UNSTABLE), np.full(30, NeuronState.UNSTABLE)]
+    context = milp._MilpContext(net, box, bounds[:2], states, 2, [], 0)
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return True
+
+    outcome = milp._decision_milp(
+        context, milp.Direction(2, 0, 1), MARGIN, 0.0, None, time.monotonic() + 60, 60.0, stop
+    )
+    assert asked, "the MILP never asked whether to stop"
+    assert not outcome.proved

@@ -506,3 +506,65 @@ def test_the_probe_refutes_soundly_and_is_credited(monkeypatch):
     rng = np.random.default_rng(0)
     points = np.concatenate([rng.uniform(box.lower, box.upper, (20000, 10)), box.lower[None]])
     assert_sound(net, box, result, points)
+
+
+def test_a_background_attack_refutes_while_the_exact_tiers_work(monkeypatch):
+    """With spare jobs, a layer whose open directions reach the costly tiers gets an attack in
+    a second process instead of the attack tier; its witnesses, forward-passed here, refute
+    the unstable directions (credited to "attack") while the tiers work; proofs stay sound."""
+    net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    truth = analyze_stability(net, box, tiers=("crown-bab", "bab", "milp"))
+    unstable = [layer.states == NeuronState.UNSTABLE for layer in truth.layers]
+
+    def waiting_tier(self, k, tier, effort=1.0):
+        """Proves nothing; waits (at most 20 s) while an unstable direction is open."""
+        stop = time.monotonic() + 20.0
+        while self.has_open(k) and time.monotonic() < stop:
+            if not unstable[k][self.open_directions(k)[0]].any():
+                return
+            time.sleep(0.05)
+
+    monkeypatch.setattr(stability._Analysis, "solver_tier", waiting_tier)
+    monkeypatch.setattr(stability._Analysis, "probe_tier", lambda self, k: None)
+    monkeypatch.setattr(stability._Analysis, "alpha_crown_tier", lambda self, k: None)
+    in_process: list[int] = []
+    monkeypatch.setattr(
+        stability._Analysis, "attack_tier", lambda self, k, effort=1.0: in_process.append(k)
+    )
+    result = analyze_stability(net, box, tiers=("crown-bab", "bab"), jobs=64)
+    credited = np.concatenate([layer.decided_by for layer in result.layers])
+    assert (credited == "attack").any()
+    assert not in_process, "the attack tier ran although the background attack covered it"
+    assert result.timings_s["background"] > 0
+    for layer, truly_unstable in zip(result.layers, unstable, strict=True):
+        assert np.all(layer.states[truly_unstable] == NeuronState.UNSTABLE)
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.uniform(box.lower, box.upper, (20000, 10)), box.lower[None]])
+    assert_sound(net, box, result, points)
+
+
+def test_a_background_attack_needs_a_spare_job():
+    """With jobs=1 (or as many open directions as jobs) no background attack starts."""
+    net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    analysis = stability._Analysis(net, box, np.inf, 0, 1, None)
+    analysis.interval_tier()
+    analysis.start_background_attack(2)
+    assert analysis.background is None
+    analysis.jobs = int(analysis.open_directions(2)[0].size)
+    analysis.start_background_attack(2)
+    assert analysis.background is None
+
+
+def test_with_a_background_attack_the_labels_are_those_of_one_job():
+    """The background attack changes where witnesses come from, never a label."""
+    net = random_network(np.random.default_rng(4), [12, 24, 24, 24, 2])
+    box = Box(np.zeros(12), np.ones(12))
+    tiers = ("lp", "cuts", "crown-bab", "bab", "milp")
+    serial = analyze_stability(net, box, tiers=tiers)
+    parallel = analyze_stability(net, box, tiers=tiers, jobs=64)
+    assert parallel.timings_s["background"] > 0, "no background attack ran"
+    for one, two in zip(serial.layers, parallel.layers, strict=True):
+        assert not (one.states == NeuronState.UNDECIDED).any()
+        np.testing.assert_array_equal(one.states, two.states)
