@@ -299,9 +299,9 @@ def run_method(case: Case, method: str, time_limit: float, jobs: int, seed: int)
     """One method in a spawned child; killed ``KILL_GRACE_S`` after its own time limit."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(
-        target=_child_run, args=(sender, case, method, time_limit, jobs, seed), daemon=True
-    )
+    # Not daemonic: with --jobs > 1 the child starts worker processes of its own, which a
+    # daemonic process may not; it is joined or killed below on every path.
+    child = context.Process(target=_child_run, args=(sender, case, method, time_limit, jobs, seed))
     start = time.perf_counter()
     child.start()
     sender.close()

@@ -78,7 +78,14 @@ TimeLimit = Annotated[
 Method = Annotated[
     str, typer.Option(help="Stability engine: auto (tiered), isa or per-neuron (paper baselines).")
 ]
-Jobs = Annotated[int, typer.Option(min=1, help="Worker processes for independent LP/MILP solves.")]
+Jobs = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Worker processes: a layer's decision MILPs in parallel, and a witness search "
+        "beside the proof tiers when a layer has fewer open neurons than jobs.",
+    ),
+]
 MaxMemory = Annotated[
     str | None,
     typer.Option(

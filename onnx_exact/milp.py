@@ -870,6 +870,16 @@ class _MilpOutcome:
 _WORKER_CONTEXT: _MilpContext | None = None
 
 
+def can_start_workers() -> bool:
+    """Whether this process may start worker processes (``jobs > 1``).
+
+    A daemonic process may not (``multiprocessing`` refuses with an AssertionError): the
+    analysis then runs serially, with the same labels, instead of failing; e.g. inside a
+    ``multiprocessing.Pool`` worker, or a daemonic benchmark child.
+    """
+    return not multiprocessing.current_process().daemon
+
+
 def _init_worker(context: _MilpContext) -> None:
     global _WORKER_CONTEXT
     _WORKER_CONTEXT = context
@@ -1609,7 +1619,7 @@ def _milp_tier(
     if not pending:
         return
     executor = None
-    if jobs > 1 and len(pending) > 1:
+    if jobs > 1 and len(pending) > 1 and can_start_workers():
         executor = ProcessPoolExecutor(
             max_workers=min(jobs, len(pending)),
             mp_context=multiprocessing.get_context("spawn"),

@@ -85,8 +85,10 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 import queue
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -601,12 +603,17 @@ def _run_background_attack(
     neurons: np.ndarray,
     signs: np.ndarray,
     seed: tuple[int, ...],
+    deadline: float,
+    analysis_pid: int,
     found: multiprocessing.Queue,
 ) -> None:
     """The background attack's process: full attack rounds until every direction is refuted.
 
     Puts each input that shows an open direction's sign on ``found`` (network space, one row
-    per input). Runs until it has refuted all its directions or the analysis ends it; SIGINT is
+    per input). Runs until it has refuted all its directions, the analysis ends it, the
+    ``deadline`` passes (``time.monotonic`` is system-wide) or its parent is no longer
+    ``analysis_pid`` (checked between rounds: a killed analysis must not leave it running; the
+    pid comes from the analysis, as it may die before this process has started). SIGINT is
     left to the analysis, which stops this process on its way out.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -632,7 +639,7 @@ def _run_background_attack(
 
     limits = _AttackLimits(_ATTACK_SECONDS, _POLISH_SECONDS, _PATTERN_SECONDS)
     history: list[list[float]] = [[] for _ in range(neurons.size)]
-    while open_.any():
+    while open_.any() and time.monotonic() < deadline and os.getppid() == analysis_pid:
         live = np.flatnonzero(open_)
         polish_from = np.array(
             [
@@ -649,7 +656,7 @@ def _run_background_attack(
             rng,
             limits,
             start_points=None,
-            stop=np.inf,
+            stop=deadline,
             see=see,
             still_open=still_open,
             polish_from=polish_from,
@@ -674,7 +681,12 @@ class _BackgroundAttack:
     """
 
     def __init__(
-        self, target: _AttackTarget, neurons: np.ndarray, signs: np.ndarray, seed: tuple[int, ...]
+        self,
+        target: _AttackTarget,
+        neurons: np.ndarray,
+        signs: np.ndarray,
+        seed: tuple[int, ...],
+        deadline: float,
     ) -> None:
         context = multiprocessing.get_context("spawn")  # HiGHS hangs in forked children
         self.layer = target.layer
@@ -682,12 +694,25 @@ class _BackgroundAttack:
         self.in_features = target.net.in_features
         self.started = time.perf_counter()
         self.queue = context.Queue()
+        # Not daemonic: a daemonic process may not start children of its own, and the analysis
+        # ends this one on every way out (:meth:`_Analysis.background_attack`), while the
+        # process checks for a killed analysis itself.
         self.process = context.Process(
             target=_run_background_attack,
-            args=(target, neurons, signs, seed, self.queue),
-            daemon=True,
+            args=(target, neurons, signs, seed, deadline, os.getpid(), self.queue),
         )
-        self.process.start()
+        # A Ctrl-C reaches the whole process group. The child starts with SIGINT ignored (the
+        # disposition survives exec), so none arrives while it imports, before it can ignore
+        # SIGINT itself; that would print a traceback. Only the main thread may set handlers.
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGINT) if main_thread else None
+        if previous is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.process.start()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def covers(self, neurons: np.ndarray, signs: np.ndarray) -> bool:
         """Whether every given direction is among those this attack searches."""
@@ -825,16 +850,19 @@ class _Analysis:
         Only with ``jobs >= 2`` and fewer open directions than ``jobs``: the exact tiers then
         work on one direction at a time (a layer's decision MILPs run in parallel only for two
         or more directions), so the attack takes a core nothing else uses. Never for the first
-        layer (its interval bounds are exact) or when one is already running.
+        layer (its interval bounds are exact), when one is already running, or in a process that
+        may not start one (:func:`onnx_exact.milp.can_start_workers`).
         """
         if self.jobs < 2 or k == 0 or self.background is not None or self.out_of_time():
+            return
+        if not milp.can_start_workers():
             return
         neurons, signs = self.open_directions(k)
         if not 0 < neurons.size < self.jobs:
             return
         target = _AttackTarget(self.net, self.box, self.bounds, self.solver_states(k), k)
         seed = (self.seed, k, self.backgrounds_started)
-        self.background = _BackgroundAttack(target, neurons, signs, seed)
+        self.background = _BackgroundAttack(target, neurons, signs, seed, self.deadline)
         self.backgrounds_started += 1
 
     def background_feed(self) -> np.ndarray:
@@ -1363,7 +1391,7 @@ class _Analysis:
             net = replace(self.net, layers=self.net.layers[: k + 1])
             job = _PieceJob(net, k, self.box.input_name, self.piece_tiers)
             executor = None
-            if self.jobs > 1:
+            if self.jobs > 1 and milp.can_start_workers():
                 executor = ProcessPoolExecutor(
                     max_workers=min(self.jobs, _SUBDIVIDE_ROUND),
                     mp_context=multiprocessing.get_context("spawn"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -568,3 +570,80 @@ def test_with_a_background_attack_the_labels_are_those_of_one_job():
     for one, two in zip(serial.layers, parallel.layers, strict=True):
         assert not (one.states == NeuronState.UNDECIDED).any()
         np.testing.assert_array_equal(one.states, two.states)
+
+
+_ORPHAN_SCRIPT = """
+import os, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_stability import random_network
+from onnx_exact import stability
+from onnx_exact.bounds import interval_bounds
+from onnx_exact.domain import Box
+
+if __name__ == "__main__":
+    net = random_network(np.random.default_rng(0), [10, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    bounds = interval_bounds(net, box)
+    # neuron 0 of layer 1 gets a bias no input can overcome: its +1 direction is never refuted
+    net.layers[1].bias[0] = -1e6
+    target = stability._AttackTarget(net, box, bounds, [np.zeros(20, np.int8)], 1)
+    attack = stability._BackgroundAttack(target, np.array([0]), np.array([1]), (0,), np.inf)
+    print(attack.process.pid, flush=True)
+    os._exit(0)  # dies like a killed process: no clean-up, no atexit
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_a_background_attack_ends_when_its_analysis_is_killed(tmp_path):
+    """A killed analysis (SIGKILL, an out-of-memory kill) runs no clean-up, and may die before
+    its background attack has even started; the attack, which never refutes its stable
+    direction, must notice and end by itself."""
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT.format(tests=str(Path(__file__).parent)))
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout.split()[0])
+    give_up = time.monotonic() + 60.0
+    while _running(pid) and time.monotonic() < give_up:
+        time.sleep(0.2)
+    assert not _running(pid), "the background attack outlived its analysis"
+
+
+def _analyse_in_child(conn, net, box, tiers) -> None:
+    try:
+        result = analyze_stability(net, box, tiers=tiers, jobs=64)
+        conn.send([layer.states for layer in result.layers])
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        conn.send(repr(exc))
+
+
+def test_jobs_in_a_daemonic_process_run_serially_instead_of_failing():
+    """A daemonic process (a ``multiprocessing.Pool`` worker, a daemonic benchmark child) may
+    not start processes; with jobs > 1 the analysis there runs without workers, same labels."""
+    import multiprocessing
+
+    net = random_network(np.random.default_rng(4), [12, 24, 24, 24, 2])
+    box = Box(np.zeros(12), np.ones(12))
+    tiers = ("lp", "cuts", "crown-bab", "bab", "milp")
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_analyse_in_child, args=(sender, net, box, tiers), daemon=True)
+    child.start()
+    assert receiver.poll(120), "the daemonic analysis did not answer"
+    answer = receiver.recv()
+    child.join(timeout=30)
+    assert not isinstance(answer, str), answer
+    serial = analyze_stability(net, box, tiers=tiers)
+    for states, layer in zip(answer, serial.layers, strict=True):
+        np.testing.assert_array_equal(states, layer.states)
