@@ -86,8 +86,11 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import pickle
 import queue
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections import deque
@@ -598,6 +601,32 @@ def _attack_round(
     return reached
 
 
+def _background_attack_process(
+    task_file: str,
+    seed: tuple[int, ...],
+    deadline: float,
+    analysis_pid: int,
+    found: multiprocessing.Queue,
+) -> None:
+    """Entry point of the background attack's process: load its task, then attack.
+
+    The task (``(target, neurons, signs)``, pickled by :class:`_BackgroundAttack`) comes in a
+    file, not with the process's arguments: those go through a pipe that the starting process
+    writes synchronously, and a megabyte of weights kept it waiting about a second per start
+    (until this process had imported numpy and the package to read them). A file already gone
+    means the analysis has ended meanwhile: nothing to do. Once read, the file's folder is
+    removed here too, so that not even a killed analysis leaves it behind.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with open(task_file, "rb") as stream:
+            target, neurons, signs = pickle.load(stream)
+    except OSError:
+        return
+    shutil.rmtree(os.path.dirname(task_file), ignore_errors=True)  # also if the analysis dies
+    _run_background_attack(target, neurons, signs, seed, deadline, analysis_pid, found)
+
+
 def _run_background_attack(
     target: _AttackTarget,
     neurons: np.ndarray,
@@ -607,16 +636,14 @@ def _run_background_attack(
     analysis_pid: int,
     found: multiprocessing.Queue,
 ) -> None:
-    """The background attack's process: full attack rounds until every direction is refuted.
+    """The background attack: full attack rounds until every direction is refuted.
 
     Puts each input that shows an open direction's sign on ``found`` (network space, one row
     per input). Runs until it has refuted all its directions, the analysis ends it, the
     ``deadline`` passes (``time.monotonic`` is system-wide) or its parent is no longer
     ``analysis_pid`` (checked between rounds: a killed analysis must not leave it running; the
-    pid comes from the analysis, as it may die before this process has started). SIGINT is
-    left to the analysis, which stops this process on its way out.
+    pid comes from the analysis, as it may die before this process has started).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     rng = np.random.default_rng(seed)
     index = {
         direction: d
@@ -694,12 +721,31 @@ class _BackgroundAttack:
         self.in_features = target.net.in_features
         self.started = time.perf_counter()
         self.queue = context.Queue()
+        self.folder = tempfile.mkdtemp(prefix="onnx-exact-attack-")
+        try:
+            self._start(context, target, neurons, signs, seed, deadline)
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+
+    def _start(
+        self,
+        context: multiprocessing.context.SpawnContext,
+        target: _AttackTarget,
+        neurons: np.ndarray,
+        signs: np.ndarray,
+        seed: tuple[int, ...],
+        deadline: float,
+    ) -> None:
+        task_file = os.path.join(self.folder, "task.pickle")
+        with open(task_file, "wb") as stream:
+            pickle.dump((target, neurons, signs), stream, protocol=pickle.HIGHEST_PROTOCOL)
         # Not daemonic: a daemonic process may not start children of its own, and the analysis
         # ends this one on every way out (:meth:`_Analysis.background_attack`), while the
         # process checks for a killed analysis itself.
         self.process = context.Process(
-            target=_run_background_attack,
-            args=(target, neurons, signs, seed, deadline, os.getpid(), self.queue),
+            target=_background_attack_process,
+            args=(task_file, seed, deadline, os.getpid(), self.queue),
         )
         # A Ctrl-C reaches the whole process group. The child starts with SIGINT ignored (the
         # disposition survives exec), so none arrives while it imports, before it can ignore
@@ -733,6 +779,7 @@ class _BackgroundAttack:
         self.process.join(timeout=10.0)
         self.queue.close()
         self.queue.cancel_join_thread()
+        shutil.rmtree(self.folder, ignore_errors=True)
         return time.perf_counter() - self.started
 
 
@@ -862,7 +909,13 @@ class _Analysis:
             return
         target = _AttackTarget(self.net, self.box, self.bounds, self.solver_states(k), k)
         seed = (self.seed, k, self.backgrounds_started)
-        self.background = _BackgroundAttack(target, neurons, signs, seed, self.deadline)
+        try:
+            self.background = _BackgroundAttack(target, neurons, signs, seed, self.deadline)
+        except OSError as err:  # no temporary folder, no process: the attack tier runs here
+            note = f"background attack not started ({err}); the attack tier ran instead"
+            if note not in self.notes:
+                self.notes.append(note)
+            return
         self.backgrounds_started += 1
 
     def background_feed(self) -> np.ndarray:

@@ -589,7 +589,7 @@ if __name__ == "__main__":
     net.layers[1].bias[0] = -1e6
     target = stability._AttackTarget(net, box, bounds, [np.zeros(20, np.int8)], 1)
     attack = stability._BackgroundAttack(target, np.array([0]), np.array([1]), (0,), np.inf)
-    print(attack.process.pid, flush=True)
+    print(attack.process.pid, attack.folder, flush=True)
     os._exit(0)  # dies like a killed process: no clean-up, no atexit
 """
 
@@ -613,11 +613,12 @@ def test_a_background_attack_ends_when_its_analysis_is_killed(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    pid = int(proc.stdout.split()[0])
+    pid, folder = proc.stdout.split()
     give_up = time.monotonic() + 60.0
-    while _running(pid) and time.monotonic() < give_up:
+    while _running(int(pid)) and time.monotonic() < give_up:
         time.sleep(0.2)
-    assert not _running(pid), "the background attack outlived its analysis"
+    assert not _running(int(pid)), "the background attack outlived its analysis"
+    assert not Path(folder).exists(), "the attack's task folder was left behind"
 
 
 def _analyse_in_child(conn, net, box, tiers) -> None:
