@@ -1642,7 +1642,9 @@ def _milp_tier(
             ]
             if executor is None:  # a serial MILP stops once the book's feed refutes it
                 outcomes = [
-                    _decision_milp(context, *task, stop=partial(book.settled, j))
+                    _decision_milp(
+                        context, *task, stop=partial(book.settled, j) if book.feed else None
+                    )
                     for j, task in zip(batch, tasks, strict=True)
                 ]
             else:
