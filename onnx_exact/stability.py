@@ -723,42 +723,32 @@ class _BackgroundAttack:
         self.queue = context.Queue()
         self.folder = tempfile.mkdtemp(prefix="onnx-exact-attack-")
         try:
-            self._start(context, target, neurons, signs, seed, deadline)
+            task_file = os.path.join(self.folder, "task.pickle")
+            with open(task_file, "wb") as stream:
+                pickle.dump((target, neurons, signs), stream, protocol=pickle.HIGHEST_PROTOCOL)
+            # Not daemonic: a daemonic process may not start children of its own, and the
+            # analysis ends this one on every way out (:meth:`_Analysis.background_attack`),
+            # while the process checks for a killed analysis itself.
+            self.process = context.Process(
+                target=_background_attack_process,
+                args=(task_file, seed, deadline, os.getpid(), self.queue),
+            )
+            # A Ctrl-C reaches the whole process group. The child starts with SIGINT ignored
+            # (the disposition survives exec), so none arrives while it imports, before it can
+            # ignore SIGINT itself; that would print a traceback. Only the main thread may set
+            # handlers.
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGINT) if main_thread else None
+            if previous is not None:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                self.process.start()
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
-
-    def _start(
-        self,
-        context: multiprocessing.context.SpawnContext,
-        target: _AttackTarget,
-        neurons: np.ndarray,
-        signs: np.ndarray,
-        seed: tuple[int, ...],
-        deadline: float,
-    ) -> None:
-        task_file = os.path.join(self.folder, "task.pickle")
-        with open(task_file, "wb") as stream:
-            pickle.dump((target, neurons, signs), stream, protocol=pickle.HIGHEST_PROTOCOL)
-        # Not daemonic: a daemonic process may not start children of its own, and the analysis
-        # ends this one on every way out (:meth:`_Analysis.background_attack`), while the
-        # process checks for a killed analysis itself.
-        self.process = context.Process(
-            target=_background_attack_process,
-            args=(task_file, seed, deadline, os.getpid(), self.queue),
-        )
-        # A Ctrl-C reaches the whole process group. The child starts with SIGINT ignored (the
-        # disposition survives exec), so none arrives while it imports, before it can ignore
-        # SIGINT itself; that would print a traceback. Only the main thread may set handlers.
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.getsignal(signal.SIGINT) if main_thread else None
-        if previous is not None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            self.process.start()
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
 
     def covers(self, neurons: np.ndarray, signs: np.ndarray) -> bool:
         """Whether every given direction is among those this attack searches."""
