@@ -409,6 +409,15 @@ def _set_int_attribute(node: onnx.NodeProto, name: str, value: int) -> None:
     node.attribute.append(helper.make_attribute(name, int(value)))
 
 
+def external_data_path(path: str | os.PathLike) -> Path:
+    """The data file :func:`save_model_atomic` writes beside ``path``: ``<path>.data``.
+
+    Public so that a run can check, before analysing, that it will not overwrite a file it reads.
+    """
+    path = Path(os.fspath(path))
+    return path.with_name(f"{path.name}.data")
+
+
 def save_model_atomic(
     model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None
 ) -> None:
@@ -440,7 +449,7 @@ def save_model_atomic(
     try:
         mode = _default_file_mode()
         if external_data:
-            data_name = f"{path.name}.data"
+            data_name = external_data_path(path).name
             model_copy = onnx.ModelProto()
             model_copy.CopyFrom(model)
             data_tmp = _temporary(folder, data_name, temporaries)
