@@ -3,12 +3,16 @@
 ``onnx-exact IN OUT [options]`` is the main job (the ``compress`` subcommand is implied);
 ``onnx-exact analyze IN`` only reports; ``onnx-exact check A B`` compares two models.
 
-Exit codes: 0 done (and verified); 1 verification failed (no output written); 2 usage or input
-error; 3 internal error; 130 / 143 interrupted by SIGINT / SIGTERM (no output written).
+Exit codes: 0 done (and verified; with a proof: proved); 1 verification failed or the models
+differ (no output written); 2 usage or input error; 3 internal error; 4 sampled equal but NOT
+proved (``check``, and ``compress --prove``, when the proof did not finish); 130 / 143
+interrupted by SIGINT / SIGTERM (no output written).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import signal
 import sys
 import traceback
@@ -22,8 +26,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .equivalence import render_check
+from .equivalence import ProofResult, render_check
 from .errors import OnnxExactError, UsageError
+from .output_paths import numpy_save_path, plan_run_paths, write_file_atomic
 from .pipeline import (
     AnalysisOptions,
     DomainSpec,
@@ -166,8 +171,11 @@ def _parse_tolerance(
             raise UsageError(
                 f"{option} '{value}': expected a number or 'output_name:number'"
             ) from None
-        if parsed < 0:
-            raise UsageError(f"{option} '{value}': a tolerance cannot be negative")
+        if not (math.isfinite(parsed) and parsed >= 0):
+            raise UsageError(
+                f"{option} '{value}': a tolerance must be a finite number >= 0 (NaN or Inf "
+                "would switch the comparison off)"
+            )
         if name:
             per_output[name] = parsed
         else:
@@ -176,6 +184,50 @@ def _parse_tolerance(
         return default
     per_output.setdefault("", default)
     return per_output
+
+
+EXIT_NOT_PROVED = 4
+"""Exit code of a run whose samples agree but whose proof ended without a verdict."""
+
+
+def _verdict(samples_passed: bool, proof: ProofResult | None) -> tuple[int, str]:
+    """The exit code and verdict of a sampled comparison plus an optional proof.
+
+    ``(1, "differs")`` when a sample exceeds the tolerance or the proof replayed a
+    counterexample; ``(0, "proved")`` when the proof bounded every output; ``(0, "sampled
+    equal")`` when no proof was asked for and the samples agree; ``(4, "not proved")`` when the
+    samples agree but the proof ended without a verdict (time limit, a violation that does not
+    replay in float32, a model it cannot analyse). Exit 0 never stands for a proof that did not
+    happen.
+    """
+    if not samples_passed or (proof is not None and proof.status == "counterexample"):
+        return 1, "differs"
+    if proof is None:
+        return 0, "sampled equal"
+    if proof.proved:
+        return 0, "proved"
+    return EXIT_NOT_PROVED, "not proved"
+
+
+NOT_PROVED_LINE = "[yellow]NOT PROVED (sampled equal)[/yellow]"
+
+
+class _VerdictConsole:
+    """The console :func:`render_check` prints to, with its closing line set to the verdict.
+
+    ``render_check`` closes with ``PASSED | A vs B`` whenever no counterexample was found; when
+    the proof did not finish, that line reads ``NOT PROVED (sampled equal) | A vs B`` instead,
+    matching exit code 4.
+    """
+
+    def __init__(self, console: Console, closing: str) -> None:
+        self.console = console
+        self.closing = closing
+
+    def print(self, *objects: object, **kwargs: object) -> None:
+        if len(objects) == 2 and objects[1] == self.closing:
+            objects = (NOT_PROVED_LINE, self.closing)
+        self.console.print(*objects, **kwargs)
 
 
 @app.command("compress")
@@ -210,6 +262,12 @@ def compress_command(
     tol_abs = _parse_tolerance(atol, "--atol", default=None)
     tol_rel = _parse_tolerance(rtol, "--rtol")
     console = _console(quiet)
+    plan_run_paths(
+        models=[("the input model", model)],
+        domain_files=[("--input-range-file", input_range_file), ("--vnnlib", vnnlib)],
+        output_model=output,
+        outputs=[("--report", report)],
+    )
     with _progress(not quiet and sys.stderr.isatty()) as progress:
         result = compress(
             model,
@@ -225,7 +283,7 @@ def compress_command(
     run = result.report
     render(run, console)
     if report:
-        run.write_json(report)
+        write_file_atomic(report, run.write_json)
     if not run.passed:
         Console(stderr=True).print(
             f"onnx-exact: verification FAILED (max abs diff {run.verification.max_abs_diff:.3g}"
@@ -233,6 +291,13 @@ def compress_command(
             f"'{output}' was not written. Please report this with the model and domain."
         )
         raise typer.Exit(1)
+    code, _ = _verdict(run.passed, run.proof)
+    if code == EXIT_NOT_PROVED:
+        console.print(
+            f"wrote {output}: it matches the input on every sample, but its equivalence is "
+            f"{NOT_PROVED_LINE} (the proof did not finish; exit code {code})"
+        )
+        raise typer.Exit(code)
     console.print(f"wrote {output}")
 
 
@@ -256,6 +321,11 @@ def analyze_command(
 ) -> None:
     """Report which ReLU neurons of MODEL are stable on the input box (writes no model)."""
     _State.verbose = verbose
+    plan_run_paths(
+        models=[("the input model", model)],
+        domain_files=[("--input-range-file", input_range_file), ("--vnnlib", vnnlib)],
+        outputs=[("--json", json_path)],
+    )
     with _progress(not quiet and sys.stderr.isatty()) as progress:
         result = analyze(
             model,
@@ -265,7 +335,7 @@ def analyze_command(
         )
     render(result.report, _console(quiet))
     if json_path:
-        result.report.write_json(json_path)
+        write_file_atomic(json_path, result.report.write_json)
 
 
 class _Interrupted:
@@ -300,6 +370,17 @@ def check_command(
 ) -> None:
     """Are A and B the same on the input box? Samples, then a proof (exit 1 if they differ)."""
     _State.verbose = verbose
+    plan_run_paths(
+        models=[("the reference model", reference), ("the candidate model", candidate)],
+        domain_files=[("--input-range-file", input_range_file), ("--vnnlib", vnnlib)],
+        outputs=[
+            (
+                "--counterexample",
+                None if counterexample is None else numpy_save_path(counterexample),
+            ),
+            ("--json", json_path),
+        ],
+    )
     result = check(
         reference,
         candidate,
@@ -312,11 +393,22 @@ def check_command(
         time_limit=time_limit,
         counterexample_path=counterexample,
     )
-    render_check(result, _console(quiet))
+    code, verdict = _verdict(result.sampled.passed, result.proof)
+    console = _console(quiet)
+    if code == EXIT_NOT_PROVED:
+        console = _VerdictConsole(console, f"| {result.model_a} vs {result.model_b}")
+    render_check(result, console)
     if json_path:
-        result.write_json(json_path)
-    if not result.passed:
-        raise typer.Exit(1)
+        payload = result.to_json()
+        payload.update(passed=code == 0, verdict=verdict, exit_code=code)
+
+        def dump(temporary: str) -> None:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(payload, handle, indent=2)
+
+        write_file_atomic(json_path, dump)
+    if code:
+        raise typer.Exit(code)
 
 
 _show_other_warning = warnings.showwarning

@@ -174,3 +174,47 @@ def test_check_proves_compressed_output_and_flags_a_perturbed_weight(tmp_path, c
     assert code == 1
     assert "FAILED" in capsys.readouterr().out
     assert cex.exists() and np.load(cex).shape == (4,)
+
+
+def _proof_unfinished(run_job, report=lambda result: result):
+    """Wrap a pipeline job so that its proof reports "not proved" (a time limit that expired)."""
+
+    def job(*args, **kwargs):
+        result = run_job(*args, **kwargs)
+        proof = report(result).proof
+        if proof is not None:
+            proof.status, proof.time_limit_hit = "not proved", True
+        return result
+
+    return job
+
+
+def test_check_exits_4_not_0_when_sampled_equal_but_not_proved(tmp_path, capsys, monkeypatch):
+    import onnx_exact.cli as cli
+
+    model = _mlp(tmp_path / "m.onnx")
+    twin = tmp_path / "twin.onnx"
+    twin.write_bytes(model.read_bytes())
+    monkeypatch.setattr(cli, "check", _proof_unfinished(cli.check))
+    report = tmp_path / "check.json"
+    args = ["check", str(model), str(twin), "-r", "[0,1]", "--samples", "200"]
+    assert run([*args, "--json", str(report)]) == 4
+    out = capsys.readouterr().out
+    assert "NOT PROVED (sampled equal)" in out
+    assert f"PASSED | {model} vs {twin}" not in out
+    data = json.loads(report.read_text())
+    assert (data["passed"], data["verdict"], data["exit_code"]) == (False, "not proved", 4)
+    assert run([*args, "--no-prove"]) == 0  # without the proof, exit 0 keeps its sampled meaning
+
+
+def test_compress_prove_exits_4_when_the_proof_does_not_finish(tmp_path, capsys, monkeypatch):
+    import onnx_exact.cli as cli
+
+    model = _mlp(tmp_path / "m.onnx")
+    out = tmp_path / "small.onnx"
+    monkeypatch.setattr(
+        cli, "compress", _proof_unfinished(cli.compress, lambda result: result.report)
+    )
+    assert run([str(model), str(out), "-r", "[0,1]", "--prove"]) == 4
+    printed = capsys.readouterr().out
+    assert "NOT PROVED" in printed and out.exists()  # exact by construction, verified on samples
