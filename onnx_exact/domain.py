@@ -16,12 +16,15 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from .errors import DomainError, UnsupportedModelError, UsageError
 from .network import InputMap
+
+if TYPE_CHECKING:  # annotations only: the analysis's worker processes never load onnx
+    import onnx
 
 
 @dataclass(frozen=True)

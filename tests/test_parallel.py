@@ -1,0 +1,158 @@
+"""The worker mechanism: one reused pool, workers that die with their parent and skip onnx.
+
+This module imports nothing heavy at its top: the pool's workers import it to run ``_probe``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from onnx_exact import parallel
+
+GONE_TIMEOUT_S = 20.0
+
+
+def _probe(context: dict, name: str) -> dict:
+    """Runs in a worker: load the analysis modules, report what is loaded there."""
+    import onnx_exact.milp  # noqa: F401 - imports domain, stability, highspy, numpy
+    import onnx_exact.stability  # noqa: F401
+
+    loaded = {m for m in sys.modules if m.split(".")[0] in ("onnx", "onnxruntime")}
+    return {
+        "pid": os.getpid(),
+        "context": context[name],
+        "loaded": sorted(loaded),
+        "sigint": signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+        "threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+    }
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting for a reaper counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def _wait_gone(pids: list[int]) -> list[int]:
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if not _gone(p)]
+
+
+def test_default_jobs_are_the_usable_cores_capped():
+    jobs = parallel.default_jobs()
+    assert 1 <= jobs <= parallel.MAX_DEFAULT_JOBS
+    if hasattr(os, "sched_getaffinity"):
+        assert jobs == min(len(os.sched_getaffinity(0)), parallel.MAX_DEFAULT_JOBS)
+
+
+def test_one_pool_is_reused_and_its_workers_skip_onnx():
+    """Two callers with their own contexts get the same workers; no onnx import there."""
+    pool = parallel.worker_pool(2)
+    try:
+        assert parallel.worker_pool(2) is pool
+        first = parallel.with_context(_probe, parallel.TaskContext({"a": 1}))
+        second = parallel.with_context(_probe, parallel.TaskContext({"b": 2}))
+        one = list(pool.map(first, ["a"] * 4))
+        two = list(pool.map(second, ["b"] * 4))
+        assert {r["context"] for r in one} == {1} and {r["context"] for r in two} == {2}
+        pids = {r["pid"] for r in one + two}
+        assert pids <= set(pool.worker_pids()) and len(pool.worker_pids()) <= 2
+        assert os.getpid() not in pids
+        for result in one + two:
+            assert result["loaded"] == [], f"a worker imported {result['loaded']}"
+            assert result["sigint"] and result["threads"] == "1"
+    finally:
+        parallel.shutdown_pools()
+    assert parallel.worker_pool(2) is not pool  # a new run gets a new pool
+    parallel.shutdown_pools()
+
+
+def test_a_context_is_unpickled_once_per_worker():
+    context = parallel.TaskContext([1, 2, 3])
+    assert context.value() == [1, 2, 3]
+    assert context.value() is context.value()  # cached by key
+
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from onnx_exact import parallel
+    pool = parallel.worker_pool(2)
+    futures = [pool.submit(time.sleep, 120) for _ in range(2)]
+    process = parallel.start_process(time.sleep, (120,))
+    while len(pool.worker_pids()) < 2:
+        time.sleep(0.05)
+    print(*pool.worker_pids(), process.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("via_thread", [False, True])
+def test_kill_9_of_the_parent_ends_every_worker(via_thread):
+    """SIGKILL of the main process: its pool workers and background process end too.
+
+    Started from a thread, the kernel's parent-death signal is not armed (it would follow the
+    thread): the watchdog ends them.
+    """
+    script = _SCRIPT
+    if via_thread:
+        script = script.replace("pool = parallel", "import threading\npool = parallel")
+        script = script.replace(
+            "futures = [pool.submit(time.sleep, 120) for _ in range(2)]\n"
+            "process = parallel.start_process(time.sleep, (120,))",
+            "box = []\n"
+            "def start():\n"
+            "    box.extend(pool.submit(time.sleep, 120) for _ in range(2))\n"
+            "    box.append(parallel.start_process(time.sleep, (120,)))\n"
+            "thread = threading.Thread(target=start); thread.start(); thread.join()\n"
+            "process = box[-1]",
+        )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = child.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 3, child.stderr.read() if child.poll() is not None else line
+        assert not any(_gone(p) for p in pids)
+        child.kill()
+        child.wait()
+        assert _wait_gone(pids) == [], "workers outlived their killed parent"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_shutdown_with_kill_ends_busy_workers_at_once():
+    """What the signal handler calls: busy workers get SIGKILL, nothing waits for them."""
+    pool = parallel.worker_pool(2)
+    futures = [pool.submit(time.sleep, 120) for _ in range(2)]
+    process = parallel.start_process(time.sleep, (120,))
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while len(pool.worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = [*pool.worker_pids(), process.pid]
+    parallel.shutdown_pools(kill=True)
+    assert _wait_gone(pids) == []
+    process.join()
+    for future in futures:
+        with pytest.raises(Exception):  # noqa: B017, PT011 - BrokenProcessPool
+            future.result(timeout=GONE_TIMEOUT_S)
+    assert parallel.worker_pool(2) is not pool
+    parallel.shutdown_pools()
