@@ -36,12 +36,10 @@ Soundness policy
 from __future__ import annotations
 
 import heapq
-import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -49,10 +47,12 @@ import highspy
 import numpy as np
 
 from . import bounds as _bounds
+from . import parallel
 from . import stability as _stability
 from .domain import Box
 from .errors import SolverError
 from .network import Network
+from .parallel import can_start_workers
 from .resources import raise_if_interrupted
 
 SMALL_MATRIX_VALUE = 1e-12
@@ -848,7 +848,7 @@ class LayerRelaxation:
 
 @dataclass
 class _MilpContext:
-    """Everything a decision MILP of one layer needs (sent once to each worker process)."""
+    """Everything a decision MILP of one layer needs (a :class:`parallel.TaskContext` of its tasks)."""
 
     net: Network
     box: Box
@@ -867,26 +867,9 @@ class _MilpOutcome:
     points: np.ndarray  # (m, n_in) forward-pass candidates harvested from the solver
 
 
-_WORKER_CONTEXT: _MilpContext | None = None
-
-
-def can_start_workers() -> bool:
-    """Whether this process may start worker processes (``jobs > 1``).
-
-    A daemonic process may not (``multiprocessing`` refuses with an AssertionError): the
-    analysis then runs serially, with the same labels, instead of failing; e.g. inside a
-    ``multiprocessing.Pool`` worker, or a daemonic benchmark child.
-    """
-    return not multiprocessing.current_process().daemon
-
-
-def _init_worker(context: _MilpContext) -> None:
-    global _WORKER_CONTEXT
-    _WORKER_CONTEXT = context
-
-
-def _worker_milp(args: tuple) -> _MilpOutcome:
-    return _decision_milp(_WORKER_CONTEXT, *args)
+def _worker_milp(context: _MilpContext, task: tuple) -> _MilpOutcome:
+    """A decision MILP in a worker of :func:`parallel.worker_pool`."""
+    return _decision_milp(context, *task)
 
 
 def _run_min(
@@ -1618,45 +1601,35 @@ def _milp_tier(
     pending = book.open()
     if not pending:
         return
-    executor = None
+    executor = worker = None
     if jobs > 1 and len(pending) > 1 and can_start_workers():
-        executor = ProcessPoolExecutor(
-            max_workers=min(jobs, len(pending)),
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(context,),
-        )
-    try:
-        while pending and _remaining(deadline) > 0:
-            batch, pending = pending[:MILP_ROUND_SIZE], pending[MILP_ROUND_SIZE:]
-            tasks = [
-                (
-                    book.directions[j],
-                    float(book.margins[j]),
-                    float(slack[book.neurons[j]]),
-                    book.best_point[j],
-                    deadline,
-                    time_cap,
-                )
-                for j in batch
+        executor = parallel.worker_pool(jobs)
+        worker = parallel.with_context(_worker_milp, parallel.TaskContext(context))
+    while pending and _remaining(deadline) > 0:
+        batch, pending = pending[:MILP_ROUND_SIZE], pending[MILP_ROUND_SIZE:]
+        tasks = [
+            (
+                book.directions[j],
+                float(book.margins[j]),
+                float(slack[book.neurons[j]]),
+                book.best_point[j],
+                deadline,
+                time_cap,
+            )
+            for j in batch
+        ]
+        if executor is None:  # a serial MILP stops once the book's feed refutes it
+            outcomes = [
+                _decision_milp(context, *task, stop=partial(book.settled, j) if book.feed else None)
+                for j, task in zip(batch, tasks, strict=True)
             ]
-            if executor is None:  # a serial MILP stops once the book's feed refutes it
-                outcomes = [
-                    _decision_milp(
-                        context, *task, stop=partial(book.settled, j) if book.feed else None
-                    )
-                    for j, task in zip(batch, tasks, strict=True)
-                ]
-            else:
-                outcomes = list(executor.map(_worker_milp, tasks))
-            for j, outcome in zip(batch, outcomes, strict=True):
-                book.record_bound(j, outcome.bound, "milp", outcome.proved)
-            for outcome in outcomes:
-                book.absorb(outcome.points, "milp")
-            pending = [j for j in pending if book.status[j] == "undecided"]
-    finally:
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
+        else:
+            outcomes = list(executor.map(worker, tasks))
+        for j, outcome in zip(batch, outcomes, strict=True):
+            book.record_bound(j, outcome.bound, "milp", outcome.proved)
+        for outcome in outcomes:
+            book.absorb(outcome.points, "milp")
+        pending = [j for j in pending if book.status[j] == "undecided"]
 
 
 def decide_directions(
@@ -1686,7 +1659,7 @@ def decide_directions(
     margins : per neuron of ``layer``; a direction is proved iff its sound bound ``<= -margin``.
     deadline : a ``time.monotonic()`` value; directions still open then are "undecided".
     tiers : any of "lp", "cuts", "bab", "milp" (cuts and bab imply the LP they work on).
-    jobs : worker processes for the decision MILPs (``spawn`` start; results equal ``jobs=1``).
+    jobs : workers of :func:`parallel.worker_pool` for the decision MILPs (results equal ``jobs=1``).
     effort : multiplies the per-direction caps (``DIRECTION_TIME_LIMIT`` seconds per decision
         MILP, ``BAB_TIME_LIMIT`` seconds and ``BAB_NODE_LIMIT`` nodes per branch and bound).
     relaxation : the layer's :class:`LayerRelaxation`, built over the same ``bounds`` and

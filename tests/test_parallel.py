@@ -80,6 +80,44 @@ def test_one_pool_is_reused_and_its_workers_skip_onnx():
     parallel.shutdown_pools()
 
 
+def test_two_milp_calls_of_a_run_share_the_pool_and_its_workers():
+    """Two layers' decision MILPs with jobs=2 run in the same workers (no pool per call)."""
+    import numpy as np
+
+    from onnx_exact import milp
+    from onnx_exact.bounds import interval_bounds
+    from onnx_exact.domain import Box
+    from onnx_exact.network import DenseLayer, InputMap, Network
+    from onnx_exact.stability import NeuronState
+
+    rng = np.random.default_rng(3)
+    sizes = [6, 12, 12, 2]
+    layers = [
+        DenseLayer(rng.normal(size=(b, a)), rng.normal(size=b), relu=j < 2, name=f"fc{j}")
+        for j, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False))
+    ]
+    net = Network(layers, InputMap.identity(sizes[0]))
+    box = Box(np.zeros(6), np.ones(6))
+    bounds = interval_bounds(net, box)
+    states = [np.full(12, NeuronState.UNDECIDED, dtype=np.int64)]  # every layer-0 ReLU encoded
+    directions = [milp.Direction(1, i, s) for i in range(12) for s in (1, -1)]
+    parallel.shutdown_pools()
+    try:
+        seen = []
+        for _ in range(2):
+            results = milp.decide_directions(
+                net, box, bounds, states, 1, directions, np.full(12, 1e-9),
+                time.monotonic() + 60, tiers=("milp",), jobs=2,
+            )  # fmt: skip
+            assert all(r.method == "milp" for r in results if r.status == "proved")
+            pool = parallel.worker_pool(2)
+            seen.append((pool, sorted(pool.worker_pids())))
+        assert seen[0][0] is seen[1][0] and seen[0][1] == seen[1][1]
+        assert 1 <= len(seen[0][1]) <= 2
+    finally:
+        parallel.shutdown_pools()
+
+
 def test_a_context_is_unpickled_once_per_worker():
     context = parallel.TaskContext([1, 2, 3])
     assert context.value() == [1, 2, 3]
