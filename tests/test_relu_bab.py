@@ -7,7 +7,9 @@ node bound may be below it); a dense grid over 2- and 3-input boxes for the labe
 
 from __future__ import annotations
 
+import itertools
 import time
+import types
 
 import numpy as np
 import pytest
@@ -111,6 +113,24 @@ def test_optimisation_tightens_the_root_bound():
     assert optimised[0] < deep_poly[0]
 
 
+@pytest.fixture
+def step_clock(monkeypatch):
+    """Make the tier's time accounting count calls instead of seconds.
+
+    The LP dive gets :data:`relu_bab.DIVE_SHARE` of the search's *measured* time, so on a loaded
+    machine (a dive step preempted, the search not) the dive could be starved and a sign it would
+    have found stayed undecided. With every ``perf_counter()`` call one millisecond later than
+    the last, the dive and the search take turns the same way at any speed. The real deadlines
+    (``time.monotonic``) stay; the per-direction cap is lifted so that only they, far away for
+    these small nets, could end a search.
+    """
+    ticks = itertools.count()
+    clock = types.SimpleNamespace(perf_counter=lambda: next(ticks) * 1e-3, monotonic=time.monotonic)
+    monkeypatch.setattr(relu_bab, "time", clock)
+    monkeypatch.setattr(relu_bab, "TIME_LIMIT", 3600.0)
+    return clock
+
+
 def _crown_bab_states(net, box, bounds, relaxation: bool):
     """Labels from the CROWN branch and bound alone, with or without the layer's LP for the dive."""
 
@@ -125,10 +145,11 @@ def _crown_bab_states(net, box, bounds, relaxation: bool):
 
 @pytest.mark.parametrize("relaxation", [False, True])
 @pytest.mark.parametrize(("seed", "sizes"), SMALL_NETS)
-def test_labels_match_the_grid(seed, sizes, relaxation):
+def test_labels_match_the_grid(seed, sizes, relaxation, step_clock):
     """Every decided neuron is labelled as the grid labels it. With the LP dive none is left
     undecided; alone, CROWN's witnesses are box vertices, so a sign shown only inside the box
-    stays undecided (kept, never wrong)."""
+    stays undecided (kept, never wrong). The dive's share is counted in steps
+    (``step_clock``): with wall-clock shares a loaded machine starved it (seed 2)."""
     net = _random_net(seed, sizes)
     box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
     bounds = _interval_bounds(net, box)
@@ -140,6 +161,28 @@ def test_labels_match_the_grid(seed, sizes, relaxation):
             np.testing.assert_array_equal(states[k][decided], expected[decided])
         if relaxation and net.layers[k].relu:
             assert decided.all()
+
+
+def test_slow_dive_steps_do_not_change_the_labels(monkeypatch, step_clock):
+    """Seed 2 needs the dive: with its steps slowed down (as on a loaded machine) it still decides
+    every neuron, because its share is counted in steps, not seconds."""
+    seed, sizes = SMALL_NETS[2]
+    net = _random_net(seed, sizes)
+    box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
+    bounds = _interval_bounds(net, box)
+    fast = _crown_bab_states(net, box, bounds, relaxation=True)
+    dive = milp.lp_dive
+
+    def slow_dive(*args, **kwargs):
+        for step in dive(*args, **kwargs):
+            time.sleep(0.05)
+            yield step
+
+    monkeypatch.setattr(milp, "lp_dive", slow_dive)
+    slow = _crown_bab_states(net, box, bounds, relaxation=True)
+    for ours, theirs in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert all((states != NeuronState.UNDECIDED).all() for states in slow)
 
 
 def test_node_limit_leaves_directions_undecided_never_wrong(monkeypatch):
