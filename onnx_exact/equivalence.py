@@ -6,52 +6,23 @@ analysis. It cannot see a difference confined to a thin region of the box. The p
 ``max |f_A(x) - f_B(x)|`` over *every* ``x`` in the box, in exact arithmetic on the stored weights,
 per output coordinate and sign, or finds a concrete input that violates the tolerance.
 
-The canonical form (structure sharing)
---------------------------------------
-Both networks are written over one set of *free variables* ``V``: the raw input ``x`` (the box is
-given on it; each network's preprocessing ``x_net = scale * x + shift`` becomes part of its first
-layer) and the outputs ``h_u`` of the ReLU neurons that are not proved stable. Walking through each
-network layer by layer, every quantity ``q`` is kept as an affine form ``q = e . V + c`` with an
-error bound ``err``: ``|q(x) - (e . V(x) + c)| <= err`` for every ``x`` in the box. With
-``y = W h + b``::
-
-    e_y = W e_h,   c_y = W c_h + b,   err_y = |W| err_h + gamma_(n+1) (|W| (|e_h| |V|max + |c_h|) + |b|)
-
-(``gamma_n = n u / (1 - n u)`` bounds the float64 rounding of the products; ``u = 2^-53``). Every
-ReLU neuron is first matched against the free neurons registered so far (of either network): when
-its pre-activation form is ``lam > 0`` times the form of ``y_u`` up to a residual, it is *shared*,
-``h = lam h_u``, because ``relu`` is positively homogeneous; ``relu`` is 1-Lipschitz, so the
-residual ``max_box |(e - lam e_u) . V + c - lam c_u| + err + lam err_u`` becomes the error of ``h``,
-and sharing is sound whatever the residual (it is only tried below ``SHARE_RTOL``). The maximum is
-exact for an affine form over the box of ``V`` (centre/radius coordinates, :meth:`value_rows`).
-Unshared neurons proved INACTIVE (or with an upper bound ``<= 0``) give ``h = 0``, proved ACTIVE
-ones (or a lower bound ``>= 0``) and layers without ReLU ``h = y``; an open neuron whose form
-matches a stable neuron's is stable up to the residual; the rest become new free variables. This
-identifies every neuron a compressor kept (removed inactive neurons are 0, folded layers and
-dependent active neurons are linear, duplicates are proportional), so for ``B`` a compression of
-``A`` the two output forms agree up to the float32 re-rounding of the folded weights.
-
-The tiers
----------
+How the proof goes
+------------------
 0. ``stability``: each network's cheap stability tiers (witnesses, interval, symbolic; at most
-   ``STABILITY_TIME_LIMIT``), or the analysis ``compress`` already ran; stable neurons need no
-   binary.
-1. ``symbolic``: ``d = e_A - e_B`` and ``d0 = c_A - c_B`` per output; over the product box of ``V``
-   (``x`` in the box, ``h_u`` in ``[0, max(U_u, 0)]``), ``sign * (d . V + d0) + err_A + err_B`` is
-   maximised coordinate-wise. For a compressed model ``d`` is round-off and the bound is the
-   accumulated error (1e-11 .. 1e-6 on the shared models; ~1e-2 on ACAS Xu, whose outputs reach
-   1e3 and whose folded float32 weights are amplified through six layers).
-2. ``milp``: one HiGHS model over ``V`` for all outputs and signs: ``x`` in the box; per free neuron
-   ``u`` a column ``y_u`` in its proved bounds ``[L_u, U_u]`` with the row
-   ``y_u - e_u . V`` in ``[c_u - err_u, c_u + err_u]`` (a relaxation of the true network point) and
-   the big-M ReLU ``h_u = relu(y_u)`` with one binary (:func:`onnx_exact.milp._relu_rows`); shared
-   neurons need no column and no binary. Per output and sign (largest symbolic bound first), the
-   decision MILP minimises ``-sign d . V`` with cutoff ``sign d0 + err + slack - tol`` (a pruned
-   search proves ``max sign Delta <= tol``) and target ``sign d0 - tol - slack`` (stop at a likely
-   violation). The slack ``1e-9 (|d| . |V|max + |d0| + 1)`` covers the solver's feasibility
-   tolerance (1e-9 here), the policy of :mod:`onnx_exact.milp`; MILP dual bounds are not
-   certifiable beyond it. Outputs whose error floor ``err + slack`` reaches ``tol`` are not sent
-   to the MILP (it could not prove them, and the widened rows admit spurious violations).
+   ``STABILITY_TIME_LIMIT``), or the analysis ``compress`` already ran.
+1. ``matched``: both networks are walked into one canonical form (:mod:`onnx_exact.canonical`:
+   shared free variables for units that agree up to a positive factor, 0 or ``y`` for stable
+   ones, rigorous error terms for every residual) and :mod:`onnx_exact.correspondence` names each
+   unit matched, stable or one-sided. With ``d = e_A - e_B`` and ``d0 = c_A - c_B`` per output,
+   ``sign * (d . V + d0) + err_A + err_B`` is maximised coordinate-wise over the box of ``V``
+   (``x`` in the box, ``h_u`` in ``[0, max(U_u, 0)]``): a symbolic bound. For a re-export, a
+   permuted and rescaled copy or a compression, ``d`` is round-off and the bound is the
+   accumulated error.
+2. ``stable-units``: when a direction is still open, the full stability engine runs on exactly
+   the one-sided units (:func:`onnx_exact.correspondence.prove_units_stable`), and the walk and
+   the symbolic bound are repeated.
+3. ``milp``: the product MILP over what is left (:mod:`onnx_exact.proof_milp`), per output and
+   sign, in ``jobs`` worker processes.
 
 Every solver point is re-evaluated by float64 forward passes of both networks; a violation counts
 as a counterexample only after it is made representable in the model's input dtype (inside the
@@ -73,32 +44,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import highspy
 import numpy as np
 import onnx
 from rich.console import Console
 from rich.table import Table
 
-from . import milp
+from .canonical import Canonical, gamma
+from .correspondence import METHODS, Correspondence, correspondence_of, prove_units_stable
 from .domain import Box, InputLayout, model_input_dims
 from .errors import OnnxExactError, UsageError
 from .network import Network
 from .onnx_reader import ReadResult, read_model
-from .stability import NeuronState, StabilityResult, analyze_stability
+from .proof_milp import Counterexample, DirectionBound, milp_tier
+from .stability import ProgressCallback, StabilityResult, analyze_stability
 from .verify import EquivalenceReport, compare_models, run_model
 
 ModelSource = str | os.PathLike | onnx.ModelProto | ReadResult
 Replay = Callable[[np.ndarray], tuple[float, bool]]
 """``replay(x_raw) -> (largest onnxruntime |f_A - f_B| on the proved outputs, exceeds tol)``."""
-
-PROOF_FEASIBILITY_TOLERANCE = 1e-9
-"""Primal and MIP feasibility tolerance of the proof MILP; the basis of its slack."""
-
-SHARE_RTOL = 1e-6
-"""A neuron is shared with a registered one when the residual of its value form is at most this
-fraction of the form's magnitude. The residual is added to its error either way (sharing is sound
-for any residual); 1e-6 admits float32 re-rounding of weights (~6e-8 relative), which a compressor
-or a re-export with folded preprocessing produces, and nothing a real change of weights does."""
 
 STABILITY_SHARE = 0.25
 """Fraction of a proof's time limit each network's stability analysis may use."""
@@ -109,52 +72,14 @@ binaries (an undecided neuron is a free variable of the MILP), so it must not ea
 
 PROOF_STABILITY_TIERS: tuple[str, ...] = ()
 """Solver tiers of those analyses: none. Witnesses, interval and symbolic bounds settle most
-neurons in well under a second; per-neuron LPs and MILPs would decide the rest one by one, which
-the single product MILP does jointly (and only when the symbolic tier could not prove)."""
+neurons in well under a second; the units that matter are then targeted (tier 2)."""
 
-_UNIT_ROUNDOFF = np.finfo(np.float64).eps / 2.0
-_INF = highspy.kHighsInf
-_MODEL_STATUS = highspy.HighsModelStatus
-
-
-def _gamma(n: int) -> float:
-    """``gamma_n = n u / (1 - n u)``: bound on the relative rounding error of an n-term float sum."""
-    return n * _UNIT_ROUNDOFF / (1.0 - n * _UNIT_ROUNDOFF)
+TARGETED_SHARE = 0.5
+"""Fraction of the remaining time the targeted stability analyses (tier 2) may use; the rest is
+the MILP's."""
 
 
 # ----------------------------------------------------------------------------- results
-
-
-@dataclass
-class DirectionBound:
-    """The proof's answer for one output coordinate and sign: ``max sign * (f_A - f_B)``.
-
-    ``bound`` is a proved upper bound (``inf`` if none); ``tier`` the tier that gave it
-    ("symbolic", "milp"); ``status`` is "proved" (``bound <= tol``), "violated" (a replayed
-    counterexample) or "open".
-    """
-
-    output: int
-    sign: int
-    bound: float
-    tier: str
-    status: str
-
-
-@dataclass
-class Counterexample:
-    """An input in the box where the models differ by more than the tolerance.
-
-    ``input`` is the raw flattened input exactly as fed to onnxruntime (representable in the
-    input dtype, inside the box); ``exact_difference`` is ``f_A - f_B`` of output coordinate
-    ``output`` in float64 on the stored weights; ``replayed_difference`` the largest
-    ``|f_A - f_B|`` onnxruntime gives on the compared outputs.
-    """
-
-    input: np.ndarray
-    output: int
-    exact_difference: float
-    replayed_difference: float
 
 
 @dataclass
@@ -170,8 +95,10 @@ class ProofResult:
     tolerance : the absolute ``tol`` proved against.
     bound : ``max`` over outputs and signs of the proved bounds on ``|f_A - f_B|`` (``inf`` when
         some direction has none); when proved, the ``epsilon`` of "equivalent up to epsilon".
-    tiers : the tiers that proved directions ("symbolic", "milp").
-    directions : per output coordinate and sign.
+    tiers : the methods that proved directions ("matched", "stable-units", "milp"; see
+        :mod:`onnx_exact.correspondence`).
+    directions : per output coordinate and sign, each with the method that proved it
+        (``tier``) or its status "open" / "violated".
     counterexample : set iff ``status == "counterexample"``.
     best_difference : the largest ``|f_A - f_B|`` (float64) seen at a concrete input of the box.
     free_neurons, shared_neurons, binaries : size of the canonical form: registered free neurons,
@@ -199,10 +126,15 @@ class ProofResult:
     notes: list[str] = field(default_factory=list)
     time_limit_hit: bool = False
     error_floor: float = 0.0
+    correspondence: Correspondence | None = None
 
     @property
     def proved(self) -> bool:
         return self.status == "proved"
+
+    @property
+    def open_directions(self) -> list[DirectionBound]:
+        return [d for d in self.directions if d.status == "open"]
 
     def to_json(self) -> dict[str, Any]:
         example = self.counterexample
@@ -230,6 +162,14 @@ class ProofResult:
                 }
                 for d in self.directions
             ],
+            "methods": {
+                m: sum(d.tier == m and d.status == "proved" for d in self.directions)
+                for m in METHODS
+            },  # fmt: skip
+            "open": [{"output": d.output, "sign": d.sign} for d in self.open_directions],
+            "correspondence": None
+            if self.correspondence is None
+            else self.correspondence.to_json(),
             "counterexample": None
             if example is None
             else {
@@ -305,364 +245,6 @@ def _json_float(value: float) -> float | str:
     return float(value) if math.isfinite(value) else str(float(value))
 
 
-# ----------------------------------------------------------------------------- canonical form
-
-
-@dataclass
-class _Form:
-    """Affine forms ``q_i = coeffs[i] . V[:width] + const[i]`` with errors ``err[i]``."""
-
-    coeffs: np.ndarray  # (m, width)
-    const: np.ndarray  # (m,)
-    err: np.ndarray  # (m,)
-
-    def padded(self, width: int) -> np.ndarray:
-        extra = width - self.coeffs.shape[1]
-        return np.pad(self.coeffs, ((0, 0), (0, extra))) if extra else self.coeffs
-
-
-@dataclass
-class _Batch:
-    """Free neurons registered together (one layer): their pre-activation rows and bounds."""
-
-    first: int  # index in V of the first one's h
-    rows: _Form  # y_u = rows . V[:rows.width] + const (+- err)
-    lower: np.ndarray
-    upper: np.ndarray
-
-
-def _proportional(
-    rows: np.ndarray, reference: np.ndarray, *, earlier_only: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each row ``r``: a reference row ``s`` with ``r ~ lam s``, ``lam > 0``, or ``-1``.
-
-    Returns ``(index, lam, gap)`` with ``gap = |r - lam s|_1``; a match needs
-    ``gap <= SHARE_RTOL |r|_1``. Candidates are the most parallel reference rows (cosine above
-    ``1 - 1e-6``, a cheap filter any round-off-level match passes); ``lam`` is the least-squares
-    factor. With ``earlier_only`` (``reference is rows``), row ``i`` may only match rows ``j < i``
-    that are not themselves matched, so every group of duplicates shares its first row.
-    """
-    count = rows.shape[0]
-    index = np.full(count, -1, dtype=np.int64)
-    lam = np.zeros(count)
-    gap = np.zeros(count)
-    if count == 0 or reference.shape[0] == 0:
-        return index, lam, gap
-    row_norm = np.linalg.norm(rows, axis=1)
-    ref_norm = np.linalg.norm(reference, axis=1)
-    dots = rows @ reference.T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cosine = np.nan_to_num(dots / np.outer(row_norm, ref_norm), nan=-1.0)
-    if earlier_only:
-        cosine[np.triu_indices(count, 0, reference.shape[0])] = -1.0
-    for i in np.flatnonzero(cosine.max(axis=1) > 1.0 - 1e-6):
-        for j in np.flatnonzero(cosine[i] > 1.0 - 1e-6):
-            if earlier_only and index[j] >= 0:
-                continue
-            factor = dots[i, j] / ref_norm[j] ** 2
-            residual = float(np.abs(rows[i] - factor * reference[j]).sum())
-            if factor > 0.0 and residual <= SHARE_RTOL * np.abs(rows[i]).sum():
-                index[i], lam[i], gap[i] = j, factor, residual
-                break
-    return index, lam, gap
-
-
-def _pad_values(values: np.ndarray, width: int) -> np.ndarray:
-    """Value rows ``[e * r, e . m + c]`` over ``V[:w]`` widened to ``V[:width]`` (const last)."""
-    extra = width + 1 - values.shape[1]
-    if not extra:
-        return values
-    return np.concatenate(
-        [values[:, :-1], np.zeros((values.shape[0], extra)), values[:, -1:]], axis=1
-    )
-
-
-class _Canonical:
-    """The free variables ``V`` shared by both networks and the output forms over them."""
-
-    def __init__(self, box: Box) -> None:
-        self.box = box
-        self.n_inputs = box.size
-        self.v_lower = [np.asarray(box.lower, dtype=np.float64)]
-        self.v_upper = [np.asarray(box.upper, dtype=np.float64)]
-        self.batches: list[_Batch] = []
-        self.stable: list[_Form] = []  # value rows of stable neurons; const = +1 active, -1 not
-        self.shared = 0
-
-    @property
-    def width(self) -> int:
-        return self.n_inputs + sum(b.lower.shape[0] for b in self.batches)
-
-    @property
-    def lower(self) -> np.ndarray:
-        return np.concatenate(self.v_lower)
-
-    @property
-    def upper(self) -> np.ndarray:
-        return np.concatenate(self.v_upper)
-
-    @property
-    def absmax(self) -> np.ndarray:
-        return np.maximum(np.abs(self.lower), np.abs(self.upper))
-
-    def add_network(self, net: Network, stability: StabilityResult) -> _Form:
-        """Walk ``net`` layer by layer; return the form of its output (after a final ReLU)."""
-        scale, shift = net.input_map.scale, net.input_map.shift
-        form: _Form | None = None
-        for k, layer in enumerate(net.layers):
-            absmax = self.absmax
-            weight, bias = layer.weight, layer.bias
-            abs_weight = np.abs(weight)
-            if form is None:
-                coeffs = np.pad(weight * scale, ((0, 0), (0, self.width - self.n_inputs)))
-                const = weight @ shift + bias
-                magnitude = np.abs(scale) * absmax[: self.n_inputs] + np.abs(shift)
-                err = _gamma(weight.shape[1] + 1) * (abs_weight @ magnitude + np.abs(bias))
-            else:
-                inner = form.padded(self.width)
-                coeffs = weight @ inner
-                const = weight @ form.const + bias
-                magnitude = np.abs(inner) @ absmax + np.abs(form.const)
-                err = abs_weight @ form.err + _gamma(weight.shape[1] + 2) * (
-                    abs_weight @ magnitude + np.abs(bias)
-                )
-            err = err * (1.0 + _gamma(4))
-            pre = _Form(coeffs, const, err)
-            form = self._activate(pre, stability.layers[k]) if layer.relu else pre
-        return form
-
-    def _activate(self, pre: _Form, verdict) -> _Form:
-        """Forms of ``h = relu(y)`` for one ReLU layer.
-
-        Every neuron is first matched against the registered free neurons (of either network):
-        a match is shared, ``h = lam h_u``, even when this network's analysis proved the neuron
-        stable, so that both networks' later layers are written over the same variables. The
-        others: stable neurons (by the analysis or their bounds) give 0 or ``y``; an open neuron is
-        matched against (a) the stable neurons seen so far: when ``y ~ lam y_s`` with ``y_s >= 0``
-        on the box, ``|relu(y) - y| <= |y - lam y_s|``, so ``h = y`` up to that residual (``h = 0``
-        likewise for ``y_s <= 0``); (b) earlier open neurons of the same layer; the rest become new
-        free variables.
-        """
-        n = pre.coeffs.shape[0]
-        states = np.asarray(verdict.states)
-        lower, upper = np.asarray(verdict.lower, float), np.asarray(verdict.upper, float)
-        inactive = (states == NeuronState.INACTIVE) | (upper <= 0.0)
-        active = ~inactive & ((states == NeuronState.ACTIVE) | (lower >= 0.0))
-        width = pre.coeffs.shape[1]
-        values = self.value_rows(pre.coeffs, pre.const)
-        # A form's error plus the float64 rounding of its value row (what a residual may miss).
-        slack = pre.err + self.row_rounding(pre.coeffs, pre.const)
-        share_of = np.full(n, -1, dtype=np.int64)  # V column of the free neuron shared, or -1
-        factor = np.zeros(n)
-        residual = np.zeros(n)  # bound on |y - lam y_u|
-        if self.batches:
-            registered_err = np.concatenate(
-                [
-                    b.rows.err + self.row_rounding(b.rows.padded(width), b.rows.const)
-                    for b in self.batches
-                ]
-            )
-            registered_col = np.concatenate(
-                [b.first + np.arange(b.lower.shape[0]) for b in self.batches]
-            )
-            match, lam, gap = _proportional(values, np.concatenate(self.batch_values(width)))
-            hit = np.flatnonzero(match >= 0)
-            share_of[hit] = registered_col[match[hit]]
-            factor[hit] = lam[hit]
-            residual[hit] = gap[hit] + slack[hit] + lam[hit] * registered_err[match[hit]]
-        shared = share_of >= 0
-        active &= ~shared
-        inactive &= ~shared
-        coeffs = np.where(active[:, None], pre.coeffs, 0.0)
-        const = np.where(active, pre.const, 0.0)
-        err = np.where(active, pre.err, 0.0)
-
-        open_now = np.flatnonzero(~shared & ~active & ~inactive)
-        known = [rows for rows in self.stable if rows.coeffs.shape[0]]
-        if known and open_now.size:
-            signs = np.concatenate([rows.const for rows in known])
-            known_err = np.concatenate([rows.err for rows in known])
-            stable_values = np.concatenate([_pad_values(rows.coeffs, width) for rows in known])
-            match, lam, gap = _proportional(values[open_now], stable_values)
-            for position in np.flatnonzero(match >= 0):
-                i, j = open_now[position], match[position]
-                distance = gap[position] + slack[i] + lam[position] * known_err[j]
-                if signs[j] > 0:
-                    coeffs[i], const[i], err[i] = pre.coeffs[i], pre.const[i], pre.err[i]
-                err[i] += distance
-            open_now = open_now[match < 0]
-        stable = np.flatnonzero(active | inactive)
-        self.stable.append(
-            _Form(values[stable], np.where(active[stable], 1.0, -1.0), slack[stable])
-        )
-
-        match, lam, gap = _proportional(values[open_now], values[open_now], earlier_only=True)
-        leaders = open_now[match < 0]
-        first_col = self.width
-        for position in np.flatnonzero(match >= 0):
-            i, leader = open_now[position], open_now[match[position]]
-            share_of[i] = first_col + int(np.searchsorted(leaders, leader))
-            factor[i] = lam[position]
-            residual[i] = gap[position] + slack[i] + lam[position] * slack[leader]
-        self._register(pre, leaders, lower[leaders], upper[leaders])
-
-        coeffs = np.pad(coeffs, ((0, 0), (0, self.width - width)))
-        shared = share_of >= 0
-        coeffs[shared, share_of[shared]] = factor[shared]
-        err[shared] = residual[shared] * (1.0 + _gamma(width + 3))
-        coeffs[leaders, first_col + np.arange(leaders.size)] = 1.0
-        self.shared += int(np.count_nonzero(shared))
-        return _Form(coeffs, const, err)
-
-    def value_rows(self, coeffs: np.ndarray, const: np.ndarray) -> np.ndarray:
-        """Forms ``e . V + c`` in box-centred coordinates ``[e * r, e . m + c]``.
-
-        ``m`` and ``r`` are the centre and radius of the box of ``V[:width]``. The l1 norm of a
-        row is exactly ``max |e . V + c|`` over that box, so the l1 residual of two rows is the
-        largest difference of the two forms: the error a match costs. (Centring matters: raw
-        inputs far from 0, like ACAS Xu's ranges in feet, would inflate ``|e| |V|max``.)
-        """
-        width = coeffs.shape[1]
-        lower, upper = self.lower[:width], self.upper[:width]
-        centre, radius = (lower + upper) / 2.0, (upper - lower) / 2.0
-        return np.concatenate([coeffs * radius, (coeffs @ centre + const)[:, None]], axis=1)
-
-    def row_rounding(self, coeffs: np.ndarray, const: np.ndarray) -> np.ndarray:
-        """Bound on the float64 rounding of :meth:`value_rows` and of residuals computed from it."""
-        width = coeffs.shape[1]
-        magnitude = np.abs(coeffs) @ self.absmax[:width] + np.abs(const)
-        return _gamma(width + 4) * magnitude
-
-    def batch_values(self, width: int) -> list[np.ndarray]:
-        """The registered free neurons' pre-activation forms as :meth:`value_rows`."""
-        return [self.value_rows(b.rows.padded(width), b.rows.const) for b in self.batches]
-
-    def _register(self, pre: _Form, neurons: np.ndarray, lower, upper) -> None:
-        self.batches.append(
-            _Batch(
-                first=self.width,
-                rows=_Form(pre.coeffs[neurons], pre.const[neurons], pre.err[neurons]),
-                lower=np.asarray(lower, dtype=np.float64),
-                upper=np.asarray(upper, dtype=np.float64),
-            )
-        )
-        self.v_lower.append(np.zeros(neurons.size))
-        self.v_upper.append(np.maximum(upper, 0.0))
-
-    def values(self, x_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(V, y)`` at a raw input: every free variable and free pre-activation, from the forms."""
-        v = np.zeros(self.width)
-        v[: self.n_inputs] = x_raw
-        ys = []
-        for batch in self.batches:
-            rows = batch.rows
-            y = rows.coeffs @ v[: rows.coeffs.shape[1]] + rows.const
-            v[batch.first : batch.first + y.shape[0]] = np.maximum(y, 0.0)
-            ys.append(np.clip(y, batch.lower, np.maximum(batch.upper, batch.lower)))
-        return v, (np.concatenate(ys) if ys else np.zeros(0))
-
-
-# ----------------------------------------------------------------------------- the proof MILP
-
-
-class _ProofModel:
-    """The product MILP over the canonical form (see the module docstring, tier 2)."""
-
-    def __init__(self, canonical: _Canonical) -> None:
-        self.canonical = canonical
-        highs = milp._new_highs()
-        milp._set_options(
-            highs,
-            primal_feasibility_tolerance=PROOF_FEASIBILITY_TOLERANCE,
-            mip_feasibility_tolerance=PROOF_FEASIBILITY_TOLERANCE,
-            mip_heuristic_run_feasibility_jump=False,
-        )
-        self.highs = highs
-        absmax = canonical.absmax
-        self.x = milp._add_columns(highs, canonical.box.lower, canonical.box.upper)
-        v_cols = [self.x]
-        y_cols, z_cols = [], []
-        for batch in canonical.batches:
-            rows = batch.rows
-            m, width = rows.coeffs.shape
-            upper = np.maximum(batch.upper, batch.lower)
-            y = milp._add_columns(highs, batch.lower, upper)
-            h = milp._add_columns(highs, np.zeros(m), np.maximum(upper, 0.0))
-            z = milp._add_columns(highs, np.zeros(m), np.ones(m), integer=True)
-            prefix = np.concatenate(v_cols)
-            y_absmax = np.maximum(np.abs(batch.lower), np.abs(upper))
-            row_ids, positions = np.nonzero(rows.coeffs)
-            order = np.argsort(np.concatenate([np.arange(m), row_ids]), kind="stable")
-            milp._add_rows(
-                highs,
-                rows.const - rows.err,
-                rows.const + rows.err,
-                np.concatenate([np.arange(m), row_ids])[order],
-                np.concatenate([y, prefix[positions]])[order],
-                np.concatenate([np.ones(m), -rows.coeffs[row_ids, positions]])[order],
-                np.concatenate([y_absmax, absmax[:width][positions]])[order],
-            )
-            milp._relu_rows(highs, y, h, z, batch.lower, upper, np.zeros(m))
-            v_cols.append(h)
-            y_cols.append(y)
-            z_cols.append(z)
-        self.v_cols = np.concatenate(v_cols).astype(np.int32)
-        self.y_cols = np.concatenate(y_cols) if y_cols else np.zeros(0, dtype=np.int64)
-        self.z_cols = np.concatenate(z_cols) if z_cols else np.zeros(0, dtype=np.int64)
-
-    @property
-    def binaries(self) -> int:
-        return int(self.z_cols.shape[0])
-
-    def start(self, x_raw: np.ndarray) -> None:
-        """Hand HiGHS the full point of a raw input as a starting incumbent."""
-        v, y = self.canonical.values(x_raw)
-        cols = np.concatenate([self.v_cols, self.y_cols, self.z_cols]).astype(np.int32)
-        vals = np.concatenate([v, y, (y >= 0.0).astype(np.float64)])
-        self.highs.setSolution(cols.shape[0], cols, vals)
-
-    def minimise(
-        self,
-        costs: np.ndarray,
-        cutoff: float,
-        target: float,
-        time_limit: float,
-        start: np.ndarray | None,
-    ) -> tuple[float, list[np.ndarray], highspy.HighsModelStatus]:
-        """Minimise ``costs . V``; return (lower bound, inputs of every incumbent, status).
-
-        Decide from the bound, not the status: an infeasible run (everything pruned by the cutoff)
-        proves the minimum is at least ``cutoff``; otherwise the bound is ``mip_dual_bound``.
-        """
-        highs = self.highs
-        highs.changeColsCost(self.v_cols.shape[0], self.v_cols, costs)
-        milp._set_options(
-            highs,
-            objective_bound=float(cutoff),
-            objective_target=float(target),
-            time_limit=milp.time_limit_option(highs, time_limit, mip=self.binaries > 0),
-        )
-        harvested: list[np.ndarray] = []
-        x_cols = self.x
-
-        def on_solution(event) -> None:
-            harvested.append(np.array(event.data_out.mip_solution[x_cols], dtype=np.float64))
-
-        highs.cbMipSolution.subscribe(on_solution)
-        if start is not None:
-            self.start(start)
-        highs.run()
-        highs.cbMipSolution.unsubscribe(on_solution)
-        status = highs.getModelStatus()
-        solution = highs.getSolution()
-        if solution.value_valid:
-            harvested.append(np.asarray(solution.col_value)[x_cols].copy())
-        if status in (_MODEL_STATUS.kInfeasible, _MODEL_STATUS.kObjectiveBound):
-            return float(cutoff), harvested, status
-        dual = float(highs.getInfo().mip_dual_bound)
-        return (dual if math.isfinite(dual) else -np.inf), harvested, status
-
-
 # ----------------------------------------------------------------------------- the proof
 
 
@@ -704,6 +286,8 @@ def prove_equivalence(
     replay: Replay | None = None,
     input_dtype: np.dtype | type = np.float32,
     seed: int = 0,
+    jobs: int = 1,
+    progress: ProgressCallback | None = None,
 ) -> ProofResult:
     """Prove ``max_x |f_A(x) - f_B(x)| <= tol`` over the raw box, or find a violating input.
 
@@ -721,6 +305,9 @@ def prove_equivalence(
     input_dtype : the models' input dtype; a violating input is rounded to it (inside the box)
         and re-evaluated before it counts.
     seed : seed of the stability analyses' sampling.
+    jobs : worker processes of the targeted stability analyses and the per-direction MILPs.
+    progress : optional ``progress(phase, done, total)`` ("stability", then "proof": directions
+        decided of those the MILP got).
 
     Returns
     -------
@@ -747,53 +334,51 @@ def prove_equivalence(
         )
     timings: dict[str, float] = {}
     stage = time.monotonic()
-    stability_a = _analysis(net_a, box, stability_a, time_limit, seed)
-    stability_b = _analysis(net_b, box, stability_b, time_limit, seed)
+    stabilities = [
+        _analysis(net_a, box, stability_a, time_limit, seed),
+        _analysis(net_b, box, stability_b, time_limit, seed),
+    ]
     timings["stability"] = time.monotonic() - stage
 
     stage = time.monotonic()
-    canonical = _Canonical(box)
-    form_a = canonical.add_network(net_a, stability_a)
-    form_b = canonical.add_network(net_b, stability_b)
-    width = canonical.width
-    diff = form_a.padded(width) - form_b.padded(width)
-    offset = form_a.const - form_b.const
-    absmax = canonical.absmax
-    rounding = _gamma(2) * (
-        (np.abs(form_a.padded(width)) + np.abs(form_b.padded(width))) @ absmax
-        + np.abs(form_a.const)
-        + np.abs(form_b.const)
-    )
-    error = (form_a.err + form_b.err + rounding) * (1.0 + _gamma(4))
-    lower, upper = canonical.lower, canonical.upper
-    directions: list[DirectionBound] = []
-    for o in range(diff.shape[0]):
-        for sign in (1, -1):
-            d = sign * diff[o]
-            extreme = np.maximum(d * lower, d * upper).sum() + sign * offset[o]
-            bound = (
-                extreme
-                + error[o]
-                + _gamma(width + 2) * (np.abs(d) @ absmax + abs(offset[o]) + error[o])
-            )
-            bound = max(float(bound), 0.0) if np.isfinite(bound) else np.inf
-            proved = bound <= tol
-            directions.append(
-                DirectionBound(o, sign, bound, "symbolic", "proved" if proved else "open")
-            )
-    timings["symbolic"] = time.monotonic() - stage
+    walk = _Walk(net_a, net_b, box, stabilities)
+    directions = walk.directions(tol, "matched" if walk.matches.complete else "stable-units")
+    timings["matched"] = time.monotonic() - stage
+    notes: list[str] = []
+    if any(d.status == "open" for d in directions):
+        targets = [walk.matches.targets(tag, st) for tag, st in zip("AB", stabilities, strict=True)]
+        if any(targets):
+            stage = time.monotonic()
+            remaining = deadline - stage
+            budget = None if not np.isfinite(remaining) else max(TARGETED_SHARE * remaining, 0.1)
+            proved = 0
+            for index, net in enumerate((net_a, net_b)):
+                stabilities[index], count = prove_units_stable(
+                    net, box, stabilities[index], targets[index], budget, jobs=jobs, seed=seed,
+                    progress=progress,
+                )  # fmt: skip
+                proved += count
+            walk = _Walk(net_a, net_b, box, stabilities)
+            walk.matches.targeted = sum(units.size for t in targets for units in t.values())
+            walk.matches.proved_stable = proved
+            for old, new in zip(directions, walk.directions(tol, "stable-units"), strict=True):
+                if old.status == "open":
+                    old.bound, old.tier, old.status = new.bound, new.tier, new.status
+            timings["stable-units"] = time.monotonic() - stage
 
+    canonical = walk.canonical
     result = ProofResult(
         status="proved",
         tolerance=tol,
         bound=0.0,
         directions=directions,
-        free_neurons=width - canonical.n_inputs,
+        free_neurons=canonical.width - canonical.n_inputs,
         shared_neurons=canonical.shared,
         output_tensor=net_a.output_name,
-        error_floor=float(error.max(initial=0.0)),
+        error_floor=float(walk.error.max(initial=0.0)),
+        correspondence=walk.matches,
     )
-    notes = [*_undecided_note("A", stability_a), *_undecided_note("B", stability_b)]
+    notes += [*_undecided_note("A", stabilities[0]), *_undecided_note("B", stabilities[1])]
     if result.error_floor > tol:
         notes.append(
             f"the accumulated round-off and sharing residuals ({result.error_floor:.3g}) exceed "
@@ -810,17 +395,25 @@ def prove_equivalence(
     open_directions = [d for d in directions if d.status == "open"]
     if open_directions:
         stage = time.monotonic()
-        model = _ProofModel(canonical)
-        result.binaries = model.binaries
-        timings["build"] = time.monotonic() - stage
-        stage = time.monotonic()
-        _milp_tier(
-            model, net_a, net_b, diff, offset, error, absmax, tol, open_directions, pool,
-            pool_diff, deadline, replay, np.dtype(input_dtype), result,
+        result.binaries = canonical.width - canonical.n_inputs
+        signed = np.array([d.sign * pool_diff[:, d.output] for d in open_directions])
+        starts = pool[np.argmax(signed, axis=1)]
+
+        def confirm(found: list[np.ndarray], output: int, sign: int) -> Counterexample | None:
+            return _confirm(
+                net_a, net_b, box, found, output, sign, tol, replay, np.dtype(input_dtype), result
+            )
+
+        result.counterexample, milp_notes = milp_tier(
+            canonical, open_directions, walk.diff, walk.offset, walk.error, tol, starts,
+            signed.max(axis=1), deadline, confirm, jobs=jobs, progress=progress,
         )  # fmt: skip
+        result.notes += milp_notes
         timings["milp"] = time.monotonic() - stage
     result.notes = notes + result.notes
-    result.tiers = sorted({d.tier for d in directions if d.status == "proved"})
+    result.tiers = [
+        m for m in METHODS if any(d.tier == m and d.status == "proved" for d in directions)
+    ]
     bounds = [d.bound for d in directions]
     result.bound = max(bounds, default=0.0)
     if result.counterexample is not None:
@@ -837,83 +430,59 @@ def prove_equivalence(
     return result
 
 
+class _Walk:
+    """Both networks in one canonical form, ``f_A - f_B``'s form over it, and the matches."""
+
+    def __init__(
+        self, net_a: Network, net_b: Network, box: Box, stabilities: list[StabilityResult]
+    ) -> None:
+        canonical = Canonical(box)
+        form_a = canonical.add_network(net_a, stabilities[0], "A")
+        form_b = canonical.add_network(net_b, stabilities[1], "B")
+        width = canonical.width
+        coeffs_a, coeffs_b = form_a.padded(width), form_b.padded(width)
+        self.canonical = canonical
+        self.matches = correspondence_of(canonical)
+        self.diff = coeffs_a - coeffs_b
+        self.offset = form_a.const - form_b.const
+        self.absmax = canonical.absmax
+        rounding = gamma(2) * (
+            (np.abs(coeffs_a) + np.abs(coeffs_b)) @ self.absmax
+            + np.abs(form_a.const)
+            + np.abs(form_b.const)
+        )
+        self.error = (form_a.err + form_b.err + rounding) * (1.0 + gamma(4))
+
+    def directions(self, tol: float, method: str) -> list[DirectionBound]:
+        """The symbolic bound per output and sign; those ``<= tol`` are proved by ``method``."""
+        lower, upper = self.canonical.lower, self.canonical.upper
+        width = self.canonical.width
+        out = []
+        for o in range(self.diff.shape[0]):
+            for sign in (1, -1):
+                d = sign * self.diff[o]
+                extreme = np.maximum(d * lower, d * upper).sum() + sign * self.offset[o]
+                bound = (
+                    extreme
+                    + self.error[o]
+                    + gamma(width + 2)
+                    * (np.abs(d) @ self.absmax + abs(self.offset[o]) + self.error[o])
+                )
+                bound = max(float(bound), 0.0) if np.isfinite(bound) else np.inf
+                proved = bound <= tol
+                out.append(
+                    DirectionBound(
+                        o, sign, bound, method if proved else "", "proved" if proved else "open"
+                    )
+                )
+        return out
+
+
 def _undecided_note(label: str, stability: StabilityResult) -> list[str]:
     undecided = stability.counts().get("UNDECIDED", 0)
     if not undecided:
         return []
     return [f"model {label}: {undecided} neurons not decided by the stability analysis (kept free)"]
-
-
-def _milp_tier(
-    model: _ProofModel,
-    net_a: Network,
-    net_b: Network,
-    diff: np.ndarray,
-    offset: np.ndarray,
-    error: np.ndarray,
-    absmax: np.ndarray,
-    tol: float,
-    directions: list[DirectionBound],
-    pool: np.ndarray,
-    pool_diff: np.ndarray,
-    deadline: float,
-    replay: Replay | None,
-    input_dtype: np.dtype,
-    result: ProofResult,
-) -> None:
-    """Decision MILPs for the directions the symbolic tier left open, largest bound first.
-
-    Directions whose error floor (``error + slack``) reaches ``tol`` are skipped: the widened rows
-    make the MILP unable to prove them and let it return spurious violations. Stops at the first
-    replayed counterexample (the verdict is then settled).
-    """
-    box = model.canonical.box
-    ordered = sorted(directions, key=lambda d: -d.bound)
-    for position, direction in enumerate(ordered):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        o, sign = direction.output, direction.sign
-        costs = -sign * diff[o]
-        base = sign * offset[o]
-        slack = PROOF_FEASIBILITY_TOLERANCE * (np.abs(diff[o]) @ absmax + abs(offset[o]) + 1.0)
-        if error[o] + slack >= tol:
-            continue
-        cutoff = base + error[o] + slack - tol
-        target = base - tol - slack
-        start = pool[int(np.argmax(sign * pool_diff[:, o]))]
-        share = remaining / (len(ordered) - position) if np.isfinite(remaining) else _INF
-        for _attempt in range(2):
-            time_limit = min(share, deadline - time.monotonic())
-            if time_limit <= 0:
-                break
-            lower_bound, harvested, status = model.minimise(
-                costs, cutoff, target, time_limit, start
-            )
-            bound = base - lower_bound + error[o] + slack
-            if bound < direction.bound:
-                direction.bound, direction.tier = float(bound), "milp"
-            if direction.bound <= tol:
-                seen = float((sign * pool_diff[:, o]).max())
-                if seen > tol:  # a known point contradicts the proof: the model is not sound
-                    result.notes.append(
-                        f"output {o}: the MILP claims a bound the input pool contradicts "
-                        f"({seen:.3g} > {tol:g}); left open"
-                    )
-                    direction.status, direction.bound = "open", np.inf
-                    break
-                direction.status = "proved"
-                break
-            example = _confirm(
-                net_a, net_b, box, harvested, o, sign, tol, replay, input_dtype, result
-            )
-            if example is not None:
-                direction.status = "violated"
-                result.counterexample = example
-                return
-            if status != _MODEL_STATUS.kObjectiveTarget:
-                break
-            target = -_INF
 
 
 def _confirm(

@@ -141,7 +141,7 @@ def test_identical_models_are_proved_by_the_symbolic_tier():
     report = check_equivalence(model, model, unit_box(4, -1, 1), samples=500)
     assert report.passed and report.sampled.max_abs_diff == 0.0
     proof = report.proof
-    assert proof.status == "proved" and proof.tiers == ["symbolic"]
+    assert proof.status == "proved" and proof.tiers == ["matched"]
     assert proof.bound <= 1e-12 and proof.binaries == 0
     assert proof.shared_neurons == proof.free_neurons > 0
 
@@ -279,7 +279,7 @@ def test_shared_model_versus_its_compressed_output(model_file, box_file, atol):
         time_limit=20.0,
     )
     assert report.passed and report.proof.status == "proved"
-    assert report.proof.tiers == ["symbolic"] and report.proof.binaries == 0
+    assert report.proof.tiers == ["stable-units"] and report.proof.binaries == 0
 
 
 def test_split_neurons_are_shared_without_binaries():
@@ -293,7 +293,7 @@ def test_split_neurons_are_shared_without_binaries():
     a = read_model(gemm_mlp(weights)).network
     b = read_model(gemm_mlp([(split_w1, split_b1), (split_w2, b2)])).network
     proof = prove_equivalence(a, b, unit_box(3, -1, 1), 1e-6)
-    assert proof.status == "proved" and proof.tiers == ["symbolic"] and proof.binaries == 0
+    assert proof.status == "proved" and proof.tiers == ["matched"] and proof.binaries == 0
 
 
 def test_a_model_the_reader_rejects_is_sampled_but_not_proved():
