@@ -24,8 +24,6 @@ from onnx_exact.domain import (
 )
 from onnx_exact.errors import DomainError, UnsupportedModelError, UsageError
 
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
-
 
 def image_model(input_name: str = "x", batch: str | int = "N") -> onnx.ModelProto:
     """A 1x2x2 'image' input, Flatten, Gemm(4 -> 3), Relu: 4 raw features."""
@@ -213,23 +211,23 @@ def test_vnnlib_missing_file():
         parse_vnnlib_box("/nowhere.vnnlib", 2)
 
 
-def shared_vnnlib_cases() -> list[tuple[Path, Path]]:
-    manifest = SHARED_MODELS / "manifest.json"
+def shared_vnnlib_cases(shared_models: Path) -> list[tuple[Path, Path]]:
+    manifest = shared_models / "manifest.json"
     if not manifest.exists():
         return []
     cases = []
     for entry in json.loads(manifest.read_text()):
-        folder = SHARED_MODELS / Path(entry["model"]).parent
+        folder = shared_models / Path(entry["model"]).parent
         for domain in entry["domains"]:
             if domain["vnnlib"]:
                 cases.append((folder / domain["vnnlib"], folder / domain["box_npz"]))
     return cases
 
 
-def test_vnnlib_matches_the_shared_boxes():
-    cases = shared_vnnlib_cases()
+def test_vnnlib_matches_the_shared_boxes(shared_models):
+    cases = shared_vnnlib_cases(shared_models)
     if not cases:
-        pytest.skip("/work/shared/models is not available")
+        pytest.skip("../shared/models has no VNN-LIB properties")
     for vnnlib_path, npz_path in cases:
         expected = np.load(npz_path)
         start = time.perf_counter()
@@ -429,10 +427,10 @@ def test_scalar_range_broadcasts_on_a_fixed_batch_input():
     assert box.lower.tolist() == [-0.5] * 4 and box.size == 4
 
 
-def test_resolve_on_the_shared_models():
-    acas = SHARED_MODELS / "acasxu" / "ACASXU_run2a_1_1_batch_2000.onnx"
+def test_resolve_on_the_shared_models(shared_models):
+    acas = shared_models / "acasxu" / "ACASXU_run2a_1_1_batch_2000.onnx"
     if not acas.exists():
-        pytest.skip("/work/shared/models is not available")
+        pytest.skip(f"{acas} is absent")
     model = onnx.load(acas)  # IR 3: initializers are listed as graph inputs too
     box = resolve_domain(model, 5, "input", vnnlib=acas.parent / "prop_1.vnnlib")
     expected = np.load(acas.parent / "ACASXU_run2a_1_1_batch_2000.prop_1.npz")
@@ -442,6 +440,6 @@ def test_resolve_on_the_shared_models():
     assert "'input'" in str(info.value) and "'W0'" in str(info.value)
     assert "W0" not in str(info.value).split("inputs are")[1]
 
-    mnist = onnx.load(SHARED_MODELS / "mnistfc" / "mnist-net_256x2.onnx")
+    mnist = onnx.load(shared_models / "mnistfc" / "mnist-net_256x2.onnx")
     box = resolve_domain(mnist, 784, "0", input_ranges=["0:[0,1]"])
     assert box.size == 784 and box.input_name == "0"

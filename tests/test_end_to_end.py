@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import SHARED_MODELS
 from exporter_fixtures import (
     ALL_BUILDERS,
     EXTERNAL_DATA_BUILDERS,
@@ -23,8 +24,6 @@ from exporter_fixtures import (
 
 from onnx_exact.pipeline import DomainSpec, compress
 from onnx_exact.stability import NeuronState
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 
 
 def _save_box(path: Path, lower: np.ndarray, upper: np.ndarray) -> str:
@@ -72,7 +71,7 @@ def test_every_exporter_pattern_compresses_exactly(name, tmp_path):
 
 
 def _shared_cases() -> list[tuple[str, str]]:
-    manifest = SHARED / "manifest.json"
+    manifest = SHARED_MODELS / "manifest.json"
     if not manifest.exists():
         return []
     # The cases that finish in seconds; the benchmark (bench/stability.py) runs all of them.
@@ -86,7 +85,7 @@ def _shared_cases() -> list[tuple[str, str]]:
     for entry in json.loads(manifest.read_text()):
         for domain in entry["domains"]:
             if domain["name"] in wanted.get(entry["model"], ()):
-                folder = (SHARED / entry["model"]).parent
+                folder = (SHARED_MODELS / entry["model"]).parent
                 cases.append((entry["model"], str(folder / domain["box_npz"])))
     return cases
 
@@ -102,10 +101,12 @@ SHARED_CASES = _shared_cases()
         f"{Path(m).stem}:{Path(b).stem.removeprefix(Path(m).stem + '.')}" for m, b in SHARED_CASES
     ],
 )
-def test_shared_models_compress_and_prove_at_least_onnxsim(model_rel, box_path, tmp_path):
+def test_shared_models_compress_and_prove_at_least_onnxsim(
+    model_rel, box_path, tmp_path, shared_models
+):
     from onnxsim import stable_relu_prune
 
-    model_path = SHARED / model_rel
+    model_path = shared_models / model_rel
     out = tmp_path / "small.onnx"
     result = compress(model_path, out, DomainSpec(range_file=box_path))
     report = result.report

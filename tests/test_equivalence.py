@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,8 +22,6 @@ from onnx_exact.network import DenseLayer, InputMap, Network
 from onnx_exact.onnx_reader import read_model
 from onnx_exact.pipeline import AnalysisOptions, DomainSpec, compress
 from onnx_exact.verify import compare_models, run_model
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 
 
 def gemm_mlp(
@@ -258,14 +255,12 @@ SHARED_CASES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("model_file", "box_file", "atol"), SHARED_CASES)
-def test_shared_model_versus_its_compressed_output(model_file, box_file, atol):
-    if not SHARED.is_dir():
-        pytest.skip("shared models are absent")
-    path = SHARED / model_file
+def test_shared_model_versus_its_compressed_output(model_file, box_file, atol, shared_models):
+    path = shared_models / model_file
     compressed = compress(
         path,
         None,
-        DomainSpec(range_file=str(SHARED / box_file)),
+        DomainSpec(range_file=str(shared_models / box_file)),
         AnalysisOptions(time_limit=5.0),
         samples=200,
     )

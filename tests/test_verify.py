@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -300,9 +299,6 @@ def test_mnist_sized_model_is_fast():
     assert elapsed < 2.0, f"2000 samples of 784-256-256-10 took {elapsed:.2f} s"
 
 
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
-
-
 @pytest.mark.parametrize(
     ("model_file", "box_file"),
     [
@@ -314,12 +310,12 @@ SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
         ("rl/dubinsrejoin.onnx", "rl/dubinsrejoin.case_safe_0.npz"),
     ],
 )
-def test_shared_models_agree_with_themselves(model_file, box_file):
-    if not (SHARED_MODELS / model_file).exists():
-        pytest.skip("/work/shared/models is not available")
-    bounds = np.load(SHARED_MODELS / box_file)
+def test_shared_models_agree_with_themselves(model_file, box_file, shared_models):
+    if not (shared_models / model_file).exists():
+        pytest.skip(f"{shared_models / model_file} is absent")
+    bounds = np.load(shared_models / box_file)
     box = Box(bounds["lower"], bounds["upper"], "input")
-    path = str(SHARED_MODELS / model_file)
+    path = str(shared_models / model_file)
     report = compare_models(path, onnx.load(path), box, samples=300)
     assert report.passed and report.max_abs_diff == 0.0
     assert report.worst_input.shape == (box.size,)
