@@ -175,8 +175,9 @@ class ReadResult:
     """A loaded model and the network extracted from it.
 
     ``uses_external_data`` records whether the file stored its tensors in external data (torch's
-    dynamo exporter always does): pass it to :func:`onnx_exact.onnx_writer.save_model_atomic` so the
-    output keeps its tensors external too.
+    dynamo exporter always does) and ``external_tensors`` which ones (the loaded ``model`` holds
+    them all inline): :meth:`onnx_exact.onnx_writer.TensorPlacement.like_input` keeps each tensor
+    of the output where the input kept it.
     """
 
     model: onnx.ModelProto
@@ -187,6 +188,7 @@ class ReadResult:
     has_batch_dim: bool
     input_dtype: np.dtype
     uses_external_data: bool = False
+    external_tensors: frozenset[str] = frozenset()
 
 
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
@@ -206,12 +208,13 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
         prove things about; the message names the node and the reason.
     """
     if isinstance(source, onnx.ModelProto):
-        model, path, label, external = source, None, "<model>", False
+        model, path, label, external = source, None, "<model>", frozenset()
     else:
         path = Path(os.fspath(source))
         label = str(path)
         model, external = _load(path)
     _check_opsets(model, label)
+    _check_integrity(model, label)
     return _GraphWalker(model, label).read(path, external)
 
 
@@ -241,8 +244,12 @@ def _check_opsets(model: onnx.ModelProto, label: str) -> None:
             )
 
 
-def _load(path: Path) -> tuple[onnx.ModelProto, bool]:
-    """Load a model file and its external data; decode and file errors become clear errors."""
+def _load(path: Path) -> tuple[onnx.ModelProto, frozenset[str]]:
+    """Load a model file and its external data; decode and file errors become clear errors.
+
+    Returns the model (every tensor inline) and the names of the tensors the file stored in
+    external data.
+    """
     if not path.exists():
         raise UsageError(f"{path}: no such file; give the path of an ONNX model")
     if path.is_dir():
@@ -258,8 +265,10 @@ def _load(path: Path) -> tuple[onnx.ModelProto, bool]:
         raise UnsupportedModelError(
             f"{path}: not an ONNX model (no IR version or graph); check the file is an .onnx model"
         )
-    external = any(
-        onnx.external_data_helper.uses_external_data(tensor) for tensor in _all_tensors(model)
+    external = frozenset(
+        tensor.name
+        for tensor in _all_tensors(model)
+        if onnx.external_data_helper.uses_external_data(tensor)
     )
     if external:
         try:
@@ -269,6 +278,116 @@ def _load(path: Path) -> tuple[onnx.ModelProto, bool]:
                 f"{path}: cannot load its external data ({exc}); keep the data file next to the model"
             ) from None
     return model, external
+
+
+#: Element types stored several to a byte (``raw_data`` and ``int32_data`` hold them packed).
+_PACKED_PER_BYTE = {
+    getattr(TensorProto, name): per_byte
+    for name, per_byte in (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4))
+    if hasattr(TensorProto, name)
+}
+
+
+def _check_integrity(model: onnx.ModelProto, label: str) -> None:
+    """Refuse a malformed model up front, naming the tensor or node, instead of failing later.
+
+    onnx and onnxruntime would otherwise raise deep inside the analysis or the writer (a reshape
+    of too few bytes, a checker error on the output after the whole analysis). Checked here: the
+    IR version this onnx reads, the stored size of every initializer and ``Constant`` tensor of the
+    main graph against its ``dims`` and ``data_type``, unique initializer and node names
+    (onnxruntime refuses repeated node names), every node input and graph output produced before
+    it is used; then ``onnx.checker.check_model`` for anything else (models under 2 GiB).
+    """
+    if model.ir_version > onnx.IR_VERSION:
+        raise UnsupportedModelError(
+            f"{label}: IR version {model.ir_version} is newer than onnx {onnx.__version__} reads "
+            f"(up to {onnx.IR_VERSION}); re-export the model with an older exporter or upgrade onnx"
+        )
+    graph = model.graph
+    tensors = [("initializer", t) for t in graph.initializer] + [
+        (f"{_label(i, node)} value", attribute.t)
+        for i, node in enumerate(graph.node)
+        if node.op_type == "Constant"
+        for attribute in node.attribute
+        if attribute.type == onnx.AttributeProto.TENSOR
+    ]
+    for kind, tensor in tensors:
+        problem = _tensor_size_problem(tensor)
+        if problem:
+            raise UnsupportedModelError(
+                f"{label}: {kind} '{tensor.name}' {problem}; the file is corrupt or was edited "
+                "by hand: re-export the model"
+            )
+    for what, names in (
+        ("initializer", [t.name for t in graph.initializer]),
+        ("node", [node.name for node in graph.node if node.name]),
+    ):
+        seen: set[str] = set()
+        repeated = next((name for name in names if name in seen or seen.add(name)), None)
+        if repeated is not None:
+            raise UnsupportedModelError(
+                f"{label}: {names.count(repeated)} {what}s are named '{repeated}' (onnx and "
+                f"onnxruntime refuse repeated names); give each {what} a unique name"
+            )
+    available = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    for index, node in enumerate(graph.node):
+        missing = next((name for name in node.input if name and name not in available), None)
+        if missing is not None:
+            raise UnsupportedModelError(
+                f"{label}: {_label(index, node)} reads tensor '{missing}', which no graph input, "
+                "initializer or earlier node produces (a broken or unsorted graph); fix the model "
+                "or re-export it"
+            )
+        available.update(name for name in node.output if name)
+    for output in graph.output:
+        if output.name not in available:
+            raise UnsupportedModelError(
+                f"{label}: graph output '{output.name}' is produced by no node; remove it from "
+                "graph.output or re-export the model"
+            )
+    if model.ByteSize() < 2**31 - 1:
+        try:
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as exc:
+            reason = " ".join(str(exc).split())
+            raise UnsupportedModelError(
+                f"{label}: not a valid ONNX model (onnx.checker: {reason}); fix it or re-export it"
+            ) from None
+
+
+def _tensor_size_problem(tensor: onnx.TensorProto) -> str | None:
+    """What is wrong with the amount of data ``tensor`` stores for its dims and type, if anything.
+
+    ``raw_data`` must hold ``prod(dims)`` elements of ``data_type`` (sub-byte types packed), a
+    typed field (``float_data``, ``int32_data``, ...) one entry per element (two for complex
+    types, packed for sub-byte types). Tensors still in external data are not checked.
+    """
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return None
+    dims = list(tensor.dims)
+    if any(d < 0 for d in dims):
+        return f"has a negative dimension in its dims {dims}"
+    count = math.prod(dims)
+    try:
+        type_name = TensorProto.DataType.Name(tensor.data_type)
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        field = helper.tensor_dtype_to_field(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return f"has the unknown data_type {tensor.data_type}"
+    per_byte = _PACKED_PER_BYTE.get(tensor.data_type)
+    if tensor.HasField("raw_data"):
+        if tensor.data_type == TensorProto.STRING:
+            return "is a STRING tensor stored in raw_data"
+        need = -(-count // per_byte) if per_byte else count * itemsize
+        have, unit = len(tensor.raw_data), "bytes of raw_data"
+    else:
+        need = -(-count // per_byte) if per_byte else count
+        if tensor.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128):
+            need = 2 * count
+        have, unit = len(getattr(tensor, field)), f"entries of {field}"
+    if have == need:
+        return None
+    return f"({type_name}, dims {dims}) stores {have} {unit} but its dims and data_type need {need}"
 
 
 def all_graphs(graph: onnx.GraphProto):
@@ -312,7 +431,12 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 class ConstantResolver:
     """Values of constant tensors: initializers (also those listed as graph inputs, which IR < 4
-    requires and tf2onnx sometimes does), ``Constant`` nodes, and ``Identity`` chains of either."""
+    requires and tf2onnx sometimes does), ``Constant`` nodes, and ``Identity`` chains of either.
+
+    A ``Cast`` of a float constant to float16/32/64 is folded too (fp16 weights stored behind a
+    ``Cast`` to float32 by mixed-precision exporters): numpy's ``astype`` rounds to nearest even
+    like onnxruntime's Cast, and widening (float16 → float32) is exact.
+    """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
@@ -335,6 +459,14 @@ class ConstantResolver:
                 value = _constant_node_value(node)
             elif node.op_type == "Identity":
                 value = self.value(node.input[0])
+            elif node.op_type == "Cast" and node.domain in ("", "ai.onnx"):
+                source = self.value(node.input[0])
+                target = FLOAT_TYPES.get(_attr(node, "to", 0))
+                is_float = source is not None and (
+                    source.dtype.kind == "f" or source.dtype.name == "bfloat16"
+                )
+                if is_float and target is not None:
+                    value = source.astype(target)
         self.cache[name] = value
         return value
 
@@ -452,7 +584,7 @@ class _GraphWalker:
         return np.broadcast_to(scale_or_shift, full).reshape(-1).astype(np.float64)
 
     # ------------------------------------------------------------------ the walk
-    def read(self, path: Path | None, external: bool) -> ReadResult:
+    def read(self, path: Path | None, external: frozenset[str]) -> ReadResult:
         graph_input = self._graph_input()
         self.input_name = graph_input.name
         tensor_type = graph_input.type.tensor_type
@@ -478,6 +610,15 @@ class _GraphWalker:
             raise self.fail(
                 f"input '{graph_input.name}' has shape {list(dims)}: all dimensions but the batch "
                 "dimension must be static"
+            )
+        features = math.prod(int(d) for d in sample_dims)
+        largest = max((math.prod(t.dims) for t in self.graph.initializer), default=0)
+        largest = max([largest] + [v.size for v in map(self.constant, self._constant_nodes())])
+        if features > largest and graph_input.name in self.reaches_affine:
+            raise self.fail(
+                f"input '{graph_input.name}' declares {features} features per sample (shape "
+                f"{list(dims)}) but the largest weight has {largest} entries, so no layer can read "
+                "them; fix the input's declared shape"
             )
         batch = dims[0] if self.has_batch else None
         self.batch_probe = [batch] if isinstance(batch, int) and batch > 0 else [2, 3]
@@ -518,8 +659,13 @@ class _GraphWalker:
             input_shape=dims,
             has_batch_dim=self.has_batch,
             input_dtype=self.dtype,
-            uses_external_data=external,
+            uses_external_data=bool(external),
+            external_tensors=external,
         )
+
+    def _constant_nodes(self) -> list[str]:
+        """Outputs of the graph's ``Constant`` nodes (weights may be stored in them)."""
+        return [n.output[0] for n in self.graph.node if n.op_type == "Constant" and n.output]
 
     def _graph_input(self) -> onnx.ValueInfoProto:
         """The single non-constant graph input (initializers listed as inputs are constants)."""

@@ -208,6 +208,60 @@ def opset(version: int | None) -> Callable[[], onnx.ModelProto]:
     return lambda: mlp(opset=version)
 
 
+def edited(edit: Callable[[onnx.ModelProto], object]) -> Callable[[Path], Path]:
+    """The good MLP after ``edit(model)`` changed it in place (``onnx.save`` does not check)."""
+
+    def build(d: Path) -> Path:
+        model = mlp()
+        edit(model)
+        return save(model, d / "model.onnx")
+
+    return build
+
+
+def w1_raw(payload: Callable[[bytes], bytes]) -> Callable[[onnx.ModelProto], None]:
+    def edit(model: onnx.ModelProto) -> None:
+        tensor = model.graph.initializer[0]
+        tensor.raw_data = payload(tensor.raw_data)
+
+    return edit
+
+
+def w1_float_data_short(model: onnx.ModelProto) -> None:
+    tensor = model.graph.initializer[0]
+    values = numpy_helper.to_array(tensor).reshape(-1)[:-1]
+    tensor.ClearField("raw_data")
+    tensor.float_data.extend(values.tolist())
+
+
+def w1_declared_double(model: onnx.ModelProto) -> None:
+    model.graph.initializer[0].data_type = TensorProto.DOUBLE
+
+
+def duplicate_w1(model: onnx.ModelProto) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 4), np.float32), "w1"))
+
+
+def fc2_reads_missing(model: onnx.ModelProto) -> None:
+    model.graph.node[2].input[0] = "nothere"
+
+
+def unproduced_output(model: onnx.ModelProto) -> None:
+    model.graph.output.append(helper.make_tensor_value_info("ghost", TensorProto.FLOAT, ["N", 3]))
+
+
+def ir_version_99(model: onnx.ModelProto) -> None:
+    model.ir_version = 99
+
+
+def huge_input_dim(model: onnx.ModelProto) -> None:
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 2**62
+
+
+def duplicate_node_name(model: onnx.ModelProto) -> None:
+    model.graph.node[2].name = "fc1"
+
+
 # --------------------------------------------------------------------------- the corpus
 CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
     # -- the model file
@@ -332,6 +386,67 @@ CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
         model_case(no_affine_layer),
         2,
         ("no Gemm or MatMul", "'x'"),
+    ),
+    # -- malformed models (onnx.save does not check them)
+    (
+        "initializer raw_data too short",
+        model_case(edited(w1_raw(lambda raw: raw[:-4]))),
+        2,
+        ("model.onnx", "initializer 'w1'", "76 bytes", "need 80", "re-export"),
+    ),
+    (
+        "initializer raw_data too long",
+        model_case(edited(w1_raw(lambda raw: raw + bytes(4)))),
+        2,
+        ("model.onnx", "initializer 'w1'", "84 bytes", "need 80"),
+    ),
+    (
+        "initializer float_data too short",
+        model_case(edited(w1_float_data_short)),
+        2,
+        ("model.onnx", "initializer 'w1'", "19 entries of float_data", "need 20"),
+    ),
+    (
+        "initializer data_type does not match its bytes",
+        model_case(edited(w1_declared_double)),
+        2,
+        ("model.onnx", "initializer 'w1'", "DOUBLE", "need 160"),
+    ),
+    (
+        "duplicate initializer names",
+        model_case(edited(duplicate_w1)),
+        2,
+        ("model.onnx", "2 initializers are named 'w1'", "unique name"),
+    ),
+    (
+        "node reads a missing tensor",
+        model_case(edited(fc2_reads_missing)),
+        2,
+        ("model.onnx", "node 'fc2' (Gemm)", "'nothere'", "no graph input"),
+    ),
+    (
+        "graph output nothing produces",
+        model_case(edited(unproduced_output)),
+        2,
+        ("model.onnx", "graph output 'ghost'", "no node"),
+    ),
+    (
+        "IR version too new",
+        model_case(edited(ir_version_99)),
+        2,
+        ("model.onnx", "IR version 99", "re-export"),
+    ),
+    (
+        "input dimension of 2^62",
+        model_case(edited(huge_input_dim)),
+        2,
+        ("model.onnx", "input 'x'", str(2**62), "largest weight has 20 entries"),
+    ),
+    (
+        "duplicate node names",
+        model_case(edited(duplicate_node_name)),
+        2,
+        ("model.onnx", "2 nodes are named 'fc1'", "unique name"),
     ),
     # -- the domain
     ("domain missing", domain_case(), 2, ("no input domain", "--input-range")),
@@ -468,7 +583,57 @@ CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
     ("unknown option", domain_case(*RANGE, "--bogus"), 2, ("--bogus",)),
     ("output argument missing", lambda d: [str(good_model(d)), *RANGE], 2, ("output",)),
     ("negative --seed", domain_case(*RANGE, "--seed", "-1"), 2, ("--seed",)),
+    # -- written paths that would clobber a read or a special file (tests/test_output_paths.py)
+    (
+        "--json is the input model",
+        lambda d: ["analyze", str(good_model(d)), *RANGE, "--json", str(d / "model.onnx")],
+        2,
+        ("model.onnx", "is the input model"),
+    ),
+    (
+        "--report is the output model",
+        lambda d: [*compress_args(good_model(d), d, *RANGE), "--report", str(d / "out.onnx")],
+        2,
+        ("out.onnx", "is the output model"),
+    ),
+    (
+        "output's data file is the input's data file",
+        lambda d: [str(external_model(d, "out.onnx.data")), str(d / "out.onnx"), *RANGE],
+        2,
+        ("out.onnx.data", "is the input model's external data"),
+    ),
+    (
+        "output is the input's data file",
+        lambda d: [str(external_model(d, "w.bin")), str(d / "w.bin"), *RANGE],
+        2,
+        ("w.bin", "is the input model's external data"),
+    ),
+    (
+        "output is a FIFO",
+        lambda d: [str(good_model(d)), (os.mkfifo(d / "pipe"), str(d / "pipe"))[1], *RANGE],
+        2,
+        ("pipe", "is a FIFO"),
+    ),
+    (
+        "output names a missing folder",
+        lambda d: [str(good_model(d)), f"{d / 'newdir'}/", *RANGE],
+        2,
+        ("newdir/", "no such folder"),
+    ),
+    (
+        "--report in a missing folder",
+        lambda d: [*compress_args(good_model(d), d, *RANGE), "--report", str(d / "no" / "r.json")],
+        2,
+        ("r.json", "does not exist"),
+    ),
 ]
+
+
+def external_model(d: Path, location: str) -> Path:
+    """The good MLP saved as ``d/model.onnx`` with its weights in the external file ``location``."""
+    path = d / "model.onnx"
+    onnx.save(mlp(), path, save_as_external_data=True, location=location, size_threshold=0)
+    return path
 
 
 def run_cli(args: list[str]) -> tuple[int, str, str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import SHARED_MODELS
 from exporter_fixtures import (
     ALL_BUILDERS,
     EXTERNAL_DATA_BUILDERS,
@@ -21,8 +22,6 @@ from onnx import TensorProto, helper
 
 from onnx_exact.errors import UnsupportedModelError, UsageError
 from onnx_exact.onnx_reader import read_model
-
-SHARED_MODELS = Path("/work/shared/models")
 
 
 def assert_matches_onnxruntime(read, model, lower, upper, samples: int = 64) -> None:
@@ -253,6 +252,37 @@ def test_cast_to_another_float_type_is_refused() -> None:
     _refused(model, "'to_double' (Cast)", "same-type Casts")
 
 
+def test_float16_weights_behind_a_cast_are_folded_constants() -> None:
+    """Mixed-precision exporters store fp16 weights and Cast them to float32: exact, foldable."""
+    g = GraphBuilder()
+    (w1, b1), (w2, b2) = mlp_parameters((6, 8, 3), seed=34)
+    half = g.const(w1, dtype=np.float16)
+    w1_float = g.node("Cast", [half], name="cast_w1", to=TensorProto.FLOAT)
+    x = g.node("Relu", [g.node("Gemm", ["x", w1_float, g.const(b1)], name="fc1", transB=1)])
+    g.node("Gemm", [x, g.const(w2), g.const(b2)], name="fc2", output="y", transB=1)
+    model = g.model([g.tensor("x", ["N", 6])], [g.tensor("y", ["N", 3])])
+    read = read_model(model)
+    expected = w1.astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(read.network.layers[0].weight, expected)
+    assert_matches_onnxruntime(read, model, np.zeros(6), np.ones(6))
+
+
+def test_malformed_models_are_refused_before_the_analysis() -> None:
+    """Data that does not match dims/type, repeated names, dangling inputs: one clear line each."""
+    short = _gemm_model()
+    short.graph.initializer[0].raw_data = short.graph.initializer[0].raw_data[:-4]
+    _refused(short, f"initializer '{short.graph.initializer[0].name}'", "bytes of raw_data")
+    named_twice = _gemm_model()
+    named_twice.graph.node[-1].name = named_twice.graph.node[0].name
+    _refused(named_twice, f"2 nodes are named '{named_twice.graph.node[0].name}'")
+    dangling = _gemm_model()
+    dangling.graph.node[-1].input[0] = "nowhere"
+    _refused(dangling, "'nowhere'", "no graph input, initializer or earlier node")
+    newer = _gemm_model()
+    newer.ir_version = onnx.IR_VERSION + 1
+    _refused(newer, f"IR version {onnx.IR_VERSION + 1}")
+
+
 def test_unreadable_files(tmp_path: Path) -> None:
     _refused(tmp_path / "absent.onnx", "no such file", error=UsageError)
     garbage = tmp_path / "garbage.onnx"
@@ -294,8 +324,6 @@ def test_third_party_models(entry: dict) -> None:
     assert_matches_onnxruntime(read, read.model, lower, upper, samples=16)
 
 
-def test_third_party_manifest_is_complete() -> None:
-    if not _manifest():
-        pytest.skip("/work/shared/models is absent")
+def test_third_party_manifest_is_complete(shared_models) -> None:
     names = {entry["model"].split("/")[0] for entry in _manifest()}
     assert {"acasxu", "mnistfc", "exactcompression", "rl", "marabou"} <= names
