@@ -599,6 +599,8 @@ def check_equivalence(
     time_limit: float | None = None,
     counterexample_path: str | os.PathLike | None = None,
     stability_a: StabilityResult | None = None,
+    jobs: int = 1,
+    progress: ProgressCallback | None = None,
 ) -> CheckReport:
     """Compare two models on a box: onnxruntime samples, then (if possible) a proof.
 
@@ -615,6 +617,8 @@ def check_equivalence(
     counterexample_path : where to ``np.save`` a counterexample (the model's per-sample input
         shape, its input dtype) when the proof finds one.
     stability_a : a stability analysis of ``a`` over ``box`` to reuse (``compress`` has one).
+    jobs : worker processes of the proof (targeted stability analyses, per-direction MILPs).
+    progress : optional ``progress(phase, done, total)`` callback of the proof.
 
     Raises
     ------
@@ -656,7 +660,7 @@ def check_equivalence(
         remaining = None if time_limit is None else max(time_limit - (stage - started), 1e-3)
         proof = _prove_models(
             read_a, read_b, why_a or why_b, box, atol, sampled, extra, stabilities, remaining,
-            seed,
+            seed, jobs, progress,
         )  # fmt: skip
         timings["proof"] = time.monotonic() - stage
     report = CheckReport(label_a, label_b, box, sampled, proof, timings_s=timings)
@@ -677,6 +681,8 @@ def _prove_models(
     stabilities: list[StabilityResult | None],
     time_limit: float | None,
     seed: int,
+    jobs: int,
+    progress: ProgressCallback | None,
 ) -> ProofResult:
     """The proof on two read models: tolerance, replay in onnxruntime, notes about tails."""
     if read_a is None or read_b is None:
@@ -709,6 +715,8 @@ def _prove_models(
         replay=replay,
         input_dtype=read_a.input_dtype,
         seed=seed,
+        jobs=jobs,
+        progress=progress,
     )
     result.output_tensor = end_a
     result.notes = notes + result.notes
