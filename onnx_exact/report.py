@@ -4,12 +4,16 @@ The JSON shape is a contract other tools rely on (README "Machine-readable outpu
 ``{"layers": [{"name", "size", "stably_active", "stably_inactive", "unstable", "undecided", ...}],
 "params_before", "params_after", "verification": {"samples", "max_abs_diff", "max_rel_diff",
 "passed"}, "timings_s": {phase: seconds}}`` — one entry per ReLU layer in graph order, with indices
-into that layer's neurons of the *input* model.
+into that layer's neurons of the *input* model. Every JSON document the command line writes (the
+run report, ``analyze``'s, ``check``'s) starts with ``schema_version`` (:data:`SCHEMA_VERSION`,
+raised when a key changes meaning or disappears; new keys do not raise it) and ``version`` (the
+onnx-exact release that wrote it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from . import __version__
 from .equivalence import ProofResult, proof_verdict
 from .network import Network
 from .reduce import Reduction
@@ -27,7 +32,14 @@ from .verify import EquivalenceReport
 
 @dataclass
 class LayerSummary:
-    """Stability verdicts and the reduction of one ReLU layer of the input model."""
+    """Stability verdicts and the reduction of one ReLU layer of the input model.
+
+    ``decided_by`` counts, per tier, the neurons it settled either way; ``stable_proved_by``
+    only those it proved stably active or inactive, ``unstable_shown_by`` only those whose
+    second sign it witnessed (an unstable neuron is credited to the tier that found the later
+    of its two witnesses). A layer whose neurons all ended unstable has an empty
+    ``stable_proved_by``.
+    """
 
     name: str
     size: int
@@ -38,6 +50,8 @@ class LayerSummary:
     removed: int = 0
     folded: bool = False
     decided_by: dict[str, int] = field(default_factory=dict)
+    stable_proved_by: dict[str, int] = field(default_factory=dict)
+    unstable_shown_by: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +64,8 @@ class LayerSummary:
             "removed": self.removed,
             "folded": self.folded,
             "decided_by": self.decided_by,
+            "stable_proved_by": self.stable_proved_by,
+            "unstable_shown_by": self.unstable_shown_by,
         }
 
 
@@ -71,6 +87,7 @@ class RunReport:
     proof: ProofResult | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     time_limit_hit: bool = False
+    time_limit_s: float | None = None  # the analysis's time limit; None: no limit
     constant_output: bool = False
     notes: list[str] = field(default_factory=list)
     output: str | None = None
@@ -87,6 +104,7 @@ class RunReport:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
+            **json_header(),
             "model": self.model,
             "domain": self.domain_source,
             "method": self.method,
@@ -95,6 +113,7 @@ class RunReport:
             "macs_before": self.macs_before,
             "timings_s": {k: round(v, 6) for k, v in self.timings_s.items()},
             "time_limit_hit": self.time_limit_hit,
+            "time_limit_s": self.time_limit_s,
             "notes": self.notes,
         }
         if self.params_after is not None:
@@ -130,10 +149,20 @@ class RunReport:
             out["proof"] = self.proof.to_json()
         return out
 
-    def write_json(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_json(), fh, indent=2, default=_json_default)
-            fh.write("\n")
+    def write_json(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_json` to the file ``path`` (the CLI wraps this in an atomic rename)."""
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_json(), handle, indent=2, default=_json_default)
+            handle.write("\n")
+
+
+SCHEMA_VERSION = 1
+"""The version of the JSON documents' layout (see the module docstring)."""
+
+
+def json_header() -> dict[str, Any]:
+    """The keys every JSON document starts with: ``schema_version`` and ``version``."""
+    return {"schema_version": SCHEMA_VERSION, "version": __version__}
 
 
 def _json_default(value: Any) -> Any:
@@ -156,7 +185,11 @@ def summarize_layers(
         def idx(state: NeuronState, states: np.ndarray = states) -> list[int]:
             return [int(i) for i in np.flatnonzero(states == state)]
 
-        decided = Counter(str(m) for m in ls.decided_by if str(m))
+        tiers = ls.decided_by.astype(str)
+        decided = Counter(t for t in tiers if t)
+        stable = (states == NeuronState.ACTIVE) | (states == NeuronState.INACTIVE)
+        proved = Counter(t for t in tiers[stable] if t)
+        shown = Counter(t for t in tiers[states == NeuronState.UNSTABLE] if t)
         summary = LayerSummary(
             name=ls.name or net.layers[k].name,
             size=int(states.shape[0]),
@@ -165,6 +198,8 @@ def summarize_layers(
             unstable=idx(NeuronState.UNSTABLE),
             undecided=idx(NeuronState.UNDECIDED),
             decided_by=dict(sorted(decided.items())),
+            stable_proved_by=dict(sorted(proved.items())),
+            unstable_shown_by=dict(sorted(shown.items())),
         )
         if reduction is not None:
             lr = reduction.layers[k]
@@ -175,9 +210,35 @@ def summarize_layers(
 
 
 def _pct(after: int, before: int) -> str:
+    """The reduction from ``before`` to ``after`` in percent, never a signed zero.
+
+    A change that rounds to 0.0% is shown as ``<0.1%``; growth (a file a few bytes larger
+    after its metadata was added) as ``+x.x% larger``, not as a negative reduction.
+    """
     if before == 0:
         return ""
-    return f"{100.0 * (before - after) / before:.1f}%"
+    if after == before:
+        return "0%"
+    change = 100.0 * abs(before - after) / before
+    text = f"{change:.1f}%" if change >= 0.05 else "<0.1%"
+    return text if after < before else f"+{text} larger"
+
+
+PIPED_WIDTH = 10_000
+"""Console width when standard output is not a terminal: tables and notes are never wrapped or
+cut (rich's default of 80 columns truncated headers to ``undecid…`` in logs)."""
+
+
+def make_console(quiet: bool = False, stderr: bool = False) -> Console:
+    """The console the command line prints its report to.
+
+    On a terminal rich fits the output to the window; piped or redirected (no terminal, no
+    ``COLUMNS``), lines are as long as their content (:data:`PIPED_WIDTH`).
+    """
+    console = Console(stderr=stderr, quiet=quiet, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPED_WIDTH
+    return console
 
 
 def render(report: RunReport, console: Console) -> None:
@@ -202,13 +263,14 @@ def render(report: RunReport, console: Console) -> None:
             row += [str(layer.removed), "yes" if layer.folded else ""]
         table.add_row(*row)
     console.print(table)
-    decided: Counter[str] = Counter()
+    proved: Counter[str] = Counter()
+    shown: Counter[str] = Counter()
     for layer in report.layers:
-        decided.update(layer.decided_by)
-    if decided:
-        console.print(
-            "neurons decided by: " + ", ".join(f"{k} {v}" for k, v in sorted(decided.items()))
-        )
+        proved.update(layer.stable_proved_by)
+        shown.update(layer.unstable_shown_by)
+    if report.layers:
+        console.print(f"stable neurons proved by: {_tally(proved)}")
+        console.print(f"unstable neurons (both signs witnessed) found by: {_tally(shown)}")
 
     if compress:
         totals = Table(title="Before / after", title_justify="left")
@@ -249,16 +311,22 @@ def render(report: RunReport, console: Console) -> None:
         )
     for note in report.notes:
         console.print(f"note: {note}")
+    limit = "none" if report.time_limit_s is None else f"{report.time_limit_s:g} s"
+    console.print(
+        f"time limit of the analysis: {limit}"
+        + (" (reached: open neurons were kept)" if report.time_limit_hit else "")
+    )
     timings = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items())
     console.print(f"timings: {timings}")
 
     v = report.verification
     if v is not None:
+        names = [o.name for o in v.outputs]
         verdict = "[green]PASSED[/]" if v.passed else "[red]FAILED[/]"
         console.print(
             f"verification {verdict}: {v.samples} inputs (box samples, corners, witnesses), "
             f"max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g} "
-            f"(atol {_format_tolerance(v.atol, [o.name for o in v.outputs])}, rtol {v.rtol:.3g})"
+            f"(atol {_format_tolerance(v.atol, names)}, rtol {_format_tolerance(v.rtol, names)})"
         )
         for o in v.outputs:
             status = "PASSED" if o.passed else "FAILED"
@@ -270,6 +338,13 @@ def render(report: RunReport, console: Console) -> None:
         console.print(proof_verdict(report.proof))
         for note in report.proof.notes:
             console.print(f"  note: {note}")
+
+
+def _tally(counts: Counter[str]) -> str:
+    """``interval 140, witness 56`` (largest first), or ``none``."""
+    if not counts:
+        return "none"
+    return ", ".join(f"{name} {count}" for name, count in counts.most_common())
 
 
 def _format_tolerance(tolerance: float | dict[str, float], outputs: list[str]) -> str:
