@@ -1,9 +1,9 @@
 """Input domains: boxes ``lower <= x_raw <= upper`` over the flattened model input.
 
 The box is what every proof is relative to, so it is parsed strictly: finite bounds, ``lower <=
-upper``, the right number of features, and an error naming the argument or file otherwise. Sources,
-in order of precedence: ``--input-range`` strings, ``--input-range-file`` (.npz/.npy/.json),
-``--vnnlib`` properties (their input box), and the model's ``metadata_props`` (ours or onnxsim's).
+upper``, the right number of features, and an error naming the argument or file otherwise. Sources:
+one of ``--input-range`` strings, ``--input-range-file`` (.npz/.npy/.json) or ``--vnnlib``
+properties (their input box), else the model's ``metadata_props`` (ours or onnxsim's).
 """
 
 from __future__ import annotations
@@ -243,8 +243,14 @@ def load_range_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                         f"{', '.join(archive.files) or 'none'} (save it with "
                         "np.savez(F, lower=..., upper=...))"
                     )
+                for key in ("lower", "upper"):
+                    member = archive.zip.getinfo(f"{key}.npy")
+                    with archive.zip.open(member) as handle:
+                        _check_npy_size(handle, member.file_size, f"{where} {key}")
                 lower, upper = archive["lower"], archive["upper"]
         elif suffix == ".npy":
+            with open(path, "rb") as handle:
+                _check_npy_size(handle, os.fstat(handle.fileno()).st_size, where)
             stacked = np.load(path, allow_pickle=False)
             if stacked.ndim < 1 or stacked.shape[0] != 2:
                 raise DomainError(
@@ -261,8 +267,38 @@ def load_range_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         return _float_array(lower, f"{where} lower"), _float_array(upper, f"{where} upper")
     except DomainError:
         raise
+    except RecursionError:
+        raise DomainError(
+            f"{where}: nested too deeply to read (more levels than the input has axes); give "
+            "lower and upper as flat lists or save them with np.savez"
+        ) from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DomainError(f"{where}: cannot read it ({exc})") from None
+
+
+def _check_npy_size(handle, file_size: int, where: str) -> None:
+    """Refuse a ``.npy`` whose header claims more data than the file holds, before loading it.
+
+    numpy allocates the array the header describes before reading it, so a corrupt or hostile
+    header (``shape (2, 50000000000)``) would ask for hundreds of GiB.
+    """
+    try:
+        version = np.lib.format.read_magic(handle)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read_header(handle)
+    except (ValueError, EOFError) as exc:
+        raise DomainError(f"{where}: not a valid .npy header ({exc})") from None
+    needed = math.prod(shape) * dtype.itemsize
+    available = file_size - handle.tell()
+    if needed > available:
+        raise DomainError(
+            f"{where}: its header claims shape {tuple(shape)} of {dtype} ({needed} bytes) but the "
+            f"file holds {available} bytes of data: truncated or corrupt; write it again with np.save"
+        )
 
 
 def _float_array(value: object, where: str) -> np.ndarray:
@@ -280,6 +316,7 @@ _VNNLIB_COMMENT = re.compile(r";[^\n]*")
 _INPUT_VARIABLE = re.compile(r"X_(\d+)\Z")
 _OUTPUT_VARIABLE = re.compile(r"Y_\d+\Z")
 _COMPARISONS = {"<=", ">=", "<", ">", "="}
+_VNNLIB2_HEADS = {"vnnlib-version", "declare-network", "declare-input"}
 
 
 @dataclass
@@ -312,9 +349,17 @@ def parse_vnnlib_box(
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DomainError(f"{where}: cannot read it ({exc})") from None
+    expressions = _parse_sexpressions(_VNNLIB_COMMENT.sub("", text), where)
+    heads = {expr[0] for expr in expressions if isinstance(expr, list) and expr}
+    if heads & _VNNLIB2_HEADS:
+        raise DomainError(
+            f"{where}: a VNN-LIB 2.0 property ({', '.join(sorted(heads & _VNNLIB2_HEADS))}); "
+            "onnx-exact reads VNN-LIB 1.0 input bounds on (declare-const X_i Real) variables: "
+            "convert the property, or give its input box with --input-range-file"
+        )
     asserts = [
         expr[1]
-        for expr in _parse_sexpressions(_VNNLIB_COMMENT.sub("", text), where)
+        for expr in expressions
         if isinstance(expr, list) and len(expr) == 2 and expr[0] == "assert"
     ]
     lower = np.full(n_features, -np.inf)
@@ -430,9 +475,9 @@ def _variable_bound(expr: list, n_features: int, where: str) -> tuple[int, str, 
     op, left, right = expr
     left_var, right_var = _input_index(left), _input_index(right)
     if left_var is not None and right_var is None:
-        index, constant = left_var, _constant(right)
+        index, constant = left_var, _constant(right, where)
     elif right_var is not None and left_var is None:
-        index, constant = right_var, _constant(left)
+        index, constant = right_var, _constant(left, where)
         op = {"<=": ">=", ">=": "<=", "<": ">", ">": "<", "=": "="}[op]
     else:
         return None
@@ -453,18 +498,24 @@ def _input_index(token: object) -> int | None:
     return None
 
 
-def _constant(token: object) -> float | None:
-    """A numeric literal, also SMT-LIB's unary minus ``(- c)``; ``None`` for anything else."""
+def _constant(token: object, where: str) -> float | None:
+    """A numeric literal, also SMT-LIB's unary minus ``(- c)``; ``None`` for anything else.
+
+    A literal that reads as NaN or an infinity is an error, not an ignored constraint: dropping
+    it would silently widen the box the property asks for.
+    """
     if isinstance(token, list):
         if len(token) == 2 and token[0] == "-":
-            inner = _constant(token[1])
+            inner = _constant(token[1], where)
             return None if inner is None else -inner
         return None
     try:
         value = float(token)
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
+    if not math.isfinite(value):
+        raise DomainError(f"{where}: the bound {token!r} is not a finite number; fix the property")
+    return value
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -508,7 +559,7 @@ def metadata_range(
         where = f"metadata {key} of {model_path or 'the model'}"
         try:
             content = json.loads(props[key])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise DomainError(f"{where}: not valid JSON ({props[key][:60]!r})") from None
         if not isinstance(content, dict) or not {low_field, high_field} <= content.keys():
             raise DomainError(
@@ -542,22 +593,32 @@ def resolve_domain(
     vnnlib: str | os.PathLike | None = None,
     model_path: str | None = None,
 ) -> Box:
-    """The box the analysis runs on, from the first source the user gave.
+    """The box the analysis runs on, from the source the user gave.
 
-    Precedence: ``--input-range`` strings, then ``--input-range-file``, then ``--vnnlib``, then
-    the model's metadata (ours, then onnxsim's). Giving both a range and a range file is refused
-    as ambiguous; a later explicit source otherwise yields to an earlier one, and
-    :attr:`Box.source` says which was used. Arrays may have the input's per-sample shape,
-    optionally with a leading batch axis of 1, or its flattened size; lower-rank arrays broadcast
-    (onnxsim's per-channel ``[1, C, 1, 1]``); scalars apply to every feature. The result is
-    checked: finite, ``lower <= upper`` (degenerate features ``lo == hi`` allowed), size ``n``.
+    Sources: ``--input-range`` strings, ``--input-range-file`` or ``--vnnlib`` (at most one of
+    the three: giving two is refused as ambiguous), else the model's metadata (ours, then
+    onnxsim's); :attr:`Box.source` says which was used. Arrays may have the input's per-sample
+    shape, optionally with a leading batch axis of 1, or its flattened size; lower-rank arrays
+    broadcast (onnxsim's per-channel ``[1, C, 1, 1]``); scalars apply to every feature. The
+    result is checked: finite, within :func:`largest_bound`, ``lower <= upper`` (degenerate
+    features ``lo == hi`` allowed), size ``n``.
     """
     layout = InputLayout.from_dims(input_name, model_input_dims(model, input_name), n_features)
     inputs = model_input_names(model)
     ranges = list(input_ranges)
-    if ranges and range_file is not None:
+    given = [
+        option
+        for option, value in (
+            ("--input-range", ranges),
+            ("--input-range-file", range_file),
+            ("--vnnlib", vnnlib),
+        )
+        if value
+    ]
+    if len(given) > 1:
         raise UsageError(
-            "--input-range and --input-range-file both given; use one of them to define the box"
+            f"{' and '.join(given)} both given; use one of them to define the box (the other "
+            "would be ignored)"
         )
     if ranges:
         if len(ranges) > 1:
@@ -594,14 +655,13 @@ def resolve_domain(
         lower, upper, key = recorded
         where = f"metadata {key} of {model_path or 'the model'}"
         source = f"metadata:{key}"
-    if vnnlib is not None and not source.startswith("vnnlib:"):
-        source += " (--vnnlib ignored)"
     return validated_box(
         _to_features(lower, layout, n_features, f"{where} lower"),
         _to_features(upper, layout, n_features, f"{where} upper"),
         input_name,
         source,
         where,
+        max_abs=largest_bound(model, input_name),
     )
 
 
@@ -626,10 +686,39 @@ def _to_features(
         ) from None
 
 
+MAX_BOUND = 1e150
+"""Largest accepted ``|bound|`` for any input type: widths, midpoints and the products of the
+analysis (weights times bounds, summed over features and layers) stay far from float64 overflow."""
+
+
+_NARROW_FLOAT_TYPES = {1: np.float32, 10: np.float16}
+"""``onnx.TensorProto.FLOAT`` and ``FLOAT16`` (onnx itself is not imported in worker processes)."""
+
+
+def largest_bound(model: onnx.ModelProto, input_name: str) -> float:
+    """The largest ``|bound|`` accepted for ``input_name``: ``MAX_BOUND``, or less for the input's
+    type (a float32 input cannot take a value above ``3.4e38``, a float16 one above ``65504``)."""
+    for value_info in model.graph.input:
+        if value_info.name == input_name:
+            dtype = _NARROW_FLOAT_TYPES.get(value_info.type.tensor_type.elem_type)
+            if dtype is not None:
+                return min(MAX_BOUND, float(np.finfo(dtype).max))
+    return MAX_BOUND
+
+
 def validated_box(
-    lower: np.ndarray, upper: np.ndarray, input_name: str, source: str, where: str
+    lower: np.ndarray,
+    upper: np.ndarray,
+    input_name: str,
+    source: str,
+    where: str,
+    max_abs: float = MAX_BOUND,
 ) -> Box:
-    """A :class:`Box` after checking finiteness and order; errors name ``where`` and the index."""
+    """A :class:`Box` after checking finiteness, magnitude and order; errors name ``where``.
+
+    Bounds must satisfy ``|bound| <= max_abs`` (:func:`largest_bound`): a box such as
+    ``[-1e308, 1e308]`` is finite but its width and every bound derived from it overflow float64.
+    """
     for side_name, side in (("lower", lower), ("upper", upper)):
         bad = np.flatnonzero(~np.isfinite(side))
         if bad.size:
@@ -637,6 +726,14 @@ def validated_box(
             raise DomainError(
                 f"{where}: {side_name}[{k}] = {float(side[k])!r} is not finite ({bad.size} such "
                 "value(s)); the box must be bounded"
+            )
+        huge = np.flatnonzero(np.abs(side) > max_abs)
+        if huge.size:
+            k = int(huge[0])
+            raise DomainError(
+                f"{where}: {side_name}[{k}] = {float(side[k])!r} is outside the accepted range "
+                f"[-{max_abs:.3g}, {max_abs:.3g}] for input {input_name!r} ({huge.size} such "
+                "value(s)); larger bounds overflow the input type or float64 arithmetic"
             )
     inverted = np.flatnonzero(lower > upper)
     if inverted.size:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -341,11 +342,11 @@ def test_resolve_precedence(tmp_path):
     vnnlib = tmp_path / "p.vnnlib"
     vnnlib.write_text("".join(f"(assert (<= X_{i} 3))(assert (>= X_{i} -3))" for i in range(4)))
 
-    from_range = resolve_domain(model, 4, "x", input_ranges=["x:[-1,1]"], vnnlib=str(vnnlib))
+    from_range = resolve_domain(model, 4, "x", input_ranges=["x:[-1,1]"])
     assert from_range.upper.tolist() == [1.0] * 4
-    assert from_range.source == "--input-range x:[-1,1] (--vnnlib ignored)"
+    assert from_range.source == "--input-range x:[-1,1]"
 
-    from_file = resolve_domain(model, 4, "x", range_file=tmp_path / "r.npz", vnnlib=vnnlib)
+    from_file = resolve_domain(model, 4, "x", range_file=tmp_path / "r.npz")
     assert from_file.upper.tolist() == [2.0] * 4
     assert from_file.source.startswith("--input-range-file r.npz")
 
@@ -362,6 +363,52 @@ def test_range_and_file_together_is_a_usage_error(tmp_path):
     np.savez(tmp_path / "r.npz", lower=np.zeros(4), upper=np.ones(4))
     with pytest.raises(UsageError, match="--input-range-file"):
         resolve_domain(image_model(), 4, "x", input_ranges=["[0,1]"], range_file=tmp_path / "r.npz")
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"input_ranges": ["[0,1]"]}, "--input-range and --vnnlib"),
+        ({"range_file": "r.npz"}, "--input-range-file and --vnnlib"),
+    ],
+)
+def test_vnnlib_with_another_explicit_box_is_refused(tmp_path, given, named):
+    """Silently preferring one explicit box over a VNN-LIB property would ignore the property."""
+    np.savez(tmp_path / "r.npz", lower=np.zeros(4), upper=np.ones(4))
+    vnnlib = tmp_path / "p.vnnlib"
+    vnnlib.write_text("".join(f"(assert (<= X_{i} 3))(assert (>= X_{i} -3))" for i in range(4)))
+    if "range_file" in given:
+        given = {"range_file": tmp_path / given["range_file"]}
+    with pytest.raises(UsageError, match=named):
+        resolve_domain(image_model(), 4, "x", vnnlib=vnnlib, **given)
+
+
+def test_bounds_that_overflow_are_refused_with_the_accepted_range():
+    with pytest.raises(DomainError, match=r"outside the accepted range \[-3.4e\+38, 3.4e\+38\]"):
+        resolve_domain(image_model(), 4, "x", input_ranges=["[-1e308,1e308]"])
+    double = image_model()
+    double.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    with pytest.raises(DomainError, match=r"\[-1e\+150, 1e\+150\]"):
+        resolve_domain(double, 4, "x", input_ranges=["[-1e200,1e200]"])
+    assert resolve_domain(double, 4, "x", input_ranges=["[-1e100,1e100]"]).upper[0] == 1e100
+
+
+def test_range_files_that_would_exhaust_memory_or_the_stack_are_refused(tmp_path):
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 50000000000), }"
+    header += " " * (117 - len(header)) + "\n"
+    huge = tmp_path / "huge.npy"
+    huge.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
+    with pytest.raises(DomainError, match="huge.npy: its header claims shape"):
+        load_range_file(huge)
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("lower.npy", huge.read_bytes())
+        archive.writestr("upper.npy", huge.read_bytes())
+    with pytest.raises(DomainError, match="huge.npz lower: its header claims shape"):
+        load_range_file(tmp_path / "huge.npz")
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"lower": ' + "[" * 100_000 + "]" * 100_000 + ', "upper": 1}')
+    with pytest.raises(DomainError, match="deep.json: nested too deeply"):
+        load_range_file(deep)
 
 
 def test_two_ranges_are_refused():
