@@ -85,17 +85,10 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
-import os
-import pickle
 import queue
-import shutil
-import signal
-import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -103,7 +96,7 @@ from functools import partial
 
 import numpy as np
 
-from . import milp, relu_bab
+from . import milp, parallel, relu_bab
 from .bounds import (
     LayerBounds,
     interval_bounds,
@@ -434,16 +427,9 @@ class _PieceJob:
         )
 
 
-_PIECE_JOB: _PieceJob | None = None  # set in each worker process by _init_piece_worker
-
-
-def _init_piece_worker(job: _PieceJob) -> None:
-    global _PIECE_JOB
-    _PIECE_JOB = job
-
-
-def _run_piece_worker(task: tuple) -> _PieceOutcome:
-    return _PIECE_JOB.run(*task)
+def _run_piece_worker(job: _PieceJob, task: tuple) -> _PieceOutcome:
+    """One piece in a worker of :func:`onnx_exact.parallel.worker_pool`."""
+    return job.run(*task)
 
 
 @dataclass
@@ -602,29 +588,23 @@ def _attack_round(
 
 
 def _background_attack_process(
-    task_file: str,
+    task: multiprocessing.Queue,
     seed: tuple[int, ...],
     deadline: float,
-    analysis_pid: int,
     found: multiprocessing.Queue,
 ) -> None:
-    """Entry point of the background attack's process: load its task, then attack.
+    """Entry point of the background attack's process: take its task, then attack.
 
-    The task (``(target, neurons, signs)``, pickled by :class:`_BackgroundAttack`) comes in a
-    file, not with the process's arguments: those go through a pipe that the starting process
+    The task (``(target, neurons, signs)``, put by :class:`_BackgroundAttack`) comes through a
+    queue, not with the process's arguments: those go through a pipe that the starting process
     writes synchronously, and a megabyte of weights kept it waiting about a second per start
-    (until this process had imported numpy and the package to read them). A file already gone
-    means the analysis has ended meanwhile: nothing to do. Once read, the file's folder is
-    removed here too, so that not even a killed analysis leaves it behind.
+    (until this process had imported numpy and the package to read them); a queue is written
+    by a thread of the analysis. No file is involved, so nothing is left behind when the
+    analysis is killed. Started by :func:`onnx_exact.parallel.start_process`: SIGINT ignored,
+    and it dies with the analysis.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with open(task_file, "rb") as stream:
-            target, neurons, signs = pickle.load(stream)
-    except OSError:
-        return
-    shutil.rmtree(os.path.dirname(task_file), ignore_errors=True)  # also if the analysis dies
-    _run_background_attack(target, neurons, signs, seed, deadline, analysis_pid, found)
+    target, neurons, signs = task.get()
+    _run_background_attack(target, neurons, signs, seed, deadline, found)
 
 
 def _run_background_attack(
@@ -633,16 +613,14 @@ def _run_background_attack(
     signs: np.ndarray,
     seed: tuple[int, ...],
     deadline: float,
-    analysis_pid: int,
     found: multiprocessing.Queue,
 ) -> None:
     """The background attack: full attack rounds until every direction is refuted.
 
     Puts each input that shows an open direction's sign on ``found`` (network space, one row
-    per input). Runs until it has refuted all its directions, the analysis ends it, the
-    ``deadline`` passes (``time.monotonic`` is system-wide) or its parent is no longer
-    ``analysis_pid`` (checked between rounds: a killed analysis must not leave it running; the
-    pid comes from the analysis, as it may die before this process has started).
+    per input). Runs until it has refuted all its directions, the analysis ends it (a killed
+    analysis too: see :func:`onnx_exact.parallel.start_process`) or the ``deadline`` passes
+    (``time.monotonic`` is system-wide).
     """
     rng = np.random.default_rng(seed)
     index = {
@@ -666,7 +644,7 @@ def _run_background_attack(
 
     limits = _AttackLimits(_ATTACK_SECONDS, _POLISH_SECONDS, _PATTERN_SECONDS)
     history: list[list[float]] = [[] for _ in range(neurons.size)]
-    while open_.any() and time.monotonic() < deadline and os.getppid() == analysis_pid:
+    while open_.any() and time.monotonic() < deadline:
         live = np.flatnonzero(open_)
         polish_from = np.array(
             [
@@ -721,34 +699,13 @@ class _BackgroundAttack:
         self.in_features = target.net.in_features
         self.started = time.perf_counter()
         self.queue = context.Queue()
-        self.folder = tempfile.mkdtemp(prefix="onnx-exact-attack-")
-        try:
-            task_file = os.path.join(self.folder, "task.pickle")
-            with open(task_file, "wb") as stream:
-                pickle.dump((target, neurons, signs), stream, protocol=pickle.HIGHEST_PROTOCOL)
-            # Not daemonic: a daemonic process may not start children of its own, and the
-            # analysis ends this one on every way out (:meth:`_Analysis.background_attack`),
-            # while the process checks for a killed analysis itself.
-            self.process = context.Process(
-                target=_background_attack_process,
-                args=(task_file, seed, deadline, os.getpid(), self.queue),
-            )
-            # A Ctrl-C reaches the whole process group. The child starts with SIGINT ignored
-            # (the disposition survives exec), so none arrives while it imports, before it can
-            # ignore SIGINT itself; that would print a traceback. Only the main thread may set
-            # handlers.
-            main_thread = threading.current_thread() is threading.main_thread()
-            previous = signal.getsignal(signal.SIGINT) if main_thread else None
-            if previous is not None:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                self.process.start()
-            finally:
-                if previous is not None:
-                    signal.signal(signal.SIGINT, previous)
-        except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            raise
+        self.task = context.Queue()
+        self.task.put((target, neurons, signs))
+        # The analysis ends it on every way out (:meth:`_Analysis.background_attack`); a killed
+        # analysis takes it along (parallel.start_process).
+        self.process = parallel.start_process(
+            _background_attack_process, (self.task, seed, deadline, self.queue)
+        )
 
     def covers(self, neurons: np.ndarray, signs: np.ndarray) -> bool:
         """Whether every given direction is among those this attack searches."""
@@ -767,9 +724,9 @@ class _BackgroundAttack:
         """End the process (inputs not yet drained are lost); return its wall time in seconds."""
         self.process.terminate()
         self.process.join(timeout=10.0)
-        self.queue.close()
-        self.queue.cancel_join_thread()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        for channel in (self.queue, self.task):
+            channel.close()
+            channel.cancel_join_thread()  # the task may never have been read
         return time.perf_counter() - self.started
 
 
@@ -888,11 +845,11 @@ class _Analysis:
         work on one direction at a time (a layer's decision MILPs run in parallel only for two
         or more directions), so the attack takes a core nothing else uses. Never for the first
         layer (its interval bounds are exact), when one is already running, or in a process that
-        may not start one (:func:`onnx_exact.milp.can_start_workers`).
+        may not start one (:func:`onnx_exact.parallel.can_start_workers`).
         """
         if self.jobs < 2 or k == 0 or self.background is not None or self.out_of_time():
             return
-        if not milp.can_start_workers():
+        if not parallel.can_start_workers():
             return
         neurons, signs = self.open_directions(k)
         if not 0 < neurons.size < self.jobs:
@@ -901,7 +858,7 @@ class _Analysis:
         seed = (self.seed, k, self.backgrounds_started)
         try:
             self.background = _BackgroundAttack(target, neurons, signs, seed, self.deadline)
-        except OSError as err:  # no temporary folder, no process: the attack tier runs here
+        except OSError as err:  # no process: the attack tier runs here
             note = f"background attack not started ({err}); the attack tier ran instead"
             if note not in self.notes:
                 self.notes.append(note)
@@ -1417,7 +1374,7 @@ class _Analysis:
         queue is kept per layer, so a retry continues where the previous call stopped.
 
         Pieces go in rounds of :data:`_SUBDIVIDE_ROUND`, in queue order; with ``jobs > 1`` a
-        round's pieces run in that many worker processes (spawned once per call), and the
+        round's pieces run in the run's worker pool (:func:`onnx_exact.parallel.worker_pool`), and the
         witnesses of a round are forward-passed before the next round is chosen, so the rounds
         are the same for any ``jobs``.
         """
@@ -1433,14 +1390,10 @@ class _Analysis:
 
             net = replace(self.net, layers=self.net.layers[: k + 1])
             job = _PieceJob(net, k, self.box.input_name, self.piece_tiers)
-            executor = None
-            if self.jobs > 1 and milp.can_start_workers():
-                executor = ProcessPoolExecutor(
-                    max_workers=min(self.jobs, _SUBDIVIDE_ROUND),
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_init_piece_worker,
-                    initargs=(job,),
-                )
+            executor = worker = None
+            if self.jobs > 1 and parallel.can_start_workers():
+                executor = parallel.worker_pool(self.jobs)
+                worker = parallel.with_context(_run_piece_worker, parallel.TaskContext(job))
             try:
                 while state.pieces and budget > 0 and not self.out_of_time():
                     chosen = []  # a round of pieces with open directions, in queue order
@@ -1464,7 +1417,7 @@ class _Analysis:
                     if executor is None:
                         outcomes = [job.run(*task) for task in tasks]
                     else:
-                        outcomes = list(executor.map(_run_piece_worker, tasks))
+                        outcomes = list(executor.map(worker, tasks))
                     for outcome in outcomes:
                         self.see(outcome.witnesses, "subdivide")
                     for (lower, upper, open_on), outcome in zip(chosen, outcomes, strict=True):
