@@ -563,8 +563,17 @@ def _tolerance_of(value: float | dict[str, float], name: str) -> float:
     return float(value)
 
 
+def _runnable(read: ReadResult) -> onnx.ModelProto | os.PathLike:
+    """What onnxruntime runs: the file a model was read from (loaded as a user loads it, so a
+    file onnxruntime cannot load fails), else the in-memory model."""
+    return read.path if read.path is not None else read.model
+
+
 def _onnx_replay(
-    model_a: onnx.ModelProto, model_b: onnx.ModelProto, outputs: list[str], tols: list[float]
+    model_a: onnx.ModelProto | os.PathLike,
+    model_b: onnx.ModelProto | os.PathLike,
+    outputs: list[str],
+    tols: list[float],
 ) -> Replay:
     """Replay a raw input in onnxruntime: the largest ``|a - b|`` and whether one output's
     difference exceeds its tolerance."""
@@ -629,8 +638,8 @@ def check_equivalence(
     started = stage = time.monotonic()
     read_a, label_a, why_a = _read(a)
     read_b, label_b, why_b = _read(b)
-    model_a = read_a.model if read_a is not None else a
-    model_b = read_b.model if read_b is not None else b
+    model_a = _runnable(read_a) if read_a is not None else a
+    model_b = _runnable(read_b) if read_b is not None else b
     timings["read"] = time.monotonic() - stage
 
     stage = time.monotonic()
@@ -701,7 +710,7 @@ def _prove_models(
         )
         replay_outputs = [o.name for o in sampled.outputs]
         replay_tols = [_tolerance_of(atol, name) for name in replay_outputs]
-    replay = _onnx_replay(read_a.model, read_b.model, replay_outputs, replay_tols)
+    replay = _onnx_replay(_runnable(read_a), _runnable(read_b), replay_outputs, replay_tols)
     starts = np.concatenate([np.atleast_2d(sampled.worst_input).astype(np.float64), extra])
     result = prove_equivalence(
         net_a,

@@ -21,20 +21,52 @@ initializers and stale ``value_info`` are then removed and the result must pass 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import external_data_helper, helper, numpy_helper
 
-from .errors import UnsupportedModelError, UsageError
+from .errors import UnsupportedModelError, UsageError, VerificationError
 from .onnx_reader import Binding, ConstantResolver, LayerBinding, ReadResult, all_graphs
 from .reduce import Reduction
 
-#: Above this serialized size a model is saved with external data (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8 * 1024**3)
+"""Above this many tensor bytes a model is handled as large: saved with external data (protobuf
+cannot serialise 2 GiB), checked and run from its path, sized without ``ByteSize()``."""
+
+INLINE_TENSOR_BYTES = 1024
+"""onnx.save's default ``size_threshold``: when the writer (not the input) chooses external data,
+smaller tensors stay inline."""
+
+_SHAPE_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+"""Element types of shape-like tensors, which onnxruntime needs inline (see TensorPlacement)."""
+
+_FIXED_ITEMSIZE = {
+    code: np.dtype(helper.tensor_dtype_to_np_dtype(code)).itemsize
+    for code in (
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.INT32,
+        onnx.TensorProto.UINT32,
+        onnx.TensorProto.INT64,
+        onnx.TensorProto.UINT64,
+        onnx.TensorProto.BOOL,
+    )
+}
 
 
 def build_model(
@@ -51,15 +83,17 @@ def build_model(
 
     Returns
     -------
-    The edited model; it passes ``onnx.checker.check_model``.
+    The edited model; it passes ``onnx.checker.check_model`` (checked here up to
+    ``EXTERNAL_DATA_THRESHOLD_BYTES`` of tensors, a larger model from its path by
+    :func:`stage_model`).
     """
     _check_reduction(read, reduction)
     model = onnx.ModelProto()
     model.CopyFrom(read.model)
     _GraphEditor(model, read.binding, reduction).apply()
     _merge_metadata(model, metadata)
-    if model.ByteSize() < 2**31 - 1:
-        onnx.checker.check_model(model)
+    if not is_large(model):
+        onnx.checker.check_model(model)  # a larger model is checked from its path when staged
     return model
 
 
@@ -418,22 +452,152 @@ def external_data_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.name}.data")
 
 
-def save_model_atomic(
-    model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None
-) -> None:
-    """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether ``model``'s tensors exceed ``EXTERNAL_DATA_THRESHOLD_BYTES`` (read at call time, so
+    tests can lower it): such a model is saved with external data and loaded from its path."""
+    return tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of every tensor payload in ``model`` (initializers and tensor attributes).
+
+    Computed from dims and element type where the data is raw (no copy of a payload is made), so it
+    works on a model over 2 GiB, whose ``ByteSize()`` protobuf refuses.
+    """
+    return sum(_payload_bytes(tensor) for tensor in _all_tensors(model))
+
+
+def model_size_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialised size: exact below ``EXTERNAL_DATA_THRESHOLD_BYTES`` of tensors,
+    else the tensor payload bytes (protobuf cannot size a message of 2 GiB; the graph around the
+    tensors is a negligible part of such a model)."""
+    payload = tensor_bytes(model)
+    if payload > EXTERNAL_DATA_THRESHOLD_BYTES:
+        return payload
+    try:
+        return model.ByteSize()
+    except EncodeError:  # a huge graph with small tensors
+        return payload
+
+
+def _payload_bytes(tensor: onnx.TensorProto) -> int:
+    if external_data_helper.uses_external_data(tensor):
+        for entry in tensor.external_data:
+            if entry.key == "length":
+                return int(entry.value)
+    if tensor.HasField("raw_data"):
+        if tensor.data_type in _FIXED_ITEMSIZE:
+            return math.prod(tensor.dims) * _FIXED_ITEMSIZE[tensor.data_type]
+        return len(tensor.raw_data)
+    return tensor.ByteSize()
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes of every graph, in graph order (what onnx externalises)."""
+    for graph in all_graphs(model.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    yield attribute.t
+                elif attribute.type == onnx.AttributeProto.TENSORS:
+                    yield from attribute.tensors
+
+
+@dataclass(frozen=True)
+class TensorPlacement:
+    """Which tensors a saved model keeps inline and which go to its external data file.
+
+    A tensor named like one of the input model's keeps the input's choice (``external`` or
+    ``inline``); any other tensor is external when its payload holds at least ``threshold`` bytes
+    (the input's rule: onnx.save's ``size_threshold``, inferred as the smallest payload the input
+    stored externally). One exception: integer tensors under ``INLINE_TENSOR_BYTES`` (shapes,
+    axes, indices) are always inline, even when the input stored them externally, because
+    onnxruntime's shape inference cannot read shape data from an external file ("Cannot parse
+    data from external tensors"): such an input does not load from its path, its output does.
+    """
+
+    external: frozenset[str] = frozenset()
+    inline: frozenset[str] = frozenset()
+    threshold: int = INLINE_TENSOR_BYTES
+
+    def is_external(self, tensor: onnx.TensorProto) -> bool:
+        name, nbytes = tensor.name, _payload_bytes(tensor)
+        if tensor.data_type in _SHAPE_TYPES and nbytes < INLINE_TENSOR_BYTES:
+            return False
+        if name in self.external:
+            return True
+        if name in self.inline:
+            return False
+        return nbytes > 0 and nbytes >= self.threshold
+
+    @classmethod
+    def like_input(cls, read: ReadResult) -> TensorPlacement | None:
+        """The placement of the file ``read`` came from; None when it had no external data."""
+        if not read.uses_external_data:
+            return None
+        external = frozenset(read.external_tensors)
+        sizes = {tensor.name: _payload_bytes(tensor) for tensor in _all_tensors(read.model)}
+        inline = frozenset(sizes) - external
+        threshold = min((sizes[name] for name in external if name in sizes), default=1)
+        return cls(external, inline, max(threshold, 1))
+
+
+class StagedModel:
+    """A model written under its final file names in a temporary folder beside its destination.
+
+    ``path`` is the staged ``.onnx`` file: load it (onnxruntime, ``onnx.checker``) to verify exactly
+    the bytes a user will get. :meth:`commit` moves the data file, then the model file, to the
+    destination (``os.replace``, atomic on one file system); a block that ends without a commit
+    leaves nothing.
+    """
+
+    def __init__(self, folder: Path, destination: Path, external: bool) -> None:
+        self.folder = folder
+        self.destination = destination
+        self.path = folder / destination.name
+        self.data_path = external_data_path(self.path) if external else None
+
+    def commit(self) -> None:
+        """Move the staged files to the destination (the data file first: the model names it)."""
+        try:
+            if self.data_path is not None:
+                os.replace(self.data_path, external_data_path(self.destination))
+            os.replace(self.path, self.destination)
+        except OSError as exc:
+            raise UsageError(
+                f"{self.destination}: cannot write the model ({exc.strerror or exc}); choose a "
+                "writable path"
+            ) from None
+
+
+@contextlib.contextmanager
+def stage_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    placement: TensorPlacement | None = None,
+) -> Iterator[StagedModel]:
+    """Write ``model`` into a temporary folder beside ``path``; yield it to be verified, then clean up.
 
     Parameters
     ----------
-    model : the model to save (not modified).
+    model : the model to save (left as it was; see :func:`_write_files`).
     path : the destination file; its folder must exist.
-    external_data : store tensors in ``<path>.data`` next to the model (also written atomically).
-        None chooses it when the model is larger than 1.8 GB (protobuf cannot serialize 2 GB); pass
-        ``ReadResult.uses_external_data`` to keep external data external, as the input had it.
+    external_data : store tensors in ``<path>.data`` (:func:`external_data_path`). None chooses it
+        when the tensors hold more than ``EXTERNAL_DATA_THRESHOLD_BYTES`` (protobuf cannot
+        serialise 2 GiB); pass ``ReadResult.uses_external_data`` to keep external data external.
+    placement : with external data, which tensors go to the data file; default: those of at least
+        ``INLINE_TENSOR_BYTES`` (onnx.save's rule). :meth:`TensorPlacement.like_input` keeps the
+        input's choice.
 
-    The bytes depend only on the model (deterministic serialization, no timestamps), so saving the
-    same model twice gives identical files. On any failure the temporary files are removed and a
-    :class:`~onnx_exact.errors.UsageError` names the path.
+    The staged file must pass ``onnx.checker.check_model`` *from its path* (the one way to check a
+    model over 2 GiB, and it checks the data file reference), else a
+    :class:`~onnx_exact.errors.VerificationError`. The bytes depend only on the model
+    (deterministic serialisation, no timestamps). On any failure or interrupt, and whenever the
+    block ends without :meth:`StagedModel.commit`, the temporary folder is removed with its files;
+    a file-system failure becomes a :class:`~onnx_exact.errors.UsageError` naming the path.
     """
     path = Path(os.fspath(path))
     if path.is_dir():
@@ -444,54 +608,151 @@ def save_model_atomic(
             f"{path}: folder '{folder}' does not exist; create it or choose another path"
         )
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES
-    temporaries: list[str] = []
+        external_data = is_large(model)
+    temporary: str | None = None
     try:
-        mode = _default_file_mode()
-        if external_data:
-            data_name = external_data_path(path).name
-            model_copy = onnx.ModelProto()
-            model_copy.CopyFrom(model)
-            data_tmp = _temporary(folder, data_name, temporaries)
-            with open(data_tmp, "wb") as stream:
-                _externalize(model_copy, stream, data_name)
-            payload = model_copy.SerializeToString(deterministic=True)
-        else:
-            payload = model.SerializeToString(deterministic=True)
-        model_tmp = _temporary(folder, path.name, temporaries)
-        with open(model_tmp, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        for temporary in temporaries:
-            os.chmod(temporary, mode)
-        if external_data:
-            os.replace(data_tmp, folder / data_name)
-        os.replace(model_tmp, path)
-    except (OSError, ValueError) as exc:
-        _remove_quietly(temporaries)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UsageError(
-            f"{path}: cannot write the model ({reason}); choose a writable path"
-        ) from None
-    except BaseException:
-        # Ctrl-C / SIGTERM (KeyboardInterrupt) or any other unwinding: no temporary file survives.
-        _remove_quietly(temporaries)
-        raise
+        try:
+            temporary = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+            staged = StagedModel(Path(temporary), path, external=bool(external_data))
+            if external_data:
+                _write_files(model, staged, placement or TensorPlacement())
+            else:
+                _write_files(model, staged, None)
+        except (OSError, ValueError, EncodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UsageError(
+                f"{path}: cannot write the model ({reason}); choose a writable path"
+            ) from None
+        try:
+            onnx.checker.check_model(str(staged.path))
+        except (onnx.checker.ValidationError, ValueError) as exc:
+            raise VerificationError(
+                f"{path}: the written model fails onnx.checker ({str(exc).splitlines()[0]}); "
+                "nothing was written"
+            ) from None
+        yield staged
+    finally:
+        # also on Ctrl-C / SIGTERM (KeyboardInterrupt): no temporary file survives
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _remove_quietly(paths: list[str]) -> None:
-    """Delete the temporary files that still exist (a failed cleanup must not hide the cause)."""
-    for temporary in paths:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
+def save_model_atomic(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    placement: TensorPlacement | None = None,
+) -> None:
+    """Write ``model`` to ``path`` atomically: :func:`stage_model`, then commit.
+
+    Parameters
+    ----------
+    model : the model to save (left as it was).
+    path : the destination file; its folder must exist.
+    external_data, placement : where the tensors go, as in :func:`stage_model`.
+    """
+    with stage_model(model, path, external_data=external_data, placement=placement) as staged:
+        staged.commit()
 
 
-def _temporary(folder: Path, stem: str, registry: list[str]) -> str:
-    handle, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    registry.append(name)
-    return name
+def _write_files(
+    model: onnx.ModelProto, staged: StagedModel, placement: TensorPlacement | None
+) -> None:
+    """Write the staged model file, and with a ``placement`` its data file; both fsynced.
+
+    The external tensors' payloads go to the data file in graph order (so it is as deterministic
+    as the model). Their ``raw_data`` is cleared *in* ``model`` while the rest is serialised, and
+    restored afterwards (from the data file; a tensor kept in typed fields such as ``float_data``
+    from a copy of itself): a model over 2 GiB is never copied whole, which would double the peak
+    memory.
+    """
+    mode = _default_file_mode()
+    moved: list[_Moved] = []
+    try:
+        if placement is not None:
+            with open(staged.data_path, "wb") as stream:
+                offset = 0
+                for tensor in _all_tensors(model):
+                    if external_data_helper.uses_external_data(tensor):
+                        raise ValueError(f"tensor '{tensor.name}' still refers to external data")
+                    if tensor.data_type == onnx.TensorProto.STRING or not placement.is_external(
+                        tensor
+                    ):
+                        continue
+                    entry = _Moved(tensor, offset)
+                    if not tensor.HasField("raw_data"):
+                        entry.typed = onnx.TensorProto()
+                        entry.typed.CopyFrom(tensor)
+                        array = numpy_helper.to_array(tensor)
+                        for name in _TYPED_FIELDS:
+                            tensor.ClearField(name)
+                        tensor.raw_data = array.astype(array.dtype.newbyteorder("<")).tobytes()
+                    elif tensor.HasField("data_location"):
+                        entry.data_location = tensor.data_location
+                    data = tensor.raw_data
+                    stream.write(data)
+                    entry.length = len(data)
+                    moved.append(entry)
+                    external_data_helper.set_external_data(
+                        tensor, staged.data_path.name, offset, len(data)
+                    )
+                    tensor.ClearField("raw_data")
+                    offset += len(data)
+                    del data
+                stream.flush()
+                os.fsync(stream.fileno())
+            if moved:
+                os.chmod(staged.data_path, mode)
+            else:  # every tensor stays inline: no data file
+                os.remove(staged.data_path)
+                staged.data_path = None
+        payload = model.SerializeToString(deterministic=True)
+    finally:
+        _restore(moved, staged.data_path)
+    with open(staged.path, "wb") as stream:
+        stream.write(payload)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.chmod(staged.path, mode)
+
+
+_TYPED_FIELDS = (
+    "float_data",
+    "int32_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+)
+
+
+@dataclass
+class _Moved:
+    """A tensor whose payload :func:`_write_files` moved to the data file, and how to undo it."""
+
+    tensor: onnx.TensorProto
+    offset: int
+    length: int = 0
+    typed: onnx.TensorProto | None = None  # the tensor as it was, when its data was typed
+    data_location: int | None = None  # its explicit data_location field, if it had one
+
+
+def _restore(moved: list[_Moved], data_path: Path | None) -> None:
+    """Undo :func:`_write_files`' changes to the caller's model."""
+    if not moved:
+        return
+    with open(data_path, "rb") as stream:
+        for entry in moved:
+            tensor = entry.tensor
+            if entry.typed is not None:
+                tensor.CopyFrom(entry.typed)
+                continue
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            if entry.data_location is not None:
+                tensor.data_location = entry.data_location
+            stream.seek(entry.offset)
+            tensor.raw_data = stream.read(entry.length)
 
 
 def _default_file_mode() -> int:
@@ -499,27 +760,3 @@ def _default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-def _externalize(model: onnx.ModelProto, stream, location: str) -> None:
-    """Move every initializer's data into ``stream`` and point the tensors at ``location``.
-
-    Offsets are assigned in graph order, so the data file is as deterministic as the model.
-    """
-    offset = 0
-    for graph in all_graphs(model.graph):
-        for tensor in graph.initializer:
-            if external_data_helper.uses_external_data(tensor):
-                raise ValueError(f"initializer '{tensor.name}' still refers to external data")
-            if not tensor.HasField("raw_data"):
-                converted = numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name)
-                tensor.CopyFrom(converted)
-            data = tensor.raw_data
-            if not data:
-                continue
-            stream.write(data)
-            external_data_helper.set_external_data(tensor, location, offset, len(data))
-            tensor.ClearField("raw_data")
-            offset += len(data)
-    stream.flush()
-    os.fsync(stream.fileno())

@@ -6,11 +6,15 @@ previous step's dataclass. It never touches onnx or HiGHS directly.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,15 +28,22 @@ from .domain import (
     resolve_domain,
 )
 from .equivalence import CheckReport, check_equivalence
-from .errors import DomainError, UnsupportedModelError, UsageError
+from .errors import DomainError, UnsupportedModelError, UsageError, VerificationError
 from .network import Network
 from .onnx_reader import ReadResult, read_model
-from .onnx_writer import build_model, save_model_atomic
+from .onnx_writer import (
+    StagedModel,
+    TensorPlacement,
+    build_model,
+    is_large,
+    model_size_bytes,
+    stage_model,
+)
 from .reduce import Reduction, reduce_network
 from .report import RunReport, summarize_layers
 from .resources import check_memory, memory_shortfall_note
 from .stability import StabilityResult, analyze_stability
-from .verify import compare_models, run_model
+from .verify import compare_models, onnxruntime_session, run_model
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -148,7 +159,7 @@ def analyze(
         layers=summarize_layers(net, stability),
         params_before=net.param_count,
         macs_before=net.mac_count,
-        bytes_before=read.model.ByteSize(),
+        bytes_before=model_size_bytes(read.model),
         timings_s=timings,
         time_limit_hit=stability.time_limit_hit,
         notes=memory_notes
@@ -197,17 +208,38 @@ def measured_roundoff(read: ReadResult, box: Box, seed: int) -> dict[str, float]
     this much even though both compute the same exact function: this is the scale against which
     "equal up to float round-off" is judged and reported.
     """
-    return model_roundoff(read.model, read.network, read.input_dtype, box, seed)
+    return model_roundoff(
+        read.model, read.network, read.input_dtype, box, seed, path=_reference_path(read)
+    )
+
+
+def _reference_path(read: ReadResult) -> Path | None:
+    """Run the input model from its file only when it is too large to serialise from memory.
+
+    What is verified is the written output, loaded from its path; the reference is the input as
+    read (external data loaded), so an input onnxruntime cannot load from its own path (an int64
+    shape kept in external data) is still a valid reference.
+    """
+    if read.path is not None and is_large(read.model):
+        return read.path
+    return None
 
 
 def model_roundoff(
-    model: onnx.ModelProto, network: Network, input_dtype: np.dtype, box: Box, seed: int
+    model: onnx.ModelProto,
+    network: Network,
+    input_dtype: np.dtype,
+    box: Box,
+    seed: int,
+    *,
+    path: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """``max |f_onnxruntime(x) - network.forward(x)|`` over box samples and vertices (see above).
 
     For the compressed model ``network`` is the reduced network in float64, so this includes the
     rounding of its folded weights to the model's dtype: the compressed model's own round-off,
     which can exceed the input model's (a folded product ``W2 W1`` with cancelling terms).
+    With ``path`` onnxruntime runs that file (``model`` as saved) instead of the in-memory proto.
     """
     if network.output_name not in [o.name for o in model.graph.output]:
         return {}
@@ -220,9 +252,54 @@ def model_roundoff(
     )
     x = x.astype(input_dtype).astype(np.float64)
     x = np.clip(x, box.lower, box.upper)
-    got = np.asarray(run_model(model, x)[network.output_name], dtype=np.float64)
+    got = np.asarray(run_model(path or model, x)[network.output_name], dtype=np.float64)
     exact = network.forward(x)
     return {network.output_name: float(np.max(np.abs(got.reshape(exact.shape) - exact)))}
+
+
+def written_roundoff(
+    written: ReadResult, reduced: Network, box: Box, seed: int
+) -> dict[str, float]:
+    """The written file's own float error, only as far as it is round-off.
+
+    ``model_roundoff`` against the network read back from the file (onnxruntime's arithmetic on
+    the stored weights), plus ``max |f_stored(x) - f_reduced(x)|`` in float64 (the rounding of the
+    reduced weights to the stored dtype) *only if* every stored weight and bias is within two ulps
+    of the reduced one. A damaged or wrongly written file thus gets no allowance for its wrong
+    weights: measured against the reduced network its "round-off" would be the whole error and
+    would raise the verification atol enough to pass it.
+    """
+    dtype = written.input_dtype
+    arithmetic = model_roundoff(written.model, written.network, dtype, box, seed, path=written.path)
+    coarsest = max((layer.weight_dtype for layer in written.binding.layers), key=_eps)
+    if not arithmetic or not _rounded_copy(written.network, reduced, coarsest):
+        return arithmetic
+    x = np.clip(
+        np.random.default_rng(seed).uniform(box.lower, box.upper, (ROUNDOFF_SAMPLES, box.size)),
+        box.lower,
+        box.upper,
+    )
+    rounding = float(np.max(np.abs(written.network.forward(x) - reduced.forward(x))))
+    return {name: value + rounding for name, value in arithmetic.items()}
+
+
+def _eps(dtype: np.dtype) -> float:
+    return float(np.finfo(dtype).eps)
+
+
+def _rounded_copy(stored: Network, reduced: Network, dtype: np.dtype) -> bool:
+    """Whether ``stored``'s layers are ``reduced``'s rounded to ``dtype`` (two ulps each)."""
+    if len(stored.layers) != len(reduced.layers):
+        return False
+    eps = _eps(dtype)
+    tiny = float(np.finfo(dtype).tiny)
+    for a, b in zip(stored.layers, reduced.layers, strict=True):
+        if a.weight.shape != b.weight.shape or a.relu != b.relu:
+            return False
+        for got, want in ((a.weight, b.weight), (a.bias, b.bias)):
+            if np.any(np.abs(got - want) > 2 * eps * np.abs(want) + tiny):
+                return False
+    return True
 
 
 def _roundoff_atol(atol: float, roundoff: dict[str, float]) -> float | dict[str, float]:
@@ -230,6 +307,36 @@ def _roundoff_atol(atol: float, roundoff: dict[str, float]) -> float | dict[str,
     if all(value == atol for value in raised.values()):
         return atol
     return {**raised, "": atol}
+
+
+@contextlib.contextmanager
+def _staged(
+    model: onnx.ModelProto, output: str | os.PathLike | None, read: ReadResult
+) -> Iterator[StagedModel]:
+    """``model`` written as the file(s) the user gets, then loaded by onnxruntime from its path.
+
+    The files sit in a temporary folder beside ``output`` (in the system's temporary folder when
+    nothing is to be saved) until :meth:`StagedModel.commit`; each tensor stays where the input
+    kept it (:meth:`TensorPlacement.like_input`; a model over 2 GiB gets external data). A staged
+    file that ``onnx.checker`` or onnxruntime cannot load raises
+    :class:`~onnx_exact.errors.VerificationError` (exit 1) and nothing is left behind.
+    """
+    placement = TensorPlacement.like_input(read)
+    external = True if placement is not None else None
+    with contextlib.ExitStack() as stack:
+        if output is None:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx_exact_"))
+            output = Path(folder) / (read.path.name if read.path else "model.onnx")
+        staged = stack.enter_context(
+            stage_model(model, output, external_data=external, placement=placement)
+        )
+        try:
+            onnxruntime_session(staged.path, read.network.in_features)
+        except UnsupportedModelError as exc:
+            raise VerificationError(
+                f"{os.fspath(output)}: the written model does not load ({exc}); nothing was written"
+            ) from None
+        yield staged
 
 
 def _check_output_path(source: str | os.PathLike | onnx.ModelProto, output: str) -> None:
@@ -290,63 +397,75 @@ def compress(
     model = build_model(read, reduction, metadata)
     report.timings_s["write"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    if atol is None:
-        roundoff = measured_roundoff(read, box, options.seed)
-        written = {}
-        if not reduction.constant_output:
-            written = model_roundoff(model, reduction.network, read.input_dtype, box, options.seed)
-        # two float evaluations of one exact function differ by at most the sum of their errors
-        combined = {name: value + written.get(name, 0.0) for name, value in roundoff.items()}
-        atol = _roundoff_atol(DEFAULT_ATOL, combined)
-        for name, value in roundoff.items():
-            report.notes.append(
-                f"float round-off of the input model itself on '{name}': {value:.3g}, of the "
-                f"compressed model: {written.get(name, 0.0):.3g} (onnxruntime vs exact float64); "
-                f"verification atol {max(DEFAULT_ATOL, ROUNDOFF_FACTOR * combined[name]):.3g}"
-            )
-    verification = compare_models(
-        read.model,
-        model,
-        box,
-        extra_inputs=witnesses_in_raw_space(net, box, stability),
-        samples=samples,
-        seed=options.seed,
-        atol=atol,
-        rtol=rtol,
-    )
-    report.timings_s["verify"] = time.perf_counter() - t0
-
-    report.layers = summarize_layers(net, stability, reduction)
-    report.params_after = reduction.network.param_count
-    report.macs_after = reduction.network.mac_count
-    report.bytes_after = model.ByteSize()
-    report.verification = verification
-    report.constant_output = reduction.constant_output
-    report.notes.extend(reduction.notes)
-
-    if prove:
+    with _staged(model, output, read) as staged:
+        # everything below checks the staged file, the bytes the user gets (issue 21)
         t0 = time.perf_counter()
-        remaining = None
-        if options.time_limit is not None:
-            remaining = max(options.time_limit - report.timings_s["stability"], 1.0)
-        check = check_equivalence(
-            read,
-            model,
+        reference = _reference_path(read) or read.model
+        written_read = read_model(staged.path)
+        if atol is None:
+            roundoff = measured_roundoff(read, box, options.seed)
+            written = {}
+            if not reduction.constant_output:
+                written = written_roundoff(written_read, reduction.network, box, options.seed)
+            # two float evaluations of one exact function differ by at most the sum of their errors
+            combined = {name: value + written.get(name, 0.0) for name, value in roundoff.items()}
+            overflow = [name for name, value in combined.items() if not np.isfinite(value)]
+            if overflow:
+                raise DomainError(
+                    f"{box.source}: onnxruntime's {read.input_dtype} evaluation overflows to "
+                    f"Inf/NaN on output '{overflow[0]}' inside this box, so no tolerance can be "
+                    "measured; give a box with smaller bounds"
+                )
+            atol = _roundoff_atol(DEFAULT_ATOL, combined)
+            for name, value in roundoff.items():
+                report.notes.append(
+                    f"float round-off of the input model itself on '{name}': {value:.3g}, of the "
+                    f"compressed model: {written.get(name, 0.0):.3g} (onnxruntime vs exact "
+                    f"float64); verification atol "
+                    f"{max(DEFAULT_ATOL, ROUNDOFF_FACTOR * combined[name]):.3g}"
+                )
+        verification = compare_models(
+            reference,
+            staged.path,
             box,
+            extra_inputs=witnesses_in_raw_space(net, box, stability),
+            samples=samples,
+            seed=options.seed,
             atol=atol,
             rtol=rtol,
-            samples=0,
-            seed=options.seed,
-            time_limit=remaining,
-            stability_a=stability,
         )
-        report.proof = check.proof
-        report.timings_s["prove"] = time.perf_counter() - t0
+        report.timings_s["verify"] = time.perf_counter() - t0
 
-    if output is not None and report.passed:
-        save_model_atomic(model, output, external_data=read.uses_external_data)
-        report.output = os.fspath(output)
+        report.params_after = reduction.network.param_count
+        report.macs_after = reduction.network.mac_count
+        report.bytes_after = model_size_bytes(model)
+        report.verification = verification
+        report.constant_output = reduction.constant_output
+        report.notes.extend(reduction.notes)
+
+        if prove:
+            t0 = time.perf_counter()
+            remaining = None
+            if options.time_limit is not None:
+                remaining = max(options.time_limit - report.timings_s["stability"], 1.0)
+            check = check_equivalence(
+                read if _reference_path(read) else dataclasses.replace(read, path=None),
+                written_read,  # the proof, too, is about the weights as written
+                box,
+                atol=atol,
+                rtol=rtol,
+                samples=0,
+                seed=options.seed,
+                time_limit=remaining,
+                stability_a=stability,
+                progress=progress,
+            )
+            report.proof = check.proof
+            report.timings_s["prove"] = time.perf_counter() - t0
+
+        if output is not None and report.passed:
+            staged.commit()
+            report.output = os.fspath(output)
     return CompressResult(model=model, reduction=reduction, analysis=analysis, report=report)
 
 

@@ -20,8 +20,10 @@ not grow with the sample count.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,6 +31,7 @@ import onnxruntime as ort
 
 from .domain import Box, InputLayout
 from .errors import UnsupportedModelError, UsageError, VerificationError
+from .onnx_writer import is_large, stage_model
 
 CHUNK_SAMPLES = 512
 """Samples per streamed chunk (a 3072-feature chunk is 12 MiB in float64)."""
@@ -96,27 +99,112 @@ class EquivalenceReport:
 # ----------------------------------------------------------------------------- sessions
 
 
-def onnxruntime_session(model: onnx.ModelProto | str | os.PathLike) -> ort.InferenceSession:
+MAX_DECLARED_BATCH = CHUNK_SAMPLES
+"""The largest fixed batch fed as declared (short chunks padded to it). A model declaring a larger
+one (10^9 rows would be 15 GiB per run) is opened with that batch axis made dynamic instead, so no
+run ever holds more than a chunk of samples, whatever the declared shape."""
+
+
+def onnxruntime_session(
+    model: onnx.ModelProto | str | os.PathLike, n_features: int | None = None
+) -> ort.InferenceSession:
     """A CPU onnxruntime session with one thread (deterministic, polite on a 2-core machine).
 
-    A path is handed to onnxruntime directly so that external data next to it is found.
+    A path is handed to onnxruntime directly, so the file is loaded as a user loads it (external
+    data found next to it, a file over 2 GiB read from disk). A ModelProto whose tensors exceed
+    ``EXTERNAL_DATA_THRESHOLD_BYTES`` cannot be serialised and is staged into a temporary folder
+    with external data first.
+
+    With ``n_features`` (the flattened features of one sample) a fixed batch axis larger than
+    ``MAX_DECLARED_BATCH`` is made dynamic in a private copy (graph input and outputs; value_info
+    dropped): the rows of an MLP are independent, so each row's result is the same, and nothing
+    is ever allocated by the declared batch.
     """
+    in_memory = isinstance(model, onnx.ModelProto)
+    what = "the model" if in_memory else os.fspath(model)
+    if n_features is not None:
+        layout = _declared_layout(model if in_memory else _header(model), n_features)
+        if layout is not None and (layout.batch_size or 0) > MAX_DECLARED_BATCH:
+            if in_memory:
+                private = onnx.ModelProto()
+                private.CopyFrom(model)
+            else:
+                private = _load_with_data(model)
+            return _create_session(_free_batch_axis(private, layout), what)
+    return _create_session(model, what)
+
+
+def _create_session(model: onnx.ModelProto | str | os.PathLike, what: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if isinstance(model, onnx.ModelProto) and is_large(model):
+        with tempfile.TemporaryDirectory(prefix="onnx_exact_session_") as folder:
+            with stage_model(model, Path(folder) / "model.onnx") as staged:
+                return _create_session(staged.path, what)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped exceptions
-        what = os.fspath(model) if not isinstance(model, onnx.ModelProto) else "the model"
         raise UnsupportedModelError(
             f"onnxruntime cannot load {what}: {str(exc).splitlines()[0]}"
         ) from None
 
 
-def _session(model: onnx.ModelProto | str | os.PathLike | ort.InferenceSession):
-    return model if isinstance(model, ort.InferenceSession) else onnxruntime_session(model)
+def _header(path: str | os.PathLike) -> onnx.ModelProto | None:
+    """The model file without its external data (cheap), or None if onnx cannot parse it (then
+    onnxruntime reports the problem)."""
+    try:
+        return onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - onnxruntime's own message is the better one
+        return None
+
+
+def _load_with_data(path: str | os.PathLike) -> onnx.ModelProto:
+    try:
+        return onnx.load(os.fspath(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf/onnx raise several untyped errors
+        raise UnsupportedModelError(
+            f"onnx cannot load {os.fspath(path)}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _declared_layout(model: onnx.ModelProto | None, n_features: int) -> InputLayout | None:
+    """The layout of the model's one fed input (initializers do not count), None if not one."""
+    if model is None:
+        return None
+    constants = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in constants]
+    if len(inputs) != 1 or not inputs[0].type.tensor_type.HasField("shape"):
+        return None
+    dims = [
+        d.dim_value if d.HasField("dim_value") else None
+        for d in inputs[0].type.tensor_type.shape.dim
+    ]
+    try:
+        return InputLayout.from_dims(inputs[0].name, dims, n_features)
+    except UnsupportedModelError:
+        return None
+
+
+def _free_batch_axis(model: onnx.ModelProto, layout: InputLayout) -> onnx.ModelProto:
+    """Make the fixed batch axis of ``model`` (private, edited in place) dynamic."""
+    graph = model.graph
+    for value in [*(i for i in graph.input if i.name == layout.name), *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == layout.batch_size:
+            dims[0].dim_param = "onnx_exact_batch"
+    del graph.value_info[:]
+    return model
+
+
+def _session(
+    model: onnx.ModelProto | str | os.PathLike | ort.InferenceSession, n_features: int
+) -> ort.InferenceSession:
+    if isinstance(model, ort.InferenceSession):
+        return model
+    return onnxruntime_session(model, n_features)
 
 
 @dataclass(frozen=True)
@@ -148,9 +236,13 @@ def _feed_for(session: ort.InferenceSession, n_features: int, input_name: str | 
             "inputs can be sampled from a box"
         )
     dims = [d if isinstance(d, int) else None for d in node_arg.shape]
-    return _Feed(
-        InputLayout.from_dims(node_arg.name, dims, n_features), _INPUT_DTYPES[node_arg.type]
-    )
+    layout = InputLayout.from_dims(node_arg.name, dims, n_features)
+    if (layout.batch_size or 0) > MAX_DECLARED_BATCH:
+        raise UsageError(
+            f"input {node_arg.name!r} declares a fixed batch of {layout.batch_size}: pass the "
+            "model or its path (not a session) so that it is run a chunk at a time"
+        )
+    return _Feed(layout, _INPUT_DTYPES[node_arg.type])
 
 
 def _run_chunk(session: ort.InferenceSession, feed: _Feed, x: np.ndarray) -> dict[str, object]:
@@ -213,8 +305,8 @@ def run_model(
     float64 arrays ``(m, k)`` with columns in the first map's key order. Inputs are cast to the
     model's input dtype as given (no clipping: a counterexample replay wants the exact point).
     """
-    session = _session(model)
     x_flat = np.atleast_2d(np.asarray(x_flat, dtype=np.float64))
+    session = _session(model, x_flat.shape[1])
     feed = _feed_for(session, x_flat.shape[1], input_name)
     out = {}
     for name, value in _run_chunk(session, feed, x_flat.astype(feed.dtype)).items():
@@ -415,7 +507,8 @@ def compare_models(
     VerificationError
         When the outputs differ in names, per-sample shapes or map keys (no tolerance applies).
     """
-    reference_session, candidate_session = _session(reference), _session(candidate)
+    reference_session = _session(reference, box.size)
+    candidate_session = _session(candidate, box.size)
     reference_feed = _feed_for(reference_session, box.size, box.input_name)
     candidate_feed = _feed_for(candidate_session, box.size, box.input_name)
     reference_outputs = {o.name: o.type for o in reference_session.get_outputs()}

@@ -262,10 +262,11 @@ def test_external_data_round_trip(tmp_path: Path) -> None:
     assert read.uses_external_data
     model = build_model(read, drop_units(read.network), NEW_METADATA)
     out = tmp_path / "small.onnx"
-    save_model_atomic(model, out, external_data=read.uses_external_data)
+    placement = onnx_writer.TensorPlacement.like_input(read)
+    save_model_atomic(model, out, external_data=read.uses_external_data, placement=placement)
     assert (tmp_path / "small.onnx.data").stat().st_size > 0
     first = (out.read_bytes(), (tmp_path / "small.onnx.data").read_bytes())
-    save_model_atomic(model, out, external_data=True)
+    save_model_atomic(model, out, external_data=True, placement=placement)
     assert (out.read_bytes(), (tmp_path / "small.onnx.data").read_bytes()) == first
     assert _leftovers(tmp_path) == []
     reread = read_model(out)
