@@ -26,23 +26,26 @@ the symbolic bound of ``f_A - f_B`` is exact arithmetic on the stored weights:
 2. ``stable-units``: it proves it once the units that are not matched are stable — either already
    in the first walk, or after :func:`prove_units_stable` ran the full stability engine on exactly
    the one-sided units (the cheap tiers a check starts with leave some undecided that
-   ``compress``'s analysis had proved; the engine runs on the layers up to the deepest such unit,
-   that layer restricted to the targets) and the walk was repeated;
+   ``compress``'s analysis had proved; the engine's exact solver tiers run on those units only,
+   over the bounds already proved for the layers below) and the walk was repeated;
 3. ``milp``: the product MILP (:mod:`onnx_exact.proof_milp`) on what is left, with shared
    variables for matched units and no binary for stable ones.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from . import milp
+from .bounds import LayerBounds
 from .canonical import Canonical
 from .domain import Box
-from .network import DenseLayer, Network
-from .stability import NeuronState, ProgressCallback, StabilityResult, analyze_stability
+from .network import Network
+from .stability import NeuronState, StabilityResult, solver_margins
 
 METHODS = ("matched", "stable-units", "milp")
 """How a direction was proved, from the cheapest to the costliest (see the module docstring)."""
@@ -152,73 +155,73 @@ def prove_units_stable(
     box: Box,
     stability: StabilityResult,
     targets: dict[int, np.ndarray],
-    time_limit: float,
+    time_limit: float | None,
     *,
     jobs: int = 1,
-    seed: int = 0,
-    progress: ProgressCallback | None = None,
 ) -> tuple[StabilityResult, int]:
-    """Run the full stability engine on the ``targets`` units of ``net`` over the raw ``box``.
+    """Prove the ``targets`` units of ``net`` stable over the raw ``box`` with the exact tiers.
 
-    The engine analyses ``net``'s layers up to the deepest target layer, that layer restricted to
-    its targets (earlier layers in full: their bounds feed it). Every verdict it reaches replaces
-    an UNDECIDED one of ``stability``, and the pre-activation bounds are intersected (both are
-    sound). ``stability`` itself is not changed.
+    The stability engine's solver tiers (:func:`onnx_exact.milp.decide_directions`: triangle LP
+    with a rigorous dual bound, ideal cuts, LP branch and bound, decision MILP; its margins) run
+    on exactly these units, layer by layer from the shallowest, over the proved bounds and
+    verdicts ``stability`` already holds for the layers below: no witness search, no re-analysis
+    of anything else. Each unit asks both signs ("can ``y`` be positive?" proves it dead, "can
+    ``y`` be negative?" always active), the more likely one first; a sign refuted by a solver
+    point is not asked again. Every sound bound found tightens the unit's pre-activation bounds
+    (so even an undecided unit costs the MILP a tighter big-M), and a layer's results are in
+    place before the next layer's relaxation is built. ``stability`` itself is not changed.
 
     Returns
     -------
-    (the merged result, how many targets are now proved ACTIVE or INACTIVE).
+    (the updated result, how many targets are now proved ACTIVE or INACTIVE).
     """
     if not targets:
         return stability, 0
-    deepest = max(targets)
-    rows = np.asarray(targets[deepest])
-    last = net.layers[deepest]
-    layers = [
-        *net.layers[:deepest],
-        DenseLayer(last.weight[rows], last.bias[rows], True, last.name),
-    ]
-    truncated = Network(layers, net.input_map, net.input_name, net.output_name)
-    found = analyze_stability(
-        truncated,
-        box.to_network(net.input_map),
-        time_limit=time_limit,
-        jobs=jobs,
-        seed=seed,
-        progress=progress,
-    )
-    merged = []
-    for k, old in enumerate(stability.layers):
-        if k > deepest:
-            merged.append(old)
-            continue
-        index = rows if k == deepest else np.arange(old.states.size)
-        merged.append(_merge(old, found.layers[k], index))
-    proved = 0
-    for k, units in targets.items():
-        states = merged[k].states[units]
-        proved += int(
-            np.count_nonzero((states == NeuronState.ACTIVE) | (states == NeuronState.INACTIVE))
+    deadline = time.monotonic() + time_limit if time_limit is not None else np.inf
+    box_net = box.to_network(net.input_map)
+    layers = list(stability.layers)
+    for k in targets:
+        layer = layers[k]
+        layers[k] = replace(
+            layer,
+            states=np.array(layer.states, copy=True),
+            decided_by=np.array(layer.decided_by, dtype=object),
+            lower=np.array(layer.lower, dtype=np.float64, copy=True),
+            upper=np.array(layer.upper, dtype=np.float64, copy=True),
         )
-    result = replace(
-        stability,
-        layers=merged,
-        witnesses=np.concatenate(
-            [stability.witnesses.reshape(-1, net.in_features), found.witnesses]
-        ),
-    )
-    return result, proved
-
-
-def _merge(old, new, index: np.ndarray):
-    """``old`` with ``new``'s verdicts on ``old``'s units ``index`` where ``old`` had none."""
-    states = np.array(old.states, copy=True)
-    decided_by = np.array(old.decided_by, dtype=object)
-    lower = np.array(old.lower, dtype=np.float64, copy=True)
-    upper = np.array(old.upper, dtype=np.float64, copy=True)
-    fill = (states[index] == NeuronState.UNDECIDED) & (new.states != NeuronState.UNDECIDED)
-    states[index[fill]] = new.states[fill]
-    decided_by[index[fill]] = new.decided_by[fill]
-    lower[index] = np.maximum(lower[index], new.lower)
-    upper[index] = np.minimum(upper[index], new.upper)
-    return replace(old, states=states, decided_by=decided_by, lower=lower, upper=upper)
+    bounds = [LayerBounds(layer.lower, layer.upper) for layer in layers]
+    proved = 0
+    for k in sorted(targets):
+        if time.monotonic() >= deadline:
+            break
+        layer, units = layers[k], np.asarray(targets[k])
+        below = [
+            layers[j].states
+            if net.layers[j].relu
+            else np.full_like(layers[j].states, NeuronState.ACTIVE)
+            for j in range(k)
+        ]
+        margins = solver_margins(net, box_net, bounds, k)
+        # The more likely sign first: the one whose bound is closer to proving.
+        first = np.where(layer.upper[units] <= -layer.lower[units], 1, -1)
+        directions = [milp.Direction(k, int(i), int(s)) for i, s in zip(units, first, strict=True)]
+        directions += [
+            milp.Direction(k, int(i), int(-s)) for i, s in zip(units, first, strict=True)
+        ]
+        results = milp.decide_directions(
+            net, box_net, bounds, below, k, directions, margins, deadline,
+            tiers=("lp", "cuts", "bab", "milp"), jobs=jobs,
+        )  # fmt: skip
+        for result in results:
+            i, sign = result.direction.neuron, result.direction.sign
+            if np.isfinite(result.bound):
+                if sign > 0:
+                    layer.upper[i] = min(layer.upper[i], result.bound)
+                else:
+                    layer.lower[i] = max(layer.lower[i], -result.bound)
+            if result.status == "proved" and layer.states[i] == NeuronState.UNDECIDED:
+                layer.states[i] = NeuronState.INACTIVE if sign > 0 else NeuronState.ACTIVE
+                layer.decided_by[i] = result.method
+                proved += 1
+        bounds[k] = LayerBounds(layer.lower, layer.upper)
+    return replace(stability, layers=layers), proved

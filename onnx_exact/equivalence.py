@@ -354,9 +354,8 @@ def prove_equivalence(
             proved = 0
             for index, net in enumerate((net_a, net_b)):
                 stabilities[index], count = prove_units_stable(
-                    net, box, stabilities[index], targets[index], budget, jobs=jobs, seed=seed,
-                    progress=progress,
-                )  # fmt: skip
+                    net, box, stabilities[index], targets[index], budget, jobs=jobs
+                )
                 proved += count
             walk = _Walk(net_a, net_b, box, stabilities)
             walk.matches.targeted = sum(units.size for t in targets for units in t.values())

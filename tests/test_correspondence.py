@@ -100,7 +100,7 @@ def test_one_sided_units_the_cheap_tiers_leave_open_are_targeted_and_proved():
     assert given.layers[1].states[10] == NeuronState.UNDECIDED  # the caller's result is kept
 
 
-def test_prove_units_stable_restricts_the_deepest_layer_to_its_targets():
+def test_prove_units_stable_decides_only_the_targets_with_the_solver_tiers():
     weights = random_weights((3, 6, 6, 2), seed=4)
     (w1, b1), (w2, b2), (w3, b3) = weights
     b2 = b2.copy()
@@ -109,12 +109,16 @@ def test_prove_units_stable_restricts_the_deepest_layer_to_its_targets():
     box = unit_box(3, -1, 1)
     start = cheap(net, box)
     layer = start.layers[1]
-    states = layer.states.copy()
-    states[2] = NeuronState.UNDECIDED
-    start.layers[1] = replace(layer, states=states)
+    states, lower, upper = layer.states.copy(), layer.lower.copy(), layer.upper.copy()
+    states[[2, 3]], lower[[2, 3]], upper[[2, 3]] = NeuronState.UNDECIDED, -1e3, 1e3
+    start.layers[1] = replace(layer, states=states, lower=lower, upper=upper)
     merged, proved = prove_units_stable(net, box, start, {1: np.array([2])}, 30.0)
     assert proved == 1 and merged.layers[1].states[2] == NeuronState.INACTIVE
-    assert len(merged.layers) == len(start.layers) and merged.layers[2] is start.layers[2]
+    assert merged.layers[1].decided_by[2] in ("lp", "lp+cuts", "bab", "milp")
+    assert merged.layers[1].upper[2] < 0.0
+    assert merged.layers[1].states[3] == NeuronState.UNDECIDED  # not a target: untouched
+    assert start.layers[1].states[2] == NeuronState.UNDECIDED  # the input is not changed
+    assert merged.layers[0] is start.layers[0]
 
 
 def test_an_all_active_layer_folded_away_is_proved_by_stable_units():
