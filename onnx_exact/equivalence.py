@@ -56,10 +56,13 @@ from .errors import OnnxExactError, UsageError
 from .network import Network
 from .onnx_reader import ReadResult, read_model
 from .proof_milp import Counterexample, DirectionBound, milp_tier
-from .stability import ProgressCallback, StabilityResult, analyze_stability
+from .stability import StabilityResult, analyze_stability
 from .verify import EquivalenceReport, compare_models, run_model
 
 ModelSource = str | os.PathLike | onnx.ModelProto | ReadResult
+ProgressCallback = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``: "matched" and "stable-units" report the directions proved so
+far of all; "proof" the directions the MILP decided of those it got."""
 Replay = Callable[[np.ndarray], tuple[float, bool]]
 """``replay(x_raw) -> (largest onnxruntime |f_A - f_B| on the proved outputs, exceeds tol)``."""
 
@@ -306,8 +309,7 @@ def prove_equivalence(
         and re-evaluated before it counts.
     seed : seed of the stability analyses' sampling.
     jobs : worker processes of the targeted stability analyses and the per-direction MILPs.
-    progress : optional ``progress(phase, done, total)`` ("stability", then "proof": directions
-        decided of those the MILP got).
+    progress : optional :data:`ProgressCallback`, called after each method.
 
     Returns
     -------
@@ -344,6 +346,7 @@ def prove_equivalence(
     walk = _Walk(net_a, net_b, box, stabilities)
     directions = walk.directions(tol, "matched" if walk.matches.complete else "stable-units")
     timings["matched"] = time.monotonic() - stage
+    _report(progress, "matched", directions)
     notes: list[str] = []
     if any(d.status == "open" for d in directions):
         targets = [walk.matches.targets(tag, st) for tag, st in zip("AB", stabilities, strict=True)]
@@ -364,6 +367,7 @@ def prove_equivalence(
                 if old.status == "open":
                     old.bound, old.tier, old.status = new.bound, new.tier, new.status
             timings["stable-units"] = time.monotonic() - stage
+            _report(progress, "stable-units", directions)
 
     canonical = walk.canonical
     result = ProofResult(
@@ -427,6 +431,11 @@ def prove_equivalence(
     result.timings_s = timings
     result.time_s = time.monotonic() - started
     return result
+
+
+def _report(progress: ProgressCallback | None, phase: str, directions: list) -> None:
+    if progress is not None:
+        progress(phase, sum(d.status == "proved" for d in directions), len(directions))
 
 
 class _Walk:
