@@ -223,11 +223,19 @@ def _fixed_batch_model(batch: int) -> onnx.ModelProto:
     return model
 
 
+def _assert_batch_freed(path: Path) -> None:
+    """Fail fast, before anything could pad to the declared batch (16 GB for 10^9 x 4 float32:
+    without the fix a test would be killed for memory instead of failing)."""
+    declared = verify.onnxruntime_session(str(path), 4).get_inputs()[0].shape[0]
+    assert not isinstance(declared, int), declared
+
+
 def test_a_declared_batch_of_a_billion_is_never_allocated(tmp_path, monkeypatch):
     """Without the fix every run pads to 10^9 rows (16 GB for 4 float32 features)."""
     model = _fixed_batch_model(10**9)
     path = tmp_path / "b.onnx"
     onnx.save(model, path)
+    _assert_batch_freed(path)
     rows: list[int] = []
     session_class = ort.InferenceSession
 
@@ -268,6 +276,7 @@ def test_a_session_with_a_huge_declared_batch_is_refused():
 def test_compress_with_a_billion_batch_writes_the_declared_shape(tmp_path):
     path = tmp_path / "b.onnx"
     onnx.save(_fixed_batch_model(10**9), path)
+    _assert_batch_freed(path)
     out = tmp_path / "out.onnx"
     result = compress(path, out, DomainSpec(input_ranges=["[-1,1]"]), prove=True)
     assert result.report.passed, result.report.notes
