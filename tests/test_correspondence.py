@@ -3,14 +3,18 @@ each direction of the proof names (matched, stable-units, milp)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from test_equivalence import gemm_mlp, random_weights, unit_box
 
 from onnx_exact.canonical import Canonical
 from onnx_exact.correspondence import correspondence_of, prove_units_stable
+from onnx_exact.domain import Box
 from onnx_exact.equivalence import check_equivalence, prove_equivalence
 from onnx_exact.network import DenseLayer, InputMap, Network
 from onnx_exact.onnx_reader import read_model
@@ -180,3 +184,53 @@ def test_json_names_the_method_per_direction_and_what_stayed_open():
     assert proof["methods"] == {"matched": 6, "stable-units": 0, "milp": 0}
     assert {d["tier"] for d in proof["directions"]} == {"matched"}
     assert proof["correspondence"]["one_sided"] == {"A": 0, "B": 0}
+
+
+# ---------------------------------------------------------------------------- bench/check.py pairs
+
+
+def load_check_bench():
+    path = Path(__file__).resolve().parent.parent / "bench" / "check.py"
+    spec = importlib.util.spec_from_file_location("bench_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_pairs_are_what_they_claim(tmp_path):
+    """The builders of ``bench/check.py`` on a 20-30-30-5 MLP: the equal pairs are equal (and
+    proved with the method they exercise), the planted thin region differs only on a sliver that
+    the proof finds."""
+    bench = load_check_bench()
+    weights = [
+        (w.astype(np.float64), b.astype(np.float64))
+        for w, b in random_weights((20, 30, 30, 5), seed=21)
+    ]
+    rng = np.random.default_rng(0)
+    centre = rng.uniform(0.2, 0.8, 20)
+    lo, hi = centre - 0.05, centre + 0.05
+    box = Box(lo, hi, "x", "test")
+    base = mlp(weights)
+    x = rng.uniform(lo, hi, (500, 20))
+
+    active = mlp(bench.with_active_layer(weights, (lo, hi)))
+    assert np.abs(active.forward(x) - base.forward(x)).max() < 1e-9
+    proof = prove_equivalence(active, base, box, 1e-6)
+    assert proof.status == "proved" and proof.tiers == ["stable-units"]
+
+    rescaled = mlp(bench.permuted_rescaled(weights))
+    assert prove_equivalence(base, rescaled, box, 1e-6).tiers == ["matched"]
+
+    thin = mlp(bench.differ_thin(weights, (lo, hi)))
+    assert np.abs(thin.forward(x) - base.forward(x)).max() == 0.0
+    proof = prove_equivalence(base, thin, box, 1e-5)
+    assert proof.status == "counterexample"
+    assert proof.counterexample.exact_difference < -1e-3
+
+    doc = tmp_path / "b.md"
+    doc.write_text("# x\n\n<!-- bench:other:start -->\nkeep\n<!-- bench:other:end -->\n")
+    bench.write_markdown(doc, "check", "## check\nold\n")
+    bench.write_markdown(doc, "check", "## check\nnew\n")
+    text = doc.read_text()
+    assert "keep" in text and "new" in text and "old" not in text
