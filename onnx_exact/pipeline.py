@@ -39,6 +39,7 @@ from .onnx_writer import (
     model_size_bytes,
     stage_model,
 )
+from .output_paths import numpy_save_path, plan_run_paths
 from .reduce import Reduction, reduce_network
 from .report import RunReport, summarize_layers
 from .resources import check_memory, memory_shortfall_note
@@ -339,18 +340,10 @@ def _staged(
         yield staged
 
 
-def _check_output_path(source: str | os.PathLike | onnx.ModelProto, output: str) -> None:
-    """Fail before the analysis, not after it, when the output cannot be written."""
-    if not isinstance(source, onnx.ModelProto):
-        if os.path.realpath(output) == os.path.realpath(os.fspath(source)):
-            raise UsageError(f"output path '{output}' is the input model: choose another file name")
-    if os.path.isdir(output):
-        raise UsageError(f"output path '{output}' is a directory: give a file name")
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        raise UsageError(f"output folder '{folder}' does not exist: create it or choose another")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"output folder '{folder}' is not writable: choose another output path")
+def _domain_files(domain: DomainSpec | None) -> list[tuple[str, str | None]]:
+    """The files the domain is read from, named by their options (for ``plan_run_paths``)."""
+    domain = domain or DomainSpec()
+    return [("--input-range-file", domain.range_file), ("--vnnlib", domain.vnnlib)]
 
 
 def compress(
@@ -380,9 +373,12 @@ def compress(
     rename): a failed run never leaves a wrong or partial model behind.
     """
     options = options or AnalysisOptions()
-    source_is_file = isinstance(source, onnx.ModelProto) or os.path.isfile(os.fspath(source))
-    if output is not None and source_is_file:  # else reading the model reports the problem
-        _check_output_path(source, os.fspath(output))
+    if output is not None:  # before the analysis: never clobber a file this run reads
+        plan_run_paths(
+            models=[("the input model", source)],
+            domain_files=_domain_files(domain),
+            output_model=output,
+        )
     analysis = analyze(source, domain, options, progress)
     read, box, stability, report = analysis.read, analysis.box, analysis.stability, analysis.report
     net = read.network
@@ -499,6 +495,12 @@ def check(
     (a model written by ``onnx-exact`` records the box it is exact on).
     """
     domain = domain or DomainSpec()
+    if counterexample_path is not None:
+        plan_run_paths(
+            models=[("the reference model", reference), ("the candidate model", candidate)],
+            domain_files=_domain_files(domain),
+            outputs=[("--counterexample", numpy_save_path(counterexample_path))],
+        )
     try:
         read = read_model(reference)
         model, n_features, input_name = (

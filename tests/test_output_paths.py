@@ -278,6 +278,20 @@ def test_unparsable_model_has_no_data_files(tmp_path):
     assert output_paths.external_data_files(tmp_path / "m.onnx") == []
 
 
+def test_the_python_api_refuses_the_clash_too(tmp_path):
+    source = model_file(tmp_path, "big.onnx", data="small.onnx.data")
+    before = contents(tmp_path)
+    with pytest.raises(UsageError, match="is the input model's external data"):
+        pipeline.compress(source, tmp_path / "small.onnx", pipeline.DomainSpec(["[0,1]"]))
+    candidate = model_file(tmp_path, "b.npy")  # np.save(".../b") writes b.npy
+    before = contents(tmp_path)
+    with pytest.raises(UsageError, match="--counterexample .*b.npy' is the candidate model"):
+        pipeline.check(
+            source, candidate, pipeline.DomainSpec(["[0,1]"]), counterexample_path=tmp_path / "b"
+        )
+    assert contents(tmp_path) == before
+
+
 def test_numpy_save_path_is_the_file_np_save_writes(tmp_path):
     for name in ("cx", "cx.npy", "cx.onnx"):
         np.save(tmp_path / name, np.zeros(1))
