@@ -27,7 +27,9 @@ the symbolic bound of ``f_A - f_B`` is exact arithmetic on the stored weights:
    in the first walk, or after :func:`prove_units_stable` ran the full stability engine on exactly
    the one-sided units (the cheap tiers a check starts with leave some undecided that
    ``compress``'s analysis had proved; the engine's exact solver tiers run on those units only,
-   over the bounds already proved for the layers below) and the walk was repeated;
+   over the bounds already proved for the layers below), one layer at a time from the
+   shallowest with the walk repeated after each (a layer proved all active makes the next
+   layer's units match the other network's merged layer);
 3. ``milp``: the product MILP (:mod:`onnx_exact.proof_milp`) on what is left, with shared
    variables for matched units and no binary for stable ones.
 """

@@ -349,20 +349,31 @@ def prove_equivalence(
     _report(progress, "matched", directions)
     notes: list[str] = []
     if any(d.status == "open" for d in directions):
-        targets = [walk.matches.targets(tag, st) for tag, st in zip("AB", stabilities, strict=True)]
-        if any(targets):
-            stage = time.monotonic()
-            remaining = deadline - stage
-            budget = None if not np.isfinite(remaining) else max(TARGETED_SHARE * remaining, 0.1)
-            proved = 0
+        stage = time.monotonic()
+        targeted = proved = 0
+        budget_end = stage + TARGETED_SHARE * (deadline - stage)
+        done = [-1, -1]  # per network: the deepest layer whose targets were tried
+        while time.monotonic() < budget_end:
+            targets = [
+                {k: units for k, units in walk.matches.targets(tag, st).items() if k > done[i]}
+                for i, (tag, st) in enumerate(zip("AB", stabilities, strict=True))
+            ]
+            if not any(targets):
+                break
             for index, net in enumerate((net_a, net_b)):
+                if not targets[index]:
+                    continue
+                layer = min(targets[index])
+                done[index] = layer
+                budget = budget_end - time.monotonic() if np.isfinite(budget_end) else None
                 stabilities[index], count = prove_units_stable(
-                    net, box, stabilities[index], targets[index], budget, jobs=jobs
+                    net, box, stabilities[index], {layer: targets[index][layer]}, budget, jobs=jobs
                 )
+                targeted += targets[index][layer].size
                 proved += count
             walk = _Walk(net_a, net_b, box, stabilities)
-            walk.matches.targeted = sum(units.size for t in targets for units in t.values())
-            walk.matches.proved_stable = proved
+        if targeted:
+            walk.matches.targeted, walk.matches.proved_stable = targeted, proved
             for old, new in zip(directions, walk.directions(tol, "stable-units"), strict=True):
                 if old.status == "open":
                     old.bound, old.tier, old.status = new.bound, new.tier, new.status

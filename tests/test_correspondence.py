@@ -139,6 +139,32 @@ def test_an_all_active_layer_folded_away_is_proved_by_stable_units():
     assert proof.correspondence.count("stable", "A") >= 7
 
 
+def test_targets_go_layer_by_layer_and_a_proved_layer_makes_the_next_one_match():
+    """As above, with A's analysis leaving every unit of L1 and L2 undecided: once L1 is proved
+    all active, L2 matches B's merged layer, so L2 is never targeted."""
+    rng = np.random.default_rng(8)
+    w1 = rng.uniform(0.1, 1.0, (7, 4))
+    b1 = rng.uniform(0.5, 1.0, 7)
+    (w2, b2), (w3, b3) = random_weights((7, 9, 3), seed=9)
+    w2, b2, w3, b3 = (np.asarray(v, np.float64) for v in (w2, b2, w3, b3))
+    a = mlp([(w1, b1), (w2, b2), (w3, b3)])
+    b = mlp([(w2 @ w1, w2 @ b1 + b2), (w3, b3)])
+    box = unit_box(4)
+    given = cheap(a, box)
+    for k in (0, 1):
+        layer = given.layers[k]
+        size = layer.states.size
+        given.layers[k] = replace(
+            layer,
+            states=np.full(size, NeuronState.UNDECIDED, dtype=layer.states.dtype),
+            lower=np.full(size, -1e3),
+            upper=np.full(size, 1e3),
+        )
+    proof = prove_equivalence(a, b, box, 1e-9, stability_a=given)
+    assert proof.status == "proved" and proof.tiers == ["stable-units"]
+    assert proof.correspondence.targeted == 7 and proof.correspondence.proved_stable == 7
+
+
 def signed_split_pair():
     """A unit always active in A (``h = y + 5``) is written in B as ``relu(y) - relu(-y) + 5``
     through two unstable units: equal, but no unit of B's pair matches A's, so only the MILP can
