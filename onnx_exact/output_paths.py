@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import mmap
 import os
 import stat
 import sys
@@ -186,10 +187,12 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> 
 def external_data_files(model_path: str | os.PathLike) -> list[str]:
     """The external data files a model file refers to (paths resolved against its folder).
 
-    Only the protobuf is parsed (``load_external_data=False``); a file that does not parse as ONNX
-    or cannot be read has none (the reader reports that problem with its own message). The
-    result is cached per (path, size, mtime), so the CLI and the pipeline both asking costs one
-    parse.
+    Only the protobuf is parsed (``load_external_data=False``), and only when the file contains
+    the bytes ``location`` at all; a file that does not parse as ONNX or cannot be read has none
+    (the reader reports that problem with its own message). Locations are resolved against the
+    folder of the path *as given* (not of a symbolic link's target), as ``onnx.load`` and the
+    reader do. The result is cached per (path, size, mtime): the CLI and the pipeline both
+    asking cost one parse.
     """
     path = os.fspath(model_path)
     try:
@@ -203,6 +206,8 @@ def external_data_files(model_path: str | os.PathLike) -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def _external_data_files(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    if not _mentions_location(path):
+        return ()
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception:  # noqa: BLE001 - not ONNX / unreadable: the reader says why, with context
@@ -215,6 +220,24 @@ def _external_data_files(path: str, size: int, mtime_ns: int) -> tuple[str, ...]
             if location:
                 found[os.path.join(folder, location)] = None
     return tuple(found)
+
+
+def _mentions_location(path: str) -> bool:
+    """Whether the file's bytes contain ``location``, the key every external tensor must store.
+
+    A tensor's external data is found through the literal key ``location`` in its
+    ``external_data`` entries, so a file without these bytes has no external data and need not
+    be parsed: a scan of a memory map instead of a second protobuf parse of a large inline model
+    (the reader parses it once more anyway).
+    """
+    try:
+        with (
+            open(path, "rb") as stream,
+            mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as m,
+        ):
+            return m.find(b"location") >= 0
+    except (OSError, ValueError):  # unreadable or empty: the reader reports it
+        return False
 
 
 def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

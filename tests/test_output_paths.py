@@ -313,3 +313,22 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     write_file_atomic(target, lambda temporary: Path(temporary).write_text("new"))
     assert target.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_a_model_without_external_data_is_not_parsed_twice(tmp_path, monkeypatch):
+    """No ``location`` bytes, no external tensor: a scan replaces the protobuf parse."""
+    inline = model_file(tmp_path)
+    external = model_file(tmp_path, "ext.onnx", data="ext.bin")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    parsed: list[str] = []
+    real_load = onnx.load
+
+    def counting_load(path, *args, **kwargs):
+        parsed.append(os.path.basename(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(output_paths.onnx, "load", counting_load)
+    assert output_paths.external_data_files(inline) == []
+    assert output_paths.external_data_files(tmp_path / "empty.onnx") == []
+    assert output_paths.external_data_files(external) == [str(tmp_path / "ext.bin")]
+    assert parsed == ["ext.onnx"]
