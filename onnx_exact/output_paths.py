@@ -82,8 +82,8 @@ def plan_run_paths(
         model's tensors (``location``, relative to the model's folder) are reads too.
     domain_files : ``(option, path)`` of the domain files read, e.g. ``("--vnnlib", "p.vnnlib")``.
     output_model : the compressed model's path. Its data file (:func:`external_data_path`) is
-        reserved as a write as well: whether the writer stores tensors externally depends on the
-        compressed model's size, known only after the analysis.
+        reserved as a write as well: whether the writer stores tensors externally (as the input
+        did, or because the model exceeds protobuf's 2 GiB) is known only after the analysis.
     outputs : ``(option, path)`` of the other files written (``--json``, ``--counterexample``,
         ...); ``None`` and ``-`` (standard output) write no file.
 
@@ -124,7 +124,10 @@ def plan_run_paths(
     for index, written in enumerate(writes):
         for other in reads + writes[:index]:
             if _same_file(written.path, other.path):
-                what = "output path" if written.subject.startswith("the output") else "file name"
+                # the data file's name follows the output's: renaming the output is the fix
+                what = (
+                    "output path" if written.noun == "the output model's data file" else "file name"
+                )
                 raise UsageError(
                     f"{written.subject} '{written.path}' is {other.noun} '{other.path}': "
                     f"choose another {what}"
