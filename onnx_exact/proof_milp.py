@@ -12,25 +12,25 @@ tolerance (1e-9 here), the policy of :mod:`onnx_exact.milp`; MILP dual bounds ar
 beyond it. Outputs whose error floor ``err + slack`` reaches ``tol`` are not sent to the MILP (it
 could not prove them, and the widened rows admit spurious violations).
 
-The per-direction MILPs are independent: with ``jobs > 1`` they run in spawned worker processes,
-each of which builds the model once. A direction whose MILP reached its target (a likely
+The per-direction MILPs are independent: with ``jobs > 1`` they run in the run's shared worker
+pool (:func:`onnx_exact.parallel.worker_pool`), each worker building the model once per proof. A direction whose MILP reached its target (a likely
 violation) that the caller could not confirm is solved again without a target.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass, field
 
 import highspy
 import numpy as np
 
-from . import milp
+from . import milp, parallel
 from .canonical import Canonical
 
 PROOF_FEASIBILITY_TOLERANCE = 1e-9
@@ -196,16 +196,17 @@ def _solve(model: ProofModel, query: _Query) -> _Answer:
     return _Answer(lower, points, status == _MODEL_STATUS.kObjectiveTarget)
 
 
-_WORKER_MODEL: ProofModel | None = None
+_WORKER_MODELS: weakref.WeakKeyDictionary[Canonical, ProofModel] = weakref.WeakKeyDictionary()
+"""A worker's models, one per canonical form it holds (the pool's context cache keeps those)."""
 
 
-def _init_worker(canonical: Canonical) -> None:
-    global _WORKER_MODEL
-    _WORKER_MODEL = ProofModel(canonical)
-
-
-def _worker_solve(query: _Query) -> _Answer:
-    return _solve(_WORKER_MODEL, query)
+def _solve_in_worker(canonical: Canonical, query: _Query) -> _Answer:
+    """A decision MILP in a worker of :func:`parallel.worker_pool`; the model is built on the
+    worker's first task of the proof."""
+    model = _WORKER_MODELS.get(canonical)
+    if model is None:
+        model = _WORKER_MODELS[canonical] = ProofModel(canonical)
+    return _solve(model, query)
 
 
 class _Inline(Executor):
@@ -218,13 +219,6 @@ class _Inline(Executor):
         future: Future = Future()
         future.set_result(_solve(self.model, *args))
         return future
-
-
-def _stop_workers(executor: Executor) -> None:
-    """End the worker processes this tier started (their MILPs are no longer needed)."""
-    processes = getattr(executor, "_processes", None) or {}
-    for process in list(processes.values()):
-        process.terminate()
 
 
 Confirm = Callable[[list[np.ndarray], int, int], Counterexample | None]
@@ -286,15 +280,11 @@ def milp_tier(
         return None, notes
     total, decided = len(todo), 0
     workers = min(jobs, total)
-    if workers > 1 and milp.can_start_workers():
-        executor: Executor = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(canonical,),
-        )
+    if workers > 1 and parallel.can_start_workers():
+        executor: Executor = parallel.worker_pool(jobs)
+        solve = parallel.with_context(_solve_in_worker, parallel.TaskContext(canonical))
     else:
-        executor, workers = _Inline(canonical), 1
+        executor, workers, solve = _Inline(canonical), 1, _solve
     running: dict[Future, _Query] = {}
     try:
         while todo or running:
@@ -303,7 +293,7 @@ def milp_tier(
                 query = todo.popleft()
                 rounds = math.ceil((len(todo) + len(running) + 1) / workers)
                 query.time_limit = remaining / rounds if math.isfinite(remaining) else _INF
-                running[executor.submit(_worker_solve, query)] = query
+                running[executor.submit(solve, query)] = query
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -330,7 +320,6 @@ def milp_tier(
                     example = confirm(answer.points, o, sign)
                     if example is not None:
                         direction.status = "violated"
-                        _stop_workers(executor)
                         return example, notes
                     if answer.target_reached and query.target > -_INF:
                         query.target = -_INF
@@ -340,5 +329,6 @@ def milp_tier(
                 if progress is not None:
                     progress("proof", decided, total)
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        for future in running:  # the shared pool outlives this call: drop what has not started
+            future.cancel()
     return None, notes
