@@ -149,7 +149,12 @@ def _options(
         raise UsageError(f"--method '{method}' is not one of {', '.join(METHODS)}")
     if time_limit is not None and not time_limit > 0:
         raise UsageError(f"--time-limit {time_limit}: give a positive number of seconds")
-    limit = parse_memory_size(max_memory) if max_memory is not None else None
+    try:
+        limit = parse_memory_size(max_memory) if max_memory is not None else None
+    except OverflowError:  # a number such as 1e400 reads as inf, which no int holds
+        raise UsageError(
+            f"--max-memory {max_memory!r}: not a finite size; give one such as 512M, 4G or 4GiB"
+        ) from None
     return AnalysisOptions(
         method=method, time_limit=time_limit, jobs=jobs, seed=seed, max_memory=limit
     )

@@ -21,6 +21,7 @@ import onnx
 
 from .domain import (
     Box,
+    InputLayout,
     domain_metadata,
     metadata_range,
     model_input_dims,
@@ -412,6 +413,13 @@ def compress(
                     f"Inf/NaN on output '{overflow[0]}' inside this box, so no tolerance can be "
                     "measured; give a box with smaller bounds"
                 )
+            overflow = [name for name, value in combined.items() if not np.isfinite(value)]
+            if overflow:
+                raise DomainError(
+                    f"{box.source}: onnxruntime's {read.input_dtype} evaluation overflows to "
+                    f"Inf/NaN on output '{overflow[0]}' inside this box, so no tolerance can be "
+                    "measured; give a box with smaller bounds"
+                )
             atol = _roundoff_atol(DEFAULT_ATOL, combined)
             for name, value in roundoff.items():
                 report.notes.append(
@@ -463,6 +471,29 @@ def compress(
             staged.commit()
             report.output = os.fspath(output)
     return CompressResult(model=model, reduction=reduction, analysis=analysis, report=report)
+
+
+def _check_same_input_size(
+    candidate: str | os.PathLike | onnx.ModelProto, n_features: int, reference: str
+) -> None:
+    """Refuse, naming both models, a candidate whose declared input cannot take the reference's
+    ``n_features`` per sample: both models are compared on one box, and without this check the
+    mismatch would surface in the sampled comparison as a layout error about one model only."""
+    in_memory = isinstance(candidate, onnx.ModelProto)
+    model = candidate if in_memory else onnx.load(os.fspath(candidate), load_external_data=False)
+    names = model_input_names(model)
+    if len(names) != 1:
+        return  # the comparison names the inputs
+    dims = model_input_dims(model, names[0])
+    try:
+        InputLayout.from_dims(names[0], dims, n_features)
+    except UnsupportedModelError:
+        shape = ["N" if d is None else d for d in dims or []]
+        raise UsageError(
+            f"the two models' input sizes differ: {reference} reads {n_features} features per "
+            f"sample, {'the candidate model' if in_memory else os.fspath(candidate)} declares "
+            f"input {names[0]!r} of shape {shape}; check compares two models on one input box"
+        ) from None
 
 
 def _declared_features(model: onnx.ModelProto, input_name: str, source: str) -> int:
@@ -536,6 +567,7 @@ def check(
         box = resolve_domain(
             candidate_model, n_features, input_name, model_path=os.fspath(candidate)
         )
+    _check_same_input_size(candidate, n_features, os.fspath(reference))
     return check_equivalence(
         source,
         candidate,

@@ -262,6 +262,38 @@ def duplicate_node_name(model: onnx.ModelProto) -> None:
     model.graph.node[2].name = "fc1"
 
 
+UNIT_BOX = [f"(assert (>= X_{i} 0.0))" for i in range(N_FEATURES)] + [
+    f"(assert (<= X_{i} 1.0))" for i in range(N_FEATURES)
+]
+
+
+def npy_claiming_1e11_elements(d: Path) -> Path:
+    """A .npy whose header claims shape (2, 5e10) float64 (800 GB) over 64 bytes of data."""
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 50000000000), }"
+    header += " " * (117 - len(header)) + "\n"
+    path = d / "box.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode())
+    with path.open("ab") as handle:
+        handle.write(bytes(64))
+    return path
+
+
+def vnnlib2(d: Path) -> Path:
+    """A VNN-LIB 2.0 property (declared network and tensor inputs) over the unit box."""
+    lines = [
+        "(vnnlib-version <2.0>)",
+        f"(declare-network N (declare-input X Real [{N_FEATURES}]) (declare-output Y Real [3]))",
+    ] + [f"(assert (<= X[{i}] 1.0))" for i in range(N_FEATURES)]
+    return text_file(d, "prop.vnnlib", "\n".join(lines) + "\n")
+
+
+def wider_model(d: Path) -> Path:
+    """The good MLP with 6 input features (its first weight widened to match)."""
+    model = with_initializer(mlp(), "w1", np.ones((5, 6), np.float32))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 6
+    return save(model, d / "wide.onnx")
+
+
 # --------------------------------------------------------------------------- the corpus
 CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
     # -- the model file
@@ -552,6 +584,63 @@ CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
         2,
         ("--vnnlib", "nothere.vnnlib", "cannot read"),
     ),
+    (
+        "VNN-LIB NaN bound",
+        lambda d: compress_args(
+            good_model(d), d, "--vnnlib", str(vnnlib(d, [*UNIT_BOX, "(assert (<= X_0 nan))"]))
+        ),
+        2,
+        ("prop.vnnlib", "'nan'", "not a finite number"),
+    ),
+    (
+        "VNN-LIB 2.0 property",
+        lambda d: compress_args(good_model(d), d, "--vnnlib", str(vnnlib2(d))),
+        2,
+        ("prop.vnnlib", "VNN-LIB 2.0", "--input-range-file"),
+    ),
+    (
+        "--input-range with --vnnlib",
+        lambda d: compress_args(good_model(d), d, *RANGE, "--vnnlib", str(vnnlib(d, UNIT_BOX))),
+        2,
+        ("--input-range and --vnnlib", "use one of them"),
+    ),
+    (
+        "bounds that overflow float64",
+        domain_case("-r", "[-1e308,1e308]"),
+        2,
+        ("'[-1e308,1e308]'", "outside the accepted range", "3.4e+38"),
+    ),
+    (
+        "box on which the model overflows float32",
+        domain_case("-r", "[-1e38,1e38]"),
+        2,
+        ("[-1e38,1e38]", "overflows to Inf/NaN on output 'out'", "smaller bounds"),
+    ),
+    (
+        "range file: JSON nested 100k deep",
+        lambda d: compress_args(
+            good_model(d),
+            d,
+            "--input-range-file",
+            str(text_file(d, "box.json", '{"lower": ' + "[" * 100_000 + "]" * 100_000 + "}")),
+        ),
+        2,
+        ("box.json", "nested too deeply"),
+    ),
+    (
+        "range file: .npy header claiming 1e11 elements",
+        lambda d: compress_args(
+            good_model(d), d, "--input-range-file", str(npy_claiming_1e11_elements(d))
+        ),
+        2,
+        ("box.npy", "header claims shape (2, 50000000000)", "holds 64 bytes"),
+    ),
+    (
+        "check: the two models' input sizes differ",
+        lambda d: ["check", str(good_model(d)), str(wider_model(d)), *RANGE],
+        2,
+        ("input sizes differ", "model.onnx", "4 features", "wide.onnx", "['N', 6]"),
+    ),
     # -- the output path and options
     (
         "output path equals the input",
@@ -579,6 +668,15 @@ CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
     ),
     ("unknown --method", domain_case(*RANGE, "--method", "magic"), 2, ("--method 'magic'",)),
     ("bad --atol", domain_case(*RANGE, "--atol", "tiny"), 2, ("--atol 'tiny'",)),
+    ("--atol nan", domain_case(*RANGE, "--atol", "nan"), 2, ("--atol 'nan'", "finite")),
+    ("--rtol nan", domain_case(*RANGE, "--rtol", "nan"), 2, ("--rtol 'nan'", "finite")),
+    ("--atol inf", domain_case(*RANGE, "--atol", "inf"), 2, ("--atol 'inf'", "finite")),
+    (
+        "--max-memory 1e400",
+        domain_case(*RANGE, "--max-memory", "1e400"),
+        2,
+        ("--max-memory '1e400'", "not a finite size"),
+    ),
     ("negative --time-limit", domain_case(*RANGE, "--time-limit", "-1"), 2, ("time", "-1")),
     ("unknown option", domain_case(*RANGE, "--bogus"), 2, ("--bogus",)),
     ("output argument missing", lambda d: [str(good_model(d)), *RANGE], 2, ("output",)),
