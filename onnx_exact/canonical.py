@@ -21,6 +21,12 @@ ones (or a lower bound ``>= 0``) and layers without ReLU ``h = y``; an open neur
 matches a stable neuron's is stable up to the residual; the rest become new free variables. This
 identifies every neuron a compressor kept (removed inactive neurons are 0, folded layers and
 dependent active neurons are linear, duplicates are proportional), so for ``B`` a compression of
+``A`` the two output forms agree up to the float32 re-rounding of the folded weights.
+
+What is proved is exact: "matched up to round-off" is not equality, and nothing here treats it
+as such. Every residual of a match (the float32 re-rounding of a rescaled or folded row) is
+bounded over the box and carried in ``err``, so a bound on ``f_A - f_B`` computed from the forms
+holds in exact arithmetic on the stored weights; it is merely far below any useful tolerance.
 
 The walk also records, per ReLU layer of each network, which free variable every neuron became
 (:class:`UnitMap`): :mod:`onnx_exact.correspondence` reads from it which neurons the two networks
