@@ -19,6 +19,11 @@ class UnsupportedModelError(OnnxExactError):
     """The model cannot be read or analysed (not ONNX, unsupported op, non-constant weight, ...)."""
 
 
+class MalformedModelError(UnsupportedModelError):
+    """The file is not a valid ONNX model at all (undecodable, tensor data that does not match its
+    dims, a broken graph): no runtime can run it, so ``check`` does not fall back to sampling."""
+
+
 class DomainError(OnnxExactError):
     """The input domain is missing, malformed, empty, not finite or of the wrong size."""
 

@@ -37,7 +37,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import UnsupportedModelError, UsageError
+from .errors import MalformedModelError, UnsupportedModelError, UsageError
 from .network import DenseLayer, InputMap, Network
 
 #: Ops that only move or relabel values; the reader checks each keeps the batch dim and features.
@@ -203,9 +203,12 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
     ------
     UsageError
         The file does not exist.
+    MalformedModelError
+        The file is not a valid ONNX model (see :func:`load_graph`) or its external data is
+        missing.
     UnsupportedModelError
-        The file is not ONNX, external data is missing, or the graph is not a ReLU MLP the tool can
-        prove things about; the message names the node and the reason.
+        The graph is not a ReLU MLP the tool can prove things about; the message names the node
+        and the reason.
     """
     if isinstance(source, onnx.ModelProto):
         model, path, label, external = source, None, "<model>", frozenset()
@@ -244,12 +247,23 @@ def _check_opsets(model: onnx.ModelProto, label: str) -> None:
             )
 
 
-def _load(path: Path) -> tuple[onnx.ModelProto, frozenset[str]]:
-    """Load a model file and its external data; decode and file errors become clear errors.
+def load_graph(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """A model's graph, its external data not loaded, checked like :func:`read_model` checks it.
 
-    Returns the model (every tensor inline) and the names of the tensors the file stored in
-    external data.
+    For models that need not be ReLU networks (``check`` samples any model onnxruntime runs): a
+    missing file is a :class:`UsageError`, a file that is not a valid ONNX model (undecodable,
+    tensor data that does not match its dims, a broken graph) a :class:`MalformedModelError`.
     """
+    if isinstance(source, onnx.ModelProto):
+        model, label = source, "<model>"
+    else:
+        model, label = _decode(Path(os.fspath(source))), os.fspath(source)
+    _check_integrity(model, label)
+    return model
+
+
+def _decode(path: Path) -> onnx.ModelProto:
+    """The model file's protobuf without external data; file and decode errors are clear."""
     if not path.exists():
         raise UsageError(f"{path}: no such file; give the path of an ONNX model")
     if path.is_dir():
@@ -257,14 +271,24 @@ def _load(path: Path) -> tuple[onnx.ModelProto, frozenset[str]]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise UnsupportedModelError(
+        raise MalformedModelError(
             f"{path}: not a readable ONNX model (protobuf decode failed: {exc}); "
             "check the file is complete"
         ) from None
     if model.ir_version == 0 or not model.HasField("graph"):
-        raise UnsupportedModelError(
+        raise MalformedModelError(
             f"{path}: not an ONNX model (no IR version or graph); check the file is an .onnx model"
         )
+    return model
+
+
+def _load(path: Path) -> tuple[onnx.ModelProto, frozenset[str]]:
+    """Load a model file and its external data; decode and file errors become clear errors.
+
+    Returns the model (every tensor inline) and the names of the tensors the file stored in
+    external data.
+    """
+    model = _decode(path)
     external = frozenset(
         tensor.name
         for tensor in _all_tensors(model)
@@ -274,7 +298,7 @@ def _load(path: Path) -> tuple[onnx.ModelProto, frozenset[str]]:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise UnsupportedModelError(
+            raise MalformedModelError(
                 f"{path}: cannot load its external data ({exc}); keep the data file next to the model"
             ) from None
     return model, external
@@ -299,7 +323,7 @@ def _check_integrity(model: onnx.ModelProto, label: str) -> None:
     it is used; then ``onnx.checker.check_model`` for anything else (models under 2 GiB).
     """
     if model.ir_version > onnx.IR_VERSION:
-        raise UnsupportedModelError(
+        raise MalformedModelError(
             f"{label}: IR version {model.ir_version} is newer than onnx {onnx.__version__} reads "
             f"(up to {onnx.IR_VERSION}); re-export the model with an older exporter or upgrade onnx"
         )
@@ -314,7 +338,7 @@ def _check_integrity(model: onnx.ModelProto, label: str) -> None:
     for kind, tensor in tensors:
         problem = _tensor_size_problem(tensor)
         if problem:
-            raise UnsupportedModelError(
+            raise MalformedModelError(
                 f"{label}: {kind} '{tensor.name}' {problem}; the file is corrupt or was edited "
                 "by hand: re-export the model"
             )
@@ -325,7 +349,7 @@ def _check_integrity(model: onnx.ModelProto, label: str) -> None:
         seen: set[str] = set()
         repeated = next((name for name in names if name in seen or seen.add(name)), None)
         if repeated is not None:
-            raise UnsupportedModelError(
+            raise MalformedModelError(
                 f"{label}: {names.count(repeated)} {what}s are named '{repeated}' (onnx and "
                 f"onnxruntime refuse repeated names); give each {what} a unique name"
             )
@@ -333,7 +357,7 @@ def _check_integrity(model: onnx.ModelProto, label: str) -> None:
     for index, node in enumerate(graph.node):
         missing = next((name for name in node.input if name and name not in available), None)
         if missing is not None:
-            raise UnsupportedModelError(
+            raise MalformedModelError(
                 f"{label}: {_label(index, node)} reads tensor '{missing}', which no graph input, "
                 "initializer or earlier node produces (a broken or unsorted graph); fix the model "
                 "or re-export it"
@@ -341,7 +365,7 @@ def _check_integrity(model: onnx.ModelProto, label: str) -> None:
         available.update(name for name in node.output if name)
     for output in graph.output:
         if output.name not in available:
-            raise UnsupportedModelError(
+            raise MalformedModelError(
                 f"{label}: graph output '{output.name}' is produced by no node; remove it from "
                 "graph.output or re-export the model"
             )
@@ -354,7 +378,7 @@ def _check_integrity(model: onnx.ModelProto, label: str) -> None:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
             reason = " ".join(str(exc).split())
-            raise UnsupportedModelError(
+            raise MalformedModelError(
                 f"{label}: not a valid ONNX model (onnx.checker: {reason}); fix it or re-export it"
             ) from None
 

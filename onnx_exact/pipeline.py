@@ -29,9 +29,15 @@ from .domain import (
     resolve_domain,
 )
 from .equivalence import CheckReport, check_equivalence
-from .errors import DomainError, UnsupportedModelError, UsageError, VerificationError
+from .errors import (
+    DomainError,
+    MalformedModelError,
+    UnsupportedModelError,
+    UsageError,
+    VerificationError,
+)
 from .network import Network
-from .onnx_reader import ReadResult, read_model
+from .onnx_reader import ReadResult, load_graph, read_model
 from .onnx_writer import (
     StagedModel,
     TensorPlacement,
@@ -480,7 +486,7 @@ def _check_same_input_size(
     ``n_features`` per sample: both models are compared on one box, and without this check the
     mismatch would surface in the sampled comparison as a layout error about one model only."""
     in_memory = isinstance(candidate, onnx.ModelProto)
-    model = candidate if in_memory else onnx.load(os.fspath(candidate), load_external_data=False)
+    model = load_graph(candidate)
     names = model_input_names(model)
     if len(names) != 1:
         return  # the comparison names the inputs
@@ -540,9 +546,11 @@ def check(
             read.network.input_name,
         )
         source: ReadResult | str | os.PathLike = read
+    except MalformedModelError:
+        raise  # no runtime can run it either
     except UnsupportedModelError:
         # Not a ReLU network we can analyse: sampling still works, the proof will say why not.
-        model = onnx.load(os.fspath(reference), load_external_data=False)
+        model = load_graph(reference)
         names = model_input_names(model)
         if len(names) != 1:
             raise
@@ -561,7 +569,7 @@ def check(
         )
     except DomainError:
         given = domain.input_ranges or domain.range_file or domain.vnnlib
-        candidate_model = onnx.load(os.fspath(candidate), load_external_data=False)
+        candidate_model = load_graph(candidate)
         if given or metadata_range(candidate_model, input_name) is None:
             raise
         box = resolve_domain(

@@ -635,6 +635,25 @@ CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
         2,
         ("box.npy", "header claims shape (2, 50000000000)", "holds 64 bytes"),
     ),
+    *[
+        (
+            f"check: {role} model truncated",
+            lambda d, role=role: [
+                "check",
+                *([str(truncated(d)), str(wider_model(d))][:: 1 if role == "reference" else -1]),
+                *RANGE,
+            ],
+            2,
+            ("model.onnx", "not a readable ONNX model", "check the file is complete"),
+        )
+        for role in ("reference", "candidate")
+    ],
+    (
+        "check: repeated node names in the candidate",
+        lambda d: ["check", str(wider_model(d)), str(edited(duplicate_node_name)(d)), *RANGE],
+        2,
+        ("model.onnx", "2 nodes are named 'fc1'"),
+    ),
     (
         "check: the two models' input sizes differ",
         lambda d: ["check", str(good_model(d)), str(wider_model(d)), *RANGE],
