@@ -118,6 +118,19 @@ class Correspondence:
                 out[layer.layer] = open_units
         return out
 
+    def summary(self) -> str:
+        """The role counts of both networks on one line, and what the targeting proved."""
+        line = (
+            f"matched A {self.count('matched', 'A')}, B {self.count('matched', 'B')} · "
+            f"stable A {self.count('stable', 'A')}, B {self.count('stable', 'B')} · "
+            f"one-sided A {self.count('one_sided', 'A')}, B {self.count('one_sided', 'B')}"
+        )
+        if self.targeted:
+            line += (
+                f" · {self.targeted} one-sided units targeted, {self.proved_stable} proved stable"
+            )
+        return line
+
     def to_json(self) -> dict[str, Any]:
         return {
             "matched": {n: self.count("matched", n) for n in ("A", "B")},

@@ -799,6 +799,12 @@ def render_check(report: CheckReport, console: Console) -> None:
     proof = report.proof
     if proof is not None:
         console.print(proof_verdict(proof))
+        if proof.correspondence is not None:
+            console.print(f"  correspondence: {proof.correspondence.summary()}")
+        open_directions = proof.open_directions
+        if open_directions and proof.status != "counterexample":
+            shown = ", ".join(f"{d.output}{'+' if d.sign > 0 else '-'}" for d in open_directions)
+            console.print(f"  open (output and sign): {shown}")
         for note in proof.notes:
             console.print(f"  note: {note}")
     if report.counterexample_path:
@@ -814,7 +820,7 @@ def proof_verdict(proof: ProofResult) -> str:
         return (
             f"[green]proved equivalent on the box up to ε = {proof.bound:.3g}[/green] "
             f"(|f_A - f_B| ≤ {proof.tolerance:g} on {proof.output_tensor!r}; "
-            f"tiers: {', '.join(proof.tiers)}; {proof.time_s:.2f} s)"
+            f"by {', '.join(proof.tiers)}; {proof.time_s:.2f} s)"
         )
     if proof.status == "counterexample":
         example = proof.counterexample
