@@ -10,12 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 from test_equivalence import gemm_mlp, random_weights, unit_box
 
 from onnx_exact.canonical import Canonical
 from onnx_exact.correspondence import correspondence_of, prove_units_stable
 from onnx_exact.domain import Box
-from onnx_exact.equivalence import check_equivalence, prove_equivalence
+from onnx_exact.equivalence import check_equivalence, prove_equivalence, render_check
 from onnx_exact.network import DenseLayer, InputMap, Network
 from onnx_exact.onnx_reader import read_model
 from onnx_exact.stability import NeuronState, analyze_stability
@@ -210,6 +211,10 @@ def test_json_names_the_method_per_direction_and_what_stayed_open():
     assert proof["methods"] == {"matched": 6, "stable-units": 0, "milp": 0}
     assert {d["tier"] for d in proof["directions"]} == {"matched"}
     assert proof["correspondence"]["one_sided"] == {"A": 0, "B": 0}
+    console = Console(record=True, width=200)
+    render_check(report, console)
+    text = console.export_text()
+    assert "by matched" in text and "correspondence: matched A 12, B 12" in text
 
 
 # ---------------------------------------------------------------------------- bench/check.py pairs
