@@ -204,24 +204,25 @@ def external_data_files(model_path: str | os.PathLike) -> list[str]:
         return []
     if not stat.S_ISREG(info.st_mode):
         return []
-    return list(_external_data_files(os.path.abspath(path), info.st_size, info.st_mtime_ns))
+    locations = _external_data_locations(os.path.abspath(path), info.st_size, info.st_mtime_ns)
+    return [os.path.join(os.path.dirname(path), location) for location in locations]
 
 
 @functools.lru_cache(maxsize=8)
-def _external_data_files(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+def _external_data_locations(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    """The distinct ``location`` entries of the model's external tensors, in order."""
     if not _mentions_location(path):
         return ()
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception:  # noqa: BLE001 - not ONNX / unreadable: the reader says why, with context
         return ()
-    folder = os.path.dirname(path)
     found: dict[str, None] = {}
     for tensor in _tensors(model):
         if external_data_helper.uses_external_data(tensor):
             location = external_data_helper.ExternalDataInfo(tensor).location
             if location:
-                found[os.path.join(folder, location)] = None
+                found[location] = None
     return tuple(found)
 
 
