@@ -1,0 +1,506 @@
+"""Batched input-space branch and bound: every open direction of every layer, few input features.
+
+Why: a controller (ACAS Xu, an RL policy, a learned index) has a handful of inputs and is analysed
+over its whole operating envelope. There, every relaxation of the whole box is loose, while the
+network restricted to a small part of the input box is nearly linear: splitting the *input* box
+makes the bounds exact in the limit, and with ``n`` inputs a leaf of depth ``d`` is only ``2^-d/n``
+of the box wide in each dimension. Thousands of leaves are bounded at once by array operations.
+
+Directions
+----------
+A direction ``(k, i, s)`` asks "can ``s * y_{k,i}`` be ``> 0`` on the box?". Each leaf (a sub-box
+``lower[b] <= x <= upper[b]``) carries the directions still open on it. A direction is *closed* on
+a leaf when the leaf's sound bound clears its margin, ``max s * y_{k,i} <= -margin``; it is *proved*
+when no leaf holds it open (the closed leaves cover the box and the largest of their bounds,
+``worst``, bounds it on the whole box); it is *refuted* as soon as a float64 forward pass of a point
+of a leaf (its centre, or the vertex that maximises the direction's linear upper bound on the leaf)
+shows ``s * y_{k,i} > 0`` strictly. A leaf whose open directions are all closed or refuted is
+dropped; the others are halved and their halves inherit the directions still open.
+
+Bounds of a batch of leaves
+---------------------------
+Forward linear relaxation (symbolic intervals, as in ReluVal/Neurify): every pre-activation of
+layer ``j`` is enclosed on leaf ``b`` between two affine functions of the input,
+``L_{j,b}(x) <= y_j(x) <= U_{j,b}(x)``. Their extremes over the leaf, intersected with interval
+propagation from the previous layer and with the caller's whole-box bounds ``outer``, give
+``l_j <= y_j <= u_j``. A ReLU with ``l < 0 < u`` is relaxed by the lines of slope
+``a = u / (u - l)``: ``a y <= relu(y) <= a (y - l)``; stably active units pass, stably inactive
+ones vanish. With ``W+ = max(W, 0)`` and ``W- = min(W, 0)`` the next layer gets
+``U' = W+ U_h + W- L_h + b`` and ``L' = W+ L_h + W- U_h + b``. One layer costs four matrix
+products of ``W`` with a ``(n_j, B (n + 1))`` array: all leaves and all neurons at once.
+
+Split choice: for each open direction ``d`` of a leaf, the share of input dimension ``x_m`` in its
+bound's slack is ``|c_{d,m}| w_m / sum_m' |c_{d,m'}| w_m'`` (``c`` the coefficients of its linear
+upper bound, ``w`` the leaf's widths); the leaf is halved at the midpoint of the dimension with the
+largest share summed over its open directions. Leaves are taken best first: largest
+``bound / margin`` over their open directions (where a witness is most likely, and the bounds
+hardest to close).
+
+Soundness: float64 throughout on the exact weights; a computed bound can be off by rounding of the
+order of ``1e-16`` times the magnitudes involved, which the caller's margin (``1e-12 * s_i``, see
+:mod:`onnx_exact.stability`) covers. A leaf of zero width in its split dimension cannot be halved:
+the directions it holds open are given up (left open), never proved.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bounds import LayerBounds
+from .network import Network
+
+LEAF_BATCH = 4096  # leaves bounded together at most
+_BATCH_VALUES = 2e7  # float64 values of one layer's pair of linear forms, at most (~160 MB)
+_CANDIDATES_PER_LEAF = 4  # forward-passed points per bounded leaf with open directions, at most
+
+
+@dataclass
+class SplitOutcome:
+    """What :func:`decide_directions` established, per direction asked (aligned arrays ``(D,)``).
+
+    ``proved``: closed on every leaf of a cover of the box, ``worst`` (the largest leaf bound on
+    ``s * y``) then bounds it on the box. ``refuted``: a point of the box shows the sign strictly;
+    ``witnesses`` holds one such point per refuted direction (network space, duplicates removed).
+    ``leaves``: leaves bounded. Directions neither proved nor refuted were open when the leaf
+    budget or the deadline ran out, or could not be split further.
+    """
+
+    proved: np.ndarray
+    refuted: np.ndarray
+    worst: np.ndarray
+    witnesses: np.ndarray
+    leaves: int
+
+
+def _extremes(
+    forms: np.ndarray, centre: np.ndarray, radius: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``min`` and ``max`` over each leaf of affine forms ``(n_j, n + 1, B)`` (input coefficients,
+    then the constant; ``centre`` and ``radius`` are the leaves' ``(n, B)``): ``(n_j, B)`` each."""
+    n = centre.shape[0]
+    coeffs = forms[:, :n]
+    middle = np.einsum("jmb,mb->jb", coeffs, centre) + forms[:, n]
+    spread = np.einsum("jmb,mb->jb", np.abs(coeffs), radius)
+    return middle - spread, middle + spread
+
+
+def _relu_slopes(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Slope of the chord of ``relu`` over ``[low, high]``: 1 if ``low >= 0``, 0 if ``high <= 0``."""
+    crossing = (low < 0.0) & (high > 0.0)
+    span = np.where(crossing, high - low, 1.0)
+    return np.where(crossing, high / span, (low >= 0.0).astype(np.float64))
+
+
+def leaf_bounds(
+    net: Network,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    outer: list[LayerBounds],
+    top: int,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+    """Sound bounds of layers ``0 .. top`` on each of ``B`` leaves, by forward linear relaxation.
+
+    Every pre-activation is enclosed between an upper form ``U(x)`` and a lower form ``L(x)``
+    (affine in the input, per leaf). The ReLU is relaxed on each form's own range over the leaf
+    (symbolic linear relaxation, as in Neurify): ``relu(y) <= relu(U) <= a_U (U - U_min)`` with
+    ``a_U = U_max / (U_max - U_min)`` and ``relu(y) >= relu(L) >= a_L L`` with
+    ``a_L = L_max / (L_max - L_min)`` (exact when a form keeps its sign; zero when ``y <= 0``,
+    the identity when ``y >= 0`` is known). They are kept as their mean ``M`` and
+    half-difference ``H``, so an affine layer costs two matrix products over all leaves and
+    neurons at once: ``W+ U + W- L = W M + |W| H``.
+
+    Parameters
+    ----------
+    lower, upper : ``(B, n)`` leaves (network space).
+    outer : sound bounds over the whole box of at least layers ``0 .. top`` (every leaf is part of
+        the box, so they hold on each leaf).
+    top : the highest layer to bound.
+
+    Returns
+    -------
+    bounds : per layer ``0 .. top``, ``(lo, hi)`` of shape ``(n_j, B)``: the forms' extremes
+        intersected with interval propagation and ``outer``.
+    shares : per layer below ``top``, ``(n_j, n, B)``: how much of neuron ``y_j``'s range on the
+        leaf each input dimension makes (``|c_m| w_m`` normalised over ``m``, ``c`` the
+        coefficients of ``M``, ``w`` the leaf's widths): where a split narrows it most.
+    """
+    batch, n = lower.shape
+    centre, radius = (lower + upper).T / 2.0, (upper - lower).T / 2.0
+    first = net.layers[0]
+    middle = np.concatenate([first.weight, first.bias[:, None]], axis=1)[:, :, None]
+    half = np.zeros_like(middle)
+    prev_lo, prev_hi = lower.T, upper.T
+    bounds: list[tuple[np.ndarray, np.ndarray]] = []
+    shares: list[np.ndarray] = []
+    for j in range(top + 1):
+        layer = net.layers[j]
+        if j > 0:
+            shape = (layer.out_features, n + 1, batch)
+            middle = (layer.weight @ middle.reshape(middle.shape[0], -1)).reshape(shape)
+            half = (np.abs(layer.weight) @ half.reshape(half.shape[0], -1)).reshape(shape)
+            middle[:, n] += layer.bias[:, None]
+        upper_form, lower_form = middle + half, middle - half
+        upper_min, upper_max = _extremes(upper_form, centre, radius)
+        lower_min, lower_max = _extremes(lower_form, centre, radius)
+        mid = layer.weight @ ((prev_lo + prev_hi) / 2.0) + layer.bias[:, None]
+        spread = np.abs(layer.weight) @ ((prev_hi - prev_lo) / 2.0)
+        hi = np.minimum(np.minimum(upper_max, mid + spread), outer[j].upper[:, None])
+        lo = np.maximum(np.maximum(lower_min, mid - spread), outer[j].lower[:, None])
+        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)  # a rounding-level crossing stays ordered
+        if 0 < j < top and layer.relu:
+            lo, hi = _crown_unstable(net, bounds, j, lo, hi, centre, radius)
+        bounds.append((lo, hi))
+        if j == top:
+            break
+        shape = (layer.out_features, n + 1, batch)
+        dependence = np.abs(middle[:, :n]) * (2.0 * radius)
+        shares.append(dependence / np.maximum(dependence.sum(axis=1, keepdims=True), 1e-300))
+        if layer.relu:
+            known_active, known_inactive = lo >= 0.0, hi <= 0.0
+            upper_slope = np.where(known_active, 1.0, _relu_slopes(upper_min, upper_max))
+            lower_slope = np.where(known_active, 1.0, _relu_slopes(lower_min, lower_max))
+            upper_slope[known_inactive] = lower_slope[known_inactive] = 0.0
+            relaxed = (upper_slope > 0.0) & (upper_slope < 1.0)
+            upper_form = upper_slope[:, None, :] * upper_form
+            upper_form[:, n] -= np.where(relaxed, upper_slope * upper_min, 0.0)
+            lower_form = lower_slope[:, None, :] * lower_form
+            middle, half = (upper_form + lower_form) / 2.0, (upper_form - lower_form) / 2.0
+            prev_lo, prev_hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+        else:
+            middle = np.broadcast_to(middle, shape)
+            half = np.broadcast_to(half, shape)
+            prev_lo, prev_hi = lo, hi
+    return bounds, shares
+
+
+_CROWN_PAIRS = (
+    8  # CROWN for unstable (neuron, leaf) pairs of a layer when at most this many per leaf
+)
+
+
+def _crown_unstable(
+    net: Network,
+    bounds: list[tuple[np.ndarray, np.ndarray]],
+    layer: int,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    centre: np.ndarray,
+    radius: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CROWN for the (neuron, leaf) pairs of ``layer`` that are unstable, one row per pair.
+
+    Each pair has ``y`` and ``-y`` back-substituted through its own leaf's relaxations of the
+    layers below (triangle upper line, adaptive lower line, as
+    :func:`onnx_exact.bounds.relu_relaxation`): all pairs in one matrix product per layer; the
+    results are intersected with the forward bounds. Only unstable pairs matter (a stable
+    neuron's relaxation is exact whatever its bounds), and only leaves small enough to have few
+    of them get it (at most ``_CROWN_PAIRS`` per leaf on average): on large leaves it costs more
+    than the splits it saves.
+    """
+    neuron, leaf = np.nonzero((lo < 0.0) & (hi > 0.0))
+    if not neuron.size or neuron.size > _CROWN_PAIRS * lo.shape[1]:
+        return lo, hi
+    weight = net.layers[layer].weight[neuron]
+    coeffs = np.concatenate([weight, -weight])
+    const = np.concatenate([net.layers[layer].bias[neuron], -net.layers[layer].bias[neuron]])
+    rows_leaf = np.concatenate([leaf, leaf])
+    for j in range(layer - 1, -1, -1):
+        if net.layers[j].relu:
+            below_lo, below_hi = bounds[j][0][:, rows_leaf].T, bounds[j][1][:, rows_leaf].T
+            unstable = (below_lo < 0.0) & (below_hi > 0.0)
+            upper_slope = _relu_slopes(below_lo, below_hi)
+            lower_slope = np.where(unstable, (below_hi > -below_lo).astype(np.float64), upper_slope)
+            positive = np.maximum(coeffs, 0.0)
+            const = const - (positive * np.where(unstable, upper_slope * below_lo, 0.0)).sum(axis=1)
+            coeffs = positive * upper_slope + (coeffs - positive) * lower_slope
+        const = const + coeffs @ net.layers[j].bias
+        coeffs = coeffs @ net.layers[j].weight
+    values = (
+        const
+        + (coeffs * centre[:, rows_leaf].T).sum(axis=1)
+        + (np.abs(coeffs) * radius[:, rows_leaf].T).sum(axis=1)
+    )
+    count = neuron.size
+    lo, hi = lo.copy(), hi.copy()
+    hi[neuron, leaf] = np.minimum(hi[neuron, leaf], values[:count])
+    lo[neuron, leaf] = np.maximum(lo[neuron, leaf], -values[count:])
+    return np.minimum(lo, hi), np.maximum(lo, hi)
+
+
+def batch_size(net: Network, top: int) -> int:
+    """Leaves per batch: a layer's pair of linear forms stays within ``_BATCH_VALUES`` values."""
+    widest = max(layer.out_features for layer in net.layers[: top + 1])
+    per_leaf = 2 * widest * (net.in_features + 1)
+    return int(np.clip(_BATCH_VALUES // per_leaf, 16, LEAF_BATCH))
+
+
+def decide_directions(
+    net: Network,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    outer: list[LayerBounds],
+    layers: np.ndarray,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+    margins: np.ndarray,
+    *,
+    max_leaves: int,
+    deadline: float = np.inf,
+) -> SplitOutcome:
+    """Branch and bound over the input box for the directions ``(layers, neurons, signs)``.
+
+    Parameters
+    ----------
+    net : the network (network space).
+    lower, upper : ``(n,)`` the box.
+    outer : sound bounds of every layer up to the highest asked over the whole box; copied, and
+        tightened (on the copy) by each direction proved on the way, so later leaves use them.
+    layers, neurons, signs : ``(D,)`` the directions (signs ``+1`` / ``-1``).
+    margins : ``(D,)`` what a leaf bound must clear, ``max s * y <= -margin``.
+    max_leaves : leaves bounded at most (the budget); ``deadline`` a ``time.monotonic()`` time.
+
+    Returns
+    -------
+    :class:`SplitOutcome`; deterministic for given arguments (no randomness, no time dependence
+    other than where the deadline stops it).
+    """
+    layers, neurons = np.asarray(layers, dtype=np.int64), np.asarray(neurons, dtype=np.int64)
+    signs = np.asarray(signs, dtype=np.int64)
+    margins = np.asarray(margins, dtype=np.float64)
+    count, n = layers.size, lower.size
+    outer = [bound.copy() for bound in outer]
+    proved, refuted = np.zeros(count, dtype=bool), np.zeros(count, dtype=bool)
+    given_up = np.zeros(count, dtype=bool)
+    worst = np.full(count, -np.inf)
+    witnesses: list[np.ndarray] = []
+    extent = np.where(upper > lower, upper - lower, 1.0)
+    pool_lower, pool_upper = lower[None, :].astype(np.float64), upper[None, :].astype(np.float64)
+    pool_open = np.ones((1, count), dtype=bool)
+    pool_priority = np.full(1, np.inf)
+    spent = 0
+    scale = np.maximum(margins, 1e-300)
+    while count and spent < max_leaves and time.monotonic() < deadline:
+        live = ~(proved | refuted | given_up)
+        pool_open &= live
+        keep = pool_open.any(axis=1)
+        pool_lower, pool_upper = pool_lower[keep], pool_upper[keep]
+        pool_open, pool_priority = pool_open[keep], pool_priority[keep]
+        if not pool_priority.size:
+            break
+        top = int(layers[pool_open.any(axis=0)].max())
+        size = min(batch_size(net, top), max_leaves - spent)
+        chosen = np.zeros(pool_priority.size, dtype=bool)
+        if pool_priority.size > size:
+            chosen[np.argpartition(-pool_priority, size - 1)[:size]] = True
+        else:
+            chosen[:] = True
+        b_lower, b_upper, b_open = pool_lower[chosen], pool_upper[chosen], pool_open[chosen]
+        pool_lower, pool_upper = pool_lower[~chosen], pool_upper[~chosen]
+        pool_open, pool_priority = pool_open[~chosen], pool_priority[~chosen]
+        spent += b_open.shape[0]
+
+        asked = np.flatnonzero(b_open.any(axis=0))
+        values, coeffs, scores = _direction_bounds(
+            net, b_lower, b_upper, outer, top, asked, layers, neurons, signs
+        )
+        was_open = b_open[:, asked]
+        closed = was_open & (values <= -margins[asked])
+        worst[asked] = np.maximum(worst[asked], np.where(closed, values, -np.inf).max(axis=0))
+        still = was_open & ~closed
+        busy = still.any(axis=1)
+        if busy.any():
+            b_lower, b_upper, still = b_lower[busy], b_upper[busy], still[busy]
+            values, coeffs, scores = values[busy], coeffs[busy], scores[busy]
+            points = _candidates(b_lower, b_upper, still, values / scale[asked], coeffs)
+            shown, first = _signs_shown(net, points, layers[asked], neurons[asked], signs[asked])
+            newly = shown & ~refuted[asked]
+            if newly.any():
+                refuted[asked[newly]] = True
+                witnesses.append(points[np.unique(first[newly])])
+            still &= ~shown[None, :]
+            busy = still.any(axis=1)
+            b_lower, b_upper, still = b_lower[busy], b_upper[busy], still[busy]
+            values, scores = values[busy], scores[busy]
+        if b_lower.shape[0]:
+            left_upper, right_lower, stuck = _halves(b_lower, b_upper, still, scores, extent)
+            given_up[asked[still[stuck].any(axis=0)]] = True
+            grow = ~stuck
+            child_open = np.zeros((int(grow.sum()), count), dtype=bool)
+            child_open[:, asked] = still[grow]
+            child_priority = np.where(still[grow], values[grow] / scale[asked], -np.inf).max(axis=1)
+            pool_lower = np.concatenate([pool_lower, b_lower[grow], right_lower[grow]])
+            pool_upper = np.concatenate([pool_upper, left_upper[grow], b_upper[grow]])
+            pool_open = np.concatenate([pool_open, child_open, child_open])
+            pool_priority = np.concatenate([pool_priority, child_priority, child_priority])
+        done = ~(proved | refuted | given_up) & ~pool_open.any(axis=0)
+        if done.any():
+            proved |= done
+            _tighten(outer, layers[done], neurons[done], signs[done], worst[done])
+    points = np.concatenate(witnesses) if witnesses else np.empty((0, n))
+    return SplitOutcome(proved, refuted, worst, points, spent)
+
+
+def _direction_bounds(
+    net: Network,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    outer: list[LayerBounds],
+    top: int,
+    asked: np.ndarray,
+    layers: np.ndarray,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per leaf, bounds on ``s * y`` of the ``asked`` directions, and where to split for them.
+
+    Returns ``values (B, R)``, the smaller of the forward bound and CROWN (back-substitution of
+    the row through each leaf's own relaxations, :func:`_back_substitute`); ``coeffs (B, R, n)``,
+    the input coefficients of CROWN's linear bound (its maximising vertex is a witness candidate);
+    ``scores (B, R, n)``, how much of each row's bound each input dimension accounts for.
+    """
+    bounds, shares = leaf_bounds(net, lower, upper, outer, top)
+    batch, n = lower.shape
+    values = np.empty((batch, asked.size))
+    coeffs = np.empty((batch, asked.size, n))
+    scores = np.empty((batch, asked.size, n))
+    width = upper - lower
+    for k in np.unique(layers[asked]):
+        columns = np.flatnonzero(layers[asked] == k)
+        i, sign = neurons[asked][columns], signs[asked][columns].astype(np.float64)
+        lo, hi = bounds[k]
+        forward = np.where(sign > 0, hi[i].T, -lo[i].T)
+        row_weight = sign[:, None] * net.layers[k].weight[i]
+        row_coeffs = np.broadcast_to(row_weight, (batch, *row_weight.shape))
+        const = np.broadcast_to(sign * net.layers[k].bias[i], (batch, i.size))
+        row_coeffs, const, slack = _back_substitute(net, bounds, shares, int(k), row_coeffs, const)
+        crown = (
+            const
+            + np.einsum("brn,bn->br", np.maximum(row_coeffs, 0.0), upper)
+            + np.einsum("brn,bn->br", np.minimum(row_coeffs, 0.0), lower)
+        )
+        values[:, columns] = np.minimum(forward, crown)
+        coeffs[:, columns] = row_coeffs
+        scores[:, columns] = slack + np.abs(row_coeffs) * width[:, None, :] / 2.0
+    return values, coeffs, scores
+
+
+def _back_substitute(
+    net: Network,
+    bounds: list[tuple[np.ndarray, np.ndarray]],
+    shares: list[np.ndarray],
+    layer: int,
+    coeffs: np.ndarray,
+    const: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CROWN for ``R`` rows ``coeffs (B, R, n_{layer-1}) . h_{layer-1} + const`` on ``B`` leaves.
+
+    Each ReLU with ``l < 0 < u`` on a leaf takes the triangle's upper line where the row's
+    coefficient is positive and the adaptive lower line (``h >= y`` if ``u > -l``, else
+    ``h >= 0``) where it is negative, as in :func:`onnx_exact.bounds.relu_relaxation`. Besides the
+    input coefficients and constants of the linear upper bounds, returns their *slack by input
+    dimension* ``(B, R, n)``: every relaxed neuron's largest gap (``-a l`` for the upper line,
+    ``min(-l, u)`` for the lower one) times the row's coefficient magnitude, spread over the
+    input dimensions by the neuron's ``shares``. Splitting the dimension that carries the most
+    slack narrows the relaxed neurons most; the linear part alone (``|c_m| w_m``) misses a
+    dimension the bound does not depend on linearly but whose width keeps neurons unstable.
+    """
+    batch, rows = coeffs.shape[:2]
+    slack = np.zeros((batch, rows, shares[0].shape[1]))
+    for j in range(layer - 1, -1, -1):
+        lo, hi = bounds[j][0].T, bounds[j][1].T
+        if net.layers[j].relu:
+            unstable = (lo < 0.0) & (hi > 0.0)
+            span = np.where(unstable, hi - lo, 1.0)
+            upper_slope = np.where(unstable, hi / span, (lo >= 0.0).astype(np.float64))
+            upper_intercept = np.where(unstable, -upper_slope * lo, 0.0)
+            lower_slope = np.where(unstable, (hi > -lo).astype(np.float64), upper_slope)
+            lower_gap = np.where(unstable, np.minimum(-lo, hi), 0.0)
+            positive = np.maximum(coeffs, 0.0)
+            negative = coeffs - positive
+            const = const + np.einsum("brj,bj->br", positive, upper_intercept)
+            gaps = positive * upper_intercept[:, None, :] - negative * lower_gap[:, None, :]
+            slack += np.einsum("brj,jmb->brm", gaps, shares[j])
+            coeffs = positive * upper_slope[:, None, :] + negative * lower_slope[:, None, :]
+        weight, bias = net.layers[j].weight, net.layers[j].bias
+        flat = coeffs.reshape(batch * rows, -1)
+        const = const + (flat @ bias).reshape(batch, rows)
+        coeffs = (flat @ weight).reshape(batch, rows, -1)
+    return coeffs, const, slack
+
+
+def _candidates(
+    lower: np.ndarray, upper: np.ndarray, still: np.ndarray, rank: np.ndarray, coeffs: np.ndarray
+) -> np.ndarray:
+    """Points to forward-pass: every leaf's centre, then the maximising vertices of the linear
+    upper bounds of its open directions, the most promising first (largest normalised bound), at
+    most ``_CANDIDATES_PER_LEAF`` points per leaf in all."""
+    centres = (lower + upper) / 2.0
+    budget = (_CANDIDATES_PER_LEAF - 1) * lower.shape[0]
+    leaf, column = np.nonzero(still)
+    if leaf.size > budget:
+        order = np.argpartition(-rank[leaf, column], budget - 1)[:budget]
+        leaf, column = leaf[np.sort(order)], column[np.sort(order)]
+    vertices = np.where(coeffs[leaf, column] > 0.0, upper[leaf], lower[leaf])
+    return np.concatenate([centres, vertices])
+
+
+def _signs_shown(
+    net: Network, points: np.ndarray, layers: np.ndarray, neurons: np.ndarray, signs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which directions some point shows strictly (float64 forward pass), and the first such point."""
+    shown = np.zeros(layers.size, dtype=bool)
+    first = np.zeros(layers.size, dtype=np.int64)
+    h = points
+    for k, layer in enumerate(net.layers[: int(layers.max()) + 1]):
+        y = h @ layer.weight.T + layer.bias
+        columns = np.flatnonzero(layers == k)
+        if columns.size:
+            signed = y[:, neurons[columns]] * signs[columns]
+            positive = signed > 0.0
+            shown[columns] = positive.any(axis=0)
+            first[columns] = np.argmax(positive, axis=0)
+        h = np.maximum(y, 0.0) if layer.relu else y
+    return shown, first
+
+
+def _halves(
+    lower: np.ndarray, upper: np.ndarray, still: np.ndarray, scores: np.ndarray, extent: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each leaf halved along the dimension with the largest share of its open bounds' slack.
+
+    ``scores (B, R, n)`` say how much of each direction's bound each dimension accounts for; they
+    are normalised per direction (every open direction weighs the same) and summed over the
+    leaf's open directions. Returns the upper corner of the left halves, the lower corner of the
+    right halves, and which leaves cannot be halved (their midpoint rounds onto an end point).
+    """
+    width = upper - lower
+    share = scores / np.maximum(scores.sum(axis=2, keepdims=True), 1e-300)
+    score = (share * still[:, :, None]).sum(axis=1)
+    score = np.where(np.any(score > 0.0, axis=1, keepdims=True), score, width / extent)
+    leaves = np.arange(lower.shape[0])
+    dim = np.argmax(score, axis=1)
+    middle = (lower[leaves, dim] + upper[leaves, dim]) / 2.0
+    stuck = ~((middle > lower[leaves, dim]) & (middle < upper[leaves, dim]))
+    left_upper, right_lower = upper.copy(), lower.copy()
+    left_upper[leaves, dim] = middle
+    right_lower[leaves, dim] = middle
+    return left_upper, right_lower, stuck
+
+
+def _tighten(
+    outer: list[LayerBounds],
+    layers: np.ndarray,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+    worst: np.ndarray,
+) -> None:
+    """Intersect the whole-box bounds with what the proved directions established (kept ordered)."""
+    for k, i, sign, value in zip(layers, neurons, signs, worst, strict=True):
+        bound = outer[k]
+        if sign > 0:
+            bound.upper[i] = max(min(bound.upper[i], value), bound.lower[i])
+        else:
+            bound.lower[i] = min(max(bound.lower[i], -value), bound.upper[i])
