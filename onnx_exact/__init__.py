@@ -1,10 +1,17 @@
 """onnx-exact: exact compression of ReLU networks in ONNX by proving neuron stability.
 
-Python API::
+Python API (README "Python API")::
 
-    from onnx_exact import compress, analyze, DomainSpec
-    result = compress("model.onnx", "small.onnx", DomainSpec(input_ranges=["[0,1]"]))
+    import numpy as np
+    from onnx_exact import DomainSpec, analyze, check, compress
+
+    box = DomainSpec(lower=np.zeros(784), upper=np.ones(784))  # or input_ranges=["[0,1]"]
+    result = compress("model.onnx", "small.onnx", box)  # a path or an onnx.ModelProto
     print(result.report.params_before, result.report.params_after)
+    print(check("model.onnx", result.model, box).passed)
+
+Every error raised on purpose derives from :class:`OnnxExactError` (importable from here, like
+its subclasses); its message is one line naming the file, node or argument at fault.
 
 The names below are imported on first use (PEP 562 ``__getattr__``), not with the package: the
 command line must install its SIGINT/SIGTERM handlers before onnx, onnxruntime and highspy load
@@ -25,11 +32,27 @@ _EXPORTS = {
     "check": "pipeline",
     "compress": "pipeline",
     "check_equivalence": "equivalence",
+    "OnnxExactError": "errors",
+    "UnsupportedModelError": "errors",
+    "MalformedModelError": "errors",
+    "DomainError": "errors",
+    "UsageError": "errors",
+    "SolverError": "errors",
+    "ResourceError": "errors",
+    "VerificationError": "errors",
 }
 
 __all__ = [
     "AnalysisOptions",
+    "DomainError",
     "DomainSpec",
+    "MalformedModelError",
+    "OnnxExactError",
+    "ResourceError",
+    "SolverError",
+    "UnsupportedModelError",
+    "UsageError",
+    "VerificationError",
     "__version__",
     "analyze",
     "check",
@@ -39,6 +62,16 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .equivalence import check_equivalence
+    from .errors import (
+        DomainError,
+        MalformedModelError,
+        OnnxExactError,
+        ResourceError,
+        SolverError,
+        UnsupportedModelError,
+        UsageError,
+        VerificationError,
+    )
     from .pipeline import AnalysisOptions, DomainSpec, analyze, check, compress
 
 

@@ -18,15 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from numpy.typing import ArrayLike
 
 from .domain import (
     Box,
     InputLayout,
+    _to_features,
     domain_metadata,
+    largest_bound,
     metadata_range,
     model_input_dims,
     model_input_names,
     resolve_domain,
+    validated_box,
 )
 from .equivalence import CheckReport, check_equivalence
 from .errors import (
@@ -69,11 +73,44 @@ NO_RELU_NOTE = "the model has no ReLU: nothing to prove; its affine layers are m
 
 @dataclass
 class DomainSpec:
-    """How the user gave the domain (all optional; the model's metadata is the fallback)."""
+    """How the user gave the domain (all optional; the model's metadata is the fallback).
+
+    At most one source: ``input_ranges`` (``"[0,1]"``, ``"x:[0,1]"``, as ``--input-range``),
+    ``range_file`` (as ``--input-range-file``), ``vnnlib``, or, from Python without files, the
+    arrays ``lower`` and ``upper``: scalars, the flattened input size, or the input's per-sample
+    shape (optionally with a leading batch axis of 1), e.g.
+    ``DomainSpec(lower=np.zeros(784), upper=np.ones(784))``.
+    """
 
     input_ranges: Sequence[str] = ()
-    range_file: str | None = None
-    vnnlib: str | None = None
+    range_file: str | os.PathLike | None = None
+    vnnlib: str | os.PathLike | None = None
+    lower: ArrayLike | None = None
+    upper: ArrayLike | None = None
+
+    def _array_box(self, model: onnx.ModelProto, n_features: int, input_name: str) -> Box | None:
+        """The box of ``lower``/``upper`` (None when they are not given), checked like a file's."""
+        if self.lower is None and self.upper is None:
+            return None
+        if self.lower is None or self.upper is None:
+            raise UsageError("DomainSpec: give both lower and upper (arrays or scalars)")
+        if self.input_ranges or self.range_file or self.vnnlib:
+            raise UsageError(
+                "DomainSpec: lower/upper and input_ranges, range_file or vnnlib given; use one "
+                "of them to define the box"
+            )
+        layout = InputLayout.from_dims(input_name, model_input_dims(model, input_name), n_features)
+        sides = [
+            _to_features(np.asarray(side), layout, n_features, f"DomainSpec.{name}")
+            for name, side in (("lower", self.lower), ("upper", self.upper))
+        ]
+        return validated_box(
+            *sides,
+            input_name,
+            "arrays lower/upper",
+            "DomainSpec lower/upper",
+            max_abs=largest_bound(model, input_name),
+        )
 
 
 @dataclass
@@ -103,6 +140,9 @@ class CompressResult:
 
 def _resolve(read: ReadResult, domain: DomainSpec) -> Box:
     net = read.network
+    arrays = domain._array_box(read.model, net.in_features, net.input_name)
+    if arrays is not None:
+        return arrays
     return resolve_domain(
         read.model,
         net.in_features,
@@ -186,6 +226,11 @@ def witnesses_in_raw_space(net: Network, box: Box, stability: StabilityResult) -
 
 
 def _summary_metadata(report: RunReport, reduction: Reduction) -> dict[str, str]:
+    """The ``onnx_exact.summary`` metadata entry: what was removed, from ``report.layers``.
+
+    ``report.layers`` must already be summarised with ``reduction`` (their ``removed`` counts
+    are 0 before that).
+    """
     units = sum(layer.size for layer in report.layers)
     removed = sum(layer.removed for layer in report.layers)
     return {
@@ -393,6 +438,7 @@ def compress(
     t0 = time.perf_counter()
     reduction = reduce_network(net, stability)
     report.timings_s["reduce"] = time.perf_counter() - t0
+    report.layers = summarize_layers(net, stability, reduction)  # before the summary metadata
 
     t0 = time.perf_counter()
     metadata = domain_metadata(box)
@@ -502,6 +548,11 @@ def _check_same_input_size(
         ) from None
 
 
+def _model_path(model: str | os.PathLike | onnx.ModelProto) -> str | None:
+    """The path messages and relative metadata refer to (None for an in-memory model)."""
+    return None if isinstance(model, onnx.ModelProto) else os.fspath(model)
+
+
 def _declared_features(model: onnx.ModelProto, input_name: str, source: str) -> int:
     """Flattened per-sample size of a model input from its declared shape (batch axis dropped)."""
     dims = model_input_dims(model, input_name)
@@ -514,8 +565,8 @@ def _declared_features(model: onnx.ModelProto, input_name: str, source: str) -> 
 
 
 def check(
-    reference: str | os.PathLike,
-    candidate: str | os.PathLike,
+    reference: str | os.PathLike | onnx.ModelProto,
+    candidate: str | os.PathLike | onnx.ModelProto,
     domain: DomainSpec | None = None,
     *,
     atol: float | dict[str, float] = 1e-5,
@@ -529,7 +580,8 @@ def check(
     """Are two models the same on the domain? Sampled comparison, then a proof where possible.
 
     The domain comes from the flags, else the reference model's metadata, else the candidate's
-    (a model written by ``onnx-exact`` records the box it is exact on).
+    (a model written by ``onnx-exact`` records the box it is exact on). Either model may be a
+    path or an in-memory ``ModelProto``, as for :func:`compress` and :func:`analyze`.
     """
     domain = domain or DomainSpec()
     if counterexample_path is not None:
@@ -555,27 +607,29 @@ def check(
         if len(names) != 1:
             raise
         input_name = names[0]
-        n_features = _declared_features(model, input_name, os.fspath(reference))
+        n_features = _declared_features(
+            model, input_name, _model_path(reference) or "the reference model"
+        )
         source = reference
     try:
-        box = resolve_domain(
+        box = domain._array_box(model, n_features, input_name) or resolve_domain(
             model,
             n_features,
             input_name,
             input_ranges=domain.input_ranges,
             range_file=domain.range_file,
             vnnlib=domain.vnnlib,
-            model_path=os.fspath(reference),
+            model_path=_model_path(reference),
         )
     except DomainError:
         given = domain.input_ranges or domain.range_file or domain.vnnlib
         candidate_model = load_graph(candidate)
-        if given or metadata_range(candidate_model, input_name) is None:
+        if given or domain.lower is not None or metadata_range(candidate_model, input_name) is None:
             raise
         box = resolve_domain(
-            candidate_model, n_features, input_name, model_path=os.fspath(candidate)
+            candidate_model, n_features, input_name, model_path=_model_path(candidate)
         )
-    _check_same_input_size(candidate, n_features, os.fspath(reference))
+    _check_same_input_size(candidate, n_features, _model_path(reference) or "the reference model")
     return check_equivalence(
         source,
         candidate,
