@@ -11,6 +11,7 @@ interrupted by SIGINT / SIGTERM (no output written).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import signal
@@ -19,26 +20,65 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .equivalence import ProofResult, render_check
 from .errors import OnnxExactError, UsageError
-from .output_paths import numpy_save_path, plan_run_paths, write_file_atomic
-from .pipeline import (
-    AnalysisOptions,
-    DomainSpec,
-    MemoryShortfallWarning,
-    analyze,
-    check,
-    compress,
-)
-from .report import render
 from .resources import parse_memory_size, raise_if_interrupted, request_interrupt
+
+if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
+    from .equivalence import ProofResult, render_check
+    from .output_paths import numpy_save_path, plan_run_paths, write_file_atomic
+    from .pipeline import (
+        AnalysisOptions,
+        DomainSpec,
+        analyze,
+        check,
+        compress,
+    )
+    from .report import json_header, make_console, render
+
+_RUNTIME = {
+    "equivalence": ("render_check",),
+    "output_paths": ("numpy_save_path", "plan_run_paths", "write_file_atomic"),
+    "pipeline": (
+        "AnalysisOptions",
+        "DomainSpec",
+        "MemoryShortfallWarning",
+        "analyze",
+        "check",
+        "compress",
+    ),
+    "report": ("json_header", "make_console", "render"),
+}
+"""The names the commands use from modules that import onnx, onnxruntime and highspy.
+
+They are bound on the first command run (:func:`_load_runtime`) or attribute access
+(``onnx_exact.cli.check``), not at import: ``--help``, ``--version``, shell completion and usage
+errors answer without loading them (a second or more on a busy machine).
+"""
+
+
+def _load_runtime() -> None:
+    """Bind the :data:`_RUNTIME` names as module globals; a name already bound (a test's
+    monkeypatch) is kept."""
+    namespace = globals()
+    for module_name, names in _RUNTIME.items():
+        module = importlib.import_module(f".{module_name}", __package__)
+        for name in names:
+            namespace.setdefault(name, getattr(module, name))
+
+
+def __getattr__(name: str) -> object:
+    if any(name in names for names in _RUNTIME.values()):
+        _load_runtime()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _PARSER_ERROR: type[Exception] = next(
     cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"
@@ -51,13 +91,47 @@ fresh install. ``typer.BadParameter`` is public in every version and derives fro
 """
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
-    help="Exact compression of ReLU networks in ONNX by proving neuron stability over an input box.",
+    subcommand_metavar="[COMMAND] ARGS...",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help=(
+        "Exact compression of ReLU networks in ONNX by proving neuron stability over an input "
+        "box.\n\n"
+        "\b\n"
+        "  onnx-exact IN.onnx OUT.onnx -r 'x:[0,1]'   compress (the command when none is named)\n"
+        "  onnx-exact analyze IN.onnx -r '[0,1]'      which neurons are stable, and how we know\n"
+        "  onnx-exact check A.onnx B.onnx -r '[0,1]'  are two models the same on the box?\n"
+        "  onnx-exact COMMAND --help                  the options of a command"
+    ),
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"onnx-exact {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _top_level(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            is_eager=True,
+            callback=_print_version,
+            help="Print the version and exit (anywhere on the command line).",
+        ),
+    ] = False,
+) -> None:
+    """The options before the command (``--version``; ``main`` also answers it anywhere)."""
+
+
 SUBCOMMANDS = {"compress", "analyze", "check"}
+TOP_LEVEL_OPTIONS = {"-h", "--help", "--install-completion", "--show-completion"}
+"""Options of ``onnx-exact`` itself: with one of them first, ``compress`` is not implied."""
 METHODS = ("auto", "isa", "per-neuron")
 
 InputRange = Annotated[
@@ -65,7 +139,9 @@ InputRange = Annotated[
     typer.Option(
         "--input-range",
         "-r",
-        help="Box for the input: '[lo,hi]' or 'name:[lo,hi]' (repeatable).",
+        "--val-range",
+        help="Box for the input: '[lo,hi]' or 'name:[lo,hi]' (repeatable; quote it in a shell). "
+        "--val-range is Polygraphy's name for it.",
     ),
 ]
 RangeFile = Annotated[
@@ -102,11 +178,17 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show details on errors.")]
 Atol = Annotated[
     list[str] | None,
-    typer.Option(help="Absolute tolerance, e.g. 1e-5 or out0:1e-4 (repeatable)."),
+    typer.Option(
+        help="Absolute tolerance: 1e-5 for every output and/or out0:1e-4 per output; several "
+        "may follow one --atol (Polygraphy's form: --atol 1e-5 out0:1e-4)."
+    ),
 ]
 Rtol = Annotated[
     list[str] | None,
-    typer.Option(help="Relative tolerance, e.g. 1e-5 or out0:1e-4 (repeatable)."),
+    typer.Option(
+        help="Relative tolerance: 1e-5 for every output and/or out0:1e-4 per output; several "
+        "may follow one --rtol."
+    ),
 ]
 
 
@@ -114,8 +196,9 @@ class _State:
     verbose: bool = False
 
 
-def _console(quiet: bool) -> Console:
-    return Console(stderr=False, quiet=quiet, highlight=False)
+def _console(quiet: bool, json_path: str | None = None) -> Console:
+    """The report's console: stdout, or stderr when the JSON goes to stdout (``--json -``)."""
+    return make_console(quiet, stderr=json_path == "-")
 
 
 @contextmanager
@@ -237,8 +320,10 @@ class _VerdictConsole:
 
 @app.command("compress")
 def compress_command(
-    model: Annotated[str, typer.Argument(help="Input ONNX model.")],
-    output: Annotated[str, typer.Argument(help="Where to write the compressed model.")],
+    model: Annotated[str, typer.Argument(metavar="IN", help="Input ONNX model.")],
+    output: Annotated[
+        str, typer.Argument(metavar="OUT", help="Where to write the compressed model.")
+    ],
     input_range: InputRange = None,
     input_range_file: RangeFile = None,
     vnnlib: Vnnlib = None,
@@ -257,21 +342,26 @@ def compress_command(
     ] = False,
     report: Annotated[
         str | None,
-        typer.Option(help="Write the report as JSON to this file."),
+        typer.Option(
+            "--json",
+            "--report",
+            help="Write the report as JSON to this file (- for stdout; the tables go to stderr).",
+        ),
     ] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Compress MODEL exactly on the input box and write OUTPUT (only if it verifies)."""
     _State.verbose = verbose
+    _load_runtime()
     tol_abs = _parse_tolerance(atol, "--atol", default=None)
     tol_rel = _parse_tolerance(rtol, "--rtol")
-    console = _console(quiet)
+    console = _console(quiet, report)
     plan_run_paths(
         models=[("the input model", model)],
         domain_files=[("--input-range-file", input_range_file), ("--vnnlib", vnnlib)],
         output_model=output,
-        outputs=[("--report", report)],
+        outputs=[("--json", report)],
     )
     with _progress(not quiet and sys.stderr.isatty()) as progress:
         result = compress(
@@ -308,7 +398,7 @@ def compress_command(
 
 @app.command("analyze")
 def analyze_command(
-    model: Annotated[str, typer.Argument(help="Input ONNX model.")],
+    model: Annotated[str, typer.Argument(metavar="IN", help="Input ONNX model.")],
     input_range: InputRange = None,
     input_range_file: RangeFile = None,
     vnnlib: Vnnlib = None,
@@ -326,6 +416,7 @@ def analyze_command(
 ) -> None:
     """Report which ReLU neurons of MODEL are stable on the input box (writes no model)."""
     _State.verbose = verbose
+    _load_runtime()
     plan_run_paths(
         models=[("the input model", model)],
         domain_files=[("--input-range-file", input_range_file), ("--vnnlib", vnnlib)],
@@ -338,7 +429,7 @@ def analyze_command(
             _options(method, time_limit, jobs, seed, max_memory),
             progress=progress,
         )
-    render(result.report, _console(quiet))
+    render(result.report, _console(quiet, json_path))
     if json_path:
         write_file_atomic(json_path, result.report.write_json)
 
@@ -349,8 +440,8 @@ class _Interrupted:
 
 @app.command("check")
 def check_command(
-    reference: Annotated[str, typer.Argument(help="Reference ONNX model (A).")],
-    candidate: Annotated[str, typer.Argument(help="Model to compare against it (B).")],
+    reference: Annotated[str, typer.Argument(metavar="A", help="Reference ONNX model.")],
+    candidate: Annotated[str, typer.Argument(metavar="B", help="Model to compare against it.")],
     input_range: InputRange = None,
     input_range_file: RangeFile = None,
     vnnlib: Vnnlib = None,
@@ -375,6 +466,7 @@ def check_command(
 ) -> None:
     """Are A and B the same on the input box? Samples, then a proof (exit 1 if they differ)."""
     _State.verbose = verbose
+    _load_runtime()
     plan_run_paths(
         models=[("the reference model", reference), ("the candidate model", candidate)],
         domain_files=[("--input-range-file", input_range_file), ("--vnnlib", vnnlib)],
@@ -399,12 +491,12 @@ def check_command(
         counterexample_path=counterexample,
     )
     code, verdict = _verdict(result.sampled.passed, result.proof)
-    console = _console(quiet)
+    console = _console(quiet, json_path)
     if code == EXIT_NOT_PROVED:
         console = _VerdictConsole(console, f"| {result.model_a} vs {result.model_b}")
     render_check(result, console)
     if json_path:
-        payload = result.to_json()
+        payload = {**json_header(), **result.to_json()}
         payload.update(passed=code == 0, verdict=verdict, exit_code=code)
 
         def dump(temporary: str) -> None:
@@ -421,7 +513,8 @@ _show_other_warning = warnings.showwarning
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """The tool's own warnings as one line on stderr, before the run; others as Python shows them."""
-    if issubclass(category, MemoryShortfallWarning):
+    shortfall = globals().get("MemoryShortfallWarning")
+    if shortfall is not None and issubclass(category, shortfall):
         print(f"onnx-exact: warning: {message}", file=sys.stderr, flush=True)
     else:
         _show_other_warning(message, category, filename, lineno, file, line)
@@ -434,14 +527,63 @@ def _on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def wants_version(args: list[str]) -> bool:
+    """``--version`` / ``-V`` anywhere before a ``--``."""
+    options = args[: args.index("--")] if "--" in args else args
+    return "--version" in options or "-V" in options
+
+
+TOLERANCE_OPTIONS = ("--atol", "--rtol")
+
+
+def _is_tolerance(token: str) -> bool:
+    """``1e-5`` or ``name:1e-5`` (a model path never parses as a number after its last colon)."""
+    _, _, number = token.rpartition(":")
+    try:
+        float(number)
+    except ValueError:
+        return False
+    return not token.startswith("-")
+
+
+def normalise_args(args: list[str]) -> list[str]:
+    """The command line as the parser takes it, from the forms users bring from other tools.
+
+    * ``compress`` is implied unless a command or one of :data:`TOP_LEVEL_OPTIONS` comes first
+      (``onnx-exact IN OUT ...`` and ``onnx-exact -r '[0,1]' IN OUT``).
+    * Polygraphy's ``--atol 1e-5 logits:1e-4`` (several values after one option) becomes
+      ``--atol 1e-5 --atol logits:1e-4``: every token after the option's value that reads as a
+      tolerance (:func:`_is_tolerance`) is given the option again.
+    """
+    if args and args[0] not in SUBCOMMANDS and args[0] not in TOP_LEVEL_OPTIONS:
+        args = ["compress", *args]
+    out: list[str] = []
+    option, awaiting_value = None, False
+    for index, token in enumerate(args):
+        if token == "--":
+            return out + args[index:]
+        if option is not None:
+            if awaiting_value:  # the option's own value, whatever it looks like
+                out.append(token)
+                awaiting_value = False
+                continue
+            if _is_tolerance(token):
+                out += [option, token]
+                continue
+            option = None
+        out.append(token)
+        name = token.partition("=")[0]
+        if name in TOLERANCE_OPTIONS:
+            option, awaiting_value = name, "=" not in token
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: implied ``compress``, one-line errors, documented exit codes."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("--version", "-V"):
+    args = normalise_args(list(sys.argv[1:] if argv is None else argv))
+    if wants_version(args):
         print(f"onnx-exact {__version__}")
         sys.exit(0)
-    if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
-        args.insert(0, "compress")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     warnings.showwarning = _show_warning

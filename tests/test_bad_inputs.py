@@ -698,7 +698,7 @@ CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
     ),
     ("negative --time-limit", domain_case(*RANGE, "--time-limit", "-1"), 2, ("time", "-1")),
     ("unknown option", domain_case(*RANGE, "--bogus"), 2, ("--bogus",)),
-    ("output argument missing", lambda d: [str(good_model(d)), *RANGE], 2, ("output",)),
+    ("output argument missing", lambda d: [str(good_model(d)), *RANGE], 2, ("'OUT'",)),
     ("negative --seed", domain_case(*RANGE, "--seed", "-1"), 2, ("--seed",)),
     # -- written paths that would clobber a read or a special file (tests/test_output_paths.py)
     (
