@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_MODELS
 
 from onnx_exact import stability
 from onnx_exact.domain import Box
@@ -19,8 +20,6 @@ from onnx_exact.network import DenseLayer, InputMap, Network
 from onnx_exact.onnx_reader import read_model
 from onnx_exact.stability import NeuronState, analyze_stability
 from onnx_exact.witness import observe
-
-SHARED_MODELS = Path("/work/shared/models")
 
 
 def random_network(rng: np.random.Generator, sizes: list[int]) -> Network:
