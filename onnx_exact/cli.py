@@ -18,16 +18,16 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
+from . import progress as progress_module
 from .errors import OnnxExactError, UsageError
+from .progress import progress_display
 from .resources import parse_memory_size, raise_if_interrupted, request_interrupt
 
 if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
@@ -152,9 +152,22 @@ Vnnlib = Annotated[
     str | None,
     typer.Option(help="Box from the input constraints of a VNN-LIB property."),
 ]
+DEFAULT_TIME_LIMIT = 300.0
+"""Seconds the analysis of ``compress`` and ``analyze`` gets unless ``--time-limit`` says otherwise.
+
+Finite, so that a run with default options ends; neurons still open then are kept (UNDECIDED),
+so the output stays exact. Whatever the limit, every layer's interval and CROWN proofs are made
+first (``onnx_exact.stability``, anytime order).
+"""
 TimeLimit = Annotated[
-    float | None,
-    typer.Option(help="Seconds for the whole analysis; open neurons are kept (UNDECIDED)."),
+    str,
+    typer.Option(
+        help=f"Seconds for the whole analysis (default {DEFAULT_TIME_LIMIT:.0f}), or 'none' for "
+        "no limit. Neurons still open then are kept (UNDECIDED): the output stays exact, just "
+        "less small.",
+        metavar="SECONDS",
+        show_default=False,
+    ),
 ]
 Method = Annotated[
     str, typer.Option(help="Stability engine: auto (tiered), isa or per-neuron (paper baselines).")
@@ -201,37 +214,37 @@ def _console(quiet: bool, json_path: str | None = None) -> Console:
     return make_console(quiet, stderr=json_path == "-")
 
 
-@contextmanager
-def _progress(enabled: bool) -> Iterator:
-    """A rich progress display fed by the analysis's ``progress(phase, done, total)`` callback."""
-    if not enabled:
-        yield None
-        return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
-        tasks: dict[str, int] = {}
+def _progress(enabled: bool) -> AbstractContextManager:
+    """The run's progress on stderr (:func:`onnx_exact.progress.progress_display`): a live line
+    on a terminal, a heartbeat line every ``HEARTBEAT_SECONDS`` elsewhere (CI logs)."""
+    return progress_display(
+        enabled, sys.stderr.isatty(), interval=progress_module.HEARTBEAT_SECONDS
+    )
 
-        def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = progress.add_task(phase, total=max(total, 1))
-            progress.update(tasks[phase], completed=done, total=max(total, 1))
 
-        yield update
+def _time_limit(value: str) -> float | None:
+    """``--time-limit``: positive seconds, or ``none`` (also ``inf``) for no limit."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise UsageError(
+            f"--time-limit '{value}': give a number of seconds, or 'none' for no limit"
+        ) from None
+    if not seconds > 0:
+        raise UsageError(
+            f"--time-limit {value}: give a positive number of seconds, or 'none' for no limit"
+        )
+    return seconds if math.isfinite(seconds) else None
 
 
 def _options(
-    method: str, time_limit: float | None, jobs: int, seed: int, max_memory: str | None
+    method: str, time_limit: str, jobs: int, seed: int, max_memory: str | None
 ) -> AnalysisOptions:
     if method not in METHODS:
         raise UsageError(f"--method '{method}' is not one of {', '.join(METHODS)}")
-    if time_limit is not None and not time_limit > 0:
-        raise UsageError(f"--time-limit {time_limit}: give a positive number of seconds")
+    seconds = _time_limit(time_limit)
     try:
         limit = parse_memory_size(max_memory) if max_memory is not None else None
     except OverflowError:  # a number such as 1e400 reads as inf, which no int holds
@@ -239,7 +252,7 @@ def _options(
             f"--max-memory {max_memory!r}: not a finite size; give one such as 512M, 4G or 4GiB"
         ) from None
     return AnalysisOptions(
-        method=method, time_limit=time_limit, jobs=jobs, seed=seed, max_memory=limit
+        method=method, time_limit=seconds, jobs=jobs, seed=seed, max_memory=limit
     )
 
 
@@ -327,7 +340,7 @@ def compress_command(
     input_range: InputRange = None,
     input_range_file: RangeFile = None,
     vnnlib: Vnnlib = None,
-    time_limit: TimeLimit = None,
+    time_limit: TimeLimit = f"{DEFAULT_TIME_LIMIT:g}",
     method: Method = "auto",
     jobs: Jobs = 1,
     seed: Seed = 0,
@@ -363,7 +376,7 @@ def compress_command(
         output_model=output,
         outputs=[("--json", report)],
     )
-    with _progress(not quiet and sys.stderr.isatty()) as progress:
+    with _progress(not quiet) as progress:
         result = compress(
             model,
             output,
@@ -402,7 +415,7 @@ def analyze_command(
     input_range: InputRange = None,
     input_range_file: RangeFile = None,
     vnnlib: Vnnlib = None,
-    time_limit: TimeLimit = None,
+    time_limit: TimeLimit = f"{DEFAULT_TIME_LIMIT:g}",
     method: Method = "auto",
     jobs: Jobs = 1,
     seed: Seed = 0,
@@ -422,7 +435,7 @@ def analyze_command(
         domain_files=[("--input-range-file", input_range_file), ("--vnnlib", vnnlib)],
         outputs=[("--json", json_path)],
     )
-    with _progress(not quiet and sys.stderr.isatty()) as progress:
+    with _progress(not quiet) as progress:
         result = analyze(
             model,
             DomainSpec(input_range or (), input_range_file, vnnlib),
@@ -453,8 +466,11 @@ def check_command(
         bool, typer.Option(help="Prove max |f_A - f_B| <= atol on the box (ReLU nets).")
     ] = True,
     time_limit: Annotated[
-        float | None, typer.Option(help="Seconds for the proof; on expiry it is 'not proved'.")
-    ] = 600.0,
+        str,
+        typer.Option(
+            help="Seconds for the proof, or 'none' for no limit; on expiry it is 'not proved'."
+        ),
+    ] = "600",
     counterexample: Annotated[
         str | None, typer.Option(help="Save a counterexample input here (.npy).")
     ] = None,
@@ -487,7 +503,7 @@ def check_command(
         samples=samples,
         seed=seed,
         prove=prove,
-        time_limit=time_limit,
+        time_limit=_time_limit(time_limit),
         counterexample_path=counterexample,
     )
     code, verdict = _verdict(result.sampled.passed, result.proof)

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +51,12 @@ from .onnx_writer import (
     stage_model,
 )
 from .output_paths import numpy_save_path, plan_run_paths
+from .progress import ProgressCallback, ProgressEvent
 from .reduce import Reduction, reduce_network
 from .report import RunReport, summarize_layers
 from .resources import check_memory, memory_shortfall_note
 from .stability import StabilityResult, analyze_stability
 from .verify import compare_models, onnxruntime_session, run_model
-
-ProgressCallback = Callable[[str, int, int], None]
 
 
 class MemoryShortfallWarning(UserWarning):
@@ -210,6 +209,7 @@ def analyze(
         bytes_before=model_size_bytes(read.model),
         timings_s=timings,
         time_limit_hit=stability.time_limit_hit,
+        time_limit_s=options.time_limit,
         notes=memory_notes
         + list(stability.notes)
         + ([] if net.relu_layer_indices else [NO_RELU_NOTE]),
@@ -435,6 +435,7 @@ def compress(
     read, box, stability, report = analysis.read, analysis.box, analysis.stability, analysis.report
     net = read.network
 
+    _stage(progress, "reduce and write")
     t0 = time.perf_counter()
     reduction = reduce_network(net, stability)
     report.timings_s["reduce"] = time.perf_counter() - t0
@@ -448,6 +449,7 @@ def compress(
 
     with _staged(model, output, read) as staged:
         # everything below checks the staged file, the bytes the user gets (issue 21)
+        _stage(progress, "verify")
         t0 = time.perf_counter()
         reference = _reference_path(read) or read.model
         written_read = read_model(staged.path)
@@ -500,6 +502,7 @@ def compress(
         report.notes.extend(reduction.notes)
 
         if prove:
+            _stage(progress, "prove")
             t0 = time.perf_counter()
             remaining = None
             if options.time_limit is not None:
@@ -551,6 +554,12 @@ def _check_same_input_size(
 def _model_path(model: str | os.PathLike | onnx.ModelProto) -> str | None:
     """The path messages and relative metadata refer to (None for an in-memory model)."""
     return None if isinstance(model, onnx.ModelProto) else os.fspath(model)
+
+
+def _stage(progress: ProgressCallback | None, phase: str) -> None:
+    """Tell the progress display which step follows the analysis (its time limit is over)."""
+    if progress is not None:
+        progress(ProgressEvent(phase))
 
 
 def _declared_features(model: onnx.ModelProto, input_name: str, source: str) -> int:

@@ -55,6 +55,14 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    again (:meth:`_Analysis.subdivide_tier`; ACAS Xu on its operational domain: 3 of the 4
    directions the box-wide tiers left open). Retries continue its queue of pieces.
 
+Anytime order: before any layer gets the tiers above, a first pass (:meth:`_Analysis.bounds_pass`)
+gives *every* layer its interval and CROWN bounds, bottom-up, and applies their proofs. What a
+run holds at any deadline therefore includes every proof of interval + CROWN over the whole
+network (what onnxsim's ``stable_relu_prune`` proves); without it, a deadline reached in the
+costly tiers of a low layer left the layers above with interval proofs only (a 9x200 MNIST net
+on an eps box: 894 neurons proved in 600 s against onnxsim's 1,026 in seconds). The pass is
+finished even when the deadline passes inside it: it costs about one CROWN per layer.
+
 Before the solver tiers of layer ``k`` run, the not-yet-stable neurons of layers ``1 .. k-1`` get
 α-CROWN bounds, bottom-up and once per layer (``relu_bab.optimised_bounds``; the first layer is
 skipped, its interval bounds are exact), layer ``k`` gets CROWN again on top of them, and all
@@ -107,6 +115,7 @@ from .bounds import (
 from .domain import Box
 from .errors import DomainError, UsageError
 from .network import Network
+from .progress import ProgressCallback, ProgressEvent
 from .resources import retain_freed_heap
 from .witness import (
     Observation,
@@ -118,8 +127,6 @@ from .witness import (
     observe,
     sample_inputs,
 )
-
-ProgressCallback = Callable[[str, int, int], None]
 
 METHODS = ("auto", "isa", "per-neuron")
 SOLVER_TIERS = ("split", "lp", "cuts", "crown-bab", "bab", "milp", "subdivide")
@@ -322,11 +329,16 @@ def analyze_stability(
     method : "auto" (tiered pipeline), "isa" (the paper's single MILP) or "per-neuron" (two MILPs
         per neuron).
     time_limit : seconds for the whole analysis; directions open at the deadline stay UNDECIDED.
+        With ``method="auto"`` the interval and CROWN proofs of every layer are made whatever
+        the limit (the first pass, finished even past the deadline), so the result holds at least
+        those; the run may overrun a tiny limit by that pass.
     jobs : worker processes the solver tiers may use.
     seed : seed of the witness sampler.
     user_inputs : optional ``(m, n_in)`` network-space inputs (e.g. training data), clipped into the
         box and used as witnesses.
-    progress : optional ``progress(phase, done, total)`` callback.
+    progress : optional callback that gets a :class:`onnx_exact.progress.ProgressEvent` at the
+        start of every tier and as a tier works through its directions (layer, tier, open
+        neurons, time left).
     tiers : exact tiers of the auto pipeline, a subset of SOLVER_TIERS ("split", "lp", "cuts",
         "crown-bab", "bab", "milp"), run in that order; with fewer tiers the analysis is faster
         but may leave neurons UNDECIDED.
@@ -747,7 +759,9 @@ class _Analysis:
         self.rng = np.random.default_rng(seed)
         self.background: _BackgroundAttack | None = None  # beside the exact tiers of one layer
         self.backgrounds_started = 0
-        self.progress = progress or (lambda phase, done, total: None)
+        self.progress = progress
+        self.started = time.monotonic()
+        self.layer_now: int | None = None  # the layer the tiers work on, for progress events
         self.obs = Observation.empty(net)
         self.bounds: list[LayerBounds] = []
         self.states = [
@@ -776,11 +790,34 @@ class _Analysis:
     # ----------------------------------------------------------------- bookkeeping
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
+        """Add the block's wall time to ``timings[key]``; a progress event says it started."""
+        self.emit(key)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+    def emit(self, phase: str, done: int = 0, total: int = 0) -> None:
+        """Report where the analysis is to the progress callback (nothing without one)."""
+        if self.progress is None:
+            return
+        relu_layers = self.net.relu_layer_indices
+        k = self.layer_now
+        now = time.monotonic()
+        self.progress(
+            ProgressEvent(
+                phase=phase,
+                done=done,
+                total=total,
+                layer=self.net.layers[k].name if k is not None else "",
+                layer_number=relu_layers.index(k) + 1 if k in relu_layers else 0,
+                layers=len(relu_layers),
+                open=self.open_count(),
+                elapsed=now - self.started,
+                time_left=self.deadline - now if np.isfinite(self.deadline) else None,
+            )
+        )
 
     def out_of_time(self) -> bool:
         if time.monotonic() >= self.deadline:
@@ -944,7 +981,7 @@ class _Analysis:
                 batch = min(_SAMPLE_ROUND, budget - done)
                 self.see(sample_inputs(self.box, self.rng, batch), "witness")
                 done += batch
-                self.progress("witnesses", done, budget)
+                self.emit("witness", done, budget)
                 after = sum(int(s.sum()) for s in self.obs.seen_pos + self.obs.seen_neg)
                 if after == before and done >= 2 * _SAMPLE_ROUND:
                     break  # two rounds without news: the remaining directions need bounds
@@ -985,13 +1022,13 @@ class _Analysis:
         else:
             solver_tiers = self.piece_tiers
         relu_layers = self.net.relu_layer_indices
+        self.bounds_pass()
         for k in range(len(self.net.layers)):
             if not self.net.layers[k].relu:
                 self.states[k][:] = NeuronState.ACTIVE
                 self.decided_by[k][:] = "linear"
                 continue
             self.decide_layer(k, solver_tiers)
-            self.progress("layers", relu_layers.index(k) + 1, len(relu_layers))
         retry_tiers = tuple(tier for tier in solver_tiers if tier in _RETRY_TIERS)
         if not retry_tiers or not np.isfinite(self.deadline):
             return
@@ -1001,6 +1038,7 @@ class _Analysis:
                 return
             started, open_before = time.monotonic(), self.open_count()
             for k in (k for k in relu_layers if k > 0):  # layer 0 is decided by interval bounds
+                self.layer_now = k
                 with self.background_attack(k):
                     for tier in retry_tiers:
                         if not self.has_open(k):  # also false once time is up
@@ -1015,12 +1053,54 @@ class _Analysis:
             if round_index >= len(_RETRY_EFFORTS) - 1 and idle and self.open_count() == open_before:
                 return  # the tiers returned at once and decided nothing: they have nothing left
 
+    def bounds_pass(self) -> None:
+        """Pass 1 of the anytime order: interval and CROWN proofs on every ReLU layer, bottom-up.
+
+        Why first: every later tier of a layer can take minutes, and the layers above wait for
+        it; a deadline reached there left them with interval proofs only, far fewer than CROWN
+        gives in seconds (a 9x200 MNIST net on an eps box: 894 neurons proved in 600 s against
+        1,026 for onnxsim's interval + CROWN). After this pass the run holds, whenever it stops,
+        every proof of interval + CROWN over the whole network; the per-layer tiers that follow
+        start from these bounds and may tighten them.
+
+        CROWN bounds every row not proved stable, the unstable ones included (their bounds fix
+        the relaxation the layers above are bounded with), as long as a later layer has open
+        neurons; otherwise only the open rows of the layer, if any. Layer 0 needs none: its
+        interval bounds are exact. The pass is finished even when the deadline passes inside
+        it (it costs about one CROWN per layer, seconds on MLPs); only the forward passes of
+        the CROWN vertices (witness candidates) stop at the deadline.
+        """
+        relu_layers = self.net.relu_layer_indices
+        for number, k in enumerate(relu_layers, 1):
+            self.layer_now = k
+            with self.timed("interval"):
+                self.prove_from_bounds(k, "interval")
+            if k > 0:
+                with self.timed("symbolic"):
+                    proved = (self.states[k] == NeuronState.ACTIVE) | (
+                        self.states[k] == NeuronState.INACTIVE
+                    )
+                    later_open = any(not self.settled(j).all() for j in relu_layers[number:])
+                    rows = np.flatnonzero(~proved if later_open else ~self.settled(k))
+                    if rows.size:
+                        self.bounds[k], corners = symbolic_bounds(
+                            self.net, self.box, self.bounds, k, rows
+                        )
+                        self.prove_from_bounds(k, "symbolic")
+                        self.propagate()
+                        neurons, signs = self.open_directions(k)
+                        if neurons.size and not self.out_of_time():
+                            position = np.searchsorted(rows, neurons)
+                            self.see(corners[np.where(signs > 0, 0, 1), position], "symbolic")
+            self.emit("bounds", number, len(relu_layers))
+
     def open_count(self) -> int:
         """Neurons of all ReLU layers not yet settled."""
         return sum(int((~self.settled(k)).sum()) for k in self.net.relu_layer_indices)
 
     def decide_layer(self, k: int, solver_tiers: tuple[str, ...]) -> None:
         """The tiers cheapest first, each only while layer k has open directions and time is left."""
+        self.layer_now = k
         with self.timed("interval"):
             self.prove_from_bounds(k, "interval")
         if k > 0 and self.has_open(k):
@@ -1428,7 +1508,7 @@ class _Analysis:
                         open_on[rows[closed]] = False
                         if (open_on & self.still_open(k, neurons, signs)).any():
                             state.pieces.extend(_halve(lower, upper, open_on, state.extent))
-                    self.progress("subdivide", total - budget, total)
+                    self.emit("subdivide", total - budget, total)
             finally:
                 if executor is not None:
                     executor.shutdown(cancel_futures=True)
@@ -1542,7 +1622,7 @@ class _Analysis:
                         feed=feed,
                     )
                 self.apply_solver_results(k, results, margins)
-                self.progress(tier, total - len(pending), total)
+                self.emit(tier, total - len(pending), total)
 
     def apply_solver_results(self, k: int, results: list, margins: np.ndarray) -> None:
         """Witnesses are forward-passed; proofs and sound bounds tighten layer k."""

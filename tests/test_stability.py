@@ -18,6 +18,7 @@ from onnx_exact.domain import Box
 from onnx_exact.errors import DomainError, UsageError
 from onnx_exact.network import DenseLayer, InputMap, Network
 from onnx_exact.onnx_reader import read_model
+from onnx_exact.progress import ProgressEvent
 from onnx_exact.stability import NeuronState, analyze_stability
 from onnx_exact.witness import observe
 
@@ -223,9 +224,10 @@ def needle_network(n: int = 24) -> tuple[Network, Box]:
 
 def test_a_needle_is_found_and_credited_to_a_cheap_tier() -> None:
     net, box = needle_network()
-    calls: list[tuple[str, int, int]] = []
-    result = analyze_stability(net, box, tiers=(), progress=lambda *call: calls.append(call))
-    assert ("layers", 2, 2) in calls and all(done <= total for _, done, total in calls)
+    events: list[ProgressEvent] = []
+    result = analyze_stability(net, box, tiers=(), progress=events.append)
+    calls = [(event.phase, event.done, event.total) for event in events]
+    assert ("bounds", 2, 2) in calls and all(done <= total for _, done, total in calls)
     assert result.layers[1].states[0] == NeuronState.UNSTABLE
     assert result.layers[1].decided_by[0] in ("symbolic", "ascent")
     assert np.all(result.layers[0].states == NeuronState.ACTIVE)
@@ -398,10 +400,11 @@ def test_retries_start_only_after_every_layer_had_its_first_pass(monkeypatch):
 def test_the_attack_tier_refutes_what_one_node_branch_and_bound_leaves_open(monkeypatch):
     """With one node per LP branch and bound, the directions bab gives up on reach the attack
     tier (PGD rounds polished by region LPs); it settles some as unstable, by witnesses the
-    forward pass confirms, and is credited with them."""
+    forward pass confirms, and is credited with them. (Seed 2: on seed 0 the first pass's CROWN
+    vertices and the corner ascent now find that sign before the attack runs.)"""
     from onnx_exact import milp
 
-    net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
+    net = random_network(np.random.default_rng(2), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
     monkeypatch.setattr(milp, "BAB_NODE_LIMIT", 1)
     result = analyze_stability(net, box, tiers=("bab",))
@@ -497,7 +500,7 @@ def test_the_probe_refutes_soundly_and_is_credited(monkeypatch):
     """With a CROWN branch and bound that decides nothing, the probe's PGD and region LPs refute
     unstable directions by witnesses the forward pass confirms, credited to "probe"; proofs
     stay sound."""
-    net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
+    net = random_network(np.random.default_rng(2), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
     monkeypatch.setattr(stability._Analysis, "solver_tier", lambda self, k, tier, effort=1.0: None)
     monkeypatch.setattr(stability._Analysis, "alpha_crown_tier", lambda self, k: None)
@@ -514,7 +517,7 @@ def test_a_background_attack_refutes_while_the_exact_tiers_work(monkeypatch):
     """With spare jobs, a layer whose open directions reach the costly tiers gets an attack in
     a second process instead of the attack tier; its witnesses, forward-passed here, refute
     the unstable directions (credited to "attack") while the tiers work; proofs stay sound."""
-    net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
+    net = random_network(np.random.default_rng(2), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
     truth = analyze_stability(net, box, tiers=("crown-bab", "bab", "milp"))
     unstable = [layer.states == NeuronState.UNSTABLE for layer in truth.layers]
