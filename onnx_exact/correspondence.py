@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from . import milp
+from . import milp, relu_bab
 from .bounds import LayerBounds
 from .canonical import Canonical
 from .domain import Box
@@ -176,15 +176,16 @@ def prove_units_stable(
 ) -> tuple[StabilityResult, int]:
     """Prove the ``targets`` units of ``net`` stable over the raw ``box`` with the exact tiers.
 
-    The stability engine's solver tiers (:func:`onnx_exact.milp.decide_directions`: triangle LP
-    with a rigorous dual bound, ideal cuts, LP branch and bound, decision MILP; its margins) run
-    on exactly these units, layer by layer from the shallowest, over the proved bounds and
-    verdicts ``stability`` already holds for the layers below: no witness search, no re-analysis
-    of anything else. Each unit asks both signs ("can ``y`` be positive?" proves it dead, "can
-    ``y`` be negative?" always active), the more likely one first; a sign refuted by a solver
-    point is not asked again. Every sound bound found tightens the unit's pre-activation bounds
-    (so even an undecided unit costs the MILP a tighter big-M), and a layer's results are in
-    place before the next layer's relaxation is built. ``stability`` itself is not changed.
+    The stability engine's tiers run on exactly these units, layer by layer from the shallowest,
+    over the proved bounds and verdicts ``stability`` already holds for the layers below, in the
+    engine's order: per sign direction the triangle LP with a rigorous dual bound and ideal cuts,
+    CROWN branch and bound, LP branch and bound and the decision MILP (their margins). (α-CROWN,
+    which the engine runs first on a whole layer, is no tighter than the triangle LP and only
+    pays for itself on hundreds of rows.) No witness search and no re-analysis of anything else: a target that is not stable is refuted by the
+    solvers' points or left to the proof's MILP. A unit asks "can ``y`` be positive?" (proving it
+    dead) and "can ``y`` be negative?" (always active); a sign refuted is not asked again. Every
+    sound bound found tightens the unit's pre-activation bounds (an undecided unit then costs the
+    MILP a tighter big-M). ``stability`` itself is not changed.
 
     Returns
     -------
@@ -209,34 +210,75 @@ def prove_units_stable(
     for k in sorted(targets):
         if time.monotonic() >= deadline:
             break
-        layer, units = layers[k], np.asarray(targets[k])
         below = [
             layers[j].states
             if net.layers[j].relu
             else np.full_like(layers[j].states, NeuronState.ACTIVE)
             for j in range(k)
         ]
-        margins = solver_margins(net, box_net, bounds, k)
-        # The more likely sign first: the one whose bound is closer to proving.
-        first = np.where(layer.upper[units] <= -layer.lower[units], 1, -1)
-        directions = [milp.Direction(k, int(i), int(s)) for i, s in zip(units, first, strict=True)]
-        directions += [
-            milp.Direction(k, int(i), int(-s)) for i, s in zip(units, first, strict=True)
-        ]
-        results = milp.decide_directions(
-            net, box_net, bounds, below, k, directions, margins, deadline,
-            tiers=("lp", "cuts", "bab", "milp"), jobs=jobs,
-        )  # fmt: skip
-        for result in results:
-            i, sign = result.direction.neuron, result.direction.sign
-            if np.isfinite(result.bound):
-                if sign > 0:
-                    layer.upper[i] = min(layer.upper[i], result.bound)
-                else:
-                    layer.lower[i] = max(layer.lower[i], -result.bound)
-            if result.status == "proved" and layer.states[i] == NeuronState.UNDECIDED:
-                layer.states[i] = NeuronState.INACTIVE if sign > 0 else NeuronState.ACTIVE
-                layer.decided_by[i] = result.method
-                proved += 1
-        bounds[k] = LayerBounds(layer.lower, layer.upper)
+        proved += _TargetLayer(net, box_net, bounds, below, layers[k], targets[k]).run(
+            deadline, jobs
+        )
+        bounds[k] = LayerBounds(layers[k].lower, layers[k].upper)
     return replace(stability, layers=layers), proved
+
+
+class _TargetLayer:
+    """The targets of one layer and their open sign directions through the exact tiers."""
+
+    def __init__(self, net, box, bounds, below, layer, units) -> None:
+        self.net, self.box, self.bounds, self.below, self.layer = net, box, bounds, below, layer
+        self.k = layer.index
+        self.units = np.asarray(units, dtype=np.int64)
+        self.refuted: set[tuple[int, int]] = set()
+        self.proved = 0
+
+    def decide(self, unit: int, sign: int, tier: str) -> None:
+        if self.layer.states[unit] == NeuronState.UNDECIDED:
+            self.layer.states[unit] = NeuronState.INACTIVE if sign > 0 else NeuronState.ACTIVE
+            self.layer.decided_by[unit] = tier
+            self.proved += 1
+
+    def open_directions(self) -> list[milp.Direction]:
+        """Both signs of every undecided target, the likelier to prove first, minus refuted."""
+        out = []
+        for i in self.units.tolist():
+            if self.layer.states[i] != NeuronState.UNDECIDED:
+                continue
+            first = 1 if self.layer.upper[i] <= -self.layer.lower[i] else -1
+            out += [
+                milp.Direction(self.k, i, s) for s in (first, -first) if (i, s) not in self.refuted
+            ]
+        return out
+
+    def run(self, deadline: float, jobs: int) -> int:
+        layer, k = self.layer, self.k
+        margins = solver_margins(self.net, self.box, self.bounds, k)
+        relaxation = None
+        for tier in (("lp", "cuts"), "crown-bab", ("bab", "milp")):
+            directions = self.open_directions()
+            if not directions or time.monotonic() >= deadline:
+                break
+            if relaxation is None:
+                relaxation = milp.LayerRelaxation.build(
+                    self.net, self.box, self.bounds, self.below, k
+                )
+            common = (self.net, self.box, self.bounds, self.below, k, directions, margins, deadline)
+            if tier == "crown-bab":
+                results = relu_bab.decide_directions(*common, relaxation=relaxation)
+            else:
+                results = milp.decide_directions(
+                    *common, tiers=tier, jobs=jobs, relaxation=relaxation
+                )
+            for result in results:
+                i, sign = result.direction.neuron, result.direction.sign
+                if np.isfinite(result.bound):
+                    if sign > 0:
+                        layer.upper[i] = min(layer.upper[i], result.bound)
+                    else:
+                        layer.lower[i] = max(layer.lower[i], -result.bound)
+                if result.status == "proved":
+                    self.decide(i, sign, result.method)
+                elif result.status == "refuted":
+                    self.refuted.add((i, sign))
+        return self.proved
