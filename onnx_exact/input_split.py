@@ -49,11 +49,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import parallel
 from .bounds import LayerBounds
 from .network import Network
 
 LEAF_BATCH = 4096  # leaves bounded together at most
 _BATCH_VALUES = 2e7  # float64 values of one layer's pair of linear forms, at most (~160 MB)
+_PART_LEAVES = 256  # leaves per worker's part of a batch, at least
 _CANDIDATES_PER_LEAF = 4  # forward-passed points per bounded leaf with open directions, at most
 
 
@@ -196,12 +198,13 @@ def _crown_unstable(
     layers below (triangle upper line, adaptive lower line, as
     :func:`onnx_exact.bounds.relu_relaxation`): all pairs in one matrix product per layer; the
     results are intersected with the forward bounds. Only unstable pairs matter (a stable
-    neuron's relaxation is exact whatever its bounds), and only leaves small enough to have few
-    of them get it (at most ``_CROWN_PAIRS`` per leaf on average): on large leaves it costs more
-    than the splits it saves.
+    neuron's relaxation is exact whatever its bounds), and only leaves with at most
+    ``_CROWN_PAIRS`` of them in the layer get it: on large leaves it costs more than the splits
+    it saves. The choice is per leaf, so a leaf's bounds do not depend on its batch.
     """
-    neuron, leaf = np.nonzero((lo < 0.0) & (hi > 0.0))
-    if not neuron.size or neuron.size > _CROWN_PAIRS * lo.shape[1]:
+    unstable = (lo < 0.0) & (hi > 0.0)
+    neuron, leaf = np.nonzero(unstable & (unstable.sum(axis=0) <= _CROWN_PAIRS))
+    if not neuron.size:
         return lo, hi
     weight = net.layers[layer].weight[neuron]
     coeffs = np.concatenate([weight, -weight])
@@ -249,6 +252,7 @@ def decide_directions(
     *,
     max_leaves: int,
     deadline: float = np.inf,
+    jobs: int = 1,
 ) -> SplitOutcome:
     """Branch and bound over the input box for the directions ``(layers, neurons, signs)``.
 
@@ -261,6 +265,9 @@ def decide_directions(
     layers, neurons, signs : ``(D,)`` the directions (signs ``+1`` / ``-1``).
     margins : ``(D,)`` what a leaf bound must clear, ``max s * y <= -margin``.
     max_leaves : leaves bounded at most (the budget); ``deadline`` a ``time.monotonic()`` time.
+    jobs : with ``jobs >= 2`` a batch's leaves are bounded in that many parts in the run's worker
+        pool (:func:`onnx_exact.parallel.worker_pool`); a leaf's bounds do not depend on the part
+        it is in, so the outcome is the same for any ``jobs``.
 
     Returns
     -------
@@ -282,6 +289,9 @@ def decide_directions(
     pool_priority = np.full(1, np.inf)
     spent = 0
     scale = np.maximum(margins, 1e-300)
+    executor = worker = None
+    if jobs > 1 and parallel.can_start_workers():
+        executor = parallel.worker_pool(jobs)
     while count and spent < max_leaves and time.monotonic() < deadline:
         live = ~(proved | refuted | given_up)
         pool_open &= live
@@ -303,9 +313,26 @@ def decide_directions(
         spent += b_open.shape[0]
 
         asked = np.flatnonzero(b_open.any(axis=0))
-        values, coeffs, scores = _direction_bounds(
-            net, b_lower, b_upper, outer, top, asked, layers, neurons, signs
-        )
+        parts = min(jobs, b_lower.shape[0] // _PART_LEAVES) if executor is not None else 1
+        if parts >= 2:
+            if worker is None:
+                context = parallel.TaskContext((net, outer, layers, neurons, signs))
+                worker = parallel.with_context(_bounds_in_worker, context)
+            pieces = np.array_split(np.arange(b_lower.shape[0]), parts)
+            results = list(
+                executor.map(
+                    worker,
+                    [b_lower[piece] for piece in pieces],
+                    [b_upper[piece] for piece in pieces],
+                    [top] * parts,
+                    [asked] * parts,
+                )
+            )
+            values, coeffs, scores = (np.concatenate(part) for part in zip(*results, strict=True))
+        else:
+            values, coeffs, scores = _direction_bounds(
+                net, b_lower, b_upper, outer, top, asked, layers, neurons, signs
+            )
         was_open = b_open[:, asked]
         closed = was_open & (values <= -margins[asked])
         worst[asked] = np.maximum(worst[asked], np.where(closed, values, -np.inf).max(axis=0))
@@ -339,8 +366,17 @@ def decide_directions(
         if done.any():
             proved |= done
             _tighten(outer, layers[done], neurons[done], signs[done], worst[done])
+            worker = None  # the workers need the tightened bounds
     points = np.concatenate(witnesses) if witnesses else np.empty((0, n))
     return SplitOutcome(proved, refuted, worst, points, spent)
+
+
+def _bounds_in_worker(
+    context: tuple, lower: np.ndarray, upper: np.ndarray, top: int, asked: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_direction_bounds` for part of a batch, in a worker of the run's pool."""
+    net, outer, layers, neurons, signs = context
+    return _direction_bounds(net, lower, upper, outer, top, asked, layers, neurons, signs)
 
 
 def _direction_bounds(

@@ -104,12 +104,11 @@ from functools import partial
 
 import numpy as np
 
-from . import milp, parallel, relu_bab
+from . import input_split, milp, parallel, relu_bab
 from .bounds import (
     LayerBounds,
     interval_bounds,
     layer_input_bounds,
-    subbox_neuron_bounds,
     symbolic_bounds,
 )
 from .domain import Box
@@ -172,12 +171,10 @@ _PROBE_POLISH_GAP = 0.3
 # In the retry rounds the attack runs after each retried tier and gets as many seconds per
 # direction as that tier's cap could have spent (these caps times the retry's effort), see
 # ``_retry_attack_effort``; other tiers (subdivide) get _ATTACK_MAX_EFFORT.
-# Input splitting: used up to this many input features; sub-boxes bounded per layer before the
-# open directions are handed to the LP/MILP tiers; float64 values one batch may materialise.
+# Input splitting: used up to this many input features; leaves bounded per layer before the
+# open directions are handed to the later tiers.
 SPLIT_MAX_INPUTS = 16
 _SPLIT_BOXES_PER_LAYER = 50_000
-_SPLIT_BATCH_VALUES = 1e6
-_SPLIT_BATCH_MAX = 4096
 # Subdivision (few input features, in place of the box-wide solver tiers): the box is cut into
 # 2**depth pieces to start with; each piece gets a focused sub-analysis of at most this many
 # seconds, one call of the tier at most this many pieces (times its effort). A piece's own
@@ -1299,101 +1296,36 @@ class _Analysis:
     def split_tier(self, k: int) -> None:
         """Input-splitting branch and bound for layer k's open directions (few input features).
 
-        One queue of sub-boxes serves all open directions ``(i, s)`` of layer k; each sub-box
-        carries the set of directions still open on it and starts as the whole box with all of
-        them. Batches of sub-boxes are bounded at once by
-        :func:`onnx_exact.bounds.subbox_neuron_bounds` (per sub-box interval + CROWN bounds of every
-        layer below k, shared by the directions, then CROWN and interval for each ``s * y_{k,i}``).
-        A direction is closed on a sub-box when its bound there is ``<= -1e-12 * s_i``:
-        ``s * y_{k,i} <= 0`` holds on it. The centre and the CROWN maximising vertices of every
-        sub-box with open directions are forward-passed (a strict sign refutes a direction, here and
-        in any other layer); the sub-box is then halved along the input dimension that contributes
-        most to the open directions' bounds (``|Λ_d| * width_d`` with ``Λ`` the CROWN input
-        coefficients, normalised per direction), and the halves inherit its open directions, with
-        its largest open bound as priority (largest first: the region closest to a witness).
-
-        A direction is proved when no sub-box has it open: the sub-boxes on which it was closed
-        cover the box, and the largest of their bounds is a sound bound on the whole box. Sound at
-        every step and complete in the limit (the relaxations become exact as the sub-boxes shrink,
-        except for extremes within the margin of 0). When the layer's sub-box budget is spent,
-        directions still open go on to the LP/MILP tiers unchanged.
+        :func:`onnx_exact.input_split.decide_directions`: leaves of the box bounded thousands at
+        a time (forward linear relaxation of every layer, CROWN for the directions' rows, both
+        per leaf); a direction is closed on a leaf when its bound there is ``<= -1e-12 * s_i``,
+        proved when closed on every leaf of a cover of the box (the largest leaf bound then bounds
+        it on the box), refuted by a leaf's centre or CROWN vertex (forward-passed here too, so
+        they refute directions of every layer). Leaves are halved along the input dimension that
+        carries most of their open bounds' slack. What is open when the layer's leaf budget
+        (``split_boxes``) is spent goes on to the later tiers unchanged.
         """
         with self.timed("split"):
             neurons, signs = self.open_directions(k)
-            count = neurons.size
-            if not count:
+            if not neurons.size:
                 return
             margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
-            lower, upper = self.box.lower[None, :].copy(), self.box.upper[None, :].copy()
-            open_on = np.ones((1, count), dtype=bool)
-            priority = np.full(1, np.inf)
-            worst = np.full(count, -np.inf)
-            given_up = np.zeros(count, dtype=bool)
-            batch_size, spent = self.split_batch_size(k), 0
-
-            def still_open() -> np.ndarray:
-                return self.still_open(k, neurons, signs) & ~given_up
-
-            while priority.size and spent < self.split_boxes and not self.out_of_time():
-                open_on &= still_open()
-                keep = open_on.any(axis=1)
-                lower, upper, open_on, priority = (
-                    lower[keep],
-                    upper[keep],
-                    open_on[keep],
-                    priority[keep],
-                )
-                if not priority.size:
-                    break
-                chosen = np.zeros(priority.size, dtype=bool)
-                if priority.size > batch_size:
-                    chosen[np.argpartition(-priority, batch_size - 1)[:batch_size]] = True
-                else:
-                    chosen[:] = True
-                b_lower, b_upper, b_open = lower[chosen], upper[chosen], open_on[chosen]
-                lower, upper = lower[~chosen], upper[~chosen]
-                open_on, priority = open_on[~chosen], priority[~chosen]
-                spent += b_open.shape[0]
-                rows = np.flatnonzero(b_open.any(axis=0))
-                values, coeffs = subbox_neuron_bounds(
-                    self.net, b_lower, b_upper, k, neurons[rows], signs[rows], self.bounds
-                )
-                was_open = b_open[:, rows]
-                closed = was_open & (values <= -margin[rows])
-                worst[rows] = np.maximum(worst[rows], np.where(closed, values, -np.inf).max(axis=0))
-                still = was_open & ~closed
-                busy = still.any(axis=1)
-                b_lower, b_upper, still = b_lower[busy], b_upper[busy], still[busy]
-                values, coeffs = values[busy], coeffs[busy]
-                if not busy.any():
-                    continue
-                box_index, row_index = np.nonzero(still)
-                vertices = np.where(
-                    coeffs[box_index, row_index] > 0.0, b_upper[box_index], b_lower[box_index]
-                )
-                self.see(np.concatenate([(b_lower + b_upper) / 2.0, vertices]), "split")
-                width = b_upper - b_lower
-                point = ~np.any(width > 0.0, axis=1)
-                given_up[rows[np.flatnonzero(still[point].any(axis=0))]] = True
-                contribution = np.abs(coeffs) * width[:, None, :]
-                share = contribution / np.maximum(contribution.sum(axis=2, keepdims=True), 1e-300)
-                score = (share * still[:, :, None]).sum(axis=1)
-                score = np.where(np.any(score > 0.0, axis=1, keepdims=True), score, width)
-                boxes = np.arange(b_lower.shape[0])
-                dim = np.argmax(score, axis=1)
-                middle = (b_lower[boxes, dim] + b_upper[boxes, dim]) / 2.0
-                left_upper, right_lower = b_upper.copy(), b_lower.copy()
-                left_upper[boxes, dim] = middle
-                right_lower[boxes, dim] = middle
-                child_open = np.zeros((boxes.size, count), dtype=bool)
-                child_open[:, rows] = still
-                child_priority = np.where(still, values, -np.inf).max(axis=1)
-                lower = np.concatenate([lower, b_lower, right_lower])
-                upper = np.concatenate([upper, left_upper, b_upper])
-                open_on = np.concatenate([open_on, child_open, child_open])
-                priority = np.concatenate([priority, child_priority, child_priority])
-            proved = still_open() & ~open_on.any(axis=0)
-            self.prove_covered(k, neurons[proved], signs[proved], worst[proved], "split")
+            outcome = input_split.decide_directions(
+                self.net,
+                self.box.lower,
+                self.box.upper,
+                self.bounds,
+                np.full(neurons.size, k),
+                neurons,
+                signs,
+                margin,
+                max_leaves=self.split_boxes,
+                deadline=self.deadline,
+                jobs=self.jobs,
+            )
+            self.see(outcome.witnesses, "split")
+            proved = outcome.proved & self.still_open(k, neurons, signs)
+            self.prove_covered(k, neurons[proved], signs[proved], outcome.worst[proved], "split")
 
     def prove_covered(
         self, k: int, neurons: np.ndarray, signs: np.ndarray, worst: np.ndarray, tier: str
@@ -1412,21 +1344,6 @@ class _Analysis:
                 )
             self.prove(k, i, state, tier)
         self.propagate()
-
-    def split_batch_size(self, k: int) -> int:
-        """Sub-boxes per batch of :meth:`split_tier`, so that one batch stays within a memory cap.
-
-        Per sub-box, the widest CROWN back-substitution below layer k holds ``2 n_j n_{j-1}``
-        coefficients (both signs of layer j's rows over layer j-1's outputs); the target rows
-        hold up to ``2 n_k n_{k-1}``. Arrays under ~8 MB also stay in the allocator's reuse pool
-        (larger ones are mapped and page-faulted afresh on every use).
-        """
-        layers = self.net.layers
-        per_box = max(
-            [layers[k].in_features]
-            + [2 * layers[j].out_features * layers[j].in_features for j in range(1, k + 1)]
-        )
-        return int(np.clip(_SPLIT_BATCH_VALUES // per_box, 16, _SPLIT_BATCH_MAX))
 
     def subdivide_tier(self, k: int, effort: float = 1.0) -> None:
         """Layer k's open directions decided piece by piece, each piece by its own sub-analysis.

@@ -154,6 +154,18 @@ def test_outcome_is_deterministic() -> None:
     assert runs[0].leaves == runs[1].leaves
 
 
+def test_worker_pool_gives_the_serial_outcome() -> None:
+    net, box = case(3)
+    layers, neurons, signs = all_directions(net)
+    args = (net, box.lower, box.upper, interval_bounds(net, box), layers, neurons, signs)
+    margins = np.full(layers.size, 0.05)  # directions whose extreme is within it keep splitting
+    serial = input_split.decide_directions(*args, margins, max_leaves=3000)
+    pooled = input_split.decide_directions(*args, margins, max_leaves=3000, jobs=2)
+    assert serial.leaves == 3000  # the later batches were bounded in two parts
+    for field in ("proved", "refuted", "worst", "witnesses"):
+        np.testing.assert_array_equal(getattr(serial, field), getattr(pooled, field))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_split_tier_labels_equal_the_per_neuron_milps(seed: int) -> None:
     net, box = case(seed)

@@ -1,0 +1,249 @@
+"""Low-dimensional domains benchmark: every neuron of a few-input net over its whole envelope.
+
+Workloads (issue 25): the nine shared ACAS Xu nets over the operational envelope
+(``../shared/models/acasxu/`` net 1_1 and ``../shared/models/acasxu_nets/`` nets 1_2 … 1_9, box
+``operational.npz``) and the RL controllers of ``../shared/models/rl/`` on their case boxes. For
+every net the ``auto`` pipeline runs with ``--jobs`` 1 and 2 (``--jobs-list``), and the
+per-neuron MILP baseline (``method="per-neuron"``, two decision MILPs per neuron) capped at
+``--baseline-cap`` seconds, each in its own spawned child process (the runner of
+``bench/stability.py``). Per run: wall time of ``analyze_stability``, neurons left undecided,
+leaves bounded by the input-splitting branch and bound (``input_split.decide_directions``,
+counted in the child), and the time per tier. Labels of every pair of runs are compared on
+the neurons both decided.
+
+Usage::
+
+    python bench/envelope.py                                  # all cases, writes "envelope"
+    python bench/envelope.py --cases 1_2,1_3 --jobs-list 1 --out /tmp/e.md
+    python bench/envelope.py --baseline-cap 0                 # without the per-neuron baseline
+
+The markdown goes into ``--out`` (default ``docs/benchmarks.md``) between the markers of
+section ``--section`` (default ``envelope``); other sections are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MODELS = REPO.parent / "shared" / "models"
+TARGET_S = 60.0
+
+
+def _load_stability_bench():
+    """``bench/stability.py`` as a module: its case type, child runner and markdown writer."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_stability", REPO / "bench" / "stability.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = _load_stability_bench()
+
+
+def envelope_cases() -> list:
+    """ACAS Xu 1_1 … 1_9 over the operational envelope, then the RL controllers' case boxes."""
+    cases = []
+    first = SHARED_MODELS / "acasxu" / "ACASXU_run2a_1_1_batch_2000.onnx"
+    if first.exists():
+        box = first.with_name("ACASXU_run2a_1_1_batch_2000.operational.npz")
+        cases.append(BENCH.Case("acas_1_1", "operational", "full", first, box))
+    more = SHARED_MODELS / "acasxu_nets"
+    for path in sorted(more.glob("ACASXU_run2a_*_batch_2000.onnx")) if more.exists() else []:
+        name = "acas_" + path.stem.split("_")[2] + "_" + path.stem.split("_")[3]
+        cases.append(BENCH.Case(name, "operational", "full", path, more / "operational.npz"))
+    rl = SHARED_MODELS / "rl"
+    for path in sorted(rl.glob("*.onnx")) if rl.exists() else []:
+        for box in sorted(rl.glob(f"{path.stem}.*.npz")):
+            cases.append(BENCH.Case(path.stem, box.stem.split(".", 1)[1], "local", path, box))
+    return cases
+
+
+def _child_run(conn, case, method: str, time_limit: float, jobs: int, seed: int) -> None:
+    """Like ``bench/stability.py``'s child, and counts the leaves the input splitting bounds."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # HiGHS prints its banner on the C-level stdout
+    try:
+        from onnx_exact import input_split
+        from onnx_exact.stability import analyze_stability
+
+        leaves = [0]
+        decide = input_split.decide_directions
+
+        def counting(*args, **kwargs):
+            outcome = decide(*args, **kwargs)
+            leaves[0] += outcome.leaves
+            return outcome
+
+        input_split.decide_directions = counting
+        read, box, _ = BENCH.load_problem(case)
+        net = read.network
+        start = time.perf_counter()
+        result = analyze_stability(
+            net, box, method=method, time_limit=time_limit, jobs=jobs, seed=seed
+        )
+        seconds = time.perf_counter() - start
+        relu = net.relu_layer_indices
+        conn.send(
+            {
+                "seconds": seconds,
+                "states": [np.asarray(result.layers[k].states, np.int8) for k in relu],
+                "decided_by": [np.asarray(result.layers[k].decided_by, str) for k in relu],
+                "layer_names": [net.layers[k].name for k in relu],
+                "timings": dict(result.timings_s),
+                "time_limit_hit": bool(result.time_limit_hit),
+                "notes": list(result.notes),
+                "leaves": leaves[0],
+                "peak_mb": BENCH._peak_rss_mb(),
+                "error": "",
+            }
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure is a benchmark finding, not a crash
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+        conn.send({"error": f"{type(exc).__name__}: {exc} (at {where})"})
+    finally:
+        conn.close()
+
+
+def run(case, method: str, time_limit: float, jobs: int, seed: int) -> dict:
+    """One run in a spawned child (``bench/stability.py``'s runner with the counting child)."""
+    original = BENCH._child_run
+    BENCH._child_run = _child_run
+    try:
+        return BENCH.run_method(case, method, time_limit, jobs, seed)
+    finally:
+        BENCH._child_run = original
+
+
+def undecided(summary: dict) -> int | None:
+    return None if summary.get("error") else BENCH.count_undecided(summary)
+
+
+def fmt_run(summary: dict) -> str:
+    if summary.get("error"):
+        return f"error: {summary['error']}"
+    open_count = undecided(summary)
+    text = f"{summary['seconds']:.1f}"
+    if summary.get("time_limit_hit") or open_count:
+        text = f"≥ {summary['time_limit']:.0f}" if summary.get("time_limit_hit") else text
+        text += f" ({open_count} open)"
+    return text
+
+
+def fmt_tiers(summary: dict) -> str:
+    if summary.get("error"):
+        return ""
+    timings = summary["timings"]
+    return " · ".join(f"{k} {v:.1f}" for k, v in timings.items() if v >= 0.05)
+
+
+def agreement(runs: dict[str, dict]) -> str:
+    """``agree`` when every pair of finished runs gives the same label to every neuron both
+    decided; otherwise the conflicting pairs and counts (a conflict is a soundness bug)."""
+    finished = {name: summary for name, summary in runs.items() if not summary.get("error")}
+    names = list(finished)
+    conflicts = []
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            count = 0
+            pairs = zip(finished[first]["states"], finished[second]["states"], strict=True)
+            for a, b in pairs:
+                both = (a != BENCH.UNDECIDED) & (b != BENCH.UNDECIDED)
+                count += int(np.count_nonzero(both & (a != b)))
+            if count:
+                conflicts.append(f"CONFLICT {first}/{second}: {count}")
+    if len(finished) < 2:
+        return "—"
+    return "; ".join(conflicts) if conflicts else f"agree ({len(finished)} runs)"
+
+
+def markdown(rows: list[list[str]], header: list[str], args, started: str, load: str) -> str:
+    lines = [
+        f"### Run `{args.section}`: {started}",
+        "",
+        f"- Command: `python bench/envelope.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- Engine: {BENCH.engine_commit()}; machine: {BENCH.machine_description()}",
+        f"- Load average at the start: {load} (the machine was shared with other jobs)",
+        f"- `auto` capped at {args.time_limit:.0f} s; per-neuron capped at "
+        f"{args.baseline_cap:.0f} s (a capped time is a lower bound, `≥`)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="", help="comma-separated substrings of case ids")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="cap of auto (s)")
+    parser.add_argument("--baseline-cap", type=float, default=120.0, help="0: no baseline")
+    parser.add_argument("--jobs-list", default="1,2", help="--jobs values for auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--section", default="envelope")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    BENCH.engine_commit()  # fixed before the first case
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = " / ".join(f"{value:.1f}" for value in os.getloadavg())
+    wanted = [part for part in args.cases.split(",") if part]
+    cases = [c for c in envelope_cases() if not wanted or any(w in c.id for w in wanted)]
+    jobs_list = [int(value) for value in args.jobs_list.split(",") if value]
+    header = ["net", "box", "neurons"]
+    for jobs in jobs_list:
+        header += [f"auto jobs {jobs} (s)", f"leaves (jobs {jobs})", f"tiers (jobs {jobs})"]
+    if args.baseline_cap > 0:
+        header += ["per-neuron (s)", "speed-up"]
+    header += ["labels"]
+    rows = []
+    for case in cases:
+        runs: dict[str, dict] = {}
+        for jobs in jobs_list:
+            runs[f"auto-j{jobs}"] = run(case, "auto", args.time_limit, jobs, args.seed)
+        if args.baseline_cap > 0:
+            runs["per-neuron"] = run(case, "per-neuron", args.baseline_cap, 1, args.seed)
+        first = runs[f"auto-j{jobs_list[0]}"]
+        neurons = "" if first.get("error") else str(sum(s.size for s in first["states"]))
+        row = [case.model, case.box, neurons]
+        for jobs in jobs_list:
+            summary = runs[f"auto-j{jobs}"]
+            row += [fmt_run(summary), str(summary.get("leaves", "")), fmt_tiers(summary)]
+        if args.baseline_cap > 0:
+            baseline = runs["per-neuron"]
+            row.append(fmt_run(baseline))
+            ratio = ""
+            if not first.get("error") and not baseline.get("error"):
+                bound = "≥ " if baseline.get("time_limit_hit") or undecided(baseline) else ""
+                ratio = f"{bound}{baseline['seconds'] / max(first['seconds'], 1e-9):.1f}×"
+            row.append(ratio)
+        row.append(agreement(runs))
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+    section = markdown(rows, header, args, started, load)
+    BENCH.write_markdown(args.out, args.section, section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    multiprocessing.freeze_support()
+    sys.exit(main())
