@@ -62,7 +62,8 @@ from .verify import EquivalenceReport, compare_models, run_model
 ModelSource = str | os.PathLike | onnx.ModelProto | ReadResult
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: "matched" and "stable-units" report the directions proved so
-far of all; "proof" the directions the MILP decided of those it got."""
+far of all, "one-sided units proved stable" the targeted units proved so far of those targeted,
+"proof" the directions the MILP decided of those it got."""
 Replay = Callable[[np.ndarray], tuple[float, bool]]
 """``replay(x_raw) -> (largest onnxruntime |f_A - f_B| on the proved outputs, exceeds tol)``."""
 
@@ -371,6 +372,8 @@ def prove_equivalence(
                 )
                 targeted += targets[index][layer].size
                 proved += count
+                if progress is not None:
+                    progress("one-sided units proved stable", proved, targeted)
             walk = _Walk(net_a, net_b, box, stabilities)
         if targeted:
             walk.matches.targeted, walk.matches.proved_stable = targeted, proved
