@@ -394,17 +394,24 @@ def run_pair(pair: Pair, folder: Path, jobs: int, time_limit: float) -> dict:
     return row
 
 
-def markdown(rows: list[dict], notes: list[str], jobs: int, started: str) -> str:
+def markdown(
+    rows: list[dict], notes: list[str], jobs: int, started: str, load: float, name: str
+) -> str:
     head = (
-        f"## check\n\n`python bench/check.py --jobs {jobs}` at {commit()} on {started} "
-        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, the machine "
-        "shared with other jobs: wall times are upper bounds). Every check is the CLI in a "
+        f"## {name}\n\n`python bench/check.py --jobs {jobs}` at {commit()} on {started} "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{load:.1f} at the start: the machine was shared with other jobs, wall times are upper "
+        "bounds). Every check is the CLI in a "
         "subprocess (interpreter start, read, sampling with 10,000 samples, proof); "
         f"target: proved within {TARGET_S:g} s, differing pairs exit 1 with a counterexample "
         "that replays in onnxruntime.\n\n"
-        "| base | pair | expected | exit | status | method | proof s | check s | binaries | "
-        "matched A/B | stable A/B | targeted | ok |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "Columns: *analysis s* is the cheap stability analysis of both models (witnesses, "
+        "interval, symbolic, ascent), *proof s* the proof after it, *check s* the whole command; "
+        "*matched/stable A/B* count hidden units of A and B (see `onnx_exact/correspondence.py`), "
+        "*targeted* the one-sided units sent to the exact tiers.\n\n"
+        "| base | pair | expected | exit | status | method | analysis s | proof s | check s | "
+        "binaries | matched A/B | stable A/B | targeted | ok |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -416,7 +423,8 @@ def markdown(rows: list[dict], notes: list[str], jobs: int, started: str) -> str
         extra = f" (replayed {r['replayed']:.3g})" if "replayed" in r else ""
         lines.append(
             f"| {r['base']} | {r['pair']} | {r['expected']} | {r['exit']} | {r['status']}{extra} | "
-            f"{r['method']} | {r.get('proof_s', float('nan')):.2f} | {r['wall_s']:.1f} | "
+            f"{r['method']} | {r.get('timings', {}).get('witnesses', float('nan')):.2f} | "
+            f"{r.get('proof_s', float('nan')):.2f} | {r['wall_s']:.1f} | "
             f"{r.get('binaries', '-')} | {pair_of('matched')} | {pair_of('stable')} | "
             f"{c.get('targeted', '-')} | {'yes' if r.get('ok') else 'NO'} |"
         )
@@ -471,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     kinds = args.pairs.split(",") if args.pairs else list(PAIRS)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()[0]
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         folder = Path(tmp)
@@ -486,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['method']:22s} {row['wall_s']:6.1f} s  ok={row.get('ok')}",
                 flush=True,
             )
-    section = markdown(rows, notes, args.jobs, started)
+    section = markdown(rows, notes, args.jobs, started, load, args.section)
     print(section)
     if not args.no_write:
         write_markdown(args.out, args.section, section)
