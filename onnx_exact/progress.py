@@ -5,7 +5,7 @@ tier), how far the current tier is (``done`` of ``total`` directions, samples or
 neurons are still open and how much time is left against the limit. The command line shows them
 in one of two ways (:func:`progress_display`):
 
-* on a terminal, one live line (rich), redrawn on every event and four times a second;
+* on a terminal, one live line (rich), redrawn four times a second from the latest event;
 * elsewhere (CI logs, a file), one plain line on stderr every ``interval`` seconds
   (:class:`Heartbeat`; 30 s by default), printed by a timer thread from the latest event, so
   that it keeps coming while one tier runs for minutes without reporting. A run shorter than
@@ -13,7 +13,8 @@ in one of two ways (:func:`progress_display`):
 
 Any other job can report through the same type: the equivalence prover of ``check`` may call a
 :data:`ProgressCallback` with ``phase`` naming its stage and ``open`` the output directions it
-has not yet proved (``layer`` left empty).
+has not yet proved (``layer`` left empty). The displays here also take the shorter call
+``callback(phase, done, total)`` (:func:`as_event`).
 """
 
 from __future__ import annotations
