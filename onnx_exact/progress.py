@@ -135,7 +135,10 @@ class Heartbeat:
             event, arrived = latest
             now = time.monotonic()
             line = f"onnx-exact: {describe(event, now - arrived, now - self.started)}"
-            print(line, file=self.stream, flush=True)
+            try:
+                print(line, file=self.stream, flush=True)
+            except (OSError, ValueError):  # stderr closed or a broken pipe: stop, quietly
+                return
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import sys
+import threading
 import time
 
 import numpy as np
@@ -177,6 +178,24 @@ def test_a_heartbeat_repeats_the_latest_event_while_nothing_new_arrives():
     count = len(lines)
     time.sleep(0.05)
     assert stream.getvalue().count("\n") == count  # nothing after the context has ended
+
+
+def test_a_heartbeat_on_a_closed_stream_stops_quietly():
+    """A closed stderr (the reader of a pipe went away) ends the heartbeat, without an exception
+    in its thread."""
+    stream = io.StringIO()
+    stream.close()
+    failures = []
+    previous = threading.excepthook
+    threading.excepthook = failures.append
+    try:
+        with Heartbeat(stream, interval=0.01) as heartbeat:
+            heartbeat(ProgressEvent("bab"))
+            heartbeat.thread.join(timeout=60.0)
+            assert not heartbeat.thread.is_alive()
+    finally:
+        threading.excepthook = previous
+    assert not failures
 
 
 def test_a_non_tty_run_prints_heartbeat_lines_on_stderr(deep_model, tmp_path, monkeypatch):
