@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,17 @@ def test_help_and_version_do_not_load_onnx_onnxruntime_or_highspy(args):
     )
     assert proc.stderr.strip().splitlines()[-1] == "[]"
     assert "onnx-exact" in proc.stdout
+
+
+def test_shell_completion_completes_commands_and_options():
+    """What bash's completion function asks (``--install-completion`` installs that function)."""
+    env = {**os.environ, "_ONNX_EXACT_COMPLETE": "complete_bash"}
+    for words, expected in (
+        ("onnx-exact ch", "check"),
+        ("onnx-exact analyze m.onnx --js", "--json"),
+    ):
+        env.update(COMP_WORDS=words, COMP_CWORD=str(len(words.split()) - 1))
+        proc = subprocess.run(
+            [sys.executable, "-m", "onnx_exact"], env=env, capture_output=True, text=True, cwd=REPO
+        )
+        assert proc.returncode == 0 and expected in proc.stdout.split(), proc.stderr
