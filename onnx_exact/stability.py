@@ -16,11 +16,11 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    observed point and from the symbolic vertex, then projected sign-gradient ascent (PGD) from the
    best point found so far, for signs shown only inside the box;
 5. ``split`` — input-splitting branch and bound (networks with at most ``SPLIT_MAX_INPUTS`` input
-   features): one queue of sub-boxes shared by the layer's open directions, bounded in batches by
-   per-sub-box interval + CROWN; a direction is closed on a sub-box when its bound clears the
-   margin and proved when closed on all of them; sub-box centres and CROWN vertices refute;
-   boxes are halved along the input dimension that contributes most to the open bounds; what is
-   open when the layer's sub-box budget is spent goes on to the solvers
+   features, :mod:`onnx_exact.input_split`): leaves of the box bounded thousands at a time by a
+   forward linear relaxation of every layer and CROWN for the directions' rows; a direction is
+   closed on a leaf when its bound clears the margin and proved when closed on all of them; leaf
+   centres and CROWN vertices refute; leaves are halved along the input dimension that carries
+   most of their open bounds' slack; what is open when the layer's leaf budget is spent goes on
    (:meth:`_Analysis.split_tier`; ACAS Xu prop_1..4: every direction in about 1 s);
 6. ``lp``, ``cuts``, ``crown-bab``, ``bab``, ``milp`` — triangle LP, LP with ideal cuts, CROWN
    branch and bound on ReLU phases with optimised slopes and split multipliers
@@ -48,12 +48,13 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    gives up. It comes after ``crown-bab``, which proves most directions of local boxes in a
    fraction of a second each (MNIST 256x2 at eps 0.05: attacking before it cost 109 of 230 s
    and refuted nothing);
-7. ``subdivide`` — for networks with at most ``SPLIT_MAX_INPUTS`` input features it takes the
-   place of the box-wide tier 6: what input splitting leaves open is decided piece by piece. The
-   box is cut into pieces, each gets a focused sub-analysis (tiers 1-6 on the network up to the
-   layer, with the piece's own bounds, for half a second), and pieces that stay open are halved
-   again (:meth:`_Analysis.subdivide_tier`; ACAS Xu on its operational domain: 3 of the 4
-   directions the box-wide tiers left open). Retries continue its queue of pieces.
+7. ``subdivide`` — for networks with at most ``SPLIT_MAX_INPUTS`` input features: the input
+   branch and bound of tier 5 again on what the attack left open, with a 25 times larger leaf
+   budget (times the retry effort) and its batches bounded in parallel over ``jobs``
+   (:meth:`_Analysis.subdivide_tier`). Up to ``SUBDIVIDE_ONLY_MAX_INPUTS`` input features it
+   takes the place of the box-wide tier 6 (ACAS Xu 1_1 on its operational domain: decided in
+   190 s on a machine at load 11, where the box-wide tiers and the earlier piece-by-piece
+   sub-analyses left a direction open at 300 s).
 
 Anytime order: before any layer gets the tiers above, a first pass (:meth:`_Analysis.bounds_pass`)
 gives *every* layer its interval and CROWN bounds, bottom-up, and applies their proofs. What a
@@ -95,10 +96,9 @@ import itertools
 import multiprocessing
 import queue
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
 
@@ -174,17 +174,12 @@ _PROBE_POLISH_GAP = 0.3
 # Input splitting: used up to this many input features; leaves bounded per layer before the
 # open directions are handed to the later tiers.
 SPLIT_MAX_INPUTS = 16
-_SPLIT_BOXES_PER_LAYER = 50_000
-# Subdivision (few input features, in place of the box-wide solver tiers): the box is cut into
-# 2**depth pieces to start with; each piece gets a focused sub-analysis of at most this many
-# seconds, one call of the tier at most this many pieces (times its effort). A piece's own
-# input-splitting tier gets a smaller sub-box budget than a whole layer.
-_SUBDIVIDE_START_DEPTH = 3
-_SUBDIVIDE_PIECE_SECONDS = 0.5
-_SUBDIVIDE_PIECES = 64
-_SUBDIVIDE_SPLIT_BOXES = 4_000
-# Pieces per round; witnesses are exchanged between rounds, so the rounds do not depend on --jobs.
-_SUBDIVIDE_ROUND = 8
+_SPLIT_BOXES_PER_LAYER = 20_000
+# Subdivision: the same branch and bound after the attack tier, with this many leaves per call
+# (times its effort). Up to SUBDIVIDE_ONLY_MAX_INPUTS input features it replaces the box-wide
+# LP/MILP tiers; with more (up to SPLIT_MAX_INPUTS) it comes after them.
+_SUBDIVIDE_LEAVES = 500_000
+SUBDIVIDE_ONLY_MAX_INPUTS = 8
 # Cheapest first: an UNSTABLE neuron is credited to the costlier of its two refuting tiers.
 _TIER_ORDER = (
     "witness",
@@ -374,101 +369,6 @@ def analyze_stability(
     else:
         analysis.run_baseline(method)
     return analysis.result(method)
-
-
-@dataclass
-class _PieceOutcome:
-    """What a piece's sub-analysis returns for its directions, and the witnesses it found."""
-
-    proved: np.ndarray  # per direction asked: proved (by the margin policy on the piece)
-    values: np.ndarray  # per direction asked: the proved bound on sign * y over the piece
-    witnesses: np.ndarray  # network-space inputs (points of the piece) that refuted something
-
-    def closed(self, margin: np.ndarray) -> np.ndarray:
-        """Proved, with a bound that clears ``margin`` (the box's interval margin)."""
-        return self.proved & (self.values <= -margin)
-
-
-@dataclass
-class _PieceJob:
-    """The part of a piece's sub-analysis shared by every piece of one layer's subdivision.
-
-    A module-level object (not a method of the analysis) so that worker processes can run it.
-    """
-
-    net: Network  # the network up to the layer
-    layer: int
-    input_name: str
-    tiers: tuple[str, ...]  # the exact tiers a piece runs (never subdivide itself)
-
-    def run(
-        self,
-        neurons: np.ndarray,
-        signs: np.ndarray,
-        lower: np.ndarray,
-        upper: np.ndarray,
-        seed: int,
-        deadline: float,
-    ) -> _PieceOutcome:
-        """The focused sub-analysis of one piece: for at most ``_SUBDIVIDE_PIECE_SECONDS``."""
-        k, net = self.layer, self.net
-        piece_deadline = min(deadline, time.monotonic() + _SUBDIVIDE_PIECE_SECONDS)
-        analysis = _Analysis(net, Box(lower, upper, self.input_name), piece_deadline, seed, 1, None)
-        analysis.split_boxes = _SUBDIVIDE_SPLIT_BOXES
-        analysis.focus = [
-            (np.zeros(layer.out_features, dtype=bool), np.zeros(layer.out_features, dtype=bool))
-            for layer in net.layers
-        ]
-        analysis.focus[k][0][neurons[signs > 0]] = True
-        analysis.focus[k][1][neurons[signs < 0]] = True
-        analysis.collect_witnesses(None, sample=True)
-        analysis.interval_tier()
-        for j in range(k):
-            if not net.layers[j].relu:
-                analysis.states[j][:] = NeuronState.ACTIVE
-        analysis.decide_layer(k, self.tiers)
-        wanted = np.where(signs > 0, NeuronState.INACTIVE, NeuronState.ACTIVE)
-        bounds = analysis.bounds[k]
-        return _PieceOutcome(
-            proved=analysis.states[k][neurons] == wanted,
-            values=np.where(signs > 0, bounds.upper[neurons], -bounds.lower[neurons]),
-            witnesses=analysis.obs.witnesses,
-        )
-
-
-def _run_piece_worker(job: _PieceJob, task: tuple) -> _PieceOutcome:
-    """One piece in a worker of :func:`onnx_exact.parallel.worker_pool`."""
-    return job.run(*task)
-
-
-@dataclass
-class _Subdivision:
-    """The subdivide tier's state for one layer: its directions, their bounds, the open pieces."""
-
-    neurons: np.ndarray
-    signs: np.ndarray
-    worst: np.ndarray  # largest sign * y bound over the pieces each direction is closed on
-    extent: np.ndarray  # the box's widths, for "relatively widest"
-    pieces: deque  # (lower, upper, open mask over the directions), processed breadth first
-
-    @classmethod
-    def start(cls, box: Box, neurons: np.ndarray, signs: np.ndarray) -> _Subdivision:
-        extent = np.where(box.upper > box.lower, box.upper - box.lower, 1.0)
-        pieces = [(box.lower, box.upper, np.ones(neurons.size, dtype=bool))]
-        for _ in range(_SUBDIVIDE_START_DEPTH):
-            pieces = [half for piece in pieces for half in _halve(*piece, extent)]
-        return cls(neurons, signs, np.full(neurons.size, -np.inf), extent, deque(pieces))
-
-
-def _halve(
-    lower: np.ndarray, upper: np.ndarray, open_on: np.ndarray, extent: np.ndarray
-) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]:
-    """The two halves of a box along its widest dimension relative to ``extent``."""
-    dim = int(np.argmax((upper - lower) / extent))
-    middle = (lower[dim] + upper[dim]) / 2.0
-    left_upper, right_lower = upper.copy(), lower.copy()
-    left_upper[dim], right_lower[dim] = middle, middle
-    return (lower, left_upper, open_on.copy()), (right_lower, upper, open_on.copy())
 
 
 @dataclass(frozen=True)
@@ -777,12 +677,6 @@ class _Analysis:
         self.time_limit_hit = False
         self.tightened: set[int] = set()
         self.relaxation: milp.LayerRelaxation | None = None  # of the layer being decided
-        # Sub-analyses of the subdivide tier ask only for some directions of one layer: per
-        # layer, the (+1, -1) directions the tiers should work on (None: all of them).
-        self.focus: list[tuple[np.ndarray, np.ndarray]] | None = None
-        self.split_boxes = _SPLIT_BOXES_PER_LAYER
-        self.subdivisions: dict[int, _Subdivision] = {}  # the subdivide tier's queue per layer
-        self.piece_tiers: tuple[str, ...] = ()  # the exact tiers a piece's analysis runs
 
     # ----------------------------------------------------------------- bookkeeping
     @contextmanager
@@ -839,8 +733,6 @@ class _Analysis:
         """Neuron indices and signs of layer k's directions neither proved nor refuted."""
         unsettled = ~self.settled(k)
         pos_open, neg_open = unsettled & ~self.obs.seen_pos[k], unsettled & ~self.obs.seen_neg[k]
-        if self.focus is not None:
-            pos_open, neg_open = pos_open & self.focus[k][0], neg_open & self.focus[k][1]
         pos, neg = np.flatnonzero(pos_open), np.flatnonzero(neg_open)
         neurons = np.concatenate([pos, neg])
         signs = np.concatenate(
@@ -1007,17 +899,15 @@ class _Analysis:
         returns within ``_IDLE_ROUND_SECONDS`` without deciding anything ends the retries early:
         its tiers had nothing left to try.
 
-        With ``subdivide`` among the tiers and at most ``SPLIT_MAX_INPUTS`` input features, the
-        box-wide LP, cut, branch-and-bound and MILP tiers are not run: the pieces run them with
-        their own, tighter bounds. On ACAS Xu over its operational domain the box-wide tiers
-        spent 145-180 of the 300 s without deciding a direction and starved the pieces of the
+        With ``subdivide`` among the tiers and at most ``SUBDIVIDE_ONLY_MAX_INPUTS`` input
+        features, the box-wide LP, cut, branch-and-bound and MILP tiers are not run: input
+        splitting decides such networks far sooner. On ACAS Xu over its operational domain the
+        box-wide tiers spent 145-180 of the 300 s without deciding a direction and starved the
         layers above (3 directions left open, against 1 without them).
         """
-        self.piece_tiers = tuple(tier for tier in solver_tiers if tier != "subdivide")
-        if "subdivide" in solver_tiers and self.net.in_features <= SPLIT_MAX_INPUTS:
+        few_inputs = self.net.in_features <= SUBDIVIDE_ONLY_MAX_INPUTS
+        if "subdivide" in solver_tiers and few_inputs:
             solver_tiers = tuple(tier for tier in solver_tiers if tier in ("split", "subdivide"))
-        else:
-            solver_tiers = self.piece_tiers
         relu_layers = self.net.relu_layer_indices
         self.bounds_pass()
         for k in range(len(self.net.layers)):
@@ -1303,7 +1193,7 @@ class _Analysis:
         it on the box), refuted by a leaf's centre or CROWN vertex (forward-passed here too, so
         they refute directions of every layer). Leaves are halved along the input dimension that
         carries most of their open bounds' slack. What is open when the layer's leaf budget
-        (``split_boxes``) is spent goes on to the later tiers unchanged.
+        (``_SPLIT_BOXES_PER_LAYER``) is spent goes on to the later tiers unchanged.
         """
         with self.timed("split"):
             neurons, signs = self.open_directions(k)
@@ -1319,7 +1209,7 @@ class _Analysis:
                 neurons,
                 signs,
                 margin,
-                max_leaves=self.split_boxes,
+                max_leaves=_SPLIT_BOXES_PER_LAYER,
                 deadline=self.deadline,
                 jobs=self.jobs,
             )
@@ -1346,94 +1236,41 @@ class _Analysis:
         self.propagate()
 
     def subdivide_tier(self, k: int, effort: float = 1.0) -> None:
-        """Layer k's open directions decided piece by piece, each piece by its own sub-analysis.
+        """Layer k's directions still open after the attack: the input branch and bound again,
+        with ``_SUBDIVIDE_LEAVES * effort`` leaves (networks with at most ``SPLIT_MAX_INPUTS``
+        input features, above the first layer).
 
-        Why: over a wide box of a few-input network (ACAS Xu on its operational domain) the
-        relaxations of the layers below k are loose everywhere. Input splitting bounds its
-        sub-boxes by plain CROWN (no ReLU splits), and the ReLU-phase searches keep the
-        intermediate bounds of the whole box, so a direction whose extreme lies near 0 stays
-        open under both; on a piece of the box, every tier is far tighter. Each piece therefore
-        gets a sub-analysis of the network up to layer k, focused on the open directions
-        (:meth:`_PieceJob.run`: witnesses sampled on the piece, interval, CROWN and corner
-        ascent, input splitting with :data:`_SUBDIVIDE_SPLIT_BOXES` sub-boxes, α-CROWN of the
-        layers below, then the solver tiers with the piece's bounds), for at most
-        :data:`_SUBDIVIDE_PIECE_SECONDS`.
-
-        The box is first cut into ``2**_SUBDIVIDE_START_DEPTH`` pieces (halving the relatively
-        widest dimension each time); a piece that leaves directions open is halved again and its
-        halves queued (breadth first) with the directions still open on it. A direction is
-        refuted by any witness a piece finds (a point of the box, forward-passed here). It is
-        closed on a piece when the piece's analysis proved it (by the margin policy at the
-        piece's scales) with a bound that also clears the interval margin at the box's scales,
-        ``sign * y <= -1e-12 * s_i`` (the split tier's criterion), and proved when it is closed on
-        every piece of the cover; the largest of its piece bounds then bounds it on the box. One
-        call processes at most ``_SUBDIVIDE_PIECES * effort`` pieces before the deadline; the
-        queue is kept per layer, so a retry continues where the previous call stopped.
-
-        Pieces go in rounds of :data:`_SUBDIVIDE_ROUND`, in queue order; with ``jobs > 1`` a
-        round's pieces run in the run's worker pool (:func:`onnx_exact.parallel.worker_pool`), and the
-        witnesses of a round are forward-passed before the next round is chosen, so the rounds
-        are the same for any ``jobs``.
+        Why a second, larger call rather than one call with the whole budget in the split tier:
+        an unstable direction whose sign lives in a sliver costs the branch and bound many leaves
+        (ACAS Xu 1_1 operational, layer 3 neuron 47: about 47,000) and the attack tier a second
+        or two, so the large budget goes only to what the attack left, mostly stable directions
+        whose extreme lies near 0 (layer 3 neuron 14: about 340,000 leaves). A retry starts from
+        the whole box again with a larger budget (the work lost is at most the previous budget).
+        Labels are the same for any ``jobs`` (:func:`onnx_exact.input_split.decide_directions`).
         """
         with self.timed("subdivide"):
-            if not self.open_directions(k)[0].size:
+            neurons, signs = self.open_directions(k)
+            if not neurons.size:
                 return
-            if k not in self.subdivisions:
-                self.subdivisions[k] = _Subdivision.start(self.box, *self.open_directions(k))
-            state = self.subdivisions[k]
-            neurons, signs = state.neurons, state.signs
             margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
-            budget = total = int(_SUBDIVIDE_PIECES * effort)
-
-            net = replace(self.net, layers=self.net.layers[: k + 1])
-            job = _PieceJob(net, k, self.box.input_name, self.piece_tiers)
-            executor = worker = None
-            if self.jobs > 1 and parallel.can_start_workers():
-                executor = parallel.worker_pool(self.jobs)
-                worker = parallel.with_context(_run_piece_worker, parallel.TaskContext(job))
-            try:
-                while state.pieces and budget > 0 and not self.out_of_time():
-                    chosen = []  # a round of pieces with open directions, in queue order
-                    while state.pieces and len(chosen) < min(budget, _SUBDIVIDE_ROUND):
-                        lower, upper, open_on = state.pieces.popleft()
-                        open_on = open_on & self.still_open(k, neurons, signs)
-                        if open_on.any():
-                            chosen.append((lower, upper, open_on))
-                    budget -= len(chosen)
-                    tasks = [
-                        (
-                            neurons[open_on],
-                            signs[open_on],
-                            lower,
-                            upper,
-                            int(self.rng.integers(2**31)),
-                            self.deadline,
-                        )
-                        for lower, upper, open_on in chosen
-                    ]
-                    if executor is None:
-                        outcomes = [job.run(*task) for task in tasks]
-                    else:
-                        outcomes = list(executor.map(worker, tasks))
-                    for outcome in outcomes:
-                        self.see(outcome.witnesses, "subdivide")
-                    for (lower, upper, open_on), outcome in zip(chosen, outcomes, strict=True):
-                        rows = np.flatnonzero(open_on)
-                        closed = outcome.closed(margin[rows])
-                        value = outcome.values[closed]
-                        state.worst[rows[closed]] = np.maximum(state.worst[rows[closed]], value)
-                        open_on[rows[closed]] = False
-                        if (open_on & self.still_open(k, neurons, signs)).any():
-                            state.pieces.extend(_halve(lower, upper, open_on, state.extent))
-                    self.emit("subdivide", total - budget, total)
-            finally:
-                if executor is not None:
-                    executor.shutdown(cancel_futures=True)
-            unfinished = np.zeros(neurons.size, dtype=bool)
-            for _, _, open_on in state.pieces:  # pieces left when the budget or the time ran out
-                unfinished |= open_on
-            proved = self.still_open(k, neurons, signs) & ~unfinished
-            self.prove_covered(k, neurons[proved], signs[proved], state.worst[proved], "subdivide")
+            outcome = input_split.decide_directions(
+                self.net,
+                self.box.lower,
+                self.box.upper,
+                self.bounds,
+                np.full(neurons.size, k),
+                neurons,
+                signs,
+                margin,
+                max_leaves=int(_SUBDIVIDE_LEAVES * effort),
+                deadline=self.deadline,
+                jobs=self.jobs,
+            )
+            self.see(outcome.witnesses, "subdivide")
+            proved = outcome.proved & self.still_open(k, neurons, signs)
+            self.prove_covered(
+                k, neurons[proved], signs[proved], outcome.worst[proved], "subdivide"
+            )
 
     def tighten_previous(self, k: int) -> None:
         """α-CROWN bounds for the not-yet-stable neurons of layers ``1 .. k - 1``, then CROWN for k.
