@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import zipfile
 from pathlib import Path
 
@@ -231,12 +230,9 @@ def test_vnnlib_matches_the_shared_boxes(shared_models):
         pytest.skip("../shared/models has no VNN-LIB properties")
     for vnnlib_path, npz_path in cases:
         expected = np.load(npz_path)
-        start = time.perf_counter()
         lower, upper, _ = parse_vnnlib_box(vnnlib_path, expected["lower"].size)
-        elapsed = time.perf_counter() - start
         np.testing.assert_array_equal(lower, expected["lower"], err_msg=str(vnnlib_path))
         np.testing.assert_array_equal(upper, expected["upper"], err_msg=str(vnnlib_path))
-        assert elapsed < 0.5, f"{vnnlib_path.name} took {elapsed:.3f} s"
 
 
 # ----------------------------------------------------------------------------- layouts
