@@ -220,7 +220,7 @@ def _set_options(highs: highspy.Highs, **options) -> None:
     for name, value in options.items():
         if highs.setOptionValue(name, value) == highspy.HighsStatus.kError:
             raise SolverError(
-                f"HiGHS rejected option {name}={value!r}; install highspy>=1.7 (pip install -U highspy)"
+                f"HiGHS rejected option {name}={value!r}; install highspy>=1.16 (pip install -U highspy)"
             )
 
 
