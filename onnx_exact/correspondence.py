@@ -43,11 +43,19 @@ from typing import Any
 import numpy as np
 
 from . import milp, relu_bab
-from .bounds import LayerBounds
+from .bounds import LayerBounds, interval_bounds, symbolic_bounds
 from .canonical import Canonical
 from .domain import Box
 from .network import Network
-from .stability import NeuronState, StabilityResult, solver_margins
+from .stability import (
+    FLOAT_MARGIN,
+    LayerStability,
+    NeuronState,
+    StabilityResult,
+    neuron_scale,
+    solver_margins,
+)
+from .witness import first_layer_extremes, observe, sample_inputs
 
 METHODS = ("matched", "stable-units", "milp")
 """How a direction was proved, from the cheapest to the costliest (see the module docstring)."""
@@ -163,6 +171,58 @@ def correspondence_of(canonical: Canonical) -> Correspondence:
             )
         )
     return Correspondence(layers)
+
+
+QUICK_SAMPLES = 2048
+"""Box points forward-passed by :func:`quick_stability` (centre, uniform, Bernoulli corners)."""
+
+
+def quick_stability(net: Network, box: Box, seed: int = 0) -> StabilityResult:
+    """The verdicts a proof starts from, in bounded time: bounds and forward passes only.
+
+    Interval bounds through every layer, CROWN (:func:`onnx_exact.bounds.symbolic_bounds`) on
+    the rows interval arithmetic leaves open, propagated; a neuron whose bound clears zero by the
+    float64 margin ``1e-12 s`` is ACTIVE/INACTIVE (the engine's interval/symbolic policy). Then the
+    centre, the first layer's extreme vertices, the CROWN vertices and ``QUICK_SAMPLES`` box
+    points are forward-passed: a neuron seen in both signs is UNSTABLE. Everything else is
+    UNDECIDED; the units that matter are then targeted by :func:`prove_units_stable`. Unlike the
+    full analysis, no ascent or solver runs (its time grows with the load, not with need).
+
+    ``box`` is the raw box; the result is over ``net``'s input space like
+    :func:`onnx_exact.stability.analyze_stability`'s.
+    """
+    box_net = box.to_network(net.input_map)
+    bounds = interval_bounds(net, box_net)
+    candidates = [box_net.center[None, :], first_layer_extremes(net, box_net)]
+    for k in range(1, len(net.layers)):
+        current = bounds[k]
+        rows = np.flatnonzero((current.lower < 0.0) & (current.upper > 0.0))
+        if not net.layers[k].relu or not rows.size:
+            continue
+        bounds[k], corners = symbolic_bounds(net, box_net, bounds, k, rows)
+        bounds = interval_bounds(net, box_net, bounds)
+        candidates.append(corners.reshape(-1, net.in_features))
+    rng = np.random.default_rng(seed)
+    candidates.append(sample_inputs(box_net, rng, QUICK_SAMPLES))
+    seen = observe(net, np.clip(np.concatenate(candidates), box_net.lower, box_net.upper))
+    layers = []
+    for k, layer in enumerate(net.layers):
+        lower, upper = bounds[k].lower.copy(), bounds[k].upper.copy()
+        states = np.full(layer.out_features, NeuronState.UNDECIDED, dtype=np.int8)
+        decided_by = np.full(layer.out_features, "", dtype=object)
+        if not layer.relu:
+            states[:], decided_by[:] = NeuronState.ACTIVE, "linear"
+        else:
+            margin = FLOAT_MARGIN * neuron_scale(net, box_net, bounds, k)
+            unstable = seen.seen_pos[k] & seen.seen_neg[k]
+            states[unstable], decided_by[unstable] = NeuronState.UNSTABLE, "witness"
+            for mask, state in (
+                (upper <= -margin, NeuronState.INACTIVE),
+                (lower >= margin, NeuronState.ACTIVE),
+            ):
+                states[mask], decided_by[mask] = state, "interval" if k == 0 else "symbolic"
+        layers.append(LayerStability(k, layer.name, states, decided_by, lower, upper))
+    return StabilityResult(layers, seen.witnesses)
 
 
 def prove_units_stable(

@@ -8,8 +8,9 @@ per output coordinate and sign, or finds a concrete input that violates the tole
 
 How the proof goes
 ------------------
-0. ``stability``: each network's cheap stability tiers (witnesses, interval, symbolic; at most
-   ``STABILITY_TIME_LIMIT``), or the analysis ``compress`` already ran.
+0. ``stability``: each network's sound bounds and sampled signs
+   (:func:`onnx_exact.correspondence.quick_stability`: interval and CROWN bounds, forward passes),
+   or the analysis ``compress`` already ran.
 1. ``matched``: both networks are walked into one canonical form (:mod:`onnx_exact.canonical`:
    shared free variables for units that agree up to a positive factor, 0 or ``y`` for stable
    ones, rigorous error terms for every residual) and :mod:`onnx_exact.correspondence` names each
@@ -50,13 +51,19 @@ from rich.console import Console
 from rich.table import Table
 
 from .canonical import Canonical, gamma
-from .correspondence import METHODS, Correspondence, correspondence_of, prove_units_stable
+from .correspondence import (
+    METHODS,
+    Correspondence,
+    correspondence_of,
+    prove_units_stable,
+    quick_stability,
+)
 from .domain import Box, InputLayout, model_input_dims
 from .errors import OnnxExactError, UsageError
 from .network import Network
 from .onnx_reader import ReadResult, read_model
 from .proof_milp import Counterexample, DirectionBound, milp_tier
-from .stability import StabilityResult, analyze_stability
+from .stability import StabilityResult
 from .verify import EquivalenceReport, compare_models, run_model
 
 ModelSource = str | os.PathLike | onnx.ModelProto | ReadResult
@@ -66,17 +73,6 @@ far of all, "one-sided units proved stable" the targeted units proved so far of 
 "proof" the directions the MILP decided of those it got."""
 Replay = Callable[[np.ndarray], tuple[float, bool]]
 """``replay(x_raw) -> (largest onnxruntime |f_A - f_B| on the proved outputs, exceeds tol)``."""
-
-STABILITY_SHARE = 0.25
-"""Fraction of a proof's time limit each network's stability analysis may use."""
-
-STABILITY_TIME_LIMIT = 10.0
-"""Cap (seconds) on each network's stability analysis inside a proof: the analysis only saves
-binaries (an undecided neuron is a free variable of the MILP), so it must not eat the proof."""
-
-PROOF_STABILITY_TIERS: tuple[str, ...] = ()
-"""Solver tiers of those analyses: none. Witnesses, interval and symbolic bounds settle most
-neurons in well under a second; the units that matter are then targeted (tier 2)."""
 
 TARGETED_SHARE = 0.5
 """Fraction of the remaining time the targeted stability analyses (tier 2) may use; the rest is
@@ -252,29 +248,12 @@ def _json_float(value: float) -> float | str:
 # ----------------------------------------------------------------------------- the proof
 
 
-def stability_budget(time_limit: float | None) -> float:
-    """Seconds each network's stability analysis may take within a proof's time limit."""
-    if time_limit is None:
-        return STABILITY_TIME_LIMIT
-    return min(STABILITY_TIME_LIMIT, STABILITY_SHARE * time_limit)
+def _analysis(net: Network, box: Box, given: StabilityResult | None, seed: int) -> StabilityResult:
+    """``given`` (e.g. ``compress``'s analysis), or :func:`quick_stability` over the raw box.
 
-
-def _analysis(
-    net: Network, box: Box, given: StabilityResult | None, time_limit: float | None, seed: int
-) -> StabilityResult:
-    """``given``, or a time-limited analysis over the raw box mapped into ``net``'s input space.
-
-    Neurons it leaves undecided only cost the proof binaries, never soundness.
+    Neurons it leaves undecided cost the proof targeting or binaries, never soundness.
     """
-    if given is not None:
-        return given
-    return analyze_stability(
-        net,
-        box.to_network(net.input_map),
-        time_limit=stability_budget(time_limit),
-        seed=seed,
-        tiers=PROOF_STABILITY_TIERS,
-    )
+    return given if given is not None else quick_stability(net, box, seed)
 
 
 def prove_equivalence(
@@ -302,7 +281,7 @@ def prove_equivalence(
     tol : absolute tolerance, per output coordinate.
     time_limit : seconds for everything (stability analyses included); ``None``: no limit.
     stability_a, stability_b : verdicts already computed over ``box`` (e.g. by ``compress``);
-        without them each network is analysed here with a quarter of the time limit.
+        without them each network gets :func:`quick_stability` (bounds and forward passes).
     start_points : raw inputs ``(m, n)`` worth trying first (sampled worst cases, witnesses).
     replay : checks a violation in the deployed models (float32, onnxruntime); without it a
         float64 violation counts as a counterexample.
@@ -338,8 +317,8 @@ def prove_equivalence(
     timings: dict[str, float] = {}
     stage = time.monotonic()
     stabilities = [
-        _analysis(net_a, box, stability_a, time_limit, seed),
-        _analysis(net_b, box, stability_b, time_limit, seed),
+        _analysis(net_a, box, stability_a, seed),
+        _analysis(net_b, box, stability_b, seed),
     ]
     timings["stability"] = time.monotonic() - stage
 
@@ -395,7 +374,7 @@ def prove_equivalence(
         error_floor=float(walk.error.max(initial=0.0)),
         correspondence=walk.matches,
     )
-    notes += [*_undecided_note("A", stabilities[0]), *_undecided_note("B", stabilities[1])]
+    notes += _one_sided_note(walk.matches)
     if result.error_floor > tol:
         notes.append(
             f"the accumulated round-off and sharing residuals ({result.error_floor:.3g}) exceed "
@@ -500,11 +479,15 @@ class _Walk:
         return out
 
 
-def _undecided_note(label: str, stability: StabilityResult) -> list[str]:
-    undecided = stability.counts().get("UNDECIDED", 0)
-    if not undecided:
-        return []
-    return [f"model {label}: {undecided} neurons not decided by the stability analysis (kept free)"]
+def _one_sided_note(matches: Correspondence) -> list[str]:
+    """Units of one model only that stayed free: the reason a proof needs the MILP."""
+    counts = {tag: matches.count("one_sided", tag) for tag in "AB"}
+    return [
+        f"model {tag}: {count} hidden units have no counterpart in the other model and were not "
+        "proved stable (free variables of the MILP)"
+        for tag, count in counts.items()
+        if count
+    ]
 
 
 def _confirm(
@@ -674,7 +657,7 @@ def check_equivalence(
             if net.in_features != box.size:
                 break
             if stabilities[index] is None:
-                stabilities[index] = _analysis(net, box, None, time_limit, seed)
+                stabilities[index] = _analysis(net, box, None, seed)
             witnesses.append(_raw_witnesses(net, box, stabilities[index]))
     timings["witnesses"] = time.monotonic() - stage
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from test_equivalence import gemm_mlp, random_weights, unit_box
 
 from onnx_exact.canonical import Canonical
-from onnx_exact.correspondence import correspondence_of, prove_units_stable
+from onnx_exact.correspondence import correspondence_of, prove_units_stable, quick_stability
 from onnx_exact.domain import Box
 from onnx_exact.equivalence import check_equivalence, prove_equivalence, render_check
 from onnx_exact.network import DenseLayer, InputMap, Network
@@ -265,3 +265,23 @@ def test_the_benchmark_pairs_are_what_they_claim(tmp_path):
     bench.write_markdown(doc, "check", "## check\nnew\n")
     text = doc.read_text()
     assert "keep" in text and "new" in text and "old" not in text
+
+
+def test_quick_stability_agrees_with_the_engine_where_both_decided():
+    """Bounds and forward passes only: never a verdict the full analysis contradicts, most of
+    its stable neurons, and witnesses inside the box."""
+    weights = random_weights((6, 30, 30, 4), seed=13)
+    net = mlp([(w, b + 0.5 * np.sign(b)) for w, b in weights])
+    box = unit_box(6, -0.3, 0.3)
+    quick = quick_stability(net, box)
+    full = analyze_stability(net, box)
+    stable = (NeuronState.ACTIVE, NeuronState.INACTIVE)
+    found = 0
+    for mine, theirs in zip(quick.layers[:-1], full.layers[:-1], strict=True):
+        both = (mine.states != NeuronState.UNDECIDED) & (theirs.states != NeuronState.UNDECIDED)
+        assert np.all(mine.states[both] == theirs.states[both])
+        found += int(np.isin(mine.states, stable).sum())
+        assert np.all(mine.lower <= mine.upper)
+    assert found >= 10
+    assert quick.layers[-1].decided_by.tolist() == ["linear"] * 4
+    assert np.all((quick.witnesses >= -0.3) & (quick.witnesses <= 0.3))
