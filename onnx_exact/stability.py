@@ -1340,6 +1340,7 @@ class _Analysis:
             neurons, signs = self.open_directions(k)
             pending = list(zip(neurons.tolist(), signs.tolist(), strict=True))
             total = len(pending)
+            self.emit(tier, 0, total)
             while pending and not self.out_of_time():
                 neurons, signs = self.open_directions(k)
                 still_open = set(zip(neurons.tolist(), signs.tolist(), strict=True))

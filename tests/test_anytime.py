@@ -94,6 +94,20 @@ def test_the_cheap_pass_reaches_every_layer_before_any_costly_tier():
     assert all(event.time_left is None for event in events)  # no limit
 
 
+def test_a_solver_tier_reports_its_directions_before_its_first_batch_ends():
+    """A tier that may spend minutes on one batch says at once how many directions it has
+    (``lp 0/N``), then counts them as batches end."""
+    from test_stability import random_network
+
+    net = random_network(np.random.default_rng(0), [20, 20, 20, 2])
+    events: list[ProgressEvent] = []
+    analyze_stability(net, Box(np.zeros(20), np.ones(20)), tiers=("lp",), progress=events.append)
+    counts = [(event.done, event.total) for event in events if event.phase == "lp"]
+    started = [i for i, (done, total) in enumerate(counts) if done == 0 and total > 0]
+    finished = [i for i, (done, total) in enumerate(counts) if done == total > 0]
+    assert started and finished and started[0] < finished[0]
+
+
 def test_the_first_pass_is_finished_past_the_deadline(monkeypatch):
     """A deadline that passes inside the first pass does not cut it short: every layer gets its
     CROWN bounds (here the deadline has passed before the pass starts)."""
