@@ -5,7 +5,10 @@ which take one to several seconds (over a minute on an overloaded machine). A SI
 that window used to print a ``KeyboardInterrupt`` traceback from deep inside an import. This module
 imports nothing heavy: it installs handlers that print the command's one-line message and exit
 with the documented code (130 for SIGINT, 143 for SIGTERM; nothing has been written yet), then
-hands over to :func:`onnx_exact.cli.main`, which installs its own handlers for the run.
+hands over to :func:`onnx_exact.cli.main`, which installs its own handlers for the run. From
+then on a thread also watches for those signals (:func:`onnx_exact.resources.end_on_signals`):
+the worker processes are killed at once, and a main thread stuck in a long solve cannot keep the
+process alive for more than about a second.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ def main() -> None:
     for signum in _EXIT_CODES:
         signal.signal(signum, _exit_during_start_up)
     from .cli import main as cli_main
+    from .resources import end_on_signals
 
+    end_on_signals()
     cli_main()
 
 

@@ -27,8 +27,16 @@ from rich.console import Console
 from . import __version__
 from . import progress as progress_module
 from .errors import OnnxExactError, UsageError
+from .parallel import default_jobs, shutdown_pools
 from .progress import progress_display
-from .resources import parse_memory_size, raise_if_interrupted, request_interrupt
+from .resources import (
+    INTERRUPT_EXIT_CODES,
+    claim_interrupt_report,
+    interrupted_message,
+    parse_memory_size,
+    raise_if_interrupted,
+    request_interrupt,
+)
 
 if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
     from .equivalence import ProofResult, render_check
@@ -173,11 +181,14 @@ Method = Annotated[
     str, typer.Option(help="Stability engine: auto (tiered), isa or per-neuron (paper baselines).")
 ]
 Jobs = Annotated[
-    int,
+    int | None,
     typer.Option(
         min=1,
         help="Worker processes: a layer's decision MILPs in parallel, and a witness search "
-        "beside the proof tiers when a layer has fewer open neurons than jobs.",
+        "beside the proof tiers when a layer has fewer open neurons than jobs. Default: the "
+        "cores this process may use, at most 8; --jobs 1 runs everything in this process. "
+        "The labels do not depend on it.",
+        show_default=False,
     ),
 ]
 MaxMemory = Annotated[
@@ -240,7 +251,7 @@ def _time_limit(value: str) -> float | None:
 
 
 def _options(
-    method: str, time_limit: str, jobs: int, seed: int, max_memory: str | None
+    method: str, time_limit: str, jobs: int | None, seed: int, max_memory: str | None
 ) -> AnalysisOptions:
     if method not in METHODS:
         raise UsageError(f"--method '{method}' is not one of {', '.join(METHODS)}")
@@ -252,7 +263,11 @@ def _options(
             f"--max-memory {max_memory!r}: not a finite size; give one such as 512M, 4G or 4GiB"
         ) from None
     return AnalysisOptions(
-        method=method, time_limit=seconds, jobs=jobs, seed=seed, max_memory=limit
+        method=method,
+        time_limit=seconds,
+        jobs=default_jobs() if jobs is None else jobs,
+        seed=seed,
+        max_memory=limit,
     )
 
 
@@ -342,7 +357,7 @@ def compress_command(
     vnnlib: Vnnlib = None,
     time_limit: TimeLimit = f"{DEFAULT_TIME_LIMIT:g}",
     method: Method = "auto",
-    jobs: Jobs = 1,
+    jobs: Jobs = None,
     seed: Seed = 0,
     samples: Annotated[
         int, typer.Option(min=0, help="Random box samples for verification.")
@@ -417,7 +432,7 @@ def analyze_command(
     vnnlib: Vnnlib = None,
     time_limit: TimeLimit = f"{DEFAULT_TIME_LIMIT:g}",
     method: Method = "auto",
-    jobs: Jobs = 1,
+    jobs: Jobs = None,
     seed: Seed = 0,
     max_memory: MaxMemory = None,
     json_path: Annotated[
@@ -537,9 +552,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    """SIGINT/SIGTERM: unwind like Ctrl-C; nothing is written before verification passed."""
+    """SIGINT/SIGTERM: kill the worker processes, then unwind like Ctrl-C; nothing is written
+    before verification passed."""
     _Interrupted.signum = signum
     request_interrupt(signum)
+    shutdown_pools(kill=True)  # safe here: no lock, no waiting for the workers' solves
     raise KeyboardInterrupt
 
 
@@ -612,12 +629,10 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        term = _Interrupted.signum == signal.SIGTERM
-        print(
-            f"onnx-exact: interrupted ({'SIGTERM' if term else 'SIGINT'}); no output written",
-            file=sys.stderr,
-        )
-        sys.exit(143 if term else 130)
+        shutdown_pools(kill=True)
+        if claim_interrupt_report():  # else end_on_signals' thread printed it and ends the run
+            print(interrupted_message(_Interrupted.signum), file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT_CODES[_Interrupted.signum])
     except _PARSER_ERROR as err:
         print(f"onnx-exact: error: {err.format_message()} (see onnx-exact --help)", file=sys.stderr)
         sys.exit(2)

@@ -194,3 +194,131 @@ def test_shutdown_with_kill_ends_busy_workers_at_once():
             future.result(timeout=GONE_TIMEOUT_S)
     assert parallel.worker_pool(2) is not pool
     parallel.shutdown_pools()
+
+
+# --------------------------------------------------------------------------- the command's signals
+_MODEL = Path(__file__).resolve().parents[1] / "models" / "mnist_2x100_l1_1e-3.onnx"
+
+_BUSY_CLI = textwrap.dedent(
+    """
+    import sys, time
+    from onnx_exact import parallel, pipeline
+
+    def busy_analysis(*args, **kwargs):  # the analysis's workers are busy with long solves
+        pool = parallel.worker_pool(2)
+        futures = [pool.submit(time.sleep, 300) for _ in range(2)]
+        while len(pool.worker_pids()) < 2:
+            time.sleep(0.05)
+        print(*pool.worker_pids(), flush=True)
+        for future in futures:
+            future.result()
+
+    pipeline.analyze_stability = busy_analysis
+    sys.argv = ["onnx-exact", *sys.argv[1:]]
+    from onnx_exact.__main__ import main
+    main()
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)]
+)
+def test_a_signal_to_a_jobs_2_run_ends_it_and_its_busy_workers(tmp_path, signum, code):
+    """The command with both workers in long solves: SIGTERM/SIGINT end it with the one line
+    and the documented code, its workers gone, no file left; SIGKILL leaves no worker either."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    command = [sys.executable, "-c", _BUSY_CLI, str(_MODEL), "out.onnx", "--jobs", "2", "-q"]
+    child = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(temp)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = child.stdout.readline()
+        workers = [int(p) for p in line.split()]
+        assert len(workers) == 2, child.stderr.read() if child.poll() is not None else line
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=30.0)
+        assert child.returncode == code, err
+        if signum != signal.SIGKILL:
+            name = signal.Signals(signum).name
+            assert err.strip().splitlines() == [
+                f"onnx-exact: interrupted ({name}); no output written"
+            ]
+        assert _wait_gone(workers) == [], "workers outlived the run"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["temp"]
+        # importing onnxruntime writes a '.ses' file into the temporary folder, and keeps it
+        assert [p.name for p in temp.iterdir() if p.name != ".ses"] == []
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+_STUCK_IN_A_SOLVE = textwrap.dedent(
+    """
+    import signal, sys
+    import highspy
+    import numpy as np
+    from onnx_exact.resources import end_on_signals, raise_interrupt_for_signal
+
+    signal.signal(signal.SIGTERM, raise_interrupt_for_signal)
+    end_on_signals()
+    # a market split instance (Cornuejols and Dawande): 4 rows, 30 binaries, hours of branch and
+    # bound; HiGHS runs it in C and calls no Python, so the signal handler cannot run
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 100, size=(4, 30)).astype(float)
+    highs = highspy.Highs()
+    highs.setOptionValue("output_flag", False)
+    highs.setOptionValue("threads", 1)
+    highs.setOptionValue("time_limit", 600.0)
+    inf = highspy.kHighsInf
+    n = 30 + 8
+    highs.addVars(n, np.zeros(n), np.r_[np.ones(30), np.full(8, inf)])
+    highs.changeColsIntegrality(30, np.arange(30, dtype=np.int32),
+                                np.full(30, highspy.HighsVarType.kInteger))
+    highs.changeColsCost(8, np.arange(30, n, dtype=np.int32), np.ones(8))
+    for i in range(4):
+        cols = np.r_[np.arange(30), 30 + 2 * i, 31 + 2 * i].astype(np.int32)
+        vals = np.r_[a[i], 1.0, -1.0]
+        rhs = float(np.floor(a[i].sum() / 2))
+        highs.addRow(rhs, rhs, cols.size, cols, vals)
+    print("solving", flush=True)
+    highs.run()
+    print("the solve returned", highs.getModelStatus(), flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_sigterm_ends_the_command_while_its_main_thread_is_inside_a_long_solve():
+    """A solve that calls no Python keeps a signal handler from running until it returns (here
+    a 600 s time limit); the entry point's watcher thread ends the process within about a
+    second with the one line and exit code 143."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STUCK_IN_A_SOLVE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in child.stdout:  # HiGHS prints its banner first
+            if line.strip() == "solving":
+                break
+        assert child.poll() is None, child.communicate()[1]
+        time.sleep(1.0)  # well inside the solve
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60.0)
+        assert "returned" not in out, "the solve ended before the signal: no test"
+        assert child.returncode == 143, err
+        assert err.strip().splitlines() == ["onnx-exact: interrupted (SIGTERM); no output written"]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
