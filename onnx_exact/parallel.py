@@ -22,8 +22,9 @@ Guarantees of every process started here (pool workers and :func:`start_process`
     * One thread of numpy's BLAS (the ``*_NUM_THREADS`` variables, set before numpy loads there)
       and of HiGHS (every model is built with ``threads=1``): the workers are the parallelism.
     * No onnx or onnxruntime: this module and the analysis modules a task runs (:mod:`milp`,
-      :mod:`stability` and what they import) do not import them (a second or more per worker on
-      a loaded machine, for nothing); ``tests/test_parallel.py`` checks it.
+      :mod:`stability`, :mod:`input_split`, :mod:`proof_milp` and what they import) do not import
+      them (a second or more per worker on a loaded machine, for nothing);
+      ``tests/test_parallel.py`` checks it.
 
 Interruption
     :func:`shutdown_pools` with ``kill=True`` is safe in a signal handler: it sends SIGKILL to
@@ -56,8 +57,9 @@ MAX_DEFAULT_JOBS = 8
 WATCHDOG_SECONDS = 0.5
 """How often a worker checks that its parent is alive (where ``prctl`` did not arm the kernel)."""
 
-CONTEXT_CACHE_SIZE = 4
-"""Task contexts one worker keeps unpickled (the most recently used ones)."""
+CONTEXT_CACHE_SIZE = 2
+"""Task contexts one worker keeps unpickled (the most recently used ones): the calls of a run
+mostly follow one another, and a context (a network with its bounds) may take many MiB."""
 
 _THREAD_VARIABLES = (
     "OMP_NUM_THREADS",

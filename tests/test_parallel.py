@@ -22,7 +22,9 @@ GONE_TIMEOUT_S = 20.0
 
 def _probe(context: dict, name: str) -> dict:
     """Runs in a worker: load the analysis modules, report what is loaded there."""
-    import onnx_exact.milp  # noqa: F401 - imports domain, stability, highspy, numpy
+    import onnx_exact.input_split  # noqa: F401 - the modules whose functions run in workers
+    import onnx_exact.milp  # noqa: F401 - (and what they import: domain, highspy, numpy)
+    import onnx_exact.proof_milp  # noqa: F401
     import onnx_exact.stability  # noqa: F401
 
     loaded = {m for m in sys.modules if m.split(".")[0] in ("onnx", "onnxruntime")}
