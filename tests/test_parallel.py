@@ -46,6 +46,15 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started that still run: workers, and multiprocessing's resource
+    tracker (it holds the caller's stdout and stderr open while it lives)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
 def _wait_gone(pids: list[int]) -> list[int]:
     deadline = time.monotonic() + GONE_TIMEOUT_S
     while time.monotonic() < deadline and not all(_gone(p) for p in pids):
@@ -170,6 +179,8 @@ def test_kill_9_of_the_parent_ends_every_worker(via_thread):
         pids = [int(p) for p in line.split()]
         assert len(pids) == 3, child.stderr.read() if child.poll() is not None else line
         assert not any(_gone(p) for p in pids)
+        pids = sorted(set(pids) | set(_children(child.pid)))
+        assert len(pids) == 4  # the resource tracker too
         child.kill()
         child.wait()
         assert _wait_gone(pids) == [], "workers outlived their killed parent"
@@ -245,6 +256,7 @@ def test_a_signal_to_a_jobs_2_run_ends_it_and_its_busy_workers(tmp_path, signum,
         line = child.stdout.readline()
         workers = [int(p) for p in line.split()]
         assert len(workers) == 2, child.stderr.read() if child.poll() is not None else line
+        workers = sorted(set(workers) | set(_children(child.pid)))  # + the resource tracker
         child.send_signal(signum)
         _, err = child.communicate(timeout=30.0)
         assert child.returncode == code, err
@@ -253,7 +265,7 @@ def test_a_signal_to_a_jobs_2_run_ends_it_and_its_busy_workers(tmp_path, signum,
             assert err.strip().splitlines() == [
                 f"onnx-exact: interrupted ({name}); no output written"
             ]
-        assert _wait_gone(workers) == [], "workers outlived the run"
+        assert _wait_gone(workers) == [], "workers (or the resource tracker) outlived the run"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["temp"]
         # importing onnxruntime writes a '.ses' file into the temporary folder, and keeps it
         assert [p.name for p in temp.iterdir() if p.name != ".ses"] == []
