@@ -423,7 +423,7 @@ def markdown(
         extra = f" (replayed {r['replayed']:.3g})" if "replayed" in r else ""
         lines.append(
             f"| {r['base']} | {r['pair']} | {r['expected']} | {r['exit']} | {r['status']}{extra} | "
-            f"{r['method']} | {r.get('timings', {}).get('witnesses', float('nan')):.2f} | "
+            f"{r['method']} | {r.get('timings', {}).get('analysis', float('nan')):.2f} | "
             f"{r.get('proof_s', float('nan')):.2f} | {r['wall_s']:.1f} | "
             f"{r.get('binaries', '-')} | {pair_of('matched')} | {pair_of('stable')} | "
             f"{c.get('targeted', '-')} | {'yes' if r.get('ok') else 'NO'} |"
@@ -439,7 +439,12 @@ def markdown(
         biggest = ", ".join(
             f"{k} {v:.2f} s" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:4]
         )
-        tail += f"\nSlowest proved pair: {slow['base']} {slow['pair']} ({slow['wall_s']:.1f} s; {biggest}).\n"
+        outside = slow["wall_s"] - sum(slow.get("timings", {}).values())
+        tail += (
+            f"\nSlowest proved pair: {slow['base']} {slow['pair']} ({slow['wall_s']:.1f} s: "
+            f"{outside:.1f} s outside the check's phases, i.e. interpreter start, imports, "
+            f"domain and JSON; then {biggest}).\n"
+        )
     for note in notes:
         tail += f"\n- {note}"
     return head + "\n".join(lines) + "\n" + tail + "\n"
