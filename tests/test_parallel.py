@@ -69,6 +69,14 @@ def test_default_jobs_are_the_usable_cores_capped():
         assert jobs == min(len(os.sched_getaffinity(0)), parallel.MAX_DEFAULT_JOBS)
 
 
+def test_the_commands_jobs_default_to_the_usable_cores():
+    from onnx_exact import cli
+
+    cli._load_runtime()
+    assert cli._options("auto", "60", None, 0, None).jobs == parallel.default_jobs()
+    assert cli._options("auto", "60", 1, 0, None).jobs == 1
+
+
 def test_one_pool_is_reused_and_its_workers_skip_onnx():
     """Two callers with their own contexts get the same workers; no onnx import there."""
     pool = parallel.worker_pool(2)
