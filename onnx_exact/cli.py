@@ -492,6 +492,16 @@ def check_command(
     json_path: Annotated[
         str | None, typer.Option("--json", help="Write the result as JSON to this file.")
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Worker processes of the proof: the exact tiers on units found in one model "
+            "only, and the per-output MILPs, in parallel. Default: the cores this process may "
+            "use, at most 8; --jobs 1 runs everything in this process.",
+            show_default=False,
+        ),
+    ] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -509,18 +519,21 @@ def check_command(
             ("--json", json_path),
         ],
     )
-    result = check(
-        reference,
-        candidate,
-        DomainSpec(input_range or (), input_range_file, vnnlib),
-        atol=_parse_tolerance(atol, "--atol"),
-        rtol=_parse_tolerance(rtol, "--rtol"),
-        samples=samples,
-        seed=seed,
-        prove=prove,
-        time_limit=_time_limit(time_limit),
-        counterexample_path=counterexample,
-    )
+    with _progress(not quiet) as progress:
+        result = check(
+            reference,
+            candidate,
+            DomainSpec(input_range or (), input_range_file, vnnlib),
+            atol=_parse_tolerance(atol, "--atol"),
+            rtol=_parse_tolerance(rtol, "--rtol"),
+            samples=samples,
+            seed=seed,
+            prove=prove,
+            time_limit=_time_limit(time_limit),
+            counterexample_path=counterexample,
+            jobs=default_jobs() if jobs is None else jobs,
+            progress=progress,
+        )
     code, verdict = _verdict(result.sampled.passed, result.proof)
     console = _console(quiet, json_path)
     if code == EXIT_NOT_PROVED:

@@ -585,6 +585,8 @@ def check(
     prove: bool = True,
     time_limit: float | None = None,
     counterexample_path: str | os.PathLike | None = None,
+    jobs: int = 1,
+    progress: ProgressCallback | None = None,
 ) -> CheckReport:
     """Are two models the same on the domain? Sampled comparison, then a proof where possible.
 
@@ -650,4 +652,6 @@ def check(
         prove=prove,
         time_limit=time_limit,
         counterexample_path=counterexample_path,
+        jobs=jobs,
+        progress=progress,
     )
