@@ -642,7 +642,6 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        shutdown_pools(kill=True)
         if claim_interrupt_report():  # else end_on_signals' thread printed it and ends the run
             print(interrupted_message(_Interrupted.signum), file=sys.stderr)
         sys.exit(INTERRUPT_EXIT_CODES[_Interrupted.signum])
@@ -658,4 +657,6 @@ def main(argv: list[str] | None = None) -> None:
         if _State.verbose or "--verbose" in args or "-v" in args:
             traceback.print_exc()
         sys.exit(3)
+    finally:  # the run's workers end with it, idle or (after an error) still solving
+        shutdown_pools(kill=True)
     sys.exit(exit_code if isinstance(exit_code, int) else 0)

@@ -344,3 +344,28 @@ def test_sigterm_ends_the_command_while_its_main_thread_is_inside_a_long_solve()
         if child.poll() is None:
             child.kill()
             child.communicate()
+
+
+def test_a_run_that_fails_while_its_workers_solve_ends_them(monkeypatch, tmp_path, capsys):
+    """An error in the main process (exit 2 here) must not leave workers solving on (they
+    would hold the exit for a minute, or outlive it)."""
+    from onnx_exact import cli, pipeline
+    from onnx_exact.errors import UsageError
+
+    workers: list[int] = []
+
+    def failing_analysis(*args, **kwargs):
+        pool = parallel.worker_pool(2)
+        for _ in range(2):
+            pool.submit(time.sleep, 300)
+        while len(pool.worker_pids()) < 2:
+            time.sleep(0.05)
+        workers.extend(pool.worker_pids())
+        raise UsageError("the analysis gave up")
+
+    monkeypatch.setattr(pipeline, "analyze_stability", failing_analysis)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(_MODEL), str(tmp_path / "out.onnx"), "--jobs", "2", "-q"])
+    assert exit_.value.code == 2
+    assert "the analysis gave up" in capsys.readouterr().err
+    assert len(workers) == 2 and _wait_gone(workers) == []
