@@ -70,6 +70,7 @@ _THREAD_VARIABLES = (
     "NUMEXPR_NUM_THREADS",
 )
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_CAN_BLOCK = hasattr(signal, "pthread_sigmask")  # POSIX
 
 _pools: dict[int, ProcessPoolExecutor] = {}
 _processes: list[multiprocessing.process.BaseProcess] = []
@@ -116,7 +117,8 @@ class _StartedFrom:
 def _start_worker(parent_pid: int, from_main_thread: bool) -> None:
     """Run first in every process started here (see the module docstring for the guarantees)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the starter
+    if _CAN_BLOCK:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the starter
     for variable in _THREAD_VARIABLES:
         os.environ[variable] = "1"
     if from_main_thread and sys.platform.startswith("linux"):
@@ -206,10 +208,12 @@ class _SigintBlocked:
     by another thread or stays pending until the block ends: it is never lost."""
 
     def __enter__(self) -> None:
-        self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        if _CAN_BLOCK:
+            self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
     def __exit__(self, *exc: object) -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
+        if _CAN_BLOCK:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
 
 
 class _Pool(ProcessPoolExecutor):

@@ -363,8 +363,13 @@ def end_on_signals(report: Callable[[int], None] | None = None) -> None:
     if _Interrupt.watching or threading.current_thread() is not threading.main_thread():
         return
     read, write = os.pipe()
-    os.set_blocking(write, False)
-    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    try:
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except (OSError, ValueError):  # a platform without it (Windows wants a socket): no watcher
+        os.close(read)
+        os.close(write)
+        return
     _Interrupt.watching = True
     threading.Thread(
         target=_watch_signals,
