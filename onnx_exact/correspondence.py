@@ -24,12 +24,11 @@ the symbolic bound of ``f_A - f_B`` is exact arithmetic on the stored weights:
 1. ``matched``: the symbolic bound proves the direction after the first walk and every unit of
    both networks is matched;
 2. ``stable-units``: it proves it once the units that are not matched are stable — either already
-   in the first walk, or after :func:`prove_units_stable` ran the full stability engine on exactly
-   the one-sided units (the cheap tiers a check starts with leave some undecided that
-   ``compress``'s analysis had proved; the engine's exact solver tiers run on those units only,
-   over the bounds already proved for the layers below), one layer at a time from the
-   shallowest with the walk repeated after each (a layer proved all active makes the next
-   layer's units match the other network's merged layer);
+   in the first walk (from :func:`quick_stability`'s bounds, or the analysis ``compress`` ran),
+   or after :func:`prove_units_stable` ran the engine's exact solver tiers on exactly the
+   one-sided units the bounds left undecided (over the bounds already proved for the layers
+   below), one layer at a time from the shallowest with the walk repeated after each (a layer
+   proved all active makes the next layer's units match the other network's merged layer);
 3. ``milp``: the product MILP (:mod:`onnx_exact.proof_milp`) on what is left, with shared
    variables for matched units and no binary for stable ones.
 """
@@ -241,8 +240,9 @@ def prove_units_stable(
     engine's order: per sign direction the triangle LP with a rigorous dual bound and ideal cuts,
     CROWN branch and bound, LP branch and bound and the decision MILP (their margins). (α-CROWN,
     which the engine runs first on a whole layer, is no tighter than the triangle LP and only
-    pays for itself on hundreds of rows.) No witness search and no re-analysis of anything else: a target that is not stable is refuted by the
-    solvers' points or left to the proof's MILP. A unit asks "can ``y`` be positive?" (proving it
+    pays for itself on hundreds of rows.) No witness search and no re-analysis of anything
+    else: a target that is not stable is refuted by the solvers' points or left to the proof's
+    MILP. A unit asks "can ``y`` be positive?" (proving it
     dead) and "can ``y`` be negative?" (always active); a sign refuted is not asked again. Every
     sound bound found tightens the unit's pre-activation bounds (an undecided unit then costs the
     MILP a tighter big-M). ``stability`` itself is not changed.

@@ -13,8 +13,9 @@ beyond it. Outputs whose error floor ``err + slack`` reaches ``tol`` are not sen
 could not prove them, and the widened rows admit spurious violations).
 
 The per-direction MILPs are independent: with ``jobs > 1`` they run in the run's shared worker
-pool (:func:`onnx_exact.parallel.worker_pool`), each worker building the model once per proof. A direction whose MILP reached its target (a likely
-violation) that the caller could not confirm is solved again without a target.
+pool (:func:`onnx_exact.parallel.worker_pool`), each worker building the model once per proof.
+A direction whose MILP reached its target (a likely violation) that the caller could not confirm
+is solved again without a target.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class DirectionBound:
     """The proof's answer for one output coordinate and sign: ``max sign * (f_A - f_B)``.
 
     ``bound`` is a proved upper bound (``inf`` if none); ``tier`` the method that gave it
-    ("matched", "stable-units", "milp": see :mod:`onnx_exact.correspondence`); ``status`` is "proved" (``bound <= tol``), "violated" (a replayed
-    counterexample) or "open".
+    ("matched", "stable-units", "milp": see :mod:`onnx_exact.correspondence`); ``status`` is
+    "proved" (``bound <= tol``), "violated" (a replayed counterexample) or "open".
     """
 
     output: int
