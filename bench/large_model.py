@@ -14,7 +14,7 @@ Scenarios
 ``external``  the ``local`` scenario on the model saved with external data (tensors in
               ``<model>.data``, read and written back the same way).
 ``huge``      a real model over protobuf's 2 GiB limit: a 131840-2048-10 Gemm/Relu MLP in float64
-              (like skl2onnx's double models; 271.5 M parameters, 2.02 GiB, written straight to
+              (like skl2onnx's double models; 270.0 M parameters, 2.01 GiB, written straight to
               external data block by block), the box of half-width 0.001 around a random point;
               end to end: read, analysis, write with external data, onnx.checker and onnxruntime
               from the written path. float64 weights reach 2 GiB with half the parameters of
