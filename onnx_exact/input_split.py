@@ -256,6 +256,15 @@ def decide_directions(
 ) -> SplitOutcome:
     """Branch and bound over the input box for the directions ``(layers, neurons, signs)``.
 
+    One call of a fresh :class:`InputSearch` (see there for the arguments).
+    """
+    search = InputSearch(net, lower, upper, outer, layers, neurons, signs, margins, jobs=jobs)
+    return search.run(max_leaves, deadline)
+
+
+class InputSearch:
+    """A resumable branch and bound over the input box for some directions of a network.
+
     Parameters
     ----------
     net : the network (network space).
@@ -264,111 +273,155 @@ def decide_directions(
         tightened (on the copy) by each direction proved on the way, so later leaves use them.
     layers, neurons, signs : ``(D,)`` the directions (signs ``+1`` / ``-1``).
     margins : ``(D,)`` what a leaf bound must clear, ``max s * y <= -margin``.
-    max_leaves : leaves bounded at most (the budget); ``deadline`` a ``time.monotonic()`` time.
     jobs : with ``jobs >= 2`` a batch's leaves are bounded in that many parts in the run's worker
         pool (:func:`onnx_exact.parallel.worker_pool`); a leaf's bounds do not depend on the part
         it is in, so the outcome is the same for any ``jobs``.
 
-    Returns
-    -------
-    :class:`SplitOutcome`; deterministic for given arguments (no randomness, no time dependence
-    other than where the deadline stops it).
+    :meth:`run` continues where the previous call stopped (the open leaves are kept), so a
+    caller can give a search its budget in instalments. Deterministic for given arguments and
+    budgets (no randomness; time matters only where the deadline stops a call).
     """
-    layers, neurons = np.asarray(layers, dtype=np.int64), np.asarray(neurons, dtype=np.int64)
-    signs = np.asarray(signs, dtype=np.int64)
-    margins = np.asarray(margins, dtype=np.float64)
-    count, n = layers.size, lower.size
-    outer = [bound.copy() for bound in outer]
-    proved, refuted = np.zeros(count, dtype=bool), np.zeros(count, dtype=bool)
-    given_up = np.zeros(count, dtype=bool)
-    worst = np.full(count, -np.inf)
-    witnesses: list[np.ndarray] = []
-    extent = np.where(upper > lower, upper - lower, 1.0)
-    pool_lower, pool_upper = lower[None, :].astype(np.float64), upper[None, :].astype(np.float64)
-    pool_open = np.ones((1, count), dtype=bool)
-    pool_priority = np.full(1, np.inf)
-    spent = 0
-    scale = np.maximum(margins, 1e-300)
-    executor = worker = None
-    if jobs > 1 and parallel.can_start_workers():
-        executor = parallel.worker_pool(jobs)
-    while count and spent < max_leaves and time.monotonic() < deadline:
-        live = ~(proved | refuted | given_up)
-        pool_open &= live
-        keep = pool_open.any(axis=1)
-        pool_lower, pool_upper = pool_lower[keep], pool_upper[keep]
-        pool_open, pool_priority = pool_open[keep], pool_priority[keep]
-        if not pool_priority.size:
-            break
-        top = int(layers[pool_open.any(axis=0)].max())
-        size = min(batch_size(net, top), max_leaves - spent)
-        chosen = np.zeros(pool_priority.size, dtype=bool)
-        if pool_priority.size > size:
-            chosen[np.argpartition(-pool_priority, size - 1)[:size]] = True
-        else:
-            chosen[:] = True
-        b_lower, b_upper, b_open = pool_lower[chosen], pool_upper[chosen], pool_open[chosen]
-        pool_lower, pool_upper = pool_lower[~chosen], pool_upper[~chosen]
-        pool_open, pool_priority = pool_open[~chosen], pool_priority[~chosen]
-        spent += b_open.shape[0]
 
-        asked = np.flatnonzero(b_open.any(axis=0))
-        parts = min(jobs, b_lower.shape[0] // _PART_LEAVES) if executor is not None else 1
-        if parts >= 2:
-            if worker is None:
-                context = parallel.TaskContext((net, outer, layers, neurons, signs))
-                worker = parallel.with_context(_bounds_in_worker, context)
-            pieces = np.array_split(np.arange(b_lower.shape[0]), parts)
-            results = list(
-                executor.map(
-                    worker,
-                    [b_lower[piece] for piece in pieces],
-                    [b_upper[piece] for piece in pieces],
-                    [top] * parts,
-                    [asked] * parts,
-                )
+    def __init__(
+        self,
+        net: Network,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        outer: list[LayerBounds],
+        layers: np.ndarray,
+        neurons: np.ndarray,
+        signs: np.ndarray,
+        margins: np.ndarray,
+        *,
+        jobs: int = 1,
+    ) -> None:
+        self.net, self.jobs = net, jobs
+        self.layers = np.asarray(layers, dtype=np.int64)
+        self.neurons = np.asarray(neurons, dtype=np.int64)
+        self.signs = np.asarray(signs, dtype=np.int64)
+        self.margins = np.asarray(margins, dtype=np.float64)
+        self.outer = [bound.copy() for bound in outer]
+        count = self.layers.size
+        self.proved, self.refuted = np.zeros(count, dtype=bool), np.zeros(count, dtype=bool)
+        self.dropped = np.zeros(count, dtype=bool)  # given up, or no longer asked by the caller
+        self.worst = np.full(count, -np.inf)
+        self.extent = np.where(upper > lower, upper - lower, 1.0)
+        self.lower = np.asarray(lower, dtype=np.float64)[None, :].copy()
+        self.upper = np.asarray(upper, dtype=np.float64)[None, :].copy()
+        self.open = np.ones((1, count), dtype=bool)
+        self.priority = np.full(1, np.inf)
+        self.worker = None
+
+    def run(
+        self, max_leaves: int, deadline: float = np.inf, asked: np.ndarray | None = None
+    ) -> SplitOutcome:
+        """Bound at most ``max_leaves`` more leaves before ``deadline`` (``time.monotonic()``).
+
+        ``asked`` (``(D,)`` bool, optional): the directions the caller still wants; the others
+        (settled elsewhere) are dropped from every leaf for good and never reported proved.
+        Returns the cumulative verdicts, with the witnesses and leaves of this call only.
+        """
+        if asked is not None:
+            self.dropped |= ~np.asarray(asked, dtype=bool)
+        net, layers, neurons, signs = self.net, self.layers, self.neurons, self.signs
+        margins, outer, n = self.margins, self.outer, self.lower.shape[1]
+        scale = np.maximum(margins, 1e-300)
+        executor = None
+        if self.jobs > 1 and parallel.can_start_workers():
+            executor = parallel.worker_pool(self.jobs)
+        witnesses: list[np.ndarray] = []
+        spent = 0
+        while layers.size and spent < max_leaves and time.monotonic() < deadline:
+            self.open &= ~(self.proved | self.refuted | self.dropped)
+            keep = self.open.any(axis=1)
+            self.lower, self.upper = self.lower[keep], self.upper[keep]
+            self.open, self.priority = self.open[keep], self.priority[keep]
+            if not self.priority.size:
+                break
+            top = int(layers[self.open.any(axis=0)].max())
+            size = min(batch_size(net, top), max_leaves - spent)
+            chosen = np.zeros(self.priority.size, dtype=bool)
+            if self.priority.size > size:
+                chosen[np.argpartition(-self.priority, size - 1)[:size]] = True
+            else:
+                chosen[:] = True
+            b_lower, b_upper, b_open = self.lower[chosen], self.upper[chosen], self.open[chosen]
+            self.lower, self.upper = self.lower[~chosen], self.upper[~chosen]
+            self.open, self.priority = self.open[~chosen], self.priority[~chosen]
+            spent += b_open.shape[0]
+
+            rows = np.flatnonzero(b_open.any(axis=0))
+            values, coeffs, scores = self._bound(executor, b_lower, b_upper, top, rows)
+            was_open = b_open[:, rows]
+            closed = was_open & (values <= -margins[rows])
+            self.worst[rows] = np.maximum(
+                self.worst[rows], np.where(closed, values, -np.inf).max(axis=0)
             )
-            values, coeffs, scores = (np.concatenate(part) for part in zip(*results, strict=True))
-        else:
-            values, coeffs, scores = _direction_bounds(
-                net, b_lower, b_upper, outer, top, asked, layers, neurons, signs
-            )
-        was_open = b_open[:, asked]
-        closed = was_open & (values <= -margins[asked])
-        worst[asked] = np.maximum(worst[asked], np.where(closed, values, -np.inf).max(axis=0))
-        still = was_open & ~closed
-        busy = still.any(axis=1)
-        if busy.any():
-            b_lower, b_upper, still = b_lower[busy], b_upper[busy], still[busy]
-            values, coeffs, scores = values[busy], coeffs[busy], scores[busy]
-            points = _candidates(b_lower, b_upper, still, values / scale[asked], coeffs)
-            shown, first = _signs_shown(net, points, layers[asked], neurons[asked], signs[asked])
-            newly = shown & ~refuted[asked]
-            if newly.any():
-                refuted[asked[newly]] = True
-                witnesses.append(points[np.unique(first[newly])])
-            still &= ~shown[None, :]
+            still = was_open & ~closed
             busy = still.any(axis=1)
-            b_lower, b_upper, still = b_lower[busy], b_upper[busy], still[busy]
-            values, scores = values[busy], scores[busy]
-        if b_lower.shape[0]:
-            left_upper, right_lower, stuck = _halves(b_lower, b_upper, still, scores, extent)
-            given_up[asked[still[stuck].any(axis=0)]] = True
-            grow = ~stuck
-            child_open = np.zeros((int(grow.sum()), count), dtype=bool)
-            child_open[:, asked] = still[grow]
-            child_priority = np.where(still[grow], values[grow] / scale[asked], -np.inf).max(axis=1)
-            pool_lower = np.concatenate([pool_lower, b_lower[grow], right_lower[grow]])
-            pool_upper = np.concatenate([pool_upper, left_upper[grow], b_upper[grow]])
-            pool_open = np.concatenate([pool_open, child_open, child_open])
-            pool_priority = np.concatenate([pool_priority, child_priority, child_priority])
-        done = ~(proved | refuted | given_up) & ~pool_open.any(axis=0)
-        if done.any():
-            proved |= done
-            _tighten(outer, layers[done], neurons[done], signs[done], worst[done])
-            worker = None  # the workers need the tightened bounds
-    points = np.concatenate(witnesses) if witnesses else np.empty((0, n))
-    return SplitOutcome(proved, refuted, worst, points, spent)
+            if busy.any():
+                b_lower, b_upper, still = b_lower[busy], b_upper[busy], still[busy]
+                values, coeffs, scores = values[busy], coeffs[busy], scores[busy]
+                points = _candidates(b_lower, b_upper, still, values / scale[rows], coeffs)
+                shown, first = _signs_shown(net, points, layers[rows], neurons[rows], signs[rows])
+                newly = shown & ~self.refuted[rows]
+                if newly.any():
+                    self.refuted[rows[newly]] = True
+                    witnesses.append(points[np.unique(first[newly])])
+                still &= ~shown[None, :]
+                busy = still.any(axis=1)
+                b_lower, b_upper, still = b_lower[busy], b_upper[busy], still[busy]
+                values, scores = values[busy], scores[busy]
+            if b_lower.shape[0]:
+                left_upper, right_lower, stuck = _halves(
+                    b_lower, b_upper, still, scores, self.extent
+                )
+                self.dropped[rows[still[stuck].any(axis=0)]] = True
+                grow = ~stuck
+                child_open = np.zeros((int(grow.sum()), layers.size), dtype=bool)
+                child_open[:, rows] = still[grow]
+                child_priority = np.where(still[grow], values[grow] / scale[rows], -np.inf)
+                child_priority = child_priority.max(axis=1)
+                self.lower = np.concatenate([self.lower, b_lower[grow], right_lower[grow]])
+                self.upper = np.concatenate([self.upper, left_upper[grow], b_upper[grow]])
+                self.open = np.concatenate([self.open, child_open, child_open])
+                self.priority = np.concatenate([self.priority, child_priority, child_priority])
+            done = ~(self.proved | self.refuted | self.dropped) & ~self.open.any(axis=0)
+            if done.any():
+                self.proved |= done
+                _tighten(outer, layers[done], neurons[done], signs[done], self.worst[done])
+                self.worker = None  # the workers need the tightened bounds
+        points = np.concatenate(witnesses) if witnesses else np.empty((0, n))
+        return SplitOutcome(
+            self.proved.copy(), self.refuted.copy(), self.worst.copy(), points, spent
+        )
+
+    def _bound(
+        self,
+        executor,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        top: int,
+        rows: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`_direction_bounds` of a batch, in parts on the worker pool when it is large."""
+        parts = min(self.jobs, lower.shape[0] // _PART_LEAVES) if executor is not None else 1
+        context = (self.net, self.outer, self.layers, self.neurons, self.signs)
+        if parts < 2:
+            return _direction_bounds(self.net, lower, upper, self.outer, top, rows, *context[2:])
+        if self.worker is None:
+            self.worker = parallel.with_context(_bounds_in_worker, parallel.TaskContext(context))
+        pieces = np.array_split(np.arange(lower.shape[0]), parts)
+        results = list(
+            executor.map(
+                self.worker,
+                [lower[piece] for piece in pieces],
+                [upper[piece] for piece in pieces],
+                [top] * parts,
+                [rows] * parts,
+            )
+        )
+        return tuple(np.concatenate(part) for part in zip(*results, strict=True))
 
 
 def _bounds_in_worker(

@@ -49,8 +49,9 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    fraction of a second each (MNIST 256x2 at eps 0.05: attacking before it cost 109 of 230 s
    and refuted nothing);
 7. ``subdivide`` — for networks with at most ``SPLIT_MAX_INPUTS`` input features: the input
-   branch and bound of tier 5 again on what the attack left open, with a 25 times larger leaf
-   budget (times the retry effort) and its batches bounded in parallel over ``jobs``
+   branch and bound of tier 5 again on what the attack left open, one search per layer that
+   each call (and each retry, with its effort) continues for a larger leaf budget, its batches
+   bounded in parallel over ``jobs``
    (:meth:`_Analysis.subdivide_tier`). Up to ``SUBDIVIDE_ONLY_MAX_INPUTS`` input features it
    takes the place of the box-wide tier 6 (ACAS Xu 1_1 on its operational domain: decided in
    190 s on a machine at load 11, where the box-wide tiers and the earlier piece-by-piece
@@ -175,10 +176,10 @@ _PROBE_POLISH_GAP = 0.3
 # open directions are handed to the later tiers.
 SPLIT_MAX_INPUTS = 16
 _SPLIT_BOXES_PER_LAYER = 20_000
-# Subdivision: the same branch and bound after the attack tier, with this many leaves per call
-# (times its effort). Up to SUBDIVIDE_ONLY_MAX_INPUTS input features it replaces the box-wide
+# Subdivision: the same branch and bound after the attack tier, one search per layer that each
+# call continues for this many leaves (times its effort). Up to SUBDIVIDE_ONLY_MAX_INPUTS input features it replaces the box-wide
 # LP/MILP tiers; with more (up to SPLIT_MAX_INPUTS) it comes after them.
-_SUBDIVIDE_LEAVES = 500_000
+_SUBDIVIDE_LEAVES = 100_000
 SUBDIVIDE_ONLY_MAX_INPUTS = 8
 # Cheapest first: an UNSTABLE neuron is credited to the costlier of its two refuting tiers.
 _TIER_ORDER = (
@@ -677,6 +678,7 @@ class _Analysis:
         self.time_limit_hit = False
         self.tightened: set[int] = set()
         self.relaxation: milp.LayerRelaxation | None = None  # of the layer being decided
+        self.searches: dict[int, input_split.InputSearch] = {}  # the subdivide tier's, per layer
 
     # ----------------------------------------------------------------- bookkeeping
     @contextmanager
@@ -1237,34 +1239,43 @@ class _Analysis:
 
     def subdivide_tier(self, k: int, effort: float = 1.0) -> None:
         """Layer k's directions still open after the attack: the input branch and bound again,
-        with ``_SUBDIVIDE_LEAVES * effort`` leaves (networks with at most ``SPLIT_MAX_INPUTS``
+        ``_SUBDIVIDE_LEAVES * effort`` more leaves of one search per layer
+        (:class:`onnx_exact.input_split.InputSearch`; networks with at most ``SPLIT_MAX_INPUTS``
         input features, above the first layer).
 
-        Why a second, larger call rather than one call with the whole budget in the split tier:
-        an unstable direction whose sign lives in a sliver costs the branch and bound many leaves
+        Why a second search rather than one with the whole budget in the split tier: an
+        unstable direction whose sign lives in a sliver costs the branch and bound many leaves
         (ACAS Xu 1_1 operational, layer 3 neuron 47: about 47,000) and the attack tier a second
         or two, so the large budget goes only to what the attack left, mostly stable directions
-        whose extreme lies near 0 (layer 3 neuron 14: about 340,000 leaves). A retry starts from
-        the whole box again with a larger budget (the work lost is at most the previous budget).
-        Labels are the same for any ``jobs`` (:func:`onnx_exact.input_split.decide_directions`).
+        whose extreme lies near 0 (layer 3 neuron 14: about 340,000 leaves). The search is kept
+        per layer and a retry continues it where it stopped (its open leaves), so the first
+        pass gives every layer a turn before any layer gets the larger retry budgets; the
+        directions settled elsewhere meanwhile are dropped from it. Labels are the same for
+        any ``jobs``.
         """
         with self.timed("subdivide"):
-            neurons, signs = self.open_directions(k)
-            if not neurons.size:
-                return
-            margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
-            outcome = input_split.decide_directions(
-                self.net,
-                self.box.lower,
-                self.box.upper,
-                self.bounds,
-                np.full(neurons.size, k),
-                neurons,
-                signs,
-                margin,
-                max_leaves=int(_SUBDIVIDE_LEAVES * effort),
-                deadline=self.deadline,
-                jobs=self.jobs,
+            if k not in self.searches:
+                neurons, signs = self.open_directions(k)
+                if not neurons.size:
+                    return
+                margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
+                self.searches[k] = input_split.InputSearch(
+                    self.net,
+                    self.box.lower,
+                    self.box.upper,
+                    self.bounds,
+                    np.full(neurons.size, k),
+                    neurons,
+                    signs,
+                    margin,
+                    jobs=self.jobs,
+                )
+            search = self.searches[k]
+            neurons, signs = search.neurons, search.signs
+            outcome = search.run(
+                int(_SUBDIVIDE_LEAVES * effort),
+                self.deadline,
+                asked=self.still_open(k, neurons, signs),
             )
             self.see(outcome.witnesses, "subdivide")
             proved = outcome.proved & self.still_open(k, neurons, signs)

@@ -192,3 +192,16 @@ def test_split_tier_budget_hands_directions_on(monkeypatch) -> None:
     full = analyze_stability(net, box, tiers=("split",))
     assert full.layers[1].states[0] == NeuronState.INACTIVE
     assert full.layers[1].decided_by[0] == "split"
+
+
+def test_a_search_resumes_and_never_proves_what_the_caller_dropped() -> None:
+    net, box = diagonal_net()
+    args = (net, box.lower, box.upper, interval_bounds(net, box), [1, 1], [0, 1], [1, 1])
+    search = input_split.InputSearch(*args, [1e-12, 1e-12])
+    first = search.run(1)
+    assert first.leaves == 1 and not first.proved.any()
+    second = search.run(1000)  # continues from the two halves of the root
+    assert second.proved[0] and second.refuted[1]  # a + b - 2.5 < 0; a - b > 0 somewhere
+    dropped = input_split.InputSearch(*args, [1e-12, 1e-12])
+    outcome = dropped.run(1000, asked=np.array([False, True]))
+    assert not outcome.proved[0] and not outcome.refuted[0] and outcome.refuted[1]
