@@ -258,7 +258,7 @@ def load_graph(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         model, label = source, "<model>"
     else:
         model, label = _decode(Path(os.fspath(source))), os.fspath(source)
-    _check_integrity(model, label)
+    _check_integrity(model, label, None if isinstance(source, onnx.ModelProto) else Path(label))
     return model
 
 
@@ -312,7 +312,7 @@ _PACKED_PER_BYTE = {
 }
 
 
-def _check_integrity(model: onnx.ModelProto, label: str) -> None:
+def _check_integrity(model: onnx.ModelProto, label: str, path: Path | None = None) -> None:
     """Refuse a malformed model up front, naming the tensor or node, instead of failing later.
 
     onnx and onnxruntime would otherwise raise deep inside the analysis or the writer (a reshape
@@ -320,7 +320,9 @@ def _check_integrity(model: onnx.ModelProto, label: str) -> None:
     IR version this onnx reads, the stored size of every initializer and ``Constant`` tensor of the
     main graph against its ``dims`` and ``data_type``, unique initializer and node names
     (onnxruntime refuses repeated node names), every node input and graph output produced before
-    it is used; then ``onnx.checker.check_model`` for anything else (models under 2 GiB).
+    it is used; then ``onnx.checker.check_model`` for anything else (models under 2 GiB). A model
+    that still refers to external data is checked from its ``path``: in memory the checker would
+    look for the data files in the current directory instead of beside the model.
     """
     if model.ir_version > onnx.IR_VERSION:
         raise MalformedModelError(
@@ -374,8 +376,9 @@ def _check_integrity(model: onnx.ModelProto, label: str) -> None:
     except EncodeError:  # over protobuf's 2 GiB limit: onnxruntime checks it from its path
         small = False
     if small:
+        external = any(onnx.external_data_helper.uses_external_data(t) for t in _all_tensors(model))
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(str(path) if external and path is not None else model)
         except onnx.checker.ValidationError as exc:
             reason = " ".join(str(exc).split())
             raise MalformedModelError(

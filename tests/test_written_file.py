@@ -283,3 +283,16 @@ def test_compress_with_a_billion_batch_writes_the_declared_shape(tmp_path):
     written = onnx.load(out)
     assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 10**9
     assert os.path.getsize(out) < 10**6
+
+
+def test_check_runs_the_candidate_from_its_path(tmp_path):
+    """``check`` used to run both models from protos loaded by onnx (external data inlined), so
+    a candidate onnxruntime cannot load from its path (its int64 shape stored externally) passed."""
+    source, _, _ = dynamo_model(tmp_path)
+    model = onnx.load(source)
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, bad, save_as_external_data=True, location="bad.onnx.data", size_threshold=0)
+    assert placement_of(bad)["val_0"] is True
+    code, _, err = run_cli(["check", source, bad, "-r", "[-1,1]", "--no-prove"])
+    assert code == 2, err
+    assert "onnxruntime cannot load" in err and "bad.onnx" in err
