@@ -1,20 +1,21 @@
 """The one worker mechanism of a run: a reused process pool and single background processes.
 
 Why one mechanism
-    ``--jobs`` used to feed three separate ones (the decision MILPs, the subdivision pieces, the
-    background attack), and the two pools were started afresh by every call: two spawned workers
-    cost seconds on a loaded machine, and each re-imported onnx for nothing. Now every caller of a
-    run shares :func:`worker_pool`: one ``spawn`` pool per ``jobs`` value, created on first use and
-    kept until :func:`shutdown_pools`. A task carries its own context (:class:`TaskContext`), so
-    the same workers serve every caller.
+    Every user of ``--jobs`` in a run (the decision MILPs, the input-splitting tier, the
+    equivalence proof's MILPs) shares :func:`worker_pool`: one ``spawn`` pool per ``jobs`` value,
+    created on first use and kept until :func:`shutdown_pools`. Starting a worker costs about a
+    second on a loaded machine (an interpreter with numpy and highspy), so a pool per call paid it
+    on every call. A task carries its own context (:class:`TaskContext`), so the same workers
+    serve every caller. The background attack is one process (:func:`start_process`) with the
+    same guarantees.
 
 Guarantees of every process started here (pool workers and :func:`start_process`)
     * ``spawn`` start (HiGHS hangs in forked children).
     * It dies with its parent: ``PR_SET_PDEATHSIG = SIGKILL`` through ``prctl`` on Linux (only
       when the process was started from the main thread: the kernel sends the signal when the
       *thread* that started the child ends), and a watchdog thread that ends it within
-      :data:`WATCHDOG_SECONDS` once its parent is gone (other platforms, and the window before
-      ``prctl`` ran). A ``kill -9`` of the analysis thus leaves no worker behind, and no
+      :data:`WATCHDOG_SECONDS` once its parent is gone (other platforms, processes started from
+      other threads, and a parent that died before ``prctl`` ran). A ``kill -9`` of the analysis thus leaves no worker behind, and no
       ``multiprocessing`` resource tracker either (it ends when the last holder of its pipe does).
     * SIGINT is blocked while it starts and ignored once it runs: a Ctrl-C reaches the whole
       process group, and only the main process reports it (one line, exit code 130). A worker
