@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,7 +292,7 @@ def _load(path: Path) -> tuple[onnx.ModelProto, frozenset[str]]:
     model = _decode(path)
     external = frozenset(
         tensor.name
-        for tensor in _all_tensors(model)
+        for tensor in all_tensors(model)
         if onnx.external_data_helper.uses_external_data(tensor)
     )
     if external:
@@ -376,7 +377,7 @@ def _check_integrity(model: onnx.ModelProto, label: str, path: Path | None = Non
     except EncodeError:  # over protobuf's 2 GiB limit: onnxruntime checks it from its path
         small = False
     if small:
-        external = any(onnx.external_data_helper.uses_external_data(t) for t in _all_tensors(model))
+        external = any(onnx.external_data_helper.uses_external_data(t) for t in all_tensors(model))
         try:
             onnx.checker.check_model(str(path) if external and path is not None else model)
         except onnx.checker.ValidationError as exc:
@@ -433,10 +434,21 @@ def all_graphs(graph: onnx.GraphProto):
                     yield from all_graphs(sub)
 
 
-def _all_tensors(model: onnx.ModelProto):
-    """Every TensorProto that may hold data: initializers and tensor attributes, in all graphs."""
+def all_tensors(model: onnx.ModelProto, *, sparse: bool = False) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto that may hold data, graph by graph (subgraphs included), in graph order.
+
+    By default the initializers and the tensor attributes (``TENSOR`` and ``TENSORS``): the kinds
+    of tensor ``onnx.external_data_helper`` externalises and loads, so the reader and the writer
+    agree with onnx on which tensors have a data file. With ``sparse``, also the values and
+    indices of each graph's sparse initializers, right after its dense ones: a hand-written file
+    may point at data files from those too, and no file a run reads may be overwritten.
+    """
     for graph in all_graphs(model.graph):
         yield from graph.initializer
+        if sparse:
+            for entry in graph.sparse_initializer:
+                yield entry.values
+                yield entry.indices
         for node in graph.node:
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.TENSOR:

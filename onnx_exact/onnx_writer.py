@@ -35,7 +35,14 @@ from google.protobuf.message import EncodeError
 from onnx import external_data_helper, helper, numpy_helper
 
 from .errors import UnsupportedModelError, UsageError, VerificationError
-from .onnx_reader import Binding, ConstantResolver, LayerBinding, ReadResult, all_graphs
+from .onnx_reader import (
+    Binding,
+    ConstantResolver,
+    LayerBinding,
+    ReadResult,
+    all_graphs,
+    all_tensors,
+)
 from .reduce import Reduction
 
 EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8 * 1024**3)
@@ -464,7 +471,7 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     Computed from dims and element type where the data is raw (no copy of a payload is made), so it
     works on a model over 2 GiB, whose ``ByteSize()`` protobuf refuses.
     """
-    return sum(_payload_bytes(tensor) for tensor in _all_tensors(model))
+    return sum(_payload_bytes(tensor) for tensor in all_tensors(model))
 
 
 def model_size_bytes(model: onnx.ModelProto) -> int:
@@ -490,18 +497,6 @@ def _payload_bytes(tensor: onnx.TensorProto) -> int:
             return math.prod(tensor.dims) * _FIXED_ITEMSIZE[tensor.data_type]
         return len(tensor.raw_data)
     return tensor.ByteSize()
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Initializers and tensor attributes of every graph, in graph order (what onnx externalises)."""
-    for graph in all_graphs(model.graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.TENSOR:
-                    yield attribute.t
-                elif attribute.type == onnx.AttributeProto.TENSORS:
-                    yield from attribute.tensors
 
 
 @dataclass(frozen=True)
@@ -537,7 +532,7 @@ class TensorPlacement:
         if not read.uses_external_data:
             return None
         external = frozenset(read.external_tensors)
-        sizes = {tensor.name: _payload_bytes(tensor) for tensor in _all_tensors(read.model)}
+        sizes = {tensor.name: _payload_bytes(tensor) for tensor in all_tensors(read.model)}
         inline = frozenset(sizes) - external
         threshold = min((sizes[name] for name in external if name in sizes), default=1)
         return cls(external, inline, max(threshold, 1))
@@ -673,7 +668,7 @@ def _write_files(
         if placement is not None:
             with open(staged.data_path, "wb") as stream:
                 offset = 0
-                for tensor in _all_tensors(model):
+                for tensor in all_tensors(model):
                     if external_data_helper.uses_external_data(tensor):
                         raise ValueError(f"tensor '{tensor.name}' still refers to external data")
                     if tensor.data_type == onnx.TensorProto.STRING or not placement.is_external(

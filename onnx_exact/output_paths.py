@@ -28,14 +28,14 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import onnx
 from onnx import external_data_helper
 
 from .errors import UsageError
-from .onnx_reader import all_graphs
+from .onnx_reader import all_tensors
 from .onnx_writer import external_data_path
 
 STDOUT = "-"
@@ -218,7 +218,7 @@ def _external_data_locations(path: str, size: int, mtime_ns: int) -> tuple[str, 
     except Exception:  # noqa: BLE001 - not ONNX / unreadable: the reader says why, with context
         return ()
     found: dict[str, None] = {}
-    for tensor in _tensors(model):
+    for tensor in all_tensors(model, sparse=True):
         if external_data_helper.uses_external_data(tensor):
             location = external_data_helper.ExternalDataInfo(tensor).location
             if location:
@@ -242,21 +242,6 @@ def _mentions_location(path: str) -> bool:
             return m.find(b"location") >= 0
     except (OSError, ValueError):  # unreadable or empty: the reader reports it
         return False
-
-
-def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto that can hold data: initializers (also sparse) and tensor attributes."""
-    for graph in all_graphs(model.graph):
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.TENSOR:
-                    yield attribute.t
-                elif attribute.type == onnx.AttributeProto.TENSORS:
-                    yield from attribute.tensors
 
 
 def _names_a_file(path: str) -> bool:
