@@ -50,17 +50,14 @@ LOCAL_RADIUS = 0.001
 BEGIN, END = "<!-- large-model:begin -->", "<!-- large-model:end -->"
 
 
-def build_model(sizes: tuple[int, ...] = SIZES, seed: int = SEED) -> onnx.ModelProto:
-    """A Gemm/Relu MLP with He-scaled normal weights and small biases (float32, seeded)."""
-    rng = np.random.default_rng(seed)
-    nodes, initializers, tensor = [], [], "input"
-    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
-        weight = rng.normal(0.0, np.sqrt(2.0 / n_in), size=(n_out, n_in)).astype(np.float32)
-        bias = rng.normal(0.0, 0.05, size=n_out).astype(np.float32)
-        initializers += [
-            numpy_helper.from_array(weight, f"fc{k}.weight"),
-            numpy_helper.from_array(bias, f"fc{k}.bias"),
-        ]
+def _mlp_model(
+    sizes: tuple[int, ...], initializers: list[TensorProto], elem_type: int, name: str
+) -> onnx.ModelProto:
+    """The Gemm/Relu MLP over ``fc{k}.weight`` (out, in) and ``fc{k}.bias``, given as initializers
+    (inline or pointing at a data file): ``Gemm(transB=1)`` per layer, ``Relu`` after each hidden
+    one, input ``["batch", sizes[0]]`` and output ``["batch", sizes[-1]]`` of ``elem_type``."""
+    nodes, tensor = [], "input"
+    for k in range(len(sizes) - 1):
         nodes.append(
             helper.make_node(
                 "Gemm",
@@ -76,14 +73,28 @@ def build_model(sizes: tuple[int, ...] = SIZES, seed: int = SEED) -> onnx.ModelP
             tensor = f"relu{k}"
     graph = helper.make_graph(
         nodes,
-        "large_mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", sizes[0]])],
-        [helper.make_tensor_value_info(tensor, TensorProto.FLOAT, ["batch", sizes[-1]])],
+        name,
+        [helper.make_tensor_value_info("input", elem_type, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info(tensor, elem_type, ["batch", sizes[-1]])],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def build_model(sizes: tuple[int, ...] = SIZES, seed: int = SEED) -> onnx.ModelProto:
+    """A Gemm/Relu MLP with He-scaled normal weights and small biases (float32, seeded)."""
+    rng = np.random.default_rng(seed)
+    initializers = []
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+        weight = rng.normal(0.0, np.sqrt(2.0 / n_in), size=(n_out, n_in)).astype(np.float32)
+        bias = rng.normal(0.0, 0.05, size=n_out).astype(np.float32)
+        initializers += [
+            numpy_helper.from_array(weight, f"fc{k}.weight"),
+            numpy_helper.from_array(bias, f"fc{k}.bias"),
+        ]
+    return _mlp_model(sizes, initializers, TensorProto.FLOAT, "large_mlp")
 
 
 def write_huge_model(folder: Path, sizes: tuple[int, ...] = HUGE_SIZES) -> Path:
@@ -92,7 +103,7 @@ def write_huge_model(folder: Path, sizes: tuple[int, ...] = HUGE_SIZES) -> Path:
     time and the model proto only points at the data file."""
     rng = np.random.default_rng(SEED)
     data_name = "huge.onnx.data"
-    nodes, initializers, tensor, offset = [], [], "input", 0
+    initializers, offset = [], 0
     with open(folder / data_name, "wb") as stream:
         for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
             for name, shape in ((f"fc{k}.weight", (n_out, n_in)), (f"fc{k}.bias", (n_out,))):
@@ -107,28 +118,7 @@ def write_huge_model(folder: Path, sizes: tuple[int, ...] = HUGE_SIZES) -> Path:
                     entry.external_data.add(key=key, value=str(value))
                 initializers.append(entry)
                 offset += length
-            nodes.append(
-                helper.make_node(
-                    "Gemm",
-                    [tensor, f"fc{k}.weight", f"fc{k}.bias"],
-                    [f"fc{k}"],
-                    name=f"fc{k}",
-                    transB=1,
-                )
-            )
-            tensor = f"fc{k}"
-            if k < len(sizes) - 2:
-                nodes.append(helper.make_node("Relu", [tensor], [f"relu{k}"], name=f"relu{k}"))
-                tensor = f"relu{k}"
-    graph = helper.make_graph(
-        nodes,
-        "huge_mlp",
-        [helper.make_tensor_value_info("input", TensorProto.DOUBLE, ["batch", sizes[0]])],
-        [helper.make_tensor_value_info(tensor, TensorProto.DOUBLE, ["batch", sizes[-1]])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = _mlp_model(sizes, initializers, TensorProto.DOUBLE, "huge_mlp")
     path = folder / "huge.onnx"
     path.write_bytes(model.SerializeToString())
     return path
