@@ -47,10 +47,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from rich.console import Console
-from rich.table import Table
 
 from .canonical import Canonical, gamma
+from .check_render import proof_verdict as proof_verdict  # re-exported: cli, report
+from .check_render import render_check as render_check
+from .check_render import tolerance_of
 from .correspondence import (
     METHODS,
     Correspondence,
@@ -561,13 +562,6 @@ def _raw_witnesses(net: Network, box: Box, stability: StabilityResult) -> np.nda
     return np.clip(raw, box.lower, box.upper)
 
 
-def _tolerance_of(value: float | dict[str, float], name: str) -> float:
-    """Polygraphy-style lookup: the output's entry, else the default under ``""``, else 1e-5."""
-    if isinstance(value, dict):
-        return float(value.get(name, value.get("", value.get("*", 1e-5))))
-    return float(value)
-
-
 def _runnable(read: ReadResult) -> onnx.ModelProto | os.PathLike:
     """What onnxruntime runs: the file a model was read from (loaded as a user loads it, so a
     file onnxruntime cannot load fails), else the in-memory model."""
@@ -700,11 +694,11 @@ def _prove_models(
 ) -> ProofResult:
     """The proof on two read models: tolerance, replay in onnxruntime, notes about tails."""
     if read_a is None or read_b is None:
-        return ProofResult("not applicable", _tolerance_of(atol, ""), np.inf, notes=[why_not])
+        return ProofResult("not applicable", tolerance_of(atol, ""), np.inf, notes=[why_not])
     net_a, net_b = read_a.network, read_b.network
     end_a, end_b = read_a.binding.output_tensor, read_b.binding.output_tensor
     graph_outputs = [o.name for o in read_a.model.graph.output]
-    tol = _tolerance_of(atol, end_a)
+    tol = tolerance_of(atol, end_a)
     notes = []
     if end_a in graph_outputs and end_b in {o.name for o in read_b.model.graph.output}:
         replay_outputs, replay_tols = [end_a], [tol]
@@ -714,7 +708,7 @@ def _prove_models(
             "them are not part of it"
         )
         replay_outputs = [o.name for o in sampled.outputs]
-        replay_tols = [_tolerance_of(atol, name) for name in replay_outputs]
+        replay_tols = [tolerance_of(atol, name) for name in replay_outputs]
     replay = _onnx_replay(_runnable(read_a), _runnable(read_b), replay_outputs, replay_tols)
     starts = np.concatenate([np.atleast_2d(sampled.worst_input).astype(np.float64), extra])
     result = prove_equivalence(
@@ -747,79 +741,3 @@ def _save_counterexample(
         np.save(path, example.input.astype(read.input_dtype).reshape(layout.sample_shape))
     except OSError as exc:
         raise UsageError(f"--counterexample {os.fspath(path)}: cannot write it ({exc})") from None
-
-
-# ----------------------------------------------------------------------------- rendering
-
-
-def render_check(report: CheckReport, console: Console) -> None:
-    """Per-output PASSED/FAILED lines (Polygraphy style), the difference table, the proof verdict."""
-    sampled = report.sampled
-    table = Table(title=f"sampled comparison ({sampled.samples} inputs, {report.box.source})")
-    for column in ("output", "max abs diff", "max rel diff", "at input", "min atol", "min rtol"):
-        table.add_column(column, justify="left" if column == "output" else "right")
-    for out in sampled.outputs:
-        table.add_row(
-            out.name,
-            f"{out.max_abs_diff:.3g}",
-            f"{out.max_rel_diff:.3g}",
-            str(out.where_abs),
-            f"{out.required_atol:.3g}",
-            f"{out.required_rtol:.3g}",
-        )
-    console.print(table)
-    for out in sampled.outputs:
-        atol = _tolerance_of(sampled.atol, out.name)
-        rtol = _tolerance_of(sampled.rtol, out.name)
-        if out.passed:
-            console.print(
-                f"[green]PASSED[/green] | Output: {out.name!r} | Difference is within tolerance "
-                f"(rel={rtol:g}, abs={atol:g})"
-            )
-        else:
-            console.print(
-                f"[red]FAILED[/red] | Output: {out.name!r} | Difference exceeds tolerance "
-                f"(rel={rtol:g}, abs={atol:g}): {out.mismatched_elements} elements, max abs diff "
-                f"{out.max_abs_diff:.3g}"
-            )
-    proof = report.proof
-    if proof is not None:
-        console.print(proof_verdict(proof))
-        if proof.correspondence is not None:
-            console.print(f"  correspondence: {proof.correspondence.summary()}")
-        open_directions = proof.open_directions
-        if open_directions and proof.status != "counterexample":
-            shown = ", ".join(f"{d.output}{'+' if d.sign > 0 else '-'}" for d in open_directions)
-            console.print(f"  open (output and sign): {shown}")
-        for note in proof.notes:
-            console.print(f"  note: {note}")
-    if report.counterexample_path:
-        console.print(f"counterexample written to {report.counterexample_path}")
-    console.print(
-        "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]",
-        f"| {report.model_a} vs {report.model_b}",
-    )
-
-
-def proof_verdict(proof: ProofResult) -> str:
-    if proof.status == "proved":
-        return (
-            f"[green]proved equivalent on the box up to ε = {proof.bound:.3g}[/green] "
-            f"(|f_A - f_B| ≤ {proof.tolerance:g} on {proof.output_tensor!r}; "
-            f"by {', '.join(proof.tiers)}; {proof.time_s:.2f} s)"
-        )
-    if proof.status == "counterexample":
-        example = proof.counterexample
-        return (
-            f"[red]NOT equivalent: counterexample[/red] at output {example.output}: exact "
-            f"difference {example.exact_difference:.6g}, onnxruntime {example.replayed_difference:.6g}"
-            f" > {proof.tolerance:g} ({proof.time_s:.2f} s)"
-        )
-    if proof.status == "not applicable":
-        return "proof not applicable"
-    why = "within the time limit" if proof.time_limit_hit else "(see the notes)"
-    return (
-        f"[yellow]not proved {why}[/yellow] (best bound {proof.bound:.3g} > "
-        f"{proof.tolerance:g}; largest difference seen {proof.best_difference:.3g}; "
-        f"{proof.time_s:.2f} s)"
-    )
