@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import sys
@@ -20,11 +19,12 @@ import time
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 from exporter_fixtures import gemm_mlp
 
 from onnx_exact import progress as progress_module
 from onnx_exact import stability
-from onnx_exact.cli import DEFAULT_TIME_LIMIT, main
+from onnx_exact.cli import DEFAULT_TIME_LIMIT
 from onnx_exact.domain import Box
 from onnx_exact.onnx_reader import read_model
 from onnx_exact.progress import Heartbeat, ProgressEvent, describe
@@ -38,18 +38,6 @@ def deep_case(eps: float = 0.05, seed: int = 0) -> tuple[onnx.ModelProto, np.nda
     model = gemm_mlp(DEEP_SIZES, seed=seed, pinned=False)
     centre = np.random.default_rng(seed).uniform(-0.5, 0.5, DEEP_SIZES[0])
     return model, centre - eps, centre + eps
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """``main(args)`` in-process, stdout and stderr captured (so stderr is not a TTY)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 # ------------------------------------------------------------------------------------ anytime

@@ -11,8 +11,6 @@ Python traceback, and no new file in the folder (no partial output, no temporary
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import sys
 from collections.abc import Callable
@@ -21,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 from onnx import TensorProto, helper, numpy_helper
-
-from onnx_exact.cli import main
 
 ERROR_PREFIX = "onnx-exact: error: "
 N_FEATURES = 4
@@ -751,18 +748,6 @@ def external_model(d: Path, location: str) -> Path:
     path = d / "model.onnx"
     onnx.save(mlp(), path, save_as_external_data=True, location=location, size_threshold=0)
     return path
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """``main(args)`` in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _snapshot(folder: Path) -> set[str]:

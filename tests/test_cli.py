@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_main
 from exporter_fixtures import gemm_mlp
 from onnx import numpy_helper
-
-from onnx_exact.cli import main
 
 
 def _mlp(path: Path, seed: int = 0, metadata: dict[str, str] | None = None) -> Path:
@@ -35,17 +34,11 @@ def _mlp(path: Path, seed: int = 0, metadata: dict[str, str] | None = None) -> P
     return path
 
 
-def run(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as done:
-        main(args)
-    return int(done.value.code or 0)
-
-
 def test_compress_bare_form_writes_verified_model_and_report(tmp_path, capsys):
     model = _mlp(tmp_path / "m.onnx")
     out = tmp_path / "small.onnx"
     report = tmp_path / "r.json"
-    code = run([str(model), str(out), "--input-range", "x:[0,1]", "--report", str(report)])
+    code = run_main([str(model), str(out), "--input-range", "x:[0,1]", "--report", str(report)])
     assert code == 0, capsys.readouterr()
     data = json.loads(report.read_text())
     assert data["verification"]["passed"] is True
@@ -60,13 +53,13 @@ def test_compress_bare_form_writes_verified_model_and_report(tmp_path, capsys):
     keys = {p.key for p in small.metadata_props}
     assert "onnx_exact.domain.x" in keys
     # The output records its domain, so it can be re-analysed without flags.
-    assert run(["analyze", str(out), "--json", str(tmp_path / "a.json"), "-q"]) == 0
+    assert run_main(["analyze", str(out), "--json", str(tmp_path / "a.json"), "-q"]) == 0
 
 
 def test_domain_from_metadata_needs_no_flags(tmp_path):
     meta = {"onnx_exact.domain.x": json.dumps({"lower": 0.0, "upper": 1.0})}
     model = _mlp(tmp_path / "m.onnx", metadata=meta)
-    assert run([str(model), str(tmp_path / "o.onnx"), "-q"]) == 0
+    assert run_main([str(model), str(tmp_path / "o.onnx"), "-q"]) == 0
     assert (tmp_path / "o.onnx").exists()
 
 
@@ -85,7 +78,7 @@ def test_domain_from_metadata_needs_no_flags(tmp_path):
 def test_bad_input_one_line_exit_2_no_output(tmp_path, capsys, make_args, needle):
     model = _mlp(tmp_path / "m.onnx")
     before = set(tmp_path.iterdir())
-    code = run(make_args(tmp_path, model))
+    code = run_main(make_args(tmp_path, model))
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err
@@ -155,9 +148,11 @@ def test_tolerances_read_per_output_with_the_default_only_where_used():
 def test_check_proves_compressed_output_and_flags_a_perturbed_weight(tmp_path, capsys):
     model = _mlp(tmp_path / "m.onnx")
     small = tmp_path / "small.onnx"
-    assert run([str(model), str(small), "-r", "[0,1]", "--prove", "-q"]) == 0
+    assert run_main([str(model), str(small), "-r", "[0,1]", "--prove", "-q"]) == 0
     report = tmp_path / "check.json"
-    assert run(["check", str(model), str(small), "--json", str(report), "--samples", "500"]) == 0
+    assert (
+        run_main(["check", str(model), str(small), "--json", str(report), "--samples", "500"]) == 0
+    )
     data = json.loads(report.read_text())
     assert data["proof"]["status"] == "proved"
 
@@ -170,7 +165,7 @@ def test_check_proves_compressed_output_and_flags_a_perturbed_weight(tmp_path, c
     bad = tmp_path / "bad.onnx"
     onnx.save(broken, bad)
     cex = tmp_path / "cex.npy"
-    code = run(["check", str(model), str(bad), "-r", "[0,1]", "--counterexample", str(cex)])
+    code = run_main(["check", str(model), str(bad), "-r", "[0,1]", "--counterexample", str(cex)])
     assert code == 1
     assert "FAILED" in capsys.readouterr().out
     assert cex.exists() and np.load(cex).shape == (4,)
@@ -198,13 +193,14 @@ def test_check_exits_4_not_0_when_sampled_equal_but_not_proved(tmp_path, capsys,
     monkeypatch.setattr(cli, "check", _proof_unfinished(cli.check))
     report = tmp_path / "check.json"
     args = ["check", str(model), str(twin), "-r", "[0,1]", "--samples", "200"]
-    assert run([*args, "--json", str(report)]) == 4
+    assert run_main([*args, "--json", str(report)]) == 4
     out = capsys.readouterr().out
     assert "NOT PROVED (sampled equal)" in out
     assert f"PASSED | {model} vs {twin}" not in out
     data = json.loads(report.read_text())
     assert (data["passed"], data["verdict"], data["exit_code"]) == (False, "not proved", 4)
-    assert run([*args, "--no-prove"]) == 0  # without the proof, exit 0 keeps its sampled meaning
+    # without the proof, exit 0 keeps its sampled meaning
+    assert run_main([*args, "--no-prove"]) == 0
 
 
 def test_compress_prove_exits_4_when_the_proof_does_not_finish(tmp_path, capsys, monkeypatch):
@@ -215,6 +211,6 @@ def test_compress_prove_exits_4_when_the_proof_does_not_finish(tmp_path, capsys,
     monkeypatch.setattr(
         cli, "compress", _proof_unfinished(cli.compress, lambda result: result.report)
     )
-    assert run([str(model), str(out), "-r", "[0,1]", "--prove"]) == 4
+    assert run_main([str(model), str(out), "-r", "[0,1]", "--prove"]) == 4
     printed = capsys.readouterr().out
     assert "NOT PROVED" in printed and out.exists()  # exact by construction, verified on samples

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_main
 from exporter_fixtures import gemm_mlp
 
 from onnx_exact import __version__
-from onnx_exact.cli import main
 from onnx_exact.report import SCHEMA_VERSION, _pct
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,17 +33,11 @@ def _identity_relu(path: Path) -> Path:
     return path
 
 
-def run(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as done:
-        main(args)
-    return int(done.value.code or 0)
-
-
 # ----------------------------------------------------------------------------- report wording
 def test_piped_tables_are_not_cut_at_80_columns(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
     model = _model(tmp_path / "m.onnx")
-    assert run([str(model), str(tmp_path / "s.onnx"), "-r", "[-1,1]"]) == 0
+    assert run_main([str(model), str(tmp_path / "s.onnx"), "-r", "[-1,1]"]) == 0
     out = capsys.readouterr().out
     assert "undecided" in out and "…" not in out
     note = next(line for line in out.splitlines() if line.startswith("note: float round-off"))
@@ -67,7 +61,7 @@ def test_reduction_percentages_have_no_signed_zero(after, before, shown):
 def test_an_all_unstable_layer_credits_no_tier_with_a_stability_proof(tmp_path, capsys):
     model = _identity_relu(tmp_path / "m.onnx")
     report = tmp_path / "r.json"
-    assert run(["analyze", str(model), "-r", "[-1,1]", "--json", str(report)]) == 0
+    assert run_main(["analyze", str(model), "-r", "[-1,1]", "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert "stable neurons proved by: none" in out
     layer = json.loads(report.read_text())["layers"][0]
@@ -85,7 +79,7 @@ def test_json_documents_carry_their_schema_and_version(tmp_path):
     }
     for name, args in documents.items():
         path = tmp_path / f"{name}.json"
-        assert run([*args, str(path)]) == 0, name
+        assert run_main([*args, str(path)]) == 0, name
         data = json.loads(path.read_text())
         assert (data["schema_version"], data["version"]) == (SCHEMA_VERSION, __version__), name
 
@@ -94,7 +88,7 @@ def test_json_documents_carry_their_schema_and_version(tmp_path):
 def test_polygraphy_tolerances_follow_one_option(tmp_path):
     model, report = _model(tmp_path / "m.onnx"), tmp_path / "r.json"
     args = [str(model), str(tmp_path / "s.onnx"), "--val-range", "x:[-1,1]", "--json", str(report)]
-    assert run([*args, "--atol", "1e-5", "y2:1e-4", "--rtol", "1e-3", "y2:1e-2"]) == 0
+    assert run_main([*args, "--atol", "1e-5", "y2:1e-4", "--rtol", "1e-3", "y2:1e-2"]) == 0
     verification = json.loads(report.read_text())["verification"]
     assert verification["atol"] == {"y2": 1e-4, "": 1e-5}
     assert verification["rtol"] == {"y2": 1e-2, "": 1e-3}
@@ -102,7 +96,7 @@ def test_polygraphy_tolerances_follow_one_option(tmp_path):
 
 def test_options_may_come_before_the_models(tmp_path):
     model, out = _model(tmp_path / "m.onnx"), tmp_path / "s.onnx"
-    assert run(["-r", "[-1,1]", "-q", str(model), str(out)]) == 0
+    assert run_main(["-r", "[-1,1]", "-q", str(model), str(out)]) == 0
     assert out.exists()
 
 
@@ -116,7 +110,7 @@ def test_json_dash_writes_the_document_to_stdout_and_the_tables_to_stderr(
         "analyze": ["analyze", str(model)],
         "check": ["check", str(model), str(model), "--samples", "50"],
     }[command]
-    assert run([*args, "-r", "[-1,1]", "--json", "-"]) == 0
+    assert run_main([*args, "-r", "[-1,1]", "--json", "-"]) == 0
     captured = capsys.readouterr()
     document = json.loads(captured.out)  # nothing but the JSON on stdout
     assert document["schema_version"] == SCHEMA_VERSION
@@ -125,12 +119,12 @@ def test_json_dash_writes_the_document_to_stdout_and_the_tables_to_stderr(
 
 def test_version_anywhere(capsys):
     for args in (["--version"], ["-V"], ["analyze", "missing.onnx", "--version"]):
-        assert run(args) == 0
+        assert run_main(args) == 0
         assert capsys.readouterr().out.strip() == f"onnx-exact {__version__}"
 
 
 def test_top_help_shows_the_implied_compress_form_and_completion(capsys):
-    assert run(["--help"]) == 0
+    assert run_main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "onnx-exact IN.onnx OUT.onnx" in out
     assert "--install-completion" in out and "--version" in out

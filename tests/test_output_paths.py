@@ -7,8 +7,6 @@ and every file in the folder byte-identical afterwards (no new file either).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import stat
@@ -18,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 from exporter_fixtures import gemm_mlp
 
 from onnx_exact import output_paths, pipeline
-from onnx_exact.cli import main
 from onnx_exact.errors import UsageError
 from onnx_exact.onnx_writer import external_data_path
 from onnx_exact.output_paths import (
@@ -31,17 +29,6 @@ from onnx_exact.output_paths import (
 )
 
 RANGE = ("-r", "[0,1]")
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def model_file(d: Path, name: str = "model.onnx", *, data: str | None = None) -> Path:

@@ -4,8 +4,6 @@ go through paths and external data, and a huge declared batch is never allocated
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tracemalloc
 from pathlib import Path
@@ -14,26 +12,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import run_cli
 from exporter_fixtures import GraphBuilder, box_samples, gemm_mlp, mlp_parameters, unit_box
 from onnx import external_data_helper
 
 from onnx_exact import onnx_writer, verify
-from onnx_exact.cli import main
 from onnx_exact.domain import Box
 from onnx_exact.onnx_reader import read_model
 from onnx_exact.pipeline import DomainSpec, compress
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """``main(args)`` in-process (so monkeypatches apply): (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def dynamo_model(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
