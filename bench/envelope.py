@@ -171,8 +171,30 @@ def agreement(runs: dict[str, dict]) -> str:
     return "; ".join(conflicts) if conflicts else f"agree ({len(finished)} runs)"
 
 
-def markdown(rows: list[list[str]], header: list[str], args, started: str, load: str) -> str:
+def summary_lines(results: list[tuple[str, dict]]) -> list[str]:
+    """The issue 25 target per ``auto`` run (0 undecided within ``TARGET_S``) and the slowest."""
+    finished = [(name, run) for name, run in results if not run.get("error")]
+    met = [
+        name
+        for name, run in finished
+        if not undecided(run) and not run["time_limit_hit"] and run["seconds"] <= TARGET_S
+    ]
+    lines = [f"- 0 undecided within {TARGET_S:.0f} s: {len(met)} of {len(results)} runs"]
+    if finished:
+        name, run = max(finished, key=lambda item: item[1]["seconds"])
+        lines.append(f"- Slowest: {name}, time {fmt_run(run)} (s); tiers {fmt_tiers(run)}")
+    return lines
+
+
+def markdown(
+    rows: list[list[str]], header: list[str], args, started: str, load: str, summary: list[str]
+) -> str:
     lines = [
+        f"## {args.section}",
+        "",
+        "Issue 25 (few-input networks over their whole envelope): `python bench/envelope.py`; "
+        "see its docstring.",
+        "",
         f"### Run `{args.section}`: {started}",
         "",
         f"- Command: `python bench/envelope.py {' '.join(sys.argv[1:])}`".rstrip(),
@@ -185,6 +207,7 @@ def markdown(rows: list[list[str]], header: list[str], args, started: str, load:
         "|" + "---|" * len(header),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + summary
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_cap > 0:
         header += ["per-neuron (s)", "speed-up"]
     header += ["labels"]
-    rows = []
+    rows, results = [], []
     for case in cases:
         runs: dict[str, dict] = {}
         for jobs in jobs_list:
@@ -236,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = f"{bound}{baseline['seconds'] / max(first['seconds'], 1e-9):.1f}×"
             row.append(ratio)
         row.append(agreement(runs))
+        results += [(f"{case.id} jobs {jobs}", runs[f"auto-j{jobs}"]) for jobs in jobs_list]
         rows.append(row)
         print(" | ".join(row), flush=True)
-    section = markdown(rows, header, args, started, load)
+    section = markdown(rows, header, args, started, load, summary_lines(results))
     BENCH.write_markdown(args.out, args.section, section)
     print(section)
     return 0
