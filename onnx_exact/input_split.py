@@ -19,22 +19,25 @@ dropped; the others are halved and their halves inherit the directions still ope
 
 Bounds of a batch of leaves
 ---------------------------
-Forward linear relaxation (symbolic intervals, as in ReluVal/Neurify): every pre-activation of
-layer ``j`` is enclosed on leaf ``b`` between two affine functions of the input,
-``L_{j,b}(x) <= y_j(x) <= U_{j,b}(x)``. Their extremes over the leaf, intersected with interval
-propagation from the previous layer and with the caller's whole-box bounds ``outer``, give
-``l_j <= y_j <= u_j``. A ReLU with ``l < 0 < u`` is relaxed by the lines of slope
-``a = u / (u - l)``: ``a y <= relu(y) <= a (y - l)``; stably active units pass, stably inactive
-ones vanish. With ``W+ = max(W, 0)`` and ``W- = min(W, 0)`` the next layer gets
-``U' = W+ U_h + W- L_h + b`` and ``L' = W+ L_h + W- U_h + b``. One layer costs four matrix
-products of ``W`` with a ``(n_j, B (n + 1))`` array: all leaves and all neurons at once.
+Forward linear relaxation (symbolic intervals, as in ReluVal/Neurify, :func:`leaf_bounds`):
+every pre-activation of layer ``j`` is enclosed on leaf ``b`` between two affine functions of the
+input, ``L_{j,b}(x) <= y_j(x) <= U_{j,b}(x)``. Their extremes over the leaf, intersected with
+interval propagation from the previous layer and with the caller's whole-box bounds ``outer``,
+give ``l_j <= y_j <= u_j``. The ReLU is relaxed on each form's own range (chords of ``relu`` over
+``[min U, max U]`` and ``[min L, max L]``), and the next layer gets ``W+ U + W- L + b`` and
+``W+ L + W- U + b``: two matrix products per layer over all leaves and neurons at once. A leaf's
+unstable neurons of a layer, when it has few, are bounded again by CROWN through the leaf's own
+relaxations. The asked rows get CROWN too (back-substitution through each leaf's relaxations);
+their bound is the smaller of the forward and the CROWN one.
 
-Split choice: for each open direction ``d`` of a leaf, the share of input dimension ``x_m`` in its
-bound's slack is ``|c_{d,m}| w_m / sum_m' |c_{d,m'}| w_m'`` (``c`` the coefficients of its linear
-upper bound, ``w`` the leaf's widths); the leaf is halved at the midpoint of the dimension with the
-largest share summed over its open directions. Leaves are taken best first: largest
-``bound / margin`` over their open directions (where a witness is most likely, and the bounds
-hardest to close).
+Split choice: for each open direction of a leaf, the *slack by input dimension*: every relaxed
+neuron's largest gap, weighted by the direction's CROWN coefficient on it, spread over the input
+dimensions in proportion to ``|c_m| w_m`` of the neuron's own linear bound (``w`` the leaf's
+widths), plus the direction's own ``|c_m| w_m / 2``. Normalised per direction and summed over the
+leaf's open directions, the largest share picks the dimension halved at its midpoint (a
+dimension the bound does not depend on linearly but whose width keeps neurons unstable is split
+too). Leaves are taken best first: largest ``bound / margin`` over their open directions (where a
+witness is most likely, and the bounds hardest to close).
 
 Soundness: float64 throughout on the exact weights; a computed bound can be off by rounding of the
 order of ``1e-16`` times the magnitudes involved, which the caller's margin (``1e-12 * s_i``, see

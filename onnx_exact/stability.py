@@ -678,7 +678,7 @@ class _Analysis:
         self.time_limit_hit = False
         self.tightened: set[int] = set()
         self.relaxation: milp.LayerRelaxation | None = None  # of the layer being decided
-        self.searches: dict[int, input_split.InputSearch] = {}  # the subdivide tier's, per layer
+        self.searches: dict[int, input_split.InputSearch] = {}  # split/subdivide's, per layer
 
     # ----------------------------------------------------------------- bookkeeping
     @contextmanager
@@ -1188,36 +1188,47 @@ class _Analysis:
     def split_tier(self, k: int) -> None:
         """Input-splitting branch and bound for layer k's open directions (few input features).
 
-        :func:`onnx_exact.input_split.decide_directions`: leaves of the box bounded thousands at
-        a time (forward linear relaxation of every layer, CROWN for the directions' rows, both
-        per leaf); a direction is closed on a leaf when its bound there is ``<= -1e-12 * s_i``,
+        :class:`onnx_exact.input_split.InputSearch`: leaves of the box bounded thousands at a
+        time (forward linear relaxation of every layer, CROWN for the directions' rows, both per
+        leaf); a direction is closed on a leaf when its bound there is ``<= -1e-12 * s_i``,
         proved when closed on every leaf of a cover of the box (the largest leaf bound then bounds
         it on the box), refuted by a leaf's centre or CROWN vertex (forward-passed here too, so
         they refute directions of every layer). Leaves are halved along the input dimension that
-        carries most of their open bounds' slack. What is open when the layer's leaf budget
-        (``_SPLIT_BOXES_PER_LAYER``) is spent goes on to the later tiers unchanged.
+        carries most of their open bounds' slack. What is open when ``_SPLIT_BOXES_PER_LAYER``
+        leaves are spent goes on to the later tiers; the search is kept for the layer's
+        ``subdivide`` tier, which continues it.
         """
         with self.timed("split"):
-            neurons, signs = self.open_directions(k)
-            if not neurons.size:
-                return
-            margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
-            outcome = input_split.decide_directions(
-                self.net,
-                self.box.lower,
-                self.box.upper,
-                self.bounds,
-                np.full(neurons.size, k),
-                neurons,
-                signs,
-                margin,
-                max_leaves=_SPLIT_BOXES_PER_LAYER,
-                deadline=self.deadline,
-                jobs=self.jobs,
-            )
-            self.see(outcome.witnesses, "split")
-            proved = outcome.proved & self.still_open(k, neurons, signs)
-            self.prove_covered(k, neurons[proved], signs[proved], outcome.worst[proved], "split")
+            if self.start_search(k):
+                self.run_search(k, _SPLIT_BOXES_PER_LAYER, "split")
+
+    def start_search(self, k: int) -> bool:
+        """A new input search over layer k's open directions (False: none is open)."""
+        neurons, signs = self.open_directions(k)
+        if not neurons.size:
+            return False
+        margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
+        self.searches[k] = input_split.InputSearch(
+            self.net,
+            self.box.lower,
+            self.box.upper,
+            self.bounds,
+            np.full(neurons.size, k),
+            neurons,
+            signs,
+            margin,
+            jobs=self.jobs,
+        )
+        return True
+
+    def run_search(self, k: int, leaves: int, tier: str) -> None:
+        """Continue layer k's input search for ``leaves`` leaves; apply its verdicts as ``tier``."""
+        search = self.searches[k]
+        neurons, signs = search.neurons, search.signs
+        outcome = search.run(leaves, self.deadline, asked=self.still_open(k, neurons, signs))
+        self.see(outcome.witnesses, tier)
+        proved = outcome.proved & self.still_open(k, neurons, signs)
+        self.prove_covered(k, neurons[proved], signs[proved], outcome.worst[proved], tier)
 
     def prove_covered(
         self, k: int, neurons: np.ndarray, signs: np.ndarray, worst: np.ndarray, tier: str
@@ -1238,50 +1249,22 @@ class _Analysis:
         self.propagate()
 
     def subdivide_tier(self, k: int, effort: float = 1.0) -> None:
-        """Layer k's directions still open after the attack: the input branch and bound again,
-        ``_SUBDIVIDE_LEAVES * effort`` more leaves of one search per layer
-        (:class:`onnx_exact.input_split.InputSearch`; networks with at most ``SPLIT_MAX_INPUTS``
-        input features, above the first layer).
+        """Layer k's directions still open after the attack: layer k's input search continued for
+        ``_SUBDIVIDE_LEAVES * effort`` more leaves (networks with at most ``SPLIT_MAX_INPUTS``
+        input features, above the first layer; a search is started if the split tier did not).
 
-        Why a second search rather than one with the whole budget in the split tier: an
-        unstable direction whose sign lives in a sliver costs the branch and bound many leaves
-        (ACAS Xu 1_1 operational, layer 3 neuron 47: about 47,000) and the attack tier a second
-        or two, so the large budget goes only to what the attack left, mostly stable directions
-        whose extreme lies near 0 (layer 3 neuron 14: about 340,000 leaves). The search is kept
-        per layer and a retry continues it where it stopped (its open leaves), so the first
-        pass gives every layer a turn before any layer gets the larger retry budgets; the
-        directions settled elsewhere meanwhile are dropped from it. Labels are the same for
-        any ``jobs``.
+        Why a second instalment rather than the whole budget in the split tier: an unstable
+        direction whose sign lives in a sliver costs the branch and bound many leaves (ACAS Xu
+        1_1 operational, layer 3 neuron 47: about 47,000) and the attack tier a second or two,
+        so the large budget goes only to what the attack left, mostly stable directions whose
+        extreme lies near 0 (layer 3 neuron 14: about 340,000 leaves). The search keeps its open
+        leaves, so each call and retry continues it, and the first pass gives every layer a turn
+        before the larger retry budgets; directions settled elsewhere meanwhile are dropped from
+        it. Labels are the same for any ``jobs``.
         """
         with self.timed("subdivide"):
-            if k not in self.searches:
-                neurons, signs = self.open_directions(k)
-                if not neurons.size:
-                    return
-                margin = FLOAT_MARGIN * neuron_scale(self.net, self.box, self.bounds, k)[neurons]
-                self.searches[k] = input_split.InputSearch(
-                    self.net,
-                    self.box.lower,
-                    self.box.upper,
-                    self.bounds,
-                    np.full(neurons.size, k),
-                    neurons,
-                    signs,
-                    margin,
-                    jobs=self.jobs,
-                )
-            search = self.searches[k]
-            neurons, signs = search.neurons, search.signs
-            outcome = search.run(
-                int(_SUBDIVIDE_LEAVES * effort),
-                self.deadline,
-                asked=self.still_open(k, neurons, signs),
-            )
-            self.see(outcome.witnesses, "subdivide")
-            proved = outcome.proved & self.still_open(k, neurons, signs)
-            self.prove_covered(
-                k, neurons[proved], signs[proved], outcome.worst[proved], "subdivide"
-            )
+            if k in self.searches or self.start_search(k):
+                self.run_search(k, int(_SUBDIVIDE_LEAVES * effort), "subdivide")
 
     def tighten_previous(self, k: int) -> None:
         """α-CROWN bounds for the not-yet-stable neurons of layers ``1 .. k - 1``, then CROWN for k.
