@@ -7,7 +7,7 @@ every net the ``auto`` pipeline runs with ``--jobs`` 1 and 2 (``--jobs-list``), 
 per-neuron MILP baseline (``method="per-neuron"``, two decision MILPs per neuron) capped at
 ``--baseline-cap`` seconds, each in its own spawned child process (the runner of
 ``bench/stability.py``). Per run: wall time of ``analyze_stability``, neurons left undecided,
-leaves bounded by the input-splitting branch and bound (``input_split.decide_directions``,
+leaves bounded by the input-splitting branch and bound (``input_split.InputSearch.run``,
 counted in the child), and the time per tier. Labels of every pair of runs are compared on
 the neurons both decided.
 
@@ -81,14 +81,14 @@ def _child_run(conn, case, method: str, time_limit: float, jobs: int, seed: int)
         from onnx_exact.stability import analyze_stability
 
         leaves = [0]
-        decide = input_split.decide_directions
+        search = input_split.InputSearch.run
 
-        def counting(*args, **kwargs):
-            outcome = decide(*args, **kwargs)
+        def counting(self, *args, **kwargs):
+            outcome = search(self, *args, **kwargs)
             leaves[0] += outcome.leaves
             return outcome
 
-        input_split.decide_directions = counting
+        input_split.InputSearch.run = counting
         read, box, _ = BENCH.load_problem(case)
         net = read.network
         start = time.perf_counter()
