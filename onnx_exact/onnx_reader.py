@@ -219,7 +219,48 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
         model, external = _load(path)
     _check_opsets(model, label)
     _check_integrity(model, label)
-    return _GraphWalker(model, label).read(path, external)
+    result = _GraphWalker(model, label).read(path, external)
+    _check_inference(model, label)
+    return result
+
+
+def _check_inference(model: onnx.ModelProto, label: str) -> None:
+    """Refuse a model onnxruntime would refuse to load because a node's types or shapes clash.
+
+    onnxruntime runs onnx's type and shape inference when it loads a model and fails on any node
+    whose inputs do not fit (an ``Add`` of a 5-vector onto 4 features, a ``Softmax`` axis out of
+    range, a graph output declared with another element type). The walk above does not look at
+    the nodes after the last layer, so such a model was analysed and then failed as "the written
+    model does not load" (exit 1, blaming the output). Run after the walk, so its own messages
+    come first. Declared output and ``value_info`` *shapes* are set aside during the inference
+    (their element types are kept): onnxruntime only warns about a declared shape that differs.
+    Models over protobuf's 2 GiB limit are skipped, as for ``onnx.checker``.
+    """
+    try:
+        if model.ByteSize() >= 2**31 - 1:
+            return
+    except EncodeError:
+        return
+    graph = model.graph
+    saved_outputs = [onnx.ValueInfoProto() for _ in graph.output]
+    for saved, output in zip(saved_outputs, graph.output, strict=True):
+        saved.CopyFrom(output)
+        if output.type.HasField("tensor_type"):
+            output.type.tensor_type.ClearField("shape")
+    saved_value_info = list(graph.value_info)
+    del graph.value_info[:]
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        reason = " ".join(str(exc).split())
+        raise MalformedModelError(
+            f"{label}: onnxruntime cannot load it (onnx shape inference: {reason}); fix the model "
+            "or re-export it"
+        ) from None
+    finally:
+        for saved, output in zip(saved_outputs, graph.output, strict=True):
+            output.CopyFrom(saved)
+        graph.value_info.extend(saved_value_info)
 
 
 def _check_opsets(model: onnx.ModelProto, label: str) -> None:
