@@ -506,6 +506,9 @@ def compare_models(
     ------
     VerificationError
         When the outputs differ in names, per-sample shapes or map keys (no tolerance applies).
+    UsageError
+        When a per-output tolerance names an output the models do not have (a typo would
+        otherwise leave that output at the default tolerance without a word).
     """
     reference_session = _session(reference, box.size)
     candidate_session = _session(candidate, box.size)
@@ -518,6 +521,15 @@ def compare_models(
             f"the models' outputs differ: reference {sorted(reference_outputs)}, candidate "
             f"{sorted(candidate_outputs)}"
         )
+    for option, value in (("--atol", atol), ("--rtol", rtol)):
+        known = (*reference_outputs, "", "*")
+        unknown = [k for k in value if k not in known] if isinstance(value, Mapping) else []
+        if unknown:
+            raise UsageError(
+                f"{option} {unknown[0]}:{value[unknown[0]]:g}: the model has no output "
+                f"'{unknown[0]}' (its outputs: {', '.join(map(repr, reference_outputs))}); "
+                "name one of them, or give a value for every output"
+            )
     stats = {
         name: _OutputStats(
             name,

@@ -82,3 +82,19 @@ def test_a_declared_output_shape_that_differs_is_still_accepted(tmp_path: Path):
     code, _, err = run_cli([path, tmp_path / "o.onnx", "-r", "[-1,1]", "--jobs", "1", "-q"])
     assert code == 0, err
     assert (tmp_path / "o.onnx").is_file()
+
+
+@pytest.mark.parametrize("command", ["compress", "check"])
+def test_a_tolerance_for_an_output_the_model_lacks_is_refused(tmp_path: Path, command: str):
+    """Polygraphy's ``--atol 1e-5 NAME:1e-4`` with a NAME the model does not have (a typo, or the
+    exporter renamed the output) silently left that output at the default tolerance."""
+    model, _, _ = torch_softmax_tail()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    args = [path, tmp_path / "o.onnx"] if command == "compress" else ["check", path, path]
+    code, _, err = run_cli([*args, "-r", "[-1,1]", "--jobs", "1", "--atol", "1e-5", "logit:1e-4"])
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith(ERROR), err
+    assert "--atol logit:0.0001" in lines[0] and "'output'" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
