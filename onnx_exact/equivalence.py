@@ -671,6 +671,8 @@ def check_equivalence(
             seed, jobs, progress,
         )  # fmt: skip
         timings["proof"] = time.monotonic() - stage
+        if proof.proved and not sampled.passed:
+            _judge_roundoff(sampled, proof, read_a, read_b, box, seed)
     report = CheckReport(label_a, label_b, box, sampled, proof, timings_s=timings)
     if proof is not None and proof.counterexample is not None and counterexample_path is not None:
         _save_counterexample(read_a, proof.counterexample, counterexample_path)
@@ -729,6 +731,62 @@ def _prove_models(
     result.output_tensor = end_a
     result.notes = notes + result.notes
     return result
+
+
+def _judge_roundoff(
+    sampled: EquivalenceReport,
+    proof: ProofResult,
+    read_a: ReadResult,
+    read_b: ReadResult,
+    box: Box,
+    seed: int,
+) -> None:
+    """Re-judge a failed sampled comparison that the proof shows to be float round-off.
+
+    The proof bounds the *exact* difference of the stored weights by ``proof.bound <= tol`` on
+    the whole box, so whatever onnxruntime shows beyond that on the proved output is float
+    evaluation error: ``|a - b| <= |a - f_A| + |f_A - f_B| + |f_B - b|``. Two exports of one
+    function (folded BN, rescaled units, compress's own output) evaluated in float32 differ by
+    up to the sum of their errors, which exceeds the default ``atol = 1e-5`` once the hidden
+    values reach ~10. As ``compress`` judges its own output (:func:`onnx_exact.pipeline.
+    model_roundoff`), that output's atol is raised to ``ROUNDOFF_FACTOR * (r_A + r_B)``, with
+    ``r`` each model's measured ``max |f_onnxruntime - f_float64|``, and the samples are judged
+    again (``required_atol`` is the smallest atol that passes at the given rtol); a note says so.
+    Nothing changes unless the proof covers every failing output (no tail, one end tensor) and
+    every failure fits the allowance: a larger sampled difference still fails the check.
+    """
+    from .pipeline import ROUNDOFF_FACTOR, model_roundoff  # pipeline imports this module
+
+    end = proof.output_tensor
+    failing = [out for out in sampled.outputs if not out.passed]
+    if read_b.binding.output_tensor != end or any(out.name != end for out in failing):
+        return
+    graph_b = [o.name for o in read_b.model.graph.output]
+    if end not in [o.name for o in read_a.model.graph.output] or end not in graph_b:
+        return
+    errors = [
+        model_roundoff(read.model, read.network, read.input_dtype, box, seed, path=read.path)
+        for read in (read_a, read_b)
+    ]
+    if any(end not in error for error in errors):
+        return
+    roundoff = errors[0][end] + errors[1][end]
+    atol = max(tolerance_of(sampled.atol, end), ROUNDOFF_FACTOR * roundoff)
+    if not (np.isfinite(atol) and all(out.required_atol <= atol for out in failing)):
+        return
+    for out in failing:
+        out.passed, out.mismatched_elements = True, 0
+    default = tolerance_of(sampled.atol, "")
+    given = sampled.atol if isinstance(sampled.atol, dict) else {"": default}
+    sampled.atol = {**given, end: atol}
+    sampled.passed = all(out.passed for out in sampled.outputs)
+    proof.notes.append(
+        f"sampled differences on {end!r} up to {max(o.max_abs_diff for o in failing):.3g} are "
+        f"float round-off: onnxruntime vs exact float64 is up to {errors[0][end]:.3g} (A) and "
+        f"{errors[1][end]:.3g} (B) and the exact difference is at most {proof.bound:.3g}; "
+        f"samples judged at atol {atol:.3g} ({ROUNDOFF_FACTOR:g} x the round-off, as compress "
+        "judges its output)"
+    )
 
 
 def _save_counterexample(
