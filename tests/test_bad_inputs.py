@@ -247,6 +247,10 @@ def unproduced_output(model: onnx.ModelProto) -> None:
     model.graph.output.append(helper.make_tensor_value_info("ghost", TensorProto.FLOAT, ["N", 3]))
 
 
+def output_declared_double(model: onnx.ModelProto) -> None:
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+
+
 def ir_version_99(model: onnx.ModelProto) -> None:
     model.ir_version = 99
 
@@ -452,6 +456,12 @@ CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
         model_case(edited(fc2_reads_missing)),
         2,
         ("model.onnx", "node 'fc2' (Gemm)", "'nothere'", "no graph input"),
+    ),
+    (
+        "graph output declared double, computed float",
+        model_case(edited(output_declared_double)),
+        2,
+        ("model.onnx", "onnxruntime cannot load it", "elem type differs"),
     ),
     (
         "graph output nothing produces",
