@@ -49,13 +49,12 @@ produces is forward-passed (refuting directions in *all* layers) before the next
    fraction of a second each (MNIST 256x2 at eps 0.05: attacking before it cost 109 of 230 s
    and refuted nothing);
 7. ``subdivide`` — for networks with at most ``SPLIT_MAX_INPUTS`` input features: the input
-   branch and bound of tier 5 again on what the attack left open, one search per layer that
-   each call (and each retry, with its effort) continues for a larger leaf budget, its batches
-   bounded in parallel over ``jobs``
-   (:meth:`_Analysis.subdivide_tier`). Up to ``SUBDIVIDE_ONLY_MAX_INPUTS`` input features it
-   takes the place of the box-wide tier 6 (ACAS Xu 1_1 on its operational domain: decided in
-   190 s on a machine at load 11, where the box-wide tiers and the earlier piece-by-piece
-   sub-analyses left a direction open at 300 s).
+   search of tier 5 continued (its open leaves kept) on what the attack left open, for a larger
+   leaf budget per call and per retry (times its effort), its batches bounded in parallel over
+   ``jobs`` (:meth:`_Analysis.subdivide_tier`). Up to ``SUBDIVIDE_ONLY_MAX_INPUTS`` input
+   features it takes the place of the box-wide tier 6 (ACAS Xu 1_1 on its operational domain:
+   decided in 69 s with ``jobs=1`` on a machine at load 3-4, where the box-wide tiers and the
+   earlier piece-by-piece sub-analyses left a direction open at 300 s).
 
 Anytime order: before any layer gets the tiers above, a first pass (:meth:`_Analysis.bounds_pass`)
 gives *every* layer its interval and CROWN bounds, bottom-up, and applies their proofs. What a
