@@ -98,3 +98,15 @@ def test_a_tolerance_for_an_output_the_model_lacks_is_refused(tmp_path: Path, co
     assert len(lines) == 1 and lines[0].startswith(ERROR), err
     assert "--atol logit:0.0001" in lines[0] and "'output'" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_an_empty_output_path_is_a_usage_error(tmp_path: Path, monkeypatch):
+    """``onnx-exact IN ''`` (an unset shell variable) was an internal error (exit 3): the data
+    file's name was derived from a path with no name."""
+    model, _, _ = torch_softmax_tail()
+    onnx.save(model, tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["m.onnx", "", "-r", "[-1,1]", "--jobs", "1"])
+    assert code == 2, err
+    assert err.strip() == "onnx-exact: error: output path '' is empty: give a file name"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
