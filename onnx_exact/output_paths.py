@@ -118,6 +118,8 @@ def plan_run_paths(
         writes.append(output)
         writes.append(RunPath(data, "the output model's data file", "the output model's data file"))
     for option, p in outputs:
+        if p is not None and not os.fspath(p):  # `--json "$REPORT"` with REPORT unset
+            raise UsageError(f"{option} '' is empty: give a file name, or - for standard output")
         if p is not None and os.fspath(p) != STDOUT:
             writes.append(RunPath(os.fspath(p), f"the {option} file", option))
 

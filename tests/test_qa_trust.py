@@ -110,3 +110,19 @@ def test_an_empty_output_path_is_a_usage_error(tmp_path: Path, monkeypatch):
     assert code == 2, err
     assert err.strip() == "onnx-exact: error: output path '' is empty: give a file name"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("command", ["compress", "analyze", "check"])
+def test_an_empty_json_path_is_a_usage_error(tmp_path: Path, monkeypatch, command: str):
+    """``--json "$REPORT"`` with REPORT unset wrote no report and exited 0."""
+    model, _, _ = torch_softmax_tail()
+    onnx.save(model, tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    args = {"compress": ["m.onnx", "o.onnx"], "analyze": ["analyze", "m.onnx"]}
+    args["check"] = ["check", "m.onnx", "m.onnx"]
+    code, _, err = run_cli([*args[command], "-r", "[-1,1]", "--jobs", "1", "--json", ""])
+    assert code == 2, err
+    assert err.strip() == (
+        "onnx-exact: error: --json '' is empty: give a file name, or - for standard output"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
