@@ -698,6 +698,13 @@ CASES: list[tuple[str, ModelArgs, int, tuple[str, ...]]] = [
     ("--rtol nan", domain_case(*RANGE, "--rtol", "nan"), 2, ("--rtol 'nan'", "finite")),
     ("--atol inf", domain_case(*RANGE, "--atol", "inf"), 2, ("--atol 'inf'", "finite")),
     (
+        "--atol for an output the model lacks",
+        domain_case(*RANGE, "--atol", "1e-5", "logits:1e-4"),
+        2,
+        ("--atol logits:0.0001", "no output 'logits'", "'out'"),
+    ),
+    ("empty --json path", domain_case(*RANGE, "--json", ""), 2, ("--json ''", "empty")),
+    (
         "--max-memory 1e400",
         domain_case(*RANGE, "--max-memory", "1e400"),
         2,
