@@ -10,9 +10,16 @@ from __future__ import annotations
 
 
 class OnnxExactError(Exception):
-    """Base class: a clear, one-line, user-facing failure."""
+    """Base class: a clear, one-line, user-facing failure.
+
+    The message stays one line even when what it quotes does not (a file name or a bound with a
+    newline in it): newlines are shown as ``\\n``, so the CLI still prints exactly one line.
+    """
 
     exit_code: int = 2
+
+    def __str__(self) -> str:
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
 class UnsupportedModelError(OnnxExactError):

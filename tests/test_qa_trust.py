@@ -126,3 +126,10 @@ def test_an_empty_json_path_is_a_usage_error(tmp_path: Path, monkeypatch, comman
         "onnx-exact: error: --json '' is empty: give a file name, or - for standard output"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_an_error_quoting_a_newline_is_still_one_line(tmp_path: Path):
+    """A file name with a newline in it (possible on POSIX) split the error over two lines."""
+    code, _, err = run_cli([tmp_path / "no\nsuch.onnx", tmp_path / "o.onnx", "-r", "[0,1]"])
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(ERROR) and "no\\nsuch.onnx" in err
