@@ -437,7 +437,11 @@ def analyze_command(
     max_memory: MaxMemory = None,
     json_path: Annotated[
         str | None,
-        typer.Option("--json", help="Write the analysis as JSON to this file."),
+        typer.Option(
+            "--json",
+            "--report",
+            help="Write the analysis as JSON to this file (- for stdout; the tables go to stderr).",
+        ),
     ] = None,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -490,7 +494,12 @@ def check_command(
         str | None, typer.Option(help="Save a counterexample input here (.npy).")
     ] = None,
     json_path: Annotated[
-        str | None, typer.Option("--json", help="Write the result as JSON to this file.")
+        str | None,
+        typer.Option(
+            "--json",
+            "--report",
+            help="Write the result as JSON to this file (- for stdout; the tables go to stderr).",
+        ),
     ] = None,
     jobs: Annotated[
         int | None,

@@ -112,6 +112,8 @@ def plan_run_paths(
     if output_model is not None:
         if not os.fspath(output_model):  # '' names no file (its data file's name would be '.data')
             raise UsageError("output path '' is empty: give a file name")
+        if os.fspath(output_model) == STDOUT:  # a model with external data cannot go to a pipe
+            raise UsageError("output path '-': the model is written to a file; give a file name")
         output = RunPath(os.fspath(output_model), "the output model", "output path")
         _check_target(output)  # first: its data file's name needs a file name ('.' has none)
         data = os.fspath(external_data_path(output.path))

@@ -8,6 +8,7 @@ the input (exit 2, one line), by ``analyze`` as by ``compress``; it used to be a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,32 @@ def test_an_empty_output_path_is_a_usage_error(tmp_path: Path, monkeypatch):
     assert code == 2, err
     assert err.strip() == "onnx-exact: error: output path '' is empty: give a file name"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_dash_as_the_output_model_is_a_usage_error(tmp_path: Path, monkeypatch):
+    """``onnx-exact IN -`` wrote a file named '-': a model (maybe with a data file) is not
+    written to standard output, so the dash is refused before the analysis."""
+    model, _, _ = torch_softmax_tail()
+    onnx.save(model, tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["m.onnx", "-", "-r", "[-1,1]", "--jobs", "1"])
+    assert code == 2, err
+    assert err.strip().startswith("onnx-exact: error: output path '-'"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("command", ["compress", "analyze", "check"])
+def test_report_is_an_alias_of_json_on_every_command(tmp_path: Path, monkeypatch, command: str):
+    """One flag name for the JSON report on every command, ``--report`` kept as its alias."""
+    model, _, _ = torch_softmax_tail()
+    onnx.save(model, tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    args = {"compress": ["m.onnx", "o.onnx"], "analyze": ["analyze", "m.onnx"]}
+    args["check"] = ["check", "m.onnx", "m.onnx"]
+    code, _, err = run_cli([*args[command], "-r", "[-1,1]", "--jobs", "1", "--report", "r.json"])
+    assert code == 0, err
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert document["schema_version"] == 1
 
 
 @pytest.mark.parametrize("command", ["compress", "analyze", "check"])
