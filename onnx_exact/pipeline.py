@@ -467,13 +467,6 @@ def compress(
                     f"Inf/NaN on output '{overflow[0]}' inside this box, so no tolerance can be "
                     "measured; give a box with smaller bounds"
                 )
-            overflow = [name for name, value in combined.items() if not np.isfinite(value)]
-            if overflow:
-                raise DomainError(
-                    f"{box.source}: onnxruntime's {read.input_dtype} evaluation overflows to "
-                    f"Inf/NaN on output '{overflow[0]}' inside this box, so no tolerance can be "
-                    "measured; give a box with smaller bounds"
-                )
             atol = _roundoff_atol(DEFAULT_ATOL, combined)
             for name, value in roundoff.items():
                 report.notes.append(
@@ -528,6 +521,17 @@ def compress(
     return CompressResult(model=model, reduction=reduction, analysis=analysis, report=report)
 
 
+def _stage(progress: ProgressCallback | None, phase: str) -> None:
+    """Tell the progress display which step follows the analysis (its time limit is over)."""
+    if progress is not None:
+        progress(ProgressEvent(phase))
+
+
+def _model_path(model: str | os.PathLike | onnx.ModelProto) -> str | None:
+    """The path messages and relative metadata refer to (None for an in-memory model)."""
+    return None if isinstance(model, onnx.ModelProto) else os.fspath(model)
+
+
 def _check_same_input_size(
     candidate: str | os.PathLike | onnx.ModelProto, n_features: int, reference: str
 ) -> None:
@@ -549,17 +553,6 @@ def _check_same_input_size(
             f"sample, {'the candidate model' if in_memory else os.fspath(candidate)} declares "
             f"input {names[0]!r} of shape {shape}; check compares two models on one input box"
         ) from None
-
-
-def _model_path(model: str | os.PathLike | onnx.ModelProto) -> str | None:
-    """The path messages and relative metadata refer to (None for an in-memory model)."""
-    return None if isinstance(model, onnx.ModelProto) else os.fspath(model)
-
-
-def _stage(progress: ProgressCallback | None, phase: str) -> None:
-    """Tell the progress display which step follows the analysis (its time limit is over)."""
-    if progress is not None:
-        progress(ProgressEvent(phase))
 
 
 def _declared_features(model: onnx.ModelProto, input_name: str, source: str) -> int:
