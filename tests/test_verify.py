@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import onnx
 import pytest
@@ -284,19 +282,17 @@ def test_session_and_run_model_accept_a_path(tmp_path):
     np.testing.assert_allclose(from_session, h @ weights[1][0].T + weights[1][1], rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------- speed
+# ----------------------------------------------------------------------------- size
 
 
-def test_mnist_sized_model_is_fast():
+def test_mnist_sized_model_compares_every_sample():
+    """2,000 samples, the centre and the two extreme corners of a 784-256-256-10 model, streamed
+    in chunks (its speed is measured by the benchmarks, not asserted here)."""
     sizes = (784, 256, 256, 10)
     model = mlp_model(mlp_weights(0, sizes), ["N", 784])
     box = Box(np.zeros(784), np.ones(784), "x")
-    compare_models(model, model, box, samples=10)  # warm-up: session creation
-    start = time.perf_counter()
     report = compare_models(model, model, box, samples=2000)
-    elapsed = time.perf_counter() - start
     assert report.passed and report.samples == 2003
-    assert elapsed < 2.0, f"2000 samples of 784-256-256-10 took {elapsed:.2f} s"
 
 
 @pytest.mark.parametrize(
