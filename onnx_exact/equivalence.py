@@ -329,7 +329,16 @@ def prove_equivalence(
     timings["matched"] = time.monotonic() - stage
     _report(progress, "matched", directions)
     notes: list[str] = []
-    if any(d.status == "open" for d in directions):
+    points = [box.center[None, :]]
+    if start_points is not None and np.size(start_points):
+        points.append(np.clip(np.atleast_2d(start_points), box.lower, box.upper))
+    pool = np.concatenate(points)
+    pool_diff = net_a.forward(pool) - net_b.forward(pool)
+    early = ProofResult("not proved", tol, np.inf)  # collects _confirm's notes
+    example = _violated_at_start(
+        net_a, net_b, box, pool, pool_diff, directions, tol, replay, np.dtype(input_dtype), early
+    )
+    if example is None and any(d.status == "open" for d in directions):
         stage = time.monotonic()
         targeted = proved = 0
         budget_end = stage + TARGETED_SHARE * (deadline - stage)
@@ -375,22 +384,18 @@ def prove_equivalence(
         error_floor=float(walk.error.max(initial=0.0)),
         correspondence=walk.matches,
     )
-    notes += _one_sided_note(walk.matches)
+    notes += _one_sided_note(walk.matches) + early.notes
     if result.error_floor > tol:
         notes.append(
             f"the accumulated round-off and sharing residuals ({result.error_floor:.3g}) exceed "
             f"tol {tol:g}: no bound below them can be proved (the MILP skips those outputs); "
             "a larger --atol, or tighter bounds from a longer stability analysis, may prove it"
         )
-    points = [box.center[None, :]]
-    if start_points is not None and np.size(start_points):
-        points.append(np.clip(np.atleast_2d(start_points), box.lower, box.upper))
-    pool = np.concatenate(points)
-    pool_diff = net_a.forward(pool) - net_b.forward(pool)
     result.best_difference = float(np.abs(pool_diff).max(initial=0.0))
+    result.counterexample = example
 
     open_directions = [d for d in directions if d.status == "open"]
-    if open_directions:
+    if open_directions and example is None:
         stage = time.monotonic()
         result.binaries = canonical.width - canonical.n_inputs
         signed = np.array([d.sign * pool_diff[:, d.output] for d in open_directions])
@@ -489,6 +494,44 @@ def _one_sided_note(matches: Correspondence) -> list[str]:
         for tag, count in counts.items()
         if count
     ]
+
+
+def _violated_at_start(
+    net_a: Network,
+    net_b: Network,
+    box: Box,
+    pool: np.ndarray,
+    pool_diff: np.ndarray,
+    directions: list[DirectionBound],
+    tol: float,
+    replay: Replay | None,
+    input_dtype: np.dtype,
+    result: ProofResult,
+) -> Counterexample | None:
+    """A counterexample among the start points (the sampled worst input), before any tier.
+
+    When sampling already found a difference above ``tol``, it is confirmed (exact difference at
+    the input as fed, replayed in onnxruntime) right away, and that direction is "violated":
+    the targeted stability analyses and the MILP, which may take half the time limit each, can
+    only confirm a verdict the samples already give.
+    """
+    open_now = [d for d in directions if d.status == "open"]
+    if not open_now or pool.shape[0] == 0:
+        return None
+    signed = np.array([d.sign * pool_diff[:, d.output] for d in open_now])
+    for index in np.argsort(-signed.max(axis=1)):
+        if signed[index].max() <= tol:
+            break
+        direction = open_now[index]
+        found = list(pool[signed[index] > tol])
+        example = _confirm(
+            net_a, net_b, box, found, direction.output, direction.sign, tol, replay,
+            input_dtype, result,
+        )  # fmt: skip
+        if example is not None:
+            direction.status = "violated"
+            return example
+    return None
 
 
 def _confirm(

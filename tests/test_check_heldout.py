@@ -47,3 +47,16 @@ def test_a_real_difference_on_the_same_model_still_fails():
     report = check_equivalence(gemm_mlp(weights), gemm_mlp(changed), box, samples=1000)
     assert not report.passed and not report.sampled.passed
     assert report.sampled.atol == 1e-5
+
+
+def test_a_difference_the_samples_found_is_confirmed_before_any_tier():
+    weights = random_weights((6, 24, 24, 3), seed=4)
+    changed = [(np.array(w), np.array(b)) for w, b in weights]
+    changed[-1][1][1] += np.float32(1e-3)
+    box = unit_box(6, -1.0, 1.0)
+    report = check_equivalence(gemm_mlp(weights), gemm_mlp(changed), box, samples=500)
+    proof = report.proof
+    assert proof.status == "counterexample" and proof.counterexample.output == 1
+    assert proof.counterexample.replayed_difference > 1e-5
+    assert "milp" not in proof.timings_s and "stable-units" not in proof.timings_s
+    assert [d.status for d in proof.directions].count("violated") == 1
