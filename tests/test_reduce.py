@@ -225,6 +225,23 @@ def test_more_active_neurons_than_inputs_keep_a_basis() -> None:
     assert not record.folded
 
 
+def test_a_relation_that_amplifies_round_off_is_not_used() -> None:
+    """``h_1 = 2x + 7 = 2 h_0 - 1993`` with ``h_0 = x + 1000``: exactly dependent, but removing
+    ``h_1`` would move ``2 W_next[:, 1]`` onto ``h_0`` (~1000) and ``-1993 W_next[:, 1]`` into the
+    bias, a cancellation whose float32 rounding is ~270x that of ``W_next[:, 1] h_1`` itself
+    (amplification above ``MAX_AMPLIFICATION``): the row stays, so the written model keeps the
+    input's round-off."""
+    from onnx_exact.reduce import MAX_AMPLIFICATION, _dependent_rows
+
+    weight, bias = np.array([[1.0], [2.0]]), np.array([1000.0, 7.0])
+    basis, dependent, _ = _dependent_rows(weight, bias)
+    assert basis.tolist() == [0] and dependent.size == 0
+    amplification = 2.0 * np.hypot(1.0, 1000.0) / np.hypot(2.0, 7.0)
+    assert amplification > MAX_AMPLIFICATION
+    basis, dependent, alpha = _dependent_rows(weight, np.array([1000.0, 2000.0]))
+    assert dependent.tolist() == [1] and alpha.tolist() == [[2.0]]  # proportional: no cancellation
+
+
 def test_exact_combination_is_removed_but_a_near_combination_is_kept() -> None:
     rng = np.random.default_rng(3)
     w0 = rng.normal(size=(6, 6))
