@@ -79,8 +79,9 @@ def proof_verdict(proof: ProofResult) -> str:
         example = proof.counterexample
         return (
             f"[red]NOT equivalent: counterexample[/red] at output {example.output}: exact "
-            f"difference {example.exact_difference:.6g}, onnxruntime {example.replayed_difference:.6g}"
-            f" > {proof.tolerance:g} ({proof.time_s:.2f} s)"
+            f"difference {example.exact_difference:.6g} > {proof.tolerance:g}; "
+            f"{example.replayed_where or 'onnxruntime'}: {example.replayed_difference:.6g} "
+            f"({proof.time_s:.2f} s)"
         )
     if proof.status == "not applicable":
         return "proof not applicable"

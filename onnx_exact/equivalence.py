@@ -63,6 +63,7 @@ from .domain import Box, InputLayout, model_input_dims
 from .errors import OnnxExactError, UsageError
 from .network import Network
 from .onnx_reader import ReadResult, read_model
+from .output_paths import numpy_save_path, write_file_atomic
 from .proof_milp import Counterexample, DirectionBound, milp_tier
 from .stability import StabilityResult
 from .verify import EquivalenceReport, compare_models, run_model
@@ -72,8 +73,10 @@ ProgressCallback = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: "matched" and "stable-units" report the directions proved so
 far of all, "one-sided units proved stable" the targeted units proved so far of those targeted,
 "proof" the directions the MILP decided of those it got."""
-Replay = Callable[[np.ndarray], tuple[float, bool]]
-"""``replay(x_raw) -> (largest onnxruntime |f_A - f_B| on the proved outputs, exceeds tol)``."""
+Replay = Callable[[np.ndarray, int], tuple[float, bool, str]]
+"""``replay(x_raw, coordinate) -> (onnxruntime |f_A - f_B|, exceeds tol, which value that is)``:
+at ``coordinate`` of the end tensor when it is a graph output, else the largest over the graph
+outputs after the tail; ``exceeds`` is whether any compared value is beyond its tolerance."""
 
 TARGETED_SHARE = 0.5
 """Fraction of the remaining time the targeted stability analyses (tier 2) may use; the rest is
@@ -178,6 +181,7 @@ class ProofResult:
                 "output": example.output,
                 "exact_difference": example.exact_difference,
                 "replayed_difference": example.replayed_difference,
+                "replayed_where": example.replayed_where,
             },
             "notes": self.notes,
         }
@@ -560,13 +564,18 @@ def _confirm(
         exact = float((net_a.forward(fed) - net_b.forward(fed))[0, output])
         if sign * exact <= tol:
             continue
-        replayed, exceeds = (abs(exact), True) if replay is None else replay(fed)
+        if replay is None:
+            replayed, exceeds, where = abs(exact), True, "float64"
+        else:
+            replayed, exceeds, where = replay(fed, output)
         if exceeds:
-            return Counterexample(fed, output, exact, replayed)
-        result.notes.append(
+            return Counterexample(fed, output, exact, replayed, where)
+        note = (
             f"output {output}: an input with exact difference {exact:.3g} > {tol:g} does not "
-            f"replay in onnxruntime beyond the tolerance (largest difference {replayed:.3g})"
+            f"replay in onnxruntime beyond the tolerance ({where}: {replayed:.3g})"
         )
+        if note not in result.notes:
+            result.notes.append(note)
     return None
 
 
@@ -616,23 +625,32 @@ def _onnx_replay(
     model_b: onnx.ModelProto | os.PathLike,
     outputs: list[str],
     tols: list[float],
+    same_tensor: bool,
 ) -> Replay:
-    """Replay a raw input in onnxruntime: the largest ``|a - b|`` and whether one output's
-    difference exceeds its tolerance."""
+    """Replay a raw input in onnxruntime (see :data:`Replay`). ``same_tensor``: ``outputs`` is
+    the networks' end tensor alone, so a coordinate of the proof is a coordinate of it."""
 
-    def replay(x_raw: np.ndarray) -> tuple[float, bool]:
+    def replay(x_raw: np.ndarray, coordinate: int) -> tuple[float, bool, str]:
         values_a = run_model(model_a, x_raw)
         values_b = run_model(model_b, x_raw)
-        largest, exceeds = 0.0, False
+        largest, exceeds, at_coordinate = 0.0, False, None
         for name, tol in zip(outputs, tols, strict=True):
             a, b = np.asarray(values_a[name]), np.asarray(values_b[name])
             if not (np.issubdtype(a.dtype, np.number) and np.issubdtype(b.dtype, np.number)):
                 continue
-            a, b = a.astype(np.float64), b.astype(np.float64)
-            gap = float(np.abs(a - b).max(initial=0.0))
-            largest = max(largest, gap)
-            exceeds = exceeds or gap > tol
-        return largest, exceeds
+            gaps = np.abs(a.astype(np.float64) - b.astype(np.float64)).ravel()
+            largest = max(largest, float(gaps.max(initial=0.0)))
+            exceeds = exceeds or bool((gaps > tol).any())
+            if same_tensor and coordinate < gaps.size:
+                at_coordinate = float(gaps[coordinate])
+        if at_coordinate is not None:
+            return at_coordinate, exceeds, f"onnxruntime at the same coordinate of {outputs[0]!r}"
+        names = ", ".join(repr(name) for name in outputs)
+        return (
+            largest,
+            exceeds,
+            f"onnxruntime, largest on the graph outputs {names} (after the tail)",
+        )
 
     return replay
 
@@ -719,7 +737,7 @@ def check_equivalence(
     report = CheckReport(label_a, label_b, box, sampled, proof, timings_s=timings)
     if proof is not None and proof.counterexample is not None and counterexample_path is not None:
         _save_counterexample(read_a, proof.counterexample, counterexample_path)
-        report.counterexample_path = os.fspath(counterexample_path)
+        report.counterexample_path = numpy_save_path(counterexample_path)
     return report
 
 
@@ -745,7 +763,8 @@ def _prove_models(
     graph_outputs = [o.name for o in read_a.model.graph.output]
     tol = tolerance_of(atol, end_a)
     notes = []
-    if end_a in graph_outputs and end_b in {o.name for o in read_b.model.graph.output}:
+    same_tensor = end_a in graph_outputs and end_b in {o.name for o in read_b.model.graph.output}
+    if same_tensor:
         replay_outputs, replay_tols = [end_a], [tol]
     else:
         notes.append(
@@ -754,7 +773,9 @@ def _prove_models(
         )
         replay_outputs = [o.name for o in sampled.outputs]
         replay_tols = [tolerance_of(atol, name) for name in replay_outputs]
-    replay = _onnx_replay(_runnable(read_a), _runnable(read_b), replay_outputs, replay_tols)
+    replay = _onnx_replay(
+        _runnable(read_a), _runnable(read_b), replay_outputs, replay_tols, same_tensor
+    )
     starts = np.concatenate([np.atleast_2d(sampled.worst_input).astype(np.float64), extra])
     result = prove_equivalence(
         net_a,
@@ -838,7 +859,13 @@ def _save_counterexample(
     """``np.save`` the input in the model's per-sample shape and input dtype."""
     name = read.binding.input_name
     layout = InputLayout.from_dims(name, model_input_dims(read.model, name), example.input.shape[0])
+    array = example.input.astype(read.input_dtype).reshape(layout.sample_shape)
+
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+
     try:
-        np.save(path, example.input.astype(read.input_dtype).reshape(layout.sample_shape))
+        write_file_atomic(numpy_save_path(path), write)
     except OSError as exc:
         raise UsageError(f"--counterexample {os.fspath(path)}: cannot write it ({exc})") from None

@@ -63,14 +63,17 @@ class Counterexample:
 
     ``input`` is the raw flattened input exactly as fed to onnxruntime (representable in the
     input dtype, inside the box); ``exact_difference`` is ``f_A - f_B`` of output coordinate
-    ``output`` in float64 on the stored weights; ``replayed_difference`` the largest
-    ``|f_A - f_B|`` onnxruntime gives on the compared outputs.
+    ``output`` in float64 on the stored weights; ``replayed_difference`` what onnxruntime gives
+    for it and ``replayed_where`` which value that is: ``|f_A - f_B|`` at the same coordinate
+    when the networks' end tensor is a graph output, else the largest difference on the graph
+    outputs after the tail (e.g. probabilities after a Softmax, not comparable with logits).
     """
 
     input: np.ndarray
     output: int
     exact_difference: float
     replayed_difference: float
+    replayed_where: str = ""
 
 
 class ProofModel:

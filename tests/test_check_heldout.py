@@ -60,3 +60,28 @@ def test_a_difference_the_samples_found_is_confirmed_before_any_tier():
     assert proof.counterexample.replayed_difference > 1e-5
     assert "milp" not in proof.timings_s and "stable-units" not in proof.timings_s
     assert [d.status for d in proof.directions].count("violated") == 1
+
+
+def test_the_counterexample_line_compares_one_coordinate_with_itself(tmp_path):
+    """The counterexample's onnxruntime value is the difference at the coordinate whose exact
+    difference it reports (it was the largest over every output coordinate), and the saved file
+    is named as ``np.save`` names it."""
+    from onnx_exact.check_render import proof_verdict
+
+    weights = random_weights((6, 24, 24, 3), seed=4)
+    changed = [(np.array(w), np.array(b)) for w, b in weights]
+    changed[-1][1][1] += np.float32(1e-3)
+    box = unit_box(6, -1.0, 1.0)
+    report = check_equivalence(
+        gemm_mlp(weights),
+        gemm_mlp(changed),
+        box,
+        samples=500,
+        counterexample_path=tmp_path / "cx",
+    )
+    example = report.proof.counterexample
+    assert "same coordinate" in example.replayed_where
+    assert abs(example.replayed_difference - abs(example.exact_difference)) < 1e-5
+    assert "same coordinate" in proof_verdict(report.proof)
+    assert report.counterexample_path == str(tmp_path / "cx.npy")
+    assert np.load(tmp_path / "cx.npy").shape == (6,)
