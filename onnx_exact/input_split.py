@@ -60,6 +60,7 @@ LEAF_BATCH = 4096  # leaves bounded together at most
 _BATCH_VALUES = 2e7  # float64 values of one layer's pair of linear forms, at most (~160 MB)
 _PART_LEAVES = 256  # leaves per worker's part of a batch, at least
 _CANDIDATES_PER_LEAF = 4  # forward-passed points per bounded leaf with open directions, at most
+_FIXED_LOWER_SLOPES = (0.0,)  # CROWN lower ReLU lines tried per row besides the adaptive one
 
 
 @dataclass
@@ -449,8 +450,11 @@ def _direction_bounds(
     """Per leaf, bounds on ``s * y`` of the ``asked`` directions, and where to split for them.
 
     Returns ``values (B, R)``, the smaller of the forward bound and CROWN (back-substitution of
-    the row through each leaf's own relaxations, :func:`_back_substitute`); ``coeffs (B, R, n)``,
-    the input coefficients of CROWN's linear bound (its maximising vertex is a witness candidate);
+    the row through each leaf's own relaxations, :func:`_back_substitute`). CROWN runs with the
+    adaptive lower ReLU lines and again with every unstable neuron's lower line ``h >= a y`` at
+    each slope ``a`` of ``_FIXED_LOWER_SLOPES`` (sound for any ``a`` in ``[0, 1]``: a cheap
+    α-CROWN step), and each (leaf, row) keeps the smallest bound; ``coeffs (B, R, n)``,
+    the input coefficients of that linear bound (its maximising vertex is a witness candidate);
     ``scores (B, R, n)``, how much of each row's bound each input dimension accounts for.
     """
     bounds, shares = leaf_bounds(net, lower, upper, outer, top)
@@ -465,42 +469,60 @@ def _direction_bounds(
         lo, hi = bounds[k]
         forward = np.where(sign > 0, hi[i].T, -lo[i].T)
         row_weight = sign[:, None] * net.layers[k].weight[i]
-        row_coeffs = np.broadcast_to(row_weight, (batch, *row_weight.shape))
-        const = np.broadcast_to(sign * net.layers[k].bias[i], (batch, i.size))
-        row_coeffs, const, slack = _back_substitute(net, bounds, shares, int(k), row_coeffs, const)
-        crown = (
-            const
-            + np.einsum("brn,bn->br", np.maximum(row_coeffs, 0.0), upper)
-            + np.einsum("brn,bn->br", np.minimum(row_coeffs, 0.0), lower)
-        )
+        start = np.broadcast_to(row_weight, (batch, *row_weight.shape))
+        start_const = np.broadcast_to(sign * net.layers[k].bias[i], (batch, i.size))
+        row_coeffs, const, slack = _back_substitute(net, bounds, shares, int(k), start, start_const)
+        crown = _maximum_over_leaf(row_coeffs, const, lower, upper)
+        for lower_choice in _FIXED_LOWER_SLOPES:
+            found, found_const, _ = _back_substitute(
+                net, bounds, None, int(k), start, start_const, lower_choice
+            )
+            found_crown = _maximum_over_leaf(found, found_const, lower, upper)
+            better = found_crown < crown
+            crown = np.where(better, found_crown, crown)
+            row_coeffs = np.where(better[:, :, None], found, row_coeffs)
         values[:, columns] = np.minimum(forward, crown)
         coeffs[:, columns] = row_coeffs
         scores[:, columns] = slack + np.abs(row_coeffs) * width[:, None, :] / 2.0
     return values, coeffs, scores
 
 
+def _maximum_over_leaf(
+    coeffs: np.ndarray, const: np.ndarray, lower: np.ndarray, upper: np.ndarray
+) -> np.ndarray:
+    """``max`` of the linear forms ``coeffs (B, R, n) . x + const (B, R)`` over each leaf ``b``."""
+    return (
+        const
+        + np.einsum("brn,bn->br", np.maximum(coeffs, 0.0), upper)
+        + np.einsum("brn,bn->br", np.minimum(coeffs, 0.0), lower)
+    )
+
+
 def _back_substitute(
     net: Network,
     bounds: list[tuple[np.ndarray, np.ndarray]],
-    shares: list[np.ndarray],
+    shares: list[np.ndarray] | None,
     layer: int,
     coeffs: np.ndarray,
     const: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lower_choice: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """CROWN for ``R`` rows ``coeffs (B, R, n_{layer-1}) . h_{layer-1} + const`` on ``B`` leaves.
 
     Each ReLU with ``l < 0 < u`` on a leaf takes the triangle's upper line where the row's
     coefficient is positive and the adaptive lower line (``h >= y`` if ``u > -l``, else
-    ``h >= 0``) where it is negative, as in :func:`onnx_exact.bounds.relu_relaxation`. Besides the
+    ``h >= 0``) where it is negative, as in :func:`onnx_exact.bounds.relu_relaxation`, or, with
+    ``lower_choice`` given, the lower line of that slope for every unstable neuron. Besides the
     input coefficients and constants of the linear upper bounds, returns their *slack by input
     dimension* ``(B, R, n)``: every relaxed neuron's largest gap (``-a l`` for the upper line,
     ``min(-l, u)`` for the lower one) times the row's coefficient magnitude, spread over the
     input dimensions by the neuron's ``shares``. Splitting the dimension that carries the most
     slack narrows the relaxed neurons most; the linear part alone (``|c_m| w_m``) misses a
     dimension the bound does not depend on linearly but whose width keeps neurons unstable.
+    With ``shares`` None the slack is not computed (returned as None).
     """
     batch, rows = coeffs.shape[:2]
-    slack = np.zeros((batch, rows, shares[0].shape[1]))
+    slack = None if shares is None else np.zeros((batch, rows, shares[0].shape[1]))
     for j in range(layer - 1, -1, -1):
         lo, hi = bounds[j][0].T, bounds[j][1].T
         if net.layers[j].relu:
@@ -508,13 +530,15 @@ def _back_substitute(
             span = np.where(unstable, hi - lo, 1.0)
             upper_slope = np.where(unstable, hi / span, (lo >= 0.0).astype(np.float64))
             upper_intercept = np.where(unstable, -upper_slope * lo, 0.0)
-            lower_slope = np.where(unstable, (hi > -lo).astype(np.float64), upper_slope)
-            lower_gap = np.where(unstable, np.minimum(-lo, hi), 0.0)
+            adaptive = (hi > -lo).astype(np.float64) if lower_choice is None else lower_choice
+            lower_slope = np.where(unstable, adaptive, upper_slope)
             positive = np.maximum(coeffs, 0.0)
             negative = coeffs - positive
             const = const + np.einsum("brj,bj->br", positive, upper_intercept)
-            gaps = positive * upper_intercept[:, None, :] - negative * lower_gap[:, None, :]
-            slack += np.einsum("brj,jmb->brm", gaps, shares[j])
+            if slack is not None:
+                lower_gap = np.where(unstable, np.minimum(-lo, hi), 0.0)
+                gaps = positive * upper_intercept[:, None, :] - negative * lower_gap[:, None, :]
+                slack += np.einsum("brj,jmb->brm", gaps, shares[j])
             coeffs = positive * upper_slope[:, None, :] + negative * lower_slope[:, None, :]
         weight, bias = net.layers[j].weight, net.layers[j].bias
         flat = coeffs.reshape(batch * rows, -1)

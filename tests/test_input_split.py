@@ -66,6 +66,31 @@ def test_leaf_bounds_enclose_every_point_of_each_leaf(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
+def test_direction_bounds_with_fixed_lower_slopes_enclose_every_point(seed, monkeypatch) -> None:
+    """CROWN of each row with the lower ReLU lines at fixed slopes (the cheap α-step) stays an
+    upper bound of ``s * y`` on every sampled point of each leaf, and tightens some bounds."""
+    net, box = case(seed)
+    rng = np.random.default_rng(seed)
+    centre = rng.uniform(box.lower, box.upper, (64, box.size))
+    radius = rng.uniform(0.0, 0.3, (64, box.size)) * (box.upper - box.lower)
+    lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
+    layers, neurons, signs = all_directions(net)
+    outer, asked = interval_bounds(net, box), np.arange(layers.size)
+    top = int(layers.max())
+    context = (layers, neurons, signs)
+    monkeypatch.setattr(input_split, "_FIXED_LOWER_SLOPES", ())
+    adaptive, _, _ = input_split._direction_bounds(net, lower, upper, outer, top, asked, *context)
+    monkeypatch.setattr(input_split, "_FIXED_LOWER_SLOPES", (0.0, 0.5, 1.0))
+    values, _, _ = input_split._direction_bounds(net, lower, upper, outer, top, asked, *context)
+    assert np.all(values <= adaptive) and np.any(values < adaptive - 1e-9)
+    for leaf in range(64):
+        points = rng.uniform(lower[leaf], upper[leaf], (200, box.size))
+        y = net.preactivations(points)
+        signed = np.stack([y[k][:, i] for k, i in zip(layers, neurons, strict=True)], 1) * signs
+        assert np.all(signed <= values[leaf] + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_proved_directions_never_flip_on_a_dense_grid_and_refutations_are_real(seed: int) -> None:
     net, box = case(seed)
     layers, neurons, signs = all_directions(net)
