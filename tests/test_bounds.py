@@ -10,8 +10,6 @@ from onnx_exact.bounds import (
     LayerBounds,
     interval_bounds,
     relu_relaxation,
-    subbox_bounds,
-    subbox_neuron_bounds,
     symbolic_bounds,
 )
 from onnx_exact.domain import Box
@@ -164,53 +162,3 @@ def test_relaxation_lines_bound_the_relu() -> None:
     assert np.all(h <= upper_slope * y + upper_intercept + 1e-12)
     assert np.all(h >= lower_slope * y - 1e-12)
     np.testing.assert_array_equal(lower_slope, [0.0, 1.0, 1.0, 0.0])  # adaptive: 1 iff u > -l
-
-
-def whole_box_bounds(net: Network, box: Box) -> list[LayerBounds]:
-    """Interval bounds refined by CROWN layer by layer (what the analysis holds before splitting)."""
-    bounds = interval_bounds(net, box)
-    for k in range(1, len(net.layers)):
-        bounds[k], _ = symbolic_bounds(net, box, bounds, k)
-        bounds = interval_bounds(net, box, bounds)
-    return bounds
-
-
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), linear_hidden=st.sampled_from([-1, 1]))
-def test_sub_box_bounds_enclose_every_point_of_their_sub_box(seed: int, linear_hidden: int) -> None:
-    rng = np.random.default_rng(seed)
-    net = random_network(rng, [3, 8, 8, 8, 2], linear_hidden)
-    box = random_box(rng, 3, degenerate=False)
-    outer = whole_box_bounds(net, box)
-    count = 12
-    lower = box.lower + rng.random((count, 3)) * (box.upper - box.lower) / 2
-    upper = np.minimum(lower + rng.random((count, 3)) * (box.upper - box.lower) / 2, box.upper)
-    inner = subbox_bounds(net, lower, upper, 3, outer)
-    for layer in range(3):
-        neurons = rng.integers(0, 8, 5)
-        signs = rng.choice([-1.0, 1.0], 5)
-        values, coeffs = subbox_neuron_bounds(net, lower, upper, layer, neurons, signs, outer)
-        assert values.shape == (count, 5) and coeffs.shape == (count, 5, 3)
-        for b in range(count):
-            points = dense_points(rng, Box(lower[b], upper[b]), 300)
-            pre = net.preactivations(points)
-            for j in range(layer):
-                assert np.all(inner[j].lower[b] <= pre[j].min(axis=0) + 1e-9)
-                assert np.all(inner[j].upper[b] >= pre[j].max(axis=0) - 1e-9)
-            assert np.all(signs * pre[layer][:, neurons] <= values[b] + 1e-9)
-
-
-def test_sub_box_bounds_of_the_whole_box_match_crown_and_halves_are_tighter() -> None:
-    rng = np.random.default_rng(3)
-    net = random_network(rng, [2, 10, 10, 2])
-    box = Box(np.array([-1.0, -1.0]), np.array([1.0, 1.0]))
-    outer = whole_box_bounds(net, box)
-    neurons, signs = np.arange(10), np.ones(10)
-    whole = box.lower[None, :], box.upper[None, :]
-    values, _ = subbox_neuron_bounds(net, *whole, 1, neurons, signs, outer)
-    np.testing.assert_allclose(values[0], outer[1].upper, rtol=1e-12, atol=1e-12)
-    halves_lower = np.array([[-1.0, -1.0], [0.0, -1.0]])
-    halves_upper = np.array([[0.0, 1.0], [1.0, 1.0]])
-    split, _ = subbox_neuron_bounds(net, halves_lower, halves_upper, 1, neurons, signs, outer)
-    assert np.all(split.max(axis=0) <= values[0] + 1e-12)
-    assert np.any(split.max(axis=0) < values[0] - 1e-6)
