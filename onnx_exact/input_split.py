@@ -25,10 +25,11 @@ input, ``L_{j,b}(x) <= y_j(x) <= U_{j,b}(x)``. Their extremes over the leaf, int
 interval propagation from the previous layer and with the caller's whole-box bounds ``outer``,
 give ``l_j <= y_j <= u_j``. The ReLU is relaxed on each form's own range (chords of ``relu`` over
 ``[min U, max U]`` and ``[min L, max L]``), and the next layer gets ``W+ U + W- L + b`` and
-``W+ L + W- U + b``: two matrix products per layer over all leaves and neurons at once. A leaf's
-unstable neurons of a layer, when it has few, are bounded again by CROWN through the leaf's own
-relaxations. The asked rows get CROWN too (back-substitution through each leaf's relaxations);
-their bound is the smaller of the forward and the CROWN one.
+``W+ L + W- U + b``: two matrix products per layer over all leaves and neurons at once. The
+intermediate neurons get no CROWN of their own (on ACAS Xu it cost more time than the splits it
+saved). The asked rows get CROWN (back-substitution through each leaf's relaxations, adaptive
+lower ReLU lines and again with slope 0); their bound is the smallest of the forward and the
+CROWN ones.
 
 Split choice: for each open direction of a leaf, the *slack by input dimension*: every relaxed
 neuron's largest gap, weighted by the direction's CROWN coefficient on it, spread over the input
@@ -156,8 +157,6 @@ def leaf_bounds(
         hi = np.minimum(np.minimum(upper_max, mid + spread), outer[j].upper[:, None])
         lo = np.maximum(np.maximum(lower_min, mid - spread), outer[j].lower[:, None])
         lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)  # a rounding-level crossing stays ordered
-        if 0 < j < top and layer.relu:
-            lo, hi = _crown_unstable(net, bounds, j, lo, hi, centre, radius)
         bounds.append((lo, hi))
         if j == top:
             break
@@ -180,61 +179,6 @@ def leaf_bounds(
             half = np.broadcast_to(half, shape)
             prev_lo, prev_hi = lo, hi
     return bounds, shares
-
-
-_CROWN_PAIRS = (
-    8  # CROWN for unstable (neuron, leaf) pairs of a layer when at most this many per leaf
-)
-
-
-def _crown_unstable(
-    net: Network,
-    bounds: list[tuple[np.ndarray, np.ndarray]],
-    layer: int,
-    lo: np.ndarray,
-    hi: np.ndarray,
-    centre: np.ndarray,
-    radius: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """CROWN for the (neuron, leaf) pairs of ``layer`` that are unstable, one row per pair.
-
-    Each pair has ``y`` and ``-y`` back-substituted through its own leaf's relaxations of the
-    layers below (triangle upper line, adaptive lower line, as
-    :func:`onnx_exact.bounds.relu_relaxation`): all pairs in one matrix product per layer; the
-    results are intersected with the forward bounds. Only unstable pairs matter (a stable
-    neuron's relaxation is exact whatever its bounds), and only leaves with at most
-    ``_CROWN_PAIRS`` of them in the layer get it: on large leaves it costs more than the splits
-    it saves. The choice is per leaf, so a leaf's bounds do not depend on its batch.
-    """
-    unstable = (lo < 0.0) & (hi > 0.0)
-    neuron, leaf = np.nonzero(unstable & (unstable.sum(axis=0) <= _CROWN_PAIRS))
-    if not neuron.size:
-        return lo, hi
-    weight = net.layers[layer].weight[neuron]
-    coeffs = np.concatenate([weight, -weight])
-    const = np.concatenate([net.layers[layer].bias[neuron], -net.layers[layer].bias[neuron]])
-    rows_leaf = np.concatenate([leaf, leaf])
-    for j in range(layer - 1, -1, -1):
-        if net.layers[j].relu:
-            below_lo, below_hi = bounds[j][0][:, rows_leaf].T, bounds[j][1][:, rows_leaf].T
-            unstable = (below_lo < 0.0) & (below_hi > 0.0)
-            upper_slope = _relu_slopes(below_lo, below_hi)
-            lower_slope = np.where(unstable, (below_hi > -below_lo).astype(np.float64), upper_slope)
-            positive = np.maximum(coeffs, 0.0)
-            const = const - (positive * np.where(unstable, upper_slope * below_lo, 0.0)).sum(axis=1)
-            coeffs = positive * upper_slope + (coeffs - positive) * lower_slope
-        const = const + coeffs @ net.layers[j].bias
-        coeffs = coeffs @ net.layers[j].weight
-    values = (
-        const
-        + (coeffs * centre[:, rows_leaf].T).sum(axis=1)
-        + (np.abs(coeffs) * radius[:, rows_leaf].T).sum(axis=1)
-    )
-    count = neuron.size
-    lo, hi = lo.copy(), hi.copy()
-    hi[neuron, leaf] = np.minimum(hi[neuron, leaf], values[:count])
-    lo[neuron, leaf] = np.maximum(lo[neuron, leaf], -values[count:])
-    return np.minimum(lo, hi), np.maximum(lo, hi)
 
 
 def batch_size(net: Network, top: int) -> int:
