@@ -466,7 +466,9 @@ def _back_substitute(
     With ``shares`` None the slack is not computed (returned as None).
     """
     batch, rows = coeffs.shape[:2]
-    slack = None if shares is None else np.zeros((batch, rows, shares[0].shape[1]))
+    # the rows are over the input itself when ``layer`` is 0 (no shares below it)
+    inputs = shares[0].shape[1] if shares else coeffs.shape[2]
+    slack = None if shares is None else np.zeros((batch, rows, inputs))
     for j in range(layer - 1, -1, -1):
         lo, hi = bounds[j][0].T, bounds[j][1].T
         if net.layers[j].relu:

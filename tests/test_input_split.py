@@ -230,3 +230,26 @@ def test_a_search_resumes_and_never_proves_what_the_caller_dropped() -> None:
     dropped = input_split.InputSearch(*args, [1e-12, 1e-12])
     outcome = dropped.run(1000, asked=np.array([False, True]))
     assert not outcome.proved[0] and not outcome.refuted[0] and outcome.refuted[1]
+
+
+def test_directions_of_the_first_layer_alone_are_decided() -> None:
+    """Asked only about first-layer neurons (``top`` = 0, so no layer below gives split shares),
+    the search decides them; it failed with an IndexError when building the split slack."""
+    net, box = case(1)
+    layers, neurons, signs = all_directions(net)
+    first = layers == 0
+    layers, neurons, signs = layers[first], neurons[first], signs[first]
+    outcome = input_split.decide_directions(
+        net,
+        box.lower,
+        box.upper,
+        interval_bounds(net, box),
+        layers,
+        neurons,
+        signs,
+        np.full(layers.size, 1e-9),
+        max_leaves=10_000,
+    )
+    assert np.all(outcome.proved | outcome.refuted) and not np.any(outcome.proved & outcome.refuted)
+    signed = signs[:, None] * net.preactivations(dense_grid(box))[0][:, neurons].T
+    assert np.all(signed[outcome.proved].max(axis=1) <= 1e-12)
