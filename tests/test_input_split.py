@@ -40,6 +40,21 @@ def dense_grid(box: Box) -> np.ndarray:
     return np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=1)
 
 
+def decide(net: Network, box: Box, layers, neurons, signs, max_leaves: int):
+    """The input search on these directions over ``box``, with a 1e-9 margin each."""
+    return input_split.decide_directions(
+        net,
+        box.lower,
+        box.upper,
+        interval_bounds(net, box),
+        layers,
+        neurons,
+        signs,
+        np.full(len(layers), 1e-9),
+        max_leaves=max_leaves,
+    )
+
+
 def all_directions(net: Network) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     layers, neurons, signs = [], [], []
     for k in net.relu_layer_indices:
@@ -94,17 +109,7 @@ def test_direction_bounds_with_fixed_lower_slopes_enclose_every_point(seed, monk
 def test_proved_directions_never_flip_on_a_dense_grid_and_refutations_are_real(seed: int) -> None:
     net, box = case(seed)
     layers, neurons, signs = all_directions(net)
-    outcome = input_split.decide_directions(
-        net,
-        box.lower,
-        box.upper,
-        interval_bounds(net, box),
-        layers,
-        neurons,
-        signs,
-        np.full(layers.size, 1e-9),
-        max_leaves=200_000,
-    )
+    outcome = decide(net, box, layers, neurons, signs, max_leaves=200_000)
     assert not np.any(outcome.proved & outcome.refuted)
     assert np.all(outcome.proved | outcome.refuted)  # small nets: everything decided
     preactivations = net.preactivations(dense_grid(box))
@@ -239,17 +244,7 @@ def test_directions_of_the_first_layer_alone_are_decided() -> None:
     layers, neurons, signs = all_directions(net)
     first = layers == 0
     layers, neurons, signs = layers[first], neurons[first], signs[first]
-    outcome = input_split.decide_directions(
-        net,
-        box.lower,
-        box.upper,
-        interval_bounds(net, box),
-        layers,
-        neurons,
-        signs,
-        np.full(layers.size, 1e-9),
-        max_leaves=10_000,
-    )
+    outcome = decide(net, box, layers, neurons, signs, max_leaves=10_000)
     assert np.all(outcome.proved | outcome.refuted) and not np.any(outcome.proved & outcome.refuted)
     signed = signs[:, None] * net.preactivations(dense_grid(box))[0][:, neurons].T
     assert np.all(signed[outcome.proved].max(axis=1) <= 1e-12)

@@ -125,15 +125,32 @@ def test_a_dash_as_the_output_model_is_a_usage_error(tmp_path: Path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-@pytest.mark.parametrize("command", ["compress", "analyze", "check"])
-def test_report_is_an_alias_of_json_on_every_command(tmp_path: Path, monkeypatch, command: str):
-    """One flag name for the JSON report on every command, ``--report`` kept as its alias."""
+def command_on_a_saved_model(tmp_path: Path, monkeypatch, command: str) -> list[str]:
+    """``command``'s arguments on a Softmax-tail model saved as ``m.onnx`` in the working folder."""
     model, _, _ = torch_softmax_tail()
     onnx.save(model, tmp_path / "m.onnx")
     monkeypatch.chdir(tmp_path)
-    args = {"compress": ["m.onnx", "o.onnx"], "analyze": ["analyze", "m.onnx"]}
-    args["check"] = ["check", "m.onnx", "m.onnx"]
-    code, _, err = run_cli([*args[command], "-r", "[-1,1]", "--jobs", "1", "--report", "r.json"])
+    return {
+        "compress": ["m.onnx", "o.onnx"],
+        "analyze": ["analyze", "m.onnx"],
+        "check": ["check", "m.onnx", "m.onnx"],
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["compress", "analyze", "check"])
+def test_report_is_an_alias_of_json_on_every_command(tmp_path: Path, monkeypatch, command: str):
+    """One flag name for the JSON report on every command, ``--report`` kept as its alias."""
+    code, _, err = run_cli(
+        [
+            *command_on_a_saved_model(tmp_path, monkeypatch, command),
+            "-r",
+            "[-1,1]",
+            "--jobs",
+            "1",
+            "--report",
+            "r.json",
+        ]
+    )
     assert code == 0, err
     document = json.loads((tmp_path / "r.json").read_text())
     assert document["schema_version"] == 1
@@ -142,12 +159,17 @@ def test_report_is_an_alias_of_json_on_every_command(tmp_path: Path, monkeypatch
 @pytest.mark.parametrize("command", ["compress", "analyze", "check"])
 def test_an_empty_json_path_is_a_usage_error(tmp_path: Path, monkeypatch, command: str):
     """``--json "$REPORT"`` with REPORT unset wrote no report and exited 0."""
-    model, _, _ = torch_softmax_tail()
-    onnx.save(model, tmp_path / "m.onnx")
-    monkeypatch.chdir(tmp_path)
-    args = {"compress": ["m.onnx", "o.onnx"], "analyze": ["analyze", "m.onnx"]}
-    args["check"] = ["check", "m.onnx", "m.onnx"]
-    code, _, err = run_cli([*args[command], "-r", "[-1,1]", "--jobs", "1", "--json", ""])
+    code, _, err = run_cli(
+        [
+            *command_on_a_saved_model(tmp_path, monkeypatch, command),
+            "-r",
+            "[-1,1]",
+            "--jobs",
+            "1",
+            "--json",
+            "",
+        ]
+    )
     assert code == 2, err
     assert err.strip() == (
         "onnx-exact: error: --json '' is empty: give a file name, or - for standard output"
