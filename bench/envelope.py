@@ -95,22 +95,8 @@ def _child_run(conn, case, method: str, time_limit: float, jobs: int, seed: int)
         result = analyze_stability(
             net, box, method=method, time_limit=time_limit, jobs=jobs, seed=seed
         )
-        seconds = time.perf_counter() - start
-        relu = net.relu_layer_indices
-        conn.send(
-            {
-                "seconds": seconds,
-                "states": [np.asarray(result.layers[k].states, np.int8) for k in relu],
-                "decided_by": [np.asarray(result.layers[k].decided_by, str) for k in relu],
-                "layer_names": [net.layers[k].name for k in relu],
-                "timings": dict(result.timings_s),
-                "time_limit_hit": bool(result.time_limit_hit),
-                "notes": list(result.notes),
-                "leaves": leaves[0],
-                "peak_mb": BENCH._peak_rss_mb(),
-                "error": "",
-            }
-        )
+        summary = BENCH.run_summary(net, result, time.perf_counter() - start)
+        conn.send({**summary, "leaves": leaves[0]})
     except Exception as exc:  # noqa: BLE001 - any failure is a benchmark finding, not a crash
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"

@@ -259,6 +259,22 @@ def _peak_rss_mb() -> float:
     return max(own_kib, workers_kib) / 1024.0
 
 
+def run_summary(net, result, seconds: float) -> dict:
+    """The picklable summary a child sends back: labels, deciding tiers, timings, peak memory."""
+    relu = net.relu_layer_indices
+    return {
+        "seconds": seconds,
+        "states": [np.asarray(result.layers[k].states, np.int8) for k in relu],
+        "decided_by": [np.asarray(result.layers[k].decided_by, str) for k in relu],
+        "layer_names": [net.layers[k].name for k in relu],
+        "timings": dict(result.timings_s),
+        "time_limit_hit": bool(result.time_limit_hit),
+        "notes": list(result.notes),
+        "peak_mb": _peak_rss_mb(),
+        "error": "",
+    }
+
+
 def _child_run(conn, case: Case, method: str, time_limit: float, jobs: int, seed: int) -> None:
     """Run one method on one case and send a picklable summary back through ``conn``."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -272,21 +288,7 @@ def _child_run(conn, case: Case, method: str, time_limit: float, jobs: int, seed
         result = analyze_stability(
             net, box, method=method, time_limit=time_limit, jobs=jobs, seed=seed
         )
-        seconds = time.perf_counter() - start
-        relu = net.relu_layer_indices
-        conn.send(
-            {
-                "seconds": seconds,
-                "states": [np.asarray(result.layers[k].states, np.int8) for k in relu],
-                "decided_by": [np.asarray(result.layers[k].decided_by, str) for k in relu],
-                "layer_names": [net.layers[k].name for k in relu],
-                "timings": dict(result.timings_s),
-                "time_limit_hit": bool(result.time_limit_hit),
-                "notes": list(result.notes),
-                "peak_mb": _peak_rss_mb(),
-                "error": "",
-            }
-        )
+        conn.send(run_summary(net, result, time.perf_counter() - start))
     except Exception as exc:  # noqa: BLE001 - any failure is a benchmark finding, not a crash
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
