@@ -19,6 +19,10 @@ def tolerance_of(value: float | dict[str, float], name: str) -> float:
     return float(value)
 
 
+NOT_PROVED_LINE = "[yellow]NOT PROVED (sampled equal)[/yellow]"
+"""The verdict of samples that agree and a proof that did not finish (exit code 4)."""
+
+
 def render_check(report: CheckReport, console: Console) -> None:
     """Per-output PASSED/FAILED lines (Polygraphy style), the difference table, the proof verdict."""
     sampled = report.sampled
@@ -62,10 +66,13 @@ def render_check(report: CheckReport, console: Console) -> None:
             console.print(f"  note: {note}")
     if report.counterexample_path:
         console.print(f"counterexample written to {report.counterexample_path}")
-    console.print(
-        "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]",
-        f"| {report.model_a} vs {report.model_b}",
-    )
+    if not report.passed:
+        closing = "[red]FAILED[/red]"
+    elif report.proof is not None and not report.proof.proved:
+        closing = NOT_PROVED_LINE  # exit code 4: sampled equal, the proof did not finish
+    else:
+        closing = "[green]PASSED[/green]"
+    console.print(closing, f"| {report.model_a} vs {report.model_b}")
 
 
 def proof_verdict(proof: ProofResult) -> str:

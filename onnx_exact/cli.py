@@ -39,6 +39,7 @@ from .resources import (
 )
 
 if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
+    from .check_render import NOT_PROVED_LINE
     from .equivalence import ProofResult, render_check
     from .output_paths import numpy_save_path, plan_run_paths, write_file_atomic
     from .pipeline import (
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
     from .report import json_header, make_console, render
 
 _RUNTIME = {
+    "check_render": ("NOT_PROVED_LINE",),
     "equivalence": ("render_check",),
     "output_paths": ("numpy_save_path", "plan_run_paths", "write_file_atomic"),
     "pipeline": (
@@ -325,27 +327,6 @@ def _verdict(samples_passed: bool, proof: ProofResult | None) -> tuple[int, str]
     return EXIT_NOT_PROVED, "not proved"
 
 
-NOT_PROVED_LINE = "[yellow]NOT PROVED (sampled equal)[/yellow]"
-
-
-class _VerdictConsole:
-    """The console :func:`render_check` prints to, with its closing line set to the verdict.
-
-    ``render_check`` closes with ``PASSED | A vs B`` whenever no counterexample was found; when
-    the proof did not finish, that line reads ``NOT PROVED (sampled equal) | A vs B`` instead,
-    matching exit code 4.
-    """
-
-    def __init__(self, console: Console, closing: str) -> None:
-        self.console = console
-        self.closing = closing
-
-    def print(self, *objects: object, **kwargs: object) -> None:
-        if len(objects) == 2 and objects[1] == self.closing:
-            objects = (NOT_PROVED_LINE, self.closing)
-        self.console.print(*objects, **kwargs)
-
-
 @app.command("compress")
 def compress_command(
     model: Annotated[str, typer.Argument(metavar="IN", help="Input ONNX model.")],
@@ -545,8 +526,6 @@ def check_command(
         )
     code, verdict = _verdict(result.sampled.passed, result.proof)
     console = _console(quiet, json_path)
-    if code == EXIT_NOT_PROVED:
-        console = _VerdictConsole(console, f"| {result.model_a} vs {result.model_b}")
     render_check(result, console)
     if json_path:
         payload = {**json_header(), **result.to_json()}
