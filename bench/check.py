@@ -56,7 +56,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_exact.onnx_reader import read_model
+from onnx_exact.io.onnx_reader import read_model
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_exact.onnx_reader import read_model
+from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.resources import estimate_peak_memory, format_bytes, measure_command
 
 SIZES = (3072, 2048, 2048, 10)

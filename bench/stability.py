@@ -65,7 +65,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_exact.stability import NeuronState
+from onnx_exact.core.verdicts import NeuronState
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_MODELS = REPO.parent / "shared" / "models"
@@ -218,8 +218,9 @@ def select_cases(args: argparse.Namespace) -> tuple[list[Case], list[str]]:
 
 def load_problem(case: Case):
     """The network, its network-space box and the raw box (read in the child, not pickled)."""
-    from onnx_exact.domain import Box, resolve_domain
-    from onnx_exact.onnx_reader import read_model
+    from onnx_exact.core.box import Box
+    from onnx_exact.io.domain_sources import resolve_domain
+    from onnx_exact.io.onnx_reader import read_model
 
     read = read_model(case.model_path)
     net = read.network
@@ -280,7 +281,7 @@ def _child_run(conn, case: Case, method: str, time_limit: float, jobs: int, seed
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # HiGHS prints its banner on the C-level stdout
     try:
-        from onnx_exact.stability import analyze_stability
+        from onnx_exact.stability.analysis import analyze_stability
 
         read, box, _ = load_problem(case)
         net = read.network
@@ -384,7 +385,7 @@ def compare_labels(runs: dict[str, dict]) -> tuple[str, list[str]]:
 
 def onnxsim_input_range(read, raw_box) -> dict:
     """``{input: (lo, hi)}`` shaped like one sample of the declared input (batch axis of 1)."""
-    from onnx_exact.domain import InputLayout, model_input_dims
+    from onnx_exact.io.domain_sources import InputLayout, model_input_dims
 
     name = read.network.input_name
     layout = InputLayout.from_dims(

@@ -31,15 +31,15 @@ _EXPORTS = {
     "analyze": "pipeline",
     "check": "pipeline",
     "compress": "pipeline",
-    "check_equivalence": "equivalence",
-    "OnnxExactError": "errors",
-    "UnsupportedModelError": "errors",
-    "MalformedModelError": "errors",
-    "DomainError": "errors",
-    "UsageError": "errors",
-    "SolverError": "errors",
-    "ResourceError": "errors",
-    "VerificationError": "errors",
+    "check_equivalence": "equivalence.check",
+    "OnnxExactError": "core.errors",
+    "UnsupportedModelError": "core.errors",
+    "MalformedModelError": "core.errors",
+    "DomainError": "core.errors",
+    "UsageError": "core.errors",
+    "SolverError": "core.errors",
+    "ResourceError": "core.errors",
+    "VerificationError": "core.errors",
 }
 
 __all__ = [
@@ -61,8 +61,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .equivalence import check_equivalence
-    from .errors import (
+    from onnx_exact.core.errors import (
         DomainError,
         MalformedModelError,
         OnnxExactError,
@@ -72,7 +71,8 @@ if TYPE_CHECKING:
         UsageError,
         VerificationError,
     )
-    from .pipeline import AnalysisOptions, DomainSpec, analyze, check, compress
+    from onnx_exact.equivalence.check import check_equivalence
+    from onnx_exact.pipeline import AnalysisOptions, DomainSpec, analyze, check, compress
 
 
 def __getattr__(name: str) -> Any:

@@ -29,8 +29,8 @@ def main() -> None:
     """Install the start-up signal handlers, then run the command line."""
     for signum in _EXIT_CODES:
         signal.signal(signum, _exit_during_start_up)
-    from .cli import main as cli_main
-    from .resources import end_on_signals
+    from onnx_exact.cli import main as cli_main
+    from onnx_exact.resources import end_on_signals
 
     end_on_signals()
     cli_main()

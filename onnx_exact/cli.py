@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from . import __version__
-from . import progress as progress_module
-from .errors import OnnxExactError, UsageError
-from .parallel import default_jobs, shutdown_pools
-from .progress import progress_display
-from .resources import (
+from onnx_exact import __version__
+from onnx_exact import progress as progress_module
+from onnx_exact.core.errors import OnnxExactError, UsageError
+from onnx_exact.parallel import default_jobs, shutdown_pools
+from onnx_exact.progress import progress_display
+from onnx_exact.resources import (
     INTERRUPT_EXIT_CODES,
     claim_interrupt_report,
     interrupted_message,
@@ -39,22 +39,16 @@ from .resources import (
 )
 
 if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
-    from .check_render import NOT_PROVED_LINE
-    from .equivalence import ProofResult, render_check
-    from .output_paths import numpy_save_path, plan_run_paths, write_file_atomic
-    from .pipeline import (
-        AnalysisOptions,
-        DomainSpec,
-        analyze,
-        check,
-        compress,
-    )
-    from .report import json_header, make_console, render
+    from onnx_exact.equivalence.check import ProofResult, render_check
+    from onnx_exact.equivalence.render import NOT_PROVED_LINE
+    from onnx_exact.io.save import numpy_save_path, plan_run_paths, write_file_atomic
+    from onnx_exact.pipeline import AnalysisOptions, DomainSpec, analyze, check, compress
+    from onnx_exact.report import json_header, make_console, render
 
 _RUNTIME = {
-    "check_render": ("NOT_PROVED_LINE",),
-    "equivalence": ("render_check",),
-    "output_paths": ("numpy_save_path", "plan_run_paths", "write_file_atomic"),
+    "equivalence.render": ("NOT_PROVED_LINE",),
+    "equivalence.check": ("render_check",),
+    "io.save": ("numpy_save_path", "plan_run_paths", "write_file_atomic"),
     "pipeline": (
         "AnalysisOptions",
         "DomainSpec",

@@ -20,8 +20,18 @@ import numpy as np
 import onnx
 from numpy.typing import ArrayLike
 
-from .domain import (
-    Box,
+from onnx_exact.core.box import Box
+from onnx_exact.core.errors import (
+    DomainError,
+    MalformedModelError,
+    UnsupportedModelError,
+    UsageError,
+    VerificationError,
+)
+from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import StabilityResult
+from onnx_exact.equivalence.check import CheckReport, check_equivalence
+from onnx_exact.io.domain_sources import (
     InputLayout,
     _to_features,
     domain_metadata,
@@ -32,31 +42,30 @@ from .domain import (
     resolve_domain,
     validated_box,
 )
-from .equivalence import CheckReport, check_equivalence
-from .errors import (
-    DomainError,
-    MalformedModelError,
-    UnsupportedModelError,
-    UsageError,
-    VerificationError,
-)
-from .network import Network
-from .onnx_reader import ReadResult, load_graph, read_model
-from .onnx_writer import (
+from onnx_exact.io.onnx_reader import ReadResult, load_graph, read_model
+from onnx_exact.io.onnx_writer import (
     StagedModel,
     TensorPlacement,
     build_model,
-    is_large,
     model_size_bytes,
     stage_model,
 )
-from .output_paths import numpy_save_path, plan_run_paths
-from .progress import ProgressCallback, ProgressEvent
-from .reduce import Reduction, reduce_network
-from .report import RunReport, summarize_layers
-from .resources import check_memory, memory_shortfall_note
-from .stability import StabilityResult, analyze_stability
-from .verify import compare_models, onnxruntime_session, run_model
+from onnx_exact.io.save import numpy_save_path, plan_run_paths
+from onnx_exact.progress import ProgressCallback, ProgressEvent
+from onnx_exact.reduce import Reduction, reduce_network
+from onnx_exact.report import RunReport, summarize_layers
+from onnx_exact.resources import check_memory, memory_shortfall_note
+from onnx_exact.stability.analysis import analyze_stability
+from onnx_exact.verify import (
+    DEFAULT_ATOL,
+    ROUNDOFF_FACTOR,
+    compare_models,
+    measured_roundoff,
+    onnxruntime_session,
+    reference_model_path,
+    roundoff_atol,
+    written_roundoff,
+)
 
 
 class MemoryShortfallWarning(UserWarning):
@@ -245,123 +254,6 @@ def _summary_metadata(report: RunReport, reduction: Reduction) -> dict[str, str]
     }
 
 
-DEFAULT_ATOL = 1e-5
-ROUNDOFF_FACTOR = 4.0
-"""Default verification atol = max(1e-5, this × the input model's own measured float round-off)."""
-
-ROUNDOFF_SAMPLES = 512
-
-
-def measured_roundoff(read: ReadResult, box: Box, seed: int) -> dict[str, float]:
-    """How far onnxruntime's evaluation of the *input* model is from exact (float64) arithmetic.
-
-    Max over box samples and vertices of ``|f_onnxruntime(x) - f_float64(x)|`` for the graph output
-    that is the network's own output tensor (outputs behind a tail are not measured). Folding layers
-    changes the float32 rounding, so the compressed model can differ from the original by about
-    this much even though both compute the same exact function: this is the scale against which
-    "equal up to float round-off" is judged and reported.
-    """
-    return model_roundoff(
-        read.model, read.network, read.input_dtype, box, seed, path=_reference_path(read)
-    )
-
-
-def _reference_path(read: ReadResult) -> Path | None:
-    """Run the input model from its file only when it is too large to serialise from memory.
-
-    What is verified is the written output, loaded from its path; the reference is the input as
-    read (external data loaded), so an input onnxruntime cannot load from its own path (an int64
-    shape kept in external data) is still a valid reference.
-    """
-    if read.path is not None and is_large(read.model):
-        return read.path
-    return None
-
-
-def model_roundoff(
-    model: onnx.ModelProto,
-    network: Network,
-    input_dtype: np.dtype,
-    box: Box,
-    seed: int,
-    *,
-    path: str | os.PathLike | None = None,
-) -> dict[str, float]:
-    """``max |f_onnxruntime(x) - network.forward(x)|`` over box samples and vertices (see above).
-
-    For the compressed model ``network`` is the reduced network in float64, so this includes the
-    rounding of its folded weights to the model's dtype: the compressed model's own round-off,
-    which can exceed the input model's (a folded product ``W2 W1`` with cancelling terms).
-    With ``path`` onnxruntime runs that file (``model`` as saved) instead of the in-memory proto.
-    """
-    if network.output_name not in [o.name for o in model.graph.output]:
-        return {}
-    rng = np.random.default_rng(seed)
-    x = np.concatenate(
-        [
-            rng.uniform(box.lower, box.upper, size=(ROUNDOFF_SAMPLES, box.size)),
-            np.where(rng.random((ROUNDOFF_SAMPLES, box.size)) < 0.5, box.upper, box.lower),
-        ]
-    )
-    x = x.astype(input_dtype).astype(np.float64)
-    x = np.clip(x, box.lower, box.upper)
-    got = np.asarray(run_model(path or model, x)[network.output_name], dtype=np.float64)
-    exact = network.forward(x)
-    return {network.output_name: float(np.max(np.abs(got.reshape(exact.shape) - exact)))}
-
-
-def written_roundoff(
-    written: ReadResult, reduced: Network, box: Box, seed: int
-) -> dict[str, float]:
-    """The written file's own float error, only as far as it is round-off.
-
-    ``model_roundoff`` against the network read back from the file (onnxruntime's arithmetic on
-    the stored weights), plus ``max |f_stored(x) - f_reduced(x)|`` in float64 (the rounding of the
-    reduced weights to the stored dtype) *only if* every stored weight and bias is within two ulps
-    of the reduced one. A damaged or wrongly written file thus gets no allowance for its wrong
-    weights: measured against the reduced network its "round-off" would be the whole error and
-    would raise the verification atol enough to pass it.
-    """
-    dtype = written.input_dtype
-    arithmetic = model_roundoff(written.model, written.network, dtype, box, seed, path=written.path)
-    coarsest = max((layer.weight_dtype for layer in written.binding.layers), key=_eps)
-    if not arithmetic or not _rounded_copy(written.network, reduced, coarsest):
-        return arithmetic
-    x = np.clip(
-        np.random.default_rng(seed).uniform(box.lower, box.upper, (ROUNDOFF_SAMPLES, box.size)),
-        box.lower,
-        box.upper,
-    )
-    rounding = float(np.max(np.abs(written.network.forward(x) - reduced.forward(x))))
-    return {name: value + rounding for name, value in arithmetic.items()}
-
-
-def _eps(dtype: np.dtype) -> float:
-    return float(np.finfo(dtype).eps)
-
-
-def _rounded_copy(stored: Network, reduced: Network, dtype: np.dtype) -> bool:
-    """Whether ``stored``'s layers are ``reduced``'s rounded to ``dtype`` (two ulps each)."""
-    if len(stored.layers) != len(reduced.layers):
-        return False
-    eps = _eps(dtype)
-    tiny = float(np.finfo(dtype).tiny)
-    for a, b in zip(stored.layers, reduced.layers, strict=True):
-        if a.weight.shape != b.weight.shape or a.relu != b.relu:
-            return False
-        for got, want in ((a.weight, b.weight), (a.bias, b.bias)):
-            if np.any(np.abs(got - want) > 2 * eps * np.abs(want) + tiny):
-                return False
-    return True
-
-
-def _roundoff_atol(atol: float, roundoff: dict[str, float]) -> float | dict[str, float]:
-    raised = {name: max(atol, ROUNDOFF_FACTOR * r) for name, r in roundoff.items()}
-    if all(value == atol for value in raised.values()):
-        return atol
-    return {**raised, "": atol}
-
-
 @contextlib.contextmanager
 def _staged(
     model: onnx.ModelProto, output: str | os.PathLike | None, read: ReadResult
@@ -451,7 +343,7 @@ def compress(
         # everything below checks the staged file, the bytes the user gets (issue 21)
         _stage(progress, "verify")
         t0 = time.perf_counter()
-        reference = _reference_path(read) or read.model
+        reference = reference_model_path(read) or read.model
         written_read = read_model(staged.path)
         if atol is None:
             roundoff = measured_roundoff(read, box, options.seed)
@@ -467,7 +359,7 @@ def compress(
                     f"Inf/NaN on output '{overflow[0]}' inside this box, so no tolerance can be "
                     "measured; give a box with smaller bounds"
                 )
-            atol = _roundoff_atol(DEFAULT_ATOL, combined)
+            atol = roundoff_atol(DEFAULT_ATOL, combined)
             for name, value in roundoff.items():
                 report.notes.append(
                     f"float round-off of the input model itself on '{name}': {value:.3g}, of the "
@@ -501,7 +393,7 @@ def compress(
             if options.time_limit is not None:
                 remaining = max(options.time_limit - report.timings_s["stability"], 1.0)
             check = check_equivalence(
-                read if _reference_path(read) else dataclasses.replace(read, path=None),
+                read if reference_model_path(read) else dataclasses.replace(read, path=None),
                 written_read,  # the proof, too, is about the weights as written
                 box,
                 atol=atol,

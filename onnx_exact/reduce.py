@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UsageError
-from .network import DenseLayer, InputMap, Network
-from .stability import NeuronState, StabilityResult
+from onnx_exact.core.errors import UsageError
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.verdicts import NeuronState, StabilityResult
 
 PROPORTIONAL_RTOL = 1e-12
 """Rule 5 accepts ``(w_k, b_k) = c (w_m, b_m)`` when ``||r_k - c r_m|| <= 1e-12 ||r_k||`` with

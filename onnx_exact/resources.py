@@ -81,9 +81,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import parallel
-from .errors import ResourceError, UsageError
-from .network import Network
+from onnx_exact import parallel
+from onnx_exact.core.errors import ResourceError, UsageError
+from onnx_exact.core.network import Network
 
 #: Resident size of the interpreter with numpy, onnx, onnxruntime, highspy, typer and rich loaded.
 INTERPRETER_BYTES = 90 * 2**20

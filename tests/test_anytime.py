@@ -23,12 +23,13 @@ from conftest import run_cli
 from exporter_fixtures import gemm_mlp
 
 from onnx_exact import progress as progress_module
-from onnx_exact import stability
 from onnx_exact.cli import DEFAULT_TIME_LIMIT
-from onnx_exact.domain import Box
-from onnx_exact.onnx_reader import read_model
+from onnx_exact.core.box import Box
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.progress import Heartbeat, ProgressEvent, describe
-from onnx_exact.stability import NeuronState, analyze_stability
+from onnx_exact.stability import analysis as stability
+from onnx_exact.stability.analysis import analyze_stability
 
 DEEP_SIZES = (10,) + (40,) * 8 + (3,)  # eight ReLU layers of 40
 

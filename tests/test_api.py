@@ -10,15 +10,7 @@ import pytest
 from exporter_fixtures import gemm_mlp
 
 import onnx_exact
-from onnx_exact import (
-    DomainError,
-    DomainSpec,
-    OnnxExactError,
-    UsageError,
-    analyze,
-    check,
-    compress,
-)
+from onnx_exact import DomainError, DomainSpec, OnnxExactError, UsageError, analyze, check, compress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +80,7 @@ def test_bad_arrays_raise_the_package_errors(model, spec, error, needle):
 
 
 def test_every_error_class_is_importable_from_the_package():
-    from onnx_exact import errors
+    from onnx_exact.core import errors
 
     public = {
         name

@@ -6,14 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_exact.bounds import (
-    LayerBounds,
-    interval_bounds,
-    relu_relaxation,
-    symbolic_bounds,
-)
-from onnx_exact.domain import Box
-from onnx_exact.network import DenseLayer, InputMap, Network
+from onnx_exact.bounds.crown import LayerBounds, interval_bounds, relu_relaxation, symbolic_bounds
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import DenseLayer, InputMap, Network
 
 
 def random_network(rng: np.random.Generator, sizes: list[int], linear_hidden: int = -1) -> Network:

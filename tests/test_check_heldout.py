@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from test_equivalence import gemm_mlp, random_weights, unit_box
 
-from onnx_exact.equivalence import check_equivalence
+from onnx_exact.equivalence.check import check_equivalence
 
 
 def large_valued_weights():
@@ -66,7 +66,7 @@ def test_the_counterexample_line_compares_one_coordinate_with_itself(tmp_path):
     """The counterexample's onnxruntime value is the difference at the coordinate whose exact
     difference it reports (it was the largest over every output coordinate), and the saved file
     is named as ``np.save`` names it."""
-    from onnx_exact.check_render import proof_verdict
+    from onnx_exact.equivalence.render import proof_verdict
 
     weights = random_weights((6, 24, 24, 3), seed=4)
     changed = [(np.array(w), np.array(b)) for w, b in weights]

@@ -13,13 +13,18 @@ import numpy as np
 from rich.console import Console
 from test_equivalence import gemm_mlp, random_weights, unit_box
 
-from onnx_exact.canonical import Canonical
-from onnx_exact.correspondence import correspondence_of, prove_units_stable, quick_stability
-from onnx_exact.domain import Box
-from onnx_exact.equivalence import check_equivalence, prove_equivalence, render_check
-from onnx_exact.network import DenseLayer, InputMap, Network
-from onnx_exact.onnx_reader import read_model
-from onnx_exact.stability import NeuronState, analyze_stability
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.equivalence.canonical import Canonical
+from onnx_exact.equivalence.check import check_equivalence, prove_equivalence, render_check
+from onnx_exact.equivalence.correspondence import (
+    correspondence_of,
+    prove_units_stable,
+    quick_stability,
+)
+from onnx_exact.io.onnx_reader import read_model
+from onnx_exact.stability.analysis import analyze_stability
 
 
 def mlp(weights) -> Network:

@@ -38,9 +38,9 @@ def _declared_runtime_dependencies() -> set[str]:
 
 
 def _imported_top_level_modules() -> dict[str, str]:
-    """Absolute imports anywhere in the package (also inside functions): module -> first file."""
+    """Absolute third-party imports anywhere in the package (also inside functions): module -> file."""
     found: dict[str, str] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -49,7 +49,8 @@ def _imported_top_level_modules() -> dict[str, str]:
             else:
                 continue
             for name in names:
-                found.setdefault(name.split(".")[0], path.name)
+                if name.split(".")[0] != "onnx_exact":
+                    found.setdefault(name.split(".")[0], str(path.relative_to(PACKAGE)))
     return found
 
 

@@ -11,9 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_exact.domain import (
+from onnx_exact.core.box import Box
+from onnx_exact.core.errors import DomainError, UnsupportedModelError, UsageError
+from onnx_exact.io.domain_sources import (
     DOMAIN_KEY_PREFIX,
-    Box,
     InputLayout,
     domain_metadata,
     load_range_file,
@@ -22,7 +23,6 @@ from onnx_exact.domain import (
     parse_vnnlib_box,
     resolve_domain,
 )
-from onnx_exact.errors import DomainError, UnsupportedModelError, UsageError
 
 
 def image_model(input_name: str = "x", batch: str | int = "N") -> onnx.ModelProto:

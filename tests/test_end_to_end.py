@@ -22,8 +22,8 @@ from exporter_fixtures import (
     save_external,
 )
 
+from onnx_exact.core.verdicts import NeuronState
 from onnx_exact.pipeline import DomainSpec, compress
-from onnx_exact.stability import NeuronState
 
 
 def _save_box(path: Path, lower: np.ndarray, upper: np.ndarray) -> str:
@@ -139,8 +139,8 @@ def test_the_tolerance_covers_the_round_off_of_both_models(tmp_path):
     """The default verification atol is 4x the *sum* of the input model's and the compressed
     model's own measured float32 round-off (at least 1e-5): two float evaluations of one exact
     function can differ by both errors, and folding can make the compressed model's larger."""
-    from onnx_exact.onnx_reader import read_model
-    from onnx_exact.pipeline import ROUNDOFF_FACTOR, measured_roundoff, model_roundoff
+    from onnx_exact.io.onnx_reader import read_model
+    from onnx_exact.verify import ROUNDOFF_FACTOR, measured_roundoff, model_roundoff
 
     source = Path(__file__).resolve().parent.parent / "models" / "mnist_2x100_l1_1e-3.onnx"
     result = compress(source, tmp_path / "small.onnx", DomainSpec())

@@ -10,15 +10,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from onnx_exact.domain import Box
-from onnx_exact.equivalence import (
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.equivalence.check import (
     CheckReport,
     check_equivalence,
     prove_equivalence,
     render_check,
 )
-from onnx_exact.network import DenseLayer, InputMap, Network
-from onnx_exact.onnx_reader import read_model
+from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.pipeline import AnalysisOptions, DomainSpec, compress
 from onnx_exact.verify import compare_models, run_model
 

@@ -23,9 +23,10 @@ from exporter_fixtures import box_samples, gemm_mlp, run_onnx, save_external, to
 from onnx import TensorProto, helper, numpy_helper
 from test_bad_inputs import run_cli
 
-from onnx_exact import onnx_writer
-from onnx_exact.errors import ResourceError, UsageError
-from onnx_exact.onnx_reader import read_model
+from onnx_exact.core.errors import ResourceError, UsageError
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.io import onnx_writer
+from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.pipeline import AnalysisOptions, DomainSpec, analyze
 from onnx_exact.resources import (
     check_memory,
@@ -38,7 +39,6 @@ from onnx_exact.resources import (
     raise_if_interrupted,
     request_interrupt,
 )
-from onnx_exact.stability import NeuronState
 
 SOLVER_TIERS = {"lp", "lp+cuts", "milp", "isa", "per-neuron"}
 SIGNAL_READY_TIMEOUT_S = 90.0  # interpreter start-up on a loaded 2-core machine

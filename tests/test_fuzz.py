@@ -20,8 +20,8 @@ from exporter_fixtures import ALL_BUILDERS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from onnx_exact.core.verdicts import NeuronState
 from onnx_exact.pipeline import AnalysisOptions, DomainSpec, compress
-from onnx_exact.stability import NeuronState
 
 FUZZ_EXAMPLES = 60
 CHECK_SAMPLES = 3000

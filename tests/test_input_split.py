@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_exact import input_split, stability
-from onnx_exact.bounds import interval_bounds
-from onnx_exact.domain import Box
-from onnx_exact.network import DenseLayer, InputMap, Network
-from onnx_exact.stability import NeuronState, analyze_stability
+from onnx_exact.bounds import input_split
+from onnx_exact.bounds.crown import interval_bounds
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.stability import analysis as stability
+from onnx_exact.stability.analysis import analyze_stability
 
 
 def random_network(rng: np.random.Generator, sizes: list[int]) -> Network:

@@ -13,11 +13,11 @@ import highspy
 import numpy as np
 import pytest
 
-from onnx_exact import milp
-from onnx_exact.bounds import LayerBounds
-from onnx_exact.domain import Box
-from onnx_exact.network import DenseLayer, InputMap, Network
-from onnx_exact.stability import NeuronState
+from onnx_exact.bounds.crown import LayerBounds
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.solvers import milp
 
 MARGIN = 1e-9
 
@@ -581,7 +581,7 @@ def test_a_reused_milp_instance_gets_the_seconds_asked_for_on_every_run():
     assertion does not depend on how loaded the machine is)."""
     from exporter_fixtures import gemm_mlp
 
-    from onnx_exact.onnx_reader import read_model
+    from onnx_exact.io.onnx_reader import read_model
 
     net = read_model(gemm_mlp((20, 60, 60, 60, 10), seed=1, pinned=False)).network
     box = Box(np.zeros(20), np.ones(20))

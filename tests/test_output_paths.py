@@ -19,14 +19,11 @@ import pytest
 from conftest import run_cli
 from exporter_fixtures import gemm_mlp
 
-from onnx_exact import output_paths, pipeline
-from onnx_exact.errors import UsageError
-from onnx_exact.onnx_writer import external_data_path
-from onnx_exact.output_paths import (
-    numpy_save_path,
-    plan_run_paths,
-    write_file_atomic,
-)
+from onnx_exact import pipeline
+from onnx_exact.core.errors import UsageError
+from onnx_exact.io import save as output_paths
+from onnx_exact.io.onnx_writer import external_data_path
+from onnx_exact.io.save import numpy_save_path, plan_run_paths, write_file_atomic
 
 RANGE = ("-r", "[0,1]")
 

@@ -22,10 +22,10 @@ GONE_TIMEOUT_S = 20.0
 
 def _probe(context: dict, name: str) -> dict:
     """Runs in a worker: load the analysis modules, report what is loaded there."""
-    import onnx_exact.input_split  # noqa: F401 - the modules whose functions run in workers
-    import onnx_exact.milp  # noqa: F401 - (and what they import: domain, highspy, numpy)
-    import onnx_exact.proof_milp  # noqa: F401
-    import onnx_exact.stability  # noqa: F401
+    import onnx_exact.bounds.input_split  # noqa: F401 - the modules whose functions run in workers
+    import onnx_exact.equivalence.proof  # noqa: F401
+    import onnx_exact.solvers.milp  # noqa: F401 - (and what they import: domain, highspy, numpy)
+    import onnx_exact.stability.analysis  # noqa: F401
 
     loaded = {m for m in sys.modules if m.split(".")[0] in ("onnx", "onnxruntime")}
     return {
@@ -103,11 +103,11 @@ def test_two_milp_calls_of_a_run_share_the_pool_and_its_workers():
     """Two layers' decision MILPs with jobs=2 run in the same workers (no pool per call)."""
     import numpy as np
 
-    from onnx_exact import milp
-    from onnx_exact.bounds import interval_bounds
-    from onnx_exact.domain import Box
-    from onnx_exact.network import DenseLayer, InputMap, Network
-    from onnx_exact.stability import NeuronState
+    from onnx_exact.bounds.crown import interval_bounds
+    from onnx_exact.core.box import Box
+    from onnx_exact.core.network import DenseLayer, InputMap, Network
+    from onnx_exact.core.verdicts import NeuronState
+    from onnx_exact.solvers import milp
 
     rng = np.random.default_rng(3)
     sizes = [6, 12, 12, 2]
@@ -350,7 +350,7 @@ def test_a_run_that_fails_while_its_workers_solve_ends_them(monkeypatch, tmp_pat
     """An error in the main process (exit 2 here) must not leave workers solving on (they
     would hold the exit for a minute, or outlive it)."""
     from onnx_exact import cli, pipeline
-    from onnx_exact.errors import UsageError
+    from onnx_exact.core.errors import UsageError
 
     workers: list[int] = []
 

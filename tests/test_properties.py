@@ -16,10 +16,11 @@ from exporter_fixtures import gemm_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnx_exact.domain import Box
-from onnx_exact.network import DenseLayer, InputMap, Network
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.verdicts import NeuronState
 from onnx_exact.pipeline import DomainSpec, compress
-from onnx_exact.stability import NeuronState, analyze_stability
+from onnx_exact.stability.analysis import analyze_stability
 from onnx_exact.verify import run_model
 
 

@@ -20,8 +20,8 @@ from exporter_fixtures import (
 )
 from onnx import TensorProto, helper
 
-from onnx_exact.errors import UnsupportedModelError, UsageError
-from onnx_exact.onnx_reader import read_model
+from onnx_exact.core.errors import UnsupportedModelError, UsageError
+from onnx_exact.io.onnx_reader import read_model
 
 
 def assert_matches_onnxruntime(read, model, lower, upper, samples: int = 64) -> None:

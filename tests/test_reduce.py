@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnx_exact.errors import UsageError
-from onnx_exact.network import DenseLayer, InputMap, Network
+from onnx_exact.core.errors import UsageError
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.verdicts import LayerStability, NeuronState, StabilityResult
 from onnx_exact.reduce import Reduction, reduce_network
-from onnx_exact.stability import LayerStability, NeuronState, StabilityResult
 
 ACTIVE, INACTIVE = NeuronState.ACTIVE, NeuronState.INACTIVE
 UNSTABLE, UNDECIDED = NeuronState.UNSTABLE, NeuronState.UNDECIDED

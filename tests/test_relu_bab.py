@@ -25,9 +25,11 @@ from test_milp import (
     _tiered_states,
 )
 
-from onnx_exact import milp, relu_bab
-from onnx_exact.domain import Box
-from onnx_exact.stability import NeuronState, analyze_stability
+from onnx_exact.bounds import relu_bab
+from onnx_exact.core.box import Box
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.solvers import milp
+from onnx_exact.stability.analysis import analyze_stability
 
 
 def _undecided(net, layer):
@@ -235,7 +237,7 @@ def test_pipeline_with_crown_bab_alone_is_sound():
 
 def test_optimised_bounds_enclose_samples_and_beat_crown():
     """α-CROWN bounds of a whole layer hold on dense samples and are no looser than CROWN's."""
-    from onnx_exact.bounds import symbolic_bounds
+    from onnx_exact.bounds.crown import symbolic_bounds
 
     net = _random_net(11, [6, 20, 20, 20, 2])
     box = Box(np.zeros(6), np.ones(6))

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from conftest import SHARED_MODELS
 
-from onnx_exact import stability
-from onnx_exact.domain import Box
-from onnx_exact.errors import DomainError, UsageError
-from onnx_exact.network import DenseLayer, InputMap, Network
-from onnx_exact.onnx_reader import read_model
+from onnx_exact.core.box import Box
+from onnx_exact.core.errors import DomainError, UsageError
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.progress import ProgressEvent
-from onnx_exact.stability import NeuronState, analyze_stability
-from onnx_exact.witness import observe
+from onnx_exact.search.witness import observe
+from onnx_exact.stability import analysis as stability
+from onnx_exact.stability.analysis import analyze_stability
 
 
 def random_network(rng: np.random.Generator, sizes: list[int]) -> Network:
@@ -351,7 +352,7 @@ def _no_attack(self, k, effort=1.0):
 def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(monkeypatch):
     """With one node per branch and bound, a first pass leaves directions open; under a time
     limit the retries (4x, 16x the caps) decide more of them, soundly; without one, none run."""
-    from onnx_exact import milp
+    from onnx_exact.solvers import milp
 
     net = random_network(np.random.default_rng(7), [10, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
@@ -402,7 +403,7 @@ def test_the_attack_tier_refutes_what_one_node_branch_and_bound_leaves_open(monk
     tier (PGD rounds polished by region LPs); it settles some as unstable, by witnesses the
     forward pass confirms, and is credited with them. (Seed 2: on seed 0 the first pass's CROWN
     vertices and the corner ascent now find that sign before the attack runs.)"""
-    from onnx_exact import milp
+    from onnx_exact.solvers import milp
 
     net = random_network(np.random.default_rng(2), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
@@ -580,9 +581,9 @@ import os, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 from test_stability import random_network
-from onnx_exact import stability
-from onnx_exact.bounds import interval_bounds
-from onnx_exact.domain import Box
+from onnx_exact.stability import analysis as stability
+from onnx_exact.bounds.crown import interval_bounds
+from onnx_exact.core.box import Box
 
 if __name__ == "__main__":
     net = random_network(np.random.default_rng(0), [10, 20, 20, 2])

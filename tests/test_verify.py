@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_exact.domain import Box
-from onnx_exact.errors import UsageError, VerificationError
+from onnx_exact.core.box import Box
+from onnx_exact.core.errors import UsageError, VerificationError
 from onnx_exact.verify import (
     _cast_inside,
     compare_models,

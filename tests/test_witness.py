@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_exact import witness
-from onnx_exact.bounds import interval_bounds
-from onnx_exact.domain import Box
-from onnx_exact.network import DenseLayer, InputMap, Network
-from onnx_exact.witness import (
+from onnx_exact.bounds.crown import interval_bounds
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.search import witness
+from onnx_exact.search.witness import (
     Observation,
     best_points,
     corner_ascent,

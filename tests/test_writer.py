@@ -19,11 +19,11 @@ from exporter_fixtures import (
 )
 from onnx import numpy_helper
 
-from onnx_exact import onnx_writer
-from onnx_exact.errors import UsageError
-from onnx_exact.network import DenseLayer, Network
-from onnx_exact.onnx_reader import ReadResult, read_model
-from onnx_exact.onnx_writer import build_model, save_model_atomic
+from onnx_exact.core.errors import UsageError
+from onnx_exact.core.network import DenseLayer, Network
+from onnx_exact.io import onnx_writer
+from onnx_exact.io.onnx_reader import ReadResult, read_model
+from onnx_exact.io.onnx_writer import build_model, save_model_atomic
 from onnx_exact.reduce import Reduction
 
 ORIGINAL_METADATA = {"author": "fixture", "onnx_exact.domain.x": "stale"}

@@ -16,9 +16,10 @@ from conftest import run_cli
 from exporter_fixtures import GraphBuilder, box_samples, gemm_mlp, mlp_parameters, unit_box
 from onnx import external_data_helper
 
-from onnx_exact import onnx_writer, verify
-from onnx_exact.domain import Box
-from onnx_exact.onnx_reader import read_model
+from onnx_exact import verify
+from onnx_exact.core.box import Box
+from onnx_exact.io import onnx_writer
+from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.pipeline import DomainSpec, compress
 
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .domain import Box
-from .network import Network
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import Network
 
 # Upper limit on float64 values materialised per forward-pass chunk (about 32 MB).
 _CHUNK_VALUES = 4_000_000

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from .equivalence import CheckReport, ProofResult
+    from onnx_exact.equivalence.check import CheckReport, ProofResult
 
 
 def tolerance_of(value: float | dict[str, float], name: str) -> float:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .domain import Box
-from .network import Network
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import Network
 
 # Rows of the back-substitution processed together; the working set is about
 # 2 * _ROW_BLOCK * (widest layer) float64 values.

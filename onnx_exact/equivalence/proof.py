@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import highspy
 import numpy as np
 
-from . import milp, parallel
-from .canonical import Canonical
+from onnx_exact import parallel
+from onnx_exact.equivalence.canonical import Canonical
+from onnx_exact.solvers import milp
 
 PROOF_FEASIBILITY_TOLERANCE = 1e-9
 """Primal and MIP feasibility tolerance of the proof MILP; the basis of its slack."""

@@ -38,8 +38,8 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import MalformedModelError, UnsupportedModelError, UsageError
-from .network import DenseLayer, InputMap, Network
+from onnx_exact.core.errors import MalformedModelError, UnsupportedModelError, UsageError
+from onnx_exact.core.network import DenseLayer, InputMap, Network
 
 #: Ops that only move or relabel values; the reader checks each keeps the batch dim and features.
 PASS_THROUGH_OPS = frozenset({"Identity", "Dropout", "Cast", "Flatten", "Reshape"})

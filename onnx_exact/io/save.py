@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import onnx
 from onnx import external_data_helper
 
-from .errors import UsageError
-from .onnx_reader import all_tensors
-from .onnx_writer import external_data_path
+from onnx_exact.core.errors import UsageError
+from onnx_exact.io.onnx_reader import all_tensors
+from onnx_exact.io.onnx_writer import external_data_path
 
 STDOUT = "-"
 """A report path that means standard output."""

@@ -41,20 +41,15 @@ from typing import Any
 
 import numpy as np
 
-from . import milp, relu_bab
-from .bounds import LayerBounds, interval_bounds, symbolic_bounds
-from .canonical import Canonical
-from .domain import Box
-from .network import Network
-from .stability import (
-    FLOAT_MARGIN,
-    LayerStability,
-    NeuronState,
-    StabilityResult,
-    neuron_scale,
-    solver_margins,
-)
-from .witness import first_layer_extremes, observe, sample_inputs
+from onnx_exact.bounds import relu_bab
+from onnx_exact.bounds.crown import LayerBounds, interval_bounds, symbolic_bounds
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import LayerStability, NeuronState, StabilityResult
+from onnx_exact.equivalence.canonical import Canonical
+from onnx_exact.search.witness import first_layer_extremes, observe, sample_inputs
+from onnx_exact.solvers import milp
+from onnx_exact.stability.analysis import FLOAT_MARGIN, neuron_scale, solver_margins
 
 METHODS = ("matched", "stable-units", "milp")
 """How a direction was proved, from the cheapest to the costliest (see the module docstring)."""

@@ -46,14 +46,14 @@ from functools import partial
 import highspy
 import numpy as np
 
-from . import bounds as _bounds
-from . import parallel
-from . import stability as _stability
-from .domain import Box
-from .errors import SolverError
-from .network import Network
-from .parallel import can_start_workers
-from .resources import raise_if_interrupted
+from onnx_exact import parallel
+from onnx_exact.bounds import crown as _bounds
+from onnx_exact.core.box import Box
+from onnx_exact.core.errors import SolverError
+from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.parallel import can_start_workers
+from onnx_exact.resources import raise_if_interrupted
 
 SMALL_MATRIX_VALUE = 1e-12
 """Smallest matrix entry HiGHS accepts; smaller ones are moved into the row bounds."""
@@ -471,7 +471,7 @@ def add_network_encoding(
         the first layer's bounds being its exact interval bounds over the box, and they are most
         of the matrix (MNIST 2x400 ℓ1 = 3e-4: 243 of the 304 dense first-layer rows).
     """
-    active_state, inactive_state = _stability.NeuronState.ACTIVE, _stability.NeuronState.INACTIVE
+    active_state, inactive_state = NeuronState.ACTIVE, NeuronState.INACTIVE
     if input_cols is None:
         x = _add_columns(highs, box.lower, box.upper)
     else:
@@ -482,11 +482,7 @@ def add_network_encoding(
         n = layer.out_features
         lower = np.array(bounds[k].lower, dtype=np.float64)
         upper = np.array(bounds[k].upper, dtype=np.float64)
-        state = (
-            np.asarray(states[k])
-            if k < len(states)
-            else np.full(n, _stability.NeuronState.UNDECIDED)
-        )
+        state = np.asarray(states[k]) if k < len(states) else np.full(n, NeuronState.UNDECIDED)
         if layer.relu:
             lower = np.where(state == active_state, np.maximum(lower, 0.0), lower)
             upper = np.where(state == inactive_state, np.minimum(upper, 0.0), upper)
@@ -1719,7 +1715,7 @@ def _labels(
     seen_neg: np.ndarray,
 ) -> np.ndarray:
     """NeuronState per neuron from proofs and witnesses (layers without ReLU are ACTIVE)."""
-    state = _stability.NeuronState
+    state = NeuronState
     labels = np.full(inactive.shape[0], state.UNDECIDED, dtype=np.int64)
     if not relu:
         labels[:] = state.ACTIVE

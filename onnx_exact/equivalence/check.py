@@ -48,25 +48,32 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .canonical import Canonical, gamma
-from .check_render import proof_verdict as proof_verdict  # re-exported: cli, report
-from .check_render import render_check as render_check
-from .check_render import tolerance_of
-from .correspondence import (
+from onnx_exact.core.box import Box
+from onnx_exact.core.errors import OnnxExactError, UsageError
+from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import StabilityResult
+from onnx_exact.equivalence.canonical import Canonical, gamma
+from onnx_exact.equivalence.correspondence import (
     METHODS,
     Correspondence,
     correspondence_of,
     prove_units_stable,
     quick_stability,
 )
-from .domain import Box, InputLayout, model_input_dims
-from .errors import OnnxExactError, UsageError
-from .network import Network
-from .onnx_reader import ReadResult, read_model
-from .output_paths import numpy_save_path, write_file_atomic
-from .proof_milp import Counterexample, DirectionBound, milp_tier
-from .stability import StabilityResult
-from .verify import EquivalenceReport, compare_models, run_model
+from onnx_exact.equivalence.proof import Counterexample, DirectionBound, milp_tier
+from onnx_exact.equivalence.render import proof_verdict as proof_verdict  # re-exported: cli, report
+from onnx_exact.equivalence.render import render_check as render_check
+from onnx_exact.equivalence.render import tolerance_of
+from onnx_exact.io.domain_sources import InputLayout, model_input_dims
+from onnx_exact.io.onnx_reader import ReadResult, read_model
+from onnx_exact.io.save import numpy_save_path, write_file_atomic
+from onnx_exact.verify import (
+    ROUNDOFF_FACTOR,
+    EquivalenceReport,
+    compare_models,
+    model_roundoff,
+    run_model,
+)
 
 ModelSource = str | os.PathLike | onnx.ModelProto | ReadResult
 ProgressCallback = Callable[[str, int, int], None]
@@ -819,7 +826,6 @@ def _judge_roundoff(
     Nothing changes unless the proof covers every failing output (no tail, one end tensor) and
     every failure fits the allowance: a larger sampled difference still fails the check.
     """
-    from .pipeline import ROUNDOFF_FACTOR, model_roundoff  # pipeline imports this module
 
     end = proof.output_tensor
     failing = [out for out in sampled.outputs if not out.passed]

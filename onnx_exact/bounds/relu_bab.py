@@ -65,9 +65,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import milp
-from .domain import Box
-from .network import Network
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.solvers import milp
 
 METHOD = "crown-bab"
 
@@ -143,8 +144,6 @@ class SubNetwork:
         cls, net: Network, box: Box, bounds: Sequence, states: Sequence[np.ndarray], layer: int
     ) -> SubNetwork:
         """Classify the ReLUs of layers ``0 .. layer - 1`` by ``states`` and ``bounds``."""
-        from .stability import NeuronState
-
         fixed, unstable, slopes, intercepts, alphas, lowers, uppers = [], [], [], [], [], [], []
         for j in range(layer):
             current = net.layers[j]

@@ -53,9 +53,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import parallel
-from .bounds import LayerBounds
-from .network import Network
+from onnx_exact import parallel
+from onnx_exact.bounds.crown import LayerBounds
+from onnx_exact.core.network import Network
 
 LEAF_BATCH = 4096  # leaves bounded together at most
 _BATCH_VALUES = 2e7  # float64 values of one layer's pair of linear forms, at most (~160 MB)

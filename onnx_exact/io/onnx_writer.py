@@ -34,8 +34,8 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import external_data_helper, helper, numpy_helper
 
-from .errors import UnsupportedModelError, UsageError, VerificationError
-from .onnx_reader import (
+from onnx_exact.core.errors import UnsupportedModelError, UsageError, VerificationError
+from onnx_exact.io.onnx_reader import (
     Binding,
     ConstantResolver,
     LayerBinding,
@@ -43,7 +43,7 @@ from .onnx_reader import (
     all_graphs,
     all_tensors,
 )
-from .reduce import Reduction
+from onnx_exact.reduce import Reduction
 
 EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8 * 1024**3)
 """Above this many tensor bytes a model is handled as large: saved with external data (protobuf

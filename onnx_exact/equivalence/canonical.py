@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .domain import Box
-from .network import Network
-from .stability import NeuronState, StabilityResult
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import NeuronState, StabilityResult
 
 SHARE_RTOL = 1e-6
 """A neuron is shared with a registered one when the residual of its value form is at most this
