@@ -905,6 +905,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--section", help="section name in --out (default: quick or full)")
+    parser.add_argument(
+        "--labels-out",
+        type=Path,
+        help="also save every method's per-neuron states as .npz (key 'case|method|layer'), to"
+        " compare two engine versions label by label",
+    )
     args = parser.parse_args(argv)
     if args.baseline_cap is None:
         args.baseline_cap = QUICK_BASELINE_CAP_S if args.quick else DEFAULT_CAP_S
@@ -939,6 +945,17 @@ def run_case(case: Case, args: argparse.Namespace) -> CaseResult:
     return result
 
 
+def save_labels(path: Path, results: list[CaseResult]) -> None:
+    """Every run's per-neuron states (int8, NeuronState values) in one ``.npz``."""
+    arrays = {
+        f"{result.case.id}|{method}|{layer}": states
+        for result in results
+        for method, run in result.runs.items()
+        for layer, states in enumerate(run.get("states", []))
+    }
+    np.savez_compressed(path, **arrays)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -971,6 +988,8 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(
             args.out, args.section, markdown_section(results, args, elapsed, progress, skipped)
         )
+    if args.labels_out:
+        save_labels(args.labels_out, results)
     summary = Table("target", "status", "evidence", title="targets")
     for target in targets(results):
         summary.add_row(*(cell.replace("**", "") for cell in target))

@@ -15,9 +15,11 @@ import pytest
 
 from onnx_exact.bounds.crown import LayerBounds
 from onnx_exact.core.box import Box
+from onnx_exact.core.directions import Direction, DirectionResult
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.core.verdicts import NeuronState
-from onnx_exact.solvers import milp
+from onnx_exact.search import region_search
+from onnx_exact.solvers import baselines, exact_tiers, highs_model, lp_relaxation, milp_encoding
 
 MARGIN = 1e-9
 
@@ -62,15 +64,13 @@ def _samples(box: Box, seed: int, count: int = 20000) -> np.ndarray:
     return np.concatenate([uniform, corners])
 
 
-def _all_directions(net: Network, layer: int) -> list[milp.Direction]:
+def _all_directions(net: Network, layer: int) -> list[Direction]:
     return [
-        milp.Direction(layer, i, sign)
-        for i in range(net.layers[layer].out_features)
-        for sign in (1, -1)
+        Direction(layer, i, sign) for i in range(net.layers[layer].out_features) for sign in (1, -1)
     ]
 
 
-def _states_from(results: list[milp.DirectionResult], width: int) -> np.ndarray:
+def _states_from(results: list[DirectionResult], width: int) -> np.ndarray:
     """NeuronState per neuron from the two directions' results (the pipeline's rule)."""
     proved = {(r.direction.neuron, r.direction.sign) for r in results if r.status == "proved"}
     refuted = {(r.direction.neuron, r.direction.sign) for r in results if r.status == "refuted"}
@@ -89,11 +89,11 @@ def _tiered_states(net, box, bounds, tiers=("lp", "cuts", "milp"), jobs=1, decid
     """Labels of every layer, bottom-up, from one exact decision function per layer.
 
     ``decide(k, states, directions, margins, deadline)`` defaults to
-    :func:`milp.decide_directions` with ``tiers`` and ``jobs``.
+    :func:`exact_tiers.decide_directions` with ``tiers`` and ``jobs``.
     """
 
     def milp_tiers(k, states, directions, margins, deadline):
-        return milp.decide_directions(
+        return exact_tiers.decide_directions(
             net, box, bounds, states, k, directions, margins, deadline, tiers=tiers, jobs=jobs
         )
 
@@ -145,7 +145,7 @@ def test_lp_bounds_are_sound_against_grid(seed, sizes):
     pre = net.preactivations(_grid(box))
     states: list[np.ndarray] = []
     for k in range(len(sizes) - 2):
-        results = milp.decide_directions(
+        results = exact_tiers.decide_directions(
             net,
             box,
             bounds,
@@ -176,7 +176,7 @@ def test_decisions_never_contradict_sampling(seed):
     pre = net.preactivations(_samples(box, seed))
     states: list[np.ndarray] = []
     for k in range(2):
-        results = milp.decide_directions(
+        results = exact_tiers.decide_directions(
             net,
             box,
             bounds,
@@ -227,10 +227,10 @@ def test_branch_and_bound_never_contradicts_samples_and_restores_the_lp(monkeypa
     pre = net.preactivations(_samples(box, 7))[1]
     directions = _all_directions(net, 1)
     outcomes = {}
-    for node_limit in (1, milp.BAB_NODE_LIMIT):
-        monkeypatch.setattr(milp, "BAB_NODE_LIMIT", node_limit)
-        relaxation = milp.LayerRelaxation.build(net, box, bounds, states, 1)
-        results = milp.decide_directions(
+    for node_limit in (1, exact_tiers.BAB_NODE_LIMIT):
+        monkeypatch.setattr(exact_tiers, "BAB_NODE_LIMIT", node_limit)
+        relaxation = lp_relaxation.LayerRelaxation.build(net, box, bounds, states, 1)
+        results = exact_tiers.decide_directions(
             net,
             box,
             bounds,
@@ -253,7 +253,7 @@ def test_branch_and_bound_never_contradicts_samples_and_restores_the_lp(monkeypa
             assert not (r.status == "proved" and sampled_max > 0)
             assert r.bound >= sampled_max - 1e-9
         outcomes[node_limit] = [r.status for r in results]
-    assert "undecided" not in outcomes[milp.BAB_NODE_LIMIT]
+    assert "undecided" not in outcomes[exact_tiers.BAB_NODE_LIMIT]
     assert outcomes[1].count("undecided") > 0  # a root LP alone cannot decide all of them
 
 
@@ -264,9 +264,11 @@ def test_baselines_agree_with_tiers_and_grid(seed, sizes):
     bounds = _interval_bounds(net, box)
     margins = [np.full(layer.out_features, MARGIN) for layer in net.layers]
     deadline = time.monotonic() + 60
-    per_neuron, _, per_neuron_late = milp.per_neuron_stability(net, box, bounds, margins, deadline)
+    per_neuron, _, per_neuron_late = baselines.per_neuron_stability(
+        net, box, bounds, margins, deadline
+    )
     nothing = [np.zeros(layer.out_features, bool) for layer in net.layers]
-    isa, isa_witnesses, isa_late = milp.isa_stability(
+    isa, isa_witnesses, isa_late = baselines.isa_stability(
         net, box, bounds, nothing, [a.copy() for a in nothing], margins, deadline
     )
     tiered = _tiered_states(net, box, bounds)
@@ -290,8 +292,8 @@ def test_isa_uses_preprocessing_and_random_10_20_20():
     seen_pos = [(p > 0).any(axis=0) for p in pre]
     seen_neg = [(p < 0).any(axis=0) for p in pre]
     deadline = time.monotonic() + 60
-    isa, _, late = milp.isa_stability(net, box, bounds, seen_pos, seen_neg, margins, deadline)
-    per_neuron, _, _ = milp.per_neuron_stability(net, box, bounds, margins, deadline)
+    isa, _, late = baselines.isa_stability(net, box, bounds, seen_pos, seen_neg, margins, deadline)
+    per_neuron, _, _ = baselines.per_neuron_stability(net, box, bounds, margins, deadline)
     assert not late
     np.testing.assert_array_equal(isa[2], per_neuron[2])
     for k in range(2):
@@ -306,12 +308,12 @@ def test_parallel_equals_serial():
     net = _random_net(21, [10, 20, 20, 2], bias_scale=1.0)
     box = Box(np.zeros(10), np.full(10, 0.4))
     bounds = _interval_bounds(net, box)
-    layer0 = milp.decide_directions(
+    layer0 = exact_tiers.decide_directions(
         net, box, bounds, [], 0, _all_directions(net, 0), np.full(20, MARGIN), time.monotonic() + 30
     )
     states = [_states_from(layer0, 20)]
     runs = [
-        milp.decide_directions(
+        exact_tiers.decide_directions(
             net,
             box,
             bounds,
@@ -336,15 +338,15 @@ def test_past_deadline_is_undecided_never_wrong():
     box = Box(np.zeros(10), np.ones(10))
     bounds = _interval_bounds(net, box)
     past = time.monotonic() - 1.0
-    results = milp.decide_directions(
+    results = exact_tiers.decide_directions(
         net, box, bounds, [], 0, _all_directions(net, 0), np.full(20, MARGIN), past
     )
     assert all(r.status == "undecided" and r.bound == np.inf for r in results)
     margins = [np.full(layer.out_features, MARGIN) for layer in net.layers]
     nothing = [np.zeros(layer.out_features, bool) for layer in net.layers]
     for states, _, late in (
-        milp.per_neuron_stability(net, box, bounds, margins, past),
-        milp.isa_stability(net, box, bounds, nothing, nothing, margins, past),
+        baselines.per_neuron_stability(net, box, bounds, margins, past),
+        baselines.isa_stability(net, box, bounds, nothing, nothing, margins, past),
     ):
         assert late
         proved_by_bounds = [
@@ -368,7 +370,7 @@ def test_tiny_weights_stay_sound():
     box = Box(-np.ones(2), np.ones(2))
     bounds = _interval_bounds(net, box)
     pre = net.preactivations(_grid(box))
-    results = milp.decide_directions(
+    results = exact_tiers.decide_directions(
         net, box, bounds, [], 1, _all_directions(net, 1), np.full(8, MARGIN), time.monotonic() + 30
     )
     for r in results:
@@ -382,9 +384,11 @@ def test_shared_input_encoding_proves_self_equivalence():
     net = _random_net(11, [3, 6, 6, 1])
     box = Box(-np.ones(3), np.ones(3))
     bounds = _interval_bounds(net, box)
-    highs = milp._new_highs()
-    first = milp.add_network_encoding(highs, net, box, bounds, [], 2)
-    second = milp.add_network_encoding(highs, net.copy(), box, bounds, [], 2, input_cols=first.x)
+    highs = highs_model.new_highs()
+    first = milp_encoding.add_network_encoding(highs, net, box, bounds, [], 2)
+    second = milp_encoding.add_network_encoding(
+        highs, net.copy(), box, bounds, [], 2, input_cols=first.x
+    )
     np.testing.assert_array_equal(first.x, second.x)
     out_a, out_b = int(first.y[2][0]), int(second.y[2][0])
     highs.changeColsCost(2, np.array([out_a, out_b], dtype=np.int32), np.array([-1.0, 1.0]))
@@ -401,7 +405,7 @@ def test_region_ascent_crosses_a_wall_to_the_wanted_sign():
     target = DenseLayer(np.array([[4.0, 1.0]]), np.array([-2.9]), relu=False, name="y")
     net = Network([hidden, target], InputMap.identity(1))
     box = Box(np.zeros(1), np.ones(1))
-    found = milp.region_ascent(
+    found = region_search.region_ascent(
         net, box, 1, np.array([0]), np.array([1.0]), np.array([[0.1]]), seconds_per_direction=10
     )
     np.testing.assert_allclose(found, [[1.0]], atol=1e-9)
@@ -419,7 +423,9 @@ def test_region_ascent_never_loses_ground_and_stays_in_the_box(seed):
     starts = rng.uniform(-1, 1, size=(6, 3))
     neurons = rng.integers(0, 10, size=6)
     signs = -np.sign(net.preactivations(starts)[2][np.arange(6), neurons])  # unseen at the start
-    found = milp.region_ascent(net, box, 2, neurons, signs, starts, seconds_per_direction=5)
+    found = region_search.region_ascent(
+        net, box, 2, neurons, signs, starts, seconds_per_direction=5
+    )
     assert np.all(found >= box.lower) and np.all(found <= box.upper)
     rows = np.arange(6)
     before = signs * net.preactivations(starts)[2][rows, neurons]
@@ -449,9 +455,9 @@ def test_pattern_search_leaves_a_local_maximum_that_stops_the_region_walk():
     box = Box(np.zeros(1), np.ones(1))
     bounds = _interval_bounds(net, box)
     start = np.array([[0.1]])
-    walked = milp.region_ascent(net, box, 1, np.array([0]), np.array([1.0]), start, 10)
+    walked = region_search.region_ascent(net, box, 1, np.array([0]), np.array([1.0]), start, 10)
     assert net.preactivations(walked)[1][0, 0] == pytest.approx(-0.1, abs=1e-9)
-    found = milp.pattern_search(net, box, bounds, [], 1, 0, 1, walked[0], seconds=10)
+    found = region_search.pattern_search(net, box, bounds, [], 1, 0, 1, walked[0], seconds=10)
     np.testing.assert_allclose(found, [1.0], atol=1e-9)
     assert net.preactivations(found[None, :])[1][0, 0] == pytest.approx(0.3, abs=1e-9)
 
@@ -467,7 +473,9 @@ def test_pattern_search_never_loses_ground_and_stays_in_the_box(seed):
     for start in rng.uniform(-1, 1, size=(4, 3)):
         neuron = int(rng.integers(0, 10))
         sign = -int(np.sign(net.preactivations(start[None, :])[2][0, neuron]))
-        found = milp.pattern_search(net, box, bounds, [], 2, neuron, sign, start, seconds=5)
+        found = region_search.pattern_search(
+            net, box, bounds, [], 2, neuron, sign, start, seconds=5
+        )
         assert np.all(found >= box.lower) and np.all(found <= box.upper)
         before = sign * net.preactivations(start[None, :])[2][0, neuron]
         after = sign * net.preactivations(found[None, :])[2][0, neuron]
@@ -485,11 +493,13 @@ def test_folding_the_first_layers_active_neurons_keeps_the_lp_bound(seed):
     states = [np.full(30, NeuronState.UNDECIDED, dtype=np.int64)]
     active = bounds[0].lower >= 0
     assert active.any() and not active.all()
-    folded = milp.LayerRelaxation.build(net, box, bounds, states, 1)
+    folded = lp_relaxation.LayerRelaxation.build(net, box, bounds, states, 1)
     assert np.array_equal(folded.enc.folded, active)
-    highs = milp._new_highs()
-    encoding = milp.add_network_encoding(highs, net, box, bounds, states, 0, integral=False)
-    full = milp.LayerRelaxation(net, 1, highs, encoding)
+    highs = highs_model.new_highs()
+    encoding = milp_encoding.add_network_encoding(
+        highs, net, box, bounds, states, 0, integral=False
+    )
+    full = lp_relaxation.LayerRelaxation(net, 1, highs, encoding)
     assert not full.enc.folded.any()
     assert folded.highs.getNumNz() < full.highs.getNumNz()
     assert folded.highs.getNumRow() == full.highs.getNumRow() - int(active.sum())
@@ -497,12 +507,12 @@ def test_folding_the_first_layers_active_neurons_keeps_the_lp_bound(seed):
         for sign in (1, -1):
             bounds_of = []
             for relaxation in (folded, full):
-                objective = milp._objective(relaxation.enc, net, 1, neuron, sign)
+                objective = lp_relaxation.direction_objective(relaxation.enc, net, 1, neuron, sign)
                 lower_bound, _, _ = relaxation.solve(objective, np.inf, np.inf)
                 bounds_of.append(objective.offset - lower_bound)
             assert bounds_of[0] == pytest.approx(bounds_of[1], rel=1e-7, abs=1e-9)
     undecided = np.full(20, NeuronState.UNDECIDED, dtype=np.int64)
-    deeper = milp.LayerRelaxation.build(net, box, bounds, states + [undecided], 2)
+    deeper = lp_relaxation.LayerRelaxation.build(net, box, bounds, states + [undecided], 2)
     assert not deeper.enc.folded.any()
 
 
@@ -515,17 +525,17 @@ def test_the_decision_milp_numbers_its_columns_like_the_relaxation_whose_cuts_it
     box = Box(np.zeros(10), np.ones(10))
     bounds = _interval_bounds(net, box)
     states = [np.full(30, NeuronState.UNDECIDED, dtype=np.int64)]
-    relaxation = milp.LayerRelaxation.build(net, box, bounds, states, 1)
+    relaxation = lp_relaxation.LayerRelaxation.build(net, box, bounds, states, 1)
     assert relaxation.enc.folded.any()
     directions = _all_directions(net, 1)
     margins = np.full(20, MARGIN)
-    milp.decide_directions(
+    exact_tiers.decide_directions(
         net, box, bounds, states, 1, directions, margins, time.monotonic() + 60,
         tiers=("cuts",), relaxation=relaxation,
     )  # fmt: skip
     assert relaxation.cuts, "no cut was separated"
-    highs = milp._new_highs()
-    encoding = milp.layer_encoding(highs, net, box, bounds, states, 1, integral=True)
+    highs = highs_model.new_highs()
+    encoding = milp_encoding.layer_encoding(highs, net, box, bounds, states, 1, integral=True)
     assert highs.getNumCol() == relaxation.highs.getNumCol()
     assert np.array_equal(encoding.x, relaxation.enc.x)
     for name in ("y", "h", "z"):
@@ -534,7 +544,7 @@ def test_the_decision_milp_numbers_its_columns_like_the_relaxation_whose_cuts_it
     ours, theirs = highs.getLp(), relaxation.highs.getLp()
     assert np.array_equal(ours.col_lower_, theirs.col_lower_)
     assert np.array_equal(ours.col_upper_, theirs.col_upper_)
-    results = milp.decide_directions(
+    results = exact_tiers.decide_directions(
         net, box, bounds, states, 1, directions, margins, time.monotonic() + 60,
         tiers=("milp",), relaxation=relaxation,
     )  # fmt: skip
@@ -549,22 +559,24 @@ def test_the_decision_milp_caps_its_cut_pool_and_runs_no_primal_heuristics(monke
     (with HiGHS's defaults one 240 s MILP grew to twice as much); witnesses come from the attack."""
     from onnx_exact import resources
 
-    assert resources.MILP_CUT_POOL == milp.MILP_CUT_POOL
+    assert resources.MILP_CUT_POOL == exact_tiers.MILP_CUT_POOL
     created = []
-    new_highs = milp._new_highs
-    monkeypatch.setattr(milp, "_new_highs", lambda: created.append(new_highs()) or created[-1])
+    new_highs = highs_model.new_highs
+    monkeypatch.setattr(
+        exact_tiers, "new_highs", lambda: created.append(new_highs()) or created[-1]
+    )
     net = _random_net(3, [10, 20, 20, 2], bias_scale=1.0)
     box = Box(np.zeros(10), np.ones(10))
     bounds = _interval_bounds(net, box)
     states = [np.full(20, NeuronState.UNDECIDED, dtype=np.int64)]
-    results = milp.decide_directions(
+    results = exact_tiers.decide_directions(
         net, box, bounds, states, 1, _all_directions(net, 1), np.full(20, MARGIN),
         time.monotonic() + 60, tiers=("milp",),
     )  # fmt: skip
     mips = [h for h in created if h.getLp().integrality_]
     assert mips, "no decision MILP was built"
     for highs in mips:
-        assert highs.getOptionValue("mip_pool_soft_limit")[1] == milp.MILP_CUT_POOL
+        assert highs.getOptionValue("mip_pool_soft_limit")[1] == exact_tiers.MILP_CUT_POOL
         assert highs.getOptionValue("mip_heuristic_effort")[1] == 0.0
     pre = net.preactivations(_samples(box, 3))[1]
     for r in results:
@@ -587,12 +599,14 @@ def test_a_reused_milp_instance_gets_the_seconds_asked_for_on_every_run():
     box = Box(np.zeros(20), np.ones(20))
     bounds = _interval_bounds(net, box)
     states = [np.full(60, NeuronState.UNDECIDED, dtype=np.int64)] * 3
-    highs = milp._new_highs()
-    enc = milp.layer_encoding(highs, net, box, bounds, states, 3, integral=True)
+    highs = highs_model.new_highs()
+    enc = milp_encoding.layer_encoding(highs, net, box, bounds, states, 3, integral=True)
     limits, statuses = [], []
     for neuron in range(5):
-        obj = milp._objective(enc, net, 3, neuron, 1)
-        _, _, status = milp._run_min(highs, enc, obj, milp._INF, -milp._INF, None, net, 0.5)
+        obj = lp_relaxation.direction_objective(enc, net, 3, neuron, 1)
+        _, _, status = exact_tiers.run_min(
+            highs, enc, obj, highs_model.INF, -highs_model.INF, None, net, 0.5
+        )
         limits.append(highs.getOptionValue("time_limit")[1])
         statuses.append(status)
     assert statuses[0] == highspy.HighsModelStatus.kTimeLimit, "the MILP must be hard to test this"
@@ -618,13 +632,13 @@ def test_a_feed_refutes_a_direction_for_every_tier_and_is_credited(tier):
         return witness if len(fed) == 1 else np.empty((0, 10))
 
     states = [np.full(20, NeuronState.UNSTABLE)]
-    (result,) = milp.decide_directions(
+    (result,) = exact_tiers.decide_directions(
         net,
         box,
         bounds,
         states,
         1,
-        [milp.Direction(1, neuron, 1)],
+        [Direction(1, neuron, 1)],
         np.full(20, MARGIN),
         time.monotonic() + 60,
         tiers=(tier,),
@@ -638,20 +652,20 @@ def test_a_feed_refutes_a_direction_for_every_tier_and_is_credited(tier):
 def test_a_decision_milp_stops_when_told_and_proves_nothing_then(monkeypatch):
     """A serial decision MILP asks its ``stop`` from HiGHS's interrupt callback; stopped at
     once, its run proves nothing (the direction is left to the caller, who knows why)."""
-    monkeypatch.setattr(milp, "FEED_POLL_SECONDS", 0.0)
+    monkeypatch.setattr(exact_tiers, "FEED_POLL_SECONDS", 0.0)
     net = _random_net(3, [12, 30, 30, 30, 2])
     box = Box(np.zeros(12), np.ones(12))
     bounds = _interval_bounds(net, box)
     states = [np.full(30, NeuronState.UNSTABLE), np.full(30, NeuronState.UNSTABLE)]
-    context = milp._MilpContext(net, box, bounds[:2], states, 2, [], 0)
+    context = exact_tiers._MilpContext(net, box, bounds[:2], states, 2, [], 0)
     asked: list[int] = []
 
     def stop() -> bool:
         asked.append(1)
         return True
 
-    outcome = milp._decision_milp(
-        context, milp.Direction(2, 0, 1), MARGIN, 0.0, None, time.monotonic() + 60, 60.0, stop
+    outcome = exact_tiers._decision_milp(
+        context, Direction(2, 0, 1), MARGIN, 0.0, None, time.monotonic() + 60, 60.0, stop
     )
     assert asked, "the MILP never asked whether to stop"
     assert not outcome.proved

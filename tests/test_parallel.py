@@ -23,8 +23,9 @@ GONE_TIMEOUT_S = 20.0
 def _probe(context: dict, name: str) -> dict:
     """Runs in a worker: load the analysis modules, report what is loaded there."""
     import onnx_exact.bounds.input_split  # noqa: F401 - the modules whose functions run in workers
-    import onnx_exact.equivalence.proof  # noqa: F401
-    import onnx_exact.solvers.milp  # noqa: F401 - (and what they import: domain, highspy, numpy)
+    import onnx_exact.equivalence.proof  # noqa: F401 - (and what they import: highspy, numpy)
+    import onnx_exact.solvers.baselines  # noqa: F401
+    import onnx_exact.solvers.exact_tiers  # noqa: F401
     import onnx_exact.stability.analysis  # noqa: F401
 
     loaded = {m for m in sys.modules if m.split(".")[0] in ("onnx", "onnxruntime")}
@@ -105,9 +106,10 @@ def test_two_milp_calls_of_a_run_share_the_pool_and_its_workers():
 
     from onnx_exact.bounds.crown import interval_bounds
     from onnx_exact.core.box import Box
+    from onnx_exact.core.directions import Direction
     from onnx_exact.core.network import DenseLayer, InputMap, Network
     from onnx_exact.core.verdicts import NeuronState
-    from onnx_exact.solvers import milp
+    from onnx_exact.solvers import exact_tiers
 
     rng = np.random.default_rng(3)
     sizes = [6, 12, 12, 2]
@@ -119,12 +121,12 @@ def test_two_milp_calls_of_a_run_share_the_pool_and_its_workers():
     box = Box(np.zeros(6), np.ones(6))
     bounds = interval_bounds(net, box)
     states = [np.full(12, NeuronState.UNDECIDED, dtype=np.int64)]  # every layer-0 ReLU encoded
-    directions = [milp.Direction(1, i, s) for i in range(12) for s in (1, -1)]
+    directions = [Direction(1, i, s) for i in range(12) for s in (1, -1)]
     parallel.shutdown_pools()
     try:
         seen = []
         for _ in range(2):
-            results = milp.decide_directions(
+            results = exact_tiers.decide_directions(
                 net, box, bounds, states, 1, directions, np.full(12, 1e-9),
                 time.monotonic() + 60, tiers=("milp",), jobs=2,
             )  # fmt: skip

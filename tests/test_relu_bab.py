@@ -28,7 +28,7 @@ from test_milp import (
 from onnx_exact.bounds import relu_bab
 from onnx_exact.core.box import Box
 from onnx_exact.core.verdicts import NeuronState
-from onnx_exact.solvers import milp
+from onnx_exact.solvers import lp_relaxation
 from onnx_exact.stability.analysis import analyze_stability
 
 
@@ -137,7 +137,11 @@ def _crown_bab_states(net, box, bounds, relaxation: bool):
     """Labels from the CROWN branch and bound alone, with or without the layer's LP for the dive."""
 
     def decide(k, states, directions, margins, deadline):
-        lp = milp.LayerRelaxation.build(net, box, bounds, states, k) if relaxation and k else None
+        lp = (
+            lp_relaxation.LayerRelaxation.build(net, box, bounds, states, k)
+            if relaxation and k
+            else None
+        )
         return relu_bab.decide_directions(
             net, box, bounds, states, k, directions, margins, deadline, relaxation=lp
         )
@@ -173,14 +177,14 @@ def test_slow_dive_steps_do_not_change_the_labels(monkeypatch, step_clock):
     box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
     bounds = _interval_bounds(net, box)
     fast = _crown_bab_states(net, box, bounds, relaxation=True)
-    dive = milp.lp_dive
+    dive = lp_relaxation.lp_dive
 
     def slow_dive(*args, **kwargs):
         for step in dive(*args, **kwargs):
             time.sleep(0.05)
             yield step
 
-    monkeypatch.setattr(milp, "lp_dive", slow_dive)
+    monkeypatch.setattr(lp_relaxation, "lp_dive", slow_dive)
     slow = _crown_bab_states(net, box, bounds, relaxation=True)
     for ours, theirs in zip(fast, slow, strict=True):
         np.testing.assert_array_equal(ours, theirs)

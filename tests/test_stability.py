@@ -352,19 +352,19 @@ def _no_attack(self, k, effort=1.0):
 def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(monkeypatch):
     """With one node per branch and bound, a first pass leaves directions open; under a time
     limit the retries (4x, 16x the caps) decide more of them, soundly; without one, none run."""
-    from onnx_exact.solvers import milp
+    from onnx_exact.solvers import exact_tiers
 
     net = random_network(np.random.default_rng(7), [10, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
-    monkeypatch.setattr(milp, "BAB_NODE_LIMIT", 1)
+    monkeypatch.setattr(exact_tiers, "BAB_NODE_LIMIT", 1)
     calls: list[float] = []
-    original = milp.decide_directions
+    original = exact_tiers.decide_directions
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("effort", 1.0))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(milp, "decide_directions", counting)
+    monkeypatch.setattr(exact_tiers, "decide_directions", counting)
     # the attack after each retried tier would get 4-16x its cap and eat the time limit here
     monkeypatch.setattr(stability._Analysis, "attack_tier", _no_attack)
     once = analyze_stability(net, box, tiers=("bab",))
@@ -403,11 +403,11 @@ def test_the_attack_tier_refutes_what_one_node_branch_and_bound_leaves_open(monk
     tier (PGD rounds polished by region LPs); it settles some as unstable, by witnesses the
     forward pass confirms, and is credited with them. (Seed 2: on seed 0 the first pass's CROWN
     vertices and the corner ascent now find that sign before the attack runs.)"""
-    from onnx_exact.solvers import milp
+    from onnx_exact.solvers import exact_tiers
 
     net = random_network(np.random.default_rng(2), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
-    monkeypatch.setattr(milp, "BAB_NODE_LIMIT", 1)
+    monkeypatch.setattr(exact_tiers, "BAB_NODE_LIMIT", 1)
     result = analyze_stability(net, box, tiers=("bab",))
     credited = np.concatenate([layer.decided_by for layer in result.layers])
     assert (credited == "attack").any()

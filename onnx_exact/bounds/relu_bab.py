@@ -66,9 +66,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_exact.core.box import Box
+from onnx_exact.core.directions import Direction, DirectionBook, DirectionResult, WitnessFeed
 from onnx_exact.core.network import Network
 from onnx_exact.core.verdicts import NeuronState
-from onnx_exact.solvers import milp
+from onnx_exact.solvers import lp_relaxation
 
 METHOD = "crown-bab"
 
@@ -416,13 +417,13 @@ def _batch_size(sub: SubNetwork) -> int:
 
 
 def _branch_direction(
-    book: milp.DirectionBook,
+    book: DirectionBook,
     j: int,
     sub: SubNetwork,
     net: Network,
     deadline: float,
     node_limit: int,
-    relaxation: milp.LayerRelaxation | None,
+    relaxation: lp_relaxation.LayerRelaxation | None,
 ) -> None:
     """Branch and bound for direction ``j`` of ``book`` (see the module docstring).
 
@@ -450,7 +451,11 @@ def _branch_direction(
     book.record_bound(j, float(bound[0]), METHOD, proved=bool(bound[0] <= -book.margins[j]))
     if book.status[j] != "undecided":
         return
-    dive = milp.lp_dive(book, j, relaxation, deadline, METHOD) if relaxation is not None else None
+    dive = (
+        lp_relaxation.lp_dive(book, j, relaxation, deadline, METHOD)
+        if relaxation is not None
+        else None
+    )
     try:
         start = _stored(root[0], alpha[0], multipliers[0], last.score[0], bound[0])
         _best_first(book, j, sub, target, offset, start, deadline, node_limit, dive)
@@ -460,7 +465,7 @@ def _branch_direction(
 
 
 def _best_first(
-    book: milp.DirectionBook,
+    book: DirectionBook,
     j: int,
     sub: SubNetwork,
     target: np.ndarray,
@@ -565,14 +570,14 @@ def decide_directions(
     bounds: Sequence,
     states: Sequence[np.ndarray],
     layer: int,
-    directions: Sequence[milp.Direction],
+    directions: Sequence[Direction],
     margins: np.ndarray,
     deadline: float,
     *,
     effort: float = 1.0,
-    relaxation: milp.LayerRelaxation | None = None,
-    feed: milp.WitnessFeed | None = None,
-) -> list[milp.DirectionResult]:
+    relaxation: lp_relaxation.LayerRelaxation | None = None,
+    feed: WitnessFeed | None = None,
+) -> list[DirectionResult]:
     """Prove or refute sign directions of ``layer`` by CROWN branch and bound, one at a time.
 
     Parameters are those of :func:`onnx_exact.milp.decide_directions`; ``effort`` multiplies the
@@ -583,7 +588,7 @@ def decide_directions(
     (:func:`onnx_exact.milp.lp_dive`) takes turns with each search; without it, only CROWN
     vertices can refute.
     """
-    book = milp.DirectionBook(net, layer, directions, margins, feed)
+    book = DirectionBook(net, layer, directions, margins, feed)
     if not directions or time.monotonic() >= deadline:
         return book.results((METHOD,))
     sub = SubNetwork.below(net, box, bounds, states, layer)

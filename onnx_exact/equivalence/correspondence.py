@@ -44,11 +44,12 @@ import numpy as np
 from onnx_exact.bounds import relu_bab
 from onnx_exact.bounds.crown import LayerBounds, interval_bounds, symbolic_bounds
 from onnx_exact.core.box import Box
+from onnx_exact.core.directions import Direction
 from onnx_exact.core.network import Network
 from onnx_exact.core.verdicts import LayerStability, NeuronState, StabilityResult
 from onnx_exact.equivalence.canonical import Canonical
 from onnx_exact.search.witness import first_layer_extremes, observe, sample_inputs
-from onnx_exact.solvers import milp
+from onnx_exact.solvers import exact_tiers, lp_relaxation
 from onnx_exact.stability.analysis import FLOAT_MARGIN, neuron_scale, solver_margins
 
 METHODS = ("matched", "stable-units", "milp")
@@ -294,16 +295,14 @@ class _TargetLayer:
             self.layer.decided_by[unit] = tier
             self.proved += 1
 
-    def open_directions(self) -> list[milp.Direction]:
+    def open_directions(self) -> list[Direction]:
         """Both signs of every undecided target, the likelier to prove first, minus refuted."""
         out = []
         for i in self.units.tolist():
             if self.layer.states[i] != NeuronState.UNDECIDED:
                 continue
             first = 1 if self.layer.upper[i] <= -self.layer.lower[i] else -1
-            out += [
-                milp.Direction(self.k, i, s) for s in (first, -first) if (i, s) not in self.refuted
-            ]
+            out += [Direction(self.k, i, s) for s in (first, -first) if (i, s) not in self.refuted]
         return out
 
     def run(self, deadline: float, jobs: int) -> int:
@@ -315,14 +314,14 @@ class _TargetLayer:
             if not directions or time.monotonic() >= deadline:
                 break
             if relaxation is None:
-                relaxation = milp.LayerRelaxation.build(
+                relaxation = lp_relaxation.LayerRelaxation.build(
                     self.net, self.box, self.bounds, self.below, k
                 )
             common = (self.net, self.box, self.bounds, self.below, k, directions, margins, deadline)
             if tier == "crown-bab":
                 results = relu_bab.decide_directions(*common, relaxation=relaxation)
             else:
-                results = milp.decide_directions(
+                results = exact_tiers.decide_directions(
                     *common, tiers=tier, jobs=jobs, relaxation=relaxation
                 )
             for result in results:

@@ -3,7 +3,7 @@
 One HiGHS model over ``V`` (:mod:`onnx_exact.canonical`) serves every output and sign: ``x`` in the
 box; per free neuron ``u`` a column ``y_u`` in its proved bounds ``[L_u, U_u]`` with the row
 ``y_u - e_u . V`` in ``[c_u - err_u, c_u + err_u]`` (a relaxation of the true network point) and the
-big-M ReLU ``h_u = relu(y_u)`` with one binary (:func:`onnx_exact.milp._relu_rows`); shared and
+big-M ReLU ``h_u = relu(y_u)`` with one binary (:func:`onnx_exact.milp.relu_rows`); shared and
 stable neurons need no column and no binary. Per output and sign (largest symbolic bound first),
 the decision MILP minimises ``-sign d . V`` with cutoff ``sign d0 + err + slack - tol`` (a pruned
 search proves ``max sign Delta <= tol``) and target ``sign d0 - tol - slack`` (stop at a likely
@@ -33,12 +33,12 @@ import numpy as np
 
 from onnx_exact import parallel
 from onnx_exact.equivalence.canonical import Canonical
-from onnx_exact.solvers import milp
+from onnx_exact.solvers import highs_model, milp_encoding
 
 PROOF_FEASIBILITY_TOLERANCE = 1e-9
 """Primal and MIP feasibility tolerance of the proof MILP; the basis of its slack."""
 
-_INF = highspy.kHighsInf
+INF = highspy.kHighsInf
 _MODEL_STATUS = highspy.HighsModelStatus
 
 
@@ -82,8 +82,8 @@ class ProofModel:
 
     def __init__(self, canonical: Canonical) -> None:
         self.canonical = canonical
-        highs = milp._new_highs()
-        milp._set_options(
+        highs = highs_model.new_highs()
+        highs_model.set_options(
             highs,
             primal_feasibility_tolerance=PROOF_FEASIBILITY_TOLERANCE,
             mip_feasibility_tolerance=PROOF_FEASIBILITY_TOLERANCE,
@@ -91,21 +91,21 @@ class ProofModel:
         )
         self.highs = highs
         absmax = canonical.absmax
-        self.x = milp._add_columns(highs, canonical.box.lower, canonical.box.upper)
+        self.x = highs_model.add_columns(highs, canonical.box.lower, canonical.box.upper)
         v_cols = [self.x]
         y_cols, z_cols = [], []
         for batch in canonical.batches:
             rows = batch.rows
             m, width = rows.coeffs.shape
             upper = np.maximum(batch.upper, batch.lower)
-            y = milp._add_columns(highs, batch.lower, upper)
-            h = milp._add_columns(highs, np.zeros(m), np.maximum(upper, 0.0))
-            z = milp._add_columns(highs, np.zeros(m), np.ones(m), integer=True)
+            y = highs_model.add_columns(highs, batch.lower, upper)
+            h = highs_model.add_columns(highs, np.zeros(m), np.maximum(upper, 0.0))
+            z = highs_model.add_columns(highs, np.zeros(m), np.ones(m), integer=True)
             prefix = np.concatenate(v_cols)
             y_absmax = np.maximum(np.abs(batch.lower), np.abs(upper))
             row_ids, positions = np.nonzero(rows.coeffs)
             order = np.argsort(np.concatenate([np.arange(m), row_ids]), kind="stable")
-            milp._add_rows(
+            highs_model.add_rows(
                 highs,
                 rows.const - rows.err,
                 rows.const + rows.err,
@@ -114,7 +114,7 @@ class ProofModel:
                 np.concatenate([np.ones(m), -rows.coeffs[row_ids, positions]])[order],
                 np.concatenate([y_absmax, absmax[:width][positions]])[order],
             )
-            milp._relu_rows(highs, y, h, z, batch.lower, upper, np.zeros(m))
+            milp_encoding.relu_rows(highs, y, h, z, batch.lower, upper, np.zeros(m))
             v_cols.append(h)
             y_cols.append(y)
             z_cols.append(z)
@@ -148,11 +148,11 @@ class ProofModel:
         """
         highs = self.highs
         highs.changeColsCost(self.v_cols.shape[0], self.v_cols, costs)
-        milp._set_options(
+        highs_model.set_options(
             highs,
             objective_bound=float(cutoff),
             objective_target=float(target),
-            time_limit=milp.time_limit_option(highs, time_limit, mip=self.binaries > 0),
+            time_limit=highs_model.time_limit_option(highs, time_limit, mip=self.binaries > 0),
         )
         harvested: list[np.ndarray] = []
         x_cols = self.x
@@ -278,7 +278,7 @@ def milp_tier(
         todo.append(
             _Query(
                 position, -sign * diff[o], base + error[o] + slack - tol, base - tol - slack,
-                _INF, starts[position],
+                INF, starts[position],
             )
         )  # fmt: skip
     if not todo:
@@ -297,7 +297,7 @@ def milp_tier(
             while todo and len(running) < workers and remaining > 0:
                 query = todo.popleft()
                 rounds = math.ceil((len(todo) + len(running) + 1) / workers)
-                query.time_limit = remaining / rounds if math.isfinite(remaining) else _INF
+                query.time_limit = remaining / rounds if math.isfinite(remaining) else INF
                 running[executor.submit(solve, query)] = query
             if not running:
                 break
@@ -326,8 +326,8 @@ def milp_tier(
                     if example is not None:
                         direction.status = "violated"
                         return example, notes
-                    if answer.target_reached and query.target > -_INF:
-                        query.target = -_INF
+                    if answer.target_reached and query.target > -INF:
+                        query.target = -INF
                         todo.appendleft(query)
                         continue
                 decided += 1

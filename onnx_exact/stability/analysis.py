@@ -112,11 +112,13 @@ from onnx_exact.bounds.crown import (
     symbolic_bounds,
 )
 from onnx_exact.core.box import Box
+from onnx_exact.core.directions import Direction
 from onnx_exact.core.errors import DomainError, UsageError
 from onnx_exact.core.network import Network
 from onnx_exact.core.verdicts import LayerStability, NeuronState, StabilityResult
 from onnx_exact.progress import ProgressCallback, ProgressEvent
 from onnx_exact.resources import retain_freed_heap
+from onnx_exact.search import region_search
 from onnx_exact.search.witness import (
     Observation,
     best_points,
@@ -127,7 +129,7 @@ from onnx_exact.search.witness import (
     observe,
     sample_inputs,
 )
-from onnx_exact.solvers import milp
+from onnx_exact.solvers import baselines, exact_tiers, lp_relaxation
 
 METHODS = ("auto", "isa", "per-neuron")
 SOLVER_TIERS = ("split", "lp", "cuts", "crown-bab", "bab", "milp", "subdivide")
@@ -162,7 +164,7 @@ _BACKGROUND_POLISH_QUANTILE, _BACKGROUND_WARMUP_ROUNDS = 0.75, 4
 _ATTACK_STARTS, _ATTACK_SECONDS, _POLISH_SECONDS = 64, 1.0, 3.0
 _ATTACK_ESCALATION, _ATTACK_MAX_EFFORT = 4.0, 16.0
 # After its region LPs, an attack round's direction still open gets a pattern search
-# (``milp.pattern_search``) of at most _PATTERN_SECONDS when its best point ``y`` (of ``sign * y``)
+# (``region_search.pattern_search``) of at most _PATTERN_SECONDS when its best point ``y`` (of ``sign * y``)
 # has ``-y <= _PATTERN_GAP * (bound - y)``, ``bound`` the sound bound on it.
 _PATTERN_SECONDS, _PATTERN_GAP = 3.0, 0.05
 # The probe: one attack round with short caps before a layer's CROWN branch and bound
@@ -228,8 +230,8 @@ def tier_direction_seconds(tier: str) -> float | None:
     """The cap in seconds one direction gets from ``tier`` at effort 1 (None: no such cap)."""
     caps = {
         "crown-bab": relu_bab.TIME_LIMIT,
-        "bab": milp.BAB_TIME_LIMIT,
-        "milp": milp.DIRECTION_TIME_LIMIT,
+        "bab": exact_tiers.BAB_TIME_LIMIT,
+        "milp": exact_tiers.DIRECTION_TIME_LIMIT,
     }
     return caps.get(tier)
 
@@ -412,7 +414,7 @@ def _attack_round(
         direction = (neurons[d : d + 1], signs[d : d + 1])
         if not still_open(*direction)[0]:
             continue
-        polished = milp.region_ascent(
+        polished = region_search.region_ascent(
             net,
             box,
             k,
@@ -427,7 +429,7 @@ def _attack_round(
             and still_open(*direction)[0]
             and _near_bound(target, *direction, polished, _PATTERN_GAP)[0]
         ):
-            searched = milp.pattern_search(
+            searched = region_search.pattern_search(
                 net,
                 box,
                 target.bounds,
@@ -536,7 +538,7 @@ class _BackgroundAttack:
     the proof tiers spend their caps in vain; the attack tier, run between them in the same
     process, waits for them. Here the attack runs all the time on the idle core and the tiers
     take its inputs in through their :class:`onnx_exact.milp.DirectionBook` feed, so the tier
-    working on a direction it refutes stops within ``milp.FEED_POLL_SECONDS``.
+    working on a direction it refutes stops within ``FEED_POLL_SECONDS``.
 
     Proves nothing and changes no label: its inputs are forward-passed like any other witness.
     """
@@ -623,7 +625,7 @@ class _Analysis:
         self.notes: list[str] = []
         self.time_limit_hit = False
         self.tightened: set[int] = set()
-        self.relaxation: milp.LayerRelaxation | None = None  # of the layer being decided
+        self.relaxation: lp_relaxation.LayerRelaxation | None = None  # of the layer being decided
         self.searches: dict[int, input_split.InputSearch] = {}  # split/subdivide's, per layer
 
     # ----------------------------------------------------------------- bookkeeping
@@ -1271,7 +1273,7 @@ class _Analysis:
     def solver_tier(self, k: int, tier: str, effort: float = 1.0) -> None:
         """One solver tier on layer k's open directions, in batches; solution points refute early.
 
-        ``effort`` multiplies the tier's per-direction caps (:func:`milp.decide_directions`).
+        ``effort`` multiplies the tier's per-direction caps (:func:`exact_tiers.decide_directions`).
 
         Each direction is sent at most once per tier; directions refuted by a witness from an
         earlier batch (of any layer's neuron) are dropped before their turn.
@@ -1290,10 +1292,10 @@ class _Analysis:
                     break
                 margins = solver_margins(self.net, self.box, self.bounds, k)
                 if self.relaxation is None or self.relaxation.layer != k:
-                    self.relaxation = milp.LayerRelaxation.build(
+                    self.relaxation = lp_relaxation.LayerRelaxation.build(
                         self.net, self.box, self.bounds, self.solver_states(k), k
                     )
-                directions = [milp.Direction(layer=k, neuron=i, sign=s) for i, s in batch]
+                directions = [Direction(layer=k, neuron=i, sign=s) for i, s in batch]
                 common = (self.net, self.box, self.bounds, self.solver_states(k), k, directions)
                 feed = self.background_feed if self.background is not None else None
                 if tier == "crown-bab":
@@ -1306,7 +1308,7 @@ class _Analysis:
                         feed=feed,
                     )
                 else:
-                    results = milp.decide_directions(
+                    results = exact_tiers.decide_directions(
                         *common,
                         margins,
                         self.deadline,
@@ -1370,7 +1372,7 @@ class _Analysis:
         ]
         with self.timed(method):
             if method == "isa":
-                states, witnesses, timed_out = milp.isa_stability(
+                states, witnesses, timed_out = baselines.isa_stability(
                     self.net,
                     self.box,
                     self.bounds,
@@ -1380,7 +1382,7 @@ class _Analysis:
                     self.deadline,
                 )
             else:
-                states, witnesses, timed_out = milp.per_neuron_stability(
+                states, witnesses, timed_out = baselines.per_neuron_stability(
                     self.net, self.box, self.bounds, margins, self.deadline
                 )
         if len(witnesses):
