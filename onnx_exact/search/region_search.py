@@ -10,7 +10,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import highspy
 import numpy as np
 
 from onnx_exact.core.box import Box
@@ -20,6 +19,7 @@ from onnx_exact.solvers.highs_model import (
     FLOAT_EPS,
     INF,
     MODEL_STATUS,
+    HighsBasis,
     add_columns,
     add_rows,
     new_highs,
@@ -62,7 +62,7 @@ class _RegionOptimum:
     x: np.ndarray  # (n_in,) the optimal input, clipped into the box
     value: float  # sign * y at x by the region's affine map
     row_dual: np.ndarray  # one per region wall, in the order of :func:`_region_walls`
-    basis: highspy.HighsBasis  # warm start for a neighbouring region's LP
+    basis: HighsBasis  # warm start for a neighbouring region's LP
 
 
 def _region_walls(net: Network, layer: int) -> np.ndarray:
@@ -86,7 +86,7 @@ def _region_lp(
     sign: float,
     active: list[np.ndarray],
     stop: float,
-    basis: highspy.HighsBasis | None = None,
+    basis: HighsBasis | None = None,
 ) -> _RegionOptimum | None:
     """Maximise ``sign * y_{layer, neuron}`` over the box and one activation region, exactly.
 

@@ -43,6 +43,10 @@ INF = highspy.kHighsInf
 
 
 MODEL_STATUS = highspy.HighsModelStatus
+"""HiGHS's model statuses (``MODEL_STATUS.kOptimal``, ...), so callers need not import highspy."""
+
+HighsBasis = highspy.HighsBasis
+"""A simplex basis: the warm start a neighbouring LP is given."""
 
 
 #: Model statuses after which HiGHS's dual bound is a valid bound (the solve ran and stopped
