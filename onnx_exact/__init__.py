@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "1.0.0"
+from onnx_exact.version import __version__
 
 _EXPORTS = {
     "AnalysisOptions": "pipeline",

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from onnx_exact import __version__
 from onnx_exact import progress as progress_module
 from onnx_exact.core.errors import OnnxExactError, UsageError
 from onnx_exact.parallel import default_jobs, shutdown_pools
@@ -37,6 +36,7 @@ from onnx_exact.resources import (
     raise_if_interrupted,
     request_interrupt,
 )
+from onnx_exact.version import __version__
 
 if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
     from onnx_exact.equivalence.check import ProofResult, render_check

@@ -22,12 +22,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from onnx_exact import __version__
 from onnx_exact.core.network import Network
 from onnx_exact.core.verdicts import NeuronState, StabilityResult
 from onnx_exact.equivalence.check import ProofResult, proof_verdict
 from onnx_exact.reduce import Reduction
 from onnx_exact.verify import EquivalenceReport
+from onnx_exact.version import __version__
 
 
 @dataclass
