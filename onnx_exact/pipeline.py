@@ -42,7 +42,8 @@ from onnx_exact.io.domain_sources import (
     resolve_domain,
     validated_box,
 )
-from onnx_exact.io.onnx_reader import ReadResult, load_graph, read_model
+from onnx_exact.io.load import load_graph
+from onnx_exact.io.onnx_reader import ReadResult, read_model
 from onnx_exact.io.onnx_writer import (
     StagedModel,
     TensorPlacement,

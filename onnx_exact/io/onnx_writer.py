@@ -35,14 +35,8 @@ from google.protobuf.message import EncodeError
 from onnx import external_data_helper, helper, numpy_helper
 
 from onnx_exact.core.errors import UnsupportedModelError, UsageError, VerificationError
-from onnx_exact.io.onnx_reader import (
-    Binding,
-    ConstantResolver,
-    LayerBinding,
-    ReadResult,
-    all_graphs,
-    all_tensors,
-)
+from onnx_exact.io.graph import Binding, ConstantResolver, LayerBinding, all_graphs, all_tensors
+from onnx_exact.io.onnx_reader import ReadResult
 from onnx_exact.reduce import Reduction
 
 EXTERNAL_DATA_THRESHOLD_BYTES = int(1.8 * 1024**3)

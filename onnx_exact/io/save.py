@@ -35,7 +35,7 @@ import onnx
 from onnx import external_data_helper
 
 from onnx_exact.core.errors import UsageError
-from onnx_exact.io.onnx_reader import all_tensors
+from onnx_exact.io.graph import all_tensors
 from onnx_exact.io.onnx_writer import external_data_path
 
 STDOUT = "-"
