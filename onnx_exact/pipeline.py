@@ -44,14 +44,9 @@ from onnx_exact.io.domain_sources import (
 )
 from onnx_exact.io.load import load_graph
 from onnx_exact.io.onnx_reader import ReadResult, read_model
-from onnx_exact.io.onnx_writer import (
-    StagedModel,
-    TensorPlacement,
-    build_model,
-    model_size_bytes,
-    stage_model,
-)
+from onnx_exact.io.onnx_writer import build_model
 from onnx_exact.io.save import numpy_save_path, plan_run_paths
+from onnx_exact.io.staging import StagedModel, TensorPlacement, model_size_bytes, stage_model
 from onnx_exact.progress import ProgressCallback, ProgressEvent
 from onnx_exact.reduce import Reduction, reduce_network
 from onnx_exact.report import RunReport, summarize_layers

@@ -34,7 +34,7 @@ from onnx_exact.core.errors import UnsupportedModelError, UsageError, Verificati
 from onnx_exact.core.network import Network
 from onnx_exact.io.domain_sources import InputLayout
 from onnx_exact.io.onnx_reader import ReadResult
-from onnx_exact.io.onnx_writer import is_large, stage_model
+from onnx_exact.io.staging import is_large, stage_model
 
 CHUNK_SAMPLES = 512
 """Samples per streamed chunk (a 3072-feature chunk is 12 MiB in float64)."""

@@ -25,7 +25,7 @@ from test_bad_inputs import run_cli
 
 from onnx_exact.core.errors import ResourceError, UsageError
 from onnx_exact.core.verdicts import NeuronState
-from onnx_exact.io import onnx_writer
+from onnx_exact.io import staging
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.pipeline import AnalysisOptions, DomainSpec, analyze
 from onnx_exact.resources import (
@@ -184,10 +184,10 @@ def test_interrupt_while_saving_removes_the_temporary_files(tmp_path, monkeypatc
     def interrupted_rename(source, destination):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnx_writer.os, "replace", interrupted_rename)
+    monkeypatch.setattr(staging.os, "replace", interrupted_rename)
     for external in (False, True):
         with pytest.raises(KeyboardInterrupt):
-            onnx_writer.save_model_atomic(model, tmp_path / "out.onnx", external_data=external)
+            staging.save_model_atomic(model, tmp_path / "out.onnx", external_data=external)
         assert listing(tmp_path) == set()
 
 
@@ -287,9 +287,9 @@ def test_external_data_model_round_trips_byte_identically(tmp_path):
 def test_large_model_path_saves_external_data(tmp_path, monkeypatch):
     """Above the 2 GB protobuf limit the writer switches to external data (forced cheaply here)."""
     model = gemm_mlp((16, 32, 4), seed=0, pinned=False)
-    monkeypatch.setattr(onnx_writer, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
+    monkeypatch.setattr(staging, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
     out = tmp_path / "big.onnx"
-    onnx_writer.save_model_atomic(model, out)
+    staging.save_model_atomic(model, out)
     assert listing(tmp_path) == {"big.onnx", "big.onnx.data"}
     reread = read_model(out)
     assert reread.uses_external_data

@@ -22,8 +22,8 @@ from exporter_fixtures import gemm_mlp
 from onnx_exact import pipeline
 from onnx_exact.core.errors import UsageError
 from onnx_exact.io import save as output_paths
-from onnx_exact.io.onnx_writer import external_data_path
 from onnx_exact.io.save import numpy_save_path, plan_run_paths, write_file_atomic
+from onnx_exact.io.staging import external_data_path
 
 RANGE = ("-r", "[0,1]")
 

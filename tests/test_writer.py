@@ -21,9 +21,10 @@ from onnx import numpy_helper
 
 from onnx_exact.core.errors import UsageError
 from onnx_exact.core.network import DenseLayer, Network
-from onnx_exact.io import onnx_writer
+from onnx_exact.io import staging
 from onnx_exact.io.onnx_reader import ReadResult, read_model
-from onnx_exact.io.onnx_writer import build_model, save_model_atomic
+from onnx_exact.io.onnx_writer import build_model
+from onnx_exact.io.staging import save_model_atomic
 from onnx_exact.reduce import Reduction
 
 ORIGINAL_METADATA = {"author": "fixture", "onnx_exact.domain.x": "stale"}
@@ -262,7 +263,7 @@ def test_external_data_round_trip(tmp_path: Path) -> None:
     assert read.uses_external_data
     model = build_model(read, drop_units(read.network), NEW_METADATA)
     out = tmp_path / "small.onnx"
-    placement = onnx_writer.TensorPlacement.like_input(read)
+    placement = staging.TensorPlacement.like_input(read)
     save_model_atomic(model, out, external_data=read.uses_external_data, placement=placement)
     assert (tmp_path / "small.onnx.data").stat().st_size > 0
     first = (out.read_bytes(), (tmp_path / "small.onnx.data").read_bytes())
@@ -292,7 +293,7 @@ def test_save_failures_leave_nothing_behind(
     def failing_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx_writer.os, "replace", failing_replace)
+    monkeypatch.setattr(staging.os, "replace", failing_replace)
     for external in (False, True):
         with pytest.raises(UsageError, match="out.onnx.*No space left"):
             save_model_atomic(model, tmp_path / "out.onnx", external_data=external)

@@ -18,7 +18,7 @@ from onnx import external_data_helper
 
 from onnx_exact import verify
 from onnx_exact.core.box import Box
-from onnx_exact.io import onnx_writer
+from onnx_exact.io import staging
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.pipeline import DomainSpec, compress
 
@@ -99,7 +99,7 @@ def test_saving_leaves_the_callers_model_unchanged(tmp_path):
     model.graph.initializer.append(typed)  # float_data, not raw_data
     before = model.SerializeToString(deterministic=True)
     assert tensor.HasField("raw_data")
-    onnx_writer.save_model_atomic(model, tmp_path / "m.onnx", external_data=True)
+    staging.save_model_atomic(model, tmp_path / "m.onnx", external_data=True)
     assert model.SerializeToString(deterministic=True) == before
     stored = placement_of(tmp_path / "m.onnx")
     assert stored["typed_w"] and stored[tensor.name]
@@ -112,7 +112,7 @@ def test_saving_leaves_the_callers_model_unchanged(tmp_path):
 # ----------------------------------------------------------------------------- verified on disk
 def _corrupting(monkeypatch, how: str) -> None:
     """Make the writer damage the staged file after writing it (as a bad disk or bug would)."""
-    write = onnx_writer._write_files
+    write = staging.write_files
 
     def write_then_corrupt(model, staged, placement):
         write(model, staged, placement)
@@ -133,7 +133,7 @@ def _corrupting(monkeypatch, how: str) -> None:
                     stream.seek(info.get("offset", 0))
                     stream.write(array.astype(np.float32).tobytes())
 
-    monkeypatch.setattr(onnx_writer, "_write_files", write_then_corrupt)
+    monkeypatch.setattr(staging, "write_files", write_then_corrupt)
 
 
 @pytest.mark.parametrize("external", [False, True])
@@ -159,7 +159,7 @@ def test_a_written_file_that_is_wrong_exits_1_and_leaves_nothing(
 def test_large_model_path_runs_from_files_with_external_data(tmp_path, monkeypatch):
     """With the threshold lowered, every model counts as over 2 GiB: no proto is serialised whole
     (no ``ByteSize``/``SerializeToString`` of the model), sessions and the checker use paths."""
-    monkeypatch.setattr(onnx_writer, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
+    monkeypatch.setattr(staging, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
     source = tmp_path / "in.onnx"
     onnx.save(gemm_mlp((6, 40, 30, 3), seed=4, pinned=False), source)
     sources: list[object] = []
@@ -185,8 +185,8 @@ def test_large_model_path_runs_from_files_with_external_data(tmp_path, monkeypat
     assert sources and all(isinstance(s, str) for s in sources), "sessions from paths only"
     assert any(isinstance(c, str) and c.endswith("out.onnx") for c in checked)
     assert not any(c is result.model for c in checked), "the output is checked from its path"
-    assert result.report.bytes_before == onnx_writer.tensor_bytes(read_model(source).model)
-    assert result.report.bytes_after == onnx_writer.tensor_bytes(result.model)
+    assert result.report.bytes_before == staging.tensor_bytes(read_model(source).model)
+    assert result.report.bytes_after == staging.tensor_bytes(result.model)
     x = box_samples(-np.ones(6), np.ones(6), 64)
     np.testing.assert_allclose(
         read_model(out).network.forward(x), read_model(source).network.forward(x), atol=1e-5
@@ -196,8 +196,8 @@ def test_large_model_path_runs_from_files_with_external_data(tmp_path, monkeypat
 def test_tensor_bytes_needs_no_serialisation():
     model = gemm_mlp((6, 40, 3), seed=0, pinned=False)
     expected = sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
-    assert onnx_writer.tensor_bytes(model) == expected
-    assert onnx_writer.model_size_bytes(model) == model.ByteSize()
+    assert staging.tensor_bytes(model) == expected
+    assert staging.model_size_bytes(model) == model.ByteSize()
 
 
 # ----------------------------------------------------------------------------- declared batch

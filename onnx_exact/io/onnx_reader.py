@@ -70,7 +70,7 @@ class ReadResult:
 
     ``uses_external_data`` records whether the file stored its tensors in external data (torch's
     dynamo exporter always does) and ``external_tensors`` which ones (the loaded ``model`` holds
-    them all inline): :meth:`onnx_exact.onnx_writer.TensorPlacement.like_input` keeps each tensor
+    them all inline): :meth:`onnx_exact.io.staging.TensorPlacement.like_input` keeps each tensor
     of the output where the input kept it.
     """
 
@@ -98,8 +98,8 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
     UsageError
         The file does not exist.
     MalformedModelError
-        The file is not a valid ONNX model (see :func:`onnx_exact.io.load.load_graph`) or its external data is
-        missing.
+        The file is not a valid ONNX model (see :func:`onnx_exact.io.load.load_graph`) or its
+        external data is missing.
     UnsupportedModelError
         The graph is not a ReLU MLP the tool can prove things about; the message names the node
         and the reason.

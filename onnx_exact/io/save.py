@@ -36,7 +36,7 @@ from onnx import external_data_helper
 
 from onnx_exact.core.errors import UsageError
 from onnx_exact.io.graph import all_tensors
-from onnx_exact.io.onnx_writer import external_data_path
+from onnx_exact.io.staging import external_data_path
 
 STDOUT = "-"
 """A report path that means standard output."""
