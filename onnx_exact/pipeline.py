@@ -33,13 +33,13 @@ from onnx_exact.core.verdicts import StabilityResult
 from onnx_exact.equivalence.check import CheckReport, check_equivalence
 from onnx_exact.io.domain_sources import (
     InputLayout,
-    _to_features,
     domain_metadata,
     largest_bound,
     metadata_range,
     model_input_dims,
     model_input_names,
     resolve_domain,
+    to_features,
     validated_box,
 )
 from onnx_exact.io.load import load_graph
@@ -105,7 +105,7 @@ class DomainSpec:
             )
         layout = InputLayout.from_dims(input_name, model_input_dims(model, input_name), n_features)
         sides = [
-            _to_features(np.asarray(side), layout, n_features, f"DomainSpec.{name}")
+            to_features(np.asarray(side), layout, n_features, f"DomainSpec.{name}")
             for name, side in (("lower", self.lower), ("upper", self.upper))
         ]
         return validated_box(

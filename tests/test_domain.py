@@ -20,9 +20,9 @@ from onnx_exact.io.domain_sources import (
     load_range_file,
     metadata_range,
     parse_input_range,
-    parse_vnnlib_box,
     resolve_domain,
 )
+from onnx_exact.io.vnnlib import parse_vnnlib_box
 
 
 def image_model(input_name: str = "x", batch: str | int = "N") -> onnx.ModelProto:
