@@ -2,7 +2,7 @@
 
 The model has CIFAR-sized inputs and two 2048-unit hidden layers (10.5 M parameters, 42 MB as
 float32), seeded so every run sees the same weights. Each scenario runs the real command line in a
-child process; its peak resident set comes from :func:`onnx_exact.resources.measure_command` (the
+child process; its peak resident set comes from ``measure_command`` of ``bench/measure.py`` (the
 kernel's ``ru_maxrss`` of that one child, started from a small launcher so that this script's own
 memory is not counted) and the per-phase times from the JSON report. The estimate of
 :func:`onnx_exact.resources.estimate_peak_memory` is printed next to the measurement.
@@ -38,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from measure import measure_command  # bench/measure.py: this script's folder is on sys.path
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_exact.io.onnx_reader import read_model
-from onnx_exact.resources import estimate_peak_memory, format_bytes, measure_command
+from onnx_exact.resources import estimate_peak_memory, format_bytes
 
 SIZES = (3072, 2048, 2048, 10)
 HUGE_SIZES = (131_840, 2048, 10)

@@ -3,10 +3,10 @@
 Why a separate entry point: :mod:`onnx_exact.cli` imports onnx, onnxruntime, highspy and numpy,
 which take one to several seconds (over a minute on an overloaded machine). A SIGINT or SIGTERM in
 that window used to print a ``KeyboardInterrupt`` traceback from deep inside an import. This module
-imports nothing heavy: it installs handlers that print the command's one-line message and exit
+imports nothing heavy (:mod:`onnx_exact.interrupts` needs only the standard library): it installs handlers that print the command's one-line message and exit
 with the documented code (130 for SIGINT, 143 for SIGTERM; nothing has been written yet), then
 hands over to :func:`onnx_exact.cli.main`, which installs its own handlers for the run. From
-then on a thread also watches for those signals (:func:`onnx_exact.resources.end_on_signals`):
+then on a thread also watches for those signals (:func:`onnx_exact.interrupts.end_on_signals`):
 the worker processes are killed at once, and a main thread stuck in a long solve cannot keep the
 process alive for more than about a second.
 """
@@ -16,21 +16,20 @@ from __future__ import annotations
 import signal
 import sys
 
-_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+from onnx_exact.interrupts import INTERRUPT_EXIT_CODES, end_on_signals
 
 
 def _exit_during_start_up(signum: int, frame: object) -> None:
     name = signal.Signals(signum).name
     print(f"onnx-exact: interrupted ({name}) while starting; no output written", file=sys.stderr)
-    raise SystemExit(_EXIT_CODES[signum])
+    raise SystemExit(INTERRUPT_EXIT_CODES[signum])
 
 
 def main() -> None:
     """Install the start-up signal handlers, then run the command line."""
-    for signum in _EXIT_CODES:
+    for signum in INTERRUPT_EXIT_CODES:
         signal.signal(signum, _exit_during_start_up)
     from onnx_exact.cli import main as cli_main
-    from onnx_exact.resources import end_on_signals
 
     end_on_signals()
     cli_main()

@@ -26,16 +26,16 @@ from rich.console import Console
 
 from onnx_exact import progress as progress_module
 from onnx_exact.core.errors import OnnxExactError, UsageError
-from onnx_exact.parallel import default_jobs, shutdown_pools
-from onnx_exact.progress import progress_display
-from onnx_exact.resources import (
+from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL, is_tolerance, parse_tolerance
+from onnx_exact.interrupts import (
     INTERRUPT_EXIT_CODES,
     claim_interrupt_report,
     interrupted_message,
-    parse_memory_size,
     raise_if_interrupted,
     request_interrupt,
 )
+from onnx_exact.parallel import default_jobs, shutdown_pools
+from onnx_exact.progress import progress_display
 from onnx_exact.version import __version__
 
 if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
     from onnx_exact.io.save import numpy_save_path, plan_run_paths, write_file_atomic
     from onnx_exact.pipeline import AnalysisOptions, DomainSpec, analyze, check, compress
     from onnx_exact.report import json_header, make_console, render
+    from onnx_exact.resources import parse_memory_size
 
 _RUNTIME = {
     "equivalence.render": ("NOT_PROVED_LINE",),
@@ -58,6 +59,7 @@ _RUNTIME = {
         "compress",
     ),
     "report": ("json_header", "make_console", "render"),
+    "resources": ("parse_memory_size",),
 }
 """The names the commands use from modules that import onnx, onnxruntime and highspy.
 
@@ -267,37 +269,6 @@ def _options(
     )
 
 
-def _parse_tolerance(
-    values: list[str] | None, option: str, default: float | None = 1e-5
-) -> float | dict[str, float] | None:
-    """Polygraphy-style tolerances: ``1e-5`` (all outputs) and/or ``out0:1e-4`` (per output)."""
-    if not values:
-        return default
-    default = 1e-5
-    per_output: dict[str, float] = {}
-    for value in values:
-        name, _, number = value.rpartition(":")
-        try:
-            parsed = float(number)
-        except ValueError:
-            raise UsageError(
-                f"{option} '{value}': expected a number or 'output_name:number'"
-            ) from None
-        if not (math.isfinite(parsed) and parsed >= 0):
-            raise UsageError(
-                f"{option} '{value}': a tolerance must be a finite number >= 0 (NaN or Inf "
-                "would switch the comparison off)"
-            )
-        if name:
-            per_output[name] = parsed
-        else:
-            default = parsed
-    if not per_output:
-        return default
-    per_output.setdefault("", default)
-    return per_output
-
-
 EXIT_NOT_PROVED = 4
 """Exit code of a run whose samples agree but whose proof ended without a verdict."""
 
@@ -357,8 +328,8 @@ def compress_command(
     """Compress MODEL exactly on the input box and write OUTPUT (only if it verifies)."""
     _State.verbose = verbose
     _load_runtime()
-    tol_abs = _parse_tolerance(atol, "--atol", default=None)
-    tol_rel = _parse_tolerance(rtol, "--rtol")
+    tol_abs = parse_tolerance(atol, "--atol", None)
+    tol_rel = parse_tolerance(rtol, "--rtol", DEFAULT_RTOL)
     console = _console(quiet, report)
     plan_run_paths(
         models=[("the input model", model)],
@@ -508,8 +479,8 @@ def check_command(
             reference,
             candidate,
             DomainSpec(input_range or (), input_range_file, vnnlib),
-            atol=_parse_tolerance(atol, "--atol"),
-            rtol=_parse_tolerance(rtol, "--rtol"),
+            atol=parse_tolerance(atol, "--atol", DEFAULT_ATOL),
+            rtol=parse_tolerance(rtol, "--rtol", DEFAULT_RTOL),
             samples=samples,
             seed=seed,
             prove=prove,
@@ -564,16 +535,6 @@ def wants_version(args: list[str]) -> bool:
 TOLERANCE_OPTIONS = ("--atol", "--rtol")
 
 
-def _is_tolerance(token: str) -> bool:
-    """``1e-5`` or ``name:1e-5`` (a model path never parses as a number after its last colon)."""
-    _, _, number = token.rpartition(":")
-    try:
-        float(number)
-    except ValueError:
-        return False
-    return not token.startswith("-")
-
-
 def normalise_args(args: list[str]) -> list[str]:
     """The command line as the parser takes it, from the forms users bring from other tools.
 
@@ -581,7 +542,7 @@ def normalise_args(args: list[str]) -> list[str]:
       (``onnx-exact IN OUT ...`` and ``onnx-exact -r '[0,1]' IN OUT``).
     * Polygraphy's ``--atol 1e-5 logits:1e-4`` (several values after one option) becomes
       ``--atol 1e-5 --atol logits:1e-4``: every token after the option's value that reads as a
-      tolerance (:func:`_is_tolerance`) is given the option again.
+      tolerance (:func:`onnx_exact.core.tolerance.is_tolerance`) is given the option again.
     """
     if args and args[0] not in SUBCOMMANDS and args[0] not in TOP_LEVEL_OPTIONS:
         args = ["compress", *args]
@@ -595,7 +556,7 @@ def normalise_args(args: list[str]) -> list[str]:
                 out.append(token)
                 awaiting_value = False
                 continue
-            if _is_tolerance(token):
+            if is_tolerance(token):
                 out += [option, token]
                 continue
             option = None

@@ -1,13 +1,11 @@
-"""Guards on what one run may consume: memory (estimated before the work starts) and interruption.
+"""Memory: a run's peak estimated before the work starts, the ``--max-memory`` guard, the allocator.
 
-Memory
-------
 A run must either finish or say up front that it cannot: an out-of-memory kill by the operating
 system leaves no message and, worse, may look like a hang. :func:`estimate_peak_memory` predicts the
 peak resident set from the layer sizes alone, before any array is allocated, and
 :func:`check_memory` turns an estimate above the user's limit (``--max-memory``) into a
-:class:`~onnx_exact.errors.ResourceError` that names the limit, the estimate, the dominant phase and
-the fix.
+:class:`~onnx_exact.core.errors.ResourceError` that names the limit, the estimate, the dominant
+phase and the fix.
 
 The estimate follows the phases of :func:`onnx_exact.pipeline.compress`; they run one after the
 other, so the peak is what stays resident during the whole run plus the largest phase::
@@ -20,70 +18,49 @@ weight (4 for float32):
 * ``resident``: the loaded model and its edited copy (``2 s P``), the float64 network and the
   reduced one (``16 P``);
 * ``sampling``: the witness inputs (``m n_0`` doubles for ``m`` samples, twice: samples and their
-  corners) and one forward-pass chunk of activations (``witness._CHUNK_VALUES`` doubles, three
-  live copies);
+  corners) and one forward-pass chunk of activations (the witness tier's chunk of float64
+  values, three live copies);
 * ``symbolic``: for the widest layer, the bound vertices (``2 n_k n_0`` doubles) and one block of
   back-substitution coefficients (``2 B max_j n_j`` doubles, four live copies, ``B`` rows a block);
 * ``lp``: the triangle relaxation of the layers below the last hidden layer, ``nnz`` matrix
   entries at ``LP_BYTES_PER_NONZERO`` (HiGHS keeps the model, its row- and column-wise copies, a
   scaled copy and the factorisation or interior-point workspace; the cut tier adds dense rows),
-  plus what runs beside it: ``CROWN_BAB_BYTES`` for the CROWN branch and bound (its caps) and
-  the decision MILP of that layer, its model at ``LP_BYTES_PER_NONZERO`` per entry again and a
-  full cut pool, ``MILP_CUT_POOL`` cuts each as long as the MILP has columns (``n_0`` inputs and
-  three per neuron below the layer), at ``MILP_BYTES_PER_CUT_ENTRY``. The two are summed, not
-  maxed: in measured runs that reached the MILP tier the peak exceeded the larger by about the
-  branch and bound's store (freed heap the MILP's allocations did not reuse);
+  plus what runs beside it: the CROWN branch and bound (its node store and one batch, both
+  capped) and the decision MILP of that layer, its model at ``LP_BYTES_PER_NONZERO`` per entry
+  again and a full cut pool (``exact_tiers.MILP_CUT_POOL`` cuts, each as long as the MILP has
+  columns: ``n_0`` inputs and three per neuron below the layer) at ``MILP_BYTES_PER_CUT_ENTRY``.
+  The two are summed, not maxed: in measured runs that reached the MILP tier the peak exceeded
+  the larger by about the branch and bound's store (freed heap the MILP's allocations did not
+  reuse);
 * ``verify``: two onnxruntime sessions (each holds the weights once more, pre-packed: ``2 s P``)
   and a chunk of samples.
 
-The LP constants were calibrated on the synthetic 3072-2048-2048-10 model of
-``bench/large_model.py``, the MILP ones on the ℓ1-free MNIST zoo nets and mnistfc (see
-``docs/reliability.md`` for estimates against measured peak RSS).
-
-Interruption
-------------
-HiGHS (highspy 1.16) runs Python callbacks during a solve and swallows any exception raised in them;
-a ``KeyboardInterrupt`` raised by a signal handler while a callback runs is lost, the solve stops
-with ``kSolveError``, and the run would go on. :func:`request_interrupt` records the signal so
-that :func:`raise_if_interrupted`, called after every solve, re-raises it.
-
-A Python signal handler runs only in the main thread, between two bytecodes: while that thread is
-in one long C call (a HiGHS solve, which releases the GIL but calls back into Python only every
-second or so, if at all, or a large onnxruntime batch) the handler waits for it. The command's
-entry point therefore also calls :func:`end_on_signals`: a thread woken by the signal itself
-(``signal.set_wakeup_fd``) kills the worker processes at once (:func:`onnx_exact.parallel.
-shutdown_pools`) and, if the process is still alive :data:`INTERRUPT_GRACE_SECONDS` later, prints
-the interruption's line and ends it with the documented code. Nothing is written before
-verification, so nothing is left half-written by that exit; the line is printed once
-(:func:`claim_interrupt_report`).
+The sizes the phases allocate (chunks, blocks, caps) are read from the modules that allocate
+them; the bytes per entry of HiGHS are calibrated here: the LP constant on the synthetic
+3072-2048-2048-10 model of ``bench/large_model.py``, the MILP one on the ℓ1-free MNIST zoo nets
+and mnistfc (``docs/reliability.md`` lists estimates against measured peak RSS).
 
 Allocator
 ---------
 The bound and attack tiers build many short-lived arrays of one to a few MiB per numpy
 operation. glibc serves them from fresh ``mmap`` pages or trims them off the heap top once freed,
-so every such temporary pays its page faults again: ``c + sign(λ) r`` on a 252x784 float64 array
-took 3.1 ms instead of 0.5 ms, and one CROWN branch and bound (MNIST 5x100 ℓ1 = 3e-4, third
-layer, neuron 22) 13.7 s instead of 9.5 s. :func:`retain_freed_heap` raises glibc's thresholds so
-that freed blocks are reused.
+so every such temporary pays its page faults again (several times the cost of the arithmetic on
+a 252x784 float64 array). :func:`retain_freed_heap` raises glibc's thresholds so that freed blocks
+are reused.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from onnx_exact import parallel
+from onnx_exact.bounds import crown, relu_bab
 from onnx_exact.core.errors import ResourceError, UsageError
 from onnx_exact.core.network import Network
+from onnx_exact.search import witness
+from onnx_exact.solvers.exact_tiers import MILP_CUT_POOL
 
 #: Resident size of the interpreter with numpy, onnx, onnxruntime, highspy, typer and rich loaded.
 INTERPRETER_BYTES = 90 * 2**20
@@ -92,27 +69,16 @@ INTERPRETER_BYTES = 90 * 2**20
 #: measured on the 3072-2048-2048-10 benchmark with the LP and cut tiers running for 300 s.
 LP_BYTES_PER_NONZERO = 160
 #: What the CROWN branch and bound adds while the LP relaxation is alive: its open-node store and
-#: one batch's working memory (``relu_bab.STORE_BYTES + relu_bab.BATCH_BYTES``).
-CROWN_BAB_BYTES = 96 * 2**20
-#: ``milp.MILP_CUT_POOL``: the cut-pool soft limit of a decision MILP, which bounds how far its
-#: memory grows (with HiGHS's default pool of 10,000 and its sub-MIP heuristics one 240 s MILP grew
-#: to twice as much, see ``docs/reliability.md``).
-MILP_CUT_POOL = 2000
+#: one batch's working memory.
+CROWN_BAB_BYTES = relu_bab.STORE_BYTES + relu_bab.BATCH_BYTES
 #: HiGHS memory per entry of a full cut pool of a decision MILP (the pool, its rows in the LP, the
-#: search tree that grows meanwhile). One 120 s MILP alone (MNIST 5x100 ℓ1 = 0, fourth layer,
-#: 1,684 columns, 100,800 entries) grew by 143 MiB, 40 bytes per entry; 56 makes the estimate
-#: bound the three whole runs measured with the MILP tier (auto peak, ``bench/stability.py``):
-#: 5x100 ℓ1 = 0 374 MiB (estimate 434), 4x100 ℓ1 = 0 310 MiB (399), mnistfc 256x2 prop_1_0.05
-#: 419 MiB (420).
+#: search tree that grows meanwhile): the smallest value for which the estimate bounds the whole
+#: runs measured with the MILP tier (``docs/reliability.md``, "Memory").
 MILP_BYTES_PER_CUT_ENTRY = 56
-#: Float64 values in one forward-pass chunk of the witness tier (``witness._CHUNK_VALUES``).
-SAMPLING_CHUNK_VALUES = 4_000_000
-#: Rows per back-substitution block of the symbolic bounds (``bounds._ROW_BLOCK``).
-SYMBOLIC_ROW_BLOCK = 512
-#: Witness sample count: about 2e9 multiply-accumulates, clamped (``stability`` sampling policy).
+#: Witness sample count: about 2e9 multiply-accumulates, clamped. A copy of the analysis's
+#: sampling policy: importing it would close a cycle (the analysis imports this module's
+#: allocator).
 SAMPLE_MACS, SAMPLE_MIN, SAMPLE_MAX = 2e9, 256, 8192
-#: Verification samples per onnxruntime chunk (``verify.CHUNK_SAMPLES``).
-VERIFY_CHUNK_SAMPLES = 512
 
 _DOUBLE = 8
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -174,11 +140,11 @@ def estimate_peak_memory(
     resident = INTERPRETER_BYTES + 2 * stored_bytes_per_weight * params + 2 * _DOUBLE * params
 
     samples = int(min(max(SAMPLE_MACS / max(net.mac_count, 1), SAMPLE_MIN), SAMPLE_MAX))
-    sampling = _DOUBLE * (2 * samples * net.in_features + 3 * SAMPLING_CHUNK_VALUES)
+    sampling = _DOUBLE * (2 * samples * net.in_features + 3 * witness._CHUNK_VALUES)
 
     hidden = [k for k in net.relu_layer_indices if k < len(net.layers) - 1] or [0]
     widest = max(widths[k + 1] for k in hidden)
-    block = min(SYMBOLIC_ROW_BLOCK, widest)
+    block = min(crown._ROW_BLOCK, widest)
     symbolic = _DOUBLE * (2 * widest * net.in_features + 4 * 2 * block * max(widths))
 
     phases = {"sampling": sampling, "symbolic": symbolic}
@@ -192,7 +158,11 @@ def estimate_peak_memory(
         cut_pool = MILP_BYTES_PER_CUT_ENTRY * MILP_CUT_POOL * columns
         phases["lp"] = 2 * model + CROWN_BAB_BYTES + cut_pool
 
-    chunk = VERIFY_CHUNK_SAMPLES * (2 * net.in_features + 2 * sum(widths[1:]))
+    # Imported here, not above: verify loads onnx, which the analysis (importing this module
+    # for its allocator) must not load in its worker processes.
+    from onnx_exact.verify import CHUNK_SAMPLES
+
+    chunk = CHUNK_SAMPLES * (2 * net.in_features + 2 * sum(widths[1:]))
     phases["verify"] = 2 * 2 * stored_bytes_per_weight * params + stored_bytes_per_weight * chunk
     return MemoryEstimate(resident=int(resident), phases={k: int(v) for k, v in phases.items()})
 
@@ -308,154 +278,6 @@ def _round_up(size: int) -> int:
     mib = math.ceil(size / 2**20)
     step = 2 ** max(int(math.log2(mib)) - 3, 0)
     return math.ceil(mib / step) * step * 2**20
-
-
-INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-"""Exit codes of a run ended by a signal (128 + the signal's number, like a shell)."""
-INTERRUPT_GRACE_SECONDS = 1.0
-"""How long the main thread has after SIGINT/SIGTERM to end by itself (unwinding its clean-up)
-before :func:`end_on_signals` ends the process."""
-
-
-class _Interrupt:
-    signum: int | None = None
-    reported = False
-    report_lock = threading.Lock()
-    watching = False
-
-
-def request_interrupt(signum: int) -> None:
-    """Record that SIGINT/SIGTERM arrived (call it from the signal handler before raising)."""
-    _Interrupt.signum = signum
-
-
-def interrupt_requested() -> int | None:
-    """The signal recorded by :func:`request_interrupt`, or None."""
-    return _Interrupt.signum
-
-
-def clear_interrupt() -> None:
-    """Forget a recorded signal (at the start of a new run in the same process)."""
-    _Interrupt.signum = None
-    _Interrupt.reported = False
-
-
-def interrupted_message(signum: int) -> str:
-    """The command's one line for a run ended by ``signum``."""
-    return f"onnx-exact: interrupted ({signal.Signals(signum).name}); no output written"
-
-
-def claim_interrupt_report() -> bool:
-    """True for the first caller only: it prints the interruption's line (so there is one)."""
-    with _Interrupt.report_lock:
-        first, _Interrupt.reported = not _Interrupt.reported, True
-    return first
-
-
-def end_on_signals(report: Callable[[int], None] | None = None) -> None:
-    """End the process within :data:`INTERRUPT_GRACE_SECONDS` of SIGINT/SIGTERM, whatever runs.
-
-    For the command's entry point only (an interactive Python session must not be ended by its
-    Ctrl-C): call it from the main thread once the run's signal handlers are installed; once per
-    process. ``report(signum)`` prints the line (default: :func:`interrupted_message` on stderr).
-    See "Interruption" in the module docstring.
-    """
-    if _Interrupt.watching or threading.current_thread() is not threading.main_thread():
-        return
-    read, write = os.pipe()
-    try:
-        os.set_blocking(write, False)
-        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-    except (OSError, ValueError):  # a platform without it (Windows wants a socket): no watcher
-        os.close(read)
-        os.close(write)
-        return
-    _Interrupt.watching = True
-    threading.Thread(
-        target=_watch_signals,
-        args=(read, report or _print_interrupted),
-        name="onnx-exact-signals",
-        daemon=True,
-    ).start()
-
-
-def _print_interrupted(signum: int) -> None:
-    print(interrupted_message(signum), file=sys.stderr)
-
-
-def _watch_signals(read: int, report: Callable[[int], None]) -> None:
-    while True:
-        signum = os.read(read, 1)[0]
-        if signum in INTERRUPT_EXIT_CODES:
-            break
-    parallel.shutdown_pools(kill=True)  # the workers first: nothing waits for their solves
-    threading.Event().wait(INTERRUPT_GRACE_SECONDS)
-    if claim_interrupt_report():
-        report(signum)
-    else:  # the main thread reported it and is ending: give its exit as long again
-        threading.Event().wait(INTERRUPT_GRACE_SECONDS)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(INTERRUPT_EXIT_CODES[signum])
-
-
-def raise_if_interrupted() -> None:
-    """Raise ``KeyboardInterrupt`` if a signal was recorded; call it after every solver run.
-
-    A solve whose callback swallowed the handler's exception returns normally (status
-    ``kSolveError``): this brings the interruption back to the caller instead of treating it as a
-    solver failure and carrying on.
-    """
-    if _Interrupt.signum is not None:
-        name = signal.Signals(_Interrupt.signum).name
-        raise KeyboardInterrupt(f"{name} received during a solve")
-
-
-def raise_interrupt_for_signal(signum: int, frame: object) -> None:
-    """A signal handler for SIGINT/SIGTERM: record the signal, then unwind like Ctrl-C."""
-    request_interrupt(signum)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-@dataclass(frozen=True)
-class ChildUsage:
-    """Exit code, peak resident set, CPU and wall time of one measured command."""
-
-    exit_code: int
-    peak_rss_bytes: int
-    cpu_s: float
-    wall_s: float
-    stderr: str
-
-
-# Runs the command given in argv and prints its usage as JSON. Started as a fresh interpreter
-# because Linux folds the *parent's* resident size at fork time into the child's ru_maxrss: a
-# command forked from a big process (pytest, a benchmark holding the model) would report the
-# parent's size as its own peak. This launcher is ~10 MB, below anything it measures.
-_LAUNCHER = """
-import json, os, subprocess, sys, time
-start = time.perf_counter()
-child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-stderr = child.stderr.read().decode(errors="replace")
-_, status, usage = os.wait4(child.pid, 0)
-print(json.dumps({"exit_code": os.waitstatus_to_exitcode(status), "peak_rss_bytes":
-    usage.ru_maxrss * 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
-    "wall_s": time.perf_counter() - start, "stderr": stderr}))
-"""
-
-
-def measure_command(command: list[str]) -> ChildUsage:
-    """Run ``command`` and measure its own peak RSS (``ru_maxrss``), CPU and wall time (Linux).
-
-    Used by ``bench/large_model.py`` and the calibration test of :func:`estimate_peak_memory`.
-    """
-    launcher = subprocess.run(
-        [sys.executable, "-c", _LAUNCHER, *command], capture_output=True, text=True, check=True
-    )
-    return ChildUsage(**json.loads(launcher.stdout))
 
 
 # --------------------------------------------------------------------------- allocator

@@ -7,6 +7,7 @@ and the same inputs give the same bytes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -25,20 +26,32 @@ from test_bad_inputs import run_cli
 
 from onnx_exact.core.errors import ResourceError, UsageError
 from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.interrupts import (
+    clear_interrupt,
+    interrupt_requested,
+    raise_if_interrupted,
+    request_interrupt,
+)
 from onnx_exact.io import staging
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.pipeline import AnalysisOptions, DomainSpec, analyze
 from onnx_exact.resources import (
     check_memory,
-    clear_interrupt,
     estimate_peak_memory,
     format_bytes,
-    interrupt_requested,
-    measure_command,
     parse_memory_size,
-    raise_if_interrupted,
-    request_interrupt,
 )
+
+
+def load_measure_command():
+    """``measure_command`` of ``bench/measure.py`` (a benchmark helper, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "measure.py"
+    spec = importlib.util.spec_from_file_location("bench_measure", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module.measure_command
+
 
 SOLVER_TIERS = {"lp", "lp+cuts", "milp", "isa", "per-neuron"}
 SIGNAL_READY_TIMEOUT_S = 90.0  # interpreter start-up on a loaded 2-core machine
@@ -364,7 +377,7 @@ def test_unsupported_activation_in_the_tail_is_left_alone(tmp_path):
     assert "Sigmoid" in {node.op_type for node in onnx.load(out).graph.node}
 
 
-# --------------------------------------------------------------------------- resources
+# --------------------------------------------------------------------------- memory and signals
 def test_memory_guard_refuses_with_the_estimate_and_the_fix():
     net = read_model(gemm_mlp((3072, 2048, 2048, 10), seed=0, pinned=False)).network
     estimate = estimate_peak_memory(net)
@@ -382,7 +395,7 @@ def test_memory_estimate_bounds_the_measured_peak(tmp_path):
     """The guard must not under-estimate (the OS would kill the run) nor refuse needlessly."""
     model = tmp_path / "m.onnx"
     onnx.save(gemm_mlp((784, 512, 512, 10), seed=0, pinned=False), model)
-    usage = measure_command(
+    usage = load_measure_command()(
         [sys.executable, "-m", "onnx_exact", str(model), str(tmp_path / "o.onnx"), "-r", "[0,1]"]
         + ["-q", "--time-limit", "60"]
     )
@@ -390,9 +403,23 @@ def test_memory_estimate_bounds_the_measured_peak(tmp_path):
     measured = usage.peak_rss_bytes
     estimated = estimate_peak_memory(read_model(model).network).total
     # Conservative, but within a factor 4: the interpreter alone is half of this run's peak, and
-    # the estimate reserves a decision MILP with a full cut pool that this run does not reach
-    # (3.5x since 2026-12-04; 1.4x without the MILP term).
+    # the estimate reserves a decision MILP with a full cut pool that this run does not reach.
     assert measured <= estimated <= 4 * measured, (format_bytes(measured), format_bytes(estimated))
+
+
+def test_the_memory_estimate_follows_the_sizes_the_phases_allocate(monkeypatch):
+    """The chunk and block sizes come from the modules that allocate them, not from copies: a
+    larger witness chunk or onnxruntime sample chunk raises its phase's estimate."""
+    from onnx_exact import verify
+    from onnx_exact.search import witness
+
+    net = read_model(gemm_mlp((4, 5, 3), seed=0, pinned=False)).network
+    before = estimate_peak_memory(net).phases
+    monkeypatch.setattr(witness, "_CHUNK_VALUES", 2 * witness._CHUNK_VALUES)
+    monkeypatch.setattr(verify, "CHUNK_SAMPLES", 2 * verify.CHUNK_SAMPLES)
+    after = estimate_peak_memory(net).phases
+    assert after["sampling"] > before["sampling"] and after["verify"] > before["verify"]
+    assert after["symbolic"] == before["symbolic"] and after["lp"] == before["lp"]
 
 
 def test_a_run_that_may_not_fit_in_memory_warns_first_and_still_runs(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ def _probe(context: dict, name: str) -> dict:
     import onnx_exact.equivalence.proof  # noqa: F401 - (and what they import: highspy, numpy)
     import onnx_exact.solvers.baselines  # noqa: F401
     import onnx_exact.solvers.exact_tiers  # noqa: F401
-    import onnx_exact.stability.analysis  # noqa: F401
+    import onnx_exact.stability.schedule  # noqa: F401
 
     loaded = {m for m in sys.modules if m.split(".")[0] in ("onnx", "onnxruntime")}
     return {
@@ -290,9 +290,13 @@ _STUCK_IN_A_SOLVE = textwrap.dedent(
     import signal, sys
     import highspy
     import numpy as np
-    from onnx_exact.resources import end_on_signals, raise_interrupt_for_signal
+    from onnx_exact.interrupts import end_on_signals, request_interrupt
 
-    signal.signal(signal.SIGTERM, raise_interrupt_for_signal)
+    def on_signal(signum, frame):  # what the command's own handler does
+        request_interrupt(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
     end_on_signals()
     # a market split instance (Cornuejols and Dawande): 4 rows, 30 binaries, hours of branch and
     # bound; HiGHS runs it in C and calls no Python, so the signal handler cannot run

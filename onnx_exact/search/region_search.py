@@ -14,7 +14,7 @@ import numpy as np
 
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import Network
-from onnx_exact.resources import raise_if_interrupted
+from onnx_exact.interrupts import raise_if_interrupted
 from onnx_exact.solvers.highs_model import (
     FLOAT_EPS,
     INF,

@@ -11,7 +11,7 @@ from onnx_exact.bounds import crown as _bounds
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import Network
 from onnx_exact.core.verdicts import NeuronState
-from onnx_exact.resources import raise_if_interrupted
+from onnx_exact.interrupts import raise_if_interrupted
 from onnx_exact.solvers.exact_tiers import run_min
 from onnx_exact.solvers.highs_model import (
     BOUND_STATUSES,

@@ -25,8 +25,9 @@ from onnx_exact.core.directions import (
     WitnessFeed,
 )
 from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import TIERS, Tier
+from onnx_exact.interrupts import raise_if_interrupted
 from onnx_exact.parallel import can_start_workers
-from onnx_exact.resources import raise_if_interrupted
 from onnx_exact.solvers.highs_model import (
     BOUND_STATUSES,
     FLOAT_EPS,
@@ -52,8 +53,8 @@ MILP_ROUND_SIZE = 8
 """Decision MILPs solved between two exchanges of witnesses (fixed, so jobs=1 and jobs=n agree)."""
 
 
-DIRECTION_TIME_LIMIT = 60.0
-"""Cap in seconds on one decision MILP."""
+DIRECTION_TIME_LIMIT = TIERS[Tier.MILP].direction_seconds
+"""Cap in seconds on one decision MILP (from the tier table, :data:`core.verdicts.TIERS`)."""
 
 
 MILP_CUT_POOL = 2000
@@ -73,11 +74,11 @@ same dual bound (22.21 against 22.09 with the defaults)."""
 MILP_HEURISTIC_EFFORT = 0.0
 
 
-BAB_NODE_LIMIT = 2000
+BAB_NODE_LIMIT = TIERS[Tier.BAB].direction_nodes
 
 
-BAB_TIME_LIMIT = 20.0
-"""Caps on the LP branch and bound of one direction (nodes, seconds)."""
+BAB_TIME_LIMIT = TIERS[Tier.BAB].direction_seconds
+"""Caps on the LP branch and bound of one direction (nodes, seconds), from the tier table."""
 
 
 _TIERS = ("lp", "cuts", "bab", "milp")
