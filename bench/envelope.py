@@ -78,7 +78,7 @@ def _child_run(conn, case, method: str, time_limit: float, jobs: int, seed: int)
     os.dup2(devnull, 1)  # HiGHS prints its banner on the C-level stdout
     try:
         from onnx_exact.bounds import input_split
-        from onnx_exact.stability.analysis import analyze_stability
+        from onnx_exact.stability import analyze_stability
 
         leaves = [0]
         search = input_split.InputSearch.run

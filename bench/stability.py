@@ -281,7 +281,7 @@ def _child_run(conn, case: Case, method: str, time_limit: float, jobs: int, seed
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # HiGHS prints its banner on the C-level stdout
     try:
-        from onnx_exact.stability.analysis import analyze_stability
+        from onnx_exact.stability import analyze_stability
 
         read, box, _ = load_problem(case)
         net = read.network

@@ -51,7 +51,7 @@ from onnx_exact.progress import ProgressCallback, ProgressEvent
 from onnx_exact.reduce import Reduction, reduce_network
 from onnx_exact.report import RunReport, summarize_layers
 from onnx_exact.resources import check_memory, memory_shortfall_note
-from onnx_exact.stability.analysis import analyze_stability
+from onnx_exact.stability import analyze_stability
 from onnx_exact.verify import (
     DEFAULT_ATOL,
     ROUNDOFF_FACTOR,

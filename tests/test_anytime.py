@@ -25,11 +25,10 @@ from exporter_fixtures import gemm_mlp
 from onnx_exact import progress as progress_module
 from onnx_exact.cli import DEFAULT_TIME_LIMIT
 from onnx_exact.core.box import Box
-from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.core.verdicts import SOLVER_TIERS, NeuronState
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.progress import Heartbeat, ProgressEvent, describe
-from onnx_exact.stability import analysis as stability
-from onnx_exact.stability.analysis import analyze_stability
+from onnx_exact.stability import analyze_stability, schedule
 
 DEEP_SIZES = (10,) + (40,) * 8 + (3,)  # eight ReLU layers of 40
 
@@ -77,7 +76,7 @@ def test_the_cheap_pass_reaches_every_layer_before_any_costly_tier():
     phases = [event.phase for event in events]
     last_bounds = max(i for i, phase in enumerate(phases) if phase == "bounds")
     assert events[last_bounds].done == events[last_bounds].total == 8
-    costly = [i for i, phase in enumerate(phases) if phase in stability.SOLVER_TIERS]
+    costly = [i for i, phase in enumerate(phases) if phase in SOLVER_TIERS]
     assert costly and min(costly) > last_bounds
     assert all(event.layers == 8 and event.open is not None for event in events)
     assert all(event.time_left is None for event in events)  # no limit
@@ -104,13 +103,13 @@ def test_the_first_pass_is_finished_past_the_deadline(monkeypatch):
     read = read_model(model)
     box = Box(lower, upper, "x").to_network(read.network.input_map)
     crowned: list[int] = []
-    symbolic_bounds = stability.symbolic_bounds
+    symbolic_bounds = schedule.symbolic_bounds
 
     def counting(net, box, bounds, layer, rows=None):
         crowned.append(layer)
         return symbolic_bounds(net, box, bounds, layer, rows)
 
-    monkeypatch.setattr(stability, "symbolic_bounds", counting)
+    monkeypatch.setattr(schedule, "symbolic_bounds", counting)
     result = analyze_stability(read.network, box, time_limit=1e-9)
     assert result.time_limit_hit
     assert crowned == read.network.relu_layer_indices[1:]
@@ -206,7 +205,7 @@ def test_a_non_tty_run_prints_heartbeat_lines_on_stderr(deep_model, tmp_path, mo
     held until one line is out, so the test does not depend on the machine's speed."""
     monkeypatch.setattr(progress_module, "HEARTBEAT_SECONDS", 0.01)
     path, box = deep_model
-    bounds_pass = stability._Analysis.bounds_pass
+    bounds_pass = schedule.Analysis.bounds_pass
 
     def held(self):
         stderr = sys.stderr  # the captured stream the heartbeat writes to
@@ -216,7 +215,7 @@ def test_a_non_tty_run_prints_heartbeat_lines_on_stderr(deep_model, tmp_path, mo
             time.sleep(0.01)
         bounds_pass(self)
 
-    monkeypatch.setattr(stability._Analysis, "bounds_pass", held)
+    monkeypatch.setattr(schedule.Analysis, "bounds_pass", held)
     code, out, err = run_cli(["analyze", path, "--input-range-file", box])
     assert code == 0, err
     beats = [line for line in err.splitlines() if line.startswith("onnx-exact: ")]

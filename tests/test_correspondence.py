@@ -24,7 +24,7 @@ from onnx_exact.equivalence.correspondence import (
     quick_stability,
 )
 from onnx_exact.io.onnx_reader import read_model
-from onnx_exact.stability.analysis import analyze_stability
+from onnx_exact.stability import analyze_stability
 
 
 def mlp(weights) -> Network:

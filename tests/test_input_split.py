@@ -10,8 +10,7 @@ from onnx_exact.bounds.crown import interval_bounds
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.core.verdicts import NeuronState
-from onnx_exact.stability import analysis as stability
-from onnx_exact.stability.analysis import analyze_stability
+from onnx_exact.stability import analyze_stability, policy
 
 
 def random_network(rng: np.random.Generator, sizes: list[int]) -> Network:
@@ -217,10 +216,10 @@ def test_split_tier_labels_equal_the_per_neuron_milps(seed: int) -> None:
 
 def test_split_tier_budget_hands_directions_on(monkeypatch) -> None:
     net, box = diagonal_net()
-    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 1)
     starved = analyze_stability(net, box, tiers=("split",))
     assert starved.layers[1].states[0] == NeuronState.UNDECIDED
-    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1000)
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 1000)
     full = analyze_stability(net, box, tiers=("split",))
     assert full.layers[1].states[0] == NeuronState.INACTIVE
     assert full.layers[1].decided_by[0] == "split"

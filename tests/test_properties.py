@@ -20,7 +20,7 @@ from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.core.verdicts import NeuronState
 from onnx_exact.pipeline import DomainSpec, compress
-from onnx_exact.stability.analysis import analyze_stability
+from onnx_exact.stability import analyze_stability
 from onnx_exact.verify import run_model
 
 

@@ -29,7 +29,8 @@ from onnx_exact.bounds import relu_bab
 from onnx_exact.core.box import Box
 from onnx_exact.core.verdicts import NeuronState
 from onnx_exact.solvers import lp_relaxation
-from onnx_exact.stability.analysis import analyze_stability
+from onnx_exact.stability import analyze_stability
+from onnx_exact.stability.tiers import lp_dive_for
 
 
 def _undecided(net, layer):
@@ -142,8 +143,9 @@ def _crown_bab_states(net, box, bounds, relaxation: bool):
             if relaxation and k
             else None
         )
+        dive = lp_dive_for(lp) if lp is not None else None
         return relu_bab.decide_directions(
-            net, box, bounds, states, k, directions, margins, deadline, relaxation=lp
+            net, box, bounds, states, k, directions, margins, deadline, dive=dive
         )
 
     return _tiered_states(net, box, bounds, decide=decide)

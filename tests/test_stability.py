@@ -16,12 +16,12 @@ from conftest import SHARED_MODELS
 from onnx_exact.core.box import Box
 from onnx_exact.core.errors import DomainError, UsageError
 from onnx_exact.core.network import DenseLayer, InputMap, Network
-from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.core.verdicts import NeuronState, Tier
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.progress import ProgressEvent
 from onnx_exact.search.witness import observe
-from onnx_exact.stability import analysis as stability
-from onnx_exact.stability.analysis import analyze_stability
+from onnx_exact.stability import analyze_stability, policy, schedule
+from onnx_exact.stability import tiers as stability_tiers
 
 
 def random_network(rng: np.random.Generator, sizes: list[int]) -> Network:
@@ -134,13 +134,13 @@ def test_input_splitting_proves_what_crown_cannot_and_matches_per_neuron(seed: i
 
 def test_input_splitting_hands_directions_over_its_budget_to_the_solvers(monkeypatch) -> None:
     net, box = split_case(0)
-    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 1)
     starved = analyze_stability(net, box, tiers=("split",))
     assert starved.counts()["UNDECIDED"] > 0 and not starved.time_limit_hit
     assert_sound(net, box, starved, oracle_points(box))
     full = analyze_stability(net, box)
     assert full.complete and "split" in full.timings_s
-    monkeypatch.setattr(stability, "SPLIT_MAX_INPUTS", 1)
+    monkeypatch.setattr(policy, "SPLIT_MAX_INPUTS", 1)
     assert "split" not in analyze_stability(net, box).timings_s
 
 
@@ -163,7 +163,7 @@ def test_subdivision_proves_what_the_box_wide_tiers_cannot(monkeypatch) -> None:
     """With the split tier starved (one sub-box), the LP-free tiers leave ``a + b - 2.5`` open;
     pieces of the box, each with its own focused analysis (and split budget), prove it."""
     net, box = diagonal_net()
-    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 1)
     starved = analyze_stability(net, box, tiers=("split",))
     assert starved.layers[1].states[0] == NeuronState.UNDECIDED
     result = analyze_stability(net, box, tiers=("split", "subdivide"))
@@ -178,7 +178,7 @@ def test_subdivision_proves_what_the_box_wide_tiers_cannot(monkeypatch) -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_subdivision_is_sound_and_matches_per_neuron(monkeypatch, seed: int) -> None:
     net, box = split_case(seed)
-    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 1)
     result = analyze_stability(net, box, tiers=("split", "subdivide"))
     assert result.complete and not result.time_limit_hit
     assert_sound(net, box, result, oracle_points(box))
@@ -189,7 +189,7 @@ def test_subdivision_is_sound_and_matches_per_neuron(monkeypatch, seed: int) -> 
 
 def test_subdivision_in_worker_processes_gives_the_serial_labels(monkeypatch) -> None:
     net, box = split_case(3)
-    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)  # the parent's split only
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 1)  # the parent's split only
     serial = analyze_stability(net, box, tiers=("split", "subdivide"))
     parallel = analyze_stability(net, box, tiers=("split", "subdivide"), jobs=2)
     assert serial.complete and parallel.complete
@@ -201,8 +201,8 @@ def test_subdivision_in_worker_processes_gives_the_serial_labels(monkeypatch) ->
 def test_subdivision_needs_few_inputs_and_an_open_direction(monkeypatch) -> None:
     net, box = split_case(1)
     assert "subdivide" not in analyze_stability(net, box).timings_s  # split decides it all
-    monkeypatch.setattr(stability, "_SPLIT_BOXES_PER_LAYER", 1)
-    monkeypatch.setattr(stability, "SPLIT_MAX_INPUTS", 1)
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 1)
+    monkeypatch.setattr(policy, "SPLIT_MAX_INPUTS", 1)
     result = analyze_stability(net, box, tiers=("split", "subdivide"))
     assert "subdivide" not in result.timings_s and "split" not in result.timings_s
 
@@ -345,8 +345,23 @@ def test_time_limit_inside_the_last_tier_is_reported_as_the_reason():
     assert all("time limit" in note for note in result.notes if "undecided" in note)
 
 
-def _no_attack(self, k, effort=1.0):
-    """Stands in for ``_Analysis.attack_tier`` where a test is about the order of the tiers."""
+def _no_attack(analysis, k, effort=1.0):
+    """Stands in for the attack tier where a test is about the order of the tiers."""
+
+
+def _replace_tier(monkeypatch, tier, function):
+    """Run ``function(analysis, k, effort)`` wherever the schedule runs ``tier``."""
+    monkeypatch.setitem(stability_tiers.TIER_FUNCTIONS, tier, function)
+
+
+def _replace_solver_tiers(monkeypatch, function):
+    """Run ``function(analysis, k, tier, effort)`` in place of every LP/branch-and-bound/MILP tier."""
+    for tier in (Tier.LP, Tier.CUTS, Tier.CROWN_BAB, Tier.BAB, Tier.MILP):
+
+        def replaced(analysis, k, effort=1.0, tier=tier):
+            return function(analysis, k, tier, effort)
+
+        _replace_tier(monkeypatch, tier, replaced)
 
 
 def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(monkeypatch):
@@ -366,7 +381,7 @@ def test_directions_the_capped_tiers_leave_open_are_retried_under_a_time_limit(m
 
     monkeypatch.setattr(exact_tiers, "decide_directions", counting)
     # the attack after each retried tier would get 4-16x its cap and eat the time limit here
-    monkeypatch.setattr(stability._Analysis, "attack_tier", _no_attack)
+    _replace_tier(monkeypatch, Tier.ATTACK, _no_attack)
     once = analyze_stability(net, box, tiers=("bab",))
     assert set(calls) == {1.0} and once.counts()["UNDECIDED"] > 0
     calls.clear()
@@ -385,11 +400,11 @@ def test_retries_start_only_after_every_layer_had_its_first_pass(monkeypatch):
     box = Box(np.zeros(10), np.ones(10))
     calls: list[tuple[float, int]] = []
 
-    def undecided(self, k, tier, effort=1.0):  # a tier that never decides anything
+    def undecided(analysis, k, tier, effort=1.0):  # a tier that never decides anything
         calls.append((effort, k))
 
-    monkeypatch.setattr(stability._Analysis, "solver_tier", undecided)
-    monkeypatch.setattr(stability._Analysis, "attack_tier", _no_attack)
+    _replace_solver_tiers(monkeypatch, undecided)
+    _replace_tier(monkeypatch, Tier.ATTACK, _no_attack)
     result = analyze_stability(net, box, tiers=("bab",), time_limit=120)
     open_layers = sorted({k for effort, k in calls if effort == 1.0})
     assert len(open_layers) >= 2 and result.counts()["UNDECIDED"] > 0
@@ -424,24 +439,22 @@ def test_each_retried_tier_is_followed_by_an_attack_of_equal_time(monkeypatch):
     box = Box(np.zeros(10), np.ones(10))
     calls: list[tuple[str, float, int]] = []
 
-    def undecided(self, k, tier, effort=1.0):
+    def undecided(analysis, k, tier, effort=1.0):
         calls.append((tier, effort, k))
 
-    def attack(self, k, effort=1.0):
+    def attack(analysis, k, effort=1.0):
         calls.append(("attack", effort, k))
 
-    monkeypatch.setattr(stability._Analysis, "solver_tier", undecided)
-    monkeypatch.setattr(stability._Analysis, "attack_tier", attack)
+    _replace_solver_tiers(monkeypatch, undecided)
+    _replace_tier(monkeypatch, Tier.ATTACK, attack)
     tiers = ("crown-bab", "bab", "milp")
     analyze_stability(net, box, tiers=tiers, time_limit=60)
-    round_seconds = (
-        stability._ATTACK_SECONDS + stability._POLISH_SECONDS + stability._PATTERN_SECONDS
-    )
+    round_seconds = policy.ATTACK_SECONDS + policy.POLISH_SECONDS + policy.PATTERN_SECONDS
     retried = [i for i, (tier, effort, _) in enumerate(calls) if tier in tiers and effort > 1]
     assert {calls[i][0] for i in retried} == set(tiers)
     for i in retried:
         tier, effort, k = calls[i]
-        seconds = stability.tier_direction_seconds(tier) * effort
+        seconds = schedule.tier_direction_seconds(tier) * effort
         assert calls[i + 1] == ("attack", seconds / round_seconds, k)
 
 
@@ -452,16 +465,16 @@ def test_retries_go_on_until_the_deadline_while_their_tiers_keep_working(monkeyp
     box = Box(np.zeros(10), np.ones(10))
     calls: list[tuple[float, int]] = []
 
-    def working(self, k, tier, effort=1.0):  # a tier that spends time but decides nothing
+    def working(analysis, k, tier, effort=1.0):  # a tier that spends time but decides nothing
         calls.append((effort, k))
         time.sleep(0.02)
 
-    monkeypatch.setattr(stability._Analysis, "solver_tier", working)
-    monkeypatch.setattr(stability._Analysis, "attack_tier", _no_attack)
-    monkeypatch.setattr(stability, "_IDLE_ROUND_SECONDS", 0.01)
+    _replace_solver_tiers(monkeypatch, working)
+    _replace_tier(monkeypatch, Tier.ATTACK, _no_attack)
+    monkeypatch.setattr(policy, "IDLE_ROUND_SECONDS", 0.01)
     result = analyze_stability(net, box, tiers=("bab",), time_limit=3)
     open_layers = sorted({k for effort, k in calls if effort == 1.0})
-    last_rounds = [k for effort, k in calls if effort == stability._RETRY_EFFORTS[-1]]
+    last_rounds = [k for effort, k in calls if effort == policy.RETRY_EFFORTS[-1]]
     assert len(last_rounds) > 2 * len(open_layers)
     assert result.time_limit_hit and result.counts()["UNDECIDED"] > 0
 
@@ -474,17 +487,17 @@ def test_the_probe_runs_once_per_layer_before_crown_bab_and_never_in_retries(mon
     box = Box(np.zeros(10), np.ones(10))
     calls: list[tuple[str, int]] = []
 
-    def undecided(self, k, tier, effort=1.0):
+    def undecided(analysis, k, tier, effort=1.0):
         calls.append((tier if effort == 1.0 else f"{tier} retry", k))
 
-    monkeypatch.setattr(stability._Analysis, "solver_tier", undecided)
-    monkeypatch.setattr(
-        stability._Analysis, "probe_tier", lambda self, k: calls.append(("probe", k))
+    _replace_solver_tiers(monkeypatch, undecided)
+    _replace_tier(
+        monkeypatch, Tier.PROBE, lambda analysis, k, effort=1.0: calls.append(("probe", k))
     )
-    monkeypatch.setattr(
-        stability._Analysis,
-        "attack_tier",
-        lambda self, k, effort=1.0: undecided(self, k, "attack", effort),
+    _replace_tier(
+        monkeypatch,
+        Tier.ATTACK,
+        lambda analysis, k, effort=1.0: undecided(analysis, k, "attack", effort),
     )
     analyze_stability(net, box, tiers=("lp", "cuts", "crown-bab", "bab"), time_limit=5)
     first_pass = [call for call in calls if "retry" not in call[0]]
@@ -503,8 +516,8 @@ def test_the_probe_refutes_soundly_and_is_credited(monkeypatch):
     stay sound."""
     net = random_network(np.random.default_rng(2), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
-    monkeypatch.setattr(stability._Analysis, "solver_tier", lambda self, k, tier, effort=1.0: None)
-    monkeypatch.setattr(stability._Analysis, "alpha_crown_tier", lambda self, k: None)
+    _replace_solver_tiers(monkeypatch, lambda analysis, k, tier, effort=1.0: None)
+    _replace_tier(monkeypatch, Tier.ALPHA_CROWN, lambda analysis, k, effort=1.0: None)
     result = analyze_stability(net, box, tiers=("crown-bab",))
     credited = np.concatenate([layer.decided_by for layer in result.layers])
     assert (credited == "probe").any()
@@ -523,21 +536,19 @@ def test_a_background_attack_refutes_while_the_exact_tiers_work(monkeypatch):
     truth = analyze_stability(net, box, tiers=("crown-bab", "bab", "milp"))
     unstable = [layer.states == NeuronState.UNSTABLE for layer in truth.layers]
 
-    def waiting_tier(self, k, tier, effort=1.0):
+    def waiting_tier(analysis, k, tier, effort=1.0):
         """Proves nothing; waits (at most 20 s) while an unstable direction is open."""
         stop = time.monotonic() + 20.0
-        while self.has_open(k) and time.monotonic() < stop:
-            if not unstable[k][self.open_directions(k)[0]].any():
+        while analysis.has_open(k) and time.monotonic() < stop:
+            if not unstable[k][analysis.open_directions(k)[0]].any():
                 return
             time.sleep(0.05)
 
-    monkeypatch.setattr(stability._Analysis, "solver_tier", waiting_tier)
-    monkeypatch.setattr(stability._Analysis, "probe_tier", lambda self, k: None)
-    monkeypatch.setattr(stability._Analysis, "alpha_crown_tier", lambda self, k: None)
+    _replace_solver_tiers(monkeypatch, waiting_tier)
+    _replace_tier(monkeypatch, Tier.PROBE, lambda analysis, k, effort=1.0: None)
+    _replace_tier(monkeypatch, Tier.ALPHA_CROWN, lambda analysis, k, effort=1.0: None)
     in_process: list[int] = []
-    monkeypatch.setattr(
-        stability._Analysis, "attack_tier", lambda self, k, effort=1.0: in_process.append(k)
-    )
+    _replace_tier(monkeypatch, Tier.ATTACK, lambda analysis, k, effort=1.0: in_process.append(k))
     result = analyze_stability(net, box, tiers=("crown-bab", "bab"), jobs=64)
     credited = np.concatenate([layer.decided_by for layer in result.layers])
     assert (credited == "attack").any()
@@ -554,8 +565,8 @@ def test_a_background_attack_needs_a_spare_job():
     """With jobs=1 (or as many open directions as jobs) no background attack starts."""
     net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
-    analysis = stability._Analysis(net, box, np.inf, 0, 1, None)
-    analysis.interval_tier()
+    analysis = schedule.Analysis(net, box, np.inf, 0, 1, None)
+    stability_tiers.interval(analysis)
     analysis.start_background_attack(2)
     assert analysis.background is None
     analysis.jobs = int(analysis.open_directions(2)[0].size)
@@ -581,7 +592,7 @@ import os, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
 from test_stability import random_network
-from onnx_exact.stability import analysis as stability
+from onnx_exact.search.attack import AttackLimits, AttackTarget, BackgroundAttack
 from onnx_exact.bounds.crown import interval_bounds
 from onnx_exact.core.box import Box
 
@@ -591,8 +602,12 @@ if __name__ == "__main__":
     bounds = interval_bounds(net, box)
     # neuron 0 of layer 1 gets a bias no input can overcome: its +1 direction is never refuted
     net.layers[1].bias[0] = -1e6
-    target = stability._AttackTarget(net, box, bounds, [np.zeros(20, np.int8)], 1)
-    attack = stability._BackgroundAttack(target, np.array([0]), np.array([1]), (0,), np.inf)
+    target = AttackTarget(net, box, bounds, [np.zeros(20, np.int8)], 1)
+    limits = AttackLimits(64, 1.0, 3.0, 3.0, 0.05)
+    attack = BackgroundAttack(
+        target, np.array([0]), np.array([1]), (0,), np.inf,
+        limits=limits, polish_quantile=0.75, warmup_rounds=4,
+    )
     print(attack.process.pid, flush=True)
     os._exit(0)  # dies like a killed process: no clean-up, no atexit
 """

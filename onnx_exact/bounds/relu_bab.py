@@ -10,7 +10,7 @@ Why this tier exists
     same few matrix products, so hundreds of nodes cost what one LP costs, and a few projected
     gradient steps (warm-started from the parent's ``α``, ``β``) get most of the LP's tightness.
     Measured on the 784-100x4 MNIST net (ℓ1 = 3e-4): about 2,000 nodes a second against about
-    12 for the LP branch and bound; the analysis of that net went from 155 s to 13 s.
+    12 for the LP branch and bound.
 
 The bound of one node
     Target ``F = a · h_{k-1} + c`` (``a = sign W_k[i]``, ``c = sign b_k[i]``) over the box. Walking
@@ -42,8 +42,9 @@ The search
     optimised together. A child whose bound is ``<= -margin`` is closed; the direction is proved
     when no node is open (the children of a node cover it, so the largest closed bound bounds
     ``max F``), and refuted as soon as a forward-passed point shows ``sign * y > 0``. CROWN
-    vertices are box corners, so a sign that shows only inside the box is looked for by the LP
-    dive of :func:`onnx_exact.milp.lp_dive`, which takes turns with the search and gets
+    vertices are box corners, so a sign that shows only inside the box is looked for by a
+    :data:`Dive` the caller supplies (the analysis gives the LP dive of
+    :func:`onnx_exact.solvers.lp_relaxation.lp_dive`), which takes turns with the search and gets
     :data:`DIVE_SHARE` of the time. It stops undecided at the node or time cap, or when an open
     node has every neuron split (its bound can then only be tightened by the LP tiers, which also
     have the cut pool and the intermediate bound constraints this bound lacks).
@@ -60,7 +61,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,14 +69,18 @@ import numpy as np
 from onnx_exact.core.box import Box
 from onnx_exact.core.directions import Direction, DirectionBook, DirectionResult, WitnessFeed
 from onnx_exact.core.network import Network
-from onnx_exact.core.verdicts import NeuronState
-from onnx_exact.solvers import lp_relaxation
+from onnx_exact.core.verdicts import TIERS, NeuronState, Tier
 
-METHOD = "crown-bab"
+METHOD = Tier.CROWN_BAB.value
 
-NODE_LIMIT = 20_000
-"""Nodes one direction may bound (times the tier's effort)."""
-TIME_LIMIT = 20.0
+Dive = Callable[[DirectionBook, int, float], Iterator[None]]
+"""A witness search that takes turns with the branch and bound of one direction: ``dive(book, j,
+deadline)`` is a generator, each ``next`` one step; it forward-passes its points through ``book``
+(refuting direction ``j`` there), proves nothing, and is closed when the search ends."""
+
+NODE_LIMIT = TIERS[Tier.CROWN_BAB].direction_nodes
+"""Nodes one direction may bound (times the tier's effort; the tier table's cap)."""
+TIME_LIMIT = TIERS[Tier.CROWN_BAB].direction_seconds
 """Seconds one direction may take (times the tier's effort).
 
 Why 20: MNIST 5x100 ℓ1 = 3e-4, third layer, neuron 22 (its maximum is about -2e-9) needs 8.6 s
@@ -423,15 +428,14 @@ def _branch_direction(
     net: Network,
     deadline: float,
     node_limit: int,
-    relaxation: lp_relaxation.LayerRelaxation | None,
+    dive: Dive | None,
 ) -> None:
     """Branch and bound for direction ``j`` of ``book`` (see the module docstring).
 
     The root is optimised from DeepPoly's slopes; if it does not settle the direction, the
-    best-first search runs, with the LP dive (:func:`onnx_exact.milp.lp_dive`, when the layer's
-    ``relaxation`` is given) taking turns with it at :data:`DIVE_SHARE` of the time: CROWN vertices
-    refute where the sign shows at a vertex, the dive's LP points where it shows only in a thin
-    region.
+    best-first search runs, with the ``dive`` (when given) taking turns with it at
+    :data:`DIVE_SHARE` of the time: CROWN vertices refute where the sign shows at a vertex, the
+    dive's points (LP optima, for the LP dive) where it shows only in a thin region.
     """
     direction = book.directions[j]
     layer = net.layers[direction.layer]
@@ -451,17 +455,13 @@ def _branch_direction(
     book.record_bound(j, float(bound[0]), METHOD, proved=bool(bound[0] <= -book.margins[j]))
     if book.status[j] != "undecided":
         return
-    dive = (
-        lp_relaxation.lp_dive(book, j, relaxation, deadline, METHOD)
-        if relaxation is not None
-        else None
-    )
+    steps = dive(book, j, deadline) if dive is not None else None
     try:
         start = _stored(root[0], alpha[0], multipliers[0], last.score[0], bound[0])
-        _best_first(book, j, sub, target, offset, start, deadline, node_limit, dive)
+        _best_first(book, j, sub, target, offset, start, deadline, node_limit, steps)
     finally:
-        if dive is not None:
-            dive.close()
+        if steps is not None:
+            steps.close()
 
 
 def _best_first(
@@ -575,18 +575,20 @@ def decide_directions(
     deadline: float,
     *,
     effort: float = 1.0,
-    relaxation: lp_relaxation.LayerRelaxation | None = None,
+    dive: Dive | None = None,
     feed: WitnessFeed | None = None,
+    time_limit: float | None = None,
+    node_limit: int | None = None,
 ) -> list[DirectionResult]:
     """Prove or refute sign directions of ``layer`` by CROWN branch and bound, one at a time.
 
-    Parameters are those of :func:`onnx_exact.milp.decide_directions`; ``effort`` multiplies the
-    per-direction caps :data:`NODE_LIMIT` and :data:`TIME_LIMIT` (the node cap is lowered so that
-    the open nodes, at most half of those bounded, fit in :data:`STORE_BYTES`). Every vertex
-    bounded on the way is forward-passed against all the given directions. With the layer's
-    ``relaxation`` (built over the same bounds and states), the LP dive
-    (:func:`onnx_exact.milp.lp_dive`) takes turns with each search; without it, only CROWN
-    vertices can refute.
+    Parameters are those of :func:`onnx_exact.solvers.exact_tiers.decide_directions`; ``effort``
+    multiplies the per-direction caps ``node_limit`` and ``time_limit`` (default
+    :data:`NODE_LIMIT` and :data:`TIME_LIMIT`; the node cap is lowered so that the open nodes, at
+    most half of those bounded, fit in :data:`STORE_BYTES`). Every vertex bounded on the way is
+    forward-passed against all the given directions. With a ``dive`` (the analysis passes the
+    LP dive over the layer's relaxation), it takes turns with each search; without one, only
+    CROWN vertices can refute.
     """
     book = DirectionBook(net, layer, directions, margins, feed)
     if not directions or time.monotonic() >= deadline:
@@ -594,12 +596,14 @@ def decide_directions(
     sub = SubNetwork.below(net, box, bounds, states, layer)
     book.absorb(box.center[None, :], METHOD)
     per_node = sub.count * (1 + 4 + 4) + 2 * sub.neurons * 4  # phase, α, score, multipliers
-    node_limit = min(int(NODE_LIMIT * effort), 2 * STORE_BYTES // max(per_node, 1))
+    nodes = NODE_LIMIT if node_limit is None else node_limit
+    seconds = TIME_LIMIT if time_limit is None else time_limit
+    node_cap = min(int(nodes * effort), 2 * STORE_BYTES // max(per_node, 1))
     for j in book.open():
         if book.status[j] != "undecided":
             continue
         if time.monotonic() >= deadline:
             break
-        cap = min(deadline, time.monotonic() + TIME_LIMIT * effort)
-        _branch_direction(book, j, sub, net, cap, node_limit, relaxation)
+        cap = min(deadline, time.monotonic() + seconds * effort)
+        _branch_direction(book, j, sub, net, cap, node_cap, dive)
     return book.results((METHOD,))

@@ -1,11 +1,150 @@
-"""What the analysis establishes per neuron, and the result it hands to reduce, report and check."""
+"""What the analysis establishes per neuron, the tiers that establish it, and the result it hands
+to reduce, report and check."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 import numpy as np
+
+
+class _Name(str, Enum):
+    """A name that is also its string: ``"milp" == Tier.MILP`` and ``f"{Tier.MILP}" == "milp"``.
+
+    Reports, JSON and the ``decided_by`` arrays hold the plain strings; the Enum only names them.
+    """
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self, spec)
+
+
+class ProofStatus(_Name):
+    """The state of one sign direction of one neuron."""
+
+    PROVED = "proved"  # a sound bound clears zero by the margin
+    REFUTED = "refuted"  # a float64 forward pass showed the sign strictly
+    UNDECIDED = "undecided"  # neither (yet)
+
+
+class Tier(_Name):
+    """The tiers of the stability analysis, by the name ``decided_by`` and timings carry.
+
+    ``cuts`` is the tier's name (``analyze_stability(tiers=...)``); what it settles is credited
+    to ``lp+cuts`` (:attr:`TierSpec.credit`).
+    """
+
+    WITNESS = "witness"
+    INTERVAL = "interval"
+    SYMBOLIC = "symbolic"
+    ASCENT = "ascent"
+    SPLIT = "split"
+    ALPHA_CROWN = "alpha-crown"
+    LP = "lp"
+    CUTS = "cuts"
+    PROBE = "probe"
+    CROWN_BAB = "crown-bab"
+    ATTACK = "attack"
+    BAB = "bab"
+    MILP = "milp"
+    SUBDIVIDE = "subdivide"
+    ISA = "isa"
+    PER_NEURON = "per-neuron"
+    LINEAR = "linear"
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One row of :data:`TIERS`: what the schedule needs to know about a tier.
+
+    order : rank in the cheapest-first order; an UNSTABLE neuron is credited to the costlier
+        (higher order) of the two tiers that refuted its directions.
+    solver : selectable in ``analyze_stability(tiers=...)``; the selected ones run in this order.
+    retried : run again on the directions still open, at growing effort, under a time limit.
+    attacked_before : the attack tier runs on a layer's open directions just before it.
+    probed_before : the probe (one short attack round) runs once before it, first pass only.
+    background : a background attack may start beside it (``jobs >= 2``).
+    direction_seconds, direction_nodes : per-direction caps at effort 1 (None: no such cap);
+        the solver modules read them (``relu_bab.TIME_LIMIT``, ``exact_tiers.BAB_TIME_LIMIT``, ...).
+    credit : the name its verdicts carry in ``decided_by`` (the tier's own name but for ``cuts``).
+    """
+
+    tier: Tier
+    order: int
+    solver: bool = False
+    retried: bool = False
+    attacked_before: bool = False
+    probed_before: bool = False
+    background: bool = False
+    direction_seconds: float | None = None
+    direction_nodes: int | None = None
+    credit: str = ""
+
+    @property
+    def name(self) -> str:
+        """The name ``decided_by`` carries for what this tier settles."""
+        return self.credit or self.tier.value
+
+
+_T = Tier
+TIERS: dict[Tier, TierSpec] = {
+    spec.tier: spec
+    for spec in (
+        TierSpec(_T.WITNESS, 0),
+        TierSpec(_T.INTERVAL, 0),
+        TierSpec(_T.LINEAR, 0),
+        TierSpec(_T.SYMBOLIC, 1),
+        TierSpec(_T.ASCENT, 2),
+        TierSpec(_T.SPLIT, 3, solver=True),
+        TierSpec(_T.ALPHA_CROWN, 4),
+        TierSpec(_T.LP, 5, solver=True),
+        TierSpec(_T.CUTS, 6, solver=True, credit="lp+cuts"),
+        TierSpec(_T.PROBE, 7),
+        TierSpec(
+            _T.CROWN_BAB,
+            8,
+            solver=True,
+            retried=True,
+            probed_before=True,
+            background=True,
+            direction_seconds=20.0,  # CROWN branch and bound: thousands of nodes a second
+            direction_nodes=20_000,
+        ),
+        TierSpec(_T.ATTACK, 9),
+        TierSpec(
+            _T.BAB,
+            10,
+            solver=True,
+            retried=True,
+            attacked_before=True,
+            background=True,
+            direction_seconds=20.0,  # LP branch and bound: an LP per node
+            direction_nodes=2000,
+        ),
+        TierSpec(
+            _T.MILP,
+            11,
+            solver=True,
+            retried=True,
+            attacked_before=True,
+            background=True,
+            direction_seconds=60.0,  # one decision MILP per direction
+        ),
+        TierSpec(_T.SUBDIVIDE, 12, solver=True, retried=True, attacked_before=True),
+        TierSpec(_T.ISA, 13),
+        TierSpec(_T.PER_NEURON, 14),
+    )
+}
+"""Every tier, one row each (see :class:`TierSpec`)."""
+
+SOLVER_TIERS: tuple[str, ...] = tuple(spec.tier.value for spec in TIERS.values() if spec.solver)
+"""The exact tiers ``analyze_stability(tiers=...)`` selects from, in the order they run."""
+
+CREDIT_ORDER: dict[str, int] = {spec.name: spec.order for spec in TIERS.values()}
+"""Rank of every ``decided_by`` name (the cheapest-first order of the tiers)."""
 
 
 class NeuronState(IntEnum):

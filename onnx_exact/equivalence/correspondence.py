@@ -50,7 +50,8 @@ from onnx_exact.core.verdicts import LayerStability, NeuronState, StabilityResul
 from onnx_exact.equivalence.canonical import Canonical
 from onnx_exact.search.witness import first_layer_extremes, observe, sample_inputs
 from onnx_exact.solvers import exact_tiers, lp_relaxation
-from onnx_exact.stability.analysis import FLOAT_MARGIN, neuron_scale, solver_margins
+from onnx_exact.stability.policy import FLOAT_MARGIN, neuron_scale, solver_margins
+from onnx_exact.stability.tiers import lp_dive_for
 
 METHODS = ("matched", "stable-units", "milp")
 """How a direction was proved, from the cheapest to the costliest (see the module docstring)."""
@@ -319,7 +320,7 @@ class _TargetLayer:
                 )
             common = (self.net, self.box, self.bounds, self.below, k, directions, margins, deadline)
             if tier == "crown-bab":
-                results = relu_bab.decide_directions(*common, relaxation=relaxation)
+                results = relu_bab.decide_directions(*common, dive=lp_dive_for(relaxation))
             else:
                 results = exact_tiers.decide_directions(
                     *common, tiers=tier, jobs=jobs, relaxation=relaxation
