@@ -29,6 +29,7 @@ from onnx_exact.core.errors import (
     VerificationError,
 )
 from onnx_exact.core.network import Network
+from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL
 from onnx_exact.core.verdicts import StabilityResult
 from onnx_exact.equivalence.check import CheckReport, check_equivalence
 from onnx_exact.io.domain_sources import (
@@ -53,7 +54,6 @@ from onnx_exact.report import RunReport, summarize_layers
 from onnx_exact.resources import check_memory, memory_shortfall_note
 from onnx_exact.stability import analyze_stability
 from onnx_exact.verify import (
-    DEFAULT_ATOL,
     ROUNDOFF_FACTOR,
     compare_models,
     measured_roundoff,
@@ -294,7 +294,7 @@ def compress(
     *,
     samples: int = 2000,
     atol: float | dict[str, float] | None = None,
-    rtol: float | dict[str, float] = 1e-5,
+    rtol: float | dict[str, float] = DEFAULT_RTOL,
     prove: bool = False,
     progress: ProgressCallback | None = None,
 ) -> CompressResult:
@@ -459,8 +459,8 @@ def check(
     candidate: str | os.PathLike | onnx.ModelProto,
     domain: DomainSpec | None = None,
     *,
-    atol: float | dict[str, float] = 1e-5,
-    rtol: float | dict[str, float] = 1e-5,
+    atol: float | dict[str, float] = DEFAULT_ATOL,
+    rtol: float | dict[str, float] = DEFAULT_RTOL,
     samples: int = 10_000,
     seed: int = 0,
     prove: bool = True,

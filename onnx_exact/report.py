@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnx_exact.core.network import Network
+from onnx_exact.core.tolerance import format_tolerance
 from onnx_exact.core.verdicts import NeuronState, StabilityResult
 from onnx_exact.equivalence.check import ProofResult, proof_verdict
 from onnx_exact.reduce import Reduction
@@ -326,7 +327,7 @@ def render(report: RunReport, console: Console) -> None:
         console.print(
             f"verification {verdict}: {v.samples} inputs (box samples, corners, witnesses), "
             f"max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g} "
-            f"(atol {_format_tolerance(v.atol, names)}, rtol {_format_tolerance(v.rtol, names)})"
+            f"(atol {format_tolerance(v.atol, names)}, rtol {format_tolerance(v.rtol, names)})"
         )
         for o in v.outputs:
             status = "PASSED" if o.passed else "FAILED"
@@ -345,17 +346,3 @@ def _tally(counts: Counter[str]) -> str:
     if not counts:
         return "none"
     return ", ".join(f"{name} {count}" for name, count in counts.most_common())
-
-
-def _format_tolerance(tolerance: float | dict[str, float], outputs: list[str]) -> str:
-    """A tolerance as the user reads it: ``1e-05``, or ``logits 7.52e-05`` per output.
-
-    A ``{output: value}`` tolerance may carry a default under ``""`` for outputs it does not
-    name; it is shown (as ``others``) only when some output falls back to it.
-    """
-    if not isinstance(tolerance, dict):
-        return f"{tolerance:.3g}"
-    parts = [f"{name} {value:.3g}" for name, value in tolerance.items() if name]
-    if "" in tolerance and any(name not in tolerance for name in outputs):
-        parts.append(f"others {tolerance['']:.3g}")
-    return ", ".join(parts)

@@ -32,6 +32,7 @@ import onnxruntime as ort
 from onnx_exact.core.box import Box
 from onnx_exact.core.errors import UnsupportedModelError, UsageError, VerificationError
 from onnx_exact.core.network import Network
+from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL, tolerance_for
 from onnx_exact.io.domain_sources import InputLayout
 from onnx_exact.io.onnx_reader import ReadResult
 from onnx_exact.io.staging import is_large, stage_model
@@ -387,17 +388,6 @@ def _cast_inside(x: np.ndarray, box: Box, dtype: np.dtype) -> np.ndarray:
 # ----------------------------------------------------------------------------- statistics
 
 
-def _tolerance(value: float | Mapping[str, float], name: str, default: float) -> float:
-    """Per-output tolerance (Polygraphy style): the output's entry, else ``""``/``"*"``, else
-    ``default``."""
-    if isinstance(value, Mapping):
-        for key in (name, "", "*"):
-            if key in value:
-                return float(value[key])
-        return default
-    return float(value)
-
-
 class _OutputStats:
     """Running comparison of one output over the chunks (all reductions vectorised per chunk)."""
 
@@ -489,8 +479,8 @@ def compare_models(
     extra_inputs: np.ndarray | None = None,
     samples: int = 2000,
     seed: int = 0,
-    atol: float | dict[str, float] = 1e-5,
-    rtol: float | dict[str, float] = 1e-5,
+    atol: float | dict[str, float] = DEFAULT_ATOL,
+    rtol: float | dict[str, float] = DEFAULT_RTOL,
 ) -> EquivalenceReport:
     """Compare every output of ``candidate`` with ``reference`` on inputs drawn from ``box``.
 
@@ -503,7 +493,8 @@ def compare_models(
     samples : random inputs: a tenth each of Bernoulli(0.1/0.5/0.9) corners, the rest uniform.
     seed : makes the inputs reproducible.
     atol, rtol : Polygraphy tolerances, a number or ``{output name: value}`` with an optional
-        default under ``""`` (else 1e-5).
+        default under ``""`` (else ``DEFAULT_ATOL``/``DEFAULT_RTOL``: see
+        :mod:`onnx_exact.core.tolerance`).
 
     Raises
     ------
@@ -537,8 +528,8 @@ def compare_models(
         name: _OutputStats(
             name,
             exact=kind not in _FLOAT_TENSOR_TYPES and not kind.startswith("seq(map("),
-            atol=_tolerance(atol, name, 1e-5),
-            rtol=_tolerance(rtol, name, 1e-5),
+            atol=tolerance_for(atol, name, DEFAULT_ATOL),
+            rtol=tolerance_for(rtol, name, DEFAULT_RTOL),
         )
         for name, kind in reference_outputs.items()
     }
@@ -579,11 +570,9 @@ def compare_models(
     )
 
 
-DEFAULT_ATOL = 1e-5
-
-
 ROUNDOFF_FACTOR = 4.0
-"""Default verification atol = max(1e-5, this × the input model's own measured float round-off)."""
+"""Default verification atol = max(DEFAULT_ATOL, this × the input model's own measured float
+round-off)."""
 
 
 ROUNDOFF_SAMPLES = 512

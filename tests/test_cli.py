@@ -137,11 +137,11 @@ def test_command_line_runs_without_click_installed(tmp_path):
 
 
 def test_tolerances_read_per_output_with_the_default_only_where_used():
-    from onnx_exact.report import _format_tolerance
+    from onnx_exact.core.tolerance import format_tolerance
 
-    assert _format_tolerance(1e-05, ["y"]) == "1e-05"
-    assert _format_tolerance({"y": 7.519e-05, "": 1e-05}, ["y"]) == "y 7.52e-05"
-    both = _format_tolerance({"y": 7.519e-05, "": 1e-05}, ["y", "z"])
+    assert format_tolerance(1e-05, ["y"]) == "1e-05"
+    assert format_tolerance({"y": 7.519e-05, "": 1e-05}, ["y"]) == "y 7.52e-05"
+    both = format_tolerance({"y": 7.519e-05, "": 1e-05}, ["y", "z"])
     assert both == "y 7.52e-05, others 1e-05"
 
 

@@ -51,6 +51,7 @@ import onnx
 from onnx_exact.core.box import Box
 from onnx_exact.core.errors import OnnxExactError, UsageError
 from onnx_exact.core.network import Network
+from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL, tolerance_for
 from onnx_exact.core.verdicts import StabilityResult
 from onnx_exact.equivalence.canonical import Canonical, gamma
 from onnx_exact.equivalence.correspondence import (
@@ -63,7 +64,6 @@ from onnx_exact.equivalence.correspondence import (
 from onnx_exact.equivalence.proof import Counterexample, DirectionBound, milp_tier
 from onnx_exact.equivalence.render import proof_verdict as proof_verdict  # re-exported: cli, report
 from onnx_exact.equivalence.render import render_check as render_check
-from onnx_exact.equivalence.render import tolerance_of
 from onnx_exact.io.domain_sources import InputLayout, model_input_dims
 from onnx_exact.io.onnx_reader import ReadResult, read_model
 from onnx_exact.io.save import numpy_save_path, write_file_atomic
@@ -667,8 +667,8 @@ def check_equivalence(
     b: ModelSource,
     box: Box,
     *,
-    atol: float | dict[str, float] = 1e-5,
-    rtol: float | dict[str, float] = 1e-5,
+    atol: float | dict[str, float] = DEFAULT_ATOL,
+    rtol: float | dict[str, float] = DEFAULT_RTOL,
     samples: int = 10_000,
     seed: int = 0,
     prove: bool = True,
@@ -764,11 +764,11 @@ def _prove_models(
 ) -> ProofResult:
     """The proof on two read models: tolerance, replay in onnxruntime, notes about tails."""
     if read_a is None or read_b is None:
-        return ProofResult("not applicable", tolerance_of(atol, ""), np.inf, notes=[why_not])
+        return ProofResult("not applicable", tolerance_for(atol, ""), np.inf, notes=[why_not])
     net_a, net_b = read_a.network, read_b.network
     end_a, end_b = read_a.binding.output_tensor, read_b.binding.output_tensor
     graph_outputs = [o.name for o in read_a.model.graph.output]
-    tol = tolerance_of(atol, end_a)
+    tol = tolerance_for(atol, end_a)
     notes = []
     same_tensor = end_a in graph_outputs and end_b in {o.name for o in read_b.model.graph.output}
     if same_tensor:
@@ -779,7 +779,7 @@ def _prove_models(
             "them are not part of it"
         )
         replay_outputs = [o.name for o in sampled.outputs]
-        replay_tols = [tolerance_of(atol, name) for name in replay_outputs]
+        replay_tols = [tolerance_for(atol, name) for name in replay_outputs]
     replay = _onnx_replay(
         _runnable(read_a), _runnable(read_b), replay_outputs, replay_tols, same_tensor
     )
@@ -818,7 +818,7 @@ def _judge_roundoff(
     the whole box, so whatever onnxruntime shows beyond that on the proved output is float
     evaluation error: ``|a - b| <= |a - f_A| + |f_A - f_B| + |f_B - b|``. Two exports of one
     function (folded BN, rescaled units, compress's own output) evaluated in float32 differ by
-    up to the sum of their errors, which exceeds the default ``atol = 1e-5`` once the hidden
+    up to the sum of their errors, which exceeds the default ``atol`` (``DEFAULT_ATOL``) once the hidden
     values reach ~10. As ``compress`` judges its own output (:func:`onnx_exact.pipeline.
     model_roundoff`), that output's atol is raised to ``ROUNDOFF_FACTOR * (r_A + r_B)``, with
     ``r`` each model's measured ``max |f_onnxruntime - f_float64|``, and the samples are judged
@@ -841,12 +841,12 @@ def _judge_roundoff(
     if any(end not in error for error in errors):
         return
     roundoff = errors[0][end] + errors[1][end]
-    atol = max(tolerance_of(sampled.atol, end), ROUNDOFF_FACTOR * roundoff)
+    atol = max(tolerance_for(sampled.atol, end), ROUNDOFF_FACTOR * roundoff)
     if not (np.isfinite(atol) and all(out.required_atol <= atol for out in failing)):
         return
     for out in failing:
         out.passed, out.mismatched_elements = True, 0
-    default = tolerance_of(sampled.atol, "")
+    default = tolerance_for(sampled.atol, "")
     given = sampled.atol if isinstance(sampled.atol, dict) else {"": default}
     sampled.atol = {**given, end: atol}
     sampled.passed = all(out.passed for out in sampled.outputs)

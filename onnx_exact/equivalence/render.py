@@ -8,15 +8,10 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL, tolerance_for
+
 if TYPE_CHECKING:
     from onnx_exact.equivalence.check import CheckReport, ProofResult
-
-
-def tolerance_of(value: float | dict[str, float], name: str) -> float:
-    """Polygraphy-style lookup: the output's entry, else the default under ``""``, else 1e-5."""
-    if isinstance(value, dict):
-        return float(value.get(name, value.get("", value.get("*", 1e-5))))
-    return float(value)
 
 
 NOT_PROVED_LINE = "[yellow]NOT PROVED (sampled equal)[/yellow]"
@@ -40,8 +35,8 @@ def render_check(report: CheckReport, console: Console) -> None:
         )
     console.print(table)
     for out in sampled.outputs:
-        atol = tolerance_of(sampled.atol, out.name)
-        rtol = tolerance_of(sampled.rtol, out.name)
+        atol = tolerance_for(sampled.atol, out.name, DEFAULT_ATOL)
+        rtol = tolerance_for(sampled.rtol, out.name, DEFAULT_RTOL)
         if out.passed:
             console.print(
                 f"[green]PASSED[/green] | Output: {out.name!r} | Difference is within tolerance "
