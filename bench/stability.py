@@ -103,7 +103,7 @@ PAPER_TIMES = {
 """The paper's published times (Gurobi 9.1, i7-4790) for the same architecture, from method.md."""
 
 TIME_TARGETS_S = {"2x100": 1.0, "2x200": 1.0, "2x400": 1.0, "2x800": 5.0, "5x100": 5.0}
-"""Issue 4 targets for ``auto`` on the full [0,1] box, per zoo architecture."""
+"""Time targets for ``auto`` on the full [0,1] box, per zoo architecture."""
 
 CASE_TARGET_S = 600.0
 ZOO_SPEEDUP_TARGET = 100.0
@@ -650,7 +650,7 @@ def median_value(results: list[CaseResult], kinds: tuple[str, ...], method: str)
 
 
 def targets(results: list[CaseResult]) -> list[tuple[str, str, str]]:
-    """(target, status, evidence) for each target of issue 4 that this run measured.
+    """(target, status, evidence) for each of the project's targets that this run measured.
 
     A speed-up median that includes capped baselines is a lower bound: it can show a target met,
     but below the target it is only inconclusive.
@@ -775,6 +775,16 @@ def engine_commit() -> str:
         return "unknown (not a git checkout)"
 
 
+@functools.cache
+def start_load() -> str:
+    """The load average (1/5/15 min) when the run started: other work on the machine slows the
+    timings, never the labels. Cached from :func:`main`'s first call, like the commit."""
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def markdown_section(
     results: list[CaseResult],
     args: argparse.Namespace,
@@ -795,7 +805,8 @@ def markdown_section(
         f"### Run `{args.section}`: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
         f"- Command: `python bench/stability.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"- Machine: {machine_description()}; engine at commit {engine_commit()}",
+        f"- Machine: {machine_description()}; engine at commit {engine_commit()}; load "
+        f"average {start_load()} at the start",
         f"- Caps: auto {args.time_limit:.0f} s per case, baselines (isa, per-neuron) "
         f"{args.baseline_cap:.0f} s per case; `--jobs {args.jobs}`, seed {args.seed}; "
         f"{len(results)} cases in {elapsed / 60:.1f} min. {progress}".rstrip(),
@@ -821,7 +832,7 @@ def markdown_section(
             f"| {label} | {median_ratio(results, kinds, 'isa')} "
             f"| {median_ratio(results, kinds, 'per-neuron')} |"
         )
-    lines += ["", "Targets (issue 4):", "", "| target | status | evidence |", "|---|---|---|"]
+    lines += ["", "Targets:", "", "| target | status | evidence |", "|---|---|---|"]
     lines += [row(list(target)) for target in targets(results)]
     findings = []
     for result in results:
@@ -962,6 +973,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     engine_commit()
+    start_load()
     console = Console(width=None if sys.stdout.isatty() else 200)
     cases, skipped = select_cases(args)
     if skipped:

@@ -107,6 +107,7 @@ def test_bench_runs_one_case_and_writes_its_section(tmp_path: Path) -> None:
     stable = int(record["stable found (auto)"].split()[0])
     assert stable >= 3  # the ±4 and ±9 biases alone make four neurons stable
     assert "| every neuron decided (0 undecided) within 600 s, every case | met |" in section
+    assert "engine at commit " in section and "load average " in section  # what the times mean
 
 
 def test_markdown_sections_are_replaced_in_place(tmp_path: Path) -> None:
@@ -157,3 +158,17 @@ def test_open_neurons_of_finished_runs_are_reported_with_autos_verdict() -> None
     (finding,) = bench.open_without_time_limit(runs)
     assert finding.startswith("isa left layer 0 (relu0) neuron 1 UNDECIDED")
     assert finding.endswith("auto: ACTIVE by 'lp'")
+
+
+def test_the_benchmark_docs_keep_one_well_formed_section_per_run() -> None:
+    """``write_markdown`` replaces a section only between its own two markers: each must appear
+    once, start before end, with no other section's marker inside."""
+    import re
+
+    text = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    markers = re.findall(r"<!-- bench:([\w.-]+):(start|end) -->", text)
+    assert markers and len(markers) % 2 == 0
+    for (name, kind), (other, other_kind) in zip(markers[::2], markers[1::2], strict=True):
+        assert (kind, other_kind, other) == ("start", "end", name), name
+    names = [name for name, kind in markers if kind == "start"]
+    assert len(names) == len(set(names)), names
