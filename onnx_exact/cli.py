@@ -39,16 +39,15 @@ from onnx_exact.progress import progress_display
 from onnx_exact.version import __version__
 
 if TYPE_CHECKING:  # imported on first use by _load_runtime (see there)
-    from onnx_exact.equivalence.check import ProofResult, render_check
-    from onnx_exact.equivalence.render import NOT_PROVED_LINE
+    from onnx_exact.equivalence.render import NOT_PROVED_LINE, render_check
+    from onnx_exact.equivalence.results import ProofResult
     from onnx_exact.io.save import numpy_save_path, plan_run_paths, write_file_atomic
     from onnx_exact.pipeline import AnalysisOptions, DomainSpec, analyze, check, compress
     from onnx_exact.report import json_header, make_console, render
     from onnx_exact.resources import parse_memory_size
 
 _RUNTIME = {
-    "equivalence.render": ("NOT_PROVED_LINE",),
-    "equivalence.check": ("render_check",),
+    "equivalence.render": ("NOT_PROVED_LINE", "render_check"),
     "io.save": ("numpy_save_path", "plan_run_paths", "write_file_atomic"),
     "pipeline": (
         "AnalysisOptions",

@@ -31,7 +31,8 @@ from onnx_exact.core.errors import (
 from onnx_exact.core.network import Network
 from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL
 from onnx_exact.core.verdicts import StabilityResult
-from onnx_exact.equivalence.check import CheckReport, check_equivalence
+from onnx_exact.equivalence.check import check_equivalence
+from onnx_exact.equivalence.results import CheckReport
 from onnx_exact.io.domain_sources import (
     InputLayout,
     domain_metadata,

@@ -25,7 +25,8 @@ from rich.table import Table
 from onnx_exact.core.network import Network
 from onnx_exact.core.tolerance import format_tolerance
 from onnx_exact.core.verdicts import NeuronState, StabilityResult
-from onnx_exact.equivalence.check import ProofResult, proof_verdict
+from onnx_exact.equivalence.render import proof_verdict
+from onnx_exact.equivalence.results import ProofResult
 from onnx_exact.reduce import Reduction
 from onnx_exact.verify import EquivalenceReport
 from onnx_exact.version import __version__

@@ -17,12 +17,14 @@ from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.core.verdicts import NeuronState
 from onnx_exact.equivalence.canonical import Canonical
-from onnx_exact.equivalence.check import check_equivalence, prove_equivalence, render_check
+from onnx_exact.equivalence.check import check_equivalence
 from onnx_exact.equivalence.correspondence import (
     correspondence_of,
     prove_units_stable,
     quick_stability,
 )
+from onnx_exact.equivalence.prover import prove_equivalence
+from onnx_exact.equivalence.render import render_check
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.stability import analyze_stability
 

@@ -12,12 +12,10 @@ from rich.console import Console
 
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
-from onnx_exact.equivalence.check import (
-    CheckReport,
-    check_equivalence,
-    prove_equivalence,
-    render_check,
-)
+from onnx_exact.equivalence.check import check_equivalence
+from onnx_exact.equivalence.prover import prove_equivalence
+from onnx_exact.equivalence.render import render_check
+from onnx_exact.equivalence.results import CheckReport
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.pipeline import AnalysisOptions, DomainSpec, compress
 from onnx_exact.verify import compare_models, run_model

@@ -3,9 +3,9 @@
 Semantics are Polygraphy's: two outputs ``a`` (reference) and ``b`` agree element-wise when
 ``|a - b| <= atol + rtol * |a|`` (see :mod:`onnx_exact.verify`). A tolerance is one number for every
 output, or ``{output name: number}`` with the value for outputs it does not name under ``""``
-(``"*"`` is read as well). On the command line each ``--atol``/``--rtol`` value is ``1e-4`` (every
-output) or ``name:1e-4`` (one output, split at the *last* colon so names may contain colons); several
-may be given. The proof of ``check`` is absolute: it uses ``atol`` of the output it bounds.
+(``"*"`` is read as well). On the command line each ``--atol``/``--rtol`` value is ``1e-4``
+(every output) or ``name:1e-4`` (one output, split at the *last* colon so names may contain
+colons); several may be given. The proof of ``check`` is absolute: it uses ``atol`` of the output it bounds.
 """
 
 from __future__ import annotations

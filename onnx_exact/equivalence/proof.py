@@ -1,16 +1,17 @@
 """The product MILP of two networks over their canonical form: the last tier of a proof.
 
-One HiGHS model over ``V`` (:mod:`onnx_exact.canonical`) serves every output and sign: ``x`` in the
-box; per free neuron ``u`` a column ``y_u`` in its proved bounds ``[L_u, U_u]`` with the row
-``y_u - e_u . V`` in ``[c_u - err_u, c_u + err_u]`` (a relaxation of the true network point) and the
-big-M ReLU ``h_u = relu(y_u)`` with one binary (:func:`onnx_exact.milp.relu_rows`); shared and
-stable neurons need no column and no binary. Per output and sign (largest symbolic bound first),
-the decision MILP minimises ``-sign d . V`` with cutoff ``sign d0 + err + slack - tol`` (a pruned
-search proves ``max sign Delta <= tol``) and target ``sign d0 - tol - slack`` (stop at a likely
-violation). The slack ``1e-9 (|d| . |V|max + |d0| + 1)`` covers the solver's feasibility
-tolerance (1e-9 here), the policy of :mod:`onnx_exact.milp`; MILP dual bounds are not certifiable
-beyond it. Outputs whose error floor ``err + slack`` reaches ``tol`` are not sent to the MILP (it
-could not prove them, and the widened rows admit spurious violations).
+One HiGHS model over ``V`` (:mod:`onnx_exact.equivalence.canonical`) serves every output and sign:
+``x`` in the box; per free neuron ``u`` a column ``y_u`` in its proved bounds ``[L_u, U_u]`` with
+the row ``y_u - e_u . V`` in ``[c_u - err_u, c_u + err_u]`` (a relaxation of the true network point)
+and the big-M ReLU ``h_u = relu(y_u)`` with one binary
+(:func:`onnx_exact.solvers.milp_encoding.relu_rows`); shared and stable neurons need no column and
+no binary. Per output and sign (largest symbolic bound first), the decision MILP minimises ``-sign d
+. V`` with cutoff ``sign d0 + err + slack - tol`` (a pruned search proves ``max sign Delta <= tol``)
+and target ``sign d0 - tol - slack`` (stop at a likely violation). The slack ``1e-9 (|d| . |V|max +
+|d0| + 1)`` covers the solver's feasibility tolerance (1e-9 here), the policy of
+:mod:`onnx_exact.solvers`; MILP dual bounds are not certifiable beyond it. Outputs whose error floor
+``err + slack`` reaches ``tol`` are not sent to the MILP (it could not prove them, and the widened
+rows admit spurious violations).
 
 The per-direction MILPs are independent: with ``jobs > 1`` they run in the run's shared worker
 pool (:func:`onnx_exact.parallel.worker_pool`), each worker building the model once per proof.
@@ -28,7 +29,6 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass, field
 
-import highspy
 import numpy as np
 
 from onnx_exact import parallel
@@ -38,8 +38,8 @@ from onnx_exact.solvers import highs_model, milp_encoding
 PROOF_FEASIBILITY_TOLERANCE = 1e-9
 """Primal and MIP feasibility tolerance of the proof MILP; the basis of its slack."""
 
-INF = highspy.kHighsInf
-_MODEL_STATUS = highspy.HighsModelStatus
+INF = highs_model.INF
+_MODEL_STATUS = highs_model.MODEL_STATUS
 
 
 @dataclass
@@ -47,7 +47,7 @@ class DirectionBound:
     """The proof's answer for one output coordinate and sign: ``max sign * (f_A - f_B)``.
 
     ``bound`` is a proved upper bound (``inf`` if none); ``tier`` the method that gave it
-    ("matched", "stable-units", "milp": see :mod:`onnx_exact.correspondence`); ``status`` is
+    ("matched", "stable-units", "milp": see :mod:`onnx_exact.equivalence.correspondence`); ``status`` is
     "proved" (``bound <= tol``), "violated" (a replayed counterexample) or "open".
     """
 
@@ -140,7 +140,7 @@ class ProofModel:
         target: float,
         time_limit: float,
         start: np.ndarray | None,
-    ) -> tuple[float, list[np.ndarray], highspy.HighsModelStatus]:
+    ) -> tuple[float, list[np.ndarray], highs_model.MODEL_STATUS]:
         """Minimise ``costs . V``; return (lower bound, inputs of every incumbent, status).
 
         Decide from the bound, not the status: an infeasible run (everything pruned by the cutoff)

@@ -11,7 +11,7 @@ from rich.table import Table
 from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL, tolerance_for
 
 if TYPE_CHECKING:
-    from onnx_exact.equivalence.check import CheckReport, ProofResult
+    from onnx_exact.equivalence.results import CheckReport, ProofResult
 
 
 NOT_PROVED_LINE = "[yellow]NOT PROVED (sampled equal)[/yellow]"

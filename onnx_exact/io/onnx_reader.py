@@ -85,6 +85,10 @@ class ReadResult:
     external_tensors: frozenset[str] = frozenset()
 
 
+ModelSource = str | os.PathLike | onnx.ModelProto | ReadResult
+"""A model as the commands take it: a path, a loaded proto, or the result of :func:`read_model`."""
+
+
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
     """Load an ONNX model and extract its ReLU MLP.
 
