@@ -8,6 +8,10 @@ The bad fixtures must fail where they say they do.
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -112,3 +116,53 @@ def test_bad_fixtures_fail_where_they_say(name):
 
 def _input_dims(model: onnx.ModelProto):
     return list(model.graph.input[0].type.tensor_type.shape.dim)[1:]
+
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+CNN_MODELS = sorted(MODELS_DIR.glob("mnist_cnn_l1_*.onnx"))
+
+
+def test_both_mnist_cnns_are_committed():
+    assert [path.name for path in CNN_MODELS] == ["mnist_cnn_l1_0.onnx", "mnist_cnn_l1_2e-3.onnx"]
+
+
+@pytest.mark.parametrize("path", CNN_MODELS, ids=lambda path: path.stem)
+def test_mnist_cnn_is_small_valid_and_reproduced_by_the_operators(path):
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(MODELS_DIR))
+    import train
+
+    assert path.stat().st_size < 1_000_000
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    assert [node.op_type for node in model.graph.node] == [
+        "Conv", "Relu", "Conv", "Relu", "Flatten", "Gemm", "Relu", "Gemm",
+    ]  # fmt: skip
+    meta = {prop.key: prop.value for prop in model.metadata_props}
+    assert json.loads(meta["onnx_exact.domain.pixels"]) == {"lower": 0.0, "upper": 1.0}
+    operators = train.cnn_operators(model)
+    x = np.random.default_rng(0).random((16, 784))
+    h = x
+    for op in operators[:-1]:
+        h = np.maximum(op.forward(h), 0.0)
+    expected = operators[-1].forward(h)
+    got = run_onnxruntime(model, x, (1, 28, 28))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.max(np.abs(expected)))
+    assert 0.85 < float(meta["onnx_exact.train.heldout_accuracy"]) <= 1.0
+
+
+def test_cnn_training_is_deterministic_and_l1_shrinks_the_weights():
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(MODELS_DIR))
+    import train
+
+    rng = np.random.default_rng(0)
+    images = rng.random((256, 784), dtype=np.float32)
+    labels = rng.integers(0, 10, 256)
+    first = train.train_cnn(1e-2, images, labels, epochs=1, seed=3)
+    second = train.train_cnn(1e-2, images, labels, epochs=1, seed=3)
+    plain = train.train_cnn(0.0, images, labels, epochs=1, seed=3)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert float(train.cnn_l1_penalty(first)) < float(train.cnn_l1_penalty(plain))
