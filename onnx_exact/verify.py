@@ -366,7 +366,7 @@ def verification_inputs(
         yield lower + rng.random((m, box.size)) * (upper - lower)
 
 
-def _cast_inside(x: np.ndarray, box: Box, dtype: np.dtype) -> np.ndarray:
+def cast_inside(x: np.ndarray, box: Box, dtype: np.dtype) -> np.ndarray:
     """``x`` in ``dtype``, rounded toward the inside of the box where rounding left it.
 
     Nearest rounding can put a float32 value just past a bound that is not a float32 number;
@@ -535,7 +535,7 @@ def compare_models(
     }
     offset = 0
     for chunk in verification_inputs(box, extra_inputs, samples, seed):
-        fed = _cast_inside(chunk, box, reference_feed.dtype)
+        fed = cast_inside(chunk, box, reference_feed.dtype)
         reference_values = _run_chunk(reference_session, reference_feed, fed)
         candidate_values = _run_chunk(
             candidate_session, candidate_feed, fed.astype(candidate_feed.dtype)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_exact.core.box import Box
 from onnx_exact.core.errors import UsageError, VerificationError
 from onnx_exact.verify import (
-    _cast_inside,
+    cast_inside,
     compare_models,
     onnxruntime_session,
     run_model,
@@ -233,7 +233,7 @@ def test_extra_inputs_of_the_wrong_width_are_refused():
 def test_float32_cast_rounds_toward_the_inside():
     box = Box(np.array([0.1, 0.3, 0.7]), np.array([0.1 + 1e-8, 0.7, 0.7]), "x")
     x = np.array([[0.1, 0.7, 0.7], [0.1 + 1e-8, 0.3, 0.7]])
-    cast = _cast_inside(x, box, np.dtype(np.float32))
+    cast = cast_inside(x, box, np.dtype(np.float32))
     assert cast.dtype == np.float32
     widened = cast.astype(np.float64)
     # features 0 and 1 contain float32 numbers: the cast stays in the box
@@ -315,3 +315,29 @@ def test_shared_models_agree_with_themselves(model_file, box_file, shared_models
     report = compare_models(path, onnx.load(path), box, samples=300)
     assert report.passed and report.max_abs_diff == 0.0
     assert report.worst_input.shape == (box.size,)
+
+
+def test_one_tolerance_policy_parses_the_cli_forms_and_looks_up_each_output():
+    """``--atol 1e-4``, ``--atol out:1e-3`` (split at the last colon) and their mix give the
+    tolerance every stage looks up the same way: the output's own entry, else the default."""
+    from onnx_exact.core.tolerance import (
+        DEFAULT_ATOL,
+        is_tolerance,
+        parse_tolerance,
+        tolerance_for,
+    )
+
+    assert parse_tolerance(None, "--atol", None) is None
+    assert parse_tolerance([], "--rtol", DEFAULT_ATOL) == DEFAULT_ATOL
+    assert parse_tolerance(["1e-4"], "--atol", None) == 1e-4
+    mixed = parse_tolerance(["1e-4", "a:b:2e-3"], "--atol", None)
+    assert mixed == {"a:b": 2e-3, "": 1e-4}
+    assert parse_tolerance(["y:1e-3"], "--atol", None) == {"y": 1e-3, "": DEFAULT_ATOL}
+    assert tolerance_for(mixed, "a:b") == 2e-3 and tolerance_for(mixed, "other") == 1e-4
+    assert tolerance_for({"y": 1e-3}, "z", 7.0) == 7.0 and tolerance_for(3e-3, "any") == 3e-3
+    assert tolerance_for({"*": 5e-4}, "z") == 5e-4
+    for bad, message in (("x:abc", "expected a number"), ("nan", "finite number >= 0")):
+        with pytest.raises(UsageError, match=message):
+            parse_tolerance([bad], "--atol", None)
+    assert is_tolerance("1e-5") and is_tolerance("logits:1e-4")
+    assert not is_tolerance("model.onnx") and not is_tolerance("-1")
