@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -167,11 +169,30 @@ def scenario(name: str, model: Path, box: Path, workdir: Path, extra: list[str])
     return result
 
 
-def markdown(results: list[dict], estimate_text: str, model_bytes: int, time_limit: float) -> str:
+def engine_commit() -> str:
+    """``git describe`` of the checkout the engine runs from (``?`` outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return out.stdout.strip()
+
+
+def markdown(
+    results: list[dict], estimate_text: str, model_bytes: int, time_limit: float, load: str
+) -> str:
     lines = [
         BEGIN,
         f"Synthetic {'-'.join(map(str, SIZES))} Gemm/Relu MLP (seed {SEED}, {model_bytes / 2**20:.1f} MiB "
-        f"float32), `python bench/large_model.py`; `--time-limit {time_limit:g}` on every run.",
+        f"float32), `python bench/large_model.py`; `--time-limit {time_limit:g}` on every run; "
+        f"engine at commit {engine_commit()}, {os.cpu_count()} cores, load average {load} at "
+        "the start (peak memory depends on how far the solver tiers get in the time).",
         f"Estimated peak (`resources.estimate_peak_memory`): {estimate_text}.",
         "",
         "| scenario | exit | peak RSS | wall s | CPU s | params before → after | active / inactive / "
@@ -215,6 +236,7 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=None)
     parser.add_argument("--scenarios", default="local,external,full")
     args = parser.parse_args()
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="onnx_exact_large_"))
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -261,7 +283,9 @@ def main() -> None:
         )
         plans["huge"] = (write_huge_model(workdir), huge_box)
     results = [scenario(name, *plans[name], workdir, limit) for name in args.scenarios.split(",")]
-    section = markdown(results, estimate.describe(), model_path.stat().st_size, args.time_limit)
+    section = markdown(
+        results, estimate.describe(), model_path.stat().st_size, args.time_limit, load
+    )
     print(section)
     if args.doc:
         update_doc(args.doc, section)
