@@ -20,6 +20,7 @@ from onnx_exact.core.operators import (
     PadOperator,
     ReshapeOperator,
     TransposeOperator,
+    resolve_auto_pad,
 )
 
 RNG_SEED = 7
@@ -289,3 +290,46 @@ def test_transpose_and_reshape_are_flat_permutations():
     np.testing.assert_array_equal(flat.dense(), np.eye(60))
     with pytest.raises(ValueError):
         ReshapeOperator((3, 4), (13,))
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize(
+    ("spatial", "kernel", "strides", "dilations"),
+    [((7, 8), (3, 2), (2, 2), (1, 1)), ((6, 5), (3, 3), (1, 2), (1, 1)), ((9,), (4,), (3,), (1,))],
+)
+def test_auto_pad_resolves_like_onnxruntime(auto_pad, spatial, kernel, strides, dilations):
+    rng = np.random.default_rng(RNG_SEED)
+    weight = f32(rng, 3, 2, *kernel)
+    x = f32(rng, 2, 2, *spatial)
+    expected = run_node(
+        "Conv", x, [("w", weight)], auto_pad=auto_pad, kernel_shape=list(kernel),
+        strides=list(strides), dilations=list(dilations),
+    )  # fmt: skip
+    pads = resolve_auto_pad(auto_pad, spatial, kernel, strides, dilations)
+    op = ConvOperator(weight, None, spatial, pads, strides, dilations)
+    assert op.output_shape == expected.shape[1:]
+    np.testing.assert_allclose(op.forward(x.reshape(2, -1)), expected.reshape(2, -1), atol=2e-5)
+    if auto_pad != "VALID":
+        assert op.output_shape[1:] == tuple(
+            -(-s // t) for s, t in zip(spatial, strides, strict=True)
+        )
+    ones = (1,) * 2 * len(spatial)
+    assert resolve_auto_pad("NOTSET", spatial, kernel, strides, dilations, ones) == ones
+    with pytest.raises(ValueError, match="auto_pad"):
+        resolve_auto_pad("SAME", spatial, kernel, strides, dilations)
+
+
+@pytest.mark.parametrize("case", ["plain_3x3_pad1", "depthwise", "conv1d_groups"])
+def test_scale_outputs_folds_a_per_channel_affine_map(case):
+    rng = np.random.default_rng(RNG_SEED)
+    op, _, _ = make_conv(case, rng)
+    channels = op.output_shape[0]
+    scale, shift = rng.normal(size=channels), rng.normal(size=channels)
+    folded = op.scale_outputs(scale, shift)
+    per = op.n_out // channels
+    np.testing.assert_allclose(folded.dense(), np.repeat(scale, per)[:, None] * op.dense())
+    np.testing.assert_allclose(folded.bias, np.repeat(scale, per) * op.bias + np.repeat(shift, per))
+    dense = DenseOperator(rng.normal(size=(4, 3)))
+    scaled = dense.scale_outputs(scale[:1].repeat(4), shift[:1].repeat(4))
+    np.testing.assert_allclose(scaled.dense(), scale[0] * dense.dense())
+    np.testing.assert_allclose(scaled.bias, np.full(4, shift[0]))

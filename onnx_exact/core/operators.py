@@ -145,6 +145,13 @@ class DenseOperator(LinearOperator):
     def dense(self) -> np.ndarray:
         return self.weight.copy()
 
+    def scale_outputs(self, scale: np.ndarray, shift: np.ndarray | None = None) -> DenseOperator:
+        """``diag(scale)·(W x + b) + shift``: a per-output affine map folded in (a
+        BatchNormalization or a per-unit Mul/Add after the layer)."""
+        scale = np.asarray(scale, np.float64).reshape(self.n_out)
+        shift = np.zeros(self.n_out) if shift is None else np.asarray(shift, np.float64)
+        return DenseOperator(self.weight * scale[:, None], self.bias * scale + shift)
+
     def select_outputs(self, keep) -> DenseOperator:
         rows = _as_index(keep, self.n_out, "select_outputs")
         return DenseOperator(self.weight[rows], self.bias[rows] if self.has_bias else None)
@@ -177,6 +184,38 @@ def conv_output_spatial(
             )
         out.append((padded - extent) // strides[i] + 1)
     return tuple(out)
+
+
+def resolve_auto_pad(
+    auto_pad: str,
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    pads: Sequence[int] | None = None,
+) -> tuple[int, ...]:
+    """Explicit ONNX ``pads`` for a Conv/pool ``auto_pad`` attribute.
+
+    ``NOTSET`` gives ``pads`` (zeros when absent), ``VALID`` zeros; ``SAME_UPPER``/``SAME_LOWER``
+    pad so that the output has ``⌈S / s⌉`` elements per axis, the total
+    ``max(0, (⌈S/s⌉ − 1)·s + d(k − 1) + 1 − S)`` split evenly, the odd element at the end
+    (``UPPER``) or the beginning (``LOWER``), as the ONNX operator specification says.
+    """
+    d = len(spatial)
+    if auto_pad in ("NOTSET", ""):
+        return tuple(int(p) for p in pads) if pads is not None else (0,) * (2 * d)
+    if auto_pad == "VALID":
+        return (0,) * (2 * d)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ValueError(f"unknown auto_pad {auto_pad!r}")
+    begin, end = [], []
+    for size, k, s, dil in zip(spatial, kernel, strides, dilations, strict=True):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + dil * (k - 1) + 1 - size)
+        small = total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return (*begin, *end)
 
 
 class ConvOperator(LinearOperator):
@@ -317,6 +356,15 @@ class ConvOperator(LinearOperator):
 
     def abs(self) -> ConvOperator:
         return self._with(np.abs(self.kernel), None, self.groups)
+
+    def scale_outputs(self, scale: np.ndarray, shift: np.ndarray | None = None) -> ConvOperator:
+        """``scale[o]·(conv + b)[o] + shift[o]`` per output channel: a BatchNormalization
+        (``scale = γ/√(σ² + ε)``, ``shift = β − μ·scale``) or a per-channel Mul/Add folded in."""
+        c_out = self.kernel.shape[0]
+        scale = np.asarray(scale, np.float64).reshape(c_out)
+        shift = np.zeros(c_out) if shift is None else np.asarray(shift, np.float64).reshape(c_out)
+        kernel = self.kernel * scale.reshape(c_out, *(1,) * (self.kernel.ndim - 1))
+        return self._with(kernel, self.channel_bias * scale + shift, self.groups)
 
     def select(self, inputs=None, outputs=None) -> ConvOperator:
         """The convolution restricted to the input channels ``inputs`` and output channels
