@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -333,3 +334,46 @@ def test_scale_outputs_folds_a_per_channel_affine_map(case):
     scaled = dense.scale_outputs(scale[:1].repeat(4), shift[:1].repeat(4))
     np.testing.assert_allclose(scaled.dense(), scale[0] * dense.dense())
     np.testing.assert_allclose(scaled.bias, np.full(4, shift[0]))
+
+
+SHARED_CNNS = ("oval21_base", "oval21_wide", "marabou_cifar10_medium", "resnet_4b")
+
+
+@pytest.mark.parametrize("name", SHARED_CNNS)
+def test_every_conv_of_the_shared_cnns_matches_onnxruntime(shared_models, name):
+    """The exporters' real Conv attributes (torch, tf2onnx) and layer sizes, node by node."""
+    path = shared_models / "cnn" / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"{path.name} is absent")
+    model = onnx.shape_inference.infer_shapes(onnx.load(path))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    infos = list(model.graph.value_info) + list(model.graph.input)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in infos}
+    rng = np.random.default_rng(RNG_SEED)
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    assert convs
+    for node in convs:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kernel = weights[node.input[1]]
+        bias = weights[node.input[2]] if len(node.input) > 2 else None
+        spatial = shapes[node.input[0]][2:]
+        pads = resolve_auto_pad(
+            attrs.get("auto_pad", b"NOTSET").decode(), spatial, kernel.shape[2:],
+            attrs.get("strides", [1] * len(spatial)), attrs.get("dilations", [1] * len(spatial)),
+            attrs.get("pads"),
+        )  # fmt: skip
+        op = ConvOperator(
+            kernel, bias, spatial, pads, attrs.get("strides"), attrs.get("dilations"),
+            attrs.get("group", 1),
+        )  # fmt: skip
+        x = rng.random((2, *op.input_shape), dtype=np.float32)
+        inits = [("w", kernel)] + ([("b", bias)] if bias is not None else [])
+        expected = run_node("Conv", x, inits, opset=13, **attrs)
+        assert op.output_shape == expected.shape[1:], node.name
+        scale = float(np.max(np.abs(expected))) + 1.0
+        got = op.forward(x.reshape(2, -1).astype(np.float64))
+        np.testing.assert_allclose(got, expected.reshape(2, -1), rtol=0, atol=1e-5 * scale)
+        y = rng.normal(size=(3, op.n_out))
+        lhs = np.sum(op.linear(x.reshape(2, -1)[:1].astype(np.float64)) * y, axis=1)
+        rhs = np.sum(x.reshape(2, -1)[:1].astype(np.float64) * op.transpose(y), axis=1)
+        assert np.allclose(lhs, rhs, rtol=1e-9, atol=1e-9 * np.abs(lhs).max()), node.name
