@@ -407,7 +407,7 @@ def markdown(
         "that replays in onnxruntime.\n\n"
         "Columns: *analysis s* is the sound bounds (interval, CROWN) and sampled signs of both "
         "models (`quick_stability`), *proof s* the proof after it, *check s* the whole command; "
-        "*matched/stable A/B* count hidden units of A and B (see `onnx_exact/correspondence.py`), "
+        "*matched/stable A/B* count hidden units of A and B (see `onnx_exact/equivalence/correspondence.py`), "
         "*targeted* the one-sided units sent to the exact tiers.\n\n"
         "| base | pair | expected | exit | status | method | analysis s | proof s | check s | "
         "binaries | matched A/B | stable A/B | targeted | ok |\n"
