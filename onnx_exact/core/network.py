@@ -70,12 +70,18 @@ class DenseLayer:
     relu : whether ``h_out = max(0, y)`` (True) or ``h_out = y`` (False).
     name : a stable, human-readable name (the ReLU node's name, or the affine node's for a layer
         without ReLU); reports use it.
+    channels : (out,) int64 or None
+        For a layer whose neurons come from a Conv: the channel of each output neuron in the
+        network's flat (NCHW, C-order) layout, ``channel = index // positions``; channel pruning
+        removes a channel only when every neuron carrying its index is proved inactive. ``None``
+        for a dense layer.
     """
 
     weight: np.ndarray
     bias: np.ndarray
     relu: bool
     name: str = ""
+    channels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, dtype=np.float64)
@@ -84,6 +90,13 @@ class DenseLayer:
             raise ValueError(
                 f"layer {self.name!r}: weight {self.weight.shape} and bias {self.bias.shape} disagree"
             )
+        if self.channels is not None:
+            self.channels = np.asarray(self.channels, dtype=np.int64).reshape(-1)
+            if self.channels.shape[0] != self.bias.shape[0]:
+                raise ValueError(
+                    f"layer {self.name!r}: {self.channels.shape[0]} channel indices "
+                    f"for {self.bias.shape[0]} neurons"
+                )
 
     @property
     def in_features(self) -> int:
@@ -167,7 +180,13 @@ class Network:
     def copy(self) -> Network:
         return Network(
             layers=[
-                DenseLayer(layer.weight.copy(), layer.bias.copy(), layer.relu, layer.name)
+                DenseLayer(
+                    layer.weight.copy(),
+                    layer.bias.copy(),
+                    layer.relu,
+                    layer.name,
+                    None if layer.channels is None else layer.channels.copy(),
+                )
                 for layer in self.layers
             ],
             input_map=InputMap(self.input_map.scale.copy(), self.input_map.shift.copy()),
