@@ -47,6 +47,7 @@ from onnx_exact.io.domain_sources import (
 from onnx_exact.io.load import load_graph
 from onnx_exact.io.onnx_reader import ReadResult, read_model
 from onnx_exact.io.onnx_writer import build_model
+from onnx_exact.io.runtime import onnxruntime_session
 from onnx_exact.io.save import numpy_save_path, plan_run_paths
 from onnx_exact.io.staging import StagedModel, TensorPlacement, model_size_bytes, stage_model
 from onnx_exact.progress import ProgressCallback, ProgressEvent
@@ -58,7 +59,6 @@ from onnx_exact.verify import (
     ROUNDOFF_FACTOR,
     compare_models,
     measured_roundoff,
-    onnxruntime_session,
     reference_model_path,
     roundoff_atol,
     written_roundoff,

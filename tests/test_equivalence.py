@@ -17,8 +17,9 @@ from onnx_exact.equivalence.prover import prove_equivalence
 from onnx_exact.equivalence.render import render_check
 from onnx_exact.equivalence.results import CheckReport
 from onnx_exact.io.onnx_reader import read_model
+from onnx_exact.io.runtime import run_model
 from onnx_exact.pipeline import AnalysisOptions, DomainSpec, compress
-from onnx_exact.verify import compare_models, run_model
+from onnx_exact.verify import compare_models
 
 
 def gemm_mlp(

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.io.runtime import run_model
 from onnx_exact.pipeline import DomainSpec, compress
 from onnx_exact.stability import analyze_stability
-from onnx_exact.verify import run_model
 
 
 @st.composite

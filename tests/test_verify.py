@@ -9,13 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_exact.core.box import Box
 from onnx_exact.core.errors import UsageError, VerificationError
-from onnx_exact.verify import (
-    cast_inside,
-    compare_models,
-    onnxruntime_session,
-    run_model,
-    verification_inputs,
-)
+from onnx_exact.io.runtime import onnxruntime_session, run_model
+from onnx_exact.verify import cast_inside, compare_models, verification_inputs
 
 N_IN, N_HIDDEN, N_OUT = 4, 6, 3
 

@@ -18,7 +18,7 @@ from onnx import external_data_helper
 
 from onnx_exact import verify
 from onnx_exact.core.box import Box
-from onnx_exact.io import staging
+from onnx_exact.io import runtime, staging
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.pipeline import DomainSpec, compress
 
@@ -169,7 +169,7 @@ def test_large_model_path_runs_from_files_with_external_data(tmp_path, monkeypat
             sources.append(model)
             super().__init__(model, *args, **kwargs)
 
-    monkeypatch.setattr(verify.ort, "InferenceSession", RecordingSession)
+    monkeypatch.setattr(ort, "InferenceSession", RecordingSession)
     checked: list[object] = []
     check_model = onnx.checker.check_model
 
@@ -213,7 +213,7 @@ def _fixed_batch_model(batch: int) -> onnx.ModelProto:
 def _assert_batch_freed(path: Path) -> None:
     """Fail fast, before anything could pad to the declared batch (16 GB for 10^9 x 4 float32:
     without the fix a test would be killed for memory instead of failing)."""
-    declared = verify.onnxruntime_session(str(path), 4).get_inputs()[0].shape[0]
+    declared = runtime.onnxruntime_session(str(path), 4).get_inputs()[0].shape[0]
     assert not isinstance(declared, int), declared
 
 
@@ -231,7 +231,7 @@ def test_a_declared_batch_of_a_billion_is_never_allocated(tmp_path, monkeypatch)
             rows.extend(int(np.asarray(v).shape[0]) for v in feed.values())
             return super().run(output_names, feed, *args, **kwargs)
 
-    monkeypatch.setattr(verify.ort, "InferenceSession", RecordingSession)
+    monkeypatch.setattr(ort, "InferenceSession", RecordingSession)
     box = Box(-np.ones(4), np.ones(4), "x")
     tracemalloc.start()
     try:
@@ -242,22 +242,22 @@ def test_a_declared_batch_of_a_billion_is_never_allocated(tmp_path, monkeypatch)
     assert report.passed and report.samples == 1503
     assert rows and max(rows) <= verify.CHUNK_SAMPLES
     assert peak < 64 * 2**20
-    values = verify.run_model(path, np.zeros((3, 4)))
+    values = runtime.run_model(path, np.zeros((3, 4)))
     assert next(iter(values.values())).shape[0] == 3
 
 
 def test_a_small_declared_batch_is_fed_as_declared():
     model = _fixed_batch_model(4)
-    session = verify.onnxruntime_session(model, 4)
+    session = runtime.onnxruntime_session(model, 4)
     assert session.get_inputs()[0].shape[0] == 4
-    out = verify.run_model(session, np.zeros((6, 4)))
+    out = runtime.run_model(session, np.zeros((6, 4)))
     assert next(iter(out.values())).shape[0] == 6
 
 
 def test_a_session_with_a_huge_declared_batch_is_refused():
-    session = verify.onnxruntime_session(_fixed_batch_model(10**9))
+    session = runtime.onnxruntime_session(_fixed_batch_model(10**9))
     with pytest.raises(verify.UsageError, match="fixed batch of 1000000000"):
-        verify.run_model(session, np.zeros((2, 4)))
+        runtime.run_model(session, np.zeros((2, 4)))
 
 
 def test_compress_with_a_billion_batch_writes_the_declared_shape(tmp_path):

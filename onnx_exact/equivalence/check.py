@@ -28,13 +28,13 @@ from onnx_exact.equivalence.results import CheckReport, ProofResult
 from onnx_exact.io.domain_sources import InputLayout, model_input_dims
 from onnx_exact.io.graph import output_names
 from onnx_exact.io.onnx_reader import ModelSource, ReadResult, read_model
+from onnx_exact.io.runtime import run_model
 from onnx_exact.io.save import numpy_save_path, write_file_atomic
 from onnx_exact.verify import (
     ROUNDOFF_FACTOR,
     EquivalenceReport,
     compare_models,
     model_roundoff,
-    run_model,
 )
 
 
