@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_exact.core import operators
 from onnx_exact.core.operators import (
     AveragePoolOperator,
     ConvOperator,
@@ -377,3 +378,11 @@ def test_every_conv_of_the_shared_cnns_matches_onnxruntime(shared_models, name):
         lhs = np.sum(op.linear(x.reshape(2, -1)[:1].astype(np.float64)) * y, axis=1)
         rhs = np.sum(x.reshape(2, -1)[:1].astype(np.float64) * op.transpose(y), axis=1)
         assert np.allclose(lhs, rhs, rtol=1e-9, atol=1e-9 * np.abs(lhs).max()), node.name
+
+
+def test_conv_in_blocks_of_samples_equals_one_block(monkeypatch):
+    op, _, _ = make_conv("groups2", np.random.default_rng(RNG_SEED))
+    x = np.random.default_rng(1).normal(size=(7, op.n_in))
+    whole = op.forward(x)
+    monkeypatch.setattr(operators, "IM2COL_ELEMENTS", 1)  # one sample per block
+    np.testing.assert_array_equal(op.forward(x), whole)

@@ -38,6 +38,11 @@ import numpy as np
 
 Shape = tuple[int, ...]
 
+IM2COL_ELEMENTS = 1 << 22
+"""Largest im2col window matrix a convolution builds at once (float64: 32 MiB); bigger batches
+are applied in blocks of samples, so ``dense()`` of a large layer does not need ``n_in`` times
+that memory."""
+
 
 def _as_index(keep, size: int, what: str) -> np.ndarray:
     """Sorted unique channel indices from a list of indices or a boolean mask of length ``size``."""
@@ -297,8 +302,16 @@ class ConvOperator(LinearOperator):
         )
 
     def linear(self, x: np.ndarray) -> np.ndarray:
-        """im2col: one strided view of every window, then one matrix product per group."""
+        """im2col, in blocks of samples whose window matrix stays under ``IM2COL_ELEMENTS``."""
         x = self._batch(x, self.n_in, "linear")
+        window = math.prod(self.output_shape[1:]) * self.kernel.shape[1] * self.groups
+        block = max(1, IM2COL_ELEMENTS // (window * math.prod(self.kernel_spatial)))
+        if x.shape[0] <= block:
+            return self._im2col(x)
+        return np.vstack([self._im2col(x[i : i + block]) for i in range(0, x.shape[0], block)])
+
+    def _im2col(self, x: np.ndarray) -> np.ndarray:
+        """One strided view of every window, then one matrix product per group."""
         m, d, g = x.shape[0], len(self.kernel_spatial), self.groups
         padded = self._padded(x)
         extents = [
