@@ -322,3 +322,17 @@ def test_models_with_a_tail_prove_the_tensor_feeding_it():
     assert report.passed and report.proof.status == "proved"
     assert report.proof.output_tensor == "y"
     assert any("tails" in note for note in report.proof.notes)
+
+
+def test_the_proof_over_two_networks_loads_no_onnx():
+    """``prove_equivalence`` works on Networks: importing it loads neither onnx nor onnxruntime
+    (only ``check``, which reads and replays models, does)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, onnx_exact.equivalence.prover; "
+        "print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -11,12 +11,14 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onnx_exact.core.box import Box
 from onnx_exact.equivalence.correspondence import METHODS, Correspondence
 from onnx_exact.equivalence.proof import Counterexample, DirectionBound
-from onnx_exact.verify import EquivalenceReport
+
+if TYPE_CHECKING:  # annotation only: the proof over two Networks never loads onnx
+    from onnx_exact.verify import EquivalenceReport
 
 
 @dataclass
