@@ -202,30 +202,33 @@ def test_dense_operator_algebra_and_select():
         op.forward(np.ones((2, 6)))
 
 
-# (C, spatial, kernel, pads, strides, count_include_pad)
+# (C, spatial, kernel, pads, strides, count_include_pad, ceil_mode, dilations)
 POOL_CASES = {
-    "k2s2": (3, (6, 6), (2, 2), (0, 0, 0, 0), (2, 2), 0),
-    "k3_pad1_exclude": (2, (5, 5), (3, 3), (1, 1, 1, 1), (1, 1), 0),
-    "k3_pad1_include": (2, (5, 5), (3, 3), (1, 1, 1, 1), (1, 1), 1),
-    "asym_pads_stride2": (2, (7, 6), (3, 2), (0, 1, 2, 0), (2, 2), 0),
-    "pool1d_include": (3, (10,), (4,), (1, 2), (3,), 1),
+    "k2s2": (3, (6, 6), (2, 2), (0, 0, 0, 0), (2, 2), 0, 0, None),
+    "k3_pad1_exclude": (2, (5, 5), (3, 3), (1, 1, 1, 1), (1, 1), 0, 0, None),
+    "k3_pad1_include": (2, (5, 5), (3, 3), (1, 1, 1, 1), (1, 1), 1, 0, None),
+    "asym_pads_stride2": (2, (7, 6), (3, 2), (0, 1, 2, 0), (2, 2), 0, 0, None),
+    "pool1d_include": (3, (10,), (4,), (1, 2), (3,), 1, 0, None),
+    "ceil_exclude": (2, (7, 8), (3, 3), (0, 0, 0, 0), (2, 3), 0, 1, None),
+    "ceil_include_pads": (2, (6, 7), (3, 2), (1, 0, 1, 1), (2, 2), 1, 1, None),
+    "ceil_1d_last_window_dropped": (1, (5,), (2,), (1, 1), (2,), 1, 1, None),
+    "dilation2": (2, (7, 7), (2, 3), (1, 1, 0, 1), (1, 2), 0, 0, (2, 2)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(POOL_CASES))
 def test_average_pool_equals_onnxruntime_and_is_consistent(case):
-    channels, spatial, kernel, pads, strides, include = POOL_CASES[case]
+    channels, spatial, kernel, pads, strides, include, ceil, dilations = POOL_CASES[case]
     rng = np.random.default_rng(RNG_SEED)
     x = f32(rng, 2, channels, *spatial)
+    attrs = {"dilations": list(dilations)} if dilations else {}
     expected = run_node(
-        "AveragePool",
-        x,
-        kernel_shape=list(kernel),
-        pads=list(pads),
-        strides=list(strides),
-        count_include_pad=include,
+        "AveragePool", x, kernel_shape=list(kernel), pads=list(pads), strides=list(strides),
+        count_include_pad=include, ceil_mode=ceil, **attrs,
+    )  # fmt: skip
+    op = AveragePoolOperator(
+        (channels, *spatial), kernel, pads, strides, dilations, bool(include), bool(ceil)
     )
-    op = AveragePoolOperator((channels, *spatial), kernel, pads, strides, None, bool(include))
     assert op.output_shape == expected.shape[1:]
     got = op.forward(x.reshape(2, -1).astype(np.float64))
     np.testing.assert_allclose(got, expected.reshape(2, -1), rtol=0, atol=1e-6)

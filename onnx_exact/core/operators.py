@@ -427,12 +427,15 @@ class ConvOperator(LinearOperator):
 
 
 class AveragePoolOperator(LinearOperator):
-    """ONNX ``AveragePool`` (``ceil_mode = 0``) or ``GlobalAveragePool`` on ``(C, *S)``.
+    """ONNX ``AveragePool`` or ``GlobalAveragePool`` on one ``(C, *S)`` sample.
 
-    Each output is the mean of its window: with ``count_include_pad = 1`` the divisor is the
-    kernel size (zero pads count), with ``count_include_pad = 0`` it is the number of window
-    elements inside the input. Written as a depthwise convolution with a kernel of ones followed
-    by the per-position factor ``1 / divisor``; 0 parameters and 0 MACs (onnxsim's count).
+    Each output is the mean of its window: with ``count_include_pad = 1`` the divisor counts the
+    window's elements inside the padded input (the zero pads count), with ``count_include_pad =
+    0`` only those inside the input. ``ceil_mode = 1`` rounds the output size up, keeping only
+    windows that start inside the input or its begin pad; the part of such a window beyond the
+    end pad counts in neither divisor. Written as a depthwise convolution with a kernel of ones
+    (its end pads grown to fit the last window) followed by the per-position factor
+    ``1 / divisor``; 0 parameters and 0 MACs (onnxsim's count).
     """
 
     def __init__(
@@ -443,30 +446,51 @@ class AveragePoolOperator(LinearOperator):
         strides: Sequence[int] | None = None,
         dilations: Sequence[int] | None = None,
         count_include_pad: bool = False,
+        ceil_mode: bool = False,
     ) -> None:
         channels, *spatial = (int(s) for s in input_shape)
-        kernel = np.ones((channels, 1, *kernel_shape))
-        self._conv = ConvOperator(kernel, None, spatial, pads, strides, dilations, channels)
-        self.count_include_pad = bool(count_include_pad)
+        d = len(spatial)
         self.kernel_shape = tuple(int(k) for k in kernel_shape)
+        self.pads = tuple(int(p) for p in pads) if pads is not None else (0,) * (2 * d)
+        self.strides = tuple(int(s) for s in strides) if strides is not None else (1,) * d
+        self.dilations = tuple(int(s) for s in dilations) if dilations is not None else (1,) * d
+        self.count_include_pad, self.ceil_mode = bool(count_include_pad), bool(ceil_mode)
+        extra = self._ceil_extra(spatial) if self.ceil_mode else (0,) * d
+        grown = (*self.pads[:d], *(p + e for p, e in zip(self.pads[d:], extra, strict=True)))
+        ones = np.ones((channels, 1, *self.kernel_shape))
+        self._conv = ConvOperator(
+            ones, None, spatial, grown, self.strides, self.dilations, channels
+        )
+        # The divisor counts ones: over the padded input (include) or the input (exclude).
+        counted = spatial
+        counter_pads = grown
         if self.count_include_pad:
-            divisor = np.full(self._conv.output_shape[1:], float(math.prod(self.kernel_shape)))
-        else:
-            counter = ConvOperator(
-                np.ones((1, 1, *kernel_shape)),
-                None,
-                spatial,
-                self._conv.pads,
-                self._conv.strides,
-                self._conv.dilations,
-            )
-            divisor = counter.linear(np.ones((1, math.prod(spatial)))).reshape(-1)
-            divisor = np.maximum(divisor, 1.0).reshape(self._conv.output_shape[1:])
+            counted = [s + self.pads[i] + self.pads[d + i] for i, s in enumerate(spatial)]
+            counter_pads = (0,) * d + tuple(extra)
+        counter = ConvOperator(
+            np.ones((1, 1, *self.kernel_shape)), None, counted, counter_pads, self.strides,
+            self.dilations,
+        )  # fmt: skip
+        divisor = counter.linear(np.ones((1, math.prod(counted))))[0]
+        divisor = np.maximum(divisor, 1.0).reshape(self._conv.output_shape[1:])
         factor = np.broadcast_to(1.0 / divisor, self._conv.output_shape)
         self.factor = np.ascontiguousarray(factor).reshape(-1)
         self.input_shape = self._conv.input_shape
         self.output_shape = self._conv.output_shape
         self.bias = np.zeros(self.n_out)
+
+    def _ceil_extra(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Elements past the end pad that ``ceil_mode`` windows reach, per axis."""
+        d = len(spatial)
+        extra = []
+        for i, size in enumerate(spatial):
+            extent = self.dilations[i] * (self.kernel_shape[i] - 1) + 1
+            padded = size + self.pads[i] + self.pads[d + i]
+            out = -(-(padded - extent) // self.strides[i]) + 1
+            if (out - 1) * self.strides[i] >= size + self.pads[i]:
+                out -= 1
+            extra.append(max(0, (out - 1) * self.strides[i] + extent - padded))
+        return tuple(extra)
 
     @classmethod
     def global_pool(cls, input_shape: Sequence[int]) -> AveragePoolOperator:
@@ -485,15 +509,10 @@ class AveragePoolOperator(LinearOperator):
     def select_channels(self, keep) -> AveragePoolOperator:
         """The pool on the channels ``keep`` only (pooling never mixes channels)."""
         channels = _as_index(keep, self.input_shape[0], "select_channels")
-        conv = self._conv
         return AveragePoolOperator(
-            (channels.size, *self.input_shape[1:]),
-            self.kernel_shape,
-            conv.pads,
-            conv.strides,
-            conv.dilations,
-            self.count_include_pad,
-        )
+            (channels.size, *self.input_shape[1:]), self.kernel_shape, self.pads, self.strides,
+            self.dilations, self.count_include_pad, self.ceil_mode,
+        )  # fmt: skip
 
 
 class IndexOperator(LinearOperator):
