@@ -2,13 +2,14 @@
 
 Why a separate entry point: :mod:`onnx_exact.cli` imports onnx, onnxruntime, highspy and numpy,
 which take one to several seconds (over a minute on an overloaded machine). A SIGINT or SIGTERM in
-that window used to print a ``KeyboardInterrupt`` traceback from deep inside an import. This module
-imports nothing heavy (:mod:`onnx_exact.interrupts` needs only the standard library): it installs handlers that print the command's one-line message and exit
-with the documented code (130 for SIGINT, 143 for SIGTERM; nothing has been written yet), then
-hands over to :func:`onnx_exact.cli.main`, which installs its own handlers for the run. From
-then on a thread also watches for those signals (:func:`onnx_exact.interrupts.end_on_signals`):
-the worker processes are killed at once, and a main thread stuck in a long solve cannot keep the
-process alive for more than about a second.
+that window would otherwise print a ``KeyboardInterrupt`` traceback from deep inside an import.
+This module imports nothing heavy (:mod:`onnx_exact.interrupts` needs only the standard library):
+it installs handlers that print the command's one-line message and exit with the documented code
+(130 for SIGINT, 143 for SIGTERM; nothing has been written yet), then hands over to
+:func:`onnx_exact.cli.main`, which installs its own handlers for the run. From then on a thread
+also watches for those signals (:func:`onnx_exact.interrupts.end_on_signals`): the worker
+processes are killed at once, and a main thread stuck in a long solve cannot keep the process
+alive for more than about a second.
 """
 
 from __future__ import annotations

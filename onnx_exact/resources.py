@@ -17,8 +17,8 @@ weight (4 for float32):
 
 * ``resident``: the loaded model and its edited copy (``2 s P``), the float64 network and the
   reduced one (``16 P``);
-* ``sampling``: the witness inputs (``m n_0`` doubles for ``m`` samples, twice: samples and their
-  corners) and one forward-pass chunk of activations (the witness tier's chunk of float64
+* ``sampling``: the witness inputs (``m n_0`` doubles for ``m`` samples, the analysis's sample
+  budget, twice: samples and their corners) and one forward-pass chunk of activations (the witness tier's chunk of float64
   values, three live copies);
 * ``symbolic``: for the widest layer, the bound vertices (``2 n_k n_0`` doubles) and one block of
   back-substitution coefficients (``2 B max_j n_j`` doubles, four live copies, ``B`` rows a block);
@@ -73,12 +73,8 @@ LP_BYTES_PER_NONZERO = 160
 CROWN_BAB_BYTES = relu_bab.STORE_BYTES + relu_bab.BATCH_BYTES
 #: HiGHS memory per entry of a full cut pool of a decision MILP (the pool, its rows in the LP, the
 #: search tree that grows meanwhile): the smallest value for which the estimate bounds the whole
-#: runs measured with the MILP tier (``docs/reliability.md``, "Memory").
+#: runs measured with the MILP tier (``docs/reliability.md``, "Memory guard").
 MILP_BYTES_PER_CUT_ENTRY = 56
-#: Witness sample count: about 2e9 multiply-accumulates, clamped. A copy of the analysis's
-#: sampling policy: importing it would close a cycle (the analysis imports this module's
-#: allocator).
-SAMPLE_MACS, SAMPLE_MIN, SAMPLE_MAX = 2e9, 256, 8192
 
 _DOUBLE = 8
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -135,6 +131,12 @@ def estimate_peak_memory(
     -------
     The estimate; :attr:`MemoryEstimate.total` is the number to compare with a limit.
     """
+    # Imported here, not above: the analysis imports this module (for its allocator), so a
+    # module-level import of it would be circular, and verify loads onnx, which the analysis's
+    # worker processes must not load.
+    from onnx_exact.stability.policy import SAMPLE_MACS, SAMPLE_MAX, SAMPLE_MIN
+    from onnx_exact.verify import CHUNK_SAMPLES
+
     params = net.param_count
     widths = [net.in_features] + [layer.out_features for layer in net.layers]
     resident = INTERPRETER_BYTES + 2 * stored_bytes_per_weight * params + 2 * _DOUBLE * params
@@ -157,10 +159,6 @@ def estimate_peak_memory(
         model = LP_BYTES_PER_NONZERO * nonzeros  # held twice: the relaxation and the MILP
         cut_pool = MILP_BYTES_PER_CUT_ENTRY * MILP_CUT_POOL * columns
         phases["lp"] = 2 * model + CROWN_BAB_BYTES + cut_pool
-
-    # Imported here, not above: verify loads onnx, which the analysis (importing this module
-    # for its allocator) must not load in its worker processes.
-    from onnx_exact.verify import CHUNK_SAMPLES
 
     chunk = CHUNK_SAMPLES * (2 * net.in_features + 2 * sum(widths[1:]))
     phases["verify"] = 2 * 2 * stored_bytes_per_weight * params + stored_bytes_per_weight * chunk
