@@ -27,8 +27,10 @@ from onnx_exact.core.operators import (
     ConvOperator,
     DenseOperator,
     LinearOperator,
+    PadOperator,
     ReshapeOperator,
     TransposeOperator,
+    resolve_auto_pad,
 )
 
 MARGIN = 1.0
@@ -206,8 +208,10 @@ def conv_layer(
     d = len(spatial)
     group = attrs.get("group", 1)
     kernel = trace.weight(c_out, c_in // group, *(k,) * d)
-    pads, strides = attrs.get("pads"), attrs.get("strides")
-    dilations = attrs.get("dilations")
+    strides = attrs.get("strides", [1] * d)
+    dilations = attrs.get("dilations", [1] * d)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    pads = resolve_auto_pad(auto_pad, spatial, (k,) * d, strides, dilations, attrs.get("pads"))
     linear = ConvOperator(f64(kernel), None, spatial, pads, strides, dilations, group)
     b = trace.plant(linear, plant or {}) if bias else None
     op = ConvOperator(
@@ -465,6 +469,45 @@ def mobilenet_block(seed: int = 5) -> CnnFixture:
     return trace.fixture("mobilenet_block", model, lower, upper, shape)
 
 
+def pad_pool(seed: int = 6) -> CnnFixture:
+    """Explicit padding and pooling ops: ``Pad`` (constant 0.25, spatial) → Conv (VALID) → Relu
+    → ``Dropout`` (inference: identity) → Conv (``auto_pad = SAME_UPPER``, stride 2) → Relu →
+    ``AveragePool`` (3×3, stride 2, begin pads 1, ``ceil_mode``, pads excluded) → ``Identity`` → Flatten → Gemm,
+    on ``[N, 2, 9, 9]`` over [-1, 1]. Planted: first conv channel 2 dead, second 0 dead, 3 active.
+    """
+    shape = (2, 9, 9)
+    lower, upper = -np.ones(162), np.ones(162)
+    trace, g = Trace(lower, upper, seed), GraphBuilder()
+    pad = PadOperator(shape, (0, 1, 2, 0, 1, 0), 0.25)
+    trace.linear(pad)
+    pads = g.const(np.array([0, 0, 1, 2, 0, 0, 1, 0]), dtype=np.int64)
+    h = g.node("Pad", ["input", pads, g.const(np.float32(0.25))], mode="constant")
+    h, conv1 = conv_layer(trace, g, h, pad.output_shape[1:], 2, 4, 3, {2: "dead"}, auto_pad="VALID")
+    trace.activation("relu_1")
+    h = g.node("Relu", [h], name="relu_1")
+    h = g.node("Dropout", [h])
+    h, conv2 = conv_layer(
+        trace, g, h, conv1.output_shape[1:], 4, 5, 3, {0: "dead", 3: "active"},
+        auto_pad="SAME_UPPER", strides=[2, 2],
+    )  # fmt: skip
+    trace.activation("relu_2")
+    h = g.node("Relu", [h], name="relu_2")
+    # 5×5 begin-padded to 6×6: floor mode gives 2×2 windows, ceil mode 3×3 (the last one reaches
+    # one element past the input, which no divisor counts).
+    pool = AveragePoolOperator(conv2.output_shape, (3, 3), (1, 1, 0, 0), (2, 2), ceil_mode=True)
+    assert pool.output_shape == (5, 3, 3)
+    trace.linear(pool)
+    h = g.node(
+        "AveragePool", [h], kernel_shape=[3, 3], pads=[1, 1, 0, 0], strides=[2, 2], ceil_mode=1
+    )
+    h = g.node("Flatten", [g.node("Identity", [h])], axis=1)
+    trace.linear(ReshapeOperator(pool.output_shape, (pool.n_out,)))
+    weight, bias = dense_layer(trace, pool.n_out, 3)
+    g.node("Gemm", [h, g.const(weight), g.const(bias)], output="output", transB=1)
+    model = g.model([g.tensor("input", ["N", *shape])], [g.tensor("output", ["N", 3])], opset=13)
+    return trace.fixture("pad_pool", model, lower, upper, shape)
+
+
 VALID_BUILDERS: dict[str, Callable[[], CnnFixture]] = {
     "torch_legacy_plain": lambda: torch_legacy("plain"),
     "torch_legacy_bn": lambda: torch_legacy("bn"),
@@ -475,6 +518,7 @@ VALID_BUILDERS: dict[str, Callable[[], CnnFixture]] = {
     "matlab_conv1d": matlab_conv1d,
     "residual_block": residual_block,
     "mobilenet_block": mobilenet_block,
+    "pad_pool": pad_pool,
 }
 
 
