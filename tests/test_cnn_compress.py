@@ -1,0 +1,94 @@
+"""CNN compression end to end: the ONNX-level counts, the channel step, the written model.
+
+``model_stats`` is checked against counts made by hand from each fixture's layer shapes (the
+numbers onnxsim 0.8.1 would report: Conv = output elements x kernel elements x input channels per
+group, Gemm/MatMul = rows x cols, float constants as parameters, integer shape tensors not).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from cnn_fixtures import VALID_BUILDERS
+from exporter_fixtures import ALL_BUILDERS, gemm_mlp
+
+from onnx_exact.io.model_stats import model_stats, relu_layer_stats
+
+# (params, macs) by hand, layer by layer (see each builder in cnn_fixtures.py)
+TORCH_PLAIN = {
+    # conv 2->4 3x3 pad 1 on 8x8: 72 + 4 params, 64 positions x 72 MACs
+    "relu1": (76, 64 * 72),
+    # conv 4->6 3x3 pad 1 stride 2 on 8x8 -> 4x4: 216 + 6 params, 16 x 216 MACs
+    "relu2": (222, 16 * 216),
+    # Flatten (0) + Gemm 96 -> 10
+    "relu_fc": (970, 960),
+}
+TORCH_PLAIN_OUTPUT = (33, 30)  # Gemm 10 -> 3
+HAND_TOTALS = {
+    "torch_legacy_plain": (1301, 9054),
+    "torch_legacy_bn": (1301 + 16, 9054),  # BN: scale, bias, mean, var of 4 channels
+    # AveragePool 2x2 -> 4x4, so conv2 gives 2x2 (4 x 216 MACs) and the Gemm takes 24 inputs
+    "torch_legacy_avgpool": (76 + 222 + 250 + 33, 64 * 72 + 4 * 216 + 240 + 30),
+    # tf2onnx: the Transposes and the int64 Reshape shape count nothing; same layers as torch
+    "tf2onnx_nhwc": (1301, 9054),
+    # Sub(mean) 32; conv1d 2->4 k5 pad 2 on 16: 40 + 4, 16 x 40; conv1d 4->3 k3 stride 2
+    # dilation 2 pad 1 -> 7 positions: 36 + 3, 7 x 36; MatMul 21 -> 2 + Add 2
+    "matlab_conv1d": (32 + 44 + 39 + 44, 640 + 252 + 42),
+    # expand 1x1 3->6 on 6x6: 18 + 6, 36 x 18; depthwise 3x3 (6 groups): 54 + 6, 36 x 54;
+    # project 1x1 6->4: 24 + 4, 36 x 24; the two float Clip bounds (Constant nodes); Gemm 4 -> 3
+    "mobilenet_block": (24 + 60 + 28 + 2 + 15, 36 * 18 + 36 * 54 + 36 * 24 + 12),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_TOTALS))
+def test_model_stats_counts_cnn_params_and_macs_like_onnxsim(name):
+    stats = model_stats(VALID_BUILDERS[name]().model)
+    assert (stats.params, stats.macs) == HAND_TOTALS[name]
+    assert stats.unknown == []
+    assert sum(row.params for row in stats.nodes) == stats.params
+
+
+def test_model_stats_of_an_mlp_matches_the_network_counts():
+    model = gemm_mlp()
+    stats = model_stats(model)
+    sizes = (6, 8, 8, 3)
+    weights = sum(a * b for a, b in zip(sizes, sizes[1:], strict=False))
+    assert stats.macs == weights
+    assert stats.params == weights + sum(sizes[1:])
+    gemms = [row for row in stats.nodes if row.op_type == "Gemm"]
+    assert [row.macs for row in gemms] == [48, 64, 24]
+
+
+@pytest.mark.parametrize("name", ["skl2onnx_scaler", "torch_legacy_rank3", "vnncomp_left_weight"])
+def test_model_stats_of_exporter_mlps_count_every_weight_once(name):
+    """Rank-3 inputs, left weights (W @ x) and an ai.onnx.ml Scaler (no shape inference) in
+    front: one row per sample, so MACs equal the weights of the three layers."""
+    model, _, _ = ALL_BUILDERS[name]()
+    stats = model_stats(model)
+    assert stats.macs == 48 + 64 + 24
+    assert stats.unknown == []
+
+
+def test_model_stats_counts_per_sample_whatever_the_declared_batch():
+    fixture = VALID_BUILDERS["torch_legacy_plain"]()
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(fixture.model)
+    batch = fixed.graph.input[0].type.tensor_type.shape.dim[0]
+    batch.Clear()
+    batch.dim_value = 1
+    assert (model_stats(fixed).params, model_stats(fixed).macs) == HAND_TOTALS["torch_legacy_plain"]
+
+
+def test_relu_layer_stats_splits_the_graph_at_each_relu():
+    model = VALID_BUILDERS["torch_legacy_plain"]().model
+    layers, tail = relu_layer_stats(model, ["relu1", "relu2", "relu_fc"])
+    assert {c.name: (c.params, c.macs) for c in layers} == TORCH_PLAIN
+    assert (tail.params, tail.macs) == TORCH_PLAIN_OUTPUT
+    # a ReLU that is not asked for (removed by pruning) joins the next layer
+    layers, _ = relu_layer_stats(model, ["relu1", "relu_fc"])
+    merged = np.add(TORCH_PLAIN["relu2"], TORCH_PLAIN["relu_fc"])
+    assert [(c.name, c.params, c.macs) for c in layers] == [
+        ("relu1", *TORCH_PLAIN["relu1"]),
+        ("relu_fc", *merged),
+    ]
