@@ -19,6 +19,7 @@ from onnx_exact.core.operators import (
     AveragePoolOperator,
     ConvOperator,
     DenseOperator,
+    IndexOperator,
     PadOperator,
     ReshapeOperator,
     TransposeOperator,
@@ -389,3 +390,10 @@ def test_conv_in_blocks_of_samples_equals_one_block(monkeypatch):
     whole = op.forward(x)
     monkeypatch.setattr(operators, "IM2COL_ELEMENTS", 1)  # one sample per block
     np.testing.assert_array_equal(op.forward(x), whole)
+
+
+def test_index_operator_refuses_an_input_feeding_two_outputs():
+    with pytest.raises(ValueError, match="distinct"):
+        IndexOperator((3,), (3,), np.array([0, 0, 2]))
+    with pytest.raises(ValueError, match="distinct"):
+        IndexOperator((3,), (2,), np.array([0, 3]))

@@ -520,7 +520,8 @@ class IndexOperator(LinearOperator):
     ``bias[j]`` (a constant pad value).
 
     ``Transpose``, ``Reshape``/``Flatten`` (permutations of the flat index) and constant ``Pad``
-    (an injection plus constants) are all of this form; the adjoint scatters rows back.
+    (an injection plus constants; negative pads drop inputs) are all of this form. Each input
+    feeds at most one output (checked), so the adjoint is a plain scatter of the rows back.
     """
 
     def __init__(
@@ -536,8 +537,10 @@ class IndexOperator(LinearOperator):
         if self.source.size != self.n_out:
             raise ValueError(f"IndexOperator: {self.source.size} sources for {self.n_out} outputs")
         self.bias = np.zeros(self.n_out) if bias is None else np.asarray(bias, np.float64)
-        self._valid = self.source >= 0
-        self._targets = np.flatnonzero(self._valid)
+        self._targets = np.flatnonzero(self.source >= 0)
+        used = self.source[self._targets]
+        if used.size and (used.max() >= self.n_in or np.unique(used).size != used.size):
+            raise ValueError("IndexOperator: sources must be distinct inputs")
 
     def linear(self, x: np.ndarray) -> np.ndarray:
         x = self._batch(x, self.n_in, "linear")
@@ -548,7 +551,7 @@ class IndexOperator(LinearOperator):
     def transpose(self, l: np.ndarray) -> np.ndarray:  # noqa: E741
         l = self._batch(l, self.n_out, "transpose")  # noqa: E741
         out = np.zeros((l.shape[0], self.n_in))
-        np.add.at(out, (slice(None), self.source[self._targets]), l[:, self._targets])
+        out[:, self.source[self._targets]] = l[:, self._targets]
         return out
 
     def abs(self) -> IndexOperator:
