@@ -20,7 +20,7 @@ from onnx_exact.core.verdicts import NeuronState, Tier
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.progress import ProgressEvent
 from onnx_exact.search.witness import observe
-from onnx_exact.stability import analyze_stability, policy, schedule
+from onnx_exact.stability import analyze_stability, policy, state
 from onnx_exact.stability import tiers as stability_tiers
 
 
@@ -355,7 +355,7 @@ def _replace_tier(monkeypatch, tier, function):
 
 
 def _replace_solver_tiers(monkeypatch, function):
-    """Run ``function(analysis, k, tier, effort)`` in place of every LP/branch-and-bound/MILP tier."""
+    """Run ``function(analysis, k, tier, effort)`` in place of every LP, CROWN/LP bab, MILP tier."""
     for tier in (Tier.LP, Tier.CUTS, Tier.CROWN_BAB, Tier.BAB, Tier.MILP):
 
         def replaced(analysis, k, effort=1.0, tier=tier):
@@ -454,7 +454,7 @@ def test_each_retried_tier_is_followed_by_an_attack_of_equal_time(monkeypatch):
     assert {calls[i][0] for i in retried} == set(tiers)
     for i in retried:
         tier, effort, k = calls[i]
-        seconds = schedule.tier_direction_seconds(tier) * effort
+        seconds = policy.tier_direction_seconds(tier) * effort
         assert calls[i + 1] == ("attack", seconds / round_seconds, k)
 
 
@@ -565,7 +565,7 @@ def test_a_background_attack_needs_a_spare_job():
     """With jobs=1 (or as many open directions as jobs) no background attack starts."""
     net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
-    analysis = schedule.Analysis(net, box, np.inf, 0, 1, None)
+    analysis = state.Analysis(net, box, np.inf, 0, 1, None)
     stability_tiers.interval(analysis)
     analysis.start_background_attack(2)
     assert analysis.background is None

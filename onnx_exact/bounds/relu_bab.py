@@ -69,7 +69,7 @@ import numpy as np
 from onnx_exact.core.box import Box
 from onnx_exact.core.directions import Direction, DirectionBook, DirectionResult, WitnessFeed
 from onnx_exact.core.network import Network
-from onnx_exact.core.verdicts import TIERS, NeuronState, Tier
+from onnx_exact.core.verdicts import TIERS, NeuronState, ProofStatus, Tier
 
 METHOD = Tier.CROWN_BAB.value
 
@@ -453,7 +453,7 @@ def _branch_direction(
     )
     book.absorb(last.vertex, METHOD)
     book.record_bound(j, float(bound[0]), METHOD, proved=bool(bound[0] <= -book.margins[j]))
-    if book.status[j] != "undecided":
+    if book.status[j] != ProofStatus.UNDECIDED:
         return
     steps = dive(book, j, deadline) if dive is not None else None
     try:
@@ -489,7 +489,7 @@ def _best_first(
     next_id, worst_closed = 1, -np.inf
     batch_size = _batch_size(sub)
     while heap:
-        if book.status[j] != "undecided":
+        if book.status[j] != ProofStatus.UNDECIDED:
             return
         if evaluated >= node_limit or time.monotonic() >= deadline:
             return
@@ -535,7 +535,7 @@ def _best_first(
         if dive is not None:
             search_time = time.perf_counter() - started - dive_time
             dive, dive_time = _advance(dive, dive_time, search_time * _DIVE_RATIO)
-    if book.status[j] == "undecided":
+    if book.status[j] == ProofStatus.UNDECIDED:
         book.record_bound(j, worst_closed, METHOD, proved=True)
 
 
@@ -600,7 +600,7 @@ def decide_directions(
     seconds = TIME_LIMIT if time_limit is None else time_limit
     node_cap = min(int(nodes * effort), 2 * STORE_BYTES // max(per_node, 1))
     for j in book.open():
-        if book.status[j] != "undecided":
+        if book.status[j] != ProofStatus.UNDECIDED:
             continue
         if time.monotonic() >= deadline:
             break

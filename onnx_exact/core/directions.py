@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import ProofStatus
 
 WitnessFeed = Callable[[], np.ndarray]
 """Inputs found by a search that runs beside the exact tiers (the background attack of
@@ -41,11 +42,11 @@ class DirectionResult:
     """The answer to one :class:`Direction`.
 
     ``bound`` is a sound upper bound on ``max sign * y`` over the box (``inf`` if none was found);
-    ``witness`` is set exactly when ``status == "refuted"``.
+    ``witness`` is set exactly when ``status`` is :attr:`ProofStatus.REFUTED`.
     """
 
     direction: Direction
-    status: str
+    status: ProofStatus
     bound: float
     method: str
     witness: np.ndarray | None = None
@@ -73,7 +74,7 @@ class DirectionBook:
         self.signs = np.array([d.sign for d in directions], dtype=np.float64)
         self.margins = np.asarray(margins, dtype=np.float64)[self.neurons]
         count = len(directions)
-        self.status = ["undecided"] * count
+        self.status = [ProofStatus.UNDECIDED] * count
         self.method = [""] * count
         self.bound = np.full(count, np.inf)
         self.witness: list[np.ndarray | None] = [None] * count
@@ -81,7 +82,7 @@ class DirectionBook:
         self.best_point: list[np.ndarray | None] = [None] * count
 
     def open(self) -> list[int]:
-        return [j for j, s in enumerate(self.status) if s == "undecided"]
+        return [j for j, s in enumerate(self.status) if s == ProofStatus.UNDECIDED]
 
     def absorb(self, points: np.ndarray, method: str) -> None:
         """Forward-pass candidate inputs; refute every open direction one of them shows.
@@ -102,7 +103,7 @@ class DirectionBook:
     def settled(self, j: int) -> bool:
         """Whether direction ``j`` is proved or refuted (after taking in the feed's inputs)."""
         self.poll()
-        return self.status[j] != "undecided"
+        return self.status[j] != ProofStatus.UNDECIDED
 
     def _forward(self, points: np.ndarray, method: str) -> None:
         if points.shape[0] == 0:
@@ -113,16 +114,16 @@ class DirectionBook:
         for j in np.flatnonzero(best_values > self.best_value):
             self.best_value[j] = best_values[j]
             self.best_point[j] = points[best[j]].copy()
-            if best_values[j] > 0 and self.status[j] == "undecided":
-                self.status[j], self.method[j] = "refuted", method
+            if best_values[j] > 0 and self.status[j] == ProofStatus.UNDECIDED:
+                self.status[j], self.method[j] = ProofStatus.REFUTED, method
                 self.witness[j] = points[best[j]].copy()
 
     def record_bound(self, j: int, bound: float, method: str, proved: bool = False) -> None:
         """Keep the tighter bound; ``proved`` marks a MILP that cleared its cutoff exactly."""
         self.bound[j] = min(self.bound[j], bound)
         proved = proved or self.bound[j] <= -self.margins[j]
-        if self.status[j] == "undecided" and proved:
-            self.status[j], self.method[j] = "proved", method
+        if self.status[j] == ProofStatus.UNDECIDED and proved:
+            self.status[j], self.method[j] = ProofStatus.PROVED, method
 
     def results(self, tiers: Sequence[str]) -> list[DirectionResult]:
         named = {"milp": "milp", "cuts": "lp+cuts", "lp": "lp"}

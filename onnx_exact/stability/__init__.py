@@ -60,6 +60,20 @@ Modules: :mod:`~onnx_exact.stability.policy` (margins, caps, budgets),
 (the run's state and the order of the tiers; :func:`analyze_stability`).
 """
 
-from onnx_exact.stability.schedule import analyze_stability
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["analyze_stability"]
+
+
+def __getattr__(name: str) -> Any:
+    """``analyze_stability`` (from :mod:`onnx_exact.stability.schedule`), loaded on first use.
+
+    PEP 562: importing one module of this package (``policy``, say) does not load the others,
+    and no module of the package imports its ``__init__`` back.
+    """
+    if name == "analyze_stability":
+        return importlib.import_module("onnx_exact.stability.schedule").analyze_stability
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """Every margin, cap, effort and budget of the stability analysis, one line each with its reason.
 
 The per-direction caps of the exact tiers (seconds, nodes) sit in the tier table
-(:data:`onnx_exact.core.verdicts.TIERS`), which the solver modules read as well; everything else
-the schedule and the tiers use is here. Changing a number here changes where time goes, never
+(:data:`onnx_exact.core.verdicts.TIERS`), which the solver modules read as well
+(:func:`tier_direction_seconds`); everything else the schedule and the tiers use is here. Changing a number here changes where time goes, never
 what a proof means: only the margins below bear on soundness.
 
 Margin policy
@@ -26,6 +26,8 @@ import numpy as np
 from onnx_exact.bounds.crown import LayerBounds, layer_input_bounds
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import TIERS, Tier
+from onnx_exact.search.attack import AttackLimits
 
 # --- margins (soundness) ------------------------------------------------------------------
 FLOAT_MARGIN = 1e-12  # relative margin of interval/symbolic/CROWN proofs: float64 rounding
@@ -74,6 +76,42 @@ SUBDIVIDE_ONLY_MAX_INPUTS = 8  # up to this many features subdivide replaces the
 def attack_round_seconds() -> float:
     """The most one attack round spends per direction (PGD, region LPs, pattern search)."""
     return ATTACK_SECONDS + POLISH_SECONDS + PATTERN_SECONDS
+
+
+def attack_limits() -> AttackLimits:
+    """The caps of one round of the attack tier and of the background attack."""
+    return AttackLimits(ATTACK_STARTS, ATTACK_SECONDS, POLISH_SECONDS, PATTERN_SECONDS, PATTERN_GAP)
+
+
+def probe_limits() -> AttackLimits:
+    """The caps of the probe's one round (no pattern search)."""
+    return AttackLimits(
+        PROBE_STARTS, PROBE_SECONDS, PROBE_POLISH_SECONDS, polish_gap=PROBE_POLISH_GAP
+    )
+
+
+def retry_attack_effort(tier: Tier, effort: float) -> float:
+    """Attack rounds after a retry of ``tier`` at ``effort``: one attack second per proof second.
+
+    A direction still open after the first pass is either unstable with its sign in a sliver of
+    the box, or stable with a proof out of reach of the capped tiers, and nothing tells the two
+    apart in advance. Giving the directions a retried tier leaves open as many attack seconds
+    each as that tier could spend on them (its cap ``tier_direction_seconds(tier) * effort``, one
+    round costing at most ``attack_round_seconds()``) at most doubles the time to either
+    answer, against the order that would have been right; a fixed number of rounds instead
+    starves the refutation when one round succeeds rarely. After the tier, not before:
+    directions it proves cost no attack. A tier without a per-direction cap (subdivide) is
+    followed by ``ATTACK_MAX_EFFORT`` rounds.
+    """
+    seconds = tier_direction_seconds(tier)
+    if seconds is None:
+        return ATTACK_MAX_EFFORT
+    return max(seconds * effort / attack_round_seconds(), 1.0)
+
+
+def tier_direction_seconds(tier: Tier | str) -> float | None:
+    """The cap in seconds one direction gets from ``tier`` at effort 1 (None: no such cap)."""
+    return TIERS[Tier(tier)].direction_seconds
 
 
 def neuron_scale(net: Network, box: Box, bounds: list[LayerBounds], layer: int) -> np.ndarray:

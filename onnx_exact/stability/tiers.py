@@ -1,6 +1,6 @@
 """The tiers of the stability analysis, one function each, selected through :data:`TIER_FUNCTIONS`.
 
-Every tier function takes the :class:`onnx_exact.stability.schedule.Analysis` of the run, a layer
+Every tier function takes the :class:`onnx_exact.stability.state.Analysis` of the run, a layer
 ``k`` and an ``effort`` (the multiplier of its per-direction caps or rounds), works only on layer
 ``k``'s directions still open, forward-passes every input it finds (:meth:`Analysis.see`, which
 refutes directions in *all* layers) and records its proofs through :meth:`Analysis.prove`. Which
@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,7 +26,7 @@ from onnx_exact.bounds import input_split, relu_bab
 from onnx_exact.bounds.crown import interval_bounds, symbolic_bounds
 from onnx_exact.core.directions import Direction, DirectionBook
 from onnx_exact.core.verdicts import TIERS, NeuronState, Tier
-from onnx_exact.search.attack import AttackLimits, AttackTarget, attack_round
+from onnx_exact.search.attack import AttackLimits, attack_round
 from onnx_exact.search.witness import (
     best_points,
     corner_ascent,
@@ -37,11 +36,9 @@ from onnx_exact.search.witness import (
 )
 from onnx_exact.solvers import baselines, exact_tiers, lp_relaxation
 from onnx_exact.stability import policy
+from onnx_exact.stability.state import Analysis
 
-if TYPE_CHECKING:
-    from onnx_exact.stability.schedule import Analysis
-
-TierFunction = Callable[["Analysis", int, float], None]
+TierFunction = Callable[[Analysis, int, float], None]
 """``tier(analysis, k, effort)``: one tier on layer ``k``'s open directions."""
 
 
@@ -346,15 +343,8 @@ def attack(analysis: Analysis, k: int, effort: float = 1.0) -> None:
     that budget per direction: the rare sign of a deep ℓ1-free net sits in few of its many local
     maxima, so independent rounds find it where one round with more starts does not.
     """
-    limits = AttackLimits(
-        policy.ATTACK_STARTS,
-        policy.ATTACK_SECONDS,
-        policy.POLISH_SECONDS,
-        policy.PATTERN_SECONDS,
-        policy.PATTERN_GAP,
-    )
     with analysis.timed(Tier.ATTACK):
-        attack_rounds(analysis, k, max(int(effort), 1), limits, Tier.ATTACK)
+        attack_rounds(analysis, k, max(int(effort), 1), policy.attack_limits(), Tier.ATTACK)
 
 
 def probe(analysis: Analysis, k: int, effort: float = 1.0) -> None:
@@ -370,19 +360,8 @@ def probe(analysis: Analysis, k: int, effort: float = 1.0) -> None:
     from it. A heuristic only decides where time goes, never a label; the full attack with its
     longer caps still runs before bab and milp.
     """
-    limits = AttackLimits(
-        policy.PROBE_STARTS,
-        policy.PROBE_SECONDS,
-        policy.PROBE_POLISH_SECONDS,
-        polish_gap=policy.PROBE_POLISH_GAP,
-    )
     with analysis.timed(Tier.PROBE):
-        attack_rounds(analysis, k, 1, limits, Tier.PROBE)
-
-
-def attack_target(analysis: Analysis, k: int) -> AttackTarget:
-    """What an attack on layer k searches, with what its pattern search builds its MILP from."""
-    return AttackTarget(analysis.net, analysis.box, analysis.bounds, analysis.solver_states(k), k)
+        attack_rounds(analysis, k, 1, policy.probe_limits(), Tier.PROBE)
 
 
 def attack_rounds(
@@ -401,7 +380,7 @@ def attack_rounds(
     stop = min(analysis.deadline, time.monotonic() + per_round * rounds * neurons.size)
     pool = np.concatenate([analysis.obs.witnesses, analysis.box.center[None, :]])
     start_points = best_points(analysis.net, k, neurons, signs, pool)
-    target = attack_target(analysis, k)
+    target = analysis.attack_target(k)
     for _round in range(rounds):
         if not neurons.size or time.monotonic() >= stop:
             break
