@@ -24,7 +24,10 @@ The common contract (:class:`LinearOperator`):
 Dense and convolution operators also remove channels, the structured pruning step:
 ``select_outputs(keep)`` keeps the output channels ``keep`` (rows of a matrix, filters of a conv),
 ``select_inputs(keep)`` the input channels ``keep`` (columns, kernel input channels). The result
-equals the dense matrix with the matching rows/columns sliced out.
+equals the dense matrix with the matching rows/columns sliced out; a grouped convolution keeps
+uniform groups (a depthwise channel goes on both sides at once, ``ConvOperator.select``). They
+also fold a per-channel affine map that follows them (``scale_outputs``: BatchNormalization,
+per-channel Mul/Add). ``resolve_auto_pad`` turns an ``auto_pad`` attribute into explicit pads.
 
 All arrays are float64; the numbers are the stored weights converted exactly. numpy only.
 """
