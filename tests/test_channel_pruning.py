@@ -1,0 +1,264 @@
+"""Structured pruning of proved-dead channels in the ONNX graph (``io/channel_pruning.py``).
+
+The fixtures plant channels dead on their box (their biases clear the interval bounds by a wide
+margin), so deleting them must leave the outputs unchanged on every box input: the kept values
+are computed by the same ops from the same weights. Removing a channel that is *not* dead must
+change them (the comparison can fail). The keep cases say why they keep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cnn_fixtures import VALID_BUILDERS, run_onnxruntime
+from exporter_fixtures import GraphBuilder
+from onnx import numpy_helper
+
+from onnx_exact.core.operators import ConvOperator
+from onnx_exact.io.channel_pruning import prune_channels
+
+SEQUENTIAL = [
+    "torch_legacy_plain",
+    "torch_legacy_bn",
+    "torch_legacy_maxpool",
+    "torch_legacy_avgpool",
+    "torch_dynamo",
+    "tf2onnx_nhwc",
+    "matlab_conv1d",
+]
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def box_samples(lower: np.ndarray, upper: np.ndarray, count: int = 200, seed: int = 0):
+    """Uniform points and random corners of the box."""
+    rng = np.random.default_rng(seed)
+    uniform = lower + (upper - lower) * rng.random((count, lower.size))
+    corners = np.where(rng.random((count // 4, lower.size)) < 0.5, lower, upper)
+    return np.vstack([uniform, corners])
+
+
+def params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def node_named(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def planted(fixture, kind: str = "dead") -> dict[str, list[int]]:
+    return {
+        relu: [c for c, k in channels.items() if k == kind]
+        for relu, channels in fixture.planted.items()
+        if any(k == kind for k in channels.values())
+    }
+
+
+def assert_same_outputs(original, pruned, lower, upper, input_shape) -> None:
+    onnx.checker.check_model(pruned, full_check=True)
+    x = box_samples(lower, upper)
+    expected = run_onnxruntime(original, x, input_shape)
+    got = run_onnxruntime(pruned, x, input_shape)
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name", SEQUENTIAL)
+def test_planted_dead_channels_are_removed_and_outputs_stay(name):
+    fixture = VALID_BUILDERS[name]()
+    dead = planted(fixture)
+    before = onnx.ModelProto()
+    before.CopyFrom(fixture.model)
+    result = prune_channels(fixture.model, dead)
+    assert fixture.model == before  # the input model is not modified
+    assert result.removed == dead and result.kept == {}
+    assert params(result.model) < params(fixture.model)
+    dtypes = {t.name: t.data_type for t in fixture.model.graph.initializer}
+    for tensor in result.model.graph.initializer:
+        assert tensor.data_type == dtypes.get(tensor.name, tensor.data_type)
+    assert_same_outputs(
+        fixture.model, result.model, fixture.lower, fixture.upper, fixture.input_shape
+    )
+
+
+def first_conv_weight(model: onnx.ModelProto) -> np.ndarray:
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    return initializer(model, conv.input[1])
+
+
+def test_torch_legacy_shapes_shrink_per_channel():
+    """Channel 0 of relu1 goes from conv1's filters (axis 0) and bias and conv2's inputs (axis 1);
+    channel 2 of relu2 from conv2's filters and the Gemm's 16 columns behind the Flatten."""
+    fixture = VALID_BUILDERS["torch_legacy_plain"]()
+    result = prune_channels(fixture.model, {"relu1": [0], "relu2": [2]})
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    original = [n for n in fixture.model.graph.node if n.op_type == "Conv"]
+    w1, w2 = (initializer(result.model, c.input[1]) for c in convs)
+    o1, o2 = (initializer(fixture.model, c.input[1]) for c in original)
+    assert w1.shape == (3, 2, 3, 3) and np.array_equal(w1, o1[1:])
+    assert initializer(result.model, convs[0].input[2]).shape == (3,)
+    assert w2.shape == (5, 3, 3, 3) and np.array_equal(w2, np.delete(o2[:, 1:], 2, axis=0))
+    gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
+    old = initializer(fixture.model, gemm.input[1])
+    new = initializer(result.model, gemm.input[1])
+    assert np.array_equal(new, np.delete(old, np.arange(2 * 16, 3 * 16), axis=1))
+
+
+def test_tf2onnx_nhwc_columns_have_stride_c_and_the_reshape_target_follows():
+    """Behind Transpose(0, 2, 3, 1) + Reshape, channel c of 6 is every 6th MatMul row; the
+    Reshape target ``[-1, 96]`` becomes ``[-1, 64]``."""
+    fixture = VALID_BUILDERS["tf2onnx_nhwc"]()
+    result = prune_channels(fixture.model, {"Relu_1": [1, 5]})
+    reshape = next(n for n in result.model.graph.node if n.op_type == "Reshape")
+    assert initializer(result.model, reshape.input[1]).tolist() == [-1, 64]
+    matmul = next(n for n in fixture.model.graph.node if n.op_type == "MatMul")
+    old = initializer(fixture.model, matmul.input[1])
+    new = initializer(result.model, matmul.input[1])
+    rows = [r for r in range(96) if r % 6 not in (1, 5)]
+    assert np.array_equal(new, old[rows])
+    assert_same_outputs(
+        fixture.model, result.model, fixture.lower, fixture.upper, fixture.input_shape
+    )
+
+
+def test_removing_a_channel_that_is_not_dead_changes_the_outputs():
+    """The planted always-active channel is no zero: deleting it must show in the outputs."""
+    fixture = VALID_BUILDERS["torch_legacy_plain"]()
+    result = prune_channels(fixture.model, planted(fixture, "active"))
+    assert result.removed == {"relu1": [1]}
+    x = box_samples(fixture.lower, fixture.upper)
+    expected = run_onnxruntime(fixture.model, x, fixture.input_shape)
+    got = run_onnxruntime(result.model, x, fixture.input_shape)
+    assert np.abs(got - expected).max() > 1e-3
+
+
+def test_residual_joins_keep_their_channels_and_say_why():
+    """relu_a feeds the skip Add and relu_out is computed by it: both keep; relu_b goes."""
+    fixture = VALID_BUILDERS["residual_block"]()
+    result = prune_channels(fixture.model, planted(fixture))
+    assert result.removed == {"relu_b": [1]}
+    assert set(result.kept) == {"relu_a", "relu_out"}
+    assert all("residual Add" in reason for reason in result.kept.values())
+    assert_same_outputs(
+        fixture.model, result.model, fixture.lower, fixture.upper, fixture.input_shape
+    )
+
+
+def small_cnn(pad_value: float | None = None, fan_out: bool = False, shared: bool = False):
+    """``Conv(2→4, 3×3) → Relu → [Pad(1, value)] → Conv(4→3) → Relu → GlobalAveragePool →
+    Flatten → Gemm`` on ``[batch, 2, 6, 6]`` over [0, 1]; channel 1 of ``relu`` is dead (bias
+    −100 against weights below 0.5). ``fan_out`` also outputs the first Conv's result;
+    ``shared`` makes both Convs read one bias initializer."""
+    rng = np.random.default_rng(7)
+    g = GraphBuilder()
+    w1 = (rng.random((4, 2, 3, 3)) * 0.5).astype(np.float32)
+    b1 = np.array([0.1, -100.0, 0.2, -0.3], np.float32)
+    bias = g.const(b1)
+    h1 = g.node("Conv", ["input", g.const(w1), bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    h = g.node("Relu", [h1], name="relu")
+    if pad_value is not None:
+        pads = g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]), dtype=np.int64)
+        h = g.node("Pad", [h, pads, g.const(np.float32(pad_value))], mode="constant")
+    w2 = rng.normal(size=(4 if shared else 3, 4, 3, 3)).astype(np.float32)
+    h = g.node(
+        "Conv", [h, g.const(w2), bias if shared else g.const(np.zeros(3))], kernel_shape=[3, 3]
+    )
+    h = g.node("Relu", [h], name="relu2")
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
+    g.node("Gemm", [h, g.const(rng.normal(size=(2, w2.shape[0])))], output="output", transB=1)
+    outputs = [g.tensor("output", ["batch", 2])]
+    if fan_out:
+        outputs.append(g.tensor(h1, ["batch", 4, 6, 6]))
+    return g.model([g.tensor("input", ["batch", 2, 6, 6])], outputs)
+
+
+def test_zero_pad_passes_and_a_nonzero_pad_keeps():
+    lower, upper = np.zeros(72), np.ones(72)
+    model = small_cnn(pad_value=0.0)
+    result = prune_channels(model, {"relu": [1]})
+    assert result.removed == {"relu": [1]} and not result.kept
+    assert_same_outputs(model, result.model, lower, upper, (2, 6, 6))
+    model = small_cnn(pad_value=1.0)
+    result = prune_channels(model, {"relu": [1]})
+    assert result.removed == {} and "not 0" in result.kept["relu"]
+    assert result.model == model
+
+
+def test_fan_out_and_shared_initializers_keep():
+    result = prune_channels(small_cnn(fan_out=True), {"relu": [1]})
+    assert result.removed == {} and "graph output" in result.kept["relu"]
+    result = prune_channels(small_cnn(shared=True), {"relu": [1]})
+    assert result.removed == {} and "shared" in result.kept["relu"]
+
+
+def test_all_dead_channels_keep_one():
+    model = small_cnn()
+    result = prune_channels(model, {"relu": [0, 1, 2, 3]})
+    assert result.removed == {"relu": [1, 2, 3]} and "channel 0 stays" in result.kept["relu"]
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_bad_names_and_channels_are_programming_errors():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="no Relu"):
+        prune_channels(model, {"nope": [0]})
+    with pytest.raises(ValueError, match="out of range"):
+        prune_channels(model, {"relu": [9]})
+
+
+def linear_relu_model(relu_is_output: bool):
+    """``Gemm → Relu → Gemm`` whose Relu is the identity on [0, 1]^3 (weights ≥ 0, bias 1)."""
+    rng = np.random.default_rng(3)
+    g = GraphBuilder()
+    h = g.node("Gemm", ["input", g.const(rng.random((4, 3))), g.const(np.ones(4))], transB=1)
+    output = "hidden" if relu_is_output else None
+    h = g.node("Relu", [h], name="relu", output=output)
+    g.node("Gemm", [h, g.const(rng.normal(size=(2, 4)))], output="output", transB=1)
+    outputs = [g.tensor("output", ["batch", 2])]
+    if relu_is_output:
+        outputs.append(g.tensor("hidden", ["batch", 4]))
+    return g.model([g.tensor("input", ["batch", 3])], outputs)
+
+
+@pytest.mark.parametrize("relu_is_output", [False, True])
+def test_linear_relu_is_removed(relu_is_output):
+    model = linear_relu_model(relu_is_output)
+    result = prune_channels(model, {}, linear=["relu"])
+    assert result.removed_relus == ["relu"]
+    assert all(n.op_type != "Relu" for n in result.model.graph.node)
+    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
+    assert_same_outputs(model, result.model, np.zeros(3), np.ones(3), (3,))
+
+
+def test_mnist_cnn_first_conv_dead_channels_by_interval_bounds():
+    """models/mnist_cnn_l1_2e-3.onnx: interval bounds of conv1 on [0, 1]^784 prove 8 of 16
+    channels dead; deleting them leaves the logits unchanged and removes their weights."""
+    model = onnx.load(MODELS / "mnist_cnn_l1_2e-3.onnx")
+    conv = model.graph.node[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+    op = ConvOperator(
+        initializer(model, conv.input[1]).astype(np.float64),
+        initializer(model, conv.input[2]).astype(np.float64),
+        (28, 28),
+        attrs.get("pads"),
+        attrs.get("strides"),
+        attrs.get("dilations"),
+    )
+    lower, upper = np.zeros(784), np.ones(784)
+    centre = op.forward(((lower + upper) / 2)[None])[0]
+    radius = op.abs().linear(((upper - lower) / 2)[None])[0]
+    high = (centre + radius).reshape(16, -1).max(axis=1)
+    dead = np.flatnonzero(high < 0).tolist()
+    assert len(dead) == 8
+    relu = model.graph.node[1].name
+    result = prune_channels(model, {relu: dead})
+    assert result.removed == {relu: dead}
+    assert first_conv_weight(result.model).shape[0] == 8
+    assert params(model) - params(result.model) == 8 * (9 + 1) + 8 * 32 * 9
+    assert_same_outputs(model, result.model, lower, upper, (1, 28, 28))
