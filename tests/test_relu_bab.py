@@ -1,4 +1,4 @@
-"""Tests of the CROWN branch and bound tier (:mod:`onnx_exact.relu_bab`).
+"""Tests of the CROWN branch and bound tier (:mod:`onnx_exact.bounds.relu_bab`).
 
 Oracles: finite differences for the bound's gradient; samples filtered by a node's split
 constraints for node bounds (a sampled maximum is a lower bound on the node's true maximum, so no
@@ -266,3 +266,38 @@ def test_memory_estimate_counts_the_crown_bab_caps():
     from onnx_exact import resources
 
     assert resources.CROWN_BAB_BYTES == relu_bab.STORE_BYTES + relu_bab.BATCH_BYTES
+
+
+def test_a_supplied_dive_refutes_what_crown_vertices_cannot(step_clock):
+    """The witness search beside the branch and bound is whatever callable the caller supplies
+    (relu_bab imports no solver): a dive that forward-passes grid points through the book settles
+    the directions whose sign shows only inside the box; with none, some stay undecided (kept,
+    never wrong), and what both decide agrees."""
+    seed, sizes = SMALL_NETS[2]
+    net = _random_net(seed, sizes)
+    box = Box(-np.ones(sizes[0]), np.ones(sizes[0]))
+    bounds = _interval_bounds(net, box)
+    points = _grid(box, 41)
+    dived: list[int] = []
+
+    def grid_dive(book, j, deadline):
+        dived.append(j)
+        book.absorb(points, relu_bab.METHOD)
+        yield
+
+    def states_with(dive):
+        def decide(k, states, directions, margins, deadline):
+            return relu_bab.decide_directions(
+                net, box, bounds, states, k, directions, margins, deadline, dive=dive
+            )
+
+        return _tiered_states(net, box, bounds, decide=decide)
+
+    alone = states_with(None)
+    with_dive = states_with(grid_dive)
+    assert dived, "the branch and bound never called the dive"
+    assert sum(int((s == NeuronState.UNDECIDED).sum()) for s in alone) > 0
+    assert all((s != NeuronState.UNDECIDED).all() for s in with_dive)
+    for ours, theirs in zip(alone, with_dive, strict=True):
+        decided = ours != NeuronState.UNDECIDED
+        np.testing.assert_array_equal(ours[decided], theirs[decided])

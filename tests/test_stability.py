@@ -673,3 +673,33 @@ def test_jobs_in_a_daemonic_process_run_serially_instead_of_failing():
     serial = analyze_stability(net, box, tiers=tiers)
     for states, layer in zip(answer, serial.layers, strict=True):
         np.testing.assert_array_equal(states, layer.states)
+
+
+def test_the_tier_table_holds_the_order_the_flags_and_the_solver_caps():
+    """One row per tier replaces the parallel tuples: the exact tiers run in table order, an
+    UNSTABLE neuron is credited by the rank of its ``decided_by`` name ("cuts" settles as
+    "lp+cuts"), the solvers read their per-direction caps from the table, and every tier a layer
+    runs is dispatched through TIER_FUNCTIONS."""
+    from onnx_exact.bounds import relu_bab
+    from onnx_exact.core.verdicts import CREDIT_ORDER, SOLVER_TIERS, TIERS
+    from onnx_exact.solvers import exact_tiers
+
+    assert SOLVER_TIERS == ("split", "lp", "cuts", "crown-bab", "bab", "milp", "subdivide")
+    ranked = sorted(CREDIT_ORDER, key=CREDIT_ORDER.get)
+    assert ranked.index("lp+cuts") == ranked.index("lp") + 1
+    assert CREDIT_ORDER["probe"] < CREDIT_ORDER["crown-bab"] < CREDIT_ORDER["attack"]
+    assert CREDIT_ORDER["attack"] < CREDIT_ORDER["bab"] < CREDIT_ORDER["milp"]
+    assert [t for t in TIERS if TIERS[t].retried] == ["crown-bab", "bab", "milp", "subdivide"]
+    assert [t for t in TIERS if TIERS[t].attacked_before] == ["bab", "milp", "subdivide"]
+    assert [t for t in TIERS if TIERS[t].background] == ["crown-bab", "bab", "milp"]
+    assert [t for t in TIERS if TIERS[t].probed_before] == ["crown-bab"]
+    assert relu_bab.TIME_LIMIT == TIERS[Tier.CROWN_BAB].direction_seconds
+    assert relu_bab.NODE_LIMIT == TIERS[Tier.CROWN_BAB].direction_nodes
+    assert exact_tiers.BAB_TIME_LIMIT == TIERS[Tier.BAB].direction_seconds
+    assert exact_tiers.BAB_NODE_LIMIT == TIERS[Tier.BAB].direction_nodes
+    assert exact_tiers.DIRECTION_TIME_LIMIT == TIERS[Tier.MILP].direction_seconds
+    assert policy.tier_direction_seconds("subdivide") is None
+    solver_tiers = {Tier(name) for name in SOLVER_TIERS}
+    assert solver_tiers <= set(stability_tiers.TIER_FUNCTIONS)
+    assert {Tier.ISA, Tier.PER_NEURON} == set(stability_tiers.BASELINES)
+    assert f"{Tier.CROWN_BAB}" == "crown-bab" and str(Tier.CUTS) == "cuts"

@@ -1,16 +1,16 @@
 """Branch and bound on ReLU phases over optimised CROWN bounds (β-CROWN style), batched in numpy.
 
 Why this tier exists
-    The LP branch and bound of :mod:`onnx_exact.milp` solves one HiGHS LP per node: 50-80 ms on a
-    784-100x4 MNIST net, so a hard direction that needs a few thousand nodes costs minutes. The
-    same node bound can be had without an LP solver: CROWN back-substitution with *optimised*
-    lower-line slopes ``α`` and Lagrange multipliers ``β`` for the split constraints is a valid
-    bound for every ``α ∈ [0, 1]`` and ``β ≥ 0``, and its optimum over them equals the triangle LP
-    with the same splits (Wang et al. 2021, "Beta-CROWN"). Every node of a batch is bounded by the
-    same few matrix products, so hundreds of nodes cost what one LP costs, and a few projected
-    gradient steps (warm-started from the parent's ``α``, ``β``) get most of the LP's tightness.
-    Measured on the 784-100x4 MNIST net (ℓ1 = 3e-4): about 2,000 nodes a second against about
-    12 for the LP branch and bound.
+    The LP branch and bound of :mod:`onnx_exact.solvers.exact_tiers` solves one HiGHS LP per node:
+    50-80 ms on a 784-100x4 MNIST net, so a hard direction that needs a few thousand nodes costs
+    minutes. The same node bound can be had without an LP solver: CROWN back-substitution with
+    *optimised* lower-line slopes ``α`` and Lagrange multipliers ``β`` for the split constraints is
+    a valid bound for every ``α ∈ [0, 1]`` and ``β ≥ 0``, and its optimum over them equals the
+    triangle LP with the same splits (Wang et al. 2021, "Beta-CROWN"). Every node of a batch is
+    bounded by the same few matrix products, so hundreds of nodes cost what one LP costs, and a few
+    projected gradient steps (warm-started from the parent's ``α``, ``β``) get most of the LP's
+    tightness. Measured on the 784-100x4 MNIST net (ℓ1 = 3e-4): about 2,000 nodes a second against
+    about 12 for the LP branch and bound.
 
 The bound of one node
     Target ``F = a · h_{k-1} + c`` (``a = sign W_k[i]``, ``c = sign b_k[i]``) over the box. Walking

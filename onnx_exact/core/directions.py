@@ -18,8 +18,8 @@ from onnx_exact.core.verdicts import ProofStatus
 
 WitnessFeed = Callable[[], np.ndarray]
 """Inputs found by a search that runs beside the exact tiers (the background attack of
-:mod:`onnx_exact.stability`): each call returns the ``(m, n_in)`` network-space inputs found since
-the last call, possibly none. Tiers forward-pass them like their own candidates."""
+:mod:`onnx_exact.search.attack`): each call returns the ``(m, n_in)`` network-space inputs found
+since the last call, possibly none. Tiers forward-pass them like their own candidates."""
 
 
 FEED_POLL_SECONDS = 0.25
@@ -55,8 +55,9 @@ class DirectionResult:
 class DirectionBook:
     """Open directions of one layer, their best bounds and the best input seen for each.
 
-    Shared by every exact tier (the HiGHS tiers here and :mod:`onnx_exact.relu_bab`): a direction
-    is refuted by the first forward-passed input that shows its sign, whichever tier produced it.
+    Shared by every exact tier (the HiGHS tiers of :mod:`onnx_exact.solvers.exact_tiers` and
+    :mod:`onnx_exact.bounds.relu_bab`): a direction is refuted by the first forward-passed input
+    that shows its sign, whichever tier produced it.
     """
 
     def __init__(

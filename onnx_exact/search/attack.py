@@ -2,8 +2,8 @@
 
 One *attack round* on a layer's open directions runs multi-start PGD
 (:func:`onnx_exact.search.witness.multistart_ascent`), polishes each promising end point by LPs
-over its activation region and its neighbours (:func:`onnx_exact.search.region_search.region_ascent`)
-and, when the polished point has come within ``pattern_gap`` of the way from its sound bound down
+over its activation region and its neighbours
+(:func:`onnx_exact.search.region_search.region_ascent`) and, when the polished point has come within ``pattern_gap`` of the way from its sound bound down
 to 0, by a pattern search (:func:`onnx_exact.search.region_search.pattern_search`). The stability
 tiers ``attack`` and ``probe`` run rounds in the analysis's process; :class:`BackgroundAttack`
 runs them in a second process beside the exact tiers. Every point found is handed to the caller,
@@ -99,10 +99,11 @@ def attack_round(
     each end point with ``-y <= limits.polish_gap * (bound - y)`` that ``still_open`` says is
     open is polished by LPs over its activation region and its neighbours; a direction they
     leave open gets a pattern search of at most ``limits.pattern_seconds`` from their best
-    point if it has ``-y <= limits.pattern_gap * (bound - y)``. Every point goes to ``see`` as soon as
-    it is found (which forward-passes it, so ``still_open`` reflects it), and nothing runs past
-    ``stop``. With ``polish_from``, only end points with ``sign * y >= polish_from[d]`` are
-    polished. Shared by the attack and probe tiers and the background attack (:class:`BackgroundAttack`).
+    point if it has ``-y <= limits.pattern_gap * (bound - y)``. Every point goes to ``see`` as
+    soon as it is found (which forward-passes it, so ``still_open`` reflects it), and nothing
+    runs past ``stop``. With ``polish_from``, only end points with ``sign * y >= polish_from[d]``
+    are polished. Shared by the attack and probe tiers and the background attack
+    (:class:`BackgroundAttack`).
 
     Returns
     -------

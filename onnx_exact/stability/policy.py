@@ -2,8 +2,9 @@
 
 The per-direction caps of the exact tiers (seconds, nodes) sit in the tier table
 (:data:`onnx_exact.core.verdicts.TIERS`), which the solver modules read as well
-(:func:`tier_direction_seconds`); everything else the schedule and the tiers use is here. Changing a number here changes where time goes, never
-what a proof means: only the margins below bear on soundness.
+(:func:`tier_direction_seconds`); everything else the schedule and the tiers use is here.
+Changing a number here changes where time goes, never what a proof means: only the margins
+below bear on soundness.
 
 Margin policy
 -------------

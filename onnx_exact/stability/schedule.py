@@ -166,10 +166,10 @@ def bounds_pass(analysis: Analysis) -> None:
     """Pass 1 of the anytime order: interval and CROWN proofs on every ReLU layer, bottom-up.
 
     Why first: every later tier of a layer can take minutes, and the layers above wait for
-    it; a deadline reached there left them with interval proofs only, far fewer than CROWN
-    gives in seconds (far fewer than onnxsim's interval + CROWN, on deep nets). After this pass the run holds, whenever it stops,
-    every proof of interval + CROWN over the whole network; the per-layer tiers that follow
-    start from these bounds and may tighten them.
+    it; a deadline reached there would leave them with interval proofs only, far fewer than
+    CROWN gives in seconds. After this pass the run holds, whenever it stops, every proof of
+    interval + CROWN over the whole network (what onnxsim's ``stable_relu_prune`` proves); the
+    per-layer tiers that follow start from these bounds and may tighten them.
 
     CROWN bounds every row not proved stable, the unstable ones included (their bounds fix
     the relaxation the layers above are bounded with), as long as a later layer has open
