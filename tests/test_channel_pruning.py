@@ -28,6 +28,7 @@ SEQUENTIAL = [
     "torch_dynamo",
     "tf2onnx_nhwc",
     "matlab_conv1d",
+    "pad_pool",
 ]
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -60,11 +61,18 @@ def planted(fixture, kind: str = "dead") -> dict[str, list[int]]:
     }
 
 
-def assert_same_outputs(original, pruned, lower, upper, input_shape) -> None:
+def run(model: onnx.ModelProto, x: np.ndarray, input_shape) -> np.ndarray:
+    """onnxruntime's outputs, one sample per run when the model fixes the batch at 1."""
+    if model.graph.input[0].type.tensor_type.shape.dim[0].dim_value != 1:
+        return run_onnxruntime(model, x, input_shape)
+    return np.vstack([run_onnxruntime(model, row[None], input_shape) for row in x])
+
+
+def assert_same_outputs(original, pruned, lower, upper, input_shape, count=200) -> None:
     onnx.checker.check_model(pruned, full_check=True)
-    x = box_samples(lower, upper)
-    expected = run_onnxruntime(original, x, input_shape)
-    got = run_onnxruntime(pruned, x, input_shape)
+    x = box_samples(lower, upper, count)
+    expected = run(original, x, input_shape)
+    got = run(pruned, x, input_shape)
     scale = max(1.0, float(np.abs(expected).max()))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
 
@@ -262,3 +270,54 @@ def test_mnist_cnn_first_conv_dead_channels_by_interval_bounds():
     assert first_conv_weight(result.model).shape[0] == 8
     assert params(model) - params(result.model) == 8 * (9 + 1) + 8 * 32 * 9
     assert_same_outputs(model, result.model, lower, upper, (1, 28, 28))
+
+
+SHARED_CASES = {
+    "oval21_base": {"Relu_1": [0, 5], "Relu_3": [3, 4, 15], "Relu_6": [7]},
+    "oval21_wide": {"Relu_1": [2], "Relu_3": [0, 31]},
+    "marabou_cifar10_medium": {
+        "sequential_1/conv2d_2/Relu": [1, 9],
+        "sequential_1/conv2d_3/Relu": [0, 17, 30],
+        "sequential_1/dense_3/Relu": [5],
+    },
+    "resnet_4b": {"Relu_1": [4], "Relu_3": [2, 3], "Relu_7": [1], "Relu_23": [6]},
+}
+"""Channels killed (bias lowered by 1e6) in the shared CNNs; the residual ones must keep."""
+
+
+def killed(model: onnx.ModelProto, dead: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` where channels ``dead`` of each Relu are 0 on any [0, 1] input: the
+    bias of their Conv/Gemm (or of the MatMul's Add) is lowered by 1e6."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    producer = {o: n for n in copy.graph.node for o in n.output}
+    inits = {t.name: t for t in copy.graph.initializer}
+    for relu, channels in dead.items():
+        node = producer[node_named(copy, relu).input[0]]
+        if node.op_type == "Add":  # MatMul + Add (tf2onnx) or a residual Add: lower one branch
+            node = producer[node.input[0]] if node.input[1] not in inits else node
+        bias_name = next(i for i in node.input[1:] if i in inits and len(inits[i].dims) == 1)
+        bias = numpy_helper.to_array(inits[bias_name]).copy()
+        bias[channels] -= 1e6
+        inits[bias_name].CopyFrom(numpy_helper.from_array(bias, bias_name))
+    return copy
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_CASES))
+def test_shared_cnns_prune_killed_channels_exactly(shared_models, name):
+    """Real exporter graphs (torch Flatten → Gemm, tf2onnx NHWC Transpose → Reshape → MatMul,
+    a ResNet whose skip paths keep): pruned outputs equal the killed model's on its box."""
+    folder = shared_models / "cnn"
+    if not (folder / f"{name}.onnx").is_file():
+        pytest.skip(f"{name} is absent")
+    model = killed(onnx.load(folder / f"{name}.onnx"), SHARED_CASES[name])
+    box = np.load(folder / f"{name}.box.npz")
+    shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+    result = prune_channels(model, SHARED_CASES[name])
+    if name == "resnet_4b":
+        assert result.removed == {"Relu_1": [4], "Relu_3": [2, 3]}
+        assert set(result.kept) == {"Relu_7", "Relu_23"}
+    else:
+        assert result.removed == SHARED_CASES[name] and not result.kept
+    assert params(result.model) < params(model)
+    assert_same_outputs(model, result.model, box["lower"], box["upper"], shape, count=24)
