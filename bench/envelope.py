@@ -16,6 +16,7 @@ Usage::
     python bench/envelope.py                                  # all cases, writes "envelope"
     python bench/envelope.py --cases 1_2,1_3 --jobs-list 1 --out /tmp/e.md
     python bench/envelope.py --baseline-cap 0                 # without the per-neuron baseline
+    python bench/envelope.py --labels-out before.npz          # also save every run's labels
 
 The markdown goes into ``--out`` (default ``docs/benchmarks.md``) between the markers of
 section ``--section`` (default ``envelope``); other sections are kept.
@@ -206,6 +207,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--section", default="envelope")
+    parser.add_argument(
+        "--labels-out",
+        type=Path,
+        help="also save every run's per-neuron states as .npz (key 'case|run|layer'), to compare"
+        " two engine versions label by label",
+    )
     return parser.parse_args(argv)
 
 
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_cap > 0:
         header += ["per-neuron (s)", "speed-up"]
     header += ["labels"]
-    rows, results = [], []
+    rows, results, labels = [], [], {}
     for case in cases:
         runs: dict[str, dict] = {}
         for jobs in jobs_list:
@@ -246,8 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             row.append(ratio)
         row.append(agreement(runs))
         results += [(f"{case.id} jobs {jobs}", runs[f"auto-j{jobs}"]) for jobs in jobs_list]
+        for name, summary in runs.items():
+            for layer, states in enumerate(summary.get("states", [])):
+                labels[f"{case.id}|{name}|{layer}"] = states
         rows.append(row)
         print(" | ".join(row), flush=True)
+    if args.labels_out:
+        np.savez_compressed(args.labels_out, **labels)
     section = markdown(rows, header, args, started, load, summary_lines(results))
     BENCH.write_markdown(args.out, args.section, section)
     print(section)
