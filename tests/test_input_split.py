@@ -82,9 +82,13 @@ def test_leaf_bounds_enclose_every_point_of_each_leaf(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_direction_bounds_with_fixed_lower_slopes_enclose_every_point(seed, monkeypatch) -> None:
-    """CROWN of each row with the lower ReLU lines at fixed slopes (the cheap α-step) stays an
-    upper bound of ``s * y`` on every sampled point of each leaf, and tightens some bounds."""
+@pytest.mark.parametrize("lines", [(0.0, 0.5, 1.0), ("chord",)])
+def test_direction_bounds_with_other_lower_lines_enclose_every_point(
+    seed, lines, monkeypatch
+) -> None:
+    """CROWN of each row with other lower ReLU lines (fixed slopes, or parallel to the upper
+    line: the cheap α-steps) stays an upper bound of ``s * y`` on every sampled point of each
+    leaf, and tightens some bounds."""
     net, box = case(seed)
     rng = np.random.default_rng(seed)
     centre = rng.uniform(box.lower, box.upper, (64, box.size))
@@ -94,9 +98,9 @@ def test_direction_bounds_with_fixed_lower_slopes_enclose_every_point(seed, monk
     outer, asked = interval_bounds(net, box), np.arange(layers.size)
     top = int(layers.max())
     context = (layers, neurons, signs)
-    monkeypatch.setattr(input_split, "_FIXED_LOWER_SLOPES", ())
+    monkeypatch.setattr(input_split, "_LOWER_LINES", ())
     adaptive, _, _ = input_split._direction_bounds(net, lower, upper, outer, top, asked, *context)
-    monkeypatch.setattr(input_split, "_FIXED_LOWER_SLOPES", (0.0, 0.5, 1.0))
+    monkeypatch.setattr(input_split, "_LOWER_LINES", lines)
     values, _, _ = input_split._direction_bounds(net, lower, upper, outer, top, asked, *context)
     assert np.all(values <= adaptive) and np.any(values < adaptive - 1e-9)
     for leaf in range(64):
@@ -104,6 +108,23 @@ def test_direction_bounds_with_fixed_lower_slopes_enclose_every_point(seed, monk
         y = net.preactivations(points)
         signed = np.stack([y[k][:, i] for k, i in zip(layers, neurons, strict=True)], 1) * signs
         assert np.all(signed <= values[leaf] + 1e-9)
+
+
+def test_bounds_in_chunks_equal_one_call(monkeypatch) -> None:
+    """A batch bounded in cache-sized chunks gives exactly the arrays of one call over it."""
+    net, box = case(2)
+    rng = np.random.default_rng(2)
+    centre = rng.uniform(box.lower, box.upper, (100, box.size))
+    radius = rng.uniform(0.0, 0.2, (100, box.size)) * (box.upper - box.lower)
+    lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
+    layers, neurons, signs = all_directions(net)
+    outer, asked, top = interval_bounds(net, box), np.arange(layers.size), int(layers.max())
+    args = (net, lower, upper, outer, top, asked, layers, neurons, signs)
+    whole = input_split._direction_bounds(*args)
+    monkeypatch.setattr(input_split, "_CHUNK_VALUES", 2 * 12 * (box.size + 1) * 16)  # 16 leaves
+    chunked = input_split._chunked_bounds(*args)
+    for one, parts in zip(whole, chunked, strict=True):
+        np.testing.assert_array_equal(one, parts)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -60,8 +60,11 @@ from onnx_exact.core.network import Network
 LEAF_BATCH = 4096  # leaves bounded together at most
 _BATCH_VALUES = 2e7  # float64 values of one layer's pair of linear forms, at most (~160 MB)
 _PART_LEAVES = 256  # leaves per worker's part of a batch, at least
+_CHUNK_VALUES = 150_000  # float64 values of one layer's linear forms per bounded chunk, about
 _CANDIDATES_PER_LEAF = 4  # forward-passed points per bounded leaf with open directions, at most
-_FIXED_LOWER_SLOPES = (0.0,)  # CROWN lower ReLU lines tried per row besides the adaptive one
+# CROWN lower ReLU lines tried per row besides the adaptive one: a slope in [0, 1], or "chord"
+# (every unstable neuron's lower line parallel to its upper line, slope u / (u - l))
+_LOWER_LINES: tuple[float | str, ...] = ("chord",)
 
 
 @dataclass
@@ -169,10 +172,18 @@ def leaf_bounds(
             lower_slope = np.where(known_active, 1.0, _relu_slopes(lower_min, lower_max))
             upper_slope[known_inactive] = lower_slope[known_inactive] = 0.0
             relaxed = (upper_slope > 0.0) & (upper_slope < 1.0)
-            upper_form = upper_slope[:, None, :] * upper_form
+            # in place: both forms are this layer's own arrays (fewer large temporaries)
+            if upper_form.shape[2] != batch:  # the first layer's forms are every leaf's
+                upper_form, lower_form = (
+                    np.repeat(f, batch, axis=2) for f in (upper_form, lower_form)
+                )
+            upper_form *= upper_slope[:, None, :]
             upper_form[:, n] -= np.where(relaxed, upper_slope * upper_min, 0.0)
-            lower_form = lower_slope[:, None, :] * lower_form
-            middle, half = (upper_form + lower_form) / 2.0, (upper_form - lower_form) / 2.0
+            lower_form *= lower_slope[:, None, :]
+            middle = upper_form + lower_form
+            middle *= 0.5
+            half = np.subtract(upper_form, lower_form, out=upper_form)
+            half *= 0.5
             prev_lo, prev_hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
         else:
             middle = np.broadcast_to(middle, shape)
@@ -356,7 +367,7 @@ class InputSearch:
         parts = min(self.jobs, lower.shape[0] // _PART_LEAVES) if executor is not None else 1
         context = (self.net, self.outer, self.layers, self.neurons, self.signs)
         if parts < 2:
-            return _direction_bounds(self.net, lower, upper, self.outer, top, rows, *context[2:])
+            return _chunked_bounds(self.net, lower, upper, self.outer, top, rows, *context[2:])
         if self.worker is None:
             self.worker = parallel.with_context(_bounds_in_worker, parallel.TaskContext(context))
         pieces = np.array_split(np.arange(lower.shape[0]), parts)
@@ -377,7 +388,38 @@ def _bounds_in_worker(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_direction_bounds` for part of a batch, in a worker of the run's pool."""
     net, outer, layers, neurons, signs = context
-    return _direction_bounds(net, lower, upper, outer, top, asked, layers, neurons, signs)
+    return _chunked_bounds(net, lower, upper, outer, top, asked, layers, neurons, signs)
+
+
+def _chunked_bounds(
+    net: Network,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    outer: list[LayerBounds],
+    top: int,
+    asked: np.ndarray,
+    layers: np.ndarray,
+    neurons: np.ndarray,
+    signs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_direction_bounds` in chunks of about ``_CHUNK_VALUES`` form values, concatenated.
+
+    Why: a leaf's bounds do not depend on the other leaves of its batch, and a chunk's linear
+    forms (about 1 MB) stay in the processor's cache, while the search still picks, splits and
+    files its leaves a whole batch at a time. The result is the one of a single call.
+    """
+    widest = max(layer.out_features for layer in net.layers[: top + 1])
+    chunk = max(16, int(_CHUNK_VALUES // (2 * widest * (lower.shape[1] + 1))))
+    if lower.shape[0] <= chunk:
+        return _direction_bounds(net, lower, upper, outer, top, asked, layers, neurons, signs)
+    directions = (layers, neurons, signs)
+    parts = [
+        _direction_bounds(
+            net, lower[s : s + chunk], upper[s : s + chunk], outer, top, asked, *directions
+        )
+        for s in range(0, lower.shape[0], chunk)
+    ]
+    return tuple(np.concatenate(part) for part in zip(*parts, strict=True))
 
 
 def _direction_bounds(
@@ -395,9 +437,10 @@ def _direction_bounds(
 
     Returns ``values (B, R)``, the smaller of the forward bound and CROWN (back-substitution of
     the row through each leaf's own relaxations, :func:`_back_substitute`). CROWN runs with the
-    adaptive lower ReLU lines and again with every unstable neuron's lower line ``h >= a y`` at
-    each slope ``a`` of ``_FIXED_LOWER_SLOPES`` (sound for any ``a`` in ``[0, 1]``: a cheap
-    α-CROWN step), and each (leaf, row) keeps the smallest bound; ``coeffs (B, R, n)``,
+    adaptive lower ReLU lines and again with every unstable neuron's lower line ``h >= a y``
+    chosen by each rule of ``_LOWER_LINES`` (a fixed slope, or ``"chord"``: ``a = u / (u - l)``,
+    parallel to the upper line; sound for any ``a`` in ``[0, 1]``: a cheap α-CROWN step), and
+    each (leaf, row) keeps the smallest bound; ``coeffs (B, R, n)``,
     the input coefficients of that linear bound (its maximising vertex is a witness candidate);
     ``scores (B, R, n)``, how much of each row's bound each input dimension accounts for.
     """
@@ -417,7 +460,7 @@ def _direction_bounds(
         start_const = np.broadcast_to(sign * net.layers[k].bias[i], (batch, i.size))
         row_coeffs, const, slack = _back_substitute(net, bounds, shares, int(k), start, start_const)
         crown = _maximum_over_leaf(row_coeffs, const, lower, upper)
-        for lower_choice in _FIXED_LOWER_SLOPES:
+        for lower_choice in _LOWER_LINES:
             found, found_const, _ = _back_substitute(
                 net, bounds, None, int(k), start, start_const, lower_choice
             )
@@ -449,14 +492,15 @@ def _back_substitute(
     layer: int,
     coeffs: np.ndarray,
     const: np.ndarray,
-    lower_choice: float | None = None,
+    lower_choice: float | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """CROWN for ``R`` rows ``coeffs (B, R, n_{layer-1}) . h_{layer-1} + const`` on ``B`` leaves.
 
     Each ReLU with ``l < 0 < u`` on a leaf takes the triangle's upper line where the row's
     coefficient is positive and the adaptive lower line (``h >= y`` if ``u > -l``, else
     ``h >= 0``) where it is negative, as in :func:`onnx_exact.bounds.relu_relaxation`, or, with
-    ``lower_choice`` given, the lower line of that slope for every unstable neuron. Besides the
+    ``lower_choice`` given, for every unstable neuron the lower line of that slope (a float in
+    ``[0, 1]``) or parallel to its upper line (``"chord"``, slope ``u / (u - l)``). Besides the
     input coefficients and constants of the linear upper bounds, returns their *slack by input
     dimension* ``(B, R, n)``: every relaxed neuron's largest gap (``-a l`` for the upper line,
     ``min(-l, u)`` for the lower one) times the row's coefficient magnitude, spread over the
@@ -476,7 +520,10 @@ def _back_substitute(
             span = np.where(unstable, hi - lo, 1.0)
             upper_slope = np.where(unstable, hi / span, (lo >= 0.0).astype(np.float64))
             upper_intercept = np.where(unstable, -upper_slope * lo, 0.0)
-            adaptive = (hi > -lo).astype(np.float64) if lower_choice is None else lower_choice
+            if lower_choice is None:
+                adaptive = (hi > -lo).astype(np.float64)
+            else:
+                adaptive = upper_slope if lower_choice == "chord" else lower_choice
             lower_slope = np.where(unstable, adaptive, upper_slope)
             positive = np.maximum(coeffs, 0.0)
             negative = coeffs - positive
