@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_exact.core.network import Network
-from onnx_exact.core.verdicts import ProofStatus
+from onnx_exact.core.verdicts import TIERS, ProofStatus, Tier
 
 WitnessFeed = Callable[[], np.ndarray]
 """Inputs found by a search that runs beside the exact tiers (the background attack of
@@ -127,8 +127,10 @@ class DirectionBook:
             self.status[j], self.method[j] = ProofStatus.PROVED, method
 
     def results(self, tiers: Sequence[str]) -> list[DirectionResult]:
-        named = {"milp": "milp", "cuts": "lp+cuts", "lp": "lp"}
-        fallback = next((named[t] for t in ("milp", "cuts", "lp") if t in tiers), tiers[-1])
+        """One result per direction; an undecided one names the strongest of ``tiers`` that ran
+        (the decision MILP, else the LP with cuts, else the LP; else the last tier given)."""
+        strongest = (Tier.MILP, Tier.CUTS, Tier.LP)
+        fallback = next((TIERS[t].name for t in strongest if t in tiers), tiers[-1])
         return [
             DirectionResult(
                 d, self.status[j], float(self.bound[j]), self.method[j] or fallback, self.witness[j]
