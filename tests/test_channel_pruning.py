@@ -321,3 +321,50 @@ def test_shared_cnns_prune_killed_channels_exactly(shared_models, name):
         assert result.removed == SHARED_CASES[name] and not result.kept
     assert params(result.model) < params(model)
     assert_same_outputs(model, result.model, box["lower"], box["upper"], shape, count=24)
+
+
+def grouped_cnn(group: int):
+    """``Conv(2→4) → relu_a → Conv(4→4, group, 3×3) → relu_g → Conv 1×1 (4→3) → Relu → GAP →
+    Flatten → Gemm`` on [0, 1]^(2×6×6). Dead by a −100 bias (|pre-activation| < 50 otherwise):
+    relu_a channel 2; relu_g channels 0, 2 (group 4) or 2, 3 (group 2)."""
+    rng = np.random.default_rng(11)
+    g = GraphBuilder()
+    pads = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    w1 = (rng.random((4, 2, 3, 3)) * 0.5).astype(np.float32)
+    h = g.node("Conv", ["input", g.const(w1), g.const([0.1, 0.2, -100, 0.3])], **pads)
+    h = g.node("Relu", [h], name="relu_a")
+    wg = (rng.random((4, 4 // group, 3, 3)) * 0.5).astype(np.float32)
+    bg = [-100, 0.1, -100, 0.2] if group == 4 else [0.1, 0.2, -100, -100]
+    h = g.node("Conv", [h, g.const(wg), g.const(bg)], group=group, **pads)
+    h = g.node("Relu", [h], name="relu_g")
+    w3 = rng.normal(size=(3, 4, 1, 1)).astype(np.float32)
+    h = g.node("Relu", [g.node("Conv", [h, g.const(w3)], kernel_shape=[1, 1])])
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
+    g.node("Gemm", [h, g.const(rng.normal(size=(2, 3)))], output="output", transB=1)
+    return g.model([g.tensor("input", ["batch", 2, 6, 6])], [g.tensor("output", ["batch", 2])])
+
+
+@pytest.mark.parametrize("group", [4, 2])
+def test_grouped_conv_loses_whole_groups_and_their_input_channels(group):
+    """A dead group's filters go with the input channels only it reads (whatever their values:
+    relu_a's channel 0 is alive but unread once group 0 of the depthwise Conv is gone), and
+    ``group`` shrinks; relu_a's dead channel 2 goes with them."""
+    model = grouped_cnn(group)
+    dead_g = [0, 2] if group == 4 else [2, 3]
+    result = prune_channels(model, {"relu_a": [2], "relu_g": dead_g})
+    assert result.removed == {"relu_a": [0, 2] if group == 4 else [2, 3], "relu_g": dead_g}
+    assert result.kept == {}
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    weights = [initializer(result.model, c.input[1]).shape for c in convs]
+    assert weights[:2] == [(2, 2, 3, 3), (2, 4 // group, 3, 3)] and weights[2] == (3, 2, 1, 1)
+    group_attr = next(a.i for a in convs[1].attribute if a.name == "group")
+    assert group_attr == group // 2
+    assert_same_outputs(model, result.model, np.zeros(72), np.ones(72), (2, 6, 6))
+
+
+def test_grouped_conv_keeps_part_of_a_group_and_its_dead_inputs():
+    model = grouped_cnn(2)
+    result = prune_channels(model, {"relu_a": [2], "relu_g": [3]})
+    assert result.removed == {}
+    assert "whole groups" in result.kept["relu_g"]
+    assert "grouped" in result.kept["relu_a"]

@@ -84,11 +84,12 @@ class _Flow:
 class _Plan:
     """The edits one Relu needs: ``cuts`` (node index, input slot, axis, deleted indices),
     ``targets`` (Reshape node index, new shape target), ``reshaped`` (tensors whose shape
-    changes)."""
+    changes), ``released`` (Relu node index → channels deleted because nothing reads them)."""
 
     cuts: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)
     targets: list[tuple[int, np.ndarray]] = field(default_factory=list)
     reshaped: set[str] = field(default_factory=set)
+    released: dict[int, set[int]] = field(default_factory=dict)
 
 
 def prune_channels(
@@ -139,12 +140,29 @@ def prune_channels(
         result.removed[name] = removed
         if note:
             result.kept[name] = note
+    _credit_released(pruner, plans, dead, result)
     pruner.apply(plans)
     for name in linear:
         if pruner.remove_relu(pruner.relu_index(name)):
             result.removed_relus.append(name)
     pruner.finish()
     return result
+
+
+def _credit_released(
+    pruner: _Pruner, plans: list[_Plan], dead: Mapping[str, Sequence[int]], result: PruneResult
+) -> None:
+    """Channels released upstream of a grouped Conv count as removed from their Relu; a Relu
+    kept only because of that Conv is no longer kept once all its dead channels went."""
+    released: dict[str, set[int]] = {}
+    for plan in plans:
+        for index, channels in plan.released.items():
+            node = pruner.nodes[index]
+            released.setdefault(node.name or node.output[0], set()).update(channels)
+    for name, channels in released.items():
+        result.removed[name] = sorted(channels | set(result.removed.get(name, [])))
+        if name in result.kept and set(dead.get(name, [])) <= channels:
+            del result.kept[name]
 
 
 class _Pruner:
@@ -226,8 +244,8 @@ class _Pruner:
         Raises ``_Keep`` when they cannot be deleted soundly.
         """
         plan = _Plan()
-        chain, core = self._chain(relu)
-        channels, axis, rank = self._core_cuts(core, plan, dead)
+        chain, core = self._chain(self.nodes[relu].input[0], release=False)
+        channels = self._core_channels(core)
         if dead[-1] >= channels:
             raise ValueError(f"channel {dead[-1]} out of range: the Relu has {channels} channels")
         note = ""
@@ -236,12 +254,7 @@ class _Pruner:
                 f"all {channels} channels are dead; channel {dead[0]} stays so no tensor is empty"
             )
             dead = dead[1:]
-            plan.cuts.clear()
-            self._core_cuts(core, plan, dead)
-        plan.reshaped.add(self.nodes[core].output[0])
-        for index in reversed(chain):
-            axis = self._chain_cuts(index, plan, axis, rank, channels, dead)
-            plan.reshaped.add(self.nodes[index].output[0])
+        axis = self._cut_chain(chain, core, dead, plan)
         if axis < 1:
             raise _Keep("the channel axis ends up as the batch axis")
         out = self.nodes[relu].output[0]
@@ -254,10 +267,23 @@ class _Pruner:
         self._downstream(flow, plan)
         return plan, dead, note
 
-    def _chain(self, relu: int) -> tuple[list[int], int]:
-        """The per-channel nodes between the Relu and its core (Relu side first) and the core."""
+    def _release(self, tensor: str, channels: list[int], plan: _Plan) -> None:
+        """Delete channels of ``tensor`` that its one reader (a grouped Conv losing whole groups)
+        no longer reads: whatever their values, nothing else sees them, so their filters go too.
+        A Relu passed on the way records the channels in ``plan.released``."""
+        chain, core = self._chain(tensor, release=True)
+        if self._cut_chain(chain, core, channels, plan) != 1:
+            raise _Keep(f"the channels of '{tensor}' are not on axis 1")
+        for index in chain:
+            if self.nodes[index].op_type == "Relu":
+                plan.released.setdefault(index, set()).update(channels)
+
+    def _chain(self, tensor: str, release: bool) -> tuple[list[int], int]:
+        """The per-channel nodes that compute ``tensor`` from a core (``tensor``'s side first)
+        and the core. With ``release`` (the channels are dropped, not proved 0), Relu, pools and
+        Pad may be on the chain too."""
         chain: list[int] = []
-        tensor = self.nodes[relu].input[0]
+        allowed = CHAIN_PASS_OPS | ({"Relu", "Pad"} | POOL_OPS if release else set())
         while True:
             self.single_reader(tensor, "the tensor")
             index = self.producer.get(tensor)
@@ -280,26 +306,55 @@ class _Pruner:
                 tensor = node.input[slots[0]]
             elif op == "BatchNormalization" and not node_attr(node, "training_mode", 0):
                 tensor = node.input[0]
-            elif op in CHAIN_PASS_OPS:
+            elif op in allowed:
                 tensor = node.input[0]
             else:
                 raise _Keep(f"{self.label(index)} between the Relu and its core is not supported")
             chain.append(index)
 
-    def _core_cuts(self, core: int, plan: _Plan, dead: list[int]) -> tuple[int, int, int]:
-        """Cut the core's output channels; return (channel count, full channel axis, rank)."""
+    def _core_channels(self, core: int) -> int:
+        node = self.nodes[core]
+        weight = self.constant(core, 1, exclusive=False)
+        if node.op_type == "Conv":
+            return weight.shape[0]
+        if weight.ndim != 2:
+            raise _Keep(f"the weight of {self.label(core)} is not a matrix")
+        transposed = node.op_type == "Gemm" and node_attr(node, "transB", 0)
+        return weight.shape[0] if transposed else weight.shape[1]
+
+    def _cut_chain(self, chain: list[int], core: int, dead: list[int], plan: _Plan) -> int:
+        """Cut channels ``dead`` from the core and the chain; the full channel axis at its end."""
+        channels = self._core_channels(core)
+        axis, rank = self._core_cuts(core, plan, dead)
+        plan.reshaped.add(self.nodes[core].output[0])
+        for index in reversed(chain):
+            axis = self._chain_cuts(index, plan, axis, rank, channels, dead)
+            plan.reshaped.add(self.nodes[index].output[0])
+        return axis
+
+    def _core_cuts(self, core: int, plan: _Plan, dead: list[int]) -> tuple[int, int]:
+        """Cut the core's output channels; return (full channel axis, rank) of its output.
+
+        A grouped Conv loses whole groups only (their input channels are released upstream);
+        ``group`` shrinks with them when the cuts are applied."""
         node = self.nodes[core]
         idx = np.asarray(dead, np.int64)
+        weight = self.constant(core, 1, exclusive=True)
         if node.op_type == "Conv":
-            weight = self.constant(core, 1, exclusive=True)
-            if node_attr(node, "group", 1) != 1:
-                raise _Keep(f"{self.label(core)} is grouped: its groups would become unequal")
+            group = node_attr(node, "group", 1)
+            if group != 1:
+                per_group, inputs = weight.shape[0] // group, weight.shape[1]
+                groups = sorted({o // per_group for o in dead})
+                whole = {o for j in groups for o in range(j * per_group, (j + 1) * per_group)}
+                if whole != set(dead):
+                    raise _Keep(f"the dead channels do not fill whole groups of {self.label(core)}")
+                released = [j * inputs + i for j in groups for i in range(inputs)]
+                self._release(node.input[0], released, plan)
             plan.cuts.append((core, 1, 0, idx))
             if len(node.input) > 2 and node.input[2]:
                 self.constant(core, 2, exclusive=True)
                 plan.cuts.append((core, 2, 0, idx))
-            return weight.shape[0], 1, weight.ndim
-        weight = self.constant(core, 1, exclusive=True)
+            return 1, weight.ndim
         if weight.ndim != 2:
             raise _Keep(f"the weight of {self.label(core)} is not a matrix")
         if node.op_type == "Gemm":
@@ -311,12 +366,12 @@ class _Pruner:
                 if bias.ndim >= 1 and bias.shape[-1] == channels and channels > 1:
                     self.constant(core, 2, exclusive=True)
                     plan.cuts.append((core, 2, bias.ndim - 1, idx))
-            return channels, 1, 2
+            return 1, 2
         shape = self.shapes.get(node.output[0])
         if shape is None:
             raise _Keep(f"the rank of the output of {self.label(core)} is unknown")
         plan.cuts.append((core, 1, 1, idx))
-        return weight.shape[1], len(shape) - 1, len(shape)
+        return len(shape) - 1, len(shape)
 
     def _chain_cuts(
         self, index: int, plan: _Plan, axis: int, rank: int, channels: int, dead: list[int]
@@ -328,6 +383,12 @@ class _Pruner:
         if op == "Transpose":
             perm = list(node_attr(node, "perm", range(rank)[::-1]))
             return perm.index(axis)
+        if op in POOL_OPS or op == "Pad":
+            if axis != 1:
+                raise _Keep(f"{self.label(index)} works on axis 1, the channels are on {axis}")
+            if op == "Pad":
+                self._check_pad(index, check_value=False)
+            return axis
         if op == "BatchNormalization":
             if axis != 1:
                 raise _Keep(f"{self.label(index)} normalises axis 1, not the channel axis {axis}")
@@ -402,7 +463,9 @@ class _Pruner:
                     f"{label} reads channels on axis 1, the dead ones are on {flow.axis + 1}"
                 )
             if node_attr(node, "group", 1) != 1:
-                raise _Keep(f"{label} is grouped: its groups would become unequal")
+                raise _Keep(
+                    f"{label} is grouped: a dead input group leaves its outputs at the bias"
+                )
             self.constant(index, 1, exclusive=True)
             plan.cuts.append((index, 1, 1, flow.dead))
             return None
@@ -419,12 +482,13 @@ class _Pruner:
             return None
         raise _Keep(f"{label} reads the channels and is not supported")
 
-    def _check_pad(self, index: int) -> None:
-        """A Pad keeps a zero channel zero only in constant mode with value 0 and no channel pads."""
+    def _check_pad(self, index: int, check_value: bool = True) -> None:
+        """A Pad keeps a zero channel zero only in constant mode with value 0 (checked with
+        ``check_value``) and no pads on the channel axis."""
         node = self.nodes[index]
         label = self.label(index)
         mode = node_attr(node, "mode", b"constant")
-        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+        if check_value and (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
             raise _Keep(f"{label} pads in mode {mode!r}, not with zeros")
         if len(node.input) > 1:
             pads = self.constant(index, 1, exclusive=False).reshape(-1)
@@ -432,7 +496,7 @@ class _Pruner:
         else:
             pads = np.asarray(node_attr(node, "pads", []))
             value = node_attr(node, "value", 0.0)
-        if np.any(np.asarray(value) != 0):
+        if check_value and np.any(np.asarray(value) != 0):
             raise _Keep(
                 f"{label} pads with {float(np.asarray(value).reshape(-1)[0])}, not 0: "
                 "a dead channel would be non-zero at the border"
@@ -486,10 +550,15 @@ class _Pruner:
                 cuts.setdefault((index, slot), {}).setdefault(axis, set()).update(idx.tolist())
             self.reshaped |= plan.reshaped
         for (index, slot), axes in cuts.items():
-            value = self.constants.value(self.nodes[index].input[slot])
+            node = self.nodes[index]
+            value = self.constants.value(node.input[slot])
+            rows = value.shape[0]
             for axis, idx in axes.items():
                 value = np.delete(value, sorted(idx), axis=axis)
             self._store(index, slot, value)
+            group = node_attr(node, "group", 1)
+            if node.op_type == "Conv" and slot == 1 and group != 1 and value.shape[0] != rows:
+                _set_group(node, group * value.shape[0] // rows)  # whole groups went
         for plan in plans:
             for index, target in plan.targets:
                 self._store(index, 1, target)
@@ -567,6 +636,12 @@ class _Pruner:
             ]
         del self.graph.input[:]
         self.graph.input.extend(inputs)
+
+
+def _set_group(node: onnx.NodeProto, group: int) -> None:
+    for attribute in node.attribute:
+        if attribute.name == "group":
+            attribute.i = group
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
