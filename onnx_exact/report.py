@@ -33,6 +33,42 @@ from onnx_exact.version import __version__
 
 
 @dataclass
+class ChannelSummary:
+    """Channel-level verdicts of one ReLU layer of a CNN, and what structured pruning did.
+
+    A channel is all positions of one conv output channel (one neuron in a dense layer, where
+    ``conv`` is False and ``positions`` 1): ``dead`` when every neuron of it is proved inactive,
+    ``active`` when every one is proved active, else counted in ``mixed``. ``removed`` are the
+    channels the written model no longer has, ``kept_reason`` why proved-dead channels stayed
+    (the graph around the ReLU does not allow removing them exactly), ``relu_removed`` whether
+    the ReLU itself went (the identity on the box). Indices are the input model's.
+    """
+
+    count: int
+    conv: bool
+    positions: int
+    dead: list[int]
+    active: list[int]
+    mixed: int
+    removed: list[int] = field(default_factory=list)
+    kept_reason: str = ""
+    relu_removed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "conv": self.conv,
+            "positions": self.positions,
+            "dead": self.dead,
+            "active": self.active,
+            "mixed": self.mixed,
+            "removed": self.removed,
+            "kept_reason": self.kept_reason,
+            "relu_removed": self.relu_removed,
+        }
+
+
+@dataclass
 class LayerSummary:
     """Stability verdicts and the reduction of one ReLU layer of the input model.
 
@@ -54,9 +90,14 @@ class LayerSummary:
     decided_by: dict[str, int] = field(default_factory=dict)
     stable_proved_by: dict[str, int] = field(default_factory=dict)
     unstable_shown_by: dict[str, int] = field(default_factory=dict)
+    channels: ChannelSummary | None = None  # CNN layers only
+    params_before: int | None = None  # CNN: the graph's nodes feeding this ReLU (model_stats)
+    params_after: int | None = None  # None after a removed ReLU (its nodes join the next layer)
+    macs_before: int | None = None
+    macs_after: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "size": self.size,
             "stably_active": self.stably_active,
@@ -69,6 +110,11 @@ class LayerSummary:
             "stable_proved_by": self.stable_proved_by,
             "unstable_shown_by": self.unstable_shown_by,
         }
+        if self.channels is not None:
+            out["channels"] = self.channels.to_json()
+            for key in ("params_before", "params_after", "macs_before", "macs_after"):
+                out[key] = getattr(self, key)
+        return out
 
 
 @dataclass
@@ -265,6 +311,8 @@ def render(report: RunReport, console: Console) -> None:
             row += [str(layer.removed), "yes" if layer.folded else ""]
         table.add_row(*row)
     console.print(table)
+    if any(layer.channels is not None for layer in report.layers):
+        console.print(_channel_table(report))
     proved: Counter[str] = Counter()
     shown: Counter[str] = Counter()
     for layer in report.layers:
@@ -340,6 +388,47 @@ def render(report: RunReport, console: Console) -> None:
         console.print(proof_verdict(report.proof))
         for note in report.proof.notes:
             console.print(f"  note: {note}")
+
+
+def _before_after(before: int | None, after: int | None, compress: bool) -> str:
+    """``1,234 -> 567`` (compress), ``1,234`` (analyze); a removed ReLU's layer shows ``-> next``."""
+    if before is None:
+        return ""
+    if not compress:
+        return f"{before:,}"
+    return f"{before:,} -> {'next' if after is None else f'{after:,}'}"
+
+
+def _channel_table(report: RunReport) -> Table:
+    """Per ReLU layer of a CNN: channel verdicts, what pruning removed, params and MACs."""
+    compress = report.params_after is not None
+    table = Table(title="Channels (a conv channel = all its positions)", title_justify="left")
+    columns = ["layer", "kind", "channels", "dead", "active", "mixed"]
+    if compress:
+        columns += ["removed", "ReLU"]
+    columns += ["params", "MACs"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("layer", "kind", "ReLU") else "right")
+    for layer in report.layers:
+        ch = layer.channels
+        if ch is None:
+            continue
+        row = [
+            layer.name,
+            f"conv x{ch.positions}" if ch.conv else "dense",
+            str(ch.count),
+            str(len(ch.dead)),
+            str(len(ch.active)),
+            str(ch.mixed),
+        ]
+        if compress:
+            row += [str(len(ch.removed)), "removed" if ch.relu_removed else "kept"]
+        row += [
+            _before_after(layer.params_before, layer.params_after, compress),
+            _before_after(layer.macs_before, layer.macs_after, compress),
+        ]
+        table.add_row(*row)
+    return table
 
 
 def _tally(counts: Counter[str]) -> str:

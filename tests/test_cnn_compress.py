@@ -13,7 +13,11 @@ import pytest
 from cnn_fixtures import VALID_BUILDERS
 from exporter_fixtures import ALL_BUILDERS, gemm_mlp
 
+from onnx_exact.channels import channel_summaries, pruning_request
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.verdicts import LayerStability, NeuronState, StabilityResult
 from onnx_exact.io.model_stats import model_stats, relu_layer_stats
+from onnx_exact.report import RunReport, make_console, render, summarize_layers
 
 # (params, macs) by hand, layer by layer (see each builder in cnn_fixtures.py)
 TORCH_PLAIN = {
@@ -92,3 +96,72 @@ def test_relu_layer_stats_splits_the_graph_at_each_relu():
         ("relu1", *TORCH_PLAIN["relu1"]),
         ("relu_fc", *merged),
     ]
+
+
+def _stability(net: Network, states: list[list[int]]) -> StabilityResult:
+    layers = []
+    for k, layer in enumerate(net.layers):
+        s = np.asarray(states[k], dtype=np.int64) if layer.relu else np.ones(layer.out_features)
+        n = layer.out_features
+        tiers = np.where(s == NeuronState.UNDECIDED, "", "interval").astype(object)
+        layers.append(LayerStability(k, layer.name, s, tiers, -np.ones(n), np.ones(n)))
+    return StabilityResult(layers, np.zeros((0, net.in_features)))
+
+
+def _conv_like_network() -> Network:
+    """A 3-channel "conv" layer (2 positions each), a dense ReLU layer of 3, a ReLU output."""
+    rng = np.random.default_rng(0)
+    layers = [
+        DenseLayer(rng.normal(size=(6, 4)), np.zeros(6), True, "conv_relu", [0, 0, 1, 1, 2, 2]),
+        DenseLayer(rng.normal(size=(3, 6)), np.zeros(3), True, "fc_relu"),
+        DenseLayer(rng.normal(size=(2, 3)), np.zeros(2), True, "out_relu"),
+    ]
+    return Network(layers, InputMap.identity(4))
+
+
+def test_channel_verdicts_need_every_position_and_leave_the_output_layer_alone():
+    A, N, U, D = (NeuronState.ACTIVE, NeuronState.INACTIVE, NeuronState.UNSTABLE,
+                  NeuronState.UNDECIDED)  # fmt: skip
+    net = _conv_like_network()
+    stability = _stability(net, [[N, N, A, A, N, U], [N, A, D], [N, N]])
+    summaries = channel_summaries(net, stability)
+    conv, dense, output = summaries
+    assert (conv.count, conv.conv, conv.positions) == (3, True, 2)
+    # channel 2 is dead at one position only: mixed, never pruned
+    assert (conv.dead, conv.active, conv.mixed) == ([0], [1], 1)
+    assert (dense.conv, dense.positions, dense.dead, dense.active, dense.mixed) == (
+        False, 1, [0], [1], 1)  # fmt: skip
+    assert output.dead == [0, 1]
+    report = RunReport("m", "box", "auto", summarize_layers(net, stability), 0, 0)
+    for layer, summary in zip(report.layers, summaries, strict=True):
+        layer.channels = summary
+    dead, linear = pruning_request(net, report)
+    assert dead == {"conv_relu": [0], "fc_relu": [0]} and linear == []
+
+    stability = _stability(net, [[A] * 6, [A, A, A], [A, A]])
+    report = RunReport("m", "box", "auto", summarize_layers(net, stability), 0, 0)
+    for layer, summary in zip(report.layers, channel_summaries(net, stability), strict=True):
+        layer.channels = summary
+    assert pruning_request(net, report) == ({}, ["conv_relu", "fc_relu"])
+
+
+def test_the_report_shows_channels_and_per_layer_costs_in_json_and_table():
+    A, N = NeuronState.ACTIVE, NeuronState.INACTIVE
+    net = _conv_like_network()
+    stability = _stability(net, [[N, N, A, A, N, A], [N, A, A], [A, A]])
+    report = RunReport("m", "box", "auto", summarize_layers(net, stability), 100, 400)
+    for layer, summary in zip(report.layers, channel_summaries(net, stability), strict=True):
+        layer.channels = summary
+    report.layers[0].params_before, report.layers[0].macs_before = 30, 120
+    report.layers[0].params_after, report.layers[0].macs_after = 20, 80
+    report.layers[0].channels.removed = [0]
+    report.params_after, report.macs_after = 90, 360
+    doc = report.to_json()
+    first = doc["layers"][0]
+    assert first["channels"]["dead"] == [0] and first["channels"]["removed"] == [0]
+    assert (first["params_before"], first["macs_after"]) == (30, 80)
+    console = make_console()
+    with console.capture() as captured:
+        render(report, console)
+    text = captured.get()
+    assert "Channels" in text and "120 -> 80" in text and "conv x2" in text

@@ -53,7 +53,7 @@ def build_model(
     model = onnx.ModelProto()
     model.CopyFrom(read.model)
     _GraphEditor(model, read.binding, reduction).apply()
-    _merge_metadata(model, metadata)
+    merge_metadata(model, metadata)
     if not is_large(model):
         onnx.checker.check_model(model)  # a larger model is checked from its path when staged
     return model
@@ -87,7 +87,8 @@ def _check_reduction(read: ReadResult, reduction: Reduction) -> None:
         raise ValueError("the reduction changed the input map; the preprocessing nodes are kept")
 
 
-def _merge_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+def merge_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Set ``metadata_props`` entries on ``model``: existing keys kept, equal keys overwritten."""
     existing = {entry.key: entry for entry in model.metadata_props}
     for key, value in metadata.items():
         if key in existing:
