@@ -158,17 +158,23 @@ def test_residual_joins_keep_their_channels_and_say_why():
     )
 
 
-def small_cnn(pad_value: float | None = None, fan_out: bool = False, shared: bool = False):
+def small_cnn(
+    pad_value: float | None = None, fan_out: bool = False, shared: bool = False, half=False
+):
     """``Conv(2→4, 3×3) → Relu → [Pad(1, value)] → Conv(4→3) → Relu → GlobalAveragePool →
     Flatten → Gemm`` on ``[batch, 2, 6, 6]`` over [0, 1]; channel 1 of ``relu`` is dead (bias
     −100 against weights below 0.5). ``fan_out`` also outputs the first Conv's result;
-    ``shared`` makes both Convs read one bias initializer."""
+    ``shared`` makes both Convs read one bias initializer; ``half`` stores the first Conv's
+    weight in float16 behind a ``Cast`` to float32 (mixed-precision exporters)."""
     rng = np.random.default_rng(7)
     g = GraphBuilder()
     w1 = (rng.random((4, 2, 3, 3)) * 0.5).astype(np.float32)
     b1 = np.array([0.1, -100.0, 0.2, -0.3], np.float32)
     bias = g.const(b1)
-    h1 = g.node("Conv", ["input", g.const(w1), bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    weight = g.const(w1)
+    if half:
+        weight = g.node("Cast", [g.const(w1, dtype=np.float16)], to=onnx.TensorProto.FLOAT)
+    h1 = g.node("Conv", ["input", weight, bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     h = g.node("Relu", [h1], name="relu")
     if pad_value is not None:
         pads = g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]), dtype=np.int64)
@@ -368,3 +374,35 @@ def test_grouped_conv_keeps_part_of_a_group_and_its_dead_inputs():
     assert result.removed == {}
     assert "whole groups" in result.kept["relu_g"]
     assert "grouped" in result.kept["relu_a"]
+
+
+def test_a_float16_weight_behind_a_cast_is_cut_at_its_source():
+    model = small_cnn(half=True)
+    result = prune_channels(model, {"relu": [1]})
+    assert result.removed == {"relu": [1]}
+    cast = next(n for n in result.model.graph.node if n.op_type == "Cast")
+    source = initializer(result.model, cast.input[0])
+    assert source.dtype == np.float16 and source.shape == (3, 2, 3, 3)
+    assert_same_outputs(model, result.model, np.zeros(72), np.ones(72), (2, 6, 6))
+
+
+@pytest.mark.parametrize(
+    "name, dead",
+    [("torch_legacy_bn", {"relu2": [2]}), ("tf2onnx_nhwc", {"Relu_1": [1, 5]}),
+     ("matlab_conv1d", {"relu_2": [0]})],
+)  # fmt: skip
+def test_value_info_of_edited_tensors_goes_and_the_rest_stays(name, dead):
+    """Exporters often store every intermediate shape: an entry whose shape changed must go
+    (the full check re-infers and compares), the entries before the edited layer stay."""
+    fixture = VALID_BUILDERS[name]()
+    model = onnx.shape_inference.infer_shapes(fixture.model)
+    result = prune_channels(model, dead)
+    assert result.removed == dead
+    shapes = {v.name: v.type for v in model.graph.value_info}
+    reinferred = onnx.shape_inference.infer_shapes(result.model)
+    new_shapes = {v.name: v.type for v in reinferred.graph.value_info}
+    changed = {n for n in shapes if new_shapes.get(n) != shapes[n]}
+    kept = {v.name for v in result.model.graph.value_info}
+    assert changed and not kept & changed
+    assert kept == set(shapes) - changed
+    assert_same_outputs(model, result.model, fixture.lower, fixture.upper, fixture.input_shape)

@@ -84,12 +84,14 @@ class _Flow:
 class _Plan:
     """The edits one Relu needs: ``cuts`` (node index, input slot, axis, deleted indices),
     ``targets`` (Reshape node index, new shape target), ``reshaped`` (tensors whose shape
-    changes), ``released`` (Relu node index → channels deleted because nothing reads them)."""
+    changes), ``released`` (Relu node index → channels deleted because nothing reads them),
+    ``groups`` (grouped Conv node index → the groups it loses)."""
 
     cuts: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)
     targets: list[tuple[int, np.ndarray]] = field(default_factory=list)
     reshaped: set[str] = field(default_factory=set)
     released: dict[int, set[int]] = field(default_factory=dict)
+    groups: dict[int, set[int]] = field(default_factory=dict)
 
 
 def prune_channels(
@@ -225,17 +227,32 @@ class _Pruner:
             readers = [self.label(i) for i, _ in self.consumers.get(tensor, [])]
             raise _Keep(f"{what} '{tensor}' fans out to {', '.join(readers) or 'a subgraph'}")
 
-    def constant(self, index: int, slot: int, exclusive: bool) -> np.ndarray:
-        """The constant at input ``slot`` of node ``index``; ``exclusive`` asks that no other node
-        read it (so deleting entries cannot change another node)."""
+    def constant(self, index: int, slot: int) -> np.ndarray:
+        """The constant at input ``slot`` of node ``index`` (Keep when it is computed)."""
         node = self.nodes[index]
         name = node.input[slot] if slot < len(node.input) else ""
         value = self.constants.value(name) if name else None
         if value is None:
             raise _Keep(f"input {slot} of {self.label(index)} is not a constant")
-        if exclusive and (self.read_count.get(name, 0) != 1 or name in self.outputs):
-            raise _Keep(f"constant '{name}' of {self.label(index)} is shared with other nodes")
         return value
+
+    def cut(self, plan: _Plan, index: int, slot: int, axis: int, dead: np.ndarray) -> None:
+        """Plan deleting indices ``dead`` on ``axis`` of the constant at input ``slot`` of node
+        ``index``. A value read through Identity/Cast nodes is cut at its source (slicing commutes
+        with both; the stored dtype stays the source's). Every tensor on the way must be read by
+        that one node only, so no other node sees the change."""
+        while True:
+            name = self.nodes[index].input[slot]
+            if self.read_count.get(name, 0) != 1 or name in self.outputs:
+                raise _Keep(f"constant '{name}' of {self.label(index)} is shared with other nodes")
+            producer = self.producer.get(name)
+            if producer is None or self.nodes[producer].op_type not in ("Identity", "Cast"):
+                break
+            plan.reshaped.add(name)
+            index, slot = producer, 0
+        if self.constants.value(name) is None:
+            raise _Keep(f"input {slot} of {self.label(index)} is not a constant")
+        plan.cuts.append((index, slot, axis, np.asarray(dead, np.int64)))
 
     # ------------------------------------------------------------------ planning
     def plan(self, relu: int, dead: list[int]) -> tuple[_Plan, list[int], str]:
@@ -314,7 +331,7 @@ class _Pruner:
 
     def _core_channels(self, core: int) -> int:
         node = self.nodes[core]
-        weight = self.constant(core, 1, exclusive=False)
+        weight = self.constant(core, 1)
         if node.op_type == "Conv":
             return weight.shape[0]
         if weight.ndim != 2:
@@ -339,7 +356,7 @@ class _Pruner:
         ``group`` shrinks with them when the cuts are applied."""
         node = self.nodes[core]
         idx = np.asarray(dead, np.int64)
-        weight = self.constant(core, 1, exclusive=True)
+        weight = self.constant(core, 1)
         if node.op_type == "Conv":
             group = node_attr(node, "group", 1)
             if group != 1:
@@ -350,27 +367,26 @@ class _Pruner:
                     raise _Keep(f"the dead channels do not fill whole groups of {self.label(core)}")
                 released = [j * inputs + i for j in groups for i in range(inputs)]
                 self._release(node.input[0], released, plan)
-            plan.cuts.append((core, 1, 0, idx))
+                plan.groups.setdefault(core, set()).update(groups)
+            self.cut(plan, core, 1, 0, idx)
             if len(node.input) > 2 and node.input[2]:
-                self.constant(core, 2, exclusive=True)
-                plan.cuts.append((core, 2, 0, idx))
+                self.cut(plan, core, 2, 0, idx)
             return 1, weight.ndim
         if weight.ndim != 2:
             raise _Keep(f"the weight of {self.label(core)} is not a matrix")
         if node.op_type == "Gemm":
             trans = node_attr(node, "transB", 0)
             channels = weight.shape[0] if trans else weight.shape[1]
-            plan.cuts.append((core, 1, 0 if trans else 1, idx))
+            self.cut(plan, core, 1, 0 if trans else 1, idx)
             if len(node.input) > 2 and node.input[2]:
-                bias = self.constant(core, 2, exclusive=False)
+                bias = self.constant(core, 2)
                 if bias.ndim >= 1 and bias.shape[-1] == channels and channels > 1:
-                    self.constant(core, 2, exclusive=True)
-                    plan.cuts.append((core, 2, bias.ndim - 1, idx))
+                    self.cut(plan, core, 2, bias.ndim - 1, idx)
             return 1, 2
         shape = self.shapes.get(node.output[0])
         if shape is None:
             raise _Keep(f"the rank of the output of {self.label(core)} is unknown")
-        plan.cuts.append((core, 1, 1, idx))
+        self.cut(plan, core, 1, 1, idx)
         return len(shape) - 1, len(shape)
 
     def _chain_cuts(
@@ -393,20 +409,18 @@ class _Pruner:
             if axis != 1:
                 raise _Keep(f"{self.label(index)} normalises axis 1, not the channel axis {axis}")
             for slot in range(1, 5):
-                self.constant(index, slot, exclusive=True)
-                plan.cuts.append((index, slot, 0, idx))
+                self.cut(plan, index, slot, 0, idx)
             return axis
         if op in AFFINE_OPS:
             slot = 1 if self.constants.value(node.input[1]) is not None else 0
-            value = self.constant(index, slot, exclusive=False)
+            value = self.constant(index, slot)
             const_axis = axis - (rank - value.ndim)
             if value.ndim > rank:
                 raise _Keep(f"the constant of {self.label(index)} raises the tensor's rank")
             if const_axis >= 0 and value.shape[const_axis] != 1:
                 if value.shape[const_axis] != channels:
                     raise _Keep(f"the constant of {self.label(index)} does not match the channels")
-                self.constant(index, slot, exclusive=True)
-                plan.cuts.append((index, slot, const_axis, idx))
+                self.cut(plan, index, slot, const_axis, idx)
         return axis
 
     def _downstream(self, start: _Flow, plan: _Plan) -> None:
@@ -466,19 +480,19 @@ class _Pruner:
                 raise _Keep(
                     f"{label} is grouped: a dead input group leaves its outputs at the bias"
                 )
-            self.constant(index, 1, exclusive=True)
-            plan.cuts.append((index, 1, 1, flow.dead))
+            self.cut(plan, index, 1, 1, flow.dead)
             return None
         if op in ("Gemm", "MatMul"):
-            weight = self.constant(index, 1, exclusive=True)
+            weight = self.constant(index, 1)
             if weight.ndim != 2 or flow.shape is None and op == "MatMul":
                 raise _Keep(f"{label} is not a matrix product with a known input rank")
             if op == "Gemm" and node_attr(node, "transA", 0):
                 raise _Keep(f"{label} has transA=1")
-            if flow.shape is not None and flow.axis != len(flow.shape) - 1:
+            last = 0 if op == "Gemm" else len(flow.shape) - 1  # Gemm's input is 2-D
+            if flow.axis != last or (flow.shape is not None and len(flow.shape) != last + 1):
                 raise _Keep(f"{label} contracts an axis other than the channel axis")
             trans = op == "Gemm" and node_attr(node, "transB", 0)
-            plan.cuts.append((index, 1, 1 if trans else 0, flow.dead))
+            self.cut(plan, index, 1, 1 if trans else 0, flow.dead)
             return None
         raise _Keep(f"{label} reads the channels and is not supported")
 
@@ -491,8 +505,8 @@ class _Pruner:
         if check_value and (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
             raise _Keep(f"{label} pads in mode {mode!r}, not with zeros")
         if len(node.input) > 1:
-            pads = self.constant(index, 1, exclusive=False).reshape(-1)
-            value = self.constant(index, 2, False) if len(node.input) > 2 and node.input[2] else 0
+            pads = self.constant(index, 1).reshape(-1)
+            value = self.constant(index, 2) if len(node.input) > 2 and node.input[2] else 0
         else:
             pads = np.asarray(node_attr(node, "pads", []))
             value = node_attr(node, "value", 0.0)
@@ -523,7 +537,7 @@ class _Pruner:
         if axis is None:
             raise _Keep(f"after {label} the dead channels are no longer whole slices of one axis")
         if node.op_type == "Reshape":
-            target = self.constant(index, 1, exclusive=False).reshape(-1)
+            target = self.constant(index, 1).reshape(-1)
             allowzero = node_attr(node, "allowzero", 0)
             batch = in_full[0] if isinstance(in_full[0], int) else 7
             new_in = list(flow.shape)
@@ -550,15 +564,17 @@ class _Pruner:
                 cuts.setdefault((index, slot), {}).setdefault(axis, set()).update(idx.tolist())
             self.reshaped |= plan.reshaped
         for (index, slot), axes in cuts.items():
-            node = self.nodes[index]
-            value = self.constants.value(node.input[slot])
-            rows = value.shape[0]
+            value = self.constants.value(self.nodes[index].input[slot])
             for axis, idx in axes.items():
                 value = np.delete(value, sorted(idx), axis=axis)
             self._store(index, slot, value)
-            group = node_attr(node, "group", 1)
-            if node.op_type == "Conv" and slot == 1 and group != 1 and value.shape[0] != rows:
-                _set_group(node, group * value.shape[0] // rows)  # whole groups went
+        groups: dict[int, set[int]] = {}
+        for plan in plans:
+            for core, removed in plan.groups.items():
+                groups.setdefault(core, set()).update(removed)
+        for core, removed in groups.items():
+            node = self.nodes[core]
+            _set_group(node, node_attr(node, "group", 1) - len(removed))
         for plan in plans:
             for index, target in plan.targets:
                 self._store(index, 1, target)
@@ -570,7 +586,9 @@ class _Pruner:
         name = node.input[slot]
         tensor = self.initializers.get(name)
         if tensor is not None and self.read_count.get(name, 0) == 1 and name not in self.outputs:
+            doc = tensor.doc_string
             tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+            tensor.doc_string = doc
             self.replaced.add(name)
             return
         fresh, counter = f"{name}_pruned", 0
