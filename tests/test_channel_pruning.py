@@ -406,3 +406,35 @@ def test_value_info_of_edited_tensors_goes_and_the_rest_stays(name, dead):
     assert changed and not kept & changed
     assert kept == set(shapes) - changed
     assert_same_outputs(model, result.model, fixture.lower, fixture.upper, fixture.input_shape)
+
+
+def nhwc_bias_after_transpose():
+    """An older tf2onnx pattern: ``Transpose(0,3,1,2) → Conv (no bias) → Transpose(0,2,3,1) →
+    Add(bias (C,)) → Relu`` in NHWC, then ``Transpose(0,3,1,2) → Conv → Relu → Flatten → Gemm
+    (transB=0)``, on ``[n, 5, 5, 2]`` over [0, 1]. Channel 1 of ``relu_nhwc`` (last axis) is dead
+    by a −100 bias; channel 0 of ``relu_2`` by a −100 bias too."""
+    rng = np.random.default_rng(5)
+    g = GraphBuilder()
+    h = g.node("Transpose", ["input"], perm=[0, 3, 1, 2])
+    w1 = (rng.random((3, 2, 3, 3)) * 0.5).astype(np.float32)
+    h = g.node("Conv", [h, g.const(w1)], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    h = g.node("Transpose", [h], perm=[0, 2, 3, 1])
+    h = g.node("Add", [h, g.const([0.2, -100, 0.1])])
+    h = g.node("Relu", [h], name="relu_nhwc")
+    h = g.node("Transpose", [h], perm=[0, 3, 1, 2])
+    w2 = (rng.random((2, 3, 3, 3)) * 0.5).astype(np.float32)
+    h = g.node("Conv", [h, g.const(w2), g.const([-100, 0.3])], kernel_shape=[3, 3])
+    h = g.node("Flatten", [g.node("Relu", [h], name="relu_2")], axis=1)
+    g.node("Gemm", [h, g.const(rng.normal(size=(18, 2)))], output="output")
+    return g.model([g.tensor("input", ["n", 5, 5, 2])], [g.tensor("output", ["n", 2])])
+
+
+def test_a_transpose_between_conv_and_relu_moves_the_channel_axis():
+    model = nhwc_bias_after_transpose()
+    result = prune_channels(model, {"relu_nhwc": [1], "relu_2": [0]})
+    assert result.removed == {"relu_nhwc": [1], "relu_2": [0]} and not result.kept
+    add = next(n for n in result.model.graph.node if n.op_type == "Add")
+    assert initializer(result.model, add.input[1]).tolist() == pytest.approx([0.2, 0.1])
+    gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
+    assert initializer(result.model, gemm.input[1]).shape == (9, 2)  # transB=0: rows go
+    assert_same_outputs(model, result.model, np.zeros(50), np.ones(50), (5, 5, 2))

@@ -355,6 +355,9 @@ class ChannelPlanner:
             shape = None if flow.shape is None else tuple(flow.shape[p - 1] for p in perm[1:])
             return Flow(out, shape, perm.index(flow.axis + 1) - 1, flow.dead)
         if op in ("Flatten", "Reshape"):
+            axis, rank = node_attr(node, "axis", 1), len(flow.shape or ()) + 1
+            if op == "Flatten" and flow.shape is not None and axis % rank != 1:
+                raise Keep(f"{label} (axis {axis}) mixes the batch axis with the sample")
             return self._reshape(index, flow, plan)
         if op == "Conv":
             if flow.axis != 0:
