@@ -159,13 +159,18 @@ def test_residual_joins_keep_their_channels_and_say_why():
 
 
 def small_cnn(
-    pad_value: float | None = None, fan_out: bool = False, shared: bool = False, half=False
+    pad_value: float | None = None,
+    fan_out: bool = False,
+    shared: bool = False,
+    half=False,
+    after: str | None = None,
 ):
     """``Conv(2→4, 3×3) → Relu → [Pad(1, value)] → Conv(4→3) → Relu → GlobalAveragePool →
     Flatten → Gemm`` on ``[batch, 2, 6, 6]`` over [0, 1]; channel 1 of ``relu`` is dead (bias
     −100 against weights below 0.5). ``fan_out`` also outputs the first Conv's result;
     ``shared`` makes both Convs read one bias initializer; ``half`` stores the first Conv's
-    weight in float16 behind a ``Cast`` to float32 (mixed-precision exporters)."""
+    weight in float16 behind a ``Cast`` to float32 (mixed-precision exporters); ``after`` puts
+    a ``Mul``/``Add``/``Div`` by a per-channel constant ``(4, 1, 1)`` after the Relu."""
     rng = np.random.default_rng(7)
     g = GraphBuilder()
     w1 = (rng.random((4, 2, 3, 3)) * 0.5).astype(np.float32)
@@ -176,6 +181,8 @@ def small_cnn(
         weight = g.node("Cast", [g.const(w1, dtype=np.float16)], to=onnx.TensorProto.FLOAT)
     h1 = g.node("Conv", ["input", weight, bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     h = g.node("Relu", [h1], name="relu")
+    if after is not None:
+        h = g.node(after, [h, g.const(np.array([0.5, 2.0, 1.5, 3.0]).reshape(4, 1, 1))])
     if pad_value is not None:
         pads = g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]), dtype=np.int64)
         h = g.node("Pad", [h, pads, g.const(np.float32(pad_value))], mode="constant")
@@ -438,3 +445,16 @@ def test_a_transpose_between_conv_and_relu_moves_the_channel_axis():
     gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
     assert initializer(result.model, gemm.input[1]).shape == (9, 2)  # transB=0: rows go
     assert_same_outputs(model, result.model, np.zeros(50), np.ones(50), (5, 5, 2))
+
+
+def test_a_scale_after_the_relu_keeps_zeros_and_a_shift_does_not():
+    lower, upper = np.zeros(72), np.ones(72)
+    for op in ("Mul", "Div"):
+        model = small_cnn(after=op)
+        result = prune_channels(model, {"relu": [1]})
+        assert result.removed == {"relu": [1]}
+        scale = next(n for n in result.model.graph.node if n.op_type == op)
+        assert initializer(result.model, scale.input[1]).ravel().tolist() == [0.5, 1.5, 3.0]
+        assert_same_outputs(model, result.model, lower, upper, (2, 6, 6))
+    result = prune_channels(small_cnn(after="Add"), {"relu": [1]})
+    assert result.removed == {} and "would not stay 0" in result.kept["relu"]

@@ -160,6 +160,8 @@ class ChannelPlanner:
                 f"all {channels} channels are dead; channel {dead[0]} stays so no tensor is empty"
             )
             dead = dead[1:]
+            if not dead:
+                raise Keep(note)
         axis = self._cut_chain(chain, core, dead, plan)
         if axis < 1:
             raise Keep("the channel axis ends up as the batch axis")
@@ -199,7 +201,7 @@ class ChannelPlanner:
                 raise Keep(f"{self.label(index)} of domain '{node.domain}' is on the chain")
             if op in ("Conv", "Gemm", "MatMul"):
                 return chain, index
-            if any(o and o in self.read_count for o in node.output[1:]):
+            if self.extra_outputs_used(index):
                 raise Keep(f"{self.label(index)} has a second output in use")
             if op in AFFINE_OPS:
                 slots = [s for s in (0, 1) if self.constants.value(node.input[s]) is None]
@@ -330,15 +332,13 @@ class ChannelPlanner:
         op, label = node.op_type, self.label(index)
         if node.domain not in ("", "ai.onnx"):
             raise Keep(f"{label} of domain '{node.domain}' reads the channels")
-        if op in ("Add", "Sum", "Concat", "Mul", "Sub", "Div"):
-            raise Keep(f"{label} joins the channels with another tensor (a residual {op}?)")
-        if slot != 0:
-            raise Keep(f"{label} reads the channels as input {slot}")
-        if any(o and o in self.read_count for o in node.output[1:]) or (
-            op == "MaxPool" and len(node.output) > 1 and node.output[1] in self.outputs
-        ):
+        if self.extra_outputs_used(index):
             raise Keep(f"{label} has a second output in use")
         out = node.output[0]
+        if op in AFFINE_OPS or op in ("Sum", "Concat"):
+            return self._scaled(index, slot, flow, plan)
+        if slot != 0:
+            raise Keep(f"{label} reads the channels as input {slot}")
         if op in PASS_OPS:
             return Flow(out, flow.shape, flow.axis, flow.dead)
         if op in POOL_OPS or op == "Pad":
@@ -381,6 +381,40 @@ class ChannelPlanner:
             self.cut(plan, index, 1, 1 if trans else 0, flow.dead)
             return None
         raise Keep(f"{label} reads the channels and is not supported")
+
+    def _scaled(self, index: int, slot: int, flow: Flow, plan: Plan) -> Flow:
+        """``Mul`` by a constant, or ``Div`` by one, keeps a zero channel zero (the constant's
+        entries for the channel go too); an Add/Sub, or a second computed operand, does not."""
+        node = self.nodes[index]
+        op, label = node.op_type, self.label(index)
+        other = 1 - slot if len(node.input) == 2 and slot in (0, 1) else None
+        value = None if other is None else self.constants.value(node.input[other])
+        if value is None:
+            raise Keep(f"{label} joins the channels with another tensor (a residual {op}?)")
+        if op in ("Add", "Sub"):
+            raise Keep(f"{label} adds a constant: the dead channels would not stay 0")
+        if op == "Div" and slot != 0:
+            raise Keep(f"{label} divides by the channels")
+        if flow.shape is None:
+            raise Keep(f"the rank of the input of {label} is unknown")
+        rank = len(flow.shape) + 1
+        if value.ndim > rank:
+            raise Keep(f"the constant of {label} raises the tensor's rank")
+        if self.sample_shape(node.output[0]) != flow.shape:
+            raise Keep(f"the constant of {label} broadcasts the tensor to another shape")
+        const_axis = flow.axis + 1 - (rank - value.ndim)
+        if const_axis >= 0 and value.shape[const_axis] != 1:
+            if value.shape[const_axis] != flow.shape[flow.axis]:
+                raise Keep(f"the constant of {label} does not match the channels")
+            self.cut(plan, index, other, const_axis, flow.dead)
+        return Flow(node.output[0], flow.shape, flow.axis, flow.dead)
+
+    def extra_outputs_used(self, index: int) -> bool:
+        """Whether an output after the first (BN statistics, MaxPool indices, Dropout mask) is
+        read or is a graph output."""
+        return any(
+            o and (o in self.read_count or o in self.outputs) for o in self.nodes[index].output[1:]
+        )
 
     def _check_pad(self, index: int, check_value: bool = True) -> None:
         """A Pad keeps a zero channel zero only in constant mode with value 0 (checked with
