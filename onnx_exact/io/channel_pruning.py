@@ -81,9 +81,10 @@ def prune_channels(
 
     Returns
     -------
-    :class:`PruneResult`. The edited model computes, on the box, exactly the same outputs as the
-    original up to float round-off of nothing (each kept value is computed by the same ops from
-    the same weights; only terms that multiply exact zeros are gone).
+    :class:`PruneResult`. On the box, the edited model computes the original's outputs: every
+    kept value comes from the same ops and weights, and only terms that multiply exact zeros are
+    gone (a runtime may still sum the remaining terms in another order, so float results can
+    differ by round-off).
 
     Raises
     ------
