@@ -142,11 +142,11 @@ def estimate_peak_memory(
     resident = INTERPRETER_BYTES + 2 * stored_bytes_per_weight * params + 2 * _DOUBLE * params
 
     samples = int(min(max(SAMPLE_MACS / max(net.mac_count, 1), SAMPLE_MIN), SAMPLE_MAX))
-    sampling = _DOUBLE * (2 * samples * net.in_features + 3 * witness._CHUNK_VALUES)
+    sampling = _DOUBLE * (2 * samples * net.in_features + 3 * witness.CHUNK_VALUES)
 
     hidden = [k for k in net.relu_layer_indices if k < len(net.layers) - 1] or [0]
     widest = max(widths[k + 1] for k in hidden)
-    block = min(crown._ROW_BLOCK, widest)
+    block = min(crown.ROW_BLOCK, widest)
     symbolic = _DOUBLE * (2 * widest * net.in_features + 4 * 2 * block * max(widths))
 
     phases = {"sampling": sampling, "symbolic": symbolic}

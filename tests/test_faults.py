@@ -415,7 +415,7 @@ def test_the_memory_estimate_follows_the_sizes_the_phases_allocate(monkeypatch):
 
     net = read_model(gemm_mlp((4, 5, 3), seed=0, pinned=False)).network
     before = estimate_peak_memory(net).phases
-    monkeypatch.setattr(witness, "_CHUNK_VALUES", 2 * witness._CHUNK_VALUES)
+    monkeypatch.setattr(witness, "CHUNK_VALUES", 2 * witness.CHUNK_VALUES)
     monkeypatch.setattr(verify, "CHUNK_SAMPLES", 2 * verify.CHUNK_SAMPLES)
     after = estimate_peak_memory(net).phases
     assert after["sampling"] > before["sampling"] and after["verify"] > before["verify"]

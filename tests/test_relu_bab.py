@@ -261,13 +261,6 @@ def test_optimised_bounds_enclose_samples_and_beat_crown():
         assert np.sum(upper - lower) < np.sum(crown.upper - crown.lower)
 
 
-def test_memory_estimate_counts_the_crown_bab_caps():
-    """The --max-memory estimate reserves exactly what the tier's caps let it hold."""
-    from onnx_exact import resources
-
-    assert resources.CROWN_BAB_BYTES == relu_bab.STORE_BYTES + relu_bab.BATCH_BYTES
-
-
 def test_a_supplied_dive_refutes_what_crown_vertices_cannot(step_clock):
     """The witness search beside the branch and bound is whatever callable the caller supplies
     (relu_bab imports no solver): a dive that forward-passes grid points through the book settles

@@ -32,8 +32,8 @@ from onnx_exact.core.box import Box
 from onnx_exact.core.network import Network
 
 # Rows of the back-substitution processed together; the working set is about
-# 2 * _ROW_BLOCK * (widest layer) float64 values.
-_ROW_BLOCK = 512
+# 2 * ROW_BLOCK * (widest layer) float64 values.
+ROW_BLOCK = 512
 
 
 @dataclass
@@ -194,8 +194,8 @@ def symbolic_bounds(
     lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
     corners = np.empty((2, rows.shape[0], lo.shape[0]))
     relaxations = [relu_relaxation(bounds[j], net.layers[j].relu) for j in range(layer)]
-    for start in range(0, rows.shape[0], _ROW_BLOCK):
-        block = rows[start : start + _ROW_BLOCK]
+    for start in range(0, rows.shape[0], ROW_BLOCK):
+        block = rows[start : start + ROW_BLOCK]
         m = block.shape[0]
         # Upper bounds of +y (first m rows) and of -y (last m rows) in one pass.
         coeffs = np.concatenate([target.weight[block], -target.weight[block]])

@@ -30,7 +30,7 @@ from onnx_exact.core.box import Box
 from onnx_exact.core.network import Network
 
 # Upper limit on float64 values materialised per forward-pass chunk (about 32 MB).
-_CHUNK_VALUES = 4_000_000
+CHUNK_VALUES = 4_000_000
 _BERNOULLI_PROBS = (0.1, 0.5, 0.9)
 # Gradient ascent step: first step 1/4 of the box width, the last 1/1024 of it.
 _PGD_FIRST_STEP, _PGD_DECAY = 0.25, 1.0 / 256.0
@@ -68,9 +68,9 @@ class Observation:
 
 
 def _chunk_rows(net: Network) -> int:
-    """Rows per forward-pass chunk so that one chunk's activations stay within ``_CHUNK_VALUES``."""
+    """Rows per forward-pass chunk so that one chunk's activations stay within ``CHUNK_VALUES``."""
     width = net.in_features + sum(layer.out_features for layer in net.layers)
-    return int(np.clip(_CHUNK_VALUES // width, 1, 8192))
+    return int(np.clip(CHUNK_VALUES // width, 1, 8192))
 
 
 def observe(net: Network, inputs: np.ndarray, obs: Observation | None = None) -> Observation:
