@@ -35,7 +35,7 @@ def test_observe_matches_forward_pass_and_keeps_only_revealing_inputs(
     rng = np.random.default_rng(0)
     net = random_network(rng, [4, 8, 8, 3])
     points = rng.uniform(-1, 1, size=(500, 4))
-    monkeypatch.setattr(witness, "_CHUNK_VALUES", 7 * (4 + 8 + 8 + 3))  # 7-row chunks
+    monkeypatch.setattr(witness, "CHUNK_VALUES", 7 * (4 + 8 + 8 + 3))  # 7-row chunks
     obs = observe(net, points)
     for y, pos, neg in zip(net.preactivations(points), obs.seen_pos, obs.seen_neg, strict=True):
         np.testing.assert_array_equal(pos, (y > 0).any(axis=0))
@@ -220,7 +220,7 @@ def test_multistart_ascent_keeps_the_best_point_and_honours_its_time_budget(
     neurons, signs = np.arange(12).repeat(2), np.tile([1, -1], 12)
     starts = best_points(net, 2, neurons, signs, sample_inputs(box, rng, 64))
     start_values = net.preactivations(starts)[2][np.arange(24), neurons] * signs
-    monkeypatch.setattr(witness, "_CHUNK_VALUES", 16 * (5 + 12 + 12 + 12 + 2))  # 2 directions
+    monkeypatch.setattr(witness, "CHUNK_VALUES", 16 * (5 + 12 + 12 + 12 + 2))  # 2 directions
     found = multistart_ascent(net, box, 2, neurons, signs, rng, starts=8, start_points=starts)
     assert np.all((found >= box.lower) & (found <= box.upper))
     found_values = net.preactivations(found)[2][np.arange(24), neurons] * signs
