@@ -458,3 +458,21 @@ def test_a_scale_after_the_relu_keeps_zeros_and_a_shift_does_not():
         assert_same_outputs(model, result.model, lower, upper, (2, 6, 6))
     result = prune_channels(small_cnn(after="Add"), {"relu": [1]})
     assert result.removed == {} and "would not stay 0" in result.kept["relu"]
+
+
+def test_a_reshape_target_that_spells_the_channel_count_follows():
+    """``Relu → Reshape([0, 4, -1]) → Flatten → Gemm``: the target becomes ``[0, 3, -1]``."""
+    rng = np.random.default_rng(2)
+    g = GraphBuilder()
+    w1 = (rng.random((4, 2, 3, 3)) * 0.5).astype(np.float32)
+    h = g.node("Conv", ["input", g.const(w1), g.const([0.1, -100, 0.2, 0.3])], kernel_shape=[3, 3])
+    h = g.node("Relu", [h], name="relu")
+    h = g.node("Reshape", [h, g.const(np.array([0, 4, -1]), dtype=np.int64)])
+    h = g.node("Flatten", [h], axis=1)
+    g.node("Gemm", [h, g.const(rng.normal(size=(2, 64)))], output="output", transB=1)
+    model = g.model([g.tensor("input", ["n", 2, 6, 6])], [g.tensor("output", ["n", 2])])
+    result = prune_channels(model, {"relu": [1]})
+    assert result.removed == {"relu": [1]}
+    reshape = next(n for n in result.model.graph.node if n.op_type == "Reshape")
+    assert initializer(result.model, reshape.input[1]).tolist() == [0, 3, -1]
+    assert_same_outputs(model, result.model, np.zeros(72), np.ones(72), (2, 6, 6))
