@@ -476,3 +476,26 @@ def test_a_reshape_target_that_spells_the_channel_count_follows():
     reshape = next(n for n in result.model.graph.node if n.op_type == "Reshape")
     assert initializer(result.model, reshape.input[1]).tolist() == [0, 3, -1]
     assert_same_outputs(model, result.model, np.zeros(72), np.ones(72), (2, 6, 6))
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5])
+def test_an_opset_9_pad_reads_its_attributes(value):
+    """Before opset 11, Pad's pads and value are attributes; a nameless Relu is named by its
+    output tensor."""
+    rng = np.random.default_rng(4)
+    g = GraphBuilder()
+    w1 = (rng.random((3, 1, 3, 3)) * 0.5).astype(np.float32)
+    h = g.node("Conv", ["input", g.const(w1), g.const([0.1, -100, 0.2])], kernel_shape=[3, 3])
+    h = g.node("Relu", [h], name="", output="relu_out")
+    h = g.node("Pad", [h], pads=[0, 0, 1, 1, 0, 0, 1, 1], value=value)
+    h = g.node("Flatten", [g.node("Conv", [h, g.const(rng.normal(size=(2, 3, 3, 3)))],
+                                  kernel_shape=[3, 3])], axis=1)  # fmt: skip
+    weight, bias = g.const(rng.normal(size=(2, 32))), g.const(np.zeros(2))
+    g.node("Gemm", [h, weight, bias], output="output", transB=1)
+    model = g.model([g.tensor("input", ["n", 1, 6, 6])], [g.tensor("output", ["n", 2])], opset=9)
+    result = prune_channels(model, {"relu_out": [1]})
+    if value:
+        assert result.removed == {} and "not 0" in result.kept["relu_out"]
+        return
+    assert result.removed == {"relu_out": [1]}
+    assert_same_outputs(model, result.model, np.zeros(36), np.ones(36), (1, 6, 6))
