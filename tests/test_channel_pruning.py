@@ -336,10 +336,11 @@ def test_shared_cnns_prune_killed_channels_exactly(shared_models, name):
     assert_same_outputs(model, result.model, box["lower"], box["upper"], shape, count=24)
 
 
-def grouped_cnn(group: int):
+def grouped_cnn(group: int, zero_bias: bool = False):
     """``Conv(2→4) → relu_a → Conv(4→4, group, 3×3) → relu_g → Conv 1×1 (4→3) → Relu → GAP →
     Flatten → Gemm`` on [0, 1]^(2×6×6). Dead by a −100 bias (|pre-activation| < 50 otherwise):
-    relu_a channel 2; relu_g channels 0, 2 (group 4) or 2, 3 (group 2)."""
+    relu_a channel 2; relu_g channels 0, 2 (group 4) or 2, 3 (group 2). ``zero_bias`` sets
+    the grouped Conv's bias to 0 where relu_a's dead channel 2 is its input."""
     rng = np.random.default_rng(11)
     g = GraphBuilder()
     pads = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
@@ -348,6 +349,8 @@ def grouped_cnn(group: int):
     h = g.node("Relu", [h], name="relu_a")
     wg = (rng.random((4, 4 // group, 3, 3)) * 0.5).astype(np.float32)
     bg = [-100, 0.1, -100, 0.2] if group == 4 else [0.1, 0.2, -100, -100]
+    if zero_bias:
+        bg[2] = 0.0
     h = g.node("Conv", [h, g.const(wg), g.const(bg)], group=group, **pads)
     h = g.node("Relu", [h], name="relu_g")
     w3 = rng.normal(size=(3, 4, 1, 1)).astype(np.float32)
@@ -380,7 +383,9 @@ def test_grouped_conv_keeps_part_of_a_group_and_its_dead_inputs():
     result = prune_channels(model, {"relu_a": [2], "relu_g": [3]})
     assert result.removed == {}
     assert "whole groups" in result.kept["relu_g"]
-    assert "grouped" in result.kept["relu_a"]
+    assert "whole input groups" in result.kept["relu_a"]
+    result = prune_channels(grouped_cnn(4), {"relu_a": [2]})  # depthwise group 2: bias -100
+    assert result.removed == {} and "at the bias" in result.kept["relu_a"]
 
 
 def test_a_float16_weight_behind_a_cast_is_cut_at_its_source():
@@ -499,3 +504,19 @@ def test_an_opset_9_pad_reads_its_attributes(value):
         return
     assert result.removed == {"relu_out": [1]}
     assert_same_outputs(model, result.model, np.zeros(36), np.ones(36), (1, 6, 6))
+
+
+@pytest.mark.parametrize("with_relu_g", [False, True])
+def test_a_depthwise_conv_reading_a_dead_channel_without_bias_passes_zeros_on(with_relu_g):
+    """Depthwise group 2 reads only relu_a's dead channel 2 and has bias 0: its output is 0, so
+    the group goes and channel 2 of relu_g is dropped downstream as well; relu_g's own dead
+    channel 2 (when asked) plans the same edits."""
+    model = grouped_cnn(4, zero_bias=True)
+    dead = {"relu_a": [2], "relu_g": [2]} if with_relu_g else {"relu_a": [2]}
+    result = prune_channels(model, dead)
+    assert result.removed == dead and not result.kept
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    shapes = [initializer(result.model, c.input[1]).shape for c in convs]
+    assert shapes == [(3, 2, 3, 3), (3, 1, 3, 3), (3, 3, 1, 1)]
+    assert next(a.i for a in convs[1].attribute if a.name == "group") == 3
+    assert_same_outputs(model, result.model, np.zeros(72), np.ones(72), (2, 6, 6))

@@ -365,7 +365,7 @@ class ChannelPlanner:
                     f"{label} reads channels on axis 1, the dead ones are on {flow.axis + 1}"
                 )
             if node_attr(node, "group", 1) != 1:
-                raise Keep(f"{label} is grouped: a dead input group leaves its outputs at the bias")
+                return self._grouped_reader(index, flow, plan)
             self.cut(plan, index, 1, 1, flow.dead)
             return None
         if op in ("Gemm", "MatMul"):
@@ -381,6 +381,31 @@ class ChannelPlanner:
             self.cut(plan, index, 1, 1 if trans else 0, flow.dead)
             return None
         raise Keep(f"{label} reads the channels and is not supported")
+
+    def _grouped_reader(self, index: int, flow: Flow, plan: Plan) -> Flow:
+        """A grouped Conv reading dead channels: a group whose inputs are all dead, and whose
+        outputs have no bias (or a zero one), outputs zero channels (zero input, zero padding):
+        the group goes and its output channels flow on as dead ones."""
+        node, label = self.nodes[index], self.label(index)
+        weight = self.constant(index, 1)
+        group = node_attr(node, "group", 1)
+        per_group, inputs = weight.shape[0] // group, weight.shape[1]
+        groups = sorted({int(c) // inputs for c in flow.dead})
+        whole = {c for j in groups for c in range(j * inputs, (j + 1) * inputs)}
+        if whole != set(flow.dead.tolist()):
+            raise Keep(f"the dead channels do not fill whole input groups of {label}")
+        outputs = np.asarray(
+            [o for j in groups for o in range(j * per_group, (j + 1) * per_group)], np.int64
+        )
+        has_bias = len(node.input) > 2 and node.input[2]
+        if has_bias and np.any(self.constant(index, 2).reshape(-1)[outputs] != 0):
+            raise Keep(f"{label} is grouped: a dead input group leaves its outputs at the bias")
+        self.cut(plan, index, 1, 0, outputs)
+        if has_bias:
+            self.cut(plan, index, 2, 0, outputs)
+        plan.groups.setdefault(index, set()).update(groups)
+        out = node.output[0]
+        return Flow(out, self.sample_shape(out), 0, outputs)
 
     def _scaled(self, index: int, slot: int, flow: Flow, plan: Plan) -> Flow:
         """``Mul`` by a constant, or ``Div`` by one, keeps a zero channel zero (the constant's

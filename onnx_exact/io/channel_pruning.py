@@ -25,8 +25,9 @@ output, a non-zero Pad, an op not listed) keeps the Relu's channels, and ``kept`
 A grouped (e.g. depthwise) Conv computing the channels loses whole groups only: the dead
 channels must fill them; the input channels that only those groups read are then unread, whatever
 their values, so they are deleted upstream too (through Relu, pools and Pad) and reported as
-removed from the Relu they pass; ``group`` shrinks. A grouped Conv *reading* dead channels keeps
-them (the outputs of a dead input group equal its bias, not 0). A constant read through
+removed from the Relu they pass; ``group`` shrinks. A grouped Conv *reading* dead channels that
+fill whole input groups outputs its bias on those groups: with no (or a zero) bias the groups go
+and their zero outputs flow on as dead channels; otherwise they keep. A constant read through
 Identity/Cast is cut at its source, in the source's dtype.
 
 The planning (the graph walks) lives in :mod:`onnx_exact.io.channel_plan`; this module applies
