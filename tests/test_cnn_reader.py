@@ -1,11 +1,52 @@
-"""The CNN reader: sequential CNNs read into the dense IR with per-neuron channel indices."""
+"""The CNN reader: sequential CNNs read into the dense IR with per-neuron channel indices.
+
+Every valid sequential fixture of ``cnn_fixtures`` and both MNIST CNNs must read into a network
+whose forward pass is onnxruntime's (float32 tolerance) and the fixture's float64 reference (at
+the output and at every ReLU's input, which pins the NCHW flat order), with ``channels`` right;
+the planted channels must come out proved by the stability analysis; the residual, ReLU6 and
+MaxPool fixtures and the bad models must give exit 2 and one line through ``onnx-exact analyze``.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import math
+from pathlib import Path
 
+import numpy as np
+import onnx
+import pytest
+from cnn_fixtures import VALID_BUILDERS, bad_fixtures, run_onnxruntime
+from conftest import run_cli
+from exporter_fixtures import GraphBuilder
+
+import onnx_exact.io.cnn_reader as cnn_reader
+from onnx_exact.core.box import Box
+from onnx_exact.core.errors import UnsupportedModelError
 from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.operators import ConvOperator
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.io.affine_chain import conv_matrix
+from onnx_exact.io.cnn_reader import CnnBinding
+from onnx_exact.io.graph import Binding
+from onnx_exact.io.onnx_reader import read_model
+from onnx_exact.stability import analyze_stability
+
+SEQUENTIAL = [
+    "torch_legacy_plain",
+    "torch_legacy_bn",
+    "torch_legacy_avgpool",
+    "torch_dynamo",
+    "tf2onnx_nhwc",
+    "matlab_conv1d",
+    "pad_pool",
+]
+REFUSED = {
+    "residual_block": "residual",
+    "mobilenet_block": "Clip (ReLU6) is not supported yet",
+    "torch_legacy_maxpool": "MaxPool is not supported yet",
+}
+LAYOUTS = {"tf2onnx_nhwc": "NHWC", "matlab_conv1d": "NCW"}
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def test_dense_layer_channels_are_checked_and_copied():
@@ -19,3 +60,239 @@ def test_dense_layer_channels_are_checked_and_copied():
     assert copy.layers[1].channels is None
     with pytest.raises(ValueError, match="channel indices"):
         DenseLayer(np.eye(4), np.zeros(4), True, "relu", channels=[0, 1])
+
+
+@pytest.mark.parametrize(
+    "kernel, spatial, pads, strides, dilations, group, c_in, c_out",
+    [
+        ((3, 3), (8, 8), (1, 1, 1, 1), (2, 2), (1, 1), 1, 2, 4),
+        ((5,), (16,), (2, 2), (1,), (1,), 1, 2, 4),
+        ((3,), (16,), (1, 1), (2,), (2,), 1, 4, 3),
+        ((3, 3), (6, 6), (1, 0, 2, 1), (1, 2), (2, 1), 3, 6, 6),
+        ((2, 2, 2), (4, 4, 4), (0, 1, 0, 1, 0, 1), (1, 1, 2), (1, 1, 1), 2, 4, 6),
+    ],
+)
+def test_conv_matrix_is_the_operators_dense_matrix(
+    kernel, spatial, pads, strides, dilations, group, c_in, c_out
+):
+    weights = np.random.default_rng(0).normal(size=(c_out, c_in // group, *kernel))
+    conv = ConvOperator(weights, None, spatial, pads, strides, dilations, group)
+    np.testing.assert_array_equal(conv_matrix(conv), conv.dense())
+
+
+def _box_points(lower: np.ndarray, upper: np.ndarray, m: int = 24) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    uniform = lower + (upper - lower) * rng.random((m, lower.size))
+    corners = np.where(rng.random((m // 2, lower.size)) < 0.5, lower, upper)
+    return np.vstack([uniform, corners])
+
+
+def _nchw_channels(network: Network, layer: int, channels: int) -> np.ndarray:
+    return np.repeat(np.arange(channels), network.layers[layer].out_features // channels)
+
+
+@pytest.fixture(scope="module", params=SEQUENTIAL)
+def fixture(request):
+    return VALID_BUILDERS[request.param]()
+
+
+def test_sequential_fixture_reads_into_the_network_onnxruntime_runs(fixture):
+    read = read_model(fixture.model)
+    network, binding = read.network, read.binding
+    assert isinstance(binding, CnnBinding)
+    x = _box_points(fixture.lower, fixture.upper)
+    expected, pre = fixture.reference(x)
+    got = network.forward(x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * max(1.0, np.abs(expected).max()))
+    runtime = run_onnxruntime(fixture.model, x, fixture.input_shape)
+    np.testing.assert_allclose(got, runtime, rtol=0, atol=1e-5 * max(1.0, np.abs(runtime).max()))
+
+    assert binding.relu_nodes == list(pre)  # the fixture records its activations in order
+    assert [network.layers[k].name for k in network.relu_layer_indices] == binding.relu_nodes
+    assert binding.input_layout == LAYOUTS.get(fixture.name, "NCHW")
+    assert binding.output_tensor == fixture.model.graph.output[0].name
+    net_x = network.input_map.apply(x)
+    preactivations = network.preactivations(net_x)
+    for k, name in zip(network.relu_layer_indices, binding.relu_nodes, strict=True):
+        np.testing.assert_allclose(preactivations[k], pre[name], rtol=0, atol=1e-9)
+        layer = network.layers[k]
+        if name == "relu_fc":
+            assert layer.channels is None
+        else:  # a conv layer: NCHW channels, the planted ones among them
+            count = int(layer.channels.max()) + 1
+            np.testing.assert_array_equal(layer.channels, _nchw_channels(network, k, count))
+            assert all(c < count for c in fixture.planted.get(name, {}))
+    assert network.layers[-1].channels is None and not network.layers[-1].relu
+
+
+def test_planted_channels_are_proved_stable(fixture):
+    read = read_model(fixture.model)
+    network = read.network
+    box = Box(fixture.lower, fixture.upper).to_network(network.input_map)
+    # the planted channels clear their kinks on interval bounds, which the first pass always
+    # finishes whatever the limit: no solver tier is needed
+    result = analyze_stability(network, box, time_limit=1, jobs=1, seed=0, tiers=())
+    by_name = {network.layers[layer.index].name: layer for layer in result.layers}
+    assert fixture.planted
+    for name, plants in fixture.planted.items():
+        layer = network.layers[network.relu_layer_indices[read.binding.relu_nodes.index(name)]]
+        states = by_name[name].states
+        for channel, kind in plants.items():
+            if layer.channels is None:  # a dense layer: the channel is the neuron
+                neurons = states[[channel]]
+            else:
+                neurons = states[layer.channels == channel]
+            want = NeuronState.INACTIVE if kind == "dead" else NeuronState.ACTIVE
+            assert np.all(neurons == want), (name, channel, kind)
+
+
+def test_matlab_mean_subtraction_becomes_the_input_map():
+    fixture = VALID_BUILDERS["matlab_conv1d"]()
+    read = read_model(fixture.model)
+    assert not read.network.input_map.is_identity
+    roles = [step.role for step in read.binding.path]
+    assert roles[0] == "preprocess" and roles.count("relu") == 2 and roles.count("core") == 3
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn_l1_0", "mnist_cnn_l1_2e-3"])
+def test_mnist_cnn_reads_into_the_network_onnxruntime_runs(name):
+    path = MODELS / f"{name}.onnx"
+    read = read_model(path)
+    network = read.network
+    assert [layer.weight.shape for layer in network.layers] == [
+        (16 * 14 * 14, 784), (32 * 7 * 7, 16 * 14 * 14), (100, 1568), (10, 100),
+    ]  # fmt: skip
+    x = _box_points(np.zeros(784), np.ones(784))
+    runtime = run_onnxruntime(onnx.load(path), x, (1, 28, 28))
+    np.testing.assert_allclose(network.forward(x), runtime, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(network.layers[0].channels, np.repeat(np.arange(16), 196))
+    np.testing.assert_array_equal(network.layers[1].channels, np.repeat(np.arange(32), 49))
+    assert network.layers[2].channels is None
+
+
+def _assorted_cnn() -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """Ops the fixtures do not cover: a bias-free Conv with ``SAME_LOWER``, per-channel Mul and
+    Add constants after it, a depthwise Conv, a Relu *after* an NHWC Transpose (channels last at
+    the ReLU), GlobalAveragePool behind a Transpose back, and a MatMul head."""
+    rng = np.random.default_rng(11)
+    g = GraphBuilder()
+    h = g.node(
+        "Conv",
+        ["input", g.const(rng.normal(size=(4, 3, 3, 3)) / 3)],
+        kernel_shape=[3, 3],
+        auto_pad="SAME_LOWER",
+        strides=[2, 2],
+    )
+    h = g.node("Mul", [h, g.const(rng.uniform(0.5, 2, size=(1, 4, 1, 1)))])
+    h = g.node("Add", [g.const(rng.normal(size=(4, 1, 1))), h])
+    h = g.node("Relu", [h], name="relu_a")
+    h = g.node(
+        "Conv",
+        [h, g.const(rng.normal(size=(4, 1, 3, 3)) / 3), g.const(rng.normal(size=4))],
+        kernel_shape=[3, 3],
+        pads=[1, 1, 1, 1],
+        group=4,
+    )
+    h = g.node("Transpose", [h], perm=[0, 2, 3, 1])
+    h = g.node("Relu", [h], name="relu_b")
+    h = g.node("Transpose", [h], perm=[0, 3, 1, 2])
+    h = g.node("GlobalAveragePool", [h])
+    h = g.node("Reshape", [h, g.const(np.array([0, -1]), dtype=np.int64)])
+    h = g.node("MatMul", [h, g.const(rng.normal(size=(4, 2)))])
+    g.node("Add", [h, g.const(rng.normal(size=2))], output="out")
+    model = g.model([g.tensor("input", ["N", 3, 7, 5])], [g.tensor("out", ["N", 2])])
+    return model, (3, 7, 5)
+
+
+def test_per_channel_ops_depthwise_and_channels_last_relu_read_exactly():
+    model, shape = _assorted_cnn()
+    network = read_model(model).network
+    x = _box_points(-np.ones(math.prod(shape)), np.ones(math.prod(shape)))
+    runtime = run_onnxruntime(model, x, shape)
+    np.testing.assert_allclose(network.forward(x), runtime, rtol=0, atol=1e-5)
+    first, second, last = network.layers
+    positions = first.out_features // 4  # 4 x 4 x 3 outputs per channel (SAME, stride 2)
+    assert positions == 12
+    np.testing.assert_array_equal(first.channels, np.repeat(np.arange(4), positions))
+    np.testing.assert_array_equal(second.channels, np.tile(np.arange(4), positions))  # NHWC
+    assert last.channels is None and last.out_features == 2
+
+
+def _refusal(model: onnx.ModelProto) -> str:
+    with pytest.raises(UnsupportedModelError) as refused:
+        read_model(model)
+    return str(refused.value)
+
+
+def test_reader_refusals_name_the_node(monkeypatch):
+    model, _ = _assorted_cnn()
+    too_small = 4 * 12 * 105 - 1  # the first layer's dense entries, minus one
+    monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", too_small)
+    assert "dense 48 x 105 matrix, over the limit" in _refusal(model)
+    monkeypatch.undo()
+
+    g = GraphBuilder()
+    pads = g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]), dtype=np.int64)
+    h = g.node("Pad", ["input", pads], mode="reflect")
+    h = g.node("Conv", [h, g.const(np.ones((2, 1, 3, 3)))], kernel_shape=[3, 3], name="conv")
+    h = g.node("Relu", [h])
+    h = g.node("Flatten", [h])
+    g.node("Gemm", [h, g.const(np.ones((1, 32)))], output="out", transB=1)
+    padded = g.model([g.tensor("input", ["N", 1, 4, 4])], [g.tensor("out", ["N", 1])])
+    assert "Pad mode 'reflect' is not supported" in _refusal(padded)
+
+    g = GraphBuilder()
+    h = g.node("Conv", ["input", g.const(np.ones((2, 1, 3, 3)))], kernel_shape=[3, 3])
+    h = g.node("Relu", [h], name="relu")
+    h = g.node("Transpose", [h], name="swap_batch", perm=[1, 0, 2, 3])
+    h = g.node("Reshape", [h, g.const(np.array([-1, 4]), dtype=np.int64)])
+    g.node("Gemm", [h, g.const(np.ones((1, 4)))], output="out", transB=1)
+    swapped = g.model([g.tensor("input", [2, 1, 4, 4])], [g.tensor("out", [4, 1])])
+    assert "node 'swap_batch' (Transpose): perm [1, 0, 2, 3] moves the batch axis" in _refusal(
+        swapped
+    )
+
+
+def test_a_graph_without_conv_still_reads_as_an_mlp():
+    from exporter_fixtures import torch_legacy_gemm
+
+    model, _, _ = torch_legacy_gemm()
+    assert isinstance(read_model(model).binding, Binding)
+
+
+CASES = {name: (lambda name=name: VALID_BUILDERS[name]()) for name in REFUSED} | {
+    name: (lambda name=name: bad_fixtures()[name]) for name in bad_fixtures()
+}
+MESSAGES = REFUSED | {
+    "bad_group": "group 4 does not divide the 6 input channels",
+    "dynamic_spatial": "dims H, W are dynamic",
+    "runtime_weight": "node 'Conv_6' (Conv): its weight 'Mul_out_4' is computed at run time",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_refused_cnns_exit_2_with_one_line(name, tmp_path):
+    model = CASES[name]().model
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, path)
+    code, out, err = run_cli(["analyze", path, "--input-range", "[0,1]", "--jobs", "1"])
+    lines = err.strip().splitlines()
+    assert code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("onnx-exact: error: "), err
+    assert MESSAGES[name] in lines[0] and str(path) in lines[0]
+
+
+def test_analyze_oval21_base_with_its_vnnlib(shared_models):
+    folder = shared_models / "cnn"
+    model, prop = folder / "oval21_base.onnx", folder / "oval21_base.vnnlib"
+    if not model.exists():
+        pytest.skip("../shared/models/cnn/oval21_base.onnx is absent")
+    code, out, err = run_cli(
+        ["analyze", model, "--vnnlib", prop, "--time-limit", "1", "--jobs", "1", "-q"]
+    )
+    assert code == 0, err
+    read = read_model(model)
+    assert read.binding.relu_nodes == ["Relu_1", "Relu_3", "Relu_6"]
+    assert [layer.weight.shape for layer in read.network.layers] == [
+        (2048, 3072), (1024, 2048), (100, 1024), (10, 100),
+    ]  # fmt: skip

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from onnx import TensorProto
 
 from onnx_exact.core.errors import UnsupportedModelError
 from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.io.cnn_reader import holds_conv, read_cnn
 from onnx_exact.io.graph import (
     FLOAT_TYPES,
     Binding,
@@ -53,6 +53,7 @@ from onnx_exact.io.load import (
     load_with_external_data,
 )
 from onnx_exact.io.node_semantics import NodeSemantics
+from onnx_exact.io.read_result import ReadResult
 
 #: Non-ReLU activations: named in the error so the user knows why the model is refused.
 OTHER_ACTIVATIONS = frozenset(
@@ -64,33 +65,13 @@ OTHER_ACTIVATIONS = frozenset(
 )  # fmt: skip
 
 
-@dataclass
-class ReadResult:
-    """A loaded model and the network extracted from it.
-
-    ``uses_external_data`` records whether the file stored its tensors in external data (torch's
-    dynamo exporter always does) and ``external_tensors`` which ones (the loaded ``model`` holds
-    them all inline): :meth:`onnx_exact.io.staging.TensorPlacement.like_input` keeps each tensor
-    of the output where the input kept it.
-    """
-
-    model: onnx.ModelProto
-    network: Network
-    binding: Binding
-    path: Path | None
-    input_shape: tuple
-    has_batch_dim: bool
-    input_dtype: np.dtype
-    uses_external_data: bool = False
-    external_tensors: frozenset[str] = frozenset()
-
-
 ModelSource = str | os.PathLike | onnx.ModelProto | ReadResult
 """A model as the commands take it: a path, a loaded proto, or the result of :func:`read_model`."""
 
 
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
-    """Load an ONNX model and extract its ReLU MLP.
+    """Load an ONNX model and extract its ReLU network (a sequential CNN when it holds a Conv:
+    :func:`onnx_exact.io.cnn_reader.read_cnn`).
 
     Parameters
     ----------
@@ -116,7 +97,10 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
         model, external = load_with_external_data(path)
     check_opsets(model, label)
     check_integrity(model, label)
-    result = _GraphWalker(model, label).read(path, external)
+    if holds_conv(model):
+        result = read_cnn(model, label, path, external)
+    else:
+        result = _GraphWalker(model, label).read(path, external)
     check_inference(model, label)
     return result
 
