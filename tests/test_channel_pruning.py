@@ -520,3 +520,81 @@ def test_a_depthwise_conv_reading_a_dead_channel_without_bias_passes_zeros_on(wi
     assert shapes == [(3, 2, 3, 3), (3, 1, 3, 3), (3, 3, 1, 1)]
     assert next(a.i for a in convs[1].attribute if a.name == "group") == 3
     assert_same_outputs(model, result.model, np.zeros(72), np.ones(72), (2, 6, 6))
+
+
+def random_cnn(seed: int):
+    """A random sequential CNN on ``[n, 3, 8, 8]`` over [0, 1] and channels killed at random.
+
+    Each block is Conv (kernel 1 or 3, random pads and stride, sometimes depthwise) → [BN] →
+    Relu → [MaxPool | AveragePool | zero Pad | Dropout | Mul by a per-channel constant]; the head
+    is Flatten → Gemm or (NHWC) Transpose → Reshape → MatMul → Add, then Relu → Gemm. A killed
+    channel's bias (or BN shift) is −1e6, far below anything its inputs can reach; a depthwise
+    block kills channels whose input channel is alive (its group goes, the input is released).
+    """
+    rng = np.random.default_rng(seed)
+    g = GraphBuilder()
+    h, channels, side, dead = "input", 3, 8, {}
+    for block in range(int(rng.integers(1, 4))):
+        depthwise = block > 0 and rng.random() < 0.3
+        c_out = channels if depthwise else int(rng.integers(2, 6))
+        k = int(rng.choice([1, 3])) if side >= 3 else 1
+        pad = int(rng.integers(0, 2)) if k == 3 else 0
+        stride = int(rng.choice([1, 2])) if side >= 4 else 1
+        weight = rng.uniform(-0.5, 0.5, (c_out, 1 if depthwise else channels, k, k))
+        killed = sorted(rng.choice(c_out, int(rng.integers(0, c_out)), replace=False).tolist())
+        shift = np.where(np.isin(np.arange(c_out), killed), -1e6, rng.normal(0, 0.1, c_out))
+        use_bn = rng.random() < 0.3
+        bias = rng.normal(0, 0.1, c_out) if use_bn else shift
+        attrs = {"kernel_shape": [k, k], "pads": [pad] * 4, "strides": [stride] * 2}
+        if depthwise:
+            attrs["group"] = channels
+        h = g.node("Conv", [h, g.const(weight), g.const(bias)], **attrs)
+        if use_bn:
+            stats = [rng.uniform(0.5, 1.5, c_out), shift, rng.normal(0, 0.1, c_out)]
+            stats.append(rng.uniform(0.5, 1.5, c_out))
+            h = g.node("BatchNormalization", [h, *map(g.const, stats)])
+        name = f"relu{block}"
+        h = g.node("Relu", [h], name=name)
+        if killed:
+            dead[name] = killed
+        side = (side + 2 * pad - k) // stride + 1
+        after = rng.choice(["none", "maxpool", "avgpool", "pad", "dropout", "mul"])
+        if after in ("maxpool", "avgpool") and side >= 2:
+            op = "MaxPool" if after == "maxpool" else "AveragePool"
+            h, side = g.node(op, [h], kernel_shape=[2, 2], strides=[2, 2]), side // 2
+        elif after == "pad":
+            pads = g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]), dtype=np.int64)
+            h, side = g.node("Pad", [h, pads]), side + 2
+        elif after == "dropout":
+            h = g.node("Dropout", [h])
+        elif after == "mul":
+            h = g.node("Mul", [h, g.const(rng.uniform(0.5, 2.0, (c_out, 1, 1)))])
+        channels = c_out
+    width = channels * side * side
+    hidden = int(rng.integers(2, 6))
+    if rng.random() < 0.5:
+        h = g.node("Flatten", [h], axis=1)
+        h = g.node("Gemm", [h, g.const(rng.normal(size=(hidden, width))), g.const(np.zeros(hidden))],
+                   transB=1)  # fmt: skip
+    else:
+        h = g.node("Transpose", [h], perm=[0, 2, 3, 1])
+        h = g.node("Reshape", [h, g.const(np.array([-1, width]), dtype=np.int64)])
+        h = g.node("MatMul", [h, g.const(rng.normal(size=(width, hidden)))])
+        h = g.node("Add", [h, g.const(rng.normal(0, 0.1, hidden))])
+    h = g.node("Relu", [h], name="relu_head")
+    g.node("Gemm", [h, g.const(rng.normal(size=(2, hidden)))], output="output", transB=1)
+    model = g.model([g.tensor("input", ["n", 3, 8, 8])], [g.tensor("output", ["n", 2])])
+    return model, dead
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_sequential_cnns_prune_exactly(seed):
+    """Whatever is removed, the outputs stay; removed channels are only those asked for (or
+    released by a depthwise Conv), and every asked-for channel is either removed or kept with a
+    reason."""
+    model, dead = random_cnn(seed)
+    result = prune_channels(model, dead)
+    for name, channels in dead.items():
+        removed = set(result.removed.get(name, []))
+        assert set(channels) <= removed or name in result.kept
+    assert_same_outputs(model, result.model, np.zeros(192), np.ones(192), (3, 8, 8), count=60)

@@ -104,7 +104,7 @@ class ChannelPlanner:
     def sample_shape(self, tensor: str) -> tuple[int, ...] | None:
         """The per-sample (batch axis dropped) static shape of ``tensor``, if inference knows it."""
         shape = self.shapes.get(tensor)
-        if shape is None or len(shape) < 1 or any(d is None for d in shape[1:]):
+        if shape is None or len(shape) < 1 or any(d is None or d < 0 for d in shape[1:]):
             return None
         return tuple(shape[1:])
 
