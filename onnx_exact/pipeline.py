@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from numpy.typing import ArrayLike
 
+from onnx_exact.channels import describe_channels, prune, summary_metadata
 from onnx_exact.core.box import Box
 from onnx_exact.core.errors import (
     DomainError,
@@ -33,6 +34,7 @@ from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL
 from onnx_exact.core.verdicts import StabilityResult
 from onnx_exact.equivalence.check import check_equivalence
 from onnx_exact.equivalence.results import CheckReport
+from onnx_exact.io.cnn_reader import CnnBinding
 from onnx_exact.io.domain_sources import (
     InputLayout,
     domain_metadata,
@@ -46,7 +48,7 @@ from onnx_exact.io.domain_sources import (
 )
 from onnx_exact.io.load import load_graph
 from onnx_exact.io.onnx_reader import ReadResult, read_model
-from onnx_exact.io.onnx_writer import build_model
+from onnx_exact.io.onnx_writer import build_model, merge_metadata
 from onnx_exact.io.runtime import onnxruntime_session
 from onnx_exact.io.save import numpy_save_path, plan_run_paths
 from onnx_exact.io.staging import StagedModel, TensorPlacement, model_size_bytes, stage_model
@@ -59,6 +61,7 @@ from onnx_exact.verify import (
     ROUNDOFF_FACTOR,
     compare_models,
     measured_roundoff,
+    model_roundoff,
     reference_model_path,
     roundoff_atol,
     written_roundoff,
@@ -137,8 +140,11 @@ class Analysis:
 
 @dataclass
 class CompressResult:
+    """The written model and how it was made: ``reduction`` for an MLP; None for a CNN, whose
+    dead channels are pruned in the graph itself (``report.layers[i].channels``)."""
+
     model: onnx.ModelProto
-    reduction: Reduction
+    reduction: Reduction | None
     analysis: Analysis
     report: RunReport
 
@@ -220,6 +226,8 @@ def analyze(
         + list(stability.notes)
         + ([] if net.relu_layer_indices else [NO_RELU_NOTE]),
     )
+    if isinstance(read.binding, CnnBinding):
+        describe_channels(report, read, stability)
     return Analysis(read=read, box=box, stability=stability, report=report)
 
 
@@ -325,16 +333,22 @@ def compress(
     net = read.network
 
     _stage(progress, "reduce and write")
-    t0 = time.perf_counter()
-    reduction = reduce_network(net, stability)
-    report.timings_s["reduce"] = time.perf_counter() - t0
-    report.layers = summarize_layers(net, stability, reduction)  # before the summary metadata
-
-    t0 = time.perf_counter()
     metadata = domain_metadata(box)
-    metadata.update(_summary_metadata(report, reduction))
-    model = build_model(read, reduction, metadata)
-    report.timings_s["write"] = time.perf_counter() - t0
+    reduction: Reduction | None = None
+    t0 = time.perf_counter()
+    if isinstance(read.binding, CnnBinding):  # structured: dead channels leave the graph
+        model = prune(report, read).model
+        metadata.update(summary_metadata(report))
+        merge_metadata(model, metadata)
+        report.timings_s["prune"] = time.perf_counter() - t0
+    else:
+        reduction = reduce_network(net, stability)
+        report.timings_s["reduce"] = time.perf_counter() - t0
+        report.layers = summarize_layers(net, stability, reduction)  # before the summary metadata
+        t0 = time.perf_counter()
+        metadata.update(_summary_metadata(report, reduction))
+        model = build_model(read, reduction, metadata)
+        report.timings_s["write"] = time.perf_counter() - t0
 
     with _staged(model, output, read) as staged:
         # everything below checks the staged file, the bytes the user gets (issue 21)
@@ -345,7 +359,16 @@ def compress(
         if atol is None:
             roundoff = measured_roundoff(read, box, options.seed)
             written = {}
-            if not reduction.constant_output:
+            if reduction is None:  # pruning deletes weights, it never rounds new ones
+                written = model_roundoff(
+                    written_read.model,
+                    written_read.network,
+                    written_read.input_dtype,
+                    box,
+                    options.seed,
+                    path=written_read.path,
+                )
+            elif not reduction.constant_output:
                 written = written_roundoff(written_read, reduction.network, box, options.seed)
             # two float evaluations of one exact function differ by at most the sum of their errors
             combined = {name: value + written.get(name, 0.0) for name, value in roundoff.items()}
@@ -376,12 +399,13 @@ def compress(
         )
         report.timings_s["verify"] = time.perf_counter() - t0
 
-        report.params_after = reduction.network.param_count
-        report.macs_after = reduction.network.mac_count
+        if reduction is not None:  # a CNN's counts after come from its graph (channels.prune)
+            report.params_after = reduction.network.param_count
+            report.macs_after = reduction.network.mac_count
+            report.constant_output = reduction.constant_output
+            report.notes.extend(reduction.notes)
         report.bytes_after = model_size_bytes(model)
         report.verification = verification
-        report.constant_output = reduction.constant_output
-        report.notes.extend(reduction.notes)
 
         if prove:
             _stage(progress, "prove")

@@ -7,16 +7,21 @@ group, Gemm/MatMul = rows x cols, float constants as parameters, integer shape t
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
-from cnn_fixtures import VALID_BUILDERS
+from cnn_fixtures import VALID_BUILDERS, run_onnxruntime
+from conftest import run_cli
 from exporter_fixtures import ALL_BUILDERS, gemm_mlp
 
 from onnx_exact.channels import channel_summaries, pruning_request
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.core.verdicts import LayerStability, NeuronState, StabilityResult
 from onnx_exact.io.model_stats import model_stats, relu_layer_stats
+from onnx_exact.pipeline import AnalysisOptions, DomainSpec, compress
 from onnx_exact.report import RunReport, make_console, render, summarize_layers
 
 # (params, macs) by hand, layer by layer (see each builder in cnn_fixtures.py)
@@ -165,3 +170,91 @@ def test_the_report_shows_channels_and_per_layer_costs_in_json_and_table():
         render(report, console)
     text = captured.get()
     assert "Channels" in text and "120 -> 80" in text and "conv x2" in text
+
+
+# ----------------------------------------------------------------------------- end to end
+
+SEQUENTIAL = [
+    "torch_legacy_plain",
+    "torch_legacy_bn",
+    "torch_legacy_avgpool",
+    "torch_dynamo",
+    "tf2onnx_nhwc",
+    "matlab_conv1d",
+    "pad_pool",
+]
+MNIST_CNN = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn_l1_2e-3.onnx"
+
+
+@pytest.mark.parametrize("name", SEQUENTIAL)
+def test_exporter_cnns_lose_their_planted_dead_channels_and_verify(name):
+    """Each exporter pattern: compressed, verified on the written file, every planted dead
+    channel removed (its neurons are dead at every position by interval bounds), the written
+    graph's MACs lower, and its outputs equal to the input model's on box samples."""
+    fixture = VALID_BUILDERS[name]()
+    result = compress(
+        fixture.model,
+        None,
+        DomainSpec(lower=fixture.lower, upper=fixture.upper),
+        AnalysisOptions(time_limit=2),
+    )
+    report = result.report
+    assert result.reduction is None and report.passed
+    by_name = {layer.name: layer for layer in report.layers}
+    for relu, planted in fixture.planted.items():
+        dead = {c for c, kind in planted.items() if kind == "dead"}
+        channels = by_name[relu].channels
+        assert dead <= set(channels.dead), (relu, channels)
+        assert dead <= set(channels.removed), (relu, channels)
+    after = model_stats(result.model)
+    assert (after.params, after.macs) == (report.params_after, report.macs_after)
+    assert report.macs_after < report.macs_before
+    rng = np.random.default_rng(1)
+    x = fixture.lower + (fixture.upper - fixture.lower) * rng.random((64, fixture.lower.size))
+    np.testing.assert_allclose(
+        run_onnxruntime(result.model, x, fixture.input_shape),
+        run_onnxruntime(fixture.model, x, fixture.input_shape),
+        rtol=0,
+        atol=1e-5,
+    )
+
+
+def test_the_command_line_compresses_the_bundled_mnist_cnn(tmp_path):
+    """``onnx-exact models/mnist_cnn_l1_2e-3.onnx out.onnx`` (box from the metadata): exit 0,
+    the written file verified, the channels and MACs removed shown. A short time limit keeps
+    the interval and CROWN proofs of every layer, which settle the dead first-conv channels."""
+    out, report = tmp_path / "small.onnx", tmp_path / "r.json"
+    code, stdout, stderr = run_cli(
+        [MNIST_CNN, out, "--time-limit", "5", "--jobs", "1", "--json", report]
+    )
+    assert code == 0, stderr
+    assert "Channels" in stdout and "MACs" in stdout and "verification PASSED" in stdout
+    doc = json.loads(report.read_text())
+    first = doc["layers"][0]
+    assert first["channels"]["conv"] and len(first["channels"]["removed"]) >= 8
+    assert first["macs_after"] < first["macs_before"]
+    assert doc["macs_after"] < doc["macs_before"] and doc["params_after"] < doc["params_before"]
+    written = onnx.load(out)
+    summary = {p.key: p.value for p in written.metadata_props}["onnx_exact.summary"]
+    assert "ReLU channels removed" in summary
+    assert (model_stats(written).macs, model_stats(written).params) == (
+        doc["macs_after"],
+        doc["params_after"],
+    )
+
+
+def test_check_proves_a_compressed_cnn_equal_to_its_input(tmp_path):
+    """``check IN OUT`` on a CNN pair: sampled always, then proved (exit 0) by the walk over
+    the dense networks (the removed channels are the input's proved-dead units)."""
+    fixture = VALID_BUILDERS["tf2onnx_nhwc"]()
+    source = tmp_path / "in.onnx"
+    onnx.save(fixture.model, source)
+    box = tmp_path / "box.npz"
+    np.savez(box, lower=fixture.lower, upper=fixture.upper)
+    out = tmp_path / "out.onnx"
+    code, _, stderr = run_cli([source, out, "--input-range-file", box, "--time-limit", "2"])
+    assert code == 0, stderr
+    code, stdout, stderr = run_cli(["check", source, out, "--time-limit", "60", "--json", "-"])
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert doc["proof"]["status"] == "proved"
