@@ -228,7 +228,9 @@ def test_reader_refusals_name_the_node(monkeypatch):
     model, _ = _assorted_cnn()
     too_small = 4 * 12 * 105 - 1  # the first layer's dense entries, minus one
     monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", too_small)
-    assert "dense 48 x 105 matrix, over the limit" in _refusal(model)
+    message = _refusal(model)
+    assert "(Conv): its layer would be a dense 48 x 105 matrix" in message
+    assert f"over the limit of {too_small} entries" in message
     monkeypatch.undo()
 
     g = GraphBuilder()

@@ -372,7 +372,8 @@ class _CnnWalker(NodeSemantics):
             raise self.fail(
                 f"{node_label(index, node)}: its layer would be a dense {op.n_out} x "
                 f"{self.chain.n_src} matrix, over the limit of {MAX_DENSE_ENTRIES} entries "
-                "(256 MiB); CNNs this large are not supported yet"
+                f"({MAX_DENSE_ENTRIES * 8 / 2**20:.3g} MiB of float64); CNNs this large are not "
+                "supported yet"
             )
         self.path.append(PathStep(index, role, len(self.layers), 0, self.width))
         self.chain.apply(op)
