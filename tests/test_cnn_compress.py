@@ -7,7 +7,9 @@ group, Gemm/MatMul = rows x cols, float constants as parameters, integer shape t
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +260,35 @@ def test_check_proves_a_compressed_cnn_equal_to_its_input(tmp_path):
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["proof"]["status"] == "proved"
+
+
+def _load_cnn_bench():
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))  # bench/cnn.py imports its sibling measure.py
+    spec = importlib.util.spec_from_file_location("bench_cnn", bench / "cnn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cnn_bench_checks_onnxsim_units_per_layer_and_shows_refusals():
+    bench = _load_cnn_bench()
+    manifest = [{"relu": "Relu_1", "dead": 1, "always_on": 0},
+                {"relu": "Relu_3", "dead": 0, "always_on": 2}]  # fmt: skip
+    ours = {"Relu_1": ({4, 5}, set()), "Relu_3": (set(), {0, 1, 2})}
+    assert bench.contains_onnxsim(ours, manifest, None) == []
+    live = {"Relu_1": ({4}, set()), "Relu_3": (set(), {1, 7})}
+    assert bench.contains_onnxsim(ours, manifest, live) == ["Relu_3: units [7]"]
+    assert bench.contains_onnxsim({"Relu_1": ({4}, set())}, manifest, None) == [
+        "Relu_3: 0/0 dead/on, onnxsim 0/2"
+    ]
+    theirs = {"dead": 43, "always_on": 30, "params_removed": 22020, "macs_removed": 30618,
+              "seconds": 155.49}  # fmt: skip
+    refused = {"model": "resnet_4b", "onnxsim": theirs, "exit": 2, "wall_s": 3.0,
+               "peak_mib": 150.0, "error": "onnx-exact: error: node 'Add_5': not supported yet"}  # fmt: skip
+    args = type("Args", (), {"check": True})()
+    text = bench.markdown([refused], args, "now", (1.0, 1.0, 1.0), "python bench/cnn.py")
+    row = next(line for line in text.splitlines() if line.startswith("| resnet_4b"))
+    assert "refused: onnx-exact: error: node 'Add_5'" in row
+    assert row.count("|") == text.splitlines()[text.splitlines().index(row) - 2].count("|")
