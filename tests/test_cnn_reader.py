@@ -298,3 +298,31 @@ def test_analyze_oval21_base_with_its_vnnlib(shared_models):
     assert [layer.weight.shape for layer in read.network.layers] == [
         (2048, 3072), (1024, 2048), (100, 1024), (10, 100),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, layout",
+    [("oval21_base", "NCHW"), ("oval21_wide", "NCHW"), ("marabou_cifar10_medium", "NHWC")],
+)
+def test_shared_cnns_read_into_the_network_onnxruntime_runs(shared_models, name, layout):
+    path = shared_models / "cnn" / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"../shared/models/cnn/{name}.onnx is absent")
+    read = read_model(path)
+    assert read.binding.input_layout == layout
+    box = np.load(shared_models / "cnn" / f"{name}.box.npz")
+    lower, upper = (np.asarray(box[key], np.float64).reshape(-1) for key in ("lower", "upper"))
+    x = _box_points(lower, upper, m=4)
+    model = onnx.load(path)
+    sample = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+    runtime = np.vstack([run_onnxruntime(model, row[None], sample) for row in x])
+    np.testing.assert_allclose(read.network.forward(x), runtime, rtol=0, atol=1e-4)
+    first = read.network.layers[0]
+    assert first.channels is not None and np.all(np.diff(first.channels) >= 0)
+
+
+def test_the_shared_resnet_is_refused_as_residual(shared_models):
+    path = shared_models / "cnn" / "resnet_4b.onnx"
+    if not path.exists():
+        pytest.skip("../shared/models/cnn/resnet_4b.onnx is absent")
+    assert "residual/skip connections are not supported yet" in _refusal(onnx.load(path))
