@@ -132,23 +132,6 @@ def test_adaptive_lower_lines_of_the_forward_relaxation_tighten_some_leaf_bounds
     assert any(tighter)
 
 
-def test_bounds_in_chunks_equal_one_call(monkeypatch) -> None:
-    """A batch bounded in cache-sized chunks gives exactly the arrays of one call over it."""
-    net, box = case(2)
-    rng = np.random.default_rng(2)
-    centre = rng.uniform(box.lower, box.upper, (100, box.size))
-    radius = rng.uniform(0.0, 0.2, (100, box.size)) * (box.upper - box.lower)
-    lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
-    layers, neurons, signs = all_directions(net)
-    outer, asked, top = interval_bounds(net, box), np.arange(layers.size), int(layers.max())
-    args = (net, lower, upper, outer, top, asked, layers, neurons, signs)
-    whole = input_split._direction_bounds(*args)
-    monkeypatch.setattr(input_split, "_CHUNK_VALUES", 2 * 12 * (box.size + 1) * 16)  # 16 leaves
-    chunked = input_split._chunked_bounds(*args)
-    for one, parts in zip(whole, chunked, strict=True):
-        np.testing.assert_array_equal(one, parts)
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_proved_directions_never_flip_on_a_dense_grid_and_refutations_are_real(seed: int) -> None:
     net, box = case(seed)

@@ -61,7 +61,6 @@ from onnx_exact.core.network import Network
 LEAF_BATCH = 4096  # leaves bounded together at most
 _BATCH_VALUES = 2e7  # float64 values of one layer's pair of linear forms, at most (~160 MB)
 _PART_LEAVES = 256  # leaves per worker's part of a batch, at least
-_CHUNK_VALUES = 150_000  # float64 values of one layer's linear forms per bounded chunk, about
 _CANDIDATES_PER_LEAF = 4  # forward-passed points per bounded leaf with open directions, at most
 # CROWN lower ReLU lines tried per row besides the adaptive one: a slope in [0, 1], or "chord"
 # (every unstable neuron's lower line parallel to its upper line, slope u / (u - l))
@@ -376,7 +375,7 @@ class InputSearch:
         parts = min(self.jobs, lower.shape[0] // _PART_LEAVES) if executor is not None else 1
         context = (self.net, self.outer, self.layers, self.neurons, self.signs)
         if parts < 2:
-            return _chunked_bounds(self.net, lower, upper, self.outer, top, rows, *context[2:])
+            return _direction_bounds(self.net, lower, upper, self.outer, top, rows, *context[2:])
         if self.worker is None:
             self.worker = parallel.with_context(_bounds_in_worker, parallel.TaskContext(context))
         pieces = np.array_split(np.arange(lower.shape[0]), parts)
@@ -397,38 +396,7 @@ def _bounds_in_worker(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_direction_bounds` for part of a batch, in a worker of the run's pool."""
     net, outer, layers, neurons, signs = context
-    return _chunked_bounds(net, lower, upper, outer, top, asked, layers, neurons, signs)
-
-
-def _chunked_bounds(
-    net: Network,
-    lower: np.ndarray,
-    upper: np.ndarray,
-    outer: list[LayerBounds],
-    top: int,
-    asked: np.ndarray,
-    layers: np.ndarray,
-    neurons: np.ndarray,
-    signs: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_direction_bounds` in chunks of about ``_CHUNK_VALUES`` form values, concatenated.
-
-    Why: a leaf's bounds do not depend on the other leaves of its batch, and a chunk's linear
-    forms (about 1 MB) stay in the processor's cache, while the search still picks, splits and
-    files its leaves a whole batch at a time. The result is the one of a single call.
-    """
-    widest = max(layer.out_features for layer in net.layers[: top + 1])
-    chunk = max(16, int(_CHUNK_VALUES // (2 * widest * (lower.shape[1] + 1))))
-    if lower.shape[0] <= chunk:
-        return _direction_bounds(net, lower, upper, outer, top, asked, layers, neurons, signs)
-    directions = (layers, neurons, signs)
-    parts = [
-        _direction_bounds(
-            net, lower[s : s + chunk], upper[s : s + chunk], outer, top, asked, *directions
-        )
-        for s in range(0, lower.shape[0], chunk)
-    ]
-    return tuple(np.concatenate(part) for part in zip(*parts, strict=True))
+    return _direction_bounds(net, lower, upper, outer, top, asked, layers, neurons, signs)
 
 
 def _direction_bounds(
