@@ -211,7 +211,7 @@ def markdown(rows: list[dict], args, started: str, load: tuple, command: str) ->
     done = [r for r in rows if "error" not in r]
     within = sum(r["wall_s"] <= TARGET_S and r["peak_mib"] <= TARGET_MIB for r in done)
     text = (
-        "## cnn\n\n"
+        f"## {args.section}\n\n"
         f"`{command}` at {commit()} on {started} ({os.cpu_count()} cores, load average "
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the start: the machine was shared with "
         "other jobs, wall times are upper bounds).\n\n"

@@ -288,7 +288,7 @@ def test_the_cnn_bench_checks_onnxsim_units_per_layer_and_shows_refusals():
               "seconds": 155.49}  # fmt: skip
     refused = {"model": "resnet_4b", "onnxsim": theirs, "exit": 2, "wall_s": 3.0,
                "peak_mib": 150.0, "error": "onnx-exact: error: node 'Add_5': not supported yet"}  # fmt: skip
-    args = type("Args", (), {"check": True})()
+    args = type("Args", (), {"check": True, "section": "cnn"})()
     text = bench.markdown([refused], args, "now", (1.0, 1.0, 1.0), "python bench/cnn.py")
     row = next(line for line in text.splitlines() if line.startswith("| resnet_4b"))
     assert "refused: onnx-exact: error: node 'Add_5'" in row
