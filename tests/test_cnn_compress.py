@@ -293,3 +293,21 @@ def test_the_cnn_bench_checks_onnxsim_units_per_layer_and_shows_refusals():
     row = next(line for line in text.splitlines() if line.startswith("| resnet_4b"))
     assert "refused: onnx-exact: error: node 'Add_5'" in row
     assert row.count("|") == text.splitlines()[text.splitlines().index(row) - 2].count("|")
+
+
+def test_analyze_shows_a_cnns_channel_verdicts_and_its_graphs_counts(tmp_path):
+    """``analyze`` on a CNN: channel verdicts per layer and the ONNX graph's params and MACs
+    (model_stats), not the dense IR's (whose conv matrices are far larger)."""
+    fixture = VALID_BUILDERS["matlab_conv1d"]()
+    source, box = tmp_path / "in.onnx", tmp_path / "box.npz"
+    onnx.save(fixture.model, source)
+    np.savez(box, lower=fixture.lower, upper=fixture.upper)
+    code, stdout, stderr = run_cli(
+        ["analyze", source, "--input-range-file", box, "--time-limit", "2", "--json", "-"]
+    )
+    assert code == 0, stderr
+    doc = json.loads(stdout)
+    assert (doc["params_before"], doc["macs_before"]) == HAND_TOTALS["matlab_conv1d"]
+    relu_2 = next(layer for layer in doc["layers"] if layer["name"] == "relu_2")
+    assert 0 in relu_2["channels"]["dead"] and 1 in relu_2["channels"]["active"]
+    assert "Channels" in stderr
