@@ -269,7 +269,7 @@ def _staged(
     nothing is to be saved) until :meth:`StagedModel.commit`; each tensor stays where the input
     kept it (:meth:`TensorPlacement.like_input`; a model over 2 GiB gets external data). A staged
     file that ``onnx.checker`` or onnxruntime cannot load raises
-    :class:`~onnx_exact.errors.VerificationError` (exit 1) and nothing is left behind.
+    :class:`~onnx_exact.core.errors.VerificationError` (exit 1) and nothing is left behind.
     """
     placement = TensorPlacement.like_input(read)
     external = True if placement is not None else None
@@ -310,7 +310,7 @@ def compress(
     """Compress ``source`` exactly on the domain, verify it, and (if it verifies) save it.
 
     With ``prove``, the compressed model is also *proved* equivalent to the original on the box
-    (:func:`onnx_exact.equivalence.check_equivalence`, reusing this run's stability analysis); a
+    (:func:`onnx_exact.equivalence.check.check_equivalence`, reusing this run's stability analysis); a
     replayed counterexample fails the run like a failed sampled verification.
 
     ``atol=None`` (the default) means 1e-5, raised to ``ROUNDOFF_FACTOR`` times the sum of the

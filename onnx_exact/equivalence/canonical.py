@@ -29,7 +29,7 @@ bounded over the box and carried in ``err``, so a bound on ``f_A - f_B`` compute
 holds in exact arithmetic on the stored weights; it is merely far below any useful tolerance.
 
 The walk also records, per ReLU layer of each network, which free variable every neuron became
-(:class:`UnitMap`): :mod:`onnx_exact.correspondence` reads from it which neurons the two networks
+(:class:`UnitMap`): :mod:`onnx_exact.equivalence.correspondence` reads from it which neurons the two networks
 share and which exist in one network only.
 """
 

@@ -122,7 +122,7 @@ def check_equivalence(
     Parameters
     ----------
     a, b : paths, ModelProtos or :class:`ReadResult`; ``a`` is the reference.
-    box : raw-input box (``onnx_exact.domain.resolve_domain``).
+    box : raw-input box (``onnx_exact.io.domain_sources.resolve_domain``).
     atol, rtol : Polygraphy tolerances for the samples (a number or ``{output: value}`` with a
         default under ``""``); the proof's absolute tolerance is ``atol`` of the proved output.
     samples, seed : random inputs of the sampled check (plus centre, corners and witnesses).

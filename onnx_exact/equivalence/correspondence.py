@@ -6,7 +6,7 @@ reader into the same affine layers), a copy with hidden units permuted and posit
 (``relu(c y) = c relu(y)`` for ``c > 0``, the next layer's columns absorbing ``1/c``), or a
 compression of it (dead units removed, always-active layers folded into their neighbour,
 duplicates merged). This module names, for every hidden unit of both networks, which of these it
-is, from the canonical walk of :mod:`onnx_exact.canonical`:
+is, from the canonical walk of :mod:`onnx_exact.equivalence.canonical`:
 
 * **matched** — its pre-activation form is ``lam > 0`` times a unit's of the other network (the
   two share one free variable ``h = lam h_u``), or both are proved stable in the same state;
@@ -29,7 +29,7 @@ the symbolic bound of ``f_A - f_B`` is exact arithmetic on the stored weights:
    one-sided units the bounds left undecided (over the bounds already proved for the layers
    below), one layer at a time from the shallowest with the walk repeated after each (a layer
    proved all active makes the next layer's units match the other network's merged layer);
-3. ``milp``: the product MILP (:mod:`onnx_exact.proof_milp`) on what is left, with shared
+3. ``milp``: the product MILP (:mod:`onnx_exact.equivalence.proof`) on what is left, with shared
    variables for matched units and no binary for stable ones.
 """
 
@@ -176,7 +176,7 @@ QUICK_SAMPLES = 2048
 def quick_stability(net: Network, box: Box, seed: int = 0) -> StabilityResult:
     """The verdicts a proof starts from, in bounded time: bounds and forward passes only.
 
-    Interval bounds through every layer, CROWN (:func:`onnx_exact.bounds.symbolic_bounds`) on
+    Interval bounds through every layer, CROWN (:func:`onnx_exact.bounds.crown.symbolic_bounds`) on
     the rows interval arithmetic leaves open, propagated; a neuron whose bound clears zero by the
     float64 margin ``1e-12 s`` is ACTIVE/INACTIVE (the engine's interval/symbolic policy). Then the
     centre, the first layer's extreme vertices, the CROWN vertices and ``QUICK_SAMPLES`` box

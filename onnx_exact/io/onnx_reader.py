@@ -1,4 +1,4 @@
-"""ONNX → :class:`~onnx_exact.network.Network`, plus the :class:`Binding` the writer edits.
+"""ONNX → :class:`~onnx_exact.core.network.Network`, plus the :class:`Binding` the writer edits.
 
 The reader follows the one data path of a ReLU MLP from the graph input to the last affine layer:
 
@@ -17,7 +17,7 @@ its ReLU, if any) is the *tail* and is left alone. Whatever the exporter wrote, 
 * Per-unit affine ops ``z ↦ s ∘ z + t`` (Add/Sub/Mul/Div by a constant, inference BatchNormalization)
   after the affine node fold as ``W ← diag(s) W``, ``b ← s ∘ b + t``; such ops between a ReLU and the
   next affine node fold into that node as ``W ← W diag(s)``, ``b ← b + W t``; before the first affine
-  node they form the :class:`~onnx_exact.network.InputMap` (the domain is given on the raw input).
+  node they form the :class:`~onnx_exact.core.network.InputMap` (the domain is given on the raw input).
 
 The *sample shape* of the activation (its shape without the batch dimension) is tracked through every
 node; pass-through nodes (Identity, Dropout, same-type Cast, Flatten, Reshape) may change it only in

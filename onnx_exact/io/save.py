@@ -11,7 +11,7 @@ the JSON report / counterexample. The rule (``docs/reliability.md``, "Paths the 
   atomic rename would replace the special file by a regular one), and its folder exists and is
   writable; a path ending in ``/`` names a folder, never a file.
 
-Any violation raises :class:`~onnx_exact.errors.UsageError` (exit 2) with one line that names the
+Any violation raises :class:`~onnx_exact.core.errors.UsageError` (exit 2) with one line that names the
 written path, the path it collides with and what to do. The checks only ``stat`` files and parse
 the model's protobuf header without its external data, so they run before the (long) analysis:
 a doomed run fails in milliseconds instead of after the analysis, and no input is ever clobbered.

@@ -159,7 +159,7 @@ def region_ascent(
     and moves to the first neighbour that is strictly better. It stops at a local maximum, at the
     wanted sign, or after ``seconds_per_direction``.
 
-    Proves nothing: only :func:`onnx_exact.witness.observe` judges the points returned.
+    Proves nothing: only :func:`onnx_exact.search.witness.observe` judges the points returned.
 
     Returns
     -------
@@ -243,7 +243,7 @@ def pattern_search(
     step does not improve, or after ``seconds``. (Local branching, Fischetti and Lodi 2003, on
     the network's own indicators.)
 
-    Proves nothing: only :func:`onnx_exact.witness.observe` judges the point returned.
+    Proves nothing: only :func:`onnx_exact.search.witness.observe` judges the point returned.
 
     Returns
     -------

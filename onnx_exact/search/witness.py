@@ -8,7 +8,7 @@ says. Refuting is cheap and decisive, so the analysis collects witnesses first a
   ``where(rand < p, hi, lo)`` for ``p`` in {0.1, 0.5, 0.9} (uniform points of a high-dimensional box
   concentrate near its centre; biased corners reach the extremes);
 * :func:`first_layer_extremes` — the vertices attaining each first-layer neuron's max and min exactly;
-* bound corners (the concretisation vertices of :func:`onnx_exact.bounds.symbolic_bounds`);
+* bound corners (the concretisation vertices of :func:`onnx_exact.bounds.crown.symbolic_bounds`);
 * :func:`corner_ascent` — Frank–Wolfe steps over the box toward the unobserved sign;
 * :func:`gradient_ascent` — projected sign-gradient steps (PGD) for signs shown only inside the box;
 * :func:`multistart_ascent` — the same PGD from many random starts per direction, for the
