@@ -187,8 +187,13 @@ def markdown(
         f"- Command: `python bench/envelope.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"- Engine: {BENCH.engine_commit()}; machine: {BENCH.machine_description()}",
         f"- Load average at the start: {load} (the machine was shared with other jobs)",
-        f"- `auto` capped at {args.time_limit:.0f} s; per-neuron capped at "
-        f"{args.baseline_cap:.0f} s (a capped time is a lower bound, `≥`)",
+        f"- `auto` capped at {args.time_limit:.0f} s; "
+        + (
+            f"per-neuron capped at {args.baseline_cap:.0f} s"
+            if args.baseline_cap > 0
+            else "no per-neuron baseline"
+        )
+        + " (a capped time is a lower bound, `≥`)",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
