@@ -27,12 +27,12 @@ FEASIBILITY_TOLERANCE = 1e-6
 IPM_NONZEROS = 40_000
 """LP relaxations with more matrix entries solve their first LP with the interior-point method.
 
-Measured on 784-400-400 (layer-2 LP, 317k entries): a cold dual simplex took 16 s, IPM 3-4 s per
-LP, and IPM (with crossover) once followed by warm dual simplex 4.6 s, then 0.8-2.3 s per LP.
-Measured on the MNIST zoo's first LP of each layer (50k-240k entries, 11 cold solves; dual
-simplex / primal simplex / IPM with crossover): dual 0.07-0.76 s but 9.7 s and over 20 s on two;
-primal 0.07-0.79 s; IPM 0.14-0.21 s, 0.41-0.52 s on the 239k-entry 2x400 LP. Below 40k entries
-(ACAS Xu, the pieces of a subdivided box) primal simplex is kept: those LPs solve in milliseconds.
+Why: a cold dual simplex from the slack basis can stall for tens of seconds on these large
+degenerate LPs, while interior point with crossover does not stall (its iteration count hardly
+depends on the start) and leaves a basis for the warm dual simplex solves that follow. Small LPs
+(few-input networks, the pieces of a subdivided box) keep primal simplex, which solves them in
+milliseconds without interior point's start-up cost. The cold-solve timings that set the threshold
+are in ``docs/benchmarks.md``, "Why the constants are what they are".
 """
 
 
@@ -187,9 +187,9 @@ def time_limit_option(highs: highspy.Highs, seconds: float, *, mip: bool) -> flo
     ``time_limit`` with the *cumulative* run time of the ``Highs`` object (HiGHS issues #1331,
     #1477; there is no ``zeroAllClocks``), so a model solved many times -- the warm per-layer
     relaxation -- would otherwise stop at once with ``kTimeLimit`` and a meaningless primal. A MIP
-    solve compares it with the time since *that* run started: one MILP instance re-run with the
-    option at cumulative run time + 3 s ran 11.3, 22.5 and 45.1 s (MNIST 5x100, fourth layer), and
-    ``--method per-neuron --time-limit 60`` took 117 s on MNIST 4x100 ℓ1 = 3e-4.
+    solve compares it with the time since *that* run started, so passing the cumulative time there
+    would let each re-run of one MILP instance take as long as all its previous runs together (the
+    budget doubles per run and a run-wide time limit is overrun).
     """
     if mip:
         return float(seconds)

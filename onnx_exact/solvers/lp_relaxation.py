@@ -36,8 +36,8 @@ CUTS_PER_ROUND = 20
 
 CUT_POOL_MAX = 200
 """Cut rows one layer relaxation may hold: the pool is shared by all directions of the layer, and
-past a few hundred rows every warm LP solve slows down more than the cuts help (measured on
-mnistfc prop_1_0.05: 82 s in the cuts tier with an unbounded pool)."""
+past a few hundred rows every warm LP solve slows down more than the cuts tighten the bound, so an
+unbounded pool turns the cuts tier into the slowest tier of a run."""
 
 
 @dataclass
@@ -78,11 +78,11 @@ class LayerRelaxation:
     last basis, and Anderson cuts accumulate in one pool (they are valid for every objective).
 
     The first solve is cold and runs interior point with crossover (primal simplex below
-    ``IPM_NONZEROS``): dual simplex from the slack basis stalls on these degenerate LPs (measured
-    on the 2x400 zoo net: a median of 15 s and up to 340 s per cold solve, against 0.5 s primal),
-    and primal simplex takes two to five times as long as IPM on the deeper zoo nets.
-    Warm solves run dual simplex, which the measurements favour once a basis exists and which is
-    the natural method after cut rows are added.
+    ``IPM_NONZEROS``): dual simplex from the slack basis stalls on these degenerate LPs, and
+    primal simplex, though it does not stall, is slower than interior point on deep networks (the
+    timings are in ``docs/benchmarks.md``, "Why the constants are what they are").
+    Warm solves run dual simplex, the faster warm method in those timings and the natural one after
+    cut rows are added (the previous optimal basis stays dual feasible).
     """
 
     def __init__(self, net: Network, layer: int, highs: highspy.Highs, enc: NetworkEncoding):

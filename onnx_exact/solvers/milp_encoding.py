@@ -196,8 +196,9 @@ def add_network_encoding(
     fold_active_first_layer : with ``upto_layer == 0``, give the first layer's proved-active
         neurons no column and no row (``NetworkEncoding.folded``); the objective of
         :func:`direction_objective` takes them as affine functions of ``x``. Why: their rows are redundant,
-        the first layer's bounds being its exact interval bounds over the box, and they are most
-        of the matrix (MNIST 2x400 ℓ1 = 3e-4: 243 of the 304 dense first-layer rows).
+        the first layer's bounds being its exact interval bounds over the box, and on a regularised
+        network the proved-active rows can be most of the dense first-layer rows, which are the
+        largest part of the matrix.
     """
     active_state, inactive_state = NeuronState.ACTIVE, NeuronState.INACTIVE
     if input_cols is None:
