@@ -32,10 +32,11 @@ from onnx_exact.solvers.milp_encoding import layer_encoding
 REGION_FLIPS_PER_STEP = 32
 """Neighbouring regions :func:`region_ascent` tries per step (largest row duals first).
 
-Measured on MNIST 4x100 ℓ1 = 0, fourth layer, neuron 66, from 10 PGD end points (64 starts each)
-at 3 s per walk: 8 tries reached ``y > 0`` once in 5 s of walking, 32 twice in 13 s, all tight
-walls three times in 23 s; 32 keeps the near misses (``y ~ -0.002``) in reach without spending
-the budget of the hopeless ones."""
+Why a cap: each try is one warm LP. More tries per step find an improving neighbour more often
+but make every step slower; trying every tight wall spends the time per direction on walks that
+do not reach the wanted sign, while too few tries miss the improving wall of a near miss, which
+can rank low by dual value. (The measurement that set 32 is in ``docs/benchmarks.md``, "Why the
+constants are what they are".)"""
 
 
 def _region_affine(
@@ -149,9 +150,9 @@ def region_ascent(
     """Exact local search over linear regions for ``sign * y_{layer, neuron} > 0``, per direction.
 
     Why: gradient steps approach a region's best vertex but stop short of it, and on deep
-    ℓ1-free nets that is often where the rare sign is (MNIST 4x100, third layer, neuron 66: the
-    best of 512 PGD starts had ``y = -0.011``; the LP over that point's activation region reached
-    ``y = +4.7e-4``). Inside the activation pattern of a point the network below ``layer`` is
+    ℓ1-free nets that is often where the rare sign is: the best of hundreds of PGD starts can still
+    show the common sign while the LP over that point's activation region reaches the rare one.
+    Inside the activation pattern of a point the network below ``layer`` is
     affine, so the LP of :func:`_region_lp` finds the region's maximum. At its optimum some region
     walls ``y_ji = 0`` are tight; crossing one flips neuron ``(j, i)`` and, as ``y`` is continuous,
     the neighbour's maximum is at least the current one. Each step tries the walls in order of
@@ -207,14 +208,15 @@ def region_ascent(
 PATTERN_FREE_NEURONS = 10
 """Indicators a :func:`pattern_search` step leaves free (the rest are fixed to the point's phases).
 
-Measured on MNIST 4x100 ℓ1 = 0, fourth layer, neuron 66 +1, one search of three steps of at most
-3 s from each of 16 PGD end points (64 starts, 1 s): with 10 free indicators 3 searches reached
-``y > 0``, each in its first step, all three from end points with ``y`` in [-0.015, -0.006]; the
-root of a step with 30 free indicators did not finish in 1 s."""
+Why 10: a step is a sub-MILP over ``2^k`` patterns solved at its root, so it must finish within
+``PATTERN_STEP_SECONDS``; with a few tens of free indicators the root alone takes longer, while
+ten already let a step cross from a near miss to the wanted sign. (The measurement is in
+``docs/benchmarks.md``, "Why the constants are what they are".)"""
 
 
 PATTERN_STEP_SECONDS = 3.0
-"""HiGHS time limit of one :func:`pattern_search` step (presolve alone takes about 0.5 s there)."""
+"""HiGHS time limit of one :func:`pattern_search` step: a few times the presolve of a deep layer's
+decision MILP, so that the root of the neighbourhood sub-MILP can finish."""
 
 
 def pattern_search(
@@ -232,8 +234,8 @@ def pattern_search(
     """Large-neighbourhood search over activation patterns for ``sign * y_{layer, neuron} > 0``.
 
     Why: :func:`region_ascent` moves one wall at a time and stops where no single flip helps,
-    which is where the rare sign of a deep ℓ1-free net hides (MNIST 4x100, fourth layer, neuron
-    66: PGD and region LPs ended at ``y`` in [-0.057, -0.04] in 30 of 30 rounds). A step here
+    which is where the rare sign of a deep ℓ1-free net can hide (PGD and region LPs can end at the
+    same small common-sign value round after round). A step here
     solves the decision MILP of the layers below ``layer`` (:func:`layer_encoding`) with every
     indicator fixed to the phase it has at the current point except the
     ``PATTERN_FREE_NEURONS`` whose pre-activations are nearest their kink relative to their

@@ -303,18 +303,17 @@ def multistart_ascent(
     """PGD on ``sign * y_{layer, neuron}`` from ``starts`` points per direction, all batched.
 
     Why many starts: on deep ℓ1-free nets the region where a neuron shows its rare sign can be a
-    thin sliver that the best point seen so far does not lead to (MNIST 4x100, a third-layer
-    neuron: no single-start search, LP optimum or MILP incumbent showed ``y > 0`` in 300 s; 64
-    uniform starts with this schedule found ``y = +1e-3`` in 0.1 s). Each start follows
-    ``x <- clip(x + alpha_t (hi - lo) sign(sign * g), lo, hi)`` with ``g`` the gradient in the
+    thin sliver that the best point seen so far does not lead to, so a single-start search, an LP
+    optimum or a MILP incumbent can all miss it while a few dozen uniform starts hit it (the
+    measurement is in ``docs/benchmarks.md``, "Why the constants are what they are"). Each start
+    follows ``x <- clip(x + alpha_t (hi - lo) sign(sign * g), lo, hi)`` with ``g`` the gradient in the
     current linear region and ``alpha_t`` falling geometrically from 1/4 to 1/4000 over
     ``max_steps`` steps.
 
     Why refinement rounds: sign steps of a fixed size zig-zag across the kinks of a narrow ridge,
-    so the coarse pass ends a little short of the sliver (MNIST 5x100, a third-layer neuron:
-    best ``y = -0.007`` from 1024 starts). Restarting the best eighth of the end points with small
-    steps (1/100 down to 1/10^6 of the width) climbs further each round; two to four rounds
-    reached ``y < 0`` there. A direction's searches all stop once one shows the wanted sign.
+    so the coarse pass ends a little short of the sliver even from a thousand starts. Restarting
+    the best eighth of the end points with small steps (1/100 down to 1/10^6 of the width) climbs
+    further each round. A direction's searches all stop once one shows the wanted sign.
 
     Parameters
     ----------
