@@ -1,16 +1,16 @@
 """Branch and bound on ReLU phases over optimised CROWN bounds (β-CROWN style), batched in numpy.
 
 Why this tier exists
-    The LP branch and bound of :mod:`onnx_exact.solvers.exact_tiers` solves one HiGHS LP per node:
-    50-80 ms on a 784-100x4 MNIST net, so a hard direction that needs a few thousand nodes costs
-    minutes. The same node bound can be had without an LP solver: CROWN back-substitution with
+    The LP branch and bound of :mod:`onnx_exact.solvers.exact_tiers` solves one HiGHS LP per node,
+    tens of milliseconds on an MNIST-sized net, so a hard direction that needs a few thousand nodes
+    costs minutes. The same node bound can be had without an LP solver: CROWN back-substitution with
     *optimised* lower-line slopes ``α`` and Lagrange multipliers ``β`` for the split constraints is
     a valid bound for every ``α ∈ [0, 1]`` and ``β ≥ 0``, and its optimum over them equals the
     triangle LP with the same splits (Wang et al. 2021, "Beta-CROWN"). Every node of a batch is
     bounded by the same few matrix products, so hundreds of nodes cost what one LP costs, and a few
     projected gradient steps (warm-started from the parent's ``α``, ``β``) get most of the LP's
-    tightness. Measured on the 784-100x4 MNIST net (ℓ1 = 3e-4): about 2,000 nodes a second against
-    about 12 for the LP branch and bound.
+    tightness, at two orders of magnitude more nodes a second than the LP branch and bound (the
+    measurement is in ``docs/benchmarks.md``, "Why the constants are what they are").
 
 The bound of one node
     Target ``F = a · h_{k-1} + c`` (``a = sign W_k[i]``, ``c = sign b_k[i]``) over the box. Walking
@@ -83,10 +83,11 @@ NODE_LIMIT = TIERS[Tier.CROWN_BAB].direction_nodes
 TIME_LIMIT = TIERS[Tier.CROWN_BAB].direction_seconds
 """Seconds one direction may take (times the tier's effort).
 
-Why 20: MNIST 5x100 ℓ1 = 3e-4, third layer, neuron 22 (its maximum is about -2e-9) needs 8.6 s
-of search and dive; with 10 s it stopped undecided, its bab (20 s) and milp (60 s) caps ran out
-too, and a 4x retry proved it at 135 s into the run, against 11 s with this cap (run 143 s ->
-41 s)."""
+Why this cap (20 s in the tier table): a stable direction whose maximum is only a hair below 0
+can need several seconds of search and dive; a cap below that leaves it undecided, and the
+slower tiers after it (LP branch and bound, MILP) then spend their own, larger caps on it before a
+retry at a higher effort proves it, so a too-small cap costs far more run time than it saves.
+(The measurement is in ``docs/benchmarks.md``, "Why the constants are what they are".)"""
 
 ROOT_STEPS = 60
 """Adam steps on the root node: it starts from DeepPoly's slopes and has no parent to inherit from."""
@@ -100,9 +101,9 @@ _BATCH_MIN, _BATCH_MAX = 8, 512
 DIVE_SHARE = 0.25
 """Fraction of a direction's time the LP dive gets (the search gets the rest).
 
-Why not half: the probe and attack tiers now look for the thin regions the dive is there for, and
-a stable direction's proof waits for the dive's share (the neuron above: 10.1 s and undecided at
-half, 10.0 s to a proof at a quarter, 8.4 s at a tenth)."""
+Why not half: the probe and attack tiers already look for the thin regions the dive is there for,
+while a stable direction's proof waits for the dive's share, so a larger share delays (or, within
+the cap, prevents) proofs for little gain in witnesses."""
 _DIVE_RATIO = DIVE_SHARE / (1.0 - DIVE_SHARE)
 STORE_BYTES = 64 * 2**20
 """Memory the open nodes of one search may hold; the node cap is lowered to fit it."""
@@ -270,7 +271,7 @@ def bound_nodes(
         lam = mu @ sub.weights[j]
     box = sub.box
     value = const + lam @ box.center + np.abs(lam) @ box.radius
-    # lower + mask * width: np.where broadcasting two (n_in,) rows took 3x as long
+    # lower + mask * width: cheaper than np.where broadcasting two (n_in,) rows into (N, n_in)
     vertex = box.lower + (lam > 0.0) * (box.upper - box.lower)
     scale = magnitude / max(n_hidden, 1)
     if not gradient:
@@ -301,8 +302,8 @@ def split_multipliers(sub: SubNetwork, phase: np.ndarray) -> np.ndarray:
 
     A split-inactive neuron gets ``ρ`` (``z <= 0``), a split-active one ``σ`` (``z >= 0``): with
     just these, the optimised bound is β-CROWN's. Multipliers on the proved intervals of the other
-    neurons are valid too (:func:`bound_nodes` takes them), but in measurements on the MNIST zoo
-    they slowed the slopes' convergence more than they tightened the bound.
+    neurons are valid too (:func:`bound_nodes` takes them), but they add a multiplier per neuron to
+    the gradient steps, which then converge more slowly than the extra multipliers tighten the bound.
     """
     mask = np.zeros((phase.shape[0], 2 * sub.neurons))
     for j, idx in enumerate(sub.unstable):
