@@ -171,11 +171,10 @@ def background_attack_process(
     """Entry point of the background attack's process: take its task, then attack.
 
     The task (what :func:`run_background_attack` takes, put by :class:`BackgroundAttack`) comes
-    through a
-    queue, not with the process's arguments: those go through a pipe that the starting process
-    writes synchronously, and a megabyte of weights kept it waiting about a second per start
-    (until this process had imported numpy and the package to read them); a queue is written
-    by a thread of the analysis. No file is involved, so nothing is left behind when the
+    through a queue, not with the process's arguments: those go through a pipe that the starting
+    process writes synchronously, so with a network's weights in them the analysis would wait at
+    every start until this process had imported numpy and the package to read them; a queue is
+    written by a thread of the analysis. No file is involved, so nothing is left behind when the
     analysis is killed. Started by :func:`onnx_exact.parallel.start_process`: SIGINT ignored,
     and it dies with the analysis.
     """
