@@ -45,8 +45,8 @@ Allocator
 The bound and attack tiers build many short-lived arrays of one to a few MiB per numpy
 operation. glibc serves them from fresh ``mmap`` pages or trims them off the heap top once freed,
 so every such temporary pays its page faults again, which for arrays of this size costs several
-times the arithmetic done on them. :func:`retain_freed_heap` raises glibc's thresholds so that freed blocks
-are reused.
+times the arithmetic done on them. :func:`retain_freed_heap` raises glibc's thresholds so that
+freed blocks are reused.
 """
 
 from __future__ import annotations
