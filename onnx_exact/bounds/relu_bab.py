@@ -83,10 +83,11 @@ NODE_LIMIT = TIERS[Tier.CROWN_BAB].direction_nodes
 TIME_LIMIT = TIERS[Tier.CROWN_BAB].direction_seconds
 """Seconds one direction may take (times the tier's effort).
 
-Why this cap (20 s in the tier table): a stable direction whose maximum is only a hair below 0
-can need several seconds of search and dive; a cap below that leaves it undecided, and the
-slower tiers after it (LP branch and bound, MILP) then spend their own, larger caps on it before a
-retry at a higher effort proves it, so a too-small cap costs far more run time than it saves.
+Why this cap (the tier table's ``direction_seconds``): a stable direction whose maximum is only a
+hair below 0 can need several seconds of search and dive; a cap below that leaves it undecided,
+and the slower tiers after it (LP branch and bound, MILP) then spend their own, larger caps on it
+before a retry at a higher effort proves it, so a too-small cap costs far more run time than it
+saves.
 (The measurement is in ``docs/benchmarks.md``, "Why the constants are what they are".)"""
 
 ROOT_STEPS = 60
