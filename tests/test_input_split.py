@@ -110,28 +110,6 @@ def test_direction_bounds_with_other_lower_lines_enclose_every_point(
         assert np.all(signed <= values[leaf] + 1e-9)
 
 
-def test_adaptive_lower_lines_of_the_forward_relaxation_tighten_some_leaf_bounds(
-    monkeypatch,
-) -> None:
-    """The forward relaxation's lower ReLU line (``0`` or ``L``, the smaller triangle) is sound
-    (the enclosure test above) and tighter than the chord slope on some neurons of some leaves."""
-    np.testing.assert_array_equal(
-        input_split._relu_lower_slopes(np.array([-1.0, -2.0, 0.5, -3.0]), np.array([2, 1, 1, -1])),
-        [1.0, 0.0, 1.0, 0.0],
-    )
-    net, box = case(0)
-    rng = np.random.default_rng(0)
-    centre = rng.uniform(box.lower, box.upper, (64, box.size))
-    radius = rng.uniform(0.0, 0.3, (64, box.size)) * (box.upper - box.lower)
-    lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
-    outer, top = interval_bounds(net, box), len(net.layers) - 1
-    adaptive, _ = input_split.leaf_bounds(net, lower, upper, outer, top)
-    monkeypatch.setattr(input_split, "_relu_lower_slopes", input_split._relu_slopes)
-    chord, _ = input_split.leaf_bounds(net, lower, upper, outer, top)
-    tighter = [np.any(a[0] > c[0] + 1e-9) for a, c in zip(adaptive, chord, strict=True)]
-    assert any(tighter)
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_proved_directions_never_flip_on_a_dense_grid_and_refutations_are_real(seed: int) -> None:
     net, box = case(seed)

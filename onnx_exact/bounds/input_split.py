@@ -23,9 +23,8 @@ Forward linear relaxation (symbolic intervals, as in ReluVal/Neurify, :func:`lea
 every pre-activation of layer ``j`` is enclosed on leaf ``b`` between two affine functions of the
 input, ``L_{j,b}(x) <= y_j(x) <= U_{j,b}(x)``. Their extremes over the leaf, intersected with
 interval propagation from the previous layer and with the caller's whole-box bounds ``outer``,
-give ``l_j <= y_j <= u_j``. The ReLU is relaxed on each form's own range (the chord of ``relu``
-over ``[min U, max U]`` above, the adaptive line ``0`` or ``L`` below, whichever leaves the
-smaller triangle over ``[min L, max L]``), and the next layer gets ``W+ U + W- L + b`` and
+give ``l_j <= y_j <= u_j``. The ReLU is relaxed on each form's own range (chords of ``relu`` over
+``[min U, max U]`` and ``[min L, max L]``), and the next layer gets ``W+ U + W- L + b`` and
 ``W+ L + W- U + b``: two matrix products per layer over all leaves and neurons at once. The
 intermediate neurons get no CROWN of their own (on ACAS Xu it cost more time than the splits it
 saved). The asked rows get CROWN (back-substitution through each leaf's relaxations, adaptive
@@ -104,12 +103,6 @@ def _relu_slopes(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return np.where(crossing, high / span, (low >= 0.0).astype(np.float64))
 
 
-def _relu_lower_slopes(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Slope ``a`` of the adaptive lower line ``relu(t) >= a t`` for ``t`` in ``[low, high]``:
-    1 if ``low >= 0`` or ``high > -low`` (the smaller triangle), else 0 (valid for any ``t``)."""
-    return ((low >= 0.0) | ((high > 0.0) & (high > -low))).astype(np.float64)
-
-
 def leaf_bounds(
     net: Network,
     lower: np.ndarray,
@@ -122,11 +115,11 @@ def leaf_bounds(
     Every pre-activation is enclosed between an upper form ``U(x)`` and a lower form ``L(x)``
     (affine in the input, per leaf). The ReLU is relaxed on each form's own range over the leaf
     (symbolic linear relaxation, as in Neurify): ``relu(y) <= relu(U) <= a_U (U - U_min)`` with
-    ``a_U = U_max / (U_max - U_min)`` and ``relu(y) >= relu(L) >= a_L L`` with ``a_L = 1`` when
-    ``L_max > -L_min``, else 0. Any ``a_L`` in ``[0, 1]`` is sound; this one leaves the smaller
-    triangle and gave ACAS Xu's searches fewer leaves than the chord slope
-    ``L_max / (L_max - L_min)``. Both are exact when a form keeps its sign; zero when ``y <= 0``,
-    the identity when ``y >= 0`` is known. They are kept as their mean ``M`` and
+    ``a_U = U_max / (U_max - U_min)`` and ``relu(y) >= relu(L) >= a_L L`` with the chord slope
+    ``a_L = L_max / (L_max - L_min)`` (any ``a_L`` in ``[0, 1]`` is sound; the chord keeps the
+    search complete within its leaf budgets where the smaller-triangle line ``0`` or ``1`` left
+    directions open). Both are exact when a form keeps its sign; zero when ``y <= 0``, the
+    identity when ``y >= 0`` is known. They are kept as their mean ``M`` and
     half-difference ``H``, so an affine layer costs two matrix products over all leaves and
     neurons at once: ``W+ U + W- L = W M + |W| H``.
 
@@ -177,7 +170,7 @@ def leaf_bounds(
         if layer.relu:
             known_active, known_inactive = lo >= 0.0, hi <= 0.0
             upper_slope = np.where(known_active, 1.0, _relu_slopes(upper_min, upper_max))
-            lower_slope = np.where(known_active, 1.0, _relu_lower_slopes(lower_min, lower_max))
+            lower_slope = np.where(known_active, 1.0, _relu_slopes(lower_min, lower_max))
             upper_slope[known_inactive] = lower_slope[known_inactive] = 0.0
             relaxed = (upper_slope > 0.0) & (upper_slope < 1.0)
             # in place: both forms are this layer's own arrays (fewer large temporaries)
