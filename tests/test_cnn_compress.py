@@ -311,3 +311,18 @@ def test_analyze_shows_a_cnns_channel_verdicts_and_its_graphs_counts(tmp_path):
     relu_2 = next(layer for layer in doc["layers"] if layer["name"] == "relu_2")
     assert 0 in relu_2["channels"]["dead"] and 1 in relu_2["channels"]["active"]
     assert "Channels" in stderr
+
+
+def test_compress_with_prove_proves_a_pruned_cnn():
+    """``compress --prove`` on a CNN: the written (pruned) graph is proved equal on the box,
+    reusing the run's stability analysis of the input model."""
+    fixture = VALID_BUILDERS["torch_legacy_plain"]()
+    result = compress(
+        fixture.model,
+        None,
+        DomainSpec(lower=fixture.lower, upper=fixture.upper),
+        AnalysisOptions(time_limit=2),
+        prove=True,
+    )
+    assert result.report.passed and result.report.proof.status == "proved"
+    assert result.report.to_json()["proof"]["status"] == "proved"
