@@ -138,6 +138,8 @@ def run_model(entry: dict, time_limit: float | None, jobs: int | None, check: bo
             len(x["channels"]["removed"]) for x in doc["layers"] if "channels" in x
         )
         row["undecided"] = sum(len(x["undecided"]) for x in doc["layers"])
+        row["not_pursued"] = sum(len(x.get("not_pursued", ())) for x in doc["layers"])
+        row["timings_s"] = {k: round(v, 1) for k, v in doc["timings_s"].items()}
         row["verification"] = doc["verification"]["passed"]
         row["max_abs"] = doc["verification"]["max_abs_diff"]
         row["stability_s"] = doc["timings_s"].get("stability", 0.0)
@@ -189,7 +191,7 @@ def _cells(row: dict, check: bool) -> list[str]:
         str(row["removed"]),
         f"{row['params'][1]:,} / {theirs['params_removed']:,} (of {row['params'][0]:,})",
         f"{row['macs'][1]:,} / {theirs['macs_removed']:,} (of {row['macs'][0]:,})",
-        str(row["undecided"]),
+        f"{row['undecided']} ({row.get('not_pursued', 0)})",
         f"{'passed' if row['verification'] else 'FAILED'} ({row['max_abs']:.2g})",
     ]
     if check:
@@ -202,7 +204,7 @@ def _cells(row: dict, check: bool) -> list[str]:
 def markdown(rows: list[dict], args, started: str, load: tuple, command: str) -> str:
     header = ["model", "exit", "stable units ours (dead/on)", "onnxsim (dead/on)",
               "⊇ onnxsim per layer", "channels removed", "params removed ours / onnxsim",
-              "MACs removed ours / onnxsim", "undecided", "verification (max abs)"]  # fmt: skip
+              "MACs removed ours / onnxsim", "undecided (not pursued)", "verification (max abs)"]  # fmt: skip
     if args.check:
         header.append("check IN OUT")
     header += ["time s ours / onnxsim", "peak MiB", "note"]
@@ -224,7 +226,9 @@ def markdown(rows: list[dict], args, started: str, load: tuple, command: str) ->
         "on the ONNX graphs before and after (`onnx_exact.io.model_stats`, onnxsim's counting); "
         "onnxsim's removals and seconds are the manifest's. *time* is the whole command "
         "(interpreter start to exit), *peak MiB* its peak RSS; *check IN OUT* is `onnx-exact "
-        "check` on the pair (proved: exit 0; not proved: exit 4, sampled equal).\n\n"
+        "check` on the pair (proved: exit 0; not proved: exit 4, sampled equal). *undecided* counts "
+        "the neurons the time limit left open; *not pursued* (in brackets) those left open on "
+        "purpose, since no verdict of theirs could change the channel structure.\n\n"
         + "\n".join(lines)
         + f"\n\nTargets: exit 0 on every model ({sum(r['exit'] == 0 for r in rows)} of "
         f"{len(rows)}); within {TARGET_S:.0f} s and {TARGET_MIB} MiB: {within} of {len(done)} "

@@ -84,7 +84,7 @@ class LayerSummary:
     stably_active: list[int]
     stably_inactive: list[int]
     unstable: list[int]
-    undecided: list[int]
+    undecided: list[int]  # open at the time limit or within the margin
     removed: int = 0
     folded: bool = False
     decided_by: dict[str, int] = field(default_factory=dict)
@@ -95,6 +95,8 @@ class LayerSummary:
     params_after: int | None = None  # None after a removed ReLU (its nodes join the next layer)
     macs_before: int | None = None
     macs_after: int | None = None
+    # CNNs: open on purpose, no open direction of theirs could change the channel structure
+    not_pursued: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -111,6 +113,7 @@ class LayerSummary:
             "unstable_shown_by": self.unstable_shown_by,
         }
         if self.channels is not None:
+            out["not_pursued"] = self.not_pursued
             out["channels"] = self.channels.to_json()
             for key in ("params_before", "params_after", "macs_before", "macs_after"):
                 out[key] = getattr(self, key)
@@ -238,13 +241,16 @@ def summarize_layers(
         stable = (states == NeuronState.ACTIVE) | (states == NeuronState.INACTIVE)
         proved = Counter(t for t in tiers[stable] if t)
         shown = Counter(t for t in tiers[states == NeuronState.UNSTABLE] if t)
+        mask = ls.not_pursued
+        skipped = set() if mask is None else {int(i) for i in np.flatnonzero(mask)}
         summary = LayerSummary(
             name=ls.name or net.layers[k].name,
             size=int(states.shape[0]),
             stably_active=idx(NeuronState.ACTIVE),
             stably_inactive=idx(NeuronState.INACTIVE),
             unstable=idx(NeuronState.UNSTABLE),
-            undecided=idx(NeuronState.UNDECIDED),
+            undecided=[i for i in idx(NeuronState.UNDECIDED) if i not in skipped],
+            not_pursued=sorted(skipped),
             decided_by=dict(sorted(decided.items())),
             stable_proved_by=dict(sorted(proved.items())),
             unstable_shown_by=dict(sorted(shown.items())),
@@ -358,6 +364,13 @@ def render(report: RunReport, console: Console) -> None:
         console.print(
             f"[yellow]{report.undecided_total} neurons undecided"
             f"{' (time limit hit)' if report.time_limit_hit else ''}: kept, the output stays exact.[/]"
+        )
+    not_pursued = sum(len(layer.not_pursued) for layer in report.layers)
+    if not_pursued:
+        console.print(
+            f"{not_pursued} neurons not pursued: no verdict of theirs could change the channel "
+            "structure (a channel goes only when every position is proved inactive, a ReLU only "
+            "when every neuron is proved active); kept, the output stays exact."
         )
     for note in report.notes:
         console.print(f"note: {note}")

@@ -164,6 +164,10 @@ class LayerStability:
     "ascent", "split", "alpha-crown", "lp", "lp+cuts", "probe", "crown-bab", "attack", "bab",
     "milp", "subdivide", "isa", "per-neuron", "linear", "" when undecided).
     ``lower``/``upper`` are the tightest proved pre-activation bounds found.
+    ``not_pursued`` (CNNs under the structural focus, else None) marks the UNDECIDED neurons
+    left open on purpose: none of their open directions could change the channel structure
+    (:meth:`onnx_exact.stability.state.Analysis.structural`); the other UNDECIDED ones are
+    open for lack of time or within the margin.
     """
 
     index: int
@@ -172,6 +176,7 @@ class LayerStability:
     decided_by: np.ndarray
     lower: np.ndarray
     upper: np.ndarray
+    not_pursued: np.ndarray | None = None
 
     def counts(self) -> dict[str, int]:
         """Number of neurons per state name (``{"ACTIVE": 3, ...}``)."""

@@ -120,6 +120,12 @@ def run_tiers(analysis: Analysis, solver_tiers: tuple[Tier, ...]) -> None:
     round that returns within ``IDLE_ROUND_SECONDS`` without deciding anything ends the
     retries early: its tiers had nothing left to try.
 
+    For a CNN (:attr:`Analysis.focus`) the costly tiers, the attacks and probe before them and
+    the retries pursue only the directions that can still change the channel structure
+    (:meth:`Analysis.structural`); the bound tiers, the LP and the cut tier decide every
+    direction (their proofs tighten the relaxations above, at little cost). What is left open
+    that way is reported as not pursued, apart from what the time limit left undecided.
+
     With ``subdivide`` among the tiers and at most ``SUBDIVIDE_ONLY_MAX_INPUTS`` input
     features, the box-wide LP, cut, branch-and-bound and MILP tiers are not run: input
     splitting decides such networks far sooner, and the box-wide tiers would spend the
@@ -139,6 +145,7 @@ def run_tiers(analysis: Analysis, solver_tiers: tuple[Tier, ...]) -> None:
     if not retry_tiers or not np.isfinite(analysis.deadline):
         return
     efforts = policy.RETRY_EFFORTS
+    analysis.focused = analysis.focus  # retries run the costly tiers only
     for round_index, effort in enumerate(itertools.chain(efforts, itertools.repeat(efforts[-1]))):
         if not analysis.any_open() or analysis.out_of_time():
             return
@@ -228,6 +235,9 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
     with analysis.background_attack(k):
         for tier in milp_tiers:
             spec = TIERS[tier]
+            # The costly tiers (and the attacks and probe before them) of a CNN pursue only
+            # directions that can change the structure; the cheap ones decided every direction.
+            analysis.focused = analysis.focus and spec.retried
             if not analysis.has_open(k):
                 break
             if spec.probed_before and k > 0 and not probed:
@@ -245,4 +255,5 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
                 if not analysis.has_open(k):
                     break
             tier_impl.run(analysis, tier, k)
+    analysis.focused = False
     analysis.finish_layer(k)

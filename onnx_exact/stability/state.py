@@ -74,6 +74,10 @@ class Analysis:
         self.tightened: set[int] = set()
         self.relaxation: lp_relaxation.LayerRelaxation | None = None  # of the layer being decided
         self.searches: dict[int, input_split.InputSearch] = {}  # split/subdivide's, per layer
+        # Structural focus: only CNNs (some layer carries ``channels``) are pruned by channel;
+        # the schedule turns it on (``focused``) for the costly tiers and the retries.
+        self.focus = any(layer.channels is not None for layer in net.layers)
+        self.focused = False
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
@@ -129,10 +133,48 @@ class Analysis:
         proved = (self.states[k] == NeuronState.ACTIVE) | (self.states[k] == NeuronState.INACTIVE)
         return proved | (self.obs.seen_pos[k] & self.obs.seen_neg[k])
 
-    def open_directions(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Neuron indices and signs of layer k's directions neither proved nor refuted."""
+    def structural(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which neurons' ``+`` and ``-`` directions of layer k can still change the structure.
+
+        Without focus (no layer carries ``channels``: an MLP, reduced neuron by neuron), while
+        the schedule has not turned it on (``focused``: the cheap tiers decide every direction,
+        their proofs tighten the relaxations of the layers above) and for a layer without
+        ``channels`` (a dense layer of a CNN's head, reduced per neuron) every direction can. In a conv layer (see :mod:`onnx_exact.channels`) a channel is removed
+        only if every neuron of it is proved INACTIVE, and the ReLU only if every neuron of the
+        layer is proved ACTIVE. So the ``+`` direction of neuron i (proving it INACTIVE) matters
+        only while no neuron of its channel is seen positive or proved ACTIVE (or is UNSTABLE),
+        and the ``-`` directions (proving ACTIVE) only while no neuron of the layer is seen
+        negative or proved INACTIVE. Recomputed at every call, so each new witness narrows it.
+        """
+        layer = self.net.layers[k]
+        size = layer.out_features
+        if not (self.focus and self.focused) or layer.channels is None:
+            return np.ones(size, dtype=bool), np.ones(size, dtype=bool)
+        states = self.states[k]
+        unstable = states == NeuronState.UNSTABLE
+        not_dead = self.obs.seen_pos[k] | (states == NeuronState.ACTIVE) | unstable
+        blocked = np.bincount(layer.channels, not_dead, int(layer.channels.max()) + 1) > 0
+        not_identity = self.obs.seen_neg[k] | (states == NeuronState.INACTIVE) | unstable
+        return ~blocked[layer.channels], np.full(size, not not_identity.any())
+
+    def not_pursued(self, k: int) -> np.ndarray:
+        """Unsettled neurons of layer k none of whose open directions can change the structure."""
         unsettled = ~self.settled(k)
-        pos_open, neg_open = unsettled & ~self.obs.seen_pos[k], unsettled & ~self.obs.seen_neg[k]
+        pos_focus, neg_focus = self.structural(k)
+        pos_open = unsettled & ~self.obs.seen_pos[k] & pos_focus
+        neg_open = unsettled & ~self.obs.seen_neg[k] & neg_focus
+        return unsettled & ~pos_open & ~neg_open
+
+    def open_directions(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Neuron indices and signs of layer k's directions neither proved nor refuted.
+
+        Under the structural focus (CNNs) only those that can still change the structure
+        (:meth:`structural`); the bound tiers still bound every unsettled row.
+        """
+        unsettled = ~self.settled(k)
+        pos_focus, neg_focus = self.structural(k)
+        pos_open = unsettled & ~self.obs.seen_pos[k] & pos_focus
+        neg_open = unsettled & ~self.obs.seen_neg[k] & neg_focus
         pos, neg = np.flatnonzero(pos_open), np.flatnonzero(neg_open)
         neurons = np.concatenate([pos, neg])
         signs = np.concatenate(
@@ -144,7 +186,9 @@ class Analysis:
         """Which of the given directions of layer k are neither proved nor refuted yet."""
         unsettled = ~self.settled(k)[neurons]
         seen_pos, seen_neg = self.obs.seen_pos[k][neurons], self.obs.seen_neg[k][neurons]
-        return unsettled & ~np.where(signs > 0, seen_pos, seen_neg)
+        pos_focus, neg_focus = self.structural(k)
+        focus = np.where(signs > 0, pos_focus[neurons], neg_focus[neurons])
+        return unsettled & ~np.where(signs > 0, seen_pos, seen_neg) & focus
 
     def has_open(self, k: int) -> bool:
         """Layer k has directions neither proved nor refuted, and the deadline has not passed."""
@@ -152,15 +196,15 @@ class Analysis:
         return bool(self.open_directions(k)[0].size) and not self.out_of_time()
 
     def any_open(self) -> bool:
-        """Whether some ReLU layer has a neuron not yet settled."""
-        return any(
-            self.net.layers[k].relu and not self.settled(k).all()
-            for k in range(len(self.net.layers))
-        )
+        """Whether some ReLU layer has a neuron not yet settled (and, under focus, pursued)."""
+        return self.open_count() > 0
 
     def open_count(self) -> int:
-        """Neurons of all ReLU layers not yet settled."""
-        return sum(int((~self.settled(k)).sum()) for k in self.net.relu_layer_indices)
+        """Neurons of all ReLU layers not yet settled (under focus: those still pursued)."""
+        return sum(
+            int((~self.settled(k) & ~self.not_pursued(k)).sum())
+            for k in self.net.relu_layer_indices
+        )
 
     def prove(self, k: int, neurons: np.ndarray, state: NeuronState, tier: str) -> None:
         """Record proofs; a proof contradicted by a witness is reported and not applied."""
@@ -333,13 +377,25 @@ class Analysis:
         )
 
     def result(self, method: str) -> StabilityResult:
-        """The verdicts, bounds, witnesses, timings and notes of the run so far."""
+        """The verdicts, bounds, witnesses, timings and notes of the run so far.
+
+        Under the structural focus an UNDECIDED neuron none of whose open directions can change
+        the structure is reported as not pursued (``LayerStability.not_pursued``), not as open.
+        """
+        self.focused = True
         layers = []
         for k, layer in enumerate(self.net.layers):
             if layer.relu:
                 # Witnesses found while deciding later layers may complete earlier neurons' pairs.
                 self.finish_layer(k)
+            not_pursued = self.not_pursued(k) if layer.relu else None
             undecided = int(np.count_nonzero(self.states[k] == NeuronState.UNDECIDED))
+            if not_pursued is not None and not_pursued.any():
+                undecided -= int(not_pursued.sum())
+                self.notes.append(
+                    f"layer {layer.name!r}: {int(not_pursued.sum())} neurons not pursued "
+                    "(no open direction of theirs can change the channel structure)"
+                )
             if undecided:
                 self.out_of_time()  # the deadline may have passed inside the last tier
                 reason = (
@@ -356,6 +412,7 @@ class Analysis:
                     decided_by=self.decided_by[k],
                     lower=self.bounds[k].lower,
                     upper=self.bounds[k].upper,
+                    not_pursued=not_pursued if self.focus else None,
                 )
             )
         return StabilityResult(

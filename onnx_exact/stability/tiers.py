@@ -306,10 +306,20 @@ def _solver_tier(
     any layer's neuron) are dropped before their turn. Every tier but the decision MILP works on
     the layer's warm :class:`onnx_exact.solvers.lp_relaxation.LayerRelaxation`, built once the
     bounds below the layer are final; the MILP starts from its cut pool.
+
+    Under the structural focus (CNNs) the directions go loosest first (largest proved bound on
+    ``sign * y``): a channel is removed only if every position is proved, so the position most
+    likely positive is asked first, and its witness drops the channel's other directions.
     """
     net, box = analysis.net, analysis.box
     with analysis.timed(tier):
         neurons, signs = analysis.open_directions(k)
+        if analysis.focus and analysis.focused:
+            bound = np.where(
+                signs > 0, analysis.bounds[k].upper[neurons], -analysis.bounds[k].lower[neurons]
+            )
+            order = np.argsort(-bound, kind="stable")
+            neurons, signs = neurons[order], signs[order]
         pending = list(zip(neurons.tolist(), signs.tolist(), strict=True))
         total = len(pending)
         analysis.emit(tier, 0, total)
