@@ -11,6 +11,11 @@ consumer. Per ReLU layer, from the neuron verdicts:
 - otherwise it is **mixed** (some position unstable, undecided, or stable with the other sign):
   its neuron-level verdicts are reported but cannot change the structure.
 
+This is also what the analysis's structural focus follows
+(:meth:`onnx_exact.stability.state.Analysis.structural`): once a channel is seen positive at
+some position its other positions are not pursued toward INACTIVE, and once a layer is seen
+negative somewhere none of its neurons is pursued toward ACTIVE (``not_pursued`` in the report).
+
 A dense layer of the head (no ``channels``) has one neuron per channel. The request handed to
 :func:`onnx_exact.io.channel_pruning.prune_channels` is the dead channels of every ReLU layer
 but the output layer (whose units are the model's outputs) and the ReLUs whose every neuron is

@@ -46,9 +46,10 @@ def _setup(name: str, half_width: float):
 
 
 class _HandedToCrownBab:
-    """Counts the directions handed to CROWN branch and bound, and those among them that could
-    not change the structure when they were handed (a channel-mate already seen positive or
-    proved ACTIVE; for an ACTIVE direction, a neuron of the layer already seen negative)."""
+    """Counts the directions handed to CROWN branch and bound (``conv``: of conv layers), and
+    those among them that could not change the structure when they were handed (a channel-mate
+    already seen positive or proved ACTIVE; for an ACTIVE direction, a neuron of the layer
+    already seen negative or proved INACTIVE)."""
 
     def __init__(self, monkeypatch, net: Network):
         self.net, self.analysis = net, None
@@ -68,13 +69,13 @@ class _HandedToCrownBab:
         monkeypatch.setattr(relu_bab, "decide_directions", patched_decide)
 
     def count(self, k: int, directions) -> None:
-        channels = self.net.layers[k].channels
+        layer = self.net.layers[k]
+        # a dense layer of the head has one neuron per channel
+        channels = np.arange(layer.out_features) if layer.channels is None else layer.channels
         obs, states = self.analysis.obs, self.analysis.states[k]
         for direction in directions:
             self.handed += 1
-            if channels is None:
-                continue
-            self.conv += 1
+            self.conv += layer.channels is not None
             if direction.sign > 0:
                 mates = channels == channels[direction.neuron]
                 shown = obs.seen_pos[k][mates].any()
@@ -84,8 +85,9 @@ class _HandedToCrownBab:
             self.needless += int(shown)
 
 
-def _structure(net: Network, result) -> list[tuple[list[int], list[int]]]:
-    return [(s.dead, s.active) for s in channel_summaries(net, result)]
+def _structure(net: Network, result) -> list[tuple[list[int], bool]]:
+    """Per ReLU layer: the dead channels and whether the ReLU is the identity (all active)."""
+    return [(s.dead, len(s.active) == s.count) for s in channel_summaries(net, result)]
 
 
 def test_the_focus_skips_directions_that_cannot_change_the_structure(monkeypatch):

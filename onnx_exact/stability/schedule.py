@@ -120,11 +120,11 @@ def run_tiers(analysis: Analysis, solver_tiers: tuple[Tier, ...]) -> None:
     round that returns within ``IDLE_ROUND_SECONDS`` without deciding anything ends the
     retries early: its tiers had nothing left to try.
 
-    For a CNN (:attr:`Analysis.focus`) the costly tiers, the attacks and probe before them and
-    the retries pursue only the directions that can still change the channel structure
-    (:meth:`Analysis.structural`); the bound tiers, the LP and the cut tier decide every
-    direction (their proofs tighten the relaxations above, at little cost). What is left open
-    that way is reported as not pursued, apart from what the time limit left undecided.
+    For a CNN (:attr:`Analysis.focus`) the per-layer tiers and the retries pursue only the
+    directions that can still change the channel structure (:meth:`Analysis.structural`); the
+    bounds pass, the CROWN bounds of every unsettled row and the α-CROWN tightening of the
+    layers below still cover every neuron. What is left open that way is reported as not
+    pursued, apart from what the time limit left undecided.
 
     With ``subdivide`` among the tiers and at most ``SUBDIVIDE_ONLY_MAX_INPUTS`` input
     features, the box-wide LP, cut, branch-and-bound and MILP tiers are not run: input
@@ -219,6 +219,9 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
     attack (started before a ``background`` tier) covers the layer already.
     """
     analysis.layer_now = k
+    # A CNN's tiers pursue only the directions that can change its structure (CROWN still
+    # bounds every unsettled row, tighten_previous every loose neuron below).
+    analysis.focused = analysis.focus
     with analysis.timed(Tier.INTERVAL):
         analysis.prove_from_bounds(k, Tier.INTERVAL)
     if k > 0 and analysis.has_open(k):
@@ -235,9 +238,6 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
     with analysis.background_attack(k):
         for tier in milp_tiers:
             spec = TIERS[tier]
-            # The costly tiers (and the attacks and probe before them) of a CNN pursue only
-            # directions that can change the structure; the cheap ones decided every direction.
-            analysis.focused = analysis.focus and spec.retried
             if not analysis.has_open(k):
                 break
             if spec.probed_before and k > 0 and not probed:

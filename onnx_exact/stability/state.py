@@ -136,26 +136,28 @@ class Analysis:
     def structural(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Which neurons' ``+`` and ``-`` directions of layer k can still change the structure.
 
-        Without focus (no layer carries ``channels``: an MLP, reduced neuron by neuron), while
-        the schedule has not turned it on (``focused``: the cheap tiers decide every direction,
-        their proofs tighten the relaxations of the layers above) and for a layer without
-        ``channels`` (a dense layer of a CNN's head, reduced per neuron) every direction can. In a conv layer (see :mod:`onnx_exact.channels`) a channel is removed
-        only if every neuron of it is proved INACTIVE, and the ReLU only if every neuron of the
-        layer is proved ACTIVE. So the ``+`` direction of neuron i (proving it INACTIVE) matters
-        only while no neuron of its channel is seen positive or proved ACTIVE (or is UNSTABLE),
-        and the ``-`` directions (proving ACTIVE) only while no neuron of the layer is seen
-        negative or proved INACTIVE. Recomputed at every call, so each new witness narrows it.
+        Without focus (no layer carries ``channels``: an MLP, reduced neuron by neuron) and
+        while the schedule has not turned it on (``focused``: the cheap tiers decide every
+        direction, their proofs tighten the relaxations of the layers above) every direction
+        can. A CNN is pruned by channel (:mod:`onnx_exact.channels`): a channel is removed only
+        if every neuron of it is proved INACTIVE, and a ReLU only if every neuron of its layer
+        is proved ACTIVE; a dense layer of the head (no ``channels``) has one neuron per
+        channel. So the ``+`` direction of neuron i (proving it INACTIVE) matters only while no
+        neuron of its channel is seen positive or proved ACTIVE (or is UNSTABLE), and the ``-``
+        directions (proving ACTIVE) only while no neuron of the layer is seen negative or proved
+        INACTIVE. Recomputed at every call, so each new witness narrows it.
         """
         layer = self.net.layers[k]
         size = layer.out_features
-        if not (self.focus and self.focused) or layer.channels is None:
+        if not (self.focus and self.focused):
             return np.ones(size, dtype=bool), np.ones(size, dtype=bool)
+        channels = layer.channels if layer.channels is not None else np.arange(size)
         states = self.states[k]
         unstable = states == NeuronState.UNSTABLE
         not_dead = self.obs.seen_pos[k] | (states == NeuronState.ACTIVE) | unstable
-        blocked = np.bincount(layer.channels, not_dead, int(layer.channels.max()) + 1) > 0
+        blocked = np.bincount(channels, not_dead, int(channels.max()) + 1 if size else 0) > 0
         not_identity = self.obs.seen_neg[k] | (states == NeuronState.INACTIVE) | unstable
-        return ~blocked[layer.channels], np.full(size, not not_identity.any())
+        return ~blocked[channels], np.full(size, not not_identity.any())
 
     def not_pursued(self, k: int) -> np.ndarray:
         """Unsettled neurons of layer k none of whose open directions can change the structure."""

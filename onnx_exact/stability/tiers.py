@@ -182,10 +182,11 @@ def alpha_crown(analysis: Analysis, k: int, effort: float = 1.0) -> None:
     With every layer below final, the optimised slopes prove most of what the triangle LP of
     each direction would (for ``k = 1`` their optimum is that LP's), at the cost of a few dozen
     matrix products for the whole layer; the maximising vertices are witness candidates. A
-    float64 CROWN bound: proofs follow the float margin.
+    float64 CROWN bound: proofs follow the float margin. The rows are the neurons with an open
+    direction (:meth:`Analysis.open_directions`: under a CNN's structural focus, only those).
     """
     with analysis.timed(Tier.ALPHA_CROWN):
-        vertices = _optimise_rows(analysis, k, np.flatnonzero(~analysis.settled(k)))
+        vertices = _optimise_rows(analysis, k, np.unique(analysis.open_directions(k)[0]))
         analysis.prove_from_bounds(k, Tier.ALPHA_CROWN)
         analysis.see(vertices, Tier.ALPHA_CROWN)
         analysis.propagate()
