@@ -50,8 +50,8 @@ from onnx_exact.core.operators import (
     resolve_auto_pad,
 )
 from onnx_exact.io.affine_chain import AffineChain
-from onnx_exact.io.graph import FLOAT_TYPES, ConstantResolver, PathStep, node_attr, node_label
-from onnx_exact.io.node_semantics import NodeSemantics
+from onnx_exact.io.graph import FLOAT_TYPES, PathStep, node_attr, node_label
+from onnx_exact.io.node_semantics import GraphWalk
 from onnx_exact.io.read_result import ReadResult
 
 MAX_DENSE_ENTRIES = 1 << 25
@@ -130,7 +130,7 @@ def read_cnn(
     return _CnnWalker(model, label).read(path, external)
 
 
-class _CnnWalker(NodeSemantics):
+class _CnnWalker(GraphWalk):
     """Walks the CNN data path once, composing the linear ops of each layer into one matrix.
 
     The state between two ReLUs is an :class:`~onnx_exact.io.affine_chain.AffineChain` from the
@@ -139,24 +139,12 @@ class _CnnWalker(NodeSemantics):
     (None after a Gemm/MatMul).
     """
 
+    fan_out = (
+        "residual/skip connections are not supported yet; only sequential CNNs can be analysed"
+    )
+
     def __init__(self, model: onnx.ModelProto, label: str) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.label = label
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        self.constant = ConstantResolver(self.graph).value
-        self.consumers: dict[str, list[int]] = {}
-        for index, node in enumerate(self.graph.node):
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(index)
-        self.graph_outputs = {o.name for o in self.graph.output}
-        self.reaches_core: set[str] = set()
-        for node in reversed(self.graph.node):
-            is_core = node.op_type in CORE_OPS and node.domain in ("", "ai.onnx")
-            if is_core or any(o in self.reaches_core for o in node.output):
-                self.reaches_core.update(name for name in node.input if name)
-        self.past_first_core = False  # NodeSemantics: no MLP reshape rule inside a CNN
+        super().__init__(model, label, CORE_OPS)
         self.layers: list[DenseLayer] = []
         self.path: list[PathStep] = []
         self.relu_nodes: list[str] = []
@@ -164,7 +152,7 @@ class _CnnWalker(NodeSemantics):
 
     # ------------------------------------------------------------------ the walk
     def read(self, path: Path | None, external: frozenset[str]) -> ReadResult:
-        graph_input = self._graph_input()
+        graph_input = self.graph_input()
         dims = self._input_dims(graph_input)
         self.input_name = graph_input.name
         self.has_batch = True
@@ -187,7 +175,7 @@ class _CnnWalker(NodeSemantics):
                 "compress"
             )
         while current in self.reaches_core:
-            current = self._step(current, self._single_consumer(current))
+            current = self._step(current, self.single_consumer(current))
         current = self._end(current)
 
         network = Network(
@@ -216,18 +204,6 @@ class _CnnWalker(NodeSemantics):
             uses_external_data=bool(external),
             external_tensors=external,
         )
-
-    def _graph_input(self) -> onnx.ValueInfoProto:
-        """The single non-constant graph input."""
-        inputs = [i for i in self.graph.input if i.name not in self.initializers]
-        if len(inputs) != 1:
-            names = ", ".join(f"'{i.name}'" for i in inputs) or "none"
-            raise self.fail(
-                f"{len(inputs)} non-constant graph inputs ({names}); onnx-exact needs exactly one"
-            )
-        if not inputs[0].type.HasField("tensor_type"):
-            raise self.fail(f"input '{inputs[0].name}' is not a tensor")
-        return inputs[0]
 
     def _input_dims(self, graph_input: onnx.ValueInfoProto) -> tuple:
         """The input's dims (batch first; all others static), its float type in ``dtype``."""
@@ -270,22 +246,6 @@ class _CnnWalker(NodeSemantics):
                     "time, not a constant; only constant weights can be analysed (store it as "
                     "an initializer)"
                 )
-
-    def _single_consumer(self, tensor: str) -> int:
-        """The one node that reads ``tensor`` on the path, or a clear error (fan-out)."""
-        readers = self.consumers.get(tensor, [])
-        if tensor in self.graph_outputs:
-            raise self.fail(
-                f"tensor '{tensor}' inside the network is also a graph output; hidden "
-                "activations that leave the graph cannot be compressed"
-            )
-        if len(readers) != 1:
-            names = ", ".join(node_label(i, self.graph.node[i]) for i in readers)
-            raise self.fail(
-                f"tensor '{tensor}' feeds {len(readers)} nodes ({names}): residual/skip "
-                "connections are not supported yet; only sequential CNNs can be analysed"
-            )
-        return readers[0]
 
     # ------------------------------------------------------------------ one node
     def _step(self, current: str, index: int) -> str:

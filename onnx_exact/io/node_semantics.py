@@ -17,7 +17,14 @@ import onnx
 from onnx import TensorProto
 
 from onnx_exact.core.errors import UnsupportedModelError
-from onnx_exact.io.graph import FLOAT_TYPES, ML_DOMAIN, PathStep, node_attr, node_label
+from onnx_exact.io.graph import (
+    FLOAT_TYPES,
+    ML_DOMAIN,
+    ConstantResolver,
+    PathStep,
+    node_attr,
+    node_label,
+)
 
 #: Ops that only move or relabel values; the reader checks each keeps the batch dim and features.
 PASS_THROUGH_OPS = frozenset({"Identity", "Dropout", "Cast", "Flatten", "Reshape"})
@@ -387,3 +394,62 @@ def reshape_shape(shape: tuple[int, ...], target: list[int], allow_zero: int) ->
     if math.prod(out) != total or any(v < 0 for v in out):
         return None
     return tuple(out)
+
+
+class GraphWalk(NodeSemantics):
+    """What both readers' walks know of the graph before they start: its constants, who reads
+    each tensor, its outputs, and the tensors from which a core op (``core_ops``) is reachable.
+
+    Both walks follow one data path and refuse fan-out with the same checks
+    (:meth:`single_consumer`, :meth:`graph_input`); ``scope`` names the path in messages
+    ("the MLP", "the network") and ``fan_out`` says why a join cannot be read.
+    """
+
+    scope = "the network"
+    fan_out = "residual/fan-out connections cannot be analysed"
+
+    def __init__(self, model: onnx.ModelProto, label: str, core_ops: frozenset[str]) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.label = label
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.constant = ConstantResolver(self.graph).value
+        self.consumers: dict[str, list[int]] = {}
+        for index, node in enumerate(self.graph.node):
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(index)
+        self.graph_outputs = {o.name for o in self.graph.output}
+        self.reaches_core: set[str] = set()  # graph nodes are topologically sorted
+        for node in reversed(self.graph.node):
+            is_core = node.op_type in core_ops and node.domain in ("", "ai.onnx")
+            if is_core or any(o in self.reaches_core for o in node.output):
+                self.reaches_core.update(name for name in node.input if name)
+        self.past_first_core = False
+
+    def graph_input(self) -> onnx.ValueInfoProto:
+        """The single non-constant graph input (initializers listed as inputs are constants)."""
+        inputs = [i for i in self.graph.input if i.name not in self.initializers]
+        if len(inputs) != 1:
+            names = ", ".join(f"'{i.name}'" for i in inputs) or "none"
+            raise self.fail(
+                f"{len(inputs)} non-constant graph inputs ({names}); onnx-exact needs exactly one"
+            )
+        if not inputs[0].type.HasField("tensor_type"):
+            raise self.fail(f"input '{inputs[0].name}' is not a tensor")
+        return inputs[0]
+
+    def single_consumer(self, tensor: str) -> int:
+        """The one node that reads ``tensor`` on the path, or a clear error (fan-out)."""
+        readers = self.consumers.get(tensor, [])
+        if tensor in self.graph_outputs:
+            raise self.fail(
+                f"tensor '{tensor}' inside {self.scope} is also a graph output; hidden "
+                "activations that leave the graph cannot be compressed"
+            )
+        if len(readers) != 1:
+            names = ", ".join(node_label(i, self.graph.node[i]) for i in readers)
+            raise self.fail(
+                f"tensor '{tensor}' feeds {len(readers)} nodes ({names}): {self.fan_out}"
+            )
+        return readers[0]

@@ -41,7 +41,6 @@ from onnx_exact.io.cnn_reader import holds_conv, read_cnn
 from onnx_exact.io.graph import (
     FLOAT_TYPES,
     Binding,
-    ConstantResolver,
     LayerBinding,
     PathStep,
     node_label,
@@ -52,7 +51,7 @@ from onnx_exact.io.load import (
     check_opsets,
     load_with_external_data,
 )
-from onnx_exact.io.node_semantics import NodeSemantics
+from onnx_exact.io.node_semantics import GraphWalk
 from onnx_exact.io.read_result import ReadResult
 
 #: Non-ReLU activations: named in the error so the user knows why the model is refused.
@@ -105,32 +104,15 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
     return result
 
 
-class _GraphWalker(NodeSemantics):
+class _GraphWalker(GraphWalk):
     """Walks the MLP data path once, building layers, the input map and the binding."""
 
-    def __init__(self, model: onnx.ModelProto, label: str) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.label = label
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        self.constant = ConstantResolver(self.graph).value
-        self.consumers: dict[str, list[int]] = {}
-        for index, node in enumerate(self.graph.node):
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(index)
-        self.graph_outputs = {o.name for o in self.graph.output}
-        self.reaches_affine = self._tensors_reaching_affine()
-        self.past_first_core = False
+    scope = "the MLP"
+    fan_out = "residual/fan-out connections inside the MLP cannot be analysed"
 
-    # ------------------------------------------------------------------ helpers
-    def _tensors_reaching_affine(self) -> set[str]:
-        """Tensors from which some Gemm/MatMul is reachable (graph nodes are topologically sorted)."""
-        reaching: set[str] = set()
-        for node in reversed(self.graph.node):
-            if node.op_type in ("Gemm", "MatMul") or any(o in reaching for o in node.output):
-                reaching.update(name for name in node.input if name)
-        return reaching
+    def __init__(self, model: onnx.ModelProto, label: str) -> None:
+        super().__init__(model, label, frozenset({"Gemm", "MatMul"}))
+        self.reaches_affine = self.reaches_core
 
     # ------------------------------------------------------------------ the walk
     def read(self, path: Path | None, external: frozenset[str]) -> ReadResult:
@@ -217,7 +199,7 @@ class _GraphWalker(NodeSemantics):
         return [n.output[0] for n in self.graph.node if n.op_type == "Constant" and n.output]
 
     def _graph_input(self) -> onnx.ValueInfoProto:
-        """The single non-constant graph input (initializers listed as inputs are constants)."""
+        """The single non-constant graph input; a Gemm weight fed by a graph input is named."""
         inputs = [i for i in self.graph.input if i.name not in self.initializers]
         for candidate in inputs if len(inputs) > 1 else []:
             for index in self.consumers.get(candidate.name, []):
@@ -228,30 +210,7 @@ class _GraphWalker(NodeSemantics):
                         "not a constant; only constant weights can be analysed (store it as an "
                         "initializer)"
                     )
-        if len(inputs) != 1:
-            names = ", ".join(f"'{i.name}'" for i in inputs) or "none"
-            raise self.fail(
-                f"{len(inputs)} non-constant graph inputs ({names}); onnx-exact needs exactly one"
-            )
-        if not inputs[0].type.HasField("tensor_type"):
-            raise self.fail(f"input '{inputs[0].name}' is not a tensor")
-        return inputs[0]
-
-    def _single_consumer(self, tensor: str) -> int:
-        """The one node that reads ``tensor`` inside the MLP, or a clear error."""
-        readers = self.consumers.get(tensor, [])
-        if tensor in self.graph_outputs:
-            raise self.fail(
-                f"tensor '{tensor}' inside the MLP is also a graph output; hidden activations that "
-                "leave the graph cannot be compressed"
-            )
-        if len(readers) != 1:
-            names = ", ".join(node_label(i, self.graph.node[i]) for i in readers)
-            raise self.fail(
-                f"tensor '{tensor}' feeds {len(readers)} nodes ({names}): residual/fan-out "
-                "connections inside the MLP cannot be analysed"
-            )
-        return readers[0]
+        return self.graph_input()
 
     def _unsupported(self, index: int) -> UnsupportedModelError:
         node = self.graph.node[index]
@@ -266,7 +225,7 @@ class _GraphWalker(NodeSemantics):
         """From an activation (or the input) to the next core: pass-throughs and affine ops."""
         layer = len(self.layers)
         while True:
-            index = self._single_consumer(current)
+            index = self.single_consumer(current)
             node = self.graph.node[index]
             op = node.op_type
             if op in ("Gemm", "MatMul") and node.domain in ("", "ai.onnx"):
@@ -297,7 +256,7 @@ class _GraphWalker(NodeSemantics):
         """Read one affine layer starting at its core; return the tensor after it (and its ReLU)."""
         layer_index = len(self.layers)
         self.past_first_core = True
-        core = self._single_consumer(current)
+        core = self.single_consumer(current)
         node = self.graph.node[core]
         width_in = self.width
         if node.op_type == "Gemm":
@@ -413,6 +372,6 @@ class _GraphWalker(NodeSemantics):
         readers = self.consumers.get(tensor, [])
         if tensor in self.graph_outputs or len(readers) != 1:
             if tensor in self.reaches_affine:
-                self._single_consumer(tensor)  # raises the fan-out / graph-output error
+                self.single_consumer(tensor)  # raises the fan-out / graph-output error
             return None
         return readers[0]
