@@ -291,7 +291,7 @@ class _Reducer:
         linear = np.flatnonzero(layer.linear)
         if linear.size < 2:
             return 0
-        basis, dependent, alpha = _dependent_rows(layer.weight[linear], layer.bias[linear])
+        basis, dependent, alpha = dependent_rows(layer.weight[linear], layer.bias[linear])
         if dependent.size == 0:
             return 0
         basis, dependent = linear[basis], linear[dependent]
@@ -459,7 +459,7 @@ class _Reducer:
 
 
 # --------------------------------------------------------------------------------- linear algebra
-def _dependent_rows(
+def dependent_rows(
     weight: np.ndarray, bias: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split linear rows into a basis and rows that are exact combinations of it.

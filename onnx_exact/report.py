@@ -263,7 +263,7 @@ def summarize_layers(
     return summaries
 
 
-def _pct(after: int, before: int) -> str:
+def reduction_percent(after: int, before: int) -> str:
     """The reduction from ``before`` to ``after`` in percent, never a signed zero.
 
     A change that rounds to 0.0% is shown as ``<0.1%``; growth (a file a few bytes larger
@@ -337,26 +337,29 @@ def render(report: RunReport, console: Console) -> None:
         units_before = sum(layer.size for layer in report.layers)
         units_after = units_before - sum(layer.removed for layer in report.layers)
         totals.add_row(
-            "ReLU units", str(units_before), str(units_after), _pct(units_after, units_before)
+            "ReLU units",
+            str(units_before),
+            str(units_after),
+            reduction_percent(units_after, units_before),
         )
         totals.add_row(
             "parameters",
             f"{report.params_before:,}",
             f"{report.params_after:,}",
-            _pct(report.params_after or 0, report.params_before),
+            reduction_percent(report.params_after or 0, report.params_before),
         )
         totals.add_row(
             "MACs / sample",
             f"{report.macs_before:,}",
             f"{report.macs_after:,}",
-            _pct(report.macs_after or 0, report.macs_before),
+            reduction_percent(report.macs_after or 0, report.macs_before),
         )
         if report.bytes_before is not None and report.bytes_after is not None:
             totals.add_row(
                 "file size (bytes)",
                 f"{report.bytes_before:,}",
                 f"{report.bytes_after:,}",
-                _pct(report.bytes_after, report.bytes_before),
+                reduction_percent(report.bytes_after, report.bytes_before),
             )
         console.print(totals)
 

@@ -15,7 +15,7 @@ from conftest import run_main
 from exporter_fixtures import gemm_mlp
 
 from onnx_exact import __version__
-from onnx_exact.report import SCHEMA_VERSION, _pct
+from onnx_exact.report import SCHEMA_VERSION, reduction_percent
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_piped_tables_are_not_cut_at_80_columns(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_reduction_percentages_have_no_signed_zero(after, before, shown):
-    assert _pct(after, before) == shown
+    assert reduction_percent(after, before) == shown
 
 
 def test_an_all_unstable_layer_credits_no_tier_with_a_stability_proof(tmp_path, capsys):

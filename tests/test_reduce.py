@@ -231,14 +231,14 @@ def test_a_relation_that_amplifies_round_off_is_not_used() -> None:
     bias, a cancellation whose float32 rounding is ~270x that of ``W_next[:, 1] h_1`` itself
     (amplification above ``MAX_AMPLIFICATION``): the row stays, so the written model keeps the
     input's round-off."""
-    from onnx_exact.reduce import MAX_AMPLIFICATION, _dependent_rows
+    from onnx_exact.reduce import MAX_AMPLIFICATION, dependent_rows
 
     weight, bias = np.array([[1.0], [2.0]]), np.array([1000.0, 7.0])
-    basis, dependent, _ = _dependent_rows(weight, bias)
+    basis, dependent, _ = dependent_rows(weight, bias)
     assert basis.tolist() == [0] and dependent.size == 0
     amplification = 2.0 * np.hypot(1.0, 1000.0) / np.hypot(2.0, 7.0)
     assert amplification > MAX_AMPLIFICATION
-    basis, dependent, alpha = _dependent_rows(weight, np.array([1000.0, 2000.0]))
+    basis, dependent, alpha = dependent_rows(weight, np.array([1000.0, 2000.0]))
     assert dependent.tolist() == [1] and alpha.tolist() == [[2.0]]  # proportional: no cancellation
 
 
