@@ -35,7 +35,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -83,27 +83,9 @@ def train_mlp(
     The seed fixes the initialisation and the per-epoch batch order; the last partial batch is
     kept. Returns the model in eval mode.
     """
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    mlp = make_mlp(hidden, n_in=images.shape[1])
-    optimizer = torch.optim.SGD(mlp.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
-    order_generator = torch.Generator().manual_seed(seed)
-    inputs = torch.from_numpy(images)
-    targets = torch.from_numpy(labels)
-    loss_fn = nn.CrossEntropyLoss()
-    mlp.train()
-    for _ in range(epochs):
-        order = torch.randperm(inputs.shape[0], generator=order_generator)
-        for start in range(0, inputs.shape[0], BATCH_SIZE):
-            batch = order[start : start + BATCH_SIZE]
-            loss = loss_fn(mlp(inputs[batch]), targets[batch])
-            if l1 > 0.0:
-                loss = loss + l1 * l1_penalty(mlp)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return mlp.eval()
+    return _fit(
+        lambda: make_mlp(hidden, n_in=images.shape[1]), images, labels, epochs, l1, l1_penalty, seed
+    )
 
 
 class _Rank3Input(nn.Module):
@@ -329,13 +311,31 @@ def train_cnn(
 ) -> nn.Sequential:
     """Train :func:`make_cnn` with SGD on cross-entropy + ``l1``·Σ|W|, deterministically (as
     :func:`train_mlp`: seeded initialisation and batch order, one thread)."""
+    return _fit(make_cnn, images.reshape(-1, 1, 28, 28), labels, epochs, l1, cnn_l1_penalty, seed)
+
+
+def _fit(
+    build: Callable[[], nn.Module],
+    images: np.ndarray,
+    labels: np.ndarray,
+    epochs: int,
+    l1: float,
+    penalty: Callable[[nn.Module], torch.Tensor],
+    seed: int,
+) -> nn.Module:
+    """SGD with momentum on cross-entropy + ``l1 * penalty(model)``, deterministically.
+
+    ``build`` runs after the seed is set, so the seed fixes the initialisation as well as the
+    per-epoch batch order (the last partial batch is kept); one thread, deterministic kernels.
+    Returns the model in eval mode.
+    """
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    model = make_cnn()
+    model = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     order_generator = torch.Generator().manual_seed(seed)
-    inputs = torch.from_numpy(images.reshape(-1, 1, 28, 28))
+    inputs = torch.from_numpy(images)
     targets = torch.from_numpy(labels)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -345,7 +345,7 @@ def train_cnn(
             batch = order[start : start + BATCH_SIZE]
             loss = loss_fn(model(inputs[batch]), targets[batch])
             if l1 > 0.0:
-                loss = loss + l1 * cnn_l1_penalty(model)
+                loss = loss + l1 * penalty(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
