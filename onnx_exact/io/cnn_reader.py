@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from onnx_exact.core.errors import MalformedModelError, UnsupportedModelError
 from onnx_exact.core.network import DenseLayer, InputMap, Network
@@ -50,7 +49,7 @@ from onnx_exact.core.operators import (
     resolve_auto_pad,
 )
 from onnx_exact.io.affine_chain import AffineChain
-from onnx_exact.io.graph import FLOAT_TYPES, PathStep, node_attr, node_label
+from onnx_exact.io.graph import PathStep, node_attr, node_label
 from onnx_exact.io.node_semantics import GraphWalk
 from onnx_exact.io.read_result import ReadResult
 
@@ -153,7 +152,7 @@ class _CnnWalker(GraphWalk):
     # ------------------------------------------------------------------ the walk
     def read(self, path: Path | None, external: frozenset[str]) -> ReadResult:
         graph_input = self.graph_input()
-        dims = self._input_dims(graph_input)
+        dims = self._cnn_input_dims(graph_input)
         self.input_name = graph_input.name
         self.has_batch = True
         batch = dims[0]
@@ -205,21 +204,11 @@ class _CnnWalker(GraphWalk):
             external_tensors=external,
         )
 
-    def _input_dims(self, graph_input: onnx.ValueInfoProto) -> tuple:
+    def _cnn_input_dims(self, graph_input: onnx.ValueInfoProto) -> tuple:
         """The input's dims (batch first; all others static), its float type in ``dtype``."""
         tensor_type = graph_input.type.tensor_type
         name = graph_input.name
-        if tensor_type.elem_type not in FLOAT_TYPES:
-            raise self.fail(
-                f"input '{name}' has element type "
-                f"{TensorProto.DataType.Name(tensor_type.elem_type)}; only float16/32/64 inputs "
-                "can be analysed"
-            )
-        self.dtype = FLOAT_TYPES[tensor_type.elem_type]
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in tensor_type.shape.dim
-        )
+        dims = self.input_dims(graph_input)
         if not tensor_type.HasField("shape") or len(dims) < 2:
             raise self.fail(
                 f"input '{name}' has shape {list(dims) if dims else 'undeclared'}; a CNN input "

@@ -439,6 +439,22 @@ class GraphWalk(NodeSemantics):
             raise self.fail(f"input '{inputs[0].name}' is not a tensor")
         return inputs[0]
 
+    def input_dims(self, graph_input: onnx.ValueInfoProto) -> tuple:
+        """The input's declared dims (an int, a symbolic name or None each); sets ``dtype`` to its
+        float type, or refuses a non-float input."""
+        tensor_type = graph_input.type.tensor_type
+        if tensor_type.elem_type not in FLOAT_TYPES:
+            raise self.fail(
+                f"input '{graph_input.name}' has element type "
+                f"{TensorProto.DataType.Name(tensor_type.elem_type)}; only float16/32/64 inputs "
+                "can be analysed"
+            )
+        self.dtype = FLOAT_TYPES[tensor_type.elem_type]
+        return tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor_type.shape.dim
+        )
+
     def single_consumer(self, tensor: str) -> int:
         """The one node that reads ``tensor`` on the path, or a clear error (fan-out)."""
         readers = self.consumers.get(tensor, [])

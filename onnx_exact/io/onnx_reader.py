@@ -33,13 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from onnx_exact.core.errors import UnsupportedModelError
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.io.cnn_reader import holds_conv, read_cnn
 from onnx_exact.io.graph import (
-    FLOAT_TYPES,
     Binding,
     LayerBinding,
     PathStep,
@@ -119,17 +117,7 @@ class _GraphWalker(GraphWalk):
         graph_input = self._graph_input()
         self.input_name = graph_input.name
         tensor_type = graph_input.type.tensor_type
-        if tensor_type.elem_type not in FLOAT_TYPES:
-            raise self.fail(
-                f"input '{graph_input.name}' has element type "
-                f"{TensorProto.DataType.Name(tensor_type.elem_type)}; only float16/32/64 inputs "
-                "can be analysed"
-            )
-        self.dtype = FLOAT_TYPES[tensor_type.elem_type]
-        dims = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in tensor_type.shape.dim
-        )
+        dims = self.input_dims(graph_input)
         if not tensor_type.HasField("shape") or not dims:
             raise self.fail(
                 f"input '{graph_input.name}' has no declared shape; the number of features must be "
