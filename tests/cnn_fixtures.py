@@ -521,6 +521,12 @@ VALID_BUILDERS: dict[str, Callable[[], CnnFixture]] = {
     "pad_pool": pad_pool,
 }
 
+SEQUENTIAL = [name for name in VALID_BUILDERS if name not in ("residual_block", "mobilenet_block")]
+"""The valid fixtures with one data path of supported ops (no residual join, no Clip); the
+reader refuses MaxPool, so :data:`SEQUENTIAL_READ` leaves that one out too."""
+
+SEQUENTIAL_READ = [name for name in SEQUENTIAL if name != "torch_legacy_maxpool"]
+
 
 def _small_conv_model(group: int, c_in: int, dims, runtime_weight: bool = False) -> BadFixture:
     """``Conv → Relu → GlobalAveragePool → Flatten → Gemm`` with the defect the caller asks for;

@@ -13,23 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cnn_fixtures import VALID_BUILDERS, run_onnxruntime
+from cnn_fixtures import SEQUENTIAL, VALID_BUILDERS, run_onnxruntime
 from exporter_fixtures import GraphBuilder
 from onnx import numpy_helper
 
 from onnx_exact.core.operators import ConvOperator
 from onnx_exact.io.channel_pruning import prune_channels
 
-SEQUENTIAL = [
-    "torch_legacy_plain",
-    "torch_legacy_bn",
-    "torch_legacy_maxpool",
-    "torch_legacy_avgpool",
-    "torch_dynamo",
-    "tf2onnx_nhwc",
-    "matlab_conv1d",
-    "pad_pool",
-]
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 

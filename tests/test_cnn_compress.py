@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cnn_fixtures import SEQUENTIAL_READ as SEQUENTIAL
 from cnn_fixtures import VALID_BUILDERS, run_onnxruntime
 from conftest import run_cli
 from exporter_fixtures import ALL_BUILDERS, gemm_mlp
@@ -176,15 +177,6 @@ def test_the_report_shows_channels_and_per_layer_costs_in_json_and_table():
 
 # ----------------------------------------------------------------------------- end to end
 
-SEQUENTIAL = [
-    "torch_legacy_plain",
-    "torch_legacy_bn",
-    "torch_legacy_avgpool",
-    "torch_dynamo",
-    "tf2onnx_nhwc",
-    "matlab_conv1d",
-    "pad_pool",
-]
 MNIST_CNN = Path(__file__).resolve().parents[1] / "models" / "mnist_cnn_l1_2e-3.onnx"
 
 

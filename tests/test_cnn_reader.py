@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cnn_fixtures import SEQUENTIAL_READ as SEQUENTIAL
 from cnn_fixtures import VALID_BUILDERS, bad_fixtures, run_onnxruntime
 from conftest import run_cli
 from exporter_fixtures import GraphBuilder
@@ -31,15 +32,6 @@ from onnx_exact.io.graph import Binding
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.stability import analyze_stability
 
-SEQUENTIAL = [
-    "torch_legacy_plain",
-    "torch_legacy_bn",
-    "torch_legacy_avgpool",
-    "torch_dynamo",
-    "tf2onnx_nhwc",
-    "matlab_conv1d",
-    "pad_pool",
-]
 REFUSED = {
     "residual_block": "residual",
     "mobilenet_block": "Clip (ReLU6) is not supported yet",
