@@ -40,9 +40,11 @@ def channel_summaries(net: Network, stability: StabilityResult) -> list[ChannelS
     """Channel verdicts of each ReLU layer of ``net`` (``relu_layer_indices`` order)."""
     summaries = []
     for k in net.relu_layer_indices:
-        layer, states = net.layers[k], stability.layers[k].states
+        layer = net.layers[k]
+        real = layer.real  # auxiliary neurons (residual CNNs) are no units: never counted
+        states = stability.layers[k].states[real]
         conv = layer.channels is not None
-        channel = layer.channels if conv else np.arange(states.shape[0])
+        channel = layer.channels[real] if conv else np.arange(states.shape[0])
         count = int(channel.max()) + 1 if channel.size else 0
         neurons = np.bincount(channel, minlength=count)
         dead = np.bincount(channel, states == NeuronState.INACTIVE, count) == neurons

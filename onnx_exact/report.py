@@ -231,18 +231,19 @@ def summarize_layers(
     summaries = []
     for k in net.relu_layer_indices:
         ls = stability.layers[k]
-        states = ls.states
+        real = net.layers[k].real  # auxiliary neurons (residual CNNs) come last, never counted
+        states = ls.states[real]
 
         def idx(state: NeuronState, states: np.ndarray = states) -> list[int]:
             return [int(i) for i in np.flatnonzero(states == state)]
 
-        tiers = ls.decided_by.astype(str)
+        tiers = ls.decided_by[real].astype(str)
         decided = Counter(t for t in tiers if t)
         stable = (states == NeuronState.ACTIVE) | (states == NeuronState.INACTIVE)
         proved = Counter(t for t in tiers[stable] if t)
         shown = Counter(t for t in tiers[states == NeuronState.UNSTABLE] if t)
         mask = ls.not_pursued
-        skipped = set() if mask is None else {int(i) for i in np.flatnonzero(mask)}
+        skipped = set() if mask is None else {int(i) for i in np.flatnonzero(mask[real])}
         summary = LayerSummary(
             name=ls.name or net.layers[k].name,
             size=int(states.shape[0]),

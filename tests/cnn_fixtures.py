@@ -438,6 +438,65 @@ def residual_block(seed: int = 4) -> CnnFixture:
     return trace.fixture("residual_block", model, lower, upper, shape)
 
 
+def resnet_blocks(seed: int = 7) -> CnnFixture:
+    """Two ResNet basic blocks as torch exports them, on ``[batch, 2, 6, 6]`` over [-1, 1]:
+    ``Conv → relu_s`` (fork), a block with a 1×1 stride-2 projection shortcut
+    (``Conv s2 → relu_1a → Conv``, ``Conv 1×1 s2`` on the skip, ``Add → relu_1``), a block with
+    an identity skip (``Conv → relu_2a → Conv``, ``Add(relu_1) → relu_2``), then ``Flatten →
+    Gemm`` (6 × 3 × 3 → 3).
+
+    Planted dead: relu_s channel 0 (its readers are the first block's Conv and projection);
+    relu_1a channel 1; channel 4 of the residual stream {relu_1, relu_2}: the first block's
+    last Conv and its projection both deep below 0 there, and the second block's last Conv
+    too, so the sums stay below 0 whatever the (zero) skip adds.
+    """
+    shape = (2, 6, 6)
+    lower, upper = -np.ones(72), np.ones(72)
+    trace, g = Trace(lower, upper, seed), GraphBuilder()
+    pad = {"pads": [1, 1, 1, 1]}
+    h, _ = conv_layer(trace, g, "input", (6, 6), 2, 4, 3, {0: "dead"}, **pad)
+    trace.activation("relu_s")
+    skip = g.node("Relu", [h], name="relu_s")
+    trace.push()
+    skip_bounds = trace.stack[-1]
+    h, _ = conv_layer(trace, g, skip, (6, 6), 4, 6, 3, {1: "dead"}, strides=[2, 2], **pad)
+    trace.activation("relu_1a")
+    h = g.node("Relu", [h], name="relu_1a")
+    h, _ = conv_layer(trace, g, h, (3, 3), 6, 6, 3, {4: "dead"}, **pad)
+    # the projection shortcut: a planted 1x1 stride-2 Conv applied to the pushed value
+    kernel = trace.weight(6, 4, 1, 1)
+    linear = ConvOperator(f64(kernel), None, (6, 6), (0, 0, 0, 0), (2, 2))
+    lo, hi = interval(linear, *skip_bounds)
+    bias = trace.rng.normal(0.0, 0.1, size=6)
+    bias[4] = -hi.reshape(6, -1)[4].max() - MARGIN
+    bias = bias.astype(np.float32)
+    projection = ConvOperator(f64(kernel), f64(bias), (6, 6), (0, 0, 0, 0), (2, 2))
+    trace.stack[-1] = interval(projection, *skip_bounds)
+    trace.steps.append(lambda v, stack, pre: stack.append(projection.forward(stack.pop())) or v)
+    shortcut = g.node(
+        "Conv", [skip, g.const(kernel), g.const(bias)], kernel_shape=[1, 1], strides=[2, 2]
+    )
+    trace.add()
+    h = g.node("Add", [h, shortcut])
+    trace.activation("relu_1")
+    skip = g.node("Relu", [h], name="relu_1")
+    trace.push()
+    h, _ = conv_layer(trace, g, skip, (3, 3), 6, 6, 3, **pad)
+    trace.activation("relu_2a")
+    h = g.node("Relu", [h], name="relu_2a")
+    h, _ = conv_layer(trace, g, h, (3, 3), 6, 6, 3, {4: "dead"}, **pad)
+    trace.add()
+    h = g.node("Add", [h, skip])
+    trace.activation("relu_2")
+    h = g.node("Relu", [h], name="relu_2")
+    h = g.node("Flatten", [h], axis=1)
+    trace.linear(ReshapeOperator((6, 3, 3), (54,)))
+    weight, bias = dense_layer(trace, 54, 3)
+    g.node("Gemm", [h, g.const(weight), g.const(bias)], output="output", transB=1)
+    model = g.model([g.tensor("input", ["batch", *shape])], [g.tensor("output", ["batch", 3])])
+    return trace.fixture("resnet_blocks", model, lower, upper, shape)
+
+
 def mobilenet_block(seed: int = 5) -> CnnFixture:
     """A MobileNet-v2 style block with ReLU6 as torch exports it (``Clip`` with min/max from
     ``Constant`` nodes): 1×1 expand → Clip(0, 6) → depthwise 3×3 → Clip(0, 6) → 1×1 project →
@@ -517,11 +576,15 @@ VALID_BUILDERS: dict[str, Callable[[], CnnFixture]] = {
     "tf2onnx_nhwc": tf2onnx_nhwc,
     "matlab_conv1d": matlab_conv1d,
     "residual_block": residual_block,
+    "resnet_blocks": resnet_blocks,
     "mobilenet_block": mobilenet_block,
     "pad_pool": pad_pool,
 }
 
-SEQUENTIAL = [name for name in VALID_BUILDERS if name not in ("residual_block", "mobilenet_block")]
+RESIDUAL = ["residual_block", "resnet_blocks"]
+"""The valid fixtures with residual joins (ResNet basic blocks)."""
+
+SEQUENTIAL = [name for name in VALID_BUILDERS if name not in (*RESIDUAL, "mobilenet_block")]
 """The valid fixtures with one data path of supported ops (no residual join, no Clip); the
 reader refuses MaxPool, so :data:`SEQUENTIAL_READ` leaves that one out too."""
 

@@ -136,16 +136,19 @@ def test_removing_a_channel_that_is_not_dead_changes_the_outputs():
     assert np.abs(got - expected).max() > 1e-3
 
 
-def test_residual_joins_keep_their_channels_and_say_why():
-    """relu_a feeds the skip Add and relu_out is computed by it: both keep; relu_b goes."""
+def test_residual_stream_channels_go_only_when_dead_in_every_relu_of_the_stream():
+    """relu_a feeds the skip Add that computes relu_out: channel 3, dead in both, goes from both
+    (and from the Conv feeding the Add); dead in relu_a only, it keeps, saying why."""
     fixture = VALID_BUILDERS["residual_block"]()
     result = prune_channels(fixture.model, planted(fixture))
-    assert result.removed == {"relu_b": [1]}
-    assert set(result.kept) == {"relu_a", "relu_out"}
-    assert all("residual Add" in reason for reason in result.kept.values())
+    assert result.removed == {"relu_b": [1], "relu_a": [3], "relu_out": [3]}
+    assert not result.kept
     assert_same_outputs(
         fixture.model, result.model, fixture.lower, fixture.upper, fixture.input_shape
     )
+    partial = prune_channels(fixture.model, {"relu_a": [3]})
+    assert not partial.removed
+    assert "not proved dead in every Relu of its residual stream" in partial.kept["relu_a"]
 
 
 def small_cnn(

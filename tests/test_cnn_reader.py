@@ -3,7 +3,7 @@
 Every valid sequential fixture of ``cnn_fixtures`` and both MNIST CNNs must read into a network
 whose forward pass is onnxruntime's (float32 tolerance) and the fixture's float64 reference (at
 the output and at every ReLU's input, which pins the NCHW flat order), with ``channels`` right;
-the planted channels must come out proved by the stability analysis; the residual, ReLU6 and
+the planted channels must come out proved by the stability analysis; the ReLU6 and
 MaxPool fixtures and the bad models must give exit 2 and one line through ``onnx-exact analyze``.
 """
 
@@ -33,7 +33,6 @@ from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.stability import analyze_stability
 
 REFUSED = {
-    "residual_block": "residual",
     "mobilenet_block": "Clip (ReLU6) is not supported yet",
     "torch_legacy_maxpool": "MaxPool is not supported yet",
 }
@@ -312,9 +311,3 @@ def test_shared_cnns_read_into_the_network_onnxruntime_runs(shared_models, name,
     first = read.network.layers[0]
     assert first.channels is not None and np.all(np.diff(first.channels) >= 0)
 
-
-def test_the_shared_resnet_is_refused_as_residual(shared_models):
-    path = shared_models / "cnn" / "resnet_4b.onnx"
-    if not path.exists():
-        pytest.skip("../shared/models/cnn/resnet_4b.onnx is absent")
-    assert "residual/skip connections are not supported yet" in _refusal(onnx.load(path))

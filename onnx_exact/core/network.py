@@ -75,6 +75,13 @@ class DenseLayer:
         network's flat (NCHW, C-order) layout, ``channel = index // positions``; channel pruning
         removes a channel only when every neuron carrying its index is proved inactive. ``None``
         for a dense layer.
+    auxiliary : (out,) bool or None
+        Neurons that are no unit of the ONNX graph: the *passthrough* neurons a residual CNN's
+        reader adds to carry a skip connection's source ``s >= 0`` (a ReLU output) across the
+        layers of the other branch (:mod:`onnx_exact.io.cnn_residual`). Each is ``relu(s_j) =
+        s_j`` exactly, so the analysis marks them ACTIVE by construction, and they are never
+        reported, pursued, counted or pruned. They come after the layer's real neurons; their
+        ``channels`` entry is one past the largest real channel. ``None``: no such neuron.
     """
 
     weight: np.ndarray
@@ -82,6 +89,7 @@ class DenseLayer:
     relu: bool
     name: str = ""
     channels: np.ndarray | None = None
+    auxiliary: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, dtype=np.float64)
@@ -97,6 +105,20 @@ class DenseLayer:
                     f"layer {self.name!r}: {self.channels.shape[0]} channel indices "
                     f"for {self.bias.shape[0]} neurons"
                 )
+        if self.auxiliary is not None:
+            self.auxiliary = np.asarray(self.auxiliary, dtype=bool).reshape(-1)
+            if self.auxiliary.shape[0] != self.bias.shape[0]:
+                raise ValueError(
+                    f"layer {self.name!r}: {self.auxiliary.shape[0]} auxiliary flags "
+                    f"for {self.bias.shape[0]} neurons"
+                )
+
+    @property
+    def real(self) -> np.ndarray:
+        """Which neurons are units of the ONNX graph (not :attr:`auxiliary`)."""
+        if self.auxiliary is None:
+            return np.ones(self.out_features, dtype=bool)
+        return ~self.auxiliary
 
     @property
     def in_features(self) -> int:
@@ -186,6 +208,7 @@ class Network:
                     layer.relu,
                     layer.name,
                     None if layer.channels is None else layer.channels.copy(),
+                    None if layer.auxiliary is None else layer.auxiliary.copy(),
                 )
                 for layer in self.layers
             ],

@@ -82,6 +82,7 @@ class ChannelPlanner:
                     self.read_count[name] = self.read_count.get(name, 0) + 1
         self.outputs = {o.name for o in self.graph.output}
         self.shapes = inferred_shapes(model)
+        self.absorbed: set[int] = set()  # residual joins a stream plan cuts as a whole
         self.taken = (
             set(self.producer)
             | set(self.initializers)
@@ -335,6 +336,10 @@ class ChannelPlanner:
         if self.extra_outputs_used(index):
             raise Keep(f"{label} has a second output in use")
         out = node.output[0]
+        if index in self.absorbed:
+            if flow.axis != 0:
+                raise Keep(f"{label} adds channels on axis 1, the dead ones are on {flow.axis + 1}")
+            return None  # a join of the residual stream being planned: its output is cut whole
         if op in AFFINE_OPS or op in ("Sum", "Concat"):
             return self._scaled(index, slot, flow, plan)
         if slot != 0:

@@ -30,8 +30,13 @@ fill whole input groups outputs its bias on those groups: with no (or a zero) bi
 and their zero outputs flow on as dead channels; otherwise they keep. A constant read through
 Identity/Cast is cut at its source, in the source's dtype.
 
-The planning (the graph walks) lives in :mod:`onnx_exact.io.channel_plan`; this module applies
-the plans and tidies the graph.
+Residual blocks: the Relus tied by identity skips form a *stream*
+(:mod:`onnx_exact.io.channel_stream`); a channel goes from a stream only when it is proved dead
+in every member, and then from every producer feeding its Adds and every consumer of its
+members at once. A channel dead in some members only is kept, and ``kept`` says which.
+
+The planning (the graph walks) lives in :mod:`onnx_exact.io.channel_plan` and
+:mod:`onnx_exact.io.channel_stream`; this module applies the plans and tidies the graph.
 
 A Relu proved the identity on the box (every neuron active) is removed: its readers read its
 input. Value-info entries of every tensor whose shape changed are dropped (shape inference
@@ -47,7 +52,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_exact.io.channel_plan import ChannelPlanner, Keep, Plan
+from onnx_exact.io.channel_plan import Keep, Plan
+from onnx_exact.io.channel_stream import Stream, StreamPlanner
 from onnx_exact.io.graph import all_graphs, node_attr
 
 
@@ -101,12 +107,17 @@ def prune_channels(
             raise ValueError(f"Relu {name!r} cannot be both dead and linear")
     result = PruneResult(copy)
     plans: list[Plan] = []
+    streams: dict[tuple[int, ...], Stream] = {}
     for name, channels in dead.items():
         index = pruner.relu_index(name)
         channels = sorted({int(c) for c in channels})
         if not channels:
             continue
         try:
+            stream = pruner.stream(index)
+            if stream.joins:
+                streams.setdefault(tuple(stream.members), stream)
+                continue
             plan, removed, note = pruner.plan(index, channels)
         except Keep as keep:
             result.kept[name] = str(keep)
@@ -115,6 +126,8 @@ def prune_channels(
         result.removed[name] = removed
         if note:
             result.kept[name] = note
+    for stream in streams.values():
+        _prune_stream(pruner, stream, dead, plans, result)
     _credit_released(pruner, plans, dead, result)
     pruner.apply(plans)
     for name in linear:
@@ -122,6 +135,41 @@ def prune_channels(
             result.removed_relus.append(name)
     pruner.finish()
     return result
+
+
+def _prune_stream(
+    pruner: _Pruner,
+    stream: Stream,
+    dead: Mapping[str, Sequence[int]],
+    plans: list[Plan],
+    result: PruneResult,
+) -> None:
+    """Plan the channels dead in every member of a residual stream; record the rest as kept."""
+    names = [pruner.relu_name(m) for m in stream.members]
+    proved = {name: {int(c) for c in dead.get(name, ())} for name in names}
+    common = sorted(set.intersection(*proved.values()))
+    asked = [name for name in names if proved[name]]
+    for name in asked:
+        partial = sorted(proved[name] - set(common))
+        if partial:
+            others = ", ".join(n for n in names if n != name)
+            result.kept[name] = (
+                f"channels {partial} are not proved dead in every Relu of its residual stream "
+                f"(with {others})"
+            )
+    if not common:
+        return
+    try:
+        plan, removed, note = pruner.plan_stream(stream, common)
+    except Keep as keep:
+        for name in asked:
+            result.kept[name] = str(keep)
+        return
+    plans.append(plan)
+    for name in names:
+        result.removed[name] = removed
+        if note:
+            result.kept[name] = note
 
 
 def _credit_released(
@@ -140,8 +188,8 @@ def _credit_released(
             del result.kept[name]
 
 
-class _Pruner(ChannelPlanner):
-    """Plans (see :class:`ChannelPlanner`) and applies the edits on ``model`` (a private copy)."""
+class _Pruner(StreamPlanner):
+    """Plans (see :class:`StreamPlanner`) and applies the edits on ``model`` (a private copy)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__(model)

@@ -22,8 +22,12 @@ Each ReLU layer records ``channels`` (:attr:`DenseLayer.channels`): the channel 
 tracked through the ops (a Conv or a pool sets ``channel = flat index // positions`` of its NCHW
 output; Transpose, Pad and Reshape move the labels with the values; a Gemm/MatMul ends them).
 
-Refused with one line naming the node (this round): a tensor read by two nodes (residual/skip
-connections), an ``Add`` of two computed tensors, ``MaxPool``, ``Clip``/ReLU6 and other
+Residual blocks (a ReLU output forked into a ReLU branch and a linear skip that meet at an
+``Add``) are read by :mod:`onnx_exact.io.cnn_residual`: the skip's source is carried across
+the branch by auxiliary passthrough neurons (:attr:`DenseLayer.auxiliary`), exactly.
+
+Refused with one line naming the node (this round): other forks and joins (three-way forks,
+nested skips, both paths with ReLUs, ``Concat``), ``MaxPool``, ``Clip``/ReLU6 and other
 activations, a Conv weight computed at run time, a group count that does not divide the
 channels, dynamic spatial dims, and a layer too big to materialise.
 """
@@ -49,6 +53,7 @@ from onnx_exact.core.operators import (
     resolve_auto_pad,
 )
 from onnx_exact.io.affine_chain import AffineChain
+from onnx_exact.io.cnn_residual import ResidualWalk
 from onnx_exact.io.graph import PathStep, node_attr, node_label
 from onnx_exact.io.node_semantics import GraphWalk
 from onnx_exact.io.read_result import ReadResult
@@ -129,7 +134,7 @@ def read_cnn(
     return _CnnWalker(model, label).read(path, external)
 
 
-class _CnnWalker(GraphWalk):
+class _CnnWalker(ResidualWalk, GraphWalk):
     """Walks the CNN data path once, composing the linear ops of each layer into one matrix.
 
     The state between two ReLUs is an :class:`~onnx_exact.io.affine_chain.AffineChain` from the
@@ -139,7 +144,7 @@ class _CnnWalker(GraphWalk):
     """
 
     fan_out = (
-        "residual/skip connections are not supported yet; only sequential CNNs can be analysed"
+        "a fork inside a layer (not of a ReLU output into a ResNet-style block) cannot be analysed"
     )
 
     def __init__(self, model: onnx.ModelProto, label: str) -> None:
@@ -174,7 +179,10 @@ class _CnnWalker(GraphWalk):
                 "compress"
             )
         while current in self.reaches_core:
-            current = self._step(current, self.single_consumer(current))
+            if len(self.consumers.get(current, [])) > 1:
+                current = self.residual(current)
+            else:
+                current = self._step(current, self.single_consumer(current))
         current = self._end(current)
 
         network = Network(
@@ -312,7 +320,7 @@ class _CnnWalker(GraphWalk):
 
     # ------------------------------------------------------------------ the composed map
     def _start_layer(self) -> None:
-        self.chain = AffineChain(self.width)
+        self.chain = AffineChain(self.width) if self.carry is None else self.branch_chain()
 
     def _apply(self, index: int, op: LinearOperator, role: str) -> None:
         """``state ← op ∘ state`` (after a size check) and the path step."""
@@ -340,7 +348,10 @@ class _CnnWalker(GraphWalk):
         if not np.all(np.isfinite(weight)) or not np.all(np.isfinite(bias)):
             raise self.fail(f"layer '{name}': the folded weights overflow to Inf/NaN")
         channels = self.channel if relu is not None else None
-        self.layers.append(DenseLayer(weight, bias, relu is not None, name, channels))
+        auxiliary = None
+        if self.carry is not None:
+            weight, bias, channels, auxiliary = self.carry_rows(weight, bias, channels)
+        self.layers.append(DenseLayer(weight, bias, relu is not None, name, channels, auxiliary))
         if relu is not None:
             self.relu_nodes.append(name)
             self.relu_tensors.append(tensor)

@@ -68,6 +68,9 @@ class Analysis:
         self.refuted_neg_by = [
             np.full(layer.out_features, "", dtype=object) for layer in net.layers
         ]
+        for k, layer in enumerate(net.layers):
+            if layer.auxiliary is not None:
+                self._mark_auxiliary(k)
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
         self.time_limit_hit = False
@@ -78,6 +81,29 @@ class Analysis:
         # the schedule turns it on (``focused``) for the costly tiers and the retries.
         self.focus = any(layer.channels is not None for layer in net.layers)
         self.focused = False
+
+    def _mark_auxiliary(self, k: int) -> None:
+        """Auxiliary neurons (:attr:`DenseLayer.auxiliary`) are ACTIVE by construction.
+
+        Each row selects one output of the previous layer (weight 1, bias 0), which carries a
+        ReLU, so ``y = relu(...) >= 0`` exactly: the ReLU is the identity on it. Decided by
+        "linear", so no tier pursues them and no count includes them (as for a layer without
+        ReLU). A row of any other form would be a reader bug: it is refused here.
+        """
+        layer = self.net.layers[k]
+        rows = np.flatnonzero(layer.auxiliary)
+        weight = layer.weight[rows]
+        selects = (
+            k > 0
+            and self.net.layers[k - 1].relu
+            and np.all(np.count_nonzero(weight, axis=1) == 1)
+            and np.all(weight.max(axis=1) == 1.0)
+            and np.all(layer.bias[rows] == 0.0)
+        )
+        if not selects:
+            raise ValueError(f"layer {layer.name!r}: auxiliary neurons that are no passthrough")
+        self.states[k][rows] = NeuronState.ACTIVE
+        self.decided_by[k][rows] = Tier.LINEAR.value
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
@@ -145,7 +171,8 @@ class Analysis:
         channel. So the ``+`` direction of neuron i (proving it INACTIVE) matters only while no
         neuron of its channel is seen positive or proved ACTIVE (or is UNSTABLE), and the ``-``
         directions (proving ACTIVE) only while no neuron of the layer is seen negative or proved
-        INACTIVE. Recomputed at every call, so each new witness narrows it.
+        INACTIVE. Recomputed at every call, so each new witness narrows it. Auxiliary
+        neurons (:attr:`DenseLayer.auxiliary`, no units of the graph) never can.
         """
         layer = self.net.layers[k]
         size = layer.out_features
@@ -153,11 +180,12 @@ class Analysis:
             return np.ones(size, dtype=bool), np.ones(size, dtype=bool)
         channels = layer.channels if layer.channels is not None else np.arange(size)
         states = self.states[k]
+        real = layer.real
         unstable = states == NeuronState.UNSTABLE
         not_dead = self.obs.seen_pos[k] | (states == NeuronState.ACTIVE) | unstable
         blocked = np.bincount(channels, not_dead, int(channels.max()) + 1 if size else 0) > 0
-        not_identity = self.obs.seen_neg[k] | (states == NeuronState.INACTIVE) | unstable
-        return ~blocked[channels], np.full(size, not not_identity.any())
+        not_identity = (self.obs.seen_neg[k] | (states == NeuronState.INACTIVE) | unstable) & real
+        return ~blocked[channels] & real, np.full(size, not not_identity.any()) & real
 
     def not_pursued(self, k: int) -> np.ndarray:
         """Unsettled neurons of layer k none of whose open directions can change the structure."""

@@ -1,0 +1,178 @@
+"""Residual (skip) connections of a CNN, read into the sequential dense IR exactly.
+
+A ResNet basic block forks a ReLU output ``s`` into two paths that meet again in an ``Add``::
+
+    s ─▶ Conv ─▶ Relu ─▶ Conv ─┐                     (the *branch*: holds ReLUs)
+    └──────── [1×1 Conv, BN] ──┴─ Add ─▶ Relu ─▶ ...  (the *skip*: linear ops only, or none)
+
+The analysis works on a sequential :class:`~onnx_exact.core.network.Network`, so the reader
+carries ``s`` across the branch's ReLU layers with *auxiliary passthrough neurons*: every ReLU
+layer closed on the branch gets, after its own neurons, one extra neuron per entry of ``s``
+whose row selects that entry of the layer's input (weight 1, bias 0). Since ``s >= 0`` (it is
+a ReLU output), ``relu(s_j) = s_j`` exactly, so the extended layer outputs ``[h_branch, s]``.
+At the join, the layer's map is ``W_branch h + P s``: the branch's composed ops plus the skip's
+(identity, or the projection ``Conv``/BN composed into ``P``), both over the same input
+``h = [h_branch, s]``. Every value of the network is unchanged, so bounds, CROWN, LP/MILP
+encodings, witnesses and attacks need no change; the auxiliary neurons are marked
+(:attr:`DenseLayer.auxiliary`) and the analysis treats them as ACTIVE by construction.
+
+Accepted: a fork of a ReLU output (through pass-through nodes only) into exactly two paths that
+meet at one ``Add``/``Sum`` of two computed tensors, one of them free of ReLUs (the skip), each
+a single chain of supported ops; a branch without ReLU works too (then nothing is carried).
+Refused with one line naming the node (:class:`UnsupportedModelError`, exit 2): a fork of a
+tensor that is no ReLU output (``s`` could be negative), a fork into three or more nodes,
+joins where both paths hold ReLUs, paths that end elsewhere (``Concat``, a graph output, two
+different joins) and a fork inside a branch (nested skips).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnx_exact.core.operators import IndexOperator
+from onnx_exact.io.affine_chain import AffineChain
+from onnx_exact.io.graph import PathStep, node_label
+
+#: Ops that join two computed tensors of a residual block.
+JOIN_OPS = frozenset({"Add", "Sum"})
+
+
+class ResidualWalk:
+    """The fork-and-join part of the CNN walker (:class:`onnx_exact.io.cnn_reader._CnnWalker`).
+
+    While a branch is walked, ``carry`` holds the columns of the current layer's input that
+    hold ``s`` (None outside a branch); :meth:`carry_rows` extends each layer closed there.
+    """
+
+    carry: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ the fork
+    def residual(self, fork: str) -> str:
+        """Read the block that forks at tensor ``fork``; return the join's output tensor."""
+        readers = self.consumers.get(fork, [])
+        if fork in self.graph_outputs or len(readers) != 2:
+            names = ", ".join(node_label(i, self.graph.node[i]) for i in readers)
+            where = " and is a graph output" if fork in self.graph_outputs else ""
+            raise self.fail(
+                f"tensor '{fork}' feeds {len(readers)} nodes ({names}){where}: only a fork into "
+                "two paths that meet at one Add (a ResNet basic block) can be analysed"
+            )
+        if self.carry is not None:
+            raise self.fail(
+                f"tensor '{fork}' forks inside the branch of another skip connection: nested "
+                "residual connections are not supported"
+            )
+        if not self.layers or self.chain.ops:
+            raise self.fail(
+                f"tensor '{fork}' feeds a skip connection but is no ReLU output (it could be "
+                "negative); only skip connections from a ReLU output can be analysed"
+            )
+        paths = [self._follow(fork, reader) for reader in readers]
+        joins = {join for _, join in paths}
+        if len(joins) != 1:
+            labels = ", ".join(node_label(j, self.graph.node[j]) for j in sorted(joins))
+            raise self.fail(
+                f"the two paths from tensor '{fork}' end at different nodes ({labels}); only "
+                "a fork that joins again at one Add can be analysed"
+            )
+        join = joins.pop()
+        with_relu = [any(self._is_relu(i) for i in nodes) for nodes, _ in paths]
+        if all(with_relu):
+            raise self.fail(
+                f"{node_label(join, self.graph.node[join])}: both paths from tensor '{fork}' "
+                "hold a Relu; only joins where one path (the skip) is linear can be analysed"
+            )
+        branch, skip = (paths[1], paths[0]) if with_relu[1] else (paths[0], paths[1])
+        return self._read_block(fork, branch[0], skip[0], join)
+
+    def _is_relu(self, index: int) -> bool:
+        node = self.graph.node[index]
+        return node.op_type == "Relu" and node.domain in ("", "ai.onnx")
+
+    def _is_join(self, index: int) -> bool:
+        node = self.graph.node[index]
+        computed = [name for name in node.input if name and self.constant(name) is None]
+        return node.op_type in JOIN_OPS and node.domain in ("", "ai.onnx") and len(computed) == 2
+
+    def _follow(self, tensor: str, index: int) -> tuple[list[int], int]:
+        """The nodes from ``tensor``'s reader ``index`` to the join they reach, and the join."""
+        nodes: list[int] = []
+        while not self._is_join(index):
+            node = self.graph.node[index]
+            if list(node.input).count(tensor) != 1 or not node.output:
+                raise self._unsupported(index)
+            nodes.append(index)
+            tensor = node.output[0]
+            if tensor not in self.reaches_core:
+                raise self.fail(
+                    f"{node_label(index, node)}: a path of a skip connection leaves the network "
+                    "before it joins again; only forks that join at an Add can be analysed"
+                )
+            index = self.single_consumer(tensor)
+        return nodes, index
+
+    # ------------------------------------------------------------------ the block
+    def _read_block(self, fork: str, branch: list[int], skip: list[int], join: int) -> str:
+        """Walk the branch carrying ``s``, then the skip from ``s``; sum them at ``join``."""
+        n_s = self.width
+        fork_shape, fork_channel = self.sample_shape, self.channel
+        self.carry = np.arange(n_s)
+        current = fork
+        for index in branch:
+            current = self._step(current, index)
+        branch_chain, branch_out = self.chain, current
+        branch_shape, branch_channel = self.sample_shape, self.channel
+        # The skip: a chain from the carried columns of the current layer's input.
+        self.chain = AffineChain(branch_chain.n_src)
+        self.chain.apply(IndexOperator((branch_chain.n_src,), (n_s,), self.carry))
+        self.sample_shape, self.channel, self.width = fork_shape, fork_channel, n_s
+        current = fork
+        for index in skip:
+            current = self._step(current, index)
+        node = self.graph.node[join]
+        if self.sample_shape != branch_shape:
+            raise self.fail(
+                f"{node_label(join, node)}: adds a tensor of sample shape "
+                f"{list(branch_shape)} to one of {list(self.sample_shape)}; only joins of equal "
+                "shapes (no broadcasting) can be analysed"
+            )
+        summed = AffineChain(branch_chain.n_src)
+        summed.dense = branch_chain.weight() + self.chain.weight()
+        summed.src = None
+        summed.offset = branch_chain.offset + self.chain.offset
+        summed.width, summed.ops = branch_chain.width, branch_chain.ops + self.chain.ops + 1
+        self.chain = summed
+        self.sample_shape, self.width = branch_shape, branch_chain.width
+        self.channel = branch_channel if branch_channel is not None else self.channel
+        slot = list(node.input).index(branch_out)
+        self.path.append(PathStep(join, "join", len(self.layers), slot, self.width))
+        self.carry = None
+        return node.output[0]
+
+    # ------------------------------------------------------------------ the carried rows
+    def carry_rows(self, weight: np.ndarray, bias: np.ndarray, channels):
+        """Extend a layer closed inside a branch by the passthrough rows of ``s``.
+
+        Returns ``(weight, bias, channels, auxiliary)``; the next layer's chain starts from the
+        branch part of the extended output (:meth:`branch_chain`), ``carry`` moves to its end.
+        """
+        n_out, n_src = weight.shape
+        n_s = self.carry.size
+        rows = np.zeros((n_s, n_src))
+        rows[np.arange(n_s), self.carry] = 1.0
+        weight = np.vstack([weight, rows])
+        bias = np.concatenate([bias, np.zeros(n_s)])
+        if channels is not None:
+            sentinel = int(channels.max()) + 1 if channels.size else 0
+            channels = np.concatenate([channels, np.full(n_s, sentinel, dtype=np.int64)])
+        auxiliary = np.concatenate([np.zeros(n_out, bool), np.ones(n_s, bool)])
+        self.carry = np.arange(n_out, n_out + n_s)
+        return weight, bias, channels, auxiliary
+
+    def branch_chain(self) -> AffineChain:
+        """The chain that starts a layer inside a branch: the branch part of ``[h, s]``."""
+        n_branch = int(self.carry[0])
+        chain = AffineChain(n_branch + self.carry.size)
+        chain.apply(IndexOperator((chain.n_src,), (n_branch,), np.arange(n_branch)))
+        chain.ops = 0
+        return chain
