@@ -26,6 +26,7 @@ from rich.console import Console
 
 from onnx_exact import progress as progress_module
 from onnx_exact.core.errors import OnnxExactError, UsageError
+from onnx_exact.core.time_budget import AUTO_TIME_LIMIT, CNN_TIME_LIMIT, MLP_TIME_LIMIT
 from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL, is_tolerance, parse_tolerance
 from onnx_exact.interrupts import (
     INTERRUPT_EXIT_CODES,
@@ -157,19 +158,13 @@ Vnnlib = Annotated[
     str | None,
     typer.Option(help="Box from the input constraints of a VNN-LIB property."),
 ]
-DEFAULT_TIME_LIMIT = 300.0
-"""Seconds the analysis of ``compress`` and ``analyze`` gets unless ``--time-limit`` says otherwise.
-
-Finite, so that a run with default options ends; neurons still open then are kept (UNDECIDED),
-so the output stays exact. Whatever the limit, every layer's interval and CROWN proofs are made
-first (``onnx_exact.stability``, anytime order).
-"""
 TimeLimit = Annotated[
     str,
     typer.Option(
-        help=f"Seconds for the whole analysis (default {DEFAULT_TIME_LIMIT:.0f}), or 'none' for "
-        "no limit. Neurons still open then are kept (UNDECIDED): the output stays exact, just "
-        "less small.",
+        help=f"Seconds for the whole analysis, 'none' for no limit, or 'auto' (default: "
+        f"{MLP_TIME_LIMIT:.0f} for an MLP, {CNN_TIME_LIMIT:.0f} for a CNN, so that the whole "
+        "job takes about a minute). Neurons still open then are kept (UNDECIDED): the output "
+        "stays exact, just less small.",
         metavar="SECONDS",
         show_default=False,
     ),
@@ -230,10 +225,13 @@ def _progress(enabled: bool) -> AbstractContextManager:
     )
 
 
-def _time_limit(value: str) -> float | None:
-    """``--time-limit``: positive seconds, or ``none`` (also ``inf``) for no limit."""
+def _time_limit(value: str, auto: bool = False) -> float | str | None:
+    """``--time-limit``: positive seconds, ``none`` (also ``inf``) for no limit, or (where
+    ``auto`` is allowed) ``auto``: the budget the pipeline picks by the kind of network."""
     if value.strip().lower() == "none":
         return None
+    if auto and value.strip().lower() == AUTO_TIME_LIMIT:
+        return AUTO_TIME_LIMIT
     try:
         seconds = float(value)
     except ValueError:
@@ -252,7 +250,7 @@ def _options(
 ) -> AnalysisOptions:
     if method not in METHODS:
         raise UsageError(f"--method '{method}' is not one of {', '.join(METHODS)}")
-    seconds = _time_limit(time_limit)
+    seconds = _time_limit(time_limit, auto=True)
     try:
         limit = parse_memory_size(max_memory) if max_memory is not None else None
     except OverflowError:  # a number such as 1e400 reads as inf, which no int holds
@@ -300,7 +298,7 @@ def compress_command(
     input_range: InputRange = None,
     input_range_file: RangeFile = None,
     vnnlib: Vnnlib = None,
-    time_limit: TimeLimit = f"{DEFAULT_TIME_LIMIT:g}",
+    time_limit: TimeLimit = AUTO_TIME_LIMIT,
     method: Method = "auto",
     jobs: Jobs = None,
     seed: Seed = 0,
@@ -375,7 +373,7 @@ def analyze_command(
     input_range: InputRange = None,
     input_range_file: RangeFile = None,
     vnnlib: Vnnlib = None,
-    time_limit: TimeLimit = f"{DEFAULT_TIME_LIMIT:g}",
+    time_limit: TimeLimit = AUTO_TIME_LIMIT,
     method: Method = "auto",
     jobs: Jobs = None,
     seed: Seed = 0,

@@ -30,6 +30,7 @@ from onnx_exact.core.errors import (
     VerificationError,
 )
 from onnx_exact.core.network import Network
+from onnx_exact.core.time_budget import time_budget
 from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL
 from onnx_exact.core.verdicts import StabilityResult
 from onnx_exact.equivalence.check import check_equivalence
@@ -123,8 +124,11 @@ class DomainSpec:
 
 @dataclass
 class AnalysisOptions:
+    """How the analysis runs. ``time_limit``: seconds, None (no limit) or ``"auto"``
+    (:func:`time_budget`: by the kind of network read)."""
+
     method: str = "auto"
-    time_limit: float | None = None
+    time_limit: float | str | None = None
     jobs: int = 1
     seed: int = 0
     max_memory: int | None = None  # bytes; None: no guard
@@ -197,11 +201,12 @@ def analyze(
     timings["domain"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    time_limit = time_budget(options.time_limit, read.network)
     stability = analyze_stability(
         read.network,
         box_net,
         method=options.method,
-        time_limit=options.time_limit,
+        time_limit=time_limit,
         jobs=options.jobs,
         seed=options.seed,
         progress=progress,
@@ -221,7 +226,7 @@ def analyze(
         bytes_before=model_size_bytes(read.model),
         timings_s=timings,
         time_limit_hit=stability.time_limit_hit,
-        time_limit_s=options.time_limit,
+        time_limit_s=time_limit,
         notes=memory_notes
         + list(stability.notes)
         + ([] if net.relu_layer_indices else [NO_RELU_NOTE]),
@@ -411,8 +416,8 @@ def compress(
             _stage(progress, "prove")
             t0 = time.perf_counter()
             remaining = None
-            if options.time_limit is not None:
-                remaining = max(options.time_limit - report.timings_s["stability"], 1.0)
+            if report.time_limit_s is not None:
+                remaining = max(report.time_limit_s - report.timings_s["stability"], 1.0)
             check = check_equivalence(
                 read if reference_model_path(read) else dataclasses.replace(read, path=None),
                 written_read,  # the proof, too, is about the weights as written

@@ -23,8 +23,8 @@ from conftest import run_cli
 from exporter_fixtures import gemm_mlp
 
 from onnx_exact import progress as progress_module
-from onnx_exact.cli import DEFAULT_TIME_LIMIT
 from onnx_exact.core.box import Box
+from onnx_exact.core.time_budget import CNN_TIME_LIMIT, MLP_TIME_LIMIT, time_budget
 from onnx_exact.core.verdicts import SOLVER_TIERS, NeuronState
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.progress import Heartbeat, ProgressEvent, describe
@@ -130,12 +130,24 @@ def test_the_default_time_limit_is_finite_and_reported(deep_model, tmp_path):
     path, box = deep_model
     code, out, err = run_cli(["analyze", path, "--input-range-file", box, "--json", tmp_path / "r"])
     assert code == 0, err
-    assert json.loads((tmp_path / "r").read_text())["time_limit_s"] == DEFAULT_TIME_LIMIT == 300
+    assert json.loads((tmp_path / "r").read_text())["time_limit_s"] == MLP_TIME_LIMIT == 300
     assert "time limit of the analysis: 300 s" in out
     code, out, _ = run_cli(["analyze", "--help"])
     text = " ".join(out.split())
     assert code == 0 and "--time-limit SECONDS" in text
-    assert "(default 300), or 'none' for no limit" in text
+    assert "'none' for no limit, or 'auto' (default: 300 for an MLP, 45 for a CNN" in text
+
+
+def test_the_auto_time_limit_gives_a_cnn_the_shorter_budget():
+    """``auto`` picks by the network read: conv channels make it a CNN (a minute's job)."""
+    from cnn_fixtures import torch_legacy
+
+    from onnx_exact.io.cnn_reader import read_cnn
+
+    cnn = read_cnn(torch_legacy("plain").model).network
+    mlp = read_model(gemm_mlp()).network
+    assert time_budget("auto", cnn) == CNN_TIME_LIMIT < time_budget("auto", mlp) == MLP_TIME_LIMIT
+    assert time_budget(12.5, cnn) == 12.5 and time_budget(None, mlp) is None
 
 
 def test_time_limit_none_is_unlimited_and_zero_is_a_usage_error(deep_model, tmp_path):
