@@ -146,9 +146,11 @@ def _block(kind: str) -> onnx.ModelProto:
         weight = g.const((rng.normal(size=(2, 2, 3, 3)) / 3).astype(np.float32))
         return g.node("Conv", [x, weight], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name=name)
 
-    h = conv("input")
-    if kind == "conv_fork":  # the fork is a Conv output, not a Relu's
+    h = conv("input") if kind != "input_fork" else "input"
+    if kind == "conv_fork":  # the fork is a Conv output, not a Relu's: s may be negative
         r = h
+    elif kind == "input_fork":  # a block on the network input (Mul: preprocessing first)
+        r = g.node("Mul", ["input", g.const(np.float32(2.0))])
     else:
         r = g.node("Relu", [h], name="r")
     if kind == "both_relu":
@@ -173,12 +175,40 @@ def _block(kind: str) -> onnx.ModelProto:
     [
         ("both_relu", "node 'join' (Add): both paths from tensor"),
         ("three_way", "feeds 3 nodes"),
-        ("conv_fork", "but is no ReLU output"),
     ],
 )
 def test_joins_that_are_no_resnet_block_are_refused_naming_the_node(kind, message):
     with pytest.raises(UnsupportedModelError, match=re.escape(message)):
         read_model(_block(kind))
+
+
+@pytest.mark.parametrize("kind", ["conv_fork", "input_fork", "relu_fork"])
+def test_skips_from_tensors_that_may_be_negative_carry_the_pair_and_verify(kind):
+    """A fork of a Conv output or of the input carries ``relu(s), relu(-s)`` (s = their
+    difference): the network is the model's, the pair's first rows are no passthrough (not
+    ACTIVE by construction) and are never counted; a ReLU output's fork carries ``s`` itself."""
+    model = _block(kind)
+    read = read_model(model)
+    net = read.network
+    lower, upper = -np.ones(8), np.ones(8)
+    x = _samples(lower, upper)
+    runtime = run_onnxruntime(model, x, (2, 2, 2))
+    np.testing.assert_allclose(net.forward(x), runtime, rtol=0, atol=1e-5)
+    k = next(i for i, layer in enumerate(net.layers) if layer.auxiliary is not None)
+    first = net.layers[k]
+    assert first.auxiliary.sum() == (8 if kind == "relu_fork" else 16)
+    box = Box(lower, upper).to_network(net.input_map)
+    result = analyze_stability(net, box, time_limit=5, jobs=1, seed=0)
+    linear = result.layers[k].decided_by[first.auxiliary] == "linear"
+    assert linear.all() if kind == "relu_fork" else not linear.any()
+    sizes = [s.size for s in summarize_layers(net, result)]
+    assert sizes == [8, 8, 8][-len(sizes) :] and sum(sizes) == sum(
+        int(net.layers[i].real.sum()) for i in net.relu_layer_indices
+    )
+    out = compress(
+        model, None, DomainSpec(lower=lower, upper=upper), AnalysisOptions(time_limit=5, jobs=1)
+    )
+    assert out.report.passed
 
 
 def test_the_shared_resnet_reads_into_the_network_onnxruntime_runs(shared_models):

@@ -22,9 +22,9 @@ Each ReLU layer records ``channels`` (:attr:`DenseLayer.channels`): the channel 
 tracked through the ops (a Conv or a pool sets ``channel = flat index // positions`` of its NCHW
 output; Transpose, Pad and Reshape move the labels with the values; a Gemm/MatMul ends them).
 
-Residual blocks (a ReLU output forked into a ReLU branch and a linear skip that meet at an
-``Add``) are read by :mod:`onnx_exact.io.cnn_residual`: the skip's source is carried across
-the branch by auxiliary passthrough neurons (:attr:`DenseLayer.auxiliary`), exactly.
+Residual blocks (a tensor forked into a ReLU branch and a linear skip that meet at an ``Add``)
+are read by :mod:`onnx_exact.io.cnn_residual`: the skip's source is carried across the branch
+by auxiliary passthrough neurons (:attr:`DenseLayer.auxiliary`), exactly.
 
 Refused with one line naming the node (this round): other forks and joins (three-way forks,
 nested skips, both paths with ReLUs, ``Concat``), ``MaxPool``, ``Clip``/ReLU6 and other
@@ -320,7 +320,8 @@ class _CnnWalker(ResidualWalk, GraphWalk):
 
     # ------------------------------------------------------------------ the composed map
     def _start_layer(self) -> None:
-        self.chain = AffineChain(self.width) if self.carry is None else self.branch_chain()
+        carried = self.in_branch and self.carry is not None
+        self.chain = self.branch_chain() if carried else AffineChain(self.width)
 
     def _apply(self, index: int, op: LinearOperator, role: str) -> None:
         """``state ← op ∘ state`` (after a size check) and the path step."""
@@ -349,7 +350,7 @@ class _CnnWalker(ResidualWalk, GraphWalk):
             raise self.fail(f"layer '{name}': the folded weights overflow to Inf/NaN")
         channels = self.channel if relu is not None else None
         auxiliary = None
-        if self.carry is not None:
+        if self.in_branch:
             weight, bias, channels, auxiliary = self.carry_rows(weight, bias, channels)
         self.layers.append(DenseLayer(weight, bias, relu is not None, name, channels, auxiliary))
         if relu is not None:

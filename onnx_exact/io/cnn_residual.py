@@ -7,29 +7,39 @@ A ResNet basic block forks a ReLU output ``s`` into two paths that meet again in
 
 The analysis works on a sequential :class:`~onnx_exact.core.network.Network`, so the reader
 carries ``s`` across the branch's ReLU layers with *auxiliary passthrough neurons*: every ReLU
-layer closed on the branch gets, after its own neurons, one extra neuron per entry of ``s``
-whose row selects that entry of the layer's input (weight 1, bias 0). Since ``s >= 0`` (it is
-a ReLU output), ``relu(s_j) = s_j`` exactly, so the extended layer outputs ``[h_branch, s]``.
-At the join, the layer's map is ``W_branch h + P s``: the branch's composed ops plus the skip's
-(identity, or the projection ``Conv``/BN composed into ``P``), both over the same input
-``h = [h_branch, s]``. Every value of the network is unchanged, so bounds, CROWN, LP/MILP
-encodings, witnesses and attacks need no change; the auxiliary neurons are marked
-(:attr:`DenseLayer.auxiliary`) and the analysis treats them as ACTIVE by construction.
+layer closed on the branch gets, after its own neurons, extra neurons that carry ``s``:
 
-Accepted: a fork of a ReLU output (through pass-through nodes only) into exactly two paths that
-meet at one ``Add``/``Sum`` of two computed tensors, one of them free of ReLUs (the skip), each
-a single chain of supported ops; a branch without ReLU works too (then nothing is carried).
-Refused with one line naming the node (:class:`UnsupportedModelError`, exit 2): a fork of a
-tensor that is no ReLU output (``s`` could be negative), a fork into three or more nodes,
-joins where both paths hold ReLUs, paths that end elsewhere (``Concat``, a graph output, two
-different joins) and a fork inside a branch (nested skips).
+* when ``s`` is a ReLU output (the fork comes right after a ReLU, through pass-through nodes
+  only; every ResNet basic block), one neuron per entry whose row selects that entry of the
+  layer's input (weight 1, bias 0): ``relu(s_j) = s_j`` exactly, since ``s >= 0``;
+* otherwise (``s = C h + c`` is an affine map of the previous activation or of the input, and
+  may be negative: a pre-activation block, a fork of the input) the first layer closed on the
+  branch gets the pair ``relu(s), relu(-s)`` (rows ``±C``, biases ``±c``), and
+  ``s = relu(s) - relu(-s)`` exactly; later layers carry the pair by selection rows.
+
+At the join, the layer's map is ``W_branch h + P R h_carried``: the branch's composed ops plus
+the skip's (identity, or the projection ``Conv``/BN composed into ``P``) applied to ``s``
+rebuilt from the carried neurons (``R`` = identity or ``[I, -I]``), both over the same input.
+Every value of the network is unchanged, so bounds, CROWN, LP/MILP encodings, witnesses and
+attacks need no change. The auxiliary neurons are marked (:attr:`DenseLayer.auxiliary`); the
+selection rows of a ReLU output are ACTIVE by construction, the pair's first rows are ordinary
+ReLUs for the bounds, and none is ever reported, counted, pursued or pruned.
+
+Accepted: a fork into exactly two paths that meet at one ``Add``/``Sum`` of two computed
+tensors, one of them free of ReLUs (the skip), each a single chain of supported ops; a branch
+without ReLU works too (then nothing is carried). Refused with one line naming the node
+(:class:`UnsupportedModelError`, exit 2): a fork into three or more nodes, joins where both
+paths hold ReLUs, paths that end elsewhere (``Concat``, a graph output, two different joins)
+and a fork inside a branch (nested skips).
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
-from onnx_exact.core.operators import IndexOperator
+from onnx_exact.core.operators import DenseOperator, IndexOperator
 from onnx_exact.io.affine_chain import AffineChain
 from onnx_exact.io.graph import PathStep, node_label
 
@@ -40,11 +50,16 @@ JOIN_OPS = frozenset({"Add", "Sum"})
 class ResidualWalk:
     """The fork-and-join part of the CNN walker (:class:`onnx_exact.io.cnn_reader._CnnWalker`).
 
-    While a branch is walked, ``carry`` holds the columns of the current layer's input that
-    hold ``s`` (None outside a branch); :meth:`carry_rows` extends each layer closed there.
+    While a branch is walked (``in_branch``), ``carry`` holds the columns of the current
+    layer's input that carry ``s`` (None until the first layer closes in the pair form),
+    ``first_rows`` the pair's rows ``(±C, ±c)`` until then, and ``paired`` whether ``s`` is
+    carried as ``relu(s), relu(-s)``; :meth:`carry_rows` extends each layer closed there.
     """
 
+    in_branch = False
     carry: np.ndarray | None = None
+    first_rows: tuple[np.ndarray, np.ndarray] | None = None
+    paired = False
 
     # ------------------------------------------------------------------ the fork
     def residual(self, fork: str) -> str:
@@ -57,15 +72,10 @@ class ResidualWalk:
                 f"tensor '{fork}' feeds {len(readers)} nodes ({names}){where}: only a fork into "
                 "two paths that meet at one Add (a ResNet basic block) can be analysed"
             )
-        if self.carry is not None:
+        if self.in_branch:
             raise self.fail(
                 f"tensor '{fork}' forks inside the branch of another skip connection: nested "
                 "residual connections are not supported"
-            )
-        if not self.layers or self.chain.ops:
-            raise self.fail(
-                f"tensor '{fork}' feeds a skip connection but is no ReLU output (it could be "
-                "negative); only skip connections from a ReLU output can be analysed"
             )
         paths = [self._follow(fork, reader) for reader in readers]
         joins = {join for _, join in paths}
@@ -115,16 +125,35 @@ class ResidualWalk:
     def _read_block(self, fork: str, branch: list[int], skip: list[int], join: int) -> str:
         """Walk the branch carrying ``s``, then the skip from ``s``; sum them at ``join``."""
         n_s = self.width
-        fork_shape, fork_channel = self.sample_shape, self.channel
-        self.carry = np.arange(n_s)
+        fork_shape, fork_channel, fork_chain = self.sample_shape, self.channel, self.chain
+        layers = len(self.layers)
+        self.in_branch, self.at_input = True, False
+        self.paired = not (self.layers and self.chain.ops == 0)  # s may be negative
+        if self.paired:
+            weight, offset = self.chain.weight(), self.chain.offset
+            self.first_rows = (np.vstack([weight, -weight]), np.concatenate([offset, -offset]))
+            self.carry = None
+        else:
+            self.carry = np.arange(n_s)
+        self.chain = copy.deepcopy(fork_chain)
         current = fork
         for index in branch:
             current = self._step(current, index)
         branch_chain, branch_out = self.chain, current
         branch_shape, branch_channel = self.sample_shape, self.channel
-        # The skip: a chain from the carried columns of the current layer's input.
-        self.chain = AffineChain(branch_chain.n_src)
-        self.chain.apply(IndexOperator((branch_chain.n_src,), (n_s,), self.carry))
+        # The skip starts from s: the fork's chain if no layer closed on the branch, else s
+        # rebuilt from the carried columns of the current layer's input.
+        if len(self.layers) == layers:
+            self.chain = fork_chain
+        else:
+            self.chain = AffineChain(branch_chain.n_src)
+            if self.paired:
+                rebuild = np.zeros((n_s, branch_chain.n_src))
+                rebuild[np.arange(n_s), self.carry[:n_s]] = 1.0
+                rebuild[np.arange(n_s), self.carry[n_s:]] = -1.0
+                self.chain.apply(DenseOperator(rebuild))
+            else:
+                self.chain.apply(IndexOperator((branch_chain.n_src,), (n_s,), self.carry))
         self.sample_shape, self.channel, self.width = fork_shape, fork_channel, n_s
         current = fork
         for index in skip:
@@ -146,22 +175,29 @@ class ResidualWalk:
         self.channel = branch_channel if branch_channel is not None else self.channel
         slot = list(node.input).index(branch_out)
         self.path.append(PathStep(join, "join", len(self.layers), slot, self.width))
-        self.carry = None
+        self.in_branch, self.carry, self.first_rows = False, None, None
         return node.output[0]
 
     # ------------------------------------------------------------------ the carried rows
     def carry_rows(self, weight: np.ndarray, bias: np.ndarray, channels):
-        """Extend a layer closed inside a branch by the passthrough rows of ``s``.
+        """Extend a layer closed inside a branch by the rows that carry ``s``.
 
-        Returns ``(weight, bias, channels, auxiliary)``; the next layer's chain starts from the
-        branch part of the extended output (:meth:`branch_chain`), ``carry`` moves to its end.
+        The pair's rows ``(±C, ±c)`` on the first layer of a paired carry, else rows selecting
+        the carried columns. Returns ``(weight, bias, channels, auxiliary)``; the next layer's
+        chain starts from the branch part of the extended output (:meth:`branch_chain`), and
+        ``carry`` moves to its end.
         """
         n_out, n_src = weight.shape
-        n_s = self.carry.size
-        rows = np.zeros((n_s, n_src))
-        rows[np.arange(n_s), self.carry] = 1.0
+        if self.first_rows is not None:
+            rows, row_bias = self.first_rows
+            self.first_rows = None
+        else:
+            rows = np.zeros((self.carry.size, n_src))
+            rows[np.arange(self.carry.size), self.carry] = 1.0
+            row_bias = np.zeros(self.carry.size)
+        n_s = rows.shape[0]
         weight = np.vstack([weight, rows])
-        bias = np.concatenate([bias, np.zeros(n_s)])
+        bias = np.concatenate([bias, row_bias])
         if channels is not None:
             sentinel = int(channels.max()) + 1 if channels.size else 0
             channels = np.concatenate([channels, np.full(n_s, sentinel, dtype=np.int64)])

@@ -83,27 +83,28 @@ class Analysis:
         self.focused = False
 
     def _mark_auxiliary(self, k: int) -> None:
-        """Auxiliary neurons (:attr:`DenseLayer.auxiliary`) are ACTIVE by construction.
+        """Auxiliary passthrough neurons (:attr:`DenseLayer.auxiliary`) that select a ReLU
+        output are ACTIVE by construction.
 
-        Each row selects one output of the previous layer (weight 1, bias 0), which carries a
+        Such a row selects one output of the previous layer (weight 1, bias 0), which carries a
         ReLU, so ``y = relu(...) >= 0`` exactly: the ReLU is the identity on it. Decided by
         "linear", so no tier pursues them and no count includes them (as for a layer without
-        ReLU). A row of any other form would be a reader bug: it is refused here.
+        ReLU). Other auxiliary rows (the pair ``relu(±s)`` of a skip from a tensor that may be
+        negative) keep their bounds from the bounds pass and are never pursued
+        (:meth:`structural`).
         """
+        if k == 0 or not self.net.layers[k - 1].relu:
+            return
         layer = self.net.layers[k]
         rows = np.flatnonzero(layer.auxiliary)
         weight = layer.weight[rows]
         selects = (
-            k > 0
-            and self.net.layers[k - 1].relu
-            and np.all(np.count_nonzero(weight, axis=1) == 1)
-            and np.all(weight.max(axis=1) == 1.0)
-            and np.all(layer.bias[rows] == 0.0)
+            (np.count_nonzero(weight, axis=1) == 1)
+            & (weight.max(axis=1) == 1.0)
+            & (layer.bias[rows] == 0.0)
         )
-        if not selects:
-            raise ValueError(f"layer {layer.name!r}: auxiliary neurons that are no passthrough")
-        self.states[k][rows] = NeuronState.ACTIVE
-        self.decided_by[k][rows] = Tier.LINEAR.value
+        self.states[k][rows[selects]] = NeuronState.ACTIVE
+        self.decided_by[k][rows[selects]] = Tier.LINEAR.value
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
@@ -176,11 +177,11 @@ class Analysis:
         """
         layer = self.net.layers[k]
         size = layer.out_features
+        real = layer.real
         if not (self.focus and self.focused):
-            return np.ones(size, dtype=bool), np.ones(size, dtype=bool)
+            return real.copy(), real.copy()
         channels = layer.channels if layer.channels is not None else np.arange(size)
         states = self.states[k]
-        real = layer.real
         unstable = states == NeuronState.UNSTABLE
         not_dead = self.obs.seen_pos[k] | (states == NeuronState.ACTIVE) | unstable
         blocked = np.bincount(channels, not_dead, int(channels.max()) + 1 if size else 0) > 0
@@ -418,8 +419,8 @@ class Analysis:
             if layer.relu:
                 # Witnesses found while deciding later layers may complete earlier neurons' pairs.
                 self.finish_layer(k)
-            not_pursued = self.not_pursued(k) if layer.relu else None
-            undecided = int(np.count_nonzero(self.states[k] == NeuronState.UNDECIDED))
+            not_pursued = self.not_pursued(k) & layer.real if layer.relu else None
+            undecided = int(np.count_nonzero(self.states[k][layer.real] == NeuronState.UNDECIDED))
             if not_pursued is not None and not_pursued.any():
                 undecided -= int(not_pursued.sum())
                 self.notes.append(
