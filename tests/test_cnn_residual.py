@@ -65,6 +65,11 @@ def test_residual_fixtures_read_into_a_network_that_computes_the_model(name):
             aux = np.flatnonzero(layer.auxiliary)
             assert aux[0] == layer.real.sum() and aux[-1] == layer.out_features - 1
             assert np.all(layer.channels[aux] == layer.channels[layer.real].max() + 1)
+            assert layer.passthrough is not None  # gathered, not multiplied: same values
+            h = np.abs(np.random.default_rng(k).normal(size=(5, layer.in_features)))
+            dense = h @ layer.weight.T + layer.bias
+            np.testing.assert_array_equal(layer.apply(h)[:, aux], dense[:, aux])
+            np.testing.assert_allclose(layer.apply(h), dense, rtol=1e-12, atol=1e-12)
     assert carried == {"residual_block": 1, "resnet_blocks": 2}[name]
 
 

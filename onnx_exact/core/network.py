@@ -90,6 +90,10 @@ class DenseLayer:
     name: str = ""
     channels: np.ndarray | None = None
     auxiliary: np.ndarray | None = None
+    passthrough: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    """When every auxiliary neuron is a trailing selection row (weight 1 on one input, bias 0):
+    the input each one copies, so :meth:`apply` gathers them instead of multiplying (a third
+    of a ResNet's dense entries are such rows)."""
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, dtype=np.float64)
@@ -112,6 +116,34 @@ class DenseLayer:
                     f"layer {self.name!r}: {self.auxiliary.shape[0]} auxiliary flags "
                     f"for {self.bias.shape[0]} neurons"
                 )
+            self.passthrough = self._selection_sources()
+
+    def _selection_sources(self) -> np.ndarray | None:
+        """The input each trailing auxiliary row selects, or None if they are not all such."""
+        first = self.out_features - int(self.auxiliary.sum())
+        rows = self.weight[first:]
+        if not rows.size or not self.auxiliary[first:].all():
+            return None
+        sources = np.argmax(rows != 0, axis=1)
+        selects = (
+            np.all(np.count_nonzero(rows, axis=1) == 1)
+            and np.all(rows[np.arange(rows.shape[0]), sources] == 1.0)
+            and np.all(self.bias[first:] == 0.0)
+        )
+        return sources if selects else None
+
+    def apply(self, h: np.ndarray) -> np.ndarray:
+        """``W h + b`` for a batch ``h`` of shape ``(m, in)``, float64. Selection rows
+        (:attr:`passthrough`) are copied from ``h``: exactly the value of their product (one
+        term ``1 · h_j``, the others ``0 · h``), without its cost; the other rows are one
+        product (whose float64 sums BLAS may order differently than for the whole matrix)."""
+        if self.passthrough is None:
+            return h @ self.weight.T + self.bias
+        first = self.out_features - self.passthrough.size
+        y = np.empty((h.shape[0], self.out_features))
+        y[:, :first] = h @ self.weight[:first].T + self.bias[:first]
+        y[:, first:] = h[:, self.passthrough]
+        return y
 
     @property
     def real(self) -> np.ndarray:
@@ -182,7 +214,7 @@ class Network:
             h = h[None, :]
         out = []
         for layer in self.layers:
-            y = h @ layer.weight.T + layer.bias
+            y = layer.apply(h)
             out.append(y)
             h = np.maximum(y, 0.0) if layer.relu else y
         return out
