@@ -310,4 +310,3 @@ def test_shared_cnns_read_into_the_network_onnxruntime_runs(shared_models, name,
     np.testing.assert_allclose(read.network.forward(x), runtime, rtol=0, atol=1e-4)
     first = read.network.layers[0]
     assert first.channels is not None and np.all(np.diff(first.channels) >= 0)
-
