@@ -232,3 +232,53 @@ def test_the_shared_resnet_reads_into_the_network_onnxruntime_runs(shared_models
     model = onnx.load(path)
     runtime = np.vstack([run_onnxruntime(model, row[None], (3, 32, 32)) for row in x])
     np.testing.assert_allclose(read.network.forward(x), runtime, rtol=0, atol=1e-4)
+
+
+def _stream_with_bn(seed: int = 3) -> onnx.ModelProto:
+    """``Conv → r1 → [Conv → Relu → Conv] + Identity(r1) (Sum) → BN → r2 → GAP → Flatten →
+    Gemm`` on ``[batch, 3, 4, 4]`` over [0, 1]: channel 2 is dead in r1 (bias −100) and in the
+    branch's last Conv (bias −100), so also in r2 whatever the BN does to it."""
+    rng = np.random.default_rng(seed)
+    g = GraphBuilder()
+
+    def conv(x: str, c_in: int, bias: np.ndarray) -> str:
+        weight = (rng.random((4, c_in, 3, 3)) * 0.3).astype(np.float32)
+        inputs = [x, g.const(weight), g.const(bias.astype(np.float32))]
+        return g.node("Conv", inputs, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+
+    dead = np.array([0.1, 0.2, -100.0, 0.1])
+    r1 = g.node("Relu", [conv("input", 3, dead)], name="r1")
+    h = g.node("Relu", [conv(r1, 4, np.full(4, 0.1))], name="inner")
+    h = g.node("Sum", [conv(h, 4, dead), g.node("Identity", [r1])], name="join")
+    stats = [np.float32([1.5, 0.5, 2.0, 1.0]), np.float32([0.1, -0.2, 0.3, 0.0]),
+             np.float32([0.2, 0.1, 0.0, 0.3]), np.float32([1.0, 2.0, 0.5, 1.0])]  # fmt: skip
+    h = g.node("BatchNormalization", [h, *(g.const(s) for s in stats)], epsilon=1e-5)
+    h = g.node("Relu", [h], name="r2")
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
+    head = g.const(rng.normal(size=(2, 4)).astype(np.float32))
+    g.node("Gemm", [h, head], output="output", transB=1)
+    return g.model([g.tensor("input", ["batch", 3, 4, 4])], [g.tensor("output", ["batch", 2])])
+
+
+def test_a_stream_through_a_sum_join_an_identity_skip_and_a_bn_loses_its_dead_channel():
+    """The skip passes an Identity, the join is a Sum, a BatchNormalization sits between the
+    join and its Relu: channel 2, dead in r1 and r2, goes from both Convs feeding them, the
+    BN's statistics and the Convs and Gemm reading them; outputs unchanged on the box."""
+    model = _stream_with_bn()
+    lower, upper = np.zeros(48), np.ones(48)
+    result = compress(
+        model, None, DomainSpec(lower=lower, upper=upper), AnalysisOptions(time_limit=5, jobs=1)
+    )
+    assert result.report.passed
+    by_name = {layer.name: layer.channels for layer in result.report.layers}
+    assert by_name["r1"].removed == [2] and by_name["r2"].removed == [2]
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    bn = next(n for n in result.model.graph.node if n.op_type == "BatchNormalization")
+    assert all(shapes[name] == [3] for name in bn.input[1:])
+    x = _samples(lower, upper, 64)
+    np.testing.assert_allclose(
+        run_onnxruntime(result.model, x, (3, 4, 4)),
+        run_onnxruntime(model, x, (3, 4, 4)),
+        rtol=0,
+        atol=1e-5,
+    )
