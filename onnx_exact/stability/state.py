@@ -83,28 +83,21 @@ class Analysis:
         self.focused = False
 
     def _mark_auxiliary(self, k: int) -> None:
-        """Auxiliary passthrough neurons (:attr:`DenseLayer.auxiliary`) that select a ReLU
-        output are ACTIVE by construction.
+        """Auxiliary passthrough neurons that select a ReLU output are ACTIVE by construction.
 
-        Such a row selects one output of the previous layer (weight 1, bias 0), which carries a
-        ReLU, so ``y = relu(...) >= 0`` exactly: the ReLU is the identity on it. Decided by
-        "linear", so no tier pursues them and no count includes them (as for a layer without
-        ReLU). Other auxiliary rows (the pair ``relu(±s)`` of a skip from a tensor that may be
-        negative) keep their bounds from the bounds pass and are never pursued
-        (:meth:`structural`).
+        Such a row (:attr:`DenseLayer.passthrough`) selects one output of the previous layer
+        (weight 1, bias 0), which carries a ReLU, so ``y = relu(...) >= 0`` exactly: the ReLU
+        is the identity on it. Decided by "linear", so no tier pursues them and no count
+        includes them (as for a layer without ReLU). Other auxiliary rows (the pair
+        ``relu(±s)`` of a skip from a tensor that may be negative) keep their bounds from the
+        bounds pass and are never pursued (:meth:`structural`).
         """
-        if k == 0 or not self.net.layers[k - 1].relu:
-            return
         layer = self.net.layers[k]
-        rows = np.flatnonzero(layer.auxiliary)
-        weight = layer.weight[rows]
-        selects = (
-            (np.count_nonzero(weight, axis=1) == 1)
-            & (weight.max(axis=1) == 1.0)
-            & (layer.bias[rows] == 0.0)
-        )
-        self.states[k][rows[selects]] = NeuronState.ACTIVE
-        self.decided_by[k][rows[selects]] = Tier.LINEAR.value
+        if k == 0 or not self.net.layers[k - 1].relu or layer.passthrough is None:
+            return
+        rows = np.arange(layer.out_features - layer.passthrough.size, layer.out_features)
+        self.states[k][rows] = NeuronState.ACTIVE
+        self.decided_by[k][rows] = Tier.LINEAR.value
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
