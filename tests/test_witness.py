@@ -91,6 +91,24 @@ def test_first_layer_extremes_attain_the_interval_bounds() -> None:
     np.testing.assert_allclose(y[5 + np.arange(5), np.arange(5)], bounds.lower, rtol=1e-13)
 
 
+def test_first_layer_extremes_open_only_keeps_every_direction_still_to_show() -> None:
+    """With an observation, only the vertices of unshown signs the bound allows are passed."""
+    rng = np.random.default_rng(3)
+    net = random_network(rng, [6, 40, 2])
+    net.layers[0].bias[:4] = [50.0, -50.0, 50.0, -50.0]  # stably active / inactive neurons
+    box = Box(rng.uniform(-1, 0, 6), rng.uniform(0, 1, 6))
+    obs = observe(net, sample_inputs(box, rng, 16))
+    chosen = first_layer_extremes(net, box, open_only=obs)
+    assert chosen.shape[0] < 80  # the samples showed some signs; the stable ones need none
+    replay = observe(net, chosen, obs)
+    everything = observe(net, first_layer_extremes(net, box), observe(net, obs.witnesses))
+    for mine, full in zip(
+        replay.seen_pos + replay.seen_neg, everything.seen_pos + everything.seen_neg
+    ):
+        np.testing.assert_array_equal(mine[:40] if mine.size == 40 else mine, full)
+    assert not replay.seen_pos[0][1] and not replay.seen_neg[0][0]
+
+
 def _needle_network(n: int, rng: np.random.Generator) -> tuple[Network, Box, np.ndarray]:
     """Layer-1 neuron 0 is positive only within 1e-3 of one box vertex; neuron 1 only negative there.
 

@@ -129,20 +129,50 @@ def sample_inputs(box: Box, rng: np.random.Generator, n: int) -> np.ndarray:
     return np.concatenate(parts)[:n]
 
 
-def first_layer_extremes(net: Network, box: Box) -> np.ndarray:
+def first_layer_extremes(
+    net: Network, box: Box, open_only: Observation | None = None
+) -> np.ndarray:
     """The vertices where each first-layer pre-activation attains its max and its min.
 
     ``y_i = W_i x + b_i`` is linear, so over a box its maximum sits at ``where(W_i > 0, hi, lo)`` and
     its minimum at the opposite vertex. Forward-passing them decides every first-layer direction
     that interval arithmetic leaves open: first-layer neurons never need a solver.
 
+    Parameters
+    ----------
+    open_only : with an observation, only the vertices of the directions it has not shown yet
+        and whose extreme can show the sign (``max y_i > 0`` for the maximising vertex,
+        ``min y_i < 0`` for the minimising one, by the exact interval bound of the linear
+        layer). Each vertex is a whole forward pass: on a CNN, whose first layer has thousands
+        of neurons (positions x channels) and whose passes cost millions of MACs, passing
+        every vertex would cost more than all the sampling.
+
     Returns
     -------
-    ``(2 * n_0, n_in)``: the maximising vertices of all neurons, then the minimising ones.
+    ``(m, n_in)``: the maximising vertices, then the minimising ones (``m = 2 * n_0`` without
+    ``open_only``).
     """
-    positive = net.layers[0].weight > 0.0
+    layer = net.layers[0]
+    positive = layer.weight > 0.0
     lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
-    return np.concatenate([np.where(positive, hi, lo), np.where(positive, lo, hi)])
+    maximising, minimising = np.arange(layer.out_features), np.arange(layer.out_features)
+    if open_only is not None:
+        centre, radius = (lo + hi) / 2.0, (hi - lo) / 2.0
+        middle = layer.weight @ centre + layer.bias
+        spread = np.abs(layer.weight) @ radius
+        # a vertex is skipped only where the bound excludes the sign by far more than the
+        # interval tier's proof margin (1e-12 of the neuron's scale), so every direction the
+        # interval tier leaves open keeps its vertex
+        peak = float(np.max(np.maximum(np.abs(lo), np.abs(hi)), initial=0.0))
+        slack = 1e-9 * (np.abs(layer.weight).sum(axis=1) * peak + np.abs(layer.bias))
+        maximising = np.flatnonzero(~open_only.seen_pos[0] & (middle + spread > -slack))
+        minimising = np.flatnonzero(~open_only.seen_neg[0] & (middle - spread < slack))
+    return np.concatenate(
+        [
+            np.where(positive[maximising], hi, lo),
+            np.where(positive[minimising], lo, hi),
+        ]
+    )
 
 
 def best_points(

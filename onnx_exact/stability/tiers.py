@@ -44,7 +44,8 @@ TierFunction = Callable[[Analysis, int, float], None]
 
 # ----------------------------------------------------------------- whole-network steps
 def collect_witnesses(analysis: Analysis, user_inputs: np.ndarray | None, sample: bool) -> None:
-    """Witness tier: user inputs, then first-layer extreme vertices and sampling rounds.
+    """Witness tier: user inputs, sampling rounds, then the first-layer extreme vertices that
+    the samples left needed (:func:`first_layer_extremes` with ``open_only``).
 
     The sample budget is ``SAMPLE_MACS`` multiply-accumulates (clipped to ``SAMPLE_MIN ..
     SAMPLE_MAX`` points), in rounds of ``SAMPLE_ROUND``; two rounds without a new sign end it:
@@ -55,7 +56,6 @@ def collect_witnesses(analysis: Analysis, user_inputs: np.ndarray | None, sample
             analysis.see(user_inputs, Tier.WITNESS)
         if not sample:
             return
-        analysis.see(first_layer_extremes(analysis.net, analysis.box), Tier.WITNESS)
         budget = int(
             np.clip(
                 policy.SAMPLE_MACS / max(analysis.net.mac_count, 1),
@@ -74,6 +74,9 @@ def collect_witnesses(analysis: Analysis, user_inputs: np.ndarray | None, sample
             after = sum(int(s.sum()) for s in obs.seen_pos + obs.seen_neg)
             if after == before and done >= 2 * policy.SAMPLE_ROUND:
                 break
+        extremes = first_layer_extremes(analysis.net, analysis.box, open_only=analysis.obs)
+        if extremes.size:
+            analysis.see(extremes, Tier.WITNESS)
 
 
 def interval(analysis: Analysis) -> None:
