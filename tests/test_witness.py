@@ -102,10 +102,9 @@ def test_first_layer_extremes_open_only_keeps_every_direction_still_to_show() ->
     assert chosen.shape[0] < 80  # the samples showed some signs; the stable ones need none
     replay = observe(net, chosen, obs)
     everything = observe(net, first_layer_extremes(net, box), observe(net, obs.witnesses))
-    for mine, full in zip(
-        replay.seen_pos + replay.seen_neg, everything.seen_pos + everything.seen_neg
-    ):
-        np.testing.assert_array_equal(mine[:40] if mine.size == 40 else mine, full)
+    # every first-layer sign some vertex shows, the chosen vertices show
+    np.testing.assert_array_equal(replay.seen_pos[0], everything.seen_pos[0])
+    np.testing.assert_array_equal(replay.seen_neg[0], everything.seen_neg[0])
     assert not replay.seen_pos[0][1] and not replay.seen_neg[0][0]
 
 
