@@ -261,6 +261,21 @@ def test_optimised_bounds_enclose_samples_and_beat_crown():
         assert np.sum(upper - lower) < np.sum(crown.upper - crown.lower)
 
 
+def test_optimised_bounds_past_their_deadline_stop_after_one_step_and_stay_sound():
+    """A deadline already passed leaves one evaluated iterate: valid, and no tighter than all."""
+    net = _random_net(12, [6, 20, 20, 2])
+    box = Box(np.zeros(6), np.ones(6))
+    bounds = _interval_bounds(net, box)
+    pre = net.preactivations(_samples(box, 12, 20000))[2]
+    states, neurons = _undecided(net, 2), np.arange(2)
+    full = relu_bab.optimised_bounds(net, box, bounds, states, 2, neurons)
+    hurried = relu_bab.optimised_bounds(net, box, bounds, states, 2, neurons, deadline=0.0)
+    assert np.all(hurried[1] >= pre.max(axis=0) - 1e-9)
+    assert np.all(hurried[0] <= pre.min(axis=0) + 1e-9)
+    assert np.all(hurried[1] >= full[1] - 1e-12) and np.all(hurried[0] <= full[0] + 1e-12)
+    assert np.sum(hurried[1] - hurried[0]) > np.sum(full[1] - full[0])
+
+
 def test_a_supplied_dive_refutes_what_crown_vertices_cannot(step_clock):
     """The witness search beside the branch and bound is whatever callable the caller supplies
     (relu_bab imports no solver): a dive that forward-passes grid points through the book settles

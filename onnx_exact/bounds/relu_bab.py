@@ -324,10 +324,12 @@ def optimise_nodes(
     alpha: np.ndarray,
     multipliers: np.ndarray,
     steps: int,
+    deadline: float = np.inf,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, NodeBounds]:
     """Adam on ``α`` and the bound multipliers of N nodes; returns (best bound, α, multipliers, last).
 
-    Every evaluated iterate is a valid bound, so the best per node is kept. Multiplier steps are
+    Every evaluated iterate is a valid bound, so the best per node is kept, and the loop may stop
+    after any step: at ``deadline`` (``time.monotonic()``) it returns the best bound so far. Multiplier steps are
     scaled per node by the magnitude of the back-substituted coefficients (mean ``|λ|`` at the
     first step): multipliers are in the units of ``λ``, which differ by orders of magnitude
     between networks, while ``α`` is a slope in ``[0, 1]``.
@@ -349,7 +351,7 @@ def optimise_nodes(
             sub, target, offset, phase, alpha, multipliers, gradient=step < steps - 1
         )
         best = np.minimum(best, result.value)
-        if step >= steps - 1:
+        if step >= steps - 1 or time.monotonic() >= deadline:
             break
         if scale is None:
             scale = (result.coefficient_scale + 1e-300)[:, None]
@@ -384,8 +386,12 @@ def optimised_bounds(
     layer: int,
     neurons: np.ndarray,
     steps: int = ROOT_STEPS,
+    deadline: float = np.inf,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """α-CROWN bounds ``(lower, upper)`` on ``y_{layer, neurons}``, and the bounds' input vertices.
+
+    At most ``steps`` optimisation steps, fewer when ``deadline`` passes (the bounds of the steps
+    made are valid: see :func:`optimise_nodes`).
 
     Both signs of every neuron are one batch of root nodes (one target row each) whose lower
     slopes are optimised together, so the whole layer costs a few dozen matrix products instead
@@ -407,6 +413,7 @@ def optimised_bounds(
         np.broadcast_to(sub.initial_alphas(), (rows, sub.count)),
         np.zeros((rows, 2 * sub.neurons)),
         steps,
+        deadline,
     )
     count = neurons.shape[0]
     return -best[count:], best[:count], last.vertex

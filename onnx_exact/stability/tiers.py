@@ -171,7 +171,13 @@ def tighten_previous(analysis: Analysis, k: int) -> None:
 def _optimise_rows(analysis: Analysis, k: int, rows: np.ndarray) -> np.ndarray:
     """Intersect layer k's bounds on ``rows`` with α-CROWN's; return the bounds' vertices."""
     lower, upper, vertices = relu_bab.optimised_bounds(
-        analysis.net, analysis.box, analysis.bounds, analysis.solver_states(k), k, rows
+        analysis.net,
+        analysis.box,
+        analysis.bounds,
+        analysis.solver_states(k),
+        k,
+        rows,
+        deadline=analysis.deadline,
     )
     optimised = analysis.bounds[k].copy()
     optimised.lower[rows], optimised.upper[rows] = lower, upper
