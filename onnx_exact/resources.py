@@ -56,6 +56,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from onnx_exact.bounds import crown, relu_bab
 from onnx_exact.core.errors import ResourceError, UsageError
 from onnx_exact.core.network import Network
@@ -154,7 +156,11 @@ def estimate_peak_memory(
         # The deepest LP (for the last hidden layer) encodes every layer below it: their weight
         # matrices plus the triangle rows (about six more entries per unstable unit).
         deepest = hidden[-1]
-        nonzeros = sum(net.layers[j].weight.size + 6 * widths[j + 1] for j in range(deepest))
+        # (count_nonzero: HiGHS gets no zero entries, and a CNN's materialised conv matrices are
+        # mostly zeros)
+        nonzeros = sum(
+            int(np.count_nonzero(net.layers[j].weight)) + 6 * widths[j + 1] for j in range(deepest)
+        )
         columns = net.in_features + 3 * sum(widths[1 : deepest + 1])
         model = LP_BYTES_PER_NONZERO * nonzeros  # held twice: the relaxation and the MILP
         cut_pool = MILP_BYTES_PER_CUT_ENTRY * MILP_CUT_POOL * columns
