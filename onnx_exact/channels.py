@@ -11,6 +11,14 @@ consumer. Per ReLU layer, from the neuron verdicts:
 - otherwise it is **mixed** (some position unstable, undecided, or stable with the other sign):
   its neuron-level verdicts are reported but cannot change the structure.
 
+A ``Clip(0, c)`` layer (:attr:`DenseLayer.clip`: each unit ``relu(y)`` has a kink neuron
+``relu(y - c)``) has two kinks: its dead channels output exactly 0 (0 lies in ``[0, c]``) and
+go as a Relu's do; its **active** channels are the *linear* ones (every unit ACTIVE and its kink
+INACTIVE: the Clip is the identity there), so a Clip whose every channel is linear is removed
+like an identity Relu; a **saturated** channel (every kink ACTIVE: the constant ``c``) is
+reported, and counted as neither dead nor active. It stays in the graph: folding the constant
+into the consumers' biases is exact only where no consumer pads that channel.
+
 This is also what the analysis's structural focus follows
 (:meth:`onnx_exact.stability.state.Analysis.structural`): once a channel is seen positive at
 some position its other positions are not pursued toward INACTIVE, and once a layer is seen
@@ -41,16 +49,21 @@ def channel_summaries(net: Network, stability: StabilityResult) -> list[ChannelS
     summaries = []
     for k in net.relu_layer_indices:
         layer = net.layers[k]
-        real = layer.real  # auxiliary neurons (residual CNNs) are no units: never counted
+        real = layer.real  # auxiliary neurons (residual CNNs, kinks) are no units: never counted
         states = stability.layers[k].states[real]
         conv = layer.channels is not None
         channel = layer.channels[real] if conv else np.arange(states.shape[0])
         count = int(channel.max()) + 1 if channel.size else 0
         neurons = np.bincount(channel, minlength=count)
-        dead = np.bincount(channel, states == NeuronState.INACTIVE, count) == neurons
-        active = np.bincount(channel, states == NeuronState.ACTIVE, count) == neurons
+        active = states == NeuronState.ACTIVE
+        saturated = np.zeros(states.shape[0], dtype=bool)
+        if layer.clip is not None:  # linear: below the kink at c too; saturated: above it
+            kinks = stability.layers[k].states[layer.kinks]
+            saturated = kinks == NeuronState.ACTIVE
+            active &= kinks == NeuronState.INACTIVE
         present = neurons > 0
-        dead, active = dead & present, active & present
+        flags = np.stack([states == NeuronState.INACTIVE, active, saturated])
+        dead, active, saturated = _whole_channels(channel, flags, neurons)
         summaries.append(
             ChannelSummary(
                 count=count,
@@ -58,10 +71,20 @@ def channel_summaries(net: Network, stability: StabilityResult) -> list[ChannelS
                 positions=int(neurons.max()) if count else 0,
                 dead=[int(c) for c in np.flatnonzero(dead)],
                 active=[int(c) for c in np.flatnonzero(active)],
-                mixed=int(np.count_nonzero(present & ~dead & ~active)),
+                mixed=int(np.count_nonzero(present & ~dead & ~active & ~saturated)),
+                clip=layer.clip,
+                saturated=[int(c) for c in np.flatnonzero(saturated)],
             )
         )
     return summaries
+
+
+def _whole_channels(channel: np.ndarray, flags: np.ndarray, neurons: np.ndarray) -> np.ndarray:
+    """``(kinds, channels)``: for each row of ``flags`` (per neuron), the channels (present,
+    ``neurons > 0``) whose every neuron is flagged."""
+    count = neurons.shape[0]
+    rows = [np.bincount(channel, row, count) == neurons for row in flags]
+    return np.array(rows).reshape(flags.shape[0], count) & (neurons > 0)
 
 
 def pruning_request(net: Network, report: RunReport) -> tuple[dict[str, list[int]], list[str]]:
@@ -119,7 +142,7 @@ def prune(report: RunReport, read: ReadResult) -> PruneResult:
         summary.removed = sorted(int(c) for c in pruned.removed.get(layer.name, ()))
         summary.kept_reason = pruned.kept.get(layer.name, "")
         if summary.kept_reason:
-            kept = len(summary.dead) - len(summary.removed)
+            kept = len(set(summary.dead) - set(summary.removed))  # removed may hold released
             report.notes.append(
                 f"{layer.name}: {kept} proved-dead channels kept: {summary.kept_reason}"
             )

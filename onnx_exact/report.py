@@ -42,6 +42,11 @@ class ChannelSummary:
     channels the written model no longer has, ``kept_reason`` why proved-dead channels stayed
     (the graph around the ReLU does not allow removing them exactly), ``relu_removed`` whether
     the ReLU itself went (the identity on the box). Indices are the input model's.
+
+    For a ``Clip(0, c)`` layer (``clip`` = c) ``active`` are the channels proved *linear* at
+    every position (the Clip is the identity there: ``relu_removed`` when all are), and
+    ``saturated`` those proved at ``c`` at every position (a constant channel); a dead channel
+    outputs 0 as through a Relu.
     """
 
     count: int
@@ -53,6 +58,8 @@ class ChannelSummary:
     removed: list[int] = field(default_factory=list)
     kept_reason: str = ""
     relu_removed: bool = False
+    clip: float | None = None
+    saturated: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +72,7 @@ class ChannelSummary:
             "removed": self.removed,
             "kept_reason": self.kept_reason,
             "relu_removed": self.relu_removed,
+            **({"clip": self.clip, "saturated": self.saturated} if self.clip is not None else {}),
         }
 
 
@@ -97,6 +105,11 @@ class LayerSummary:
     macs_after: int | None = None
     # CNNs: open on purpose, no open direction of theirs could change the channel structure
     not_pursued: list[int] = field(default_factory=list)
+    # Clip(0, c) layers (c = clip): units proved at c (kink active), proved linear (unit active,
+    # kink inactive); stably_active/stably_inactive keep their ReLU meaning (y >= 0, y <= 0)
+    clip: float | None = None
+    stably_saturated: list[int] = field(default_factory=list)
+    stably_linear: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -117,6 +130,10 @@ class LayerSummary:
             out["channels"] = self.channels.to_json()
             for key in ("params_before", "params_after", "macs_before", "macs_after"):
                 out[key] = getattr(self, key)
+        if self.clip is not None:
+            out["clip"] = self.clip
+            out["stably_saturated"] = self.stably_saturated
+            out["stably_linear"] = self.stably_linear
         return out
 
 
@@ -256,6 +273,13 @@ def summarize_layers(
             stable_proved_by=dict(sorted(proved.items())),
             unstable_shown_by=dict(sorted(shown.items())),
         )
+        kinks = net.layers[k].kinks
+        if kinks.size:  # Clip(0, c): the kink relu(y - c) of unit i is neuron kinks[i]
+            summary.clip = net.layers[k].clip
+            kink_states = ls.states[kinks]
+            summary.stably_saturated = idx(NeuronState.ACTIVE, kink_states)
+            linear = (states == NeuronState.ACTIVE) & (kink_states == NeuronState.INACTIVE)
+            summary.stably_linear = [int(i) for i in np.flatnonzero(linear)]
         if reduction is not None:
             lr = reduction.layers[k]
             summary.removed = int(lr.size - len(lr.kept)) if not lr.folded else int(lr.size)
@@ -421,6 +445,9 @@ def _channel_table(report: RunReport) -> Table:
     compress = report.params_after is not None
     table = Table(title="Channels (a conv channel = all its positions)", title_justify="left")
     columns = ["layer", "kind", "channels", "dead", "active", "mixed"]
+    clips = any(layer.channels is not None and layer.channels.clip for layer in report.layers)
+    if clips:  # Clip(0, c) layers: "active" is linear, "saturated" at c
+        columns.insert(5, "saturated")
     if compress:
         columns += ["removed", "ReLU"]
     columns += ["params", "MACs"]
@@ -430,14 +457,17 @@ def _channel_table(report: RunReport) -> Table:
         ch = layer.channels
         if ch is None:
             continue
+        kind = f"conv x{ch.positions}" if ch.conv else "dense"
         row = [
             layer.name,
-            f"conv x{ch.positions}" if ch.conv else "dense",
+            kind if ch.clip is None else f"{kind}, Clip(0, {ch.clip:g})",
             str(ch.count),
             str(len(ch.dead)),
             str(len(ch.active)),
             str(ch.mixed),
         ]
+        if clips:
+            row.insert(5, str(len(ch.saturated)) if ch.clip is not None else "")
         if compress:
             row += [str(len(ch.removed)), "removed" if ch.relu_removed else "kept"]
         row += [

@@ -202,12 +202,14 @@ def conv_layer(
     plant=None,
     bias=True,
     name=None,
+    scale=1.0,
     **attrs,
 ) -> tuple[str, ConvOperator]:
-    """A planted ``Conv`` node and its operator; ``attrs`` are ONNX's (pads, strides, …)."""
+    """A planted ``Conv`` node and its operator; ``attrs`` are ONNX's (pads, strides, …);
+    ``scale`` multiplies the seeded weights (small weights keep a channel's range narrow)."""
     d = len(spatial)
     group = attrs.get("group", 1)
-    kernel = trace.weight(c_out, c_in // group, *(k,) * d)
+    kernel = (trace.weight(c_out, c_in // group, *(k,) * d) * np.float32(scale)).astype(np.float32)
     strides = attrs.get("strides", [1] * d)
     dilations = attrs.get("dilations", [1] * d)
     auto_pad = attrs.get("auto_pad", "NOTSET")
@@ -497,37 +499,6 @@ def resnet_blocks(seed: int = 7) -> CnnFixture:
     return trace.fixture("resnet_blocks", model, lower, upper, shape)
 
 
-def mobilenet_block(seed: int = 5) -> CnnFixture:
-    """A MobileNet-v2 style block with ReLU6 as torch exports it (``Clip`` with min/max from
-    ``Constant`` nodes): 1×1 expand → Clip(0, 6) → depthwise 3×3 → Clip(0, 6) → 1×1 project →
-    GlobalAveragePool → Flatten → Gemm, on ``[batch, 3, 6, 6]`` over [0, 1].
-
-    Planted: expand channel 0 dead, 1 saturated (always 6), 2 active; depthwise channel 4 dead.
-    """
-    shape = (3, 6, 6)
-    lower, upper = np.zeros(108), np.ones(108)
-    trace, g = Trace(lower, upper, seed), GraphBuilder()
-    clip_min, clip_max = g.constant_node(0.0), g.constant_node(6.0)
-    h, _ = conv_layer(
-        trace, g, "input", (6, 6), 3, 6, 1, {0: "dead", 1: "saturated", 2: "active"}, name="expand"
-    )
-    trace.activation("clip_expand", 0.0, 6.0)
-    h = g.node("Clip", [h, clip_min, clip_max], name="clip_expand")
-    h, _ = conv_layer(
-        trace, g, h, (6, 6), 6, 6, 3, {4: "dead"}, name="depthwise", group=6, pads=[1, 1, 1, 1]
-    )
-    trace.activation("clip_dw", 0.0, 6.0)
-    h = g.node("Clip", [h, clip_min, clip_max], name="clip_dw")
-    h, _ = conv_layer(trace, g, h, (6, 6), 6, 4, 1, name="project")
-    trace.linear(AveragePoolOperator.global_pool((4, 6, 6)))
-    h = g.node("GlobalAveragePool", [h])
-    h = g.node("Flatten", [h], axis=1)
-    weight, bias = dense_layer(trace, 4, 3)
-    g.node("Gemm", [h, g.const(weight), g.const(bias)], output="output", transB=1)
-    model = g.model([g.tensor("input", ["batch", *shape])], [g.tensor("output", ["batch", 3])])
-    return trace.fixture("mobilenet_block", model, lower, upper, shape)
-
-
 def pad_pool(seed: int = 6) -> CnnFixture:
     """Explicit padding and pooling ops: ``Pad`` (constant 0.25, spatial) → Conv (VALID) → Relu
     → ``Dropout`` (inference: identity) → Conv (``auto_pad = SAME_UPPER``, stride 2) → Relu →
@@ -567,6 +538,13 @@ def pad_pool(seed: int = 6) -> CnnFixture:
     return trace.fixture("pad_pool", model, lower, upper, shape)
 
 
+def _clip_fixture(name: str) -> CnnFixture:
+    """A ReLU6 fixture of ``cnn_clip_fixtures`` (which builds on this module's helpers)."""
+    import cnn_clip_fixtures
+
+    return getattr(cnn_clip_fixtures, name)()
+
+
 VALID_BUILDERS: dict[str, Callable[[], CnnFixture]] = {
     "torch_legacy_plain": lambda: torch_legacy("plain"),
     "torch_legacy_bn": lambda: torch_legacy("bn"),
@@ -577,14 +555,19 @@ VALID_BUILDERS: dict[str, Callable[[], CnnFixture]] = {
     "matlab_conv1d": matlab_conv1d,
     "residual_block": residual_block,
     "resnet_blocks": resnet_blocks,
-    "mobilenet_block": mobilenet_block,
+    "mobilenet_block": lambda: _clip_fixture("mobilenet_block"),
+    "clip_legacy": lambda: _clip_fixture("clip_legacy"),
+    "clip_tf2onnx": lambda: _clip_fixture("clip_tf2onnx"),
     "pad_pool": pad_pool,
 }
 
 RESIDUAL = ["residual_block", "resnet_blocks"]
 """The valid fixtures with residual joins (ResNet basic blocks)."""
 
-SEQUENTIAL = [name for name in VALID_BUILDERS if name not in (*RESIDUAL, "mobilenet_block")]
+CLIP = ["mobilenet_block", "clip_legacy", "clip_tf2onnx"]
+"""The valid fixtures with ``Clip(0, 6)`` (ReLU6) activations (tested in ``test_cnn_clip``)."""
+
+SEQUENTIAL = [name for name in VALID_BUILDERS if name not in (*RESIDUAL, *CLIP)]
 """The valid fixtures with one data path of supported ops (no residual join, no Clip); the
 reader refuses MaxPool, so :data:`SEQUENTIAL_READ` leaves that one out too."""
 

@@ -3,8 +3,9 @@
 Every valid sequential fixture of ``cnn_fixtures`` and both MNIST CNNs must read into a network
 whose forward pass is onnxruntime's (float32 tolerance) and the fixture's float64 reference (at
 the output and at every ReLU's input, which pins the NCHW flat order), with ``channels`` right;
-the planted channels must come out proved by the stability analysis; the ReLU6 and
-MaxPool fixtures and the bad models must give exit 2 and one line through ``onnx-exact analyze``.
+the planted channels must come out proved by the stability analysis; the ReLU6 fixtures read
+with a kink neuron per unit; the MaxPool fixture and the bad models must give exit 2 and one
+line through ``onnx-exact analyze``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cnn_fixtures import CLIP, VALID_BUILDERS, bad_fixtures, run_onnxruntime
 from cnn_fixtures import SEQUENTIAL_READ as SEQUENTIAL
-from cnn_fixtures import VALID_BUILDERS, bad_fixtures, run_onnxruntime
 from conftest import run_cli
 from exporter_fixtures import GraphBuilder
 
@@ -32,10 +33,7 @@ from onnx_exact.io.graph import Binding
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.stability import analyze_stability
 
-REFUSED = {
-    "mobilenet_block": "Clip (ReLU6) is not supported yet",
-    "torch_legacy_maxpool": "MaxPool is not supported yet",
-}
+REFUSED = {"torch_legacy_maxpool": "MaxPool is not supported yet"}
 LAYOUTS = {"tf2onnx_nhwc": "NHWC", "matlab_conv1d": "NCW"}
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -135,6 +133,37 @@ def test_planted_channels_are_proved_stable(fixture):
                 neurons = states[layer.channels == channel]
             want = NeuronState.INACTIVE if kind == "dead" else NeuronState.ACTIVE
             assert np.all(neurons == want), (name, channel, kind)
+
+
+@pytest.mark.parametrize("name", CLIP)
+def test_relu6_fixtures_read_with_a_kink_neuron_per_unit(name):
+    """``Clip(0, 6)`` in each exporter's form (Constant inputs, opset-10 attributes, tf2onnx's
+    initializer inputs) closes a layer: units ``relu(y)`` (the Clip's input, NCHW channels),
+    then one auxiliary kink ``relu(y - 6)`` per unit; the network is the fixture's reference
+    and onnxruntime's."""
+    fixture = VALID_BUILDERS[name]()
+    read = read_model(fixture.model)
+    network = read.network
+    x = _box_points(fixture.lower, fixture.upper)
+    expected, pre = fixture.reference(x)
+    got = network.forward(x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * max(1.0, np.abs(expected).max()))
+    runtime = run_onnxruntime(fixture.model, x, fixture.input_shape)
+    np.testing.assert_allclose(got, runtime, rtol=0, atol=1e-5 * max(1.0, np.abs(runtime).max()))
+    preactivations = network.preactivations(network.input_map.apply(x))
+    clips = [k for k in network.relu_layer_indices if network.layers[k].clip is not None]
+    assert [network.layers[k].name for k in clips] == [n for n in pre if n != "relu_fc"]
+    for k in clips:
+        layer = network.layers[k]
+        units = pre[layer.name].shape[1]
+        assert layer.clip == 6.0 and layer.kinks.tolist() == list(range(units, 2 * units))
+        assert layer.auxiliary.tolist() == [False] * units + [True] * units
+        np.testing.assert_allclose(preactivations[k][:, :units], pre[layer.name], atol=1e-9)
+        np.testing.assert_allclose(preactivations[k][:, units:], pre[layer.name] - 6.0, atol=1e-9)
+        count = int(layer.channels[:units].max()) + 1
+        np.testing.assert_array_equal(
+            layer.channels[:units], np.repeat(range(count), units // count)
+        )
 
 
 def test_matlab_mean_subtraction_becomes_the_input_map():

@@ -82,6 +82,14 @@ class DenseLayer:
         s_j`` exactly, so the analysis marks them ACTIVE by construction, and they are never
         reported, pursued, counted or pruned. They come after the layer's real neurons; their
         ``channels`` entry is one past the largest real channel. ``None``: no such neuron.
+    clip : float or None
+        ``c > 0`` when the layer is a ``Clip(0, c)`` (ReLU6: ``c = 6``) of the graph, read as
+        ``clip(y, 0, c) = relu(y) - relu(y - c)``: its ``n`` real neurons are the units
+        ``relu(y)``, followed by ``n`` auxiliary *kink* neurons ``relu(y - c)`` (same weight
+        rows, bias ``b - c``; :attr:`kinks`), then any passthrough neurons; the next layer reads
+        the Clip's output through the columns ``[I, -I]`` of units and kinks. A kink is an
+        ordinary ReLU for the bounds (proved INACTIVE: the unit never reaches ``c``; ACTIVE:
+        the unit is saturated at ``c``). ``None``: a Relu layer.
     """
 
     weight: np.ndarray
@@ -90,6 +98,7 @@ class DenseLayer:
     name: str = ""
     channels: np.ndarray | None = None
     auxiliary: np.ndarray | None = None
+    clip: float | None = None
     passthrough: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     """When every auxiliary neuron is a trailing selection row (weight 1 on one input, bias 0):
     the input each one copies, so :meth:`apply` gathers them instead of multiplying (a third
@@ -116,11 +125,21 @@ class DenseLayer:
                     f"layer {self.name!r}: {self.auxiliary.shape[0]} auxiliary flags "
                     f"for {self.bias.shape[0]} neurons"
                 )
+        if self.clip is not None:
+            self.clip = float(self.clip)
+            units = int(self.real.sum())
+            kinks = 0 if self.auxiliary is None else int(self.auxiliary[units : 2 * units].sum())
+            if not (self.clip > 0 and self.relu and kinks == units):
+                raise ValueError(
+                    f"layer {self.name!r}: a Clip(0, {self.clip}) layer needs a ReLU and one "
+                    "auxiliary kink neuron after its units per unit"
+                )
+        if self.auxiliary is not None:
             self.passthrough = self._selection_sources()
 
     def _selection_sources(self) -> np.ndarray | None:
-        """The input each trailing auxiliary row selects, or None if they are not all such."""
-        first = self.out_features - int(self.auxiliary.sum())
+        """The input each auxiliary row after the kinks selects, or None if not all such."""
+        first = int(self.real.sum()) + self.kinks.size
         rows = self.weight[first:]
         if not rows.size or not self.auxiliary[first:].all():
             return None
@@ -151,6 +170,15 @@ class DenseLayer:
         if self.auxiliary is None:
             return np.ones(self.out_features, dtype=bool)
         return ~self.auxiliary
+
+    @property
+    def kinks(self) -> np.ndarray:
+        """Indices of the kink neurons ``relu(y - c)`` of a Clip layer (unit ``i``'s kink is
+        ``kinks[i]``); empty for a Relu layer."""
+        if self.clip is None:
+            return np.zeros(0, dtype=np.int64)
+        units = int(self.real.sum())
+        return np.arange(units, 2 * units)
 
     @property
     def in_features(self) -> int:
@@ -184,6 +212,15 @@ class Network:
                     f"layer {nxt.name!r} expects {nxt.in_features} inputs, "
                     f"layer {prev.name!r} gives {prev.out_features}"
                 )
+
+    @property
+    def kinks(self) -> np.ndarray:
+        """Indices of the kink neurons ``relu(y - c)`` of a Clip layer (unit ``i``'s kink is
+        ``kinks[i]``); empty for a Relu layer."""
+        if self.clip is None:
+            return np.zeros(0, dtype=np.int64)
+        units = int(self.real.sum())
+        return np.arange(units, 2 * units)
 
     @property
     def in_features(self) -> int:
@@ -241,6 +278,7 @@ class Network:
                     layer.name,
                     None if layer.channels is None else layer.channels.copy(),
                     None if layer.auxiliary is None else layer.auxiliary.copy(),
+                    layer.clip,
                 )
                 for layer in self.layers
             ],

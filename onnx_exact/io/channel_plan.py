@@ -19,7 +19,12 @@ import onnx
 from onnx_exact.io.graph import ConstantResolver, all_graphs, node_attr, node_label
 
 PASS_OPS = {"Identity", "Dropout", "Relu"}
-"""Elementwise downstream ops that map a zero slice to a zero slice."""
+"""Elementwise downstream ops that map a zero slice to a zero slice (and a ``Clip`` whose range
+holds 0: :meth:`ChannelPlanner.keeps_zero`)."""
+
+ACTIVATION_OPS = {"Relu", "Clip"}
+"""The activations whose channels are planned: a Relu, or a ``Clip(0, c)`` the CNN reader
+accepted (its dead channels output exactly 0 as well, since 0 lies in ``[0, c]``)."""
 
 POOL_OPS = {"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool"}
 """Per-channel pools over the spatial axes: a zero channel pools to a zero channel."""
@@ -93,11 +98,11 @@ class ChannelPlanner:
     # ------------------------------------------------------------------ lookups
     def relu_index(self, name: str) -> int:
         for i, node in enumerate(self.nodes):
-            if node.op_type == "Relu" and (
+            if node.op_type in ACTIVATION_OPS and (
                 node.name == name or (not node.name and node.output[0] == name)
             ):
                 return i
-        raise ValueError(f"no Relu node named {name!r} in the main graph")
+        raise ValueError(f"no Relu or Clip node named {name!r} in the main graph")
 
     def label(self, index: int) -> str:
         return node_label(index, self.nodes[index])
@@ -182,15 +187,15 @@ class ChannelPlanner:
         if self._cut_chain(chain, core, channels, plan) != 1:
             raise Keep(f"the channels of '{tensor}' are not on axis 1")
         for index in chain:
-            if self.nodes[index].op_type == "Relu":
+            if self.nodes[index].op_type in ACTIVATION_OPS:
                 plan.released.setdefault(index, set()).update(channels)
 
     def _chain(self, tensor: str, release: bool) -> tuple[list[int], int]:
         """The per-channel nodes that compute ``tensor`` from a core (``tensor``'s side first)
-        and the core. With ``release`` (the channels are dropped, not proved 0), Relu, pools and
-        Pad may be on the chain too."""
+        and the core. With ``release`` (the channels are dropped, not proved 0), Relu, Clip,
+        pools and Pad may be on the chain too."""
         chain: list[int] = []
-        allowed = CHAIN_PASS_OPS | ({"Relu", "Pad"} | POOL_OPS if release else set())
+        allowed = CHAIN_PASS_OPS | (ACTIVATION_OPS | {"Pad"} | POOL_OPS if release else set())
         while True:
             self.single_reader(tensor, "the tensor")
             index = self.producer.get(tensor)
@@ -344,7 +349,7 @@ class ChannelPlanner:
             return self._scaled(index, slot, flow, plan)
         if slot != 0:
             raise Keep(f"{label} reads the channels as input {slot}")
-        if op in PASS_OPS:
+        if op in PASS_OPS or (op == "Clip" and self.keeps_zero(index)):
             return Flow(out, flow.shape, flow.axis, flow.dead)
         if op in POOL_OPS or op == "Pad":
             if flow.axis != 0:
@@ -438,6 +443,21 @@ class ChannelPlanner:
                 raise Keep(f"the constant of {label} does not match the channels")
             self.cut(plan, index, other, const_axis, flow.dead)
         return Flow(node.output[0], flow.shape, flow.axis, flow.dead)
+
+    def keeps_zero(self, index: int) -> bool:
+        """Whether ``Clip`` node ``index`` maps 0 to 0: constant bounds (inputs, or attributes
+        before opset 11) with ``min <= 0 <= max``; an absent bound is no bound."""
+        node = self.nodes[index]
+        bounds = []
+        for slot, what, default in ((1, "min", -np.inf), (2, "max", np.inf)):
+            if len(node.input) > slot and node.input[slot]:
+                value = self.constants.value(node.input[slot])
+                if value is None or value.size != 1:
+                    return False
+                bounds.append(float(value.reshape(-1)[0]))
+            else:
+                bounds.append(float(node_attr(node, what, default)))
+        return bounds[0] <= 0.0 <= bounds[1]
 
     def extra_outputs_used(self, index: int) -> bool:
         """Whether an output after the first (BN statistics, MaxPool indices, Dropout mask) is

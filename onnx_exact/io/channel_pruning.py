@@ -38,6 +38,11 @@ members at once. A channel dead in some members only is kept, and ``kept`` says 
 The planning (the graph walks) lives in :mod:`onnx_exact.io.channel_plan` and
 :mod:`onnx_exact.io.channel_stream`; this module applies the plans and tidies the graph.
 
+A ``Clip(0, c)`` (ReLU6) is planned where a Relu is: its dead channels output exactly 0 (0 lies
+in ``[0, c]``), a zero channel passes any Clip whose range holds 0 downstream, and a Clip proved
+the identity on the box (every unit linear: above 0 and below ``c``) is removed like a Relu,
+with its bound constants when nothing else reads them.
+
 A Relu proved the identity on the box (every neuron active) is removed: its readers read its
 input. Value-info entries of every tensor whose shape changed are dropped (shape inference
 restores them); edited initializers keep their name, position and dtype.
@@ -263,14 +268,20 @@ class _Pruner(StreamPlanner):
                 self.nodes[reader].input[slot] = source
         self.removed_nodes.add(index)
         self.reshaped.add(out)
+        self.detached.update(name for name in node.input[1:] if name)  # a Clip's bounds
         return True
 
     def finish(self) -> None:
         """Drop the removed nodes, the constants only the edited nodes read, stale value-info;
         keep the initializer declarations of graph inputs (IR < 4) in step with the initializers."""
         keep = [n for i, n in enumerate(self.nodes) if i not in self.removed_nodes]
+        removed = {id(self.nodes[i]) for i in self.removed_nodes}
         read = self.outputs | {
-            x for sub in all_graphs(self.graph) for n in sub.node for x in n.input
+            x
+            for sub in all_graphs(self.graph)
+            for n in sub.node
+            if id(n) not in removed
+            for x in n.input
         }
         orphans = self.detached - read
         keep = [n for n in keep if not (n.op_type == "Constant" and set(n.output) <= orphans)]

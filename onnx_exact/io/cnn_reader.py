@@ -24,10 +24,12 @@ output; Transpose, Pad and Reshape move the labels with the values; a Gemm/MatMu
 
 Residual blocks (a tensor forked into a ReLU branch and a linear skip that meet at an ``Add``)
 are read by :mod:`onnx_exact.io.cnn_residual`: the skip's source is carried across the branch
-by auxiliary passthrough neurons (:attr:`DenseLayer.auxiliary`), exactly.
+by auxiliary passthrough neurons (:attr:`DenseLayer.auxiliary`), exactly. A ``Clip(0, c)``
+(ReLU6) closes a layer like a Relu, with one auxiliary kink neuron per unit
+(:mod:`onnx_exact.io.cnn_clip`: ``clip(y, 0, c) = relu(y) - relu(y - c)``).
 
 Refused with one line naming the node (this round): other forks and joins (three-way forks,
-nested skips, both paths with ReLUs, ``Concat``), ``MaxPool``, ``Clip``/ReLU6 and other
+nested skips, both paths with ReLUs, ``Concat``), ``MaxPool``, other Clips and other
 activations, a Conv weight computed at run time, a group count that does not divide the
 channels, dynamic spatial dims, and a layer too big to materialise.
 """
@@ -53,6 +55,7 @@ from onnx_exact.core.operators import (
     resolve_auto_pad,
 )
 from onnx_exact.io.affine_chain import AffineChain
+from onnx_exact.io.cnn_clip import ClipChain, clip_maximum, with_kinks
 from onnx_exact.io.cnn_residual import ResidualWalk
 from onnx_exact.io.graph import PathStep, node_attr, node_label
 from onnx_exact.io.node_semantics import GraphWalk
@@ -81,8 +84,9 @@ class CnnBinding:
 
     Attributes
     ----------
-    relu_nodes : the Relu node names, one per ReLU layer, in ``network.relu_layer_indices``
-        order (a nameless Relu is named by its output tensor); ``DenseLayer.name`` is the same.
+    relu_nodes : the Relu (or ``Clip(0, c)``) node names, one per ReLU layer, in
+        ``network.relu_layer_indices`` order (a nameless node is named by its output tensor);
+        ``DenseLayer.name`` is the same.
     input_layout : the input's layout, ``"NCHW"``, ``"NCW"``, ``"NCDHW"``, channels-last
         (``"NHWC"``, ``"NWC"``...) when the path starts with a Transpose moving the last axis to
         position 1, or ``"NC"`` for a flat input.
@@ -251,8 +255,9 @@ class _CnnWalker(ResidualWalk, GraphWalk):
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
             raise self._unsupported(index)
-        if op == "Relu":
-            self._close_layer(index, node.output[0])
+        if op in ("Relu", "Clip"):
+            clip = clip_maximum(self, index) if op == "Clip" else None
+            self._close_layer(index, node.output[0], clip)
             self.path.append(PathStep(index, "relu", len(self.layers) - 1, 0, self.width))
         elif self.is_elementwise_affine(index, current):
             self._elementwise(index, current)
@@ -297,10 +302,6 @@ class _CnnWalker(ResidualWalk, GraphWalk):
         node = self.graph.node[index]
         label = node_label(index, node)
         op = node.op_type
-        if op == "Clip":
-            return self.fail(
-                f"{label}: Clip (ReLU6) is not supported yet; only ReLU activations can be analysed"
-            )
         if op in OTHER_ACTIVATIONS:
             return self.fail(f"{label}: only ReLU activations can be analysed")
         if op == "MaxPool":
@@ -320,8 +321,13 @@ class _CnnWalker(ResidualWalk, GraphWalk):
 
     # ------------------------------------------------------------------ the composed map
     def _start_layer(self) -> None:
-        carried = self.in_branch and self.carry is not None
-        self.chain = self.branch_chain() if carried else AffineChain(self.width)
+        last = self.layers[-1] if self.layers else None
+        if last is not None and last.clip is not None:  # reads relu(y) - relu(y - c)
+            self.chain = ClipChain(last.out_features, int(last.real.sum()))
+        elif self.in_branch and self.carry is not None:
+            self.chain = self.branch_chain()
+        else:
+            self.chain = AffineChain(self.width)
 
     def _apply(self, index: int, op: LinearOperator, role: str) -> None:
         """``state ← op ∘ state`` (after a size check) and the path step."""
@@ -338,8 +344,9 @@ class _CnnWalker(ResidualWalk, GraphWalk):
         self.width = op.n_out
         self.at_input = False
 
-    def _close_layer(self, relu: int | None, tensor: str) -> None:
-        """The composed map becomes a layer (with a ReLU if ``relu`` is a node index)."""
+    def _close_layer(self, relu: int | None, tensor: str, clip: float | None = None) -> None:
+        """The composed map becomes a layer (with a ReLU if ``relu`` is a node index; a
+        ``Clip(0, clip)`` node adds the kink rows after its units)."""
         weight, bias = self.chain.weight(), self.chain.offset
         if relu is not None:
             node = self.graph.node[relu]
@@ -350,9 +357,18 @@ class _CnnWalker(ResidualWalk, GraphWalk):
             raise self.fail(f"layer '{name}': the folded weights overflow to Inf/NaN")
         channels = self.channel if relu is not None else None
         auxiliary = None
+        units = weight.shape[0]
         if self.in_branch:
             weight, bias, channels, auxiliary = self.carry_rows(weight, bias, channels)
-        self.layers.append(DenseLayer(weight, bias, relu is not None, name, channels, auxiliary))
+        if clip is not None:
+            weight, bias, channels, auxiliary = with_kinks(
+                weight, bias, channels, auxiliary, units, clip
+            )
+            if self.in_branch:
+                self.carry = self.carry + units  # the carried rows moved behind the kinks
+        self.layers.append(
+            DenseLayer(weight, bias, relu is not None, name, channels, auxiliary, clip)
+        )
         if relu is not None:
             self.relu_nodes.append(name)
             self.relu_tensors.append(tensor)

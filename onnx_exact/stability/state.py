@@ -88,9 +88,12 @@ class Analysis:
         Such a row (:attr:`DenseLayer.passthrough`) selects one output of the previous layer
         (weight 1, bias 0), which carries a ReLU, so ``y = relu(...) >= 0`` exactly: the ReLU
         is the identity on it. Decided by "linear", so no tier pursues them and no count
-        includes them (as for a layer without ReLU). Other auxiliary rows (the pair
-        ``relu(±s)`` of a skip from a tensor that may be negative) keep their bounds from the
-        bounds pass and are never pursued (:meth:`structural`).
+        includes them (as for a layer without ReLU). The other auxiliary kinds are ordinary
+        ReLUs that keep the verdicts of the bounds pass and witnesses and are never pursued
+        (:meth:`structural`): the pair ``relu(±s)`` of a skip from a tensor that may be
+        negative, and the kinks ``relu(y - c)`` of a ``Clip(0, c)`` layer
+        (:attr:`DenseLayer.kinks`, which may be negative; they come before the passthrough
+        rows).
         """
         layer = self.net.layers[k]
         if k == 0 or not self.net.layers[k - 1].relu or layer.passthrough is None:
@@ -165,8 +168,11 @@ class Analysis:
         channel. So the ``+`` direction of neuron i (proving it INACTIVE) matters only while no
         neuron of its channel is seen positive or proved ACTIVE (or is UNSTABLE), and the ``-``
         directions (proving ACTIVE) only while no neuron of the layer is seen negative or proved
-        INACTIVE. Recomputed at every call, so each new witness narrows it. Auxiliary
-        neurons (:attr:`DenseLayer.auxiliary`, no units of the graph) never can.
+        INACTIVE. A ``Clip(0, c)`` layer is removed only if, besides, every kink is proved
+        INACTIVE (no unit reaches ``c``), so a kink seen positive, proved ACTIVE or unstable
+        also ends its ``-`` directions. Recomputed at every call, so each new witness narrows
+        it. Auxiliary neurons (:attr:`DenseLayer.auxiliary`, no units of the graph: passthrough
+        rows, kinks) never can.
         """
         layer = self.net.layers[k]
         size = layer.out_features
@@ -179,6 +185,9 @@ class Analysis:
         not_dead = self.obs.seen_pos[k] | (states == NeuronState.ACTIVE) | unstable
         blocked = np.bincount(channels, not_dead, int(channels.max()) + 1 if size else 0) > 0
         not_identity = (self.obs.seen_neg[k] | (states == NeuronState.INACTIVE) | unstable) & real
+        kinks = layer.kinks
+        saturating = self.obs.seen_pos[k][kinks] | (states[kinks] == NeuronState.ACTIVE)
+        not_identity[kinks] = saturating | (states[kinks] == NeuronState.UNSTABLE)
         return ~blocked[channels] & real, np.full(size, not not_identity.any()) & real
 
     def not_pursued(self, k: int) -> np.ndarray:

@@ -1,0 +1,262 @@
+"""``Clip(0, c)`` / ReLU6 in CNNs (issue 24): read exactly, analysed, pruned and verified.
+
+The reader writes ``clip(y, 0, 6) = relu(y) - relu(y - 6)``: units ``relu(y)`` and auxiliary
+kink neurons ``relu(y - 6)``. A unit is then stably 0 (dead: its channel goes as a Relu's),
+stably linear (unit ACTIVE, kink INACTIVE: a Clip linear everywhere is removed), stably 6
+(saturated: reported) or unstable. Each fixture is compressed through ``onnx_exact.compress``
+(verified on the written file), then compared with the input model in onnxruntime on box
+samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from cnn_fixtures import CLIP, VALID_BUILDERS, run_onnxruntime
+from conftest import run_cli
+from exporter_fixtures import GraphBuilder
+
+from onnx_exact import AnalysisOptions, DomainSpec, compress
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import DenseLayer
+from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.io.channel_pruning import prune_channels
+from onnx_exact.io.onnx_reader import read_model
+from onnx_exact.stability.state import Analysis
+
+#: Per fixture and Clip: the channels removed, the saturated and linear channels proved, and
+#: whether the Clip goes as the identity. mobilenet_block: ``clip_expand`` channel 0 is dead but
+#: the depthwise Conv's bias makes its group's output a non-zero constant, so it stays; the
+#: depthwise channels 2, 4 and 5 are dead, which releases the same expand channels.
+EXPECTED = {
+    "clip_legacy": {"clip1": ([0], [1], [2], False), "clip2": ([], [], [0, 1, 2, 3], True)},
+    "clip_tf2onnx": {"Relu6": ([1], [3], [0], False), "Relu6_1": ([2, 5], [], None, False)},
+    "mobilenet_block": {
+        "clip_expand": ([2, 4, 5], [1], [2], False),
+        "clip_dw": ([2, 4, 5], [], None, False),
+    },
+}
+
+
+def _samples(fixture, count: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(5)
+    x = fixture.lower + (fixture.upper - fixture.lower) * rng.random((count, fixture.lower.size))
+    corners = np.where(rng.random((count // 2, x.shape[1])) < 0.5, fixture.lower, fixture.upper)
+    return np.vstack([x, corners])
+
+
+@pytest.mark.parametrize("name", CLIP)
+def test_relu6_cnns_lose_dead_channels_and_linear_clips_and_verify(name):
+    fixture = VALID_BUILDERS[name]()
+    result = compress(
+        fixture.model,
+        None,
+        DomainSpec(lower=fixture.lower, upper=fixture.upper),
+        AnalysisOptions(time_limit=10, jobs=1),
+    )
+    report = result.report
+    assert report.passed and report.params_after < report.params_before
+    by_name = {layer.name: layer for layer in report.layers}
+    for clip, (removed, saturated, linear, gone) in EXPECTED[name].items():
+        layer = by_name[clip]
+        channels = layer.channels
+        assert layer.clip == channels.clip == 6.0
+        assert channels.removed == removed, (clip, channels)
+        assert channels.saturated == saturated, (clip, channels)
+        if linear is not None:
+            assert channels.active == linear, (clip, channels)
+        assert channels.relu_removed == gone
+        positions = channels.positions
+        assert len(layer.stably_saturated) >= positions * len(saturated)
+        assert len(layer.stably_linear) >= positions * len(channels.active)
+        assert set(layer.stably_saturated) <= set(layer.stably_active)  # y >= 6 >= 0
+        planted = fixture.planted.get(clip, {})
+        assert {c for c, kind in planted.items() if kind == "saturated"} == set(saturated)
+        doc = layer.to_json()
+        assert doc["clip"] == 6.0 and doc["channels"]["saturated"] == saturated
+    clips = {n.name for n in result.model.graph.node if n.op_type == "Clip"}
+    assert clips == {clip for clip, spec in EXPECTED[name].items() if not spec[3]}
+    onnx.checker.check_model(result.model, full_check=True)
+    x = _samples(fixture)
+    np.testing.assert_allclose(
+        run_onnxruntime(result.model, x, fixture.input_shape),
+        run_onnxruntime(fixture.model, x, fixture.input_shape),
+        rtol=0,
+        atol=1e-5,
+    )
+
+
+def test_a_removed_clip_takes_its_unshared_bound_constants_along():
+    """The tf2onnx fixture's two Clips share their ``min``/``max`` initializers: removing one
+    keeps them, removing both drops them (the pruner trusts the caller's ``linear``)."""
+    model = VALID_BUILDERS["clip_tf2onnx"]().model
+    bounds = set(model.graph.node[[n.name for n in model.graph.node].index("Relu6")].input[1:])
+    one = prune_channels(model, {}, ["Relu6"]).model
+    assert bounds <= {t.name for t in one.graph.initializer}
+    both = prune_channels(model, {}, ["Relu6", "Relu6_1"])
+    assert both.removed_relus == ["Relu6", "Relu6_1"]
+    assert not bounds & {t.name for t in both.model.graph.initializer}
+    assert "Clip" not in {n.op_type for n in both.model.graph.node}
+    onnx.checker.check_model(both.model, full_check=True)
+
+
+def _zero_passing_model(low: float) -> onnx.ModelProto:
+    """``Conv → Relu → Clip(low, 6) → Conv → Flatten → Gemm``: the Relu's dead channel passes
+    the Clip as zeros only when ``low <= 0``."""
+    rng = np.random.default_rng(3)
+    g = GraphBuilder()
+    bias = np.array([-50.0, 0.1, 0.2], np.float32)
+    h = g.node("Conv", ["input", g.const(rng.normal(size=(3, 2, 1, 1)).astype(np.float32)),
+                        g.const(bias)], kernel_shape=[1, 1])  # fmt: skip
+    h = g.node("Relu", [h], name="relu")
+    h = g.node("Clip", [h, g.const(np.float32(low)), g.const(np.float32(6.0))], name="clip")
+    h = g.node("Conv", [h, g.const(rng.normal(size=(2, 3, 1, 1)).astype(np.float32))],
+               kernel_shape=[1, 1])  # fmt: skip
+    h = g.node("Flatten", [h], axis=1)
+    g.node("Gemm", [h, g.const(rng.normal(size=(2, 8)).astype(np.float32))], output="out",
+           transB=1)  # fmt: skip
+    return g.model([g.tensor("input", ["n", 2, 2, 2])], [g.tensor("out", ["n", 2])], opset=13)
+
+
+@pytest.mark.parametrize("low, passes", [(0.0, True), (-1.0, True), (0.5, False)])
+def test_a_dead_channel_passes_a_downstream_clip_whose_range_holds_zero(low, passes):
+    model = _zero_passing_model(low)
+    result = prune_channels(model, {"relu": [0]})
+    if passes:
+        assert result.removed == {"relu": [0]} and result.kept == {}
+        x = np.random.default_rng(0).random((16, 8))
+        np.testing.assert_allclose(
+            run_onnxruntime(result.model, x, (2, 2, 2)),
+            run_onnxruntime(model, x, (2, 2, 2)),
+            atol=1e-5,
+        )
+    else:
+        assert result.removed == {} and "clip" in result.kept["relu"]
+
+
+def _clip_model(inputs: int, **attrs) -> onnx.ModelProto:
+    """``Conv → Clip(...) → Flatten → Gemm``; ``inputs`` bound inputs (min, max) or attributes."""
+    g = GraphBuilder()
+    h = g.node("Conv", ["input", g.const(np.ones((2, 1, 1, 1), np.float32))], kernel_shape=[1, 1])
+    bounds = [g.const(np.float32(v)) for v in (attrs.pop("low", 0.0), attrs.pop("high", 6.0))]
+    h = g.node("Clip", [h, *bounds[:inputs]], name="bad_clip", **attrs)
+    h = g.node("Flatten", [h], axis=1)
+    weight, bias = g.const(np.ones((1, 8), np.float32)), g.const(np.zeros(1, np.float32))
+    g.node("Gemm", [h, weight, bias], output="out", transB=1)
+    opset = 13 if inputs or not attrs else 10
+    return g.model([g.tensor("input", ["n", 1, 2, 2])], [g.tensor("out", ["n", 1])], opset=opset)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (lambda: _clip_model(2, low=-1.0), "Clip(min -1, max 6) is not supported"),
+        (lambda: _clip_model(1), "Clip(min 0, max none) is not supported"),
+        (lambda: _clip_model(2, high=-2.0), "Clip(min 0, max -2) is not supported"),
+        (lambda: _clip_model(0, min=0.5, max=6.0), "Clip(min 0.5, max 6) is not supported"),
+    ],
+    ids=["negative_min", "no_max", "negative_max", "attribute_min"],
+)
+def test_other_clips_exit_2_with_one_line_naming_the_node(model, message, tmp_path):
+    path = tmp_path / "clip.onnx"
+    onnx.save(model(), path)
+    code, out, err = run_cli(["analyze", path, "--input-range", "[0,1]", "--jobs", "1"])
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith("onnx-exact: error: ") and "node 'bad_clip' (Clip)" in lines[0]
+    assert message in lines[0] and str(path) in lines[0]
+
+
+def test_a_clip_layer_orders_units_kinks_then_passthrough_rows():
+    """Units, kinks (auxiliary, not selection rows), then passthrough selection rows: only the
+    latter are :attr:`DenseLayer.passthrough`; a copy keeps ``clip``."""
+    weight = np.array([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0]])
+    layer = DenseLayer(weight, [0.5, -5.5, 0.0], True, "clip", auxiliary=[0, 1, 1], clip=6.0)
+    assert layer.kinks.tolist() == [1] and layer.passthrough.tolist() == [1]
+    h = np.array([[1.0, 3.0]])
+    assert layer.apply(h).tolist() == [[7.5, 1.5, 3.0]]
+    with pytest.raises(ValueError, match="kink"):
+        DenseLayer(weight, [0.5, -5.5, 0.0], True, "clip", auxiliary=[0, 0, 1], clip=6.0)
+
+
+def test_a_kink_seen_positive_ends_the_proofs_that_the_clip_is_the_identity():
+    """Under the structural focus the ``-`` directions of a Clip layer's units (toward
+    ACTIVE) matter only while no kink can be positive: a Clip stays unless every unit is
+    linear. Kinks are never pursued themselves."""
+    fixture = VALID_BUILDERS["clip_legacy"]()
+    net = read_model(fixture.model).network
+    box = Box(fixture.lower, fixture.upper, net.input_name, "test").to_network(net.input_map)
+    analysis = Analysis(net, box, np.inf, 0, 1, None)
+    analysis.focused = True
+    k = net.relu_layer_indices[1]
+    kinks = net.layers[k].kinks
+    _, minus = analysis.structural(k)
+    assert minus[: kinks[0]].all() and not minus[kinks].any()
+    analysis.obs.seen_pos[k][kinks[3]] = True
+    plus, minus = analysis.structural(k)
+    assert not minus.any() and not plus[kinks].any() and plus[: kinks[0]].all()
+    analysis.obs.seen_pos[k][kinks[3]] = False
+    analysis.states[k][kinks[0]] = NeuronState.ACTIVE
+    assert not analysis.structural(k)[1].any()
+
+
+def _inverted_residual(fork_after_clip: bool) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """A MobileNet-v2 inverted residual block: ``stem Conv [→ Clip]`` forks into ``1×1 expand →
+    Clip → depthwise 3×3 → Clip → 1×1 project`` and the identity skip, joined by ``Add``, then
+    ``GlobalAveragePool → Flatten → Gemm``; expand channel 1 is dead (bias −50)."""
+    rng = np.random.default_rng(12)
+    g = GraphBuilder()
+    six = g.const(np.float32(6.0))
+    zero = g.const(np.float32(0.0))
+
+    def conv(x, c_out, c_in, k, bias=None, **attrs):
+        kernel = (rng.normal(size=(c_out, c_in, k, k)) / np.sqrt(c_in * k * k)).astype(np.float32)
+        b = rng.normal(0, 0.3, size=c_out).astype(np.float32) if bias is None else bias
+        return g.node("Conv", [x, g.const(kernel), g.const(b)], kernel_shape=[k, k], **attrs)
+
+    h = conv("input", 3, 2, 3, pads=[1, 1, 1, 1])
+    if fork_after_clip:
+        h = g.node("Clip", [h, zero, six], name="clip_stem")
+    expand_bias = np.array([0.5, -50.0, 1.0, 2.0, 0.1, 0.3], np.float32)
+    b = conv(h, 6, 3, 1, bias=expand_bias)
+    b = g.node("Clip", [b, zero, six], name="clip_expand")
+    b = conv(b, 6, 1, 3, group=6, pads=[1, 1, 1, 1])
+    b = g.node("Clip", [b, zero, six], name="clip_dw")
+    b = conv(b, 3, 6, 1)
+    h = g.node("Add", [b, h])
+    h = g.node("GlobalAveragePool", [h])
+    h = g.node("Flatten", [h], axis=1)
+    g.node("Gemm", [h, g.const(rng.normal(size=(2, 3)).astype(np.float32))], output="out",
+           transB=1)  # fmt: skip
+    shape = (2, 5, 5)
+    model = g.model([g.tensor("input", ["n", *shape])], [g.tensor("out", ["n", 2])], opset=13)
+    return model, shape
+
+
+@pytest.mark.parametrize("fork_after_clip", [True, False], ids=["clip_fork", "conv_fork"])
+def test_clips_inside_a_residual_branch_read_and_prune_exactly(fork_after_clip):
+    """The skip source (a Clip output, or a Conv output) is carried across the branch's Clip
+    layers (after their kinks) in the pair form; the network is onnxruntime's, and the dead
+    expand channel goes from the compressed model, which verifies."""
+    model, shape = _inverted_residual(fork_after_clip)
+    n = int(np.prod(shape))
+    x = np.random.default_rng(1).uniform(-1, 1, (40, n))
+    net = read_model(model).network
+    np.testing.assert_allclose(net.forward(x), run_onnxruntime(model, x, shape), atol=1e-5)
+    expand = next(layer for layer in net.layers if layer.name == "clip_expand")
+    units = int(expand.real.sum())
+    assert expand.kinks.tolist() == list(range(units, 2 * units))
+    assert expand.auxiliary[2 * units :].all() and expand.out_features > 2 * units
+    result = compress(
+        model,
+        None,
+        DomainSpec(lower=-np.ones(n), upper=np.ones(n)),
+        AnalysisOptions(time_limit=10, jobs=1),
+    )
+    assert result.report.passed
+    layer = next(layer for layer in result.report.layers if layer.name == "clip_expand")
+    assert 1 in layer.channels.dead and 1 in layer.channels.removed
+    np.testing.assert_allclose(
+        run_onnxruntime(result.model, x, shape), run_onnxruntime(model, x, shape), atol=1e-5
+    )
