@@ -25,6 +25,7 @@ from onnx_exact.equivalence.correspondence import quick_stability
 from onnx_exact.equivalence.proof import Counterexample
 from onnx_exact.equivalence.prover import ProgressCallback, Replay, prove_equivalence
 from onnx_exact.equivalence.results import CheckReport, ProofResult
+from onnx_exact.equivalence.structural import Alignment, align
 from onnx_exact.io.domain_sources import InputLayout, model_input_dims
 from onnx_exact.io.graph import output_names
 from onnx_exact.io.onnx_reader import ModelSource, ReadResult, read_model
@@ -152,13 +153,20 @@ def check_equivalence(
     readable = read_a is not None and read_b is not None
     stabilities: list[StabilityResult | None] = [stability_a, None]
     witnesses = [np.zeros((0, box.size))]
+    alignment = None
     if readable:
-        for index, read in enumerate((read_a, read_b)):
+        sizes = (read_a.network.in_features, read_b.network.in_features)
+        if prove and sizes == (box.size, box.size):
+            # B being A with units removed needs only A's verdicts on those units (structural).
+            alignment = align(read_a.network, read_b.network)
+        targets = None if alignment is None else alignment.targets()
+        reads = (read_a,) if alignment is not None else (read_a, read_b)
+        for index, read in enumerate(reads):
             net = read.network
             if net.in_features != box.size:
                 break
             if stabilities[index] is None:
-                stabilities[index] = quick_stability(net, box, seed)
+                stabilities[index] = quick_stability(net, box, seed, targets=targets)
             witnesses.append(_raw_witnesses(net, box, stabilities[index]))
     timings["analysis"] = time.monotonic() - stage
 
@@ -175,7 +183,7 @@ def check_equivalence(
         remaining = None if time_limit is None else max(time_limit - (stage - started), 1e-3)
         proof = _prove_models(
             read_a, read_b, why_a or why_b, box, atol, sampled, extra, stabilities, remaining,
-            seed, jobs, progress,
+            seed, jobs, progress, alignment,
         )  # fmt: skip
         timings["proof"] = time.monotonic() - stage
         if proof.proved and not sampled.passed:
@@ -200,6 +208,7 @@ def _prove_models(
     seed: int,
     jobs: int,
     progress: ProgressCallback | None,
+    alignment: Alignment | None = None,
 ) -> ProofResult:
     """The proof on two read models: tolerance, replay in onnxruntime, notes about tails."""
     if read_a is None or read_b is None:
@@ -237,6 +246,7 @@ def _prove_models(
         seed=seed,
         jobs=jobs,
         progress=progress,
+        alignment=alignment,
     )
     result.output_tensor = end_a
     result.notes = notes + result.notes

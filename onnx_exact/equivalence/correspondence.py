@@ -50,7 +50,7 @@ from onnx_exact.core.verdicts import LayerStability, NeuronState, StabilityResul
 from onnx_exact.equivalence.canonical import Canonical
 from onnx_exact.search.witness import first_layer_extremes, observe, sample_inputs
 from onnx_exact.solvers import exact_tiers, lp_relaxation
-from onnx_exact.stability.policy import FLOAT_MARGIN, neuron_scale, solver_margins
+from onnx_exact.stability.policy import FLOAT_MARGIN, float_margins, neuron_scale, solver_margins
 from onnx_exact.stability.tiers import lp_dive_for
 
 METHODS = ("matched", "stable-units", "milp")
@@ -173,7 +173,9 @@ QUICK_SAMPLES = 2048
 """Box points forward-passed by :func:`quick_stability` (centre, uniform, Bernoulli corners)."""
 
 
-def quick_stability(net: Network, box: Box, seed: int = 0) -> StabilityResult:
+def quick_stability(
+    net: Network, box: Box, seed: int = 0, targets: dict[int, np.ndarray] | None = None
+) -> StabilityResult:
     """The verdicts a proof starts from, in bounded time: bounds and forward passes only.
 
     Interval bounds through every layer, CROWN (:func:`onnx_exact.bounds.crown.symbolic_bounds`) on
@@ -185,7 +187,11 @@ def quick_stability(net: Network, box: Box, seed: int = 0) -> StabilityResult:
     full analysis, no ascent or solver runs (its time grows with the load, not with need).
 
     ``box`` is the raw box; the result is over ``net``'s input space like
-    :func:`onnx_exact.stability.analyze_stability`'s.
+    :func:`onnx_exact.stability.analyze_stability`'s. With ``targets`` (units per layer that the
+    proof needs decided, e.g. :meth:`onnx_exact.equivalence.structural.Alignment.targets`), CROWN
+    runs only up to the deepest layer where a target is still open after interval arithmetic, and
+    there only on those targets: the layers below need CROWN for tight ReLU relaxations, the
+    layers above nothing (they keep their interval bounds, which are sound).
     """
     box_net = box.to_network(net.input_map)
     bounds = interval_bounds(net, box_net)
@@ -193,6 +199,19 @@ def quick_stability(net: Network, box: Box, seed: int = 0) -> StabilityResult:
     for k in range(1, len(net.layers)):
         current = bounds[k]
         rows = np.flatnonzero((current.lower < 0.0) & (current.upper > 0.0))
+        if targets is not None:
+            deepest = max(
+                (
+                    j
+                    for j, units in targets.items()
+                    if j >= k and _open(net, box_net, bounds, j, units)
+                ),
+                default=-1,
+            )
+            if deepest < k:
+                break
+            if deepest == k:
+                rows = np.intersect1d(rows, targets[k])
         if not net.layers[k].relu or not rows.size:
             continue
         bounds[k], corners = symbolic_bounds(net, box_net, bounds, k, rows)
@@ -219,6 +238,13 @@ def quick_stability(net: Network, box: Box, seed: int = 0) -> StabilityResult:
                 states[mask], decided_by[mask] = state, "interval" if k == 0 else "symbolic"
         layers.append(LayerStability(k, layer.name, states, decided_by, lower, upper))
     return StabilityResult(layers, seen.witnesses)
+
+
+def _open(net: Network, box: Box, bounds: list[LayerBounds], k: int, units: np.ndarray) -> bool:
+    """Some of ``units`` of layer ``k`` is not stable by its bounds and the float64 margin."""
+    margin = float_margins(net, box, bounds, k)[units]
+    current = bounds[k]
+    return bool(np.any((current.lower[units] < margin) & (current.upper[units] > -margin)))
 
 
 def prove_units_stable(

@@ -56,6 +56,12 @@ from onnx_exact.equivalence.correspondence import (
 )
 from onnx_exact.equivalence.proof import Counterexample, DirectionBound, milp_tier
 from onnx_exact.equivalence.results import ProofResult
+from onnx_exact.equivalence.structural import (
+    TARGETED_SHARE,
+    Alignment,
+    align,
+    prove_structurally,
+)
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: "matched" and "stable-units" report the directions proved so
@@ -65,10 +71,6 @@ Replay = Callable[[np.ndarray, int], tuple[float, bool, str]]
 """``replay(x_raw, coordinate) -> (onnxruntime |f_A - f_B|, exceeds tol, which value that is)``:
 at ``coordinate`` of the end tensor when it is a graph output, else the largest over the graph
 outputs after the tail; ``exceeds`` is whether any compared value is beyond its tolerance."""
-
-TARGETED_SHARE = 0.5
-"""Fraction of the remaining time the targeted stability analyses (tier 2) may use; the rest is
-the MILP's."""
 
 
 def _analysis(net: Network, box: Box, given: StabilityResult | None, seed: int) -> StabilityResult:
@@ -94,6 +96,7 @@ def prove_equivalence(
     seed: int = 0,
     jobs: int = 1,
     progress: ProgressCallback | None = None,
+    alignment: Alignment | None = None,
 ) -> ProofResult:
     """Prove ``max_x |f_A(x) - f_B(x)| <= tol`` over the raw box, or find a violating input.
 
@@ -113,6 +116,8 @@ def prove_equivalence(
     seed : seed of the stability analyses' sampling.
     jobs : worker processes of the targeted stability analyses and the per-direction MILPs.
     progress : optional :data:`ProgressCallback`, called after each method.
+    alignment : the structural correspondence of ``B`` to ``A`` when the caller has it
+        (:func:`onnx_exact.equivalence.structural.align`, which runs here otherwise).
 
     Returns
     -------
@@ -137,6 +142,17 @@ def prove_equivalence(
                 f"{net_b.out_features})"
             ],
         )
+    if alignment is None:
+        alignment = align(net_a, net_b)
+    if alignment is not None:
+        structural, stability_a = prove_structurally(
+            net_a, net_b, box, tol, alignment, stability_a, deadline, seed=seed, jobs=jobs
+        )
+        if structural is not None:
+            structural.best_difference = _largest_difference(net_a, net_b, box, start_points)
+            structural.time_s = time.monotonic() - started
+            _report(progress, structural.tiers[0], structural.directions)
+            return structural
     timings: dict[str, float] = {}
     stage = time.monotonic()
     stabilities = [
@@ -252,6 +268,22 @@ def prove_equivalence(
     result.timings_s = timings
     result.time_s = time.monotonic() - started
     return result
+
+
+STRUCTURAL_PROBES = 16
+"""Inputs (the centre, then the first start points) at which a structural proof reports the
+float64 difference seen: a forward pass of a big CNN is costly, and the proof needs none."""
+
+
+def _largest_difference(
+    net_a: Network, net_b: Network, box: Box, start_points: np.ndarray | None
+) -> float:
+    """``max |f_A - f_B|`` in float64 at the box centre and the first start points."""
+    points = [box.center[None, :]]
+    if start_points is not None and np.size(start_points):
+        points.append(np.clip(np.atleast_2d(start_points), box.lower, box.upper))
+    probe = np.concatenate(points)[:STRUCTURAL_PROBES]
+    return float(np.abs(net_a.forward(probe) - net_b.forward(probe)).max(initial=0.0))
 
 
 def _report(progress: ProgressCallback | None, phase: str, directions: list) -> None:

@@ -1,0 +1,256 @@
+"""The structural correspondence: ``B`` is ``A`` with units removed, nothing else changed.
+
+A compressor that prunes (onnx-exact's channel pruning, onnxsim's ``stable_relu_prune``) writes
+``B`` from ``A`` by deleting hidden units: a dead unit's row of its layer and its column of the
+next. Every weight ``B`` keeps is a stored weight of ``A``, so the two read networks have the same
+layers, and each row of ``B``'s layer ``k`` is *bit for bit* a row of ``A``'s layer ``k``
+restricted to the columns of the units ``B`` kept in layer ``k - 1``. :func:`align` recovers that
+map from the weights alone (no stability analysis, no dense product): per layer ``rows[i]``, the
+unit of ``A`` that unit ``i`` of ``B`` is.
+
+The proof it gives, by induction over the layers: suppose ``h^B_{k-1} = h^A_{k-1}[rows_{k-1}]``
+for every ``x`` of the box and every unit of ``A`` outside ``rows_{k-1}`` has ``h = 0`` there.
+Then ``y^A_k = W^A_k[:, rows_{k-1}] h^B_{k-1} + b^A_k``, and a row with ``W^B_k[i] =
+W^A_k[rows_k[i], rows_{k-1}]`` and ``b^B_k[i] = b^A_k[rows_k[i]]`` (exact float64 equality) gives
+``y^B_k[i] = y^A_k[rows_k[i]]``: the same real number, so ``h`` is equal too. The induction
+carries on when every *removed* unit of ``A``'s layer ``k`` (a ReLU layer) has ``h = 0`` on the
+box: a row whose kept weights are all zero and whose bias is ``<= 0`` by construction (``y = b``;
+a passthrough neuron of a removed channel), every other one by a proof that it is INACTIVE
+(:meth:`Alignment.targets`, proved by the stability engine's bounds and exact tiers on ``A``).
+The output layer must keep every row in place. Then ``f_A = f_B`` exactly on the box: the bound
+of every output direction is 0, with no canonical form, no round-off term and no MILP.
+
+Anything else — a permuted or rescaled unit, a folded BatchNormalization, a merged layer (a ReLU
+proved the identity and removed), a different preprocessing — makes :func:`align` return None and
+the proof falls back to the canonical walk (:mod:`onnx_exact.equivalence.canonical`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import Network
+from onnx_exact.core.verdicts import NeuronState, StabilityResult
+from onnx_exact.equivalence.correspondence import (
+    Correspondence,
+    LayerMatch,
+    prove_units_stable,
+    quick_stability,
+)
+from onnx_exact.equivalence.proof import DirectionBound
+from onnx_exact.equivalence.results import ProofResult
+
+TARGETED_SHARE = 0.5
+"""Fraction of the remaining time the exact tiers may spend on targets the bounds left open (the
+rest stays for the canonical proof a failure falls back to)."""
+
+HASH_BLOCK_ENTRIES = 1 << 21
+"""Weight entries gathered at once while hashing rows (16 MiB of float64): bounds the memory of
+:func:`align` whatever the layer's size."""
+
+
+@dataclass
+class LayerAlignment:
+    """Layer ``layer`` of both networks: ``rows[i]`` is the unit of ``A`` that unit ``i`` of ``B``
+    is; ``removed`` the units of ``A`` without a counterpart, ``zero`` those of them whose row on
+    the kept inputs is 0 with bias ``<= 0`` (dead by construction)."""
+
+    layer: int
+    rows: np.ndarray
+    removed: np.ndarray
+    zero: np.ndarray
+
+    @property
+    def targets(self) -> np.ndarray:
+        """The removed units that need a proof of being INACTIVE."""
+        return self.removed[~self.zero]
+
+
+@dataclass
+class Alignment:
+    """Every layer's :class:`LayerAlignment` (see the module docstring)."""
+
+    layers: list[LayerAlignment]
+
+    def targets(self) -> dict[int, np.ndarray]:
+        """Per layer of ``A``, the removed units that must be proved INACTIVE."""
+        return {a.layer: a.targets for a in self.layers if a.targets.size}
+
+    def unproved(self, stability: StabilityResult) -> dict[int, np.ndarray]:
+        """The targets ``stability`` (of ``A``) does not prove INACTIVE."""
+        out = {}
+        for k, units in self.targets().items():
+            dead = np.asarray(stability.layers[k].states)[units] == NeuronState.INACTIVE
+            if not dead.all():
+                out[k] = units[~dead]
+        return out
+
+    @property
+    def removed(self) -> int:
+        return sum(a.removed.size for a in self.layers)
+
+    def correspondence(self, net_a: Network, net_b: Network) -> Correspondence:
+        """The roles in :class:`Correspondence` terms: ``B``'s units and their counterparts are
+        matched, ``A``'s removed units stable (dead); auxiliary neurons are no units."""
+        layers_a, layers_b = [], []
+        for a in self.layers:
+            la, lb = net_a.layers[a.layer], net_b.layers[a.layer]
+            if not la.relu:
+                continue
+            real_a, real_b = la.real, lb.real
+            matched_a = np.sort(a.rows[real_a[a.rows]])
+            removed = a.removed[real_a[a.removed]]
+            none = np.zeros(0, dtype=np.int64)
+            layers_a.append(LayerMatch("A", a.layer, la.name, matched_a, removed, none))
+            layers_b.append(LayerMatch("B", a.layer, lb.name, np.flatnonzero(real_b), none, none))
+        return Correspondence(layers_a + layers_b)
+
+
+def align(net_a: Network, net_b: Network) -> Alignment | None:
+    """The structural correspondence of ``B`` to ``A``, or None when ``B`` is not ``A`` with
+    units removed (see the module docstring). Exact float64 comparisons only."""
+    if len(net_a.layers) != len(net_b.layers) or net_a.in_features != net_b.in_features:
+        return None
+    map_a, map_b = net_a.input_map, net_b.input_map
+    if not (np.array_equal(map_a.scale, map_b.scale) and np.array_equal(map_a.shift, map_b.shift)):
+        return None
+    kept = np.arange(net_a.in_features)
+    layers = []
+    last = len(net_a.layers) - 1
+    for k, (la, lb) in enumerate(zip(net_a.layers, net_b.layers, strict=True)):
+        if la.relu != lb.relu or lb.in_features != kept.size:
+            return None
+        rows = _match_rows(la.weight, la.bias, kept, lb.weight, lb.bias)
+        if rows is None:
+            return None
+        removed = np.setdiff1d(np.arange(la.out_features), rows)
+        if k == last and not np.array_equal(rows, np.arange(la.out_features)):
+            return None  # the output coordinates must stay where they are
+        # y = b on the box when the row is 0 on the kept inputs: dead (ReLU) for b <= 0,
+        # identically 0 (no ReLU: the only removable linear unit) for b == 0.
+        zero = np.array(
+            [
+                not np.any(la.weight[r, kept])
+                and (la.bias[r] <= 0.0 if la.relu else la.bias[r] == 0.0)
+                for r in removed.tolist()
+            ],
+            dtype=bool,
+        )
+        if not la.relu and not zero.all():
+            return None
+        layers.append(LayerAlignment(k, rows, removed, zero))
+        kept = rows
+    return Alignment(layers)
+
+
+def _row_keys(weight: np.ndarray, bias: np.ndarray, rows: np.ndarray, kept: np.ndarray) -> list:
+    """A digest of each row ``weight[r, kept]`` with its bias (``-0.0`` read as ``0.0``), in
+    blocks of rows so that no copy of the whole restricted matrix is made."""
+    keys = []
+    block = max(1, HASH_BLOCK_ENTRIES // max(kept.size, 1))
+    for start in range(0, rows.size, block):
+        chunk = rows[start : start + block]
+        values = np.concatenate([weight[np.ix_(chunk, kept)], bias[chunk, None]], axis=1) + 0.0
+        values = np.ascontiguousarray(values)
+        keys += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in values]
+    return keys
+
+
+def _match_rows(
+    weight_a: np.ndarray,
+    bias_a: np.ndarray,
+    kept: np.ndarray,
+    weight_b: np.ndarray,
+    bias_b: np.ndarray,
+) -> np.ndarray | None:
+    """For each row of ``B``, a distinct row of ``A`` equal to it on ``kept`` (bias too), the
+    earliest unused first; None if some row of ``B`` has none. Digests find the candidates, an
+    exact comparison decides."""
+    rows_a = np.arange(weight_a.shape[0])
+    pool: dict[bytes, deque[int]] = {}
+    for row, key in zip(rows_a.tolist(), _row_keys(weight_a, bias_a, rows_a, kept), strict=True):
+        pool.setdefault(key, deque()).append(row)
+    identity = np.arange(weight_b.shape[1])
+    out = np.empty(weight_b.shape[0], dtype=np.int64)
+    keys_b = _row_keys(weight_b, bias_b, np.arange(weight_b.shape[0]), identity)
+    for i, key in enumerate(keys_b):
+        candidates = pool.get(key)
+        if not candidates:
+            return None
+        r = candidates.popleft()
+        if bias_a[r] != bias_b[i] or not np.array_equal(weight_a[r, kept], weight_b[i]):
+            return None
+        out[i] = r
+    return out
+
+
+def prove_structurally(
+    net_a: Network,
+    net_b: Network,
+    box: Box,
+    tol: float,
+    alignment: Alignment,
+    stability_a: StabilityResult | None,
+    deadline: float,
+    *,
+    seed: int = 0,
+    jobs: int = 1,
+) -> tuple[ProofResult | None, StabilityResult]:
+    """The proof of ``f_A = f_B`` from ``alignment``, or None when a target stays unproved.
+
+    ``stability_a`` (e.g. ``compress``'s analysis) is used as it is; without it
+    :func:`quick_stability` bounds ``A`` up to the deepest target. Targets it leaves open go to
+    :func:`prove_units_stable` with ``TARGETED_SHARE`` of the time left. Returns the proof (every
+    direction bounded by 0: the functions are equal, not merely close) or None, and ``A``'s
+    verdicts for a caller that falls back to the canonical proof.
+    """
+    targets = alignment.targets()
+    stage = time.monotonic()
+    stability = stability_a
+    if stability is None:
+        stability = quick_stability(net_a, box, seed, targets=targets)
+    timings = {"stability": time.monotonic() - stage}
+    unproved = alignment.unproved(stability)
+    targeted = sum(units.size for units in unproved.values())
+    proved = 0
+    if unproved and time.monotonic() < deadline:
+        stage = time.monotonic()
+        budget = TARGETED_SHARE * (deadline - stage) if np.isfinite(deadline) else None
+        stability, proved = prove_units_stable(net_a, box, stability, unproved, budget, jobs=jobs)
+        timings["stable-units"] = time.monotonic() - stage
+        unproved = alignment.unproved(stability)
+    if unproved:
+        return None, stability
+    method = "stable-units" if targets else "matched"
+    correspondence = alignment.correspondence(net_a, net_b)
+    correspondence.targeted, correspondence.proved_stable = targeted, proved
+    directions = [
+        DirectionBound(o, sign, 0.0, method, "proved")
+        for o in range(net_a.out_features)
+        for sign in (1, -1)
+    ]
+    dead = sum(units.size for units in targets.values())
+    result = ProofResult(
+        "proved",
+        tol,
+        0.0,
+        tiers=[method],
+        directions=directions,
+        free_neurons=correspondence.count("matched", "B"),
+        shared_neurons=correspondence.count("matched", "A"),
+        output_tensor=net_a.output_name,
+        timings_s=timings,
+        correspondence=correspondence,
+        notes=[
+            f"structural correspondence: B is A with {alignment.removed} hidden neurons removed "
+            f"({dead} proved inactive on the box, {alignment.removed - dead} zero by "
+            "construction) and every kept weight identical, so f_A = f_B exactly on the box"
+        ],
+    )
+    return result, stability
