@@ -16,8 +16,9 @@ A ``Clip(0, c)`` layer (:attr:`DenseLayer.clip`: each unit ``relu(y)`` has a kin
 go as a Relu's do; its **active** channels are the *linear* ones (every unit ACTIVE and its kink
 INACTIVE: the Clip is the identity there), so a Clip whose every channel is linear is removed
 like an identity Relu; a **saturated** channel (every kink ACTIVE: the constant ``c``) is
-reported, and counted as neither dead nor active. It stays in the graph: folding the constant
-into the consumers' biases is exact only where no consumer pads that channel.
+counted as neither dead nor active, and requested as a constant (:func:`saturated_request`):
+the pruner removes it where every consumer takes ``c`` into its bias exactly (a Conv that pads
+nothing, a Gemm), else keeps it and says why.
 
 This is also what the analysis's structural focus follows
 (:meth:`onnx_exact.stability.state.Analysis.structural`): once a channel is seen positive at
@@ -106,6 +107,28 @@ def pruning_request(net: Network, report: RunReport) -> tuple[dict[str, list[int
     return dead, linear
 
 
+def saturated_request(
+    net: Network, report: RunReport, dead: dict[str, list[int]]
+) -> dict[str, tuple[float, list[int]]]:
+    """Clip layer name → ``(c, channels)`` of its saturated channels, for :func:`prune_channels`.
+
+    The output layer is left out, and one channel is left to a layer whose every channel is
+    dead or saturated, so that no tensor becomes empty.
+    """
+    output = net.layers[-1].name if net.layers[-1].relu else None
+    request: dict[str, tuple[float, list[int]]] = {}
+    for layer in report.layers:
+        summary = layer.channels
+        if summary is None or summary.clip is None or layer.name == output:
+            continue
+        channels = list(summary.saturated)
+        if len(channels) + len(dead.get(layer.name, ())) >= summary.count:
+            channels = channels[1:]
+        if channels:
+            request[layer.name] = (summary.clip, channels)
+    return request
+
+
 def describe_channels(report: RunReport, read: ReadResult, stability: StabilityResult) -> None:
     """Fill a CNN's report: channel verdicts per layer, the graph's params and MACs (before)."""
     stats = model_stats(read.model)
@@ -130,7 +153,8 @@ def prune(report: RunReport, read: ReadResult) -> PruneResult:
     and the whole graph's params/MACs after.
     """
     dead, linear = pruning_request(read.network, report)
-    pruned = prune_channels(read.model, dead, linear)
+    saturated = saturated_request(read.network, report, dead)
+    pruned = prune_channels(read.model, dead, linear, saturated)
     stats = model_stats(pruned.model)
     report.params_after, report.macs_after = stats.params, stats.macs
     kept_relus = [layer.name for layer in report.layers if layer.name not in pruned.removed_relus]
@@ -145,6 +169,12 @@ def prune(report: RunReport, read: ReadResult) -> PruneResult:
             kept = len(set(summary.dead) - set(summary.removed))  # removed may hold released
             report.notes.append(
                 f"{layer.name}: {kept} proved-dead channels kept: {summary.kept_reason}"
+            )
+        summary.folded = sorted(int(c) for c in pruned.folded.get(layer.name, ()))
+        if layer.name in pruned.unfolded:
+            report.notes.append(
+                f"{layer.name}: {len(saturated[layer.name][1])} saturated channels (constant "
+                f"{summary.clip:g}) kept: {pruned.unfolded[layer.name]}"
             )
         summary.relu_removed = layer.name in pruned.removed_relus
         layer.folded = summary.relu_removed

@@ -45,8 +45,9 @@ class ChannelSummary:
 
     For a ``Clip(0, c)`` layer (``clip`` = c) ``active`` are the channels proved *linear* at
     every position (the Clip is the identity there: ``relu_removed`` when all are), and
-    ``saturated`` those proved at ``c`` at every position (a constant channel); a dead channel
-    outputs 0 as through a Relu.
+    ``saturated`` those proved at ``c`` at every position (a constant channel), ``folded`` the
+    saturated ones removed (also in ``removed``: ``c`` went into the consumers' biases); a dead
+    channel outputs 0 as through a Relu.
     """
 
     count: int
@@ -60,6 +61,7 @@ class ChannelSummary:
     relu_removed: bool = False
     clip: float | None = None
     saturated: list[int] = field(default_factory=list)
+    folded: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,7 +74,11 @@ class ChannelSummary:
             "removed": self.removed,
             "kept_reason": self.kept_reason,
             "relu_removed": self.relu_removed,
-            **({"clip": self.clip, "saturated": self.saturated} if self.clip is not None else {}),
+            **(
+                {"clip": self.clip, "saturated": self.saturated, "folded": self.folded}
+                if self.clip is not None
+                else {}
+            ),
         }
 
 

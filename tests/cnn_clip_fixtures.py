@@ -21,7 +21,8 @@ def mobilenet_block(seed: int = 5) -> CnnFixture:
     ``Constant`` nodes): 1×1 expand → Clip(0, 6) → depthwise 3×3 → Clip(0, 6) → 1×1 project →
     GlobalAveragePool → Flatten → Gemm, on ``[batch, 3, 6, 6]`` over [0, 1].
 
-    Planted: expand channel 0 dead, 1 saturated (always 6), 2 active; depthwise channel 4 dead.
+    Planted: expand channel 0 dead, 1 saturated (always 6), 2 active; depthwise channel 4 dead
+    and 3 saturated (the 1×1 project Conv pads nothing, so its constant folds into the bias).
     """
     shape = (3, 6, 6)
     lower, upper = np.zeros(108), np.ones(108)
@@ -33,7 +34,17 @@ def mobilenet_block(seed: int = 5) -> CnnFixture:
     trace.activation("clip_expand", 0.0, 6.0)
     h = g.node("Clip", [h, clip_min, clip_max], name="clip_expand")
     h, _ = conv_layer(
-        trace, g, h, (6, 6), 6, 6, 3, {4: "dead"}, name="depthwise", group=6, pads=[1, 1, 1, 1]
+        trace,
+        g,
+        h,
+        (6, 6),
+        6,
+        6,
+        3,
+        {4: "dead", 3: "saturated"},
+        name="depthwise",
+        group=6,
+        pads=[1, 1, 1, 1],
     )
     trace.activation("clip_dw", 0.0, 6.0)
     h = g.node("Clip", [h, clip_min, clip_max], name="clip_dw")
@@ -49,7 +60,7 @@ def mobilenet_block(seed: int = 5) -> CnnFixture:
 
 def clip_legacy(seed: int = 8) -> CnnFixture:
     """ReLU6 as the torch legacy exporter writes it at opset 10 (``Clip`` with ``min``/``max``
-    *attributes*): ``Conv → Clip(0, 6) → Conv → Clip(0, 6) → Flatten → Gemm`` on
+    *attributes*): ``Conv → Clip(0, 6) → Conv (no padding) → Clip(0, 6) → Flatten → Gemm`` on
     ``[batch, 2, 6, 6]`` over [0, 1].
 
     Planted: ``clip1`` channel 0 dead, 1 saturated (always 6), 2 active and below 6 (linear);
@@ -65,7 +76,7 @@ def clip_legacy(seed: int = 8) -> CnnFixture:
     trace.activation("clip1", 0.0, 6.0)
     h = g.node("Clip", [h], name="clip1", min=0.0, max=6.0)
     plant = dict.fromkeys(range(4), "active")
-    h, conv2 = conv_layer(trace, g, h, (6, 6), 4, 4, 3, plant, name="conv2", scale=0.05, **pad)
+    h, conv2 = conv_layer(trace, g, h, (6, 6), 4, 4, 3, plant, name="conv2", scale=0.05)
     trace.activation("clip2", 0.0, 6.0)
     h = g.node("Clip", [h], name="clip2", min=0.0, max=6.0)
     h = g.node("Flatten", [h], axis=1)

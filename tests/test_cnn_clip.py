@@ -3,9 +3,9 @@
 The reader writes ``clip(y, 0, 6) = relu(y) - relu(y - 6)``: units ``relu(y)`` and auxiliary
 kink neurons ``relu(y - 6)``. A unit is then stably 0 (dead: its channel goes as a Relu's),
 stably linear (unit ACTIVE, kink INACTIVE: a Clip linear everywhere is removed), stably 6
-(saturated: reported) or unstable. Each fixture is compressed through ``onnx_exact.compress``
-(verified on the written file), then compared with the input model in onnxruntime on box
-samples.
+(saturated: removed where every consumer takes the constant 6 into its bias exactly) or
+unstable. Each fixture is compressed through ``onnx_exact.compress`` (verified on the written
+file), then compared with the input model in onnxruntime on box samples.
 """
 
 from __future__ import annotations
@@ -25,16 +25,25 @@ from onnx_exact.io.channel_pruning import prune_channels
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.stability.state import Analysis
 
-#: Per fixture and Clip: the channels removed, the saturated and linear channels proved, and
-#: whether the Clip goes as the identity. mobilenet_block: ``clip_expand`` channel 0 is dead but
-#: the depthwise Conv's bias makes its group's output a non-zero constant, so it stays; the
-#: depthwise channels 2, 4 and 5 are dead, which releases the same expand channels.
+#: Per fixture and Clip: the channels removed, the saturated ones proved and those of them
+#: folded, the linear channels proved, and whether the Clip goes as the identity. clip_legacy:
+#: conv2 pads nothing, so clip1's saturated channel folds. clip_tf2onnx: the second Conv pads,
+#: so Relu6's saturated channel stays. mobilenet_block: ``clip_expand`` channel 0 is dead but the
+#: depthwise Conv's bias makes its group's output a non-zero constant, so it stays; depthwise
+#: channels 2, 4, 5 are dead and 3 saturated (folded into the 1×1 project Conv's bias), which
+#: releases the same expand channels; the saturated expand channel feeds the (padded) depthwise.
 EXPECTED = {
-    "clip_legacy": {"clip1": ([0], [1], [2], False), "clip2": ([], [], [0, 1, 2, 3], True)},
-    "clip_tf2onnx": {"Relu6": ([1], [3], [0], False), "Relu6_1": ([2, 5], [], None, False)},
+    "clip_legacy": {
+        "clip1": ([0, 1], [1], [1], [2], False),
+        "clip2": ([], [], [], [0, 1, 2, 3], True),
+    },
+    "clip_tf2onnx": {
+        "Relu6": ([1], [3], [], [0], False),
+        "Relu6_1": ([2, 5], [], [], None, False),
+    },
     "mobilenet_block": {
-        "clip_expand": ([2, 4, 5], [1], [2], False),
-        "clip_dw": ([2, 4, 5], [], None, False),
+        "clip_expand": ([2, 3, 4, 5], [1], [], [2], False),
+        "clip_dw": ([2, 3, 4, 5], [3], [3], None, False),
     },
 }
 
@@ -58,12 +67,12 @@ def test_relu6_cnns_lose_dead_channels_and_linear_clips_and_verify(name):
     report = result.report
     assert report.passed and report.params_after < report.params_before
     by_name = {layer.name: layer for layer in report.layers}
-    for clip, (removed, saturated, linear, gone) in EXPECTED[name].items():
+    for clip, (removed, saturated, folded, linear, gone) in EXPECTED[name].items():
         layer = by_name[clip]
         channels = layer.channels
         assert layer.clip == channels.clip == 6.0
         assert channels.removed == removed, (clip, channels)
-        assert channels.saturated == saturated, (clip, channels)
+        assert channels.saturated == saturated and channels.folded == folded, (clip, channels)
         if linear is not None:
             assert channels.active == linear, (clip, channels)
         assert channels.relu_removed == gone
@@ -76,7 +85,11 @@ def test_relu6_cnns_lose_dead_channels_and_linear_clips_and_verify(name):
         doc = layer.to_json()
         assert doc["clip"] == 6.0 and doc["channels"]["saturated"] == saturated
     clips = {n.name for n in result.model.graph.node if n.op_type == "Clip"}
-    assert clips == {clip for clip, spec in EXPECTED[name].items() if not spec[3]}
+    assert clips == {clip for clip, spec in EXPECTED[name].items() if not spec[4]}
+    unfolded = [n for n in report.notes if "saturated channels (constant 6) kept" in n]
+    assert len(unfolded) == sum(len(spec[1]) > len(spec[2]) for spec in EXPECTED[name].values()), (
+        report.notes
+    )
     onnx.checker.check_model(result.model, full_check=True)
     x = _samples(fixture)
     np.testing.assert_allclose(
@@ -133,6 +146,53 @@ def test_a_dead_channel_passes_a_downstream_clip_whose_range_holds_zero(low, pas
         )
     else:
         assert result.removed == {} and "clip" in result.kept["relu"]
+
+
+def _saturated_model(head: str, pads: int = 0) -> onnx.ModelProto:
+    """``Conv → Clip(0, 6) → [Conv 3×3 (pads) →] Flatten → head`` on ``[n, 2, 3, 3]`` with
+    channel 1 saturated (bias +50): ``gemm`` (with bias), ``matmul`` (no bias)."""
+    rng = np.random.default_rng(8)
+    g = GraphBuilder()
+    bias = np.array([0.2, 50.0, 0.1], np.float32)
+    h = g.node("Conv", ["input", g.const(rng.normal(size=(3, 2, 1, 1)).astype(np.float32)),
+                        g.const(bias)], kernel_shape=[1, 1])  # fmt: skip
+    h = g.node("Clip", [h, g.const(np.float32(0.0)), g.const(np.float32(6.0))], name="clip")
+    size = 27
+    if pads >= 0 and head == "conv":
+        kernel = rng.normal(size=(2, 3, 3, 3)).astype(np.float32)
+        h = g.node("Conv", [h, g.const(kernel), g.const(np.ones(2, np.float32))],
+                   kernel_shape=[3, 3], pads=[pads] * 4)  # fmt: skip
+        size = 2 * (1 + 2 * pads) ** 2
+    h = g.node("Flatten", [h], axis=1)
+    weight = rng.normal(size=(size, 2)).astype(np.float32)
+    if head == "matmul":
+        g.node("MatMul", [h, g.const(weight)], output="out")
+    else:
+        g.node("Gemm", [h, g.const(weight), g.const(np.zeros(2, np.float32))], output="out")
+    return g.model([g.tensor("input", ["n", 2, 3, 3])], [g.tensor("out", ["n", 2])], opset=13)
+
+
+@pytest.mark.parametrize(
+    "head, pads, reason",
+    [("gemm", 0, ""), ("conv", 0, ""), ("conv", 1, "pads its input"),
+     ("matmul", 0, "no per-output constant bias")],
+)  # fmt: skip
+def test_a_saturated_channel_folds_into_a_bias_only_where_it_is_exact(head, pads, reason):
+    """The pruner trusts the request (channel 1 is 6 everywhere here: ``50 + w·x`` with
+    ``|w·x| < 50`` on [0, 1]); it folds ``6·Σ W`` into a Gemm's or an unpadded Conv's bias and
+    refuses a padded Conv (0 at the border) and a MatMul (no bias to take it)."""
+    model = _saturated_model(head, pads)
+    result = prune_channels(model, {}, (), {"clip": (6.0, [1])})
+    if reason:
+        assert result.folded == {} and reason in result.unfolded["clip"]
+        return
+    assert result.folded == {"clip": [1]} and result.removed == {"clip": [1]}
+    onnx.checker.check_model(result.model, full_check=True)
+    x = np.random.default_rng(0).random((32, 18))
+    np.testing.assert_allclose(
+        run_onnxruntime(result.model, x, (2, 3, 3)), run_onnxruntime(model, x, (2, 3, 3)),
+        atol=1e-4,
+    )  # fmt: skip
 
 
 def _clip_model(inputs: int, **attrs) -> onnx.ModelProto:

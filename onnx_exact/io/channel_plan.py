@@ -7,6 +7,13 @@ targets change, which tensors change shape. It raises :class:`Keep` with a one-l
 any step is not provably exact. Downstream, the dead part of a tensor is a :class:`Flow`: whole
 slices along one per-sample axis, mapped through Transpose (axis permuted) and Flatten/Reshape
 (the boolean mask reshaped, which must again be whole slices of one axis).
+
+A *constant* channel (a ``Clip(0, c)`` channel proved saturated: ``c`` at every position) is
+planned the same way with ``Flow.value = c``: its filter goes upstream, and downstream it may
+only pass ops that keep it the constant ``c`` (Identity, Dropout, Relu, a Clip whose range holds
+``c``, global pools, Transpose, Flatten, Reshape) and end in a Conv without padding (every tap
+reads ``c``: output ``o`` gains ``c·Σ W[o, channel]``) or a Gemm (``c·Σ`` of its columns), whose
+bias takes that sum (:attr:`Plan.shifts`); anything else keeps the channel.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from onnx_exact.io.graph import ConstantResolver, all_graphs, node_attr, node_la
 
 PASS_OPS = {"Identity", "Dropout", "Relu"}
 """Elementwise downstream ops that map a zero slice to a zero slice (and a ``Clip`` whose range
-holds 0: :meth:`ChannelPlanner.keeps_zero`)."""
+holds 0: :meth:`ChannelPlanner.keeps`)."""
 
 ACTIVATION_OPS = {"Relu", "Clip"}
 """The activations whose channels are planned: a Relu, or a ``Clip(0, c)`` the CNN reader
@@ -48,6 +55,7 @@ class Flow:
     shape: tuple[int, ...] | None
     axis: int
     dead: np.ndarray
+    value: float = 0.0  # what the slices hold at every position: 0 (dead) or a constant
 
 
 @dataclass
@@ -55,13 +63,15 @@ class Plan:
     """The edits one Relu needs: ``cuts`` (node index, input slot, axis, deleted indices),
     ``targets`` (Reshape node index, new shape target), ``reshaped`` (tensors whose shape
     changes), ``released`` (Relu node index → channels deleted because nothing reads them),
-    ``groups`` (grouped Conv node index → the groups it loses)."""
+    ``groups`` (grouped Conv node index → the groups it loses), ``shifts`` (node index, bias
+    input slot, what its bias gains from a removed constant channel; added before any cut)."""
 
     cuts: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)
     targets: list[tuple[int, np.ndarray]] = field(default_factory=list)
     reshaped: set[str] = field(default_factory=set)
     released: dict[int, set[int]] = field(default_factory=dict)
     groups: dict[int, set[int]] = field(default_factory=dict)
+    shifts: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
 
 
 class ChannelPlanner:
@@ -150,10 +160,12 @@ class ChannelPlanner:
         plan.cuts.append((index, slot, axis, np.asarray(dead, np.int64)))
 
     # ------------------------------------------------------------------ planning
-    def plan(self, relu: int, dead: list[int]) -> tuple[Plan, list[int], str]:
+    def plan(self, relu: int, dead: list[int], value: float = 0.0) -> tuple[Plan, list[int], str]:
         """The edits that delete channels ``dead`` of Relu ``relu``, the channels deleted, a note.
 
-        Raises ``Keep`` when they cannot be deleted soundly.
+        ``value``: what those channels output at every position (0: dead; a saturated Clip's
+        ``c``: folded into the consumers' biases). Raises ``Keep`` when they cannot be deleted
+        soundly.
         """
         plan = Plan()
         chain, core = self._chain(self.nodes[relu].input[0], release=False)
@@ -162,8 +174,9 @@ class ChannelPlanner:
             raise ValueError(f"channel {dead[-1]} out of range: the Relu has {channels} channels")
         note = ""
         if len(dead) == channels:
+            what = f"constant {value:g}" if value else "dead"
             note = (
-                f"all {channels} channels are dead; channel {dead[0]} stays so no tensor is empty"
+                f"all {channels} channels are {what}; channel {dead[0]} stays so no tensor is empty"
             )
             dead = dead[1:]
             if not dead:
@@ -173,7 +186,7 @@ class ChannelPlanner:
             raise Keep("the channel axis ends up as the batch axis")
         out = self.nodes[relu].output[0]
         shape = self.sample_shape(out)
-        flow = Flow(out, shape, axis - 1, np.asarray(dead, np.int64))
+        flow = Flow(out, shape, axis - 1, np.asarray(dead, np.int64), value)
         if shape is not None and shape[axis - 1] != channels:
             raise Keep(f"'{out}' has {shape[axis - 1]} entries on the channel axis, not {channels}")
         self._downstream(flow, plan)
@@ -349,21 +362,23 @@ class ChannelPlanner:
             return self._scaled(index, slot, flow, plan)
         if slot != 0:
             raise Keep(f"{label} reads the channels as input {slot}")
-        if op in PASS_OPS or (op == "Clip" and self.keeps_zero(index)):
-            return Flow(out, flow.shape, flow.axis, flow.dead)
+        if op in PASS_OPS or (op == "Clip" and self.keeps(index, flow.value)):
+            return Flow(out, flow.shape, flow.axis, flow.dead, flow.value)
         if op in POOL_OPS or op == "Pad":
             if flow.axis != 0:
                 raise Keep(f"{label} works on axis 1 but the channels are on axis {flow.axis + 1}")
+            if flow.value and op not in ("GlobalAveragePool", "GlobalMaxPool"):
+                raise Keep(f"{label} may not keep the constant channels constant at the border")
             if op == "Pad":
                 self._check_pad(index)
-            return Flow(out, self.sample_shape(out), 0, flow.dead)
+            return Flow(out, self.sample_shape(out), 0, flow.dead, flow.value)
         if op == "Transpose":
             rank = len(flow.shape) + 1 if flow.shape is not None else None
             perm = list(node_attr(node, "perm", range(rank or 0)[::-1]))
             if not perm or perm[0] != 0:
                 raise Keep(f"{label} moves the batch axis")
             shape = None if flow.shape is None else tuple(flow.shape[p - 1] for p in perm[1:])
-            return Flow(out, shape, perm.index(flow.axis + 1) - 1, flow.dead)
+            return Flow(out, shape, perm.index(flow.axis + 1) - 1, flow.dead, flow.value)
         if op in ("Flatten", "Reshape"):
             axis, rank = node_attr(node, "axis", 1), len(flow.shape or ()) + 1
             if op == "Flatten" and flow.shape is not None and axis % rank != 1:
@@ -376,6 +391,8 @@ class ChannelPlanner:
                 )
             if node_attr(node, "group", 1) != 1:
                 return self._grouped_reader(index, flow, plan)
+            if flow.value:
+                self._fold_constant(index, flow, plan)
             self.cut(plan, index, 1, 1, flow.dead)
             return None
         if op in ("Gemm", "MatMul"):
@@ -388,6 +405,8 @@ class ChannelPlanner:
             if flow.axis != last or (flow.shape is not None and len(flow.shape) != last + 1):
                 raise Keep(f"{label} contracts an axis other than the channel axis")
             trans = op == "Gemm" and node_attr(node, "transB", 0)
+            if flow.value:
+                self._fold_constant(index, flow, plan)
             self.cut(plan, index, 1, 1 if trans else 0, flow.dead)
             return None
         raise Keep(f"{label} reads the channels and is not supported")
@@ -397,6 +416,8 @@ class ChannelPlanner:
         outputs have no bias (or a zero one), outputs zero channels (zero input, zero padding):
         the group goes and its output channels flow on as dead ones."""
         node, label = self.nodes[index], self.label(index)
+        if flow.value:
+            raise Keep(f"{label} is grouped: the constant channels would not be removed whole")
         weight = self.constant(index, 1)
         group = node_attr(node, "group", 1)
         per_group, inputs = weight.shape[0] // group, weight.shape[1]
@@ -426,6 +447,8 @@ class ChannelPlanner:
         value = None if other is None else self.constants.value(node.input[other])
         if value is None:
             raise Keep(f"{label} joins the channels with another tensor (a residual {op}?)")
+        if flow.value:
+            raise Keep(f"{label} changes the constant channels")
         if op in ("Add", "Sub"):
             raise Keep(f"{label} adds a constant: the dead channels would not stay 0")
         if op == "Div" and slot != 0:
@@ -444,20 +467,46 @@ class ChannelPlanner:
             self.cut(plan, index, other, const_axis, flow.dead)
         return Flow(node.output[0], flow.shape, flow.axis, flow.dead)
 
-    def keeps_zero(self, index: int) -> bool:
-        """Whether ``Clip`` node ``index`` maps 0 to 0: constant bounds (inputs, or attributes
-        before opset 11) with ``min <= 0 <= max``; an absent bound is no bound."""
+    def _fold_constant(self, index: int, flow: Flow, plan: Plan) -> None:
+        """Plan adding what the constant channels ``flow.dead`` (value ``flow.value``) contribute
+        to consumer ``index`` (a Conv without padding or a Gemm with alpha = beta = 1) to its
+        bias: the same at every output position, so deleting the channels is then exact."""
+        node, label = self.nodes[index], self.label(index)
+        weight = self.constant(index, 1).astype(np.float64)
+        if node.op_type == "Conv":
+            auto_pad = node_attr(node, "auto_pad", b"NOTSET")
+            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+            if any(node_attr(node, "pads", [])) or auto_pad not in ("NOTSET", "VALID"):
+                raise Keep(f"{label} pads its input: the constant channels are 0 at the border")
+            taps = weight[:, flow.dead].reshape(weight.shape[0], -1).sum(axis=1)
+        elif node_attr(node, "alpha", 1.0) != 1.0 or node_attr(node, "beta", 1.0) != 1.0:
+            raise Keep(f"{label} scales its product or bias (alpha, beta)")
+        elif node_attr(node, "transB", 0):
+            taps = weight[:, flow.dead].sum(axis=1)
+        else:
+            taps = weight[flow.dead, :].sum(axis=0)
+        name = node.input[2] if len(node.input) > 2 else ""
+        bias = self.constants.value(name) if name else None
+        if bias is None or bias.size != taps.size or bias.shape[-1:] != (taps.size,):
+            raise Keep(f"{label} has no per-output constant bias to take the constant channels")
+        if self.read_count.get(name, 0) != 1 or name in self.outputs:
+            raise Keep(f"the bias '{name}' of {label} is shared with other nodes")
+        plan.shifts.append((index, 2, flow.value * taps))
+
+    def keeps(self, index: int, value: float) -> bool:
+        """Whether ``Clip`` node ``index`` maps ``value`` to itself: constant bounds (inputs, or
+        attributes before opset 11) with ``min <= value <= max``; an absent bound is no bound."""
         node = self.nodes[index]
         bounds = []
         for slot, what, default in ((1, "min", -np.inf), (2, "max", np.inf)):
             if len(node.input) > slot and node.input[slot]:
-                value = self.constants.value(node.input[slot])
-                if value is None or value.size != 1:
+                bound = self.constants.value(node.input[slot])
+                if bound is None or bound.size != 1:
                     return False
-                bounds.append(float(value.reshape(-1)[0]))
+                bounds.append(float(bound.reshape(-1)[0]))
             else:
                 bounds.append(float(node_attr(node, what, default)))
-        return bounds[0] <= 0.0 <= bounds[1]
+        return bounds[0] <= value <= bounds[1]
 
     def extra_outputs_used(self, index: int) -> bool:
         """Whether an output after the first (BN statistics, MaxPool indices, Dropout mask) is
@@ -523,7 +572,7 @@ class ChannelPlanner:
                 raise Keep(f"the shape target of {label} cannot follow the removed channels")
             if not np.array_equal(new_target, target):
                 plan.targets.append((index, new_target))
-        return Flow(out, out_shape, axis, dead)
+        return Flow(out, out_shape, axis, dead, flow.value)
 
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:

@@ -41,7 +41,10 @@ The planning (the graph walks) lives in :mod:`onnx_exact.io.channel_plan` and
 A ``Clip(0, c)`` (ReLU6) is planned where a Relu is: its dead channels output exactly 0 (0 lies
 in ``[0, c]``), a zero channel passes any Clip whose range holds 0 downstream, and a Clip proved
 the identity on the box (every unit linear: above 0 and below ``c``) is removed like a Relu,
-with its bound constants when nothing else reads them.
+with its bound constants when nothing else reads them. A Clip's channels proved *saturated*
+(``c`` at every position for every input of the box) go too where every consumer can take the
+constant into its bias (:meth:`ChannelPlanner._fold_constant`: a Conv without padding, a Gemm);
+otherwise they stay, and ``unfolded`` says why.
 
 A Relu proved the identity on the box (every neuron active) is removed: its readers read its
 input. Value-info entries of every tensor whose shape changed are dropped (shape inference
@@ -68,19 +71,24 @@ class PruneResult:
 
     ``model`` is a new ModelProto (the input is not modified); ``removed`` the channels deleted per
     Relu; ``kept`` the Relus whose proved-dead channels (some or all) stay, with the reason;
-    ``removed_relus`` the Relus removed because they are the identity on the box.
+    ``removed_relus`` the Relus removed because they are the identity on the box; ``folded``
+    the saturated Clip channels deleted (also in ``removed``: their constant went into the
+    consumers' biases), ``unfolded`` why a Clip's saturated channels stay.
     """
 
     model: onnx.ModelProto
     removed: dict[str, list[int]] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
     removed_relus: list[str] = field(default_factory=list)
+    folded: dict[str, list[int]] = field(default_factory=dict)
+    unfolded: dict[str, str] = field(default_factory=dict)
 
 
 def prune_channels(
     model: onnx.ModelProto,
     dead: Mapping[str, Sequence[int]],
     linear: Iterable[str] = (),
+    saturated: Mapping[str, tuple[float, Sequence[int]]] | None = None,
 ) -> PruneResult:
     """Delete the proved-dead channels of ``dead`` and remove the ``linear`` Relus.
 
@@ -90,6 +98,9 @@ def prune_channels(
     dead : Relu node name (or, for an unnamed node, its output tensor name) → channels proved
         dead: the Relu outputs exactly 0 on the whole channel for every input of the box.
     linear : Relus whose every neuron is proved active (the Relu is the identity on the box).
+    saturated : Clip node name → ``(c, channels)``: channels proved to output the constant ``c``
+        at every position for every input of the box (never all of the Clip's channels together
+        with its ``dead`` ones).
 
     Returns
     -------
@@ -133,6 +144,18 @@ def prune_channels(
             result.kept[name] = note
     for stream in streams.values():
         _prune_stream(pruner, stream, dead, plans, result)
+    for name, (value, channels) in (saturated or {}).items():
+        index = pruner.relu_index(name)
+        try:
+            if pruner.stream(index).joins:
+                raise Keep("its channels are tied to a residual stream")
+            plan, removed, _ = pruner.plan(index, sorted({int(c) for c in channels}), value)
+        except Keep as keep:
+            result.unfolded[name] = str(keep)
+            continue
+        plans.append(plan)
+        result.folded[name] = removed
+        result.removed[name] = sorted(set(result.removed.get(name, [])) | set(removed))
     _credit_released(pruner, plans, dead, result)
     pruner.apply(plans)
     for name in linear:
@@ -207,12 +230,19 @@ class _Pruner(StreamPlanner):
     def apply(self, plans: list[Plan]) -> None:
         """Delete the planned slices (in original coordinates, all at once per tensor)."""
         cuts: dict[tuple[int, int], dict[int, set[int]]] = {}
+        shifts: dict[tuple[int, int], np.ndarray] = {}
         for plan in plans:
             for index, slot, axis, idx in plan.cuts:
                 cuts.setdefault((index, slot), {}).setdefault(axis, set()).update(idx.tolist())
+            for index, slot, delta in plan.shifts:  # in original coordinates: before the cuts
+                shifts[index, slot] = shifts.get((index, slot), 0.0) + delta
+                cuts.setdefault((index, slot), {})
             self.reshaped |= plan.reshaped
         for (index, slot), axes in cuts.items():
             value = self.constants.value(self.nodes[index].input[slot])
+            if (index, slot) in shifts:
+                shifted = value.astype(np.float64) + shifts[index, slot].reshape(value.shape)
+                value = shifted.astype(value.dtype)
             for axis, idx in axes.items():
                 value = np.delete(value, sorted(idx), axis=axis)
             self._store(index, slot, value)
