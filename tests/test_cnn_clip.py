@@ -320,3 +320,33 @@ def test_clips_inside_a_residual_branch_read_and_prune_exactly(fork_after_clip):
     np.testing.assert_allclose(
         run_onnxruntime(result.model, x, shape), run_onnxruntime(model, x, shape), atol=1e-5
     )
+
+
+def test_a_relu6_in_the_dense_head_loses_its_dead_and_saturated_units():
+    """``Conv → Relu → Flatten → Gemm → Clip(0, 6) → Gemm``: hidden unit 0 is dead (bias −50),
+    unit 1 saturated (bias +50); both go, unit 1's 6 into the last Gemm's bias."""
+    rng = np.random.default_rng(4)
+    g = GraphBuilder()
+    kernel = (rng.normal(size=(3, 2, 3, 3)) / 4).astype(np.float32)
+    h = g.node("Conv", ["input", g.const(kernel), g.const(np.zeros(3, np.float32))],
+               kernel_shape=[3, 3], pads=[1, 1, 1, 1])  # fmt: skip
+    h = g.node("Flatten", [g.node("Relu", [h], name="relu")], axis=1)
+    bias = (rng.normal(size=6) * 0.1).astype(np.float32)
+    bias[:2] = [-50.0, 50.0]
+    weight = (rng.normal(size=(6, 48)) / 7).astype(np.float32)
+    h = g.node("Gemm", [h, g.const(weight), g.const(bias)], transB=1)
+    h = g.node("Clip", [h, g.const(np.float32(0.0)), g.const(np.float32(6.0))], name="clip_fc")
+    head = rng.normal(size=(2, 6)).astype(np.float32)
+    g.node("Gemm", [h, g.const(head), g.const(np.zeros(2, np.float32))], output="out", transB=1)
+    model = g.model([g.tensor("input", ["n", 2, 4, 4])], [g.tensor("out", ["n", 2])], opset=13)
+    box = DomainSpec(lower=np.zeros(32), upper=np.ones(32))
+    result = compress(model, None, box, AnalysisOptions(time_limit=10, jobs=1))
+    channels = result.report.layers[1].channels
+    assert result.report.passed and not channels.conv
+    assert (channels.dead, channels.saturated, channels.folded) == ([0], [1], [1])
+    assert channels.removed == [0, 1]
+    x = np.random.default_rng(0).random((30, 32))
+    np.testing.assert_allclose(
+        run_onnxruntime(result.model, x, (2, 4, 4)), run_onnxruntime(model, x, (2, 4, 4)),
+        atol=1e-5,
+    )  # fmt: skip
