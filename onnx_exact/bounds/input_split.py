@@ -26,10 +26,20 @@ interval propagation from the previous layer and with the caller's whole-box bou
 give ``l_j <= y_j <= u_j``. The ReLU is relaxed on each form's own range (chords of ``relu`` over
 ``[min U, max U]`` and ``[min L, max L]``), and the next layer gets ``W+ U + W- L + b`` and
 ``W+ L + W- U + b``: two matrix products per layer over all leaves and neurons at once. The
-intermediate neurons get no CROWN of their own (on ACAS Xu it cost more time than the splits it
-saved). The asked rows get CROWN (back-substitution through each leaf's relaxations, adaptive
-lower ReLU lines and again with lower lines parallel to the upper ones); their bound is the
+asked rows get CROWN (back-substitution through each leaf's relaxations, adaptive lower ReLU
+lines and again with lower lines parallel to the upper ones); their bound is the
 smallest of the forward and the CROWN ones.
+
+Tightening: a leaf the forward relaxation leaves open is bounded again with the intermediate
+neurons tightened (every neuron of layers ``1 .. top - 1`` unstable on the leaf gets CROWN
+through the leaf's own tightened bounds below it, bottom-up), several times the cost. On a deep
+net the forward relaxation's intermediate bounds, not the leaf size, are what keeps some
+directions open: the split tree of such a direction grows without end, while the tightened
+bound closes most of its deep leaves. Elsewhere tightening costs more than the splits it saves.
+So a search tightens every such leaf while tightening closes at least ``TIGHTEN_RATE`` of the
+leaves it is tried on (running mean), and otherwise only a sample of ``_TIGHTEN_PROBES`` leaves
+per batch, which keeps the rate measured as the leaves shrink. The proof of a direction does
+not depend on which leaves were tightened (every bound is sound), only how many leaves it takes.
 
 Split choice: for each open direction of a leaf, the *slack by input dimension*: every relaxed
 neuron's largest gap, weighted by the direction's CROWN coefficient on it, spread over the input
@@ -60,6 +70,8 @@ from onnx_exact.core.network import Network
 LEAF_BATCH = 4096  # leaves bounded together at most
 _BATCH_VALUES = 2e7  # float64 values of one layer's pair of linear forms, at most (~160 MB)
 _PART_LEAVES = 256  # leaves per worker's part of a batch, at least
+TIGHTEN_RATE = 0.35  # share of tightened leaves closed above which every open leaf is tightened
+_TIGHTEN_PROBES = 64  # open leaves per batch tightened below it (the rate stays measured)
 _CANDIDATES_PER_LEAF = 4  # forward-passed points per bounded leaf with open directions, at most
 # CROWN lower ReLU lines tried per row besides the adaptive one: a slope in [0, 1], or "chord"
 # (every unstable neuron's lower line parallel to its upper line, slope u / (u - l))
@@ -109,6 +121,7 @@ def leaf_bounds(
     upper: np.ndarray,
     outer: list[LayerBounds],
     top: int,
+    tighten: bool = False,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
     """Sound bounds of layers ``0 .. top`` on each of ``B`` leaves, by forward linear relaxation.
 
@@ -129,6 +142,10 @@ def leaf_bounds(
     outer : sound bounds over the whole box of at least layers ``0 .. top`` (every leaf is part of
         the box, so they hold on each leaf).
     top : the highest layer to bound.
+    tighten : also bound every neuron of layers ``1 .. top - 1`` that is unstable on some leaf
+        by CROWN through the leaf's own (so tightened) bounds of the layers below, before its
+        ReLU is relaxed (:func:`_tighten_rows`): several times the cost of the forward pass,
+        and on a deep net far tighter bounds of the layers above (see "Tightening").
 
     Returns
     -------
@@ -164,6 +181,8 @@ def leaf_bounds(
         bounds.append((lo, hi))
         if j == top:
             break
+        if tighten and j > 0 and layer.relu:
+            lo, hi = bounds[j] = _tighten_rows(net, bounds, j, lower, upper)
         shape = (layer.out_features, n + 1, batch)
         dependence = np.abs(middle[:, :n]) * (2.0 * radius)
         shares.append(dependence / np.maximum(dependence.sum(axis=1, keepdims=True), 1e-300))
@@ -191,6 +210,38 @@ def leaf_bounds(
             half = np.broadcast_to(half, shape)
             prev_lo, prev_hi = lo, hi
     return bounds, shares
+
+
+def _tighten_rows(
+    net: Network,
+    bounds: list[tuple[np.ndarray, np.ndarray]],
+    j: int,
+    lower: np.ndarray,
+    upper: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Layer j's leaf bounds intersected with CROWN's for the rows unstable on some leaf.
+
+    CROWN (adaptive lower lines) back-substitutes each row through the leaves' bounds of the
+    layers below (:func:`_back_substitute`), both signs; every bound stays sound, so the
+    intersection is.
+    """
+    lo, hi = bounds[j]
+    rows = np.flatnonzero(((lo < 0.0) & (hi > 0.0)).any(axis=1))
+    if not rows.size:
+        return lo, hi
+    lo, hi = lo.copy(), hi.copy()
+    layer, batch = net.layers[j], lower.shape[0]
+    for sign in (1.0, -1.0):
+        weight = sign * layer.weight[rows]
+        start = np.broadcast_to(weight, (batch, *weight.shape))
+        const = np.broadcast_to(sign * layer.bias[rows], (batch, rows.size))
+        coeffs, const, _ = _back_substitute(net, bounds, None, j, start, const)
+        value = _maximum_over_leaf(coeffs, const, lower, upper).T
+        if sign > 0:
+            hi[rows] = np.minimum(hi[rows], value)
+        else:
+            lo[rows] = np.maximum(lo[rows], -value)
+    return np.minimum(lo, hi), np.maximum(lo, hi)
 
 
 def batch_size(net: Network, top: int) -> int:
@@ -270,6 +321,7 @@ class InputSearch:
         self.upper = np.asarray(upper, dtype=np.float64)[None, :].copy()
         self.open = np.ones((1, count), dtype=bool)
         self.priority = np.full(1, np.inf)
+        self.tightening = 0.0  # running share of tightened leaves that tightening closed
         self.worker = None
 
     def run(
@@ -314,6 +366,16 @@ class InputSearch:
             values, coeffs, scores = self._bound(executor, b_lower, b_upper, top, rows)
             was_open = b_open[:, rows]
             closed = was_open & (values <= -margins[rows])
+            again = np.flatnonzero((was_open & ~closed).any(axis=1))
+            if top > 1 and again.size:
+                if self.tightening < TIGHTEN_RATE:  # a sample keeps the rate measured
+                    again = again[:: max(again.size // _TIGHTEN_PROBES, 1)]
+                tight = self._bound(executor, b_lower[again], b_upper[again], top, rows, True)
+                values[again] = np.minimum(values[again], tight[0])
+                coeffs[again], scores[again] = tight[1], tight[2]
+                closed = was_open & (values <= -margins[rows])
+                rate = 1.0 - (was_open[again] & ~closed[again]).any(axis=1).mean()
+                self.tightening = (self.tightening + rate) / 2.0
             self.worst[rows] = np.maximum(
                 self.worst[rows], np.where(closed, values, -np.inf).max(axis=0)
             )
@@ -363,12 +425,15 @@ class InputSearch:
         upper: np.ndarray,
         top: int,
         rows: np.ndarray,
+        tighten: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:func:`_direction_bounds` of a batch, in parts on the worker pool when it is large."""
         parts = min(self.jobs, lower.shape[0] // _PART_LEAVES) if executor is not None else 1
         context = (self.net, self.outer, self.layers, self.neurons, self.signs)
         if parts < 2:
-            return _direction_bounds(self.net, lower, upper, self.outer, top, rows, *context[2:])
+            return _direction_bounds(
+                self.net, lower, upper, self.outer, top, rows, *context[2:], tighten=tighten
+            )
         if self.worker is None:
             self.worker = parallel.with_context(_bounds_in_worker, parallel.TaskContext(context))
         pieces = np.array_split(np.arange(lower.shape[0]), parts)
@@ -379,17 +444,25 @@ class InputSearch:
                 [upper[piece] for piece in pieces],
                 [top] * parts,
                 [rows] * parts,
+                [tighten] * parts,
             )
         )
         return tuple(np.concatenate(part) for part in zip(*results, strict=True))
 
 
 def _bounds_in_worker(
-    context: tuple, lower: np.ndarray, upper: np.ndarray, top: int, asked: np.ndarray
+    context: tuple,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    top: int,
+    asked: np.ndarray,
+    tighten: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_direction_bounds` for part of a batch, in a worker of the run's pool."""
     net, outer, layers, neurons, signs = context
-    return _direction_bounds(net, lower, upper, outer, top, asked, layers, neurons, signs)
+    return _direction_bounds(
+        net, lower, upper, outer, top, asked, layers, neurons, signs, tighten=tighten
+    )
 
 
 def _direction_bounds(
@@ -402,6 +475,7 @@ def _direction_bounds(
     layers: np.ndarray,
     neurons: np.ndarray,
     signs: np.ndarray,
+    tighten: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per leaf, bounds on ``s * y`` of the ``asked`` directions, and where to split for them.
 
@@ -412,9 +486,10 @@ def _direction_bounds(
     parallel to the upper line; sound for any ``a`` in ``[0, 1]``: a cheap α-CROWN step), and
     each (leaf, row) keeps the smallest bound; ``coeffs (B, R, n)``,
     the input coefficients of that linear bound (its maximising vertex is a witness candidate);
-    ``scores (B, R, n)``, how much of each row's bound each input dimension accounts for.
+    ``scores (B, R, n)``, how much of each row's bound each input dimension accounts for. With
+    ``tighten`` the leaves' intermediate bounds are CROWN-tightened first (:func:`leaf_bounds`).
     """
-    bounds, shares = leaf_bounds(net, lower, upper, outer, top)
+    bounds, shares = leaf_bounds(net, lower, upper, outer, top, tighten)
     batch, n = lower.shape
     values = np.empty((batch, asked.size))
     coeffs = np.empty((batch, asked.size, n))
