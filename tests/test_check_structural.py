@@ -11,6 +11,7 @@ from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.equivalence import check as check_module
 from onnx_exact.equivalence import correspondence
+from onnx_exact.equivalence.canonical import Canonical
 from onnx_exact.equivalence.check import check_equivalence
 from onnx_exact.equivalence.prover import prove_equivalence
 from onnx_exact.equivalence.structural import align
@@ -122,3 +123,21 @@ def test_check_of_a_pruned_residual_cnn_analyses_only_the_reference(monkeypatch)
     for entry in (e for e in layers if e["network"] == "A"):
         assert entry["size"] == int(net_a.layers[entry["layer"]].real.sum())
     assert proof.correspondence.count("stable", "A") > 0
+
+
+def test_the_canonical_correspondence_does_not_count_auxiliary_neurons():
+    """The canonical walk (the fallback) shares the passthrough neurons like any other, but
+    the correspondence's layer sizes and role counts are the graph's units only."""
+    fixture = VALID_BUILDERS["resnet_blocks"]()
+    net = read_model(fixture.model).network
+    assert any(layer.auxiliary is not None for layer in net.layers)
+    box = Box(fixture.lower, fixture.upper, "input", "test")
+    stability = correspondence.quick_stability(net, box)
+    canonical = Canonical(box)
+    canonical.add_network(net, stability, "A")
+    canonical.add_network(net, stability, "B")
+    matches = correspondence.correspondence_of(canonical)
+    for layer in matches.layers:
+        assert layer.size == int(net.layers[layer.layer].real.sum()), layer.name
+    units = sum(int(net.layers[k].real.sum()) for k in net.relu_layer_indices)
+    assert sum(layer.size for layer in matches.layers) == 2 * units

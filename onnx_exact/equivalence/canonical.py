@@ -142,6 +142,7 @@ class UnitMap:
     name: str
     column: np.ndarray
     twin: np.ndarray
+    real: np.ndarray | None = None  # units of the graph (``DenseLayer.real``); None: all
 
     @property
     def stable(self) -> np.ndarray:
@@ -205,7 +206,8 @@ class Canonical:
             err = err * (1.0 + gamma(4))
             pre = Form(coeffs, const, err)
             if layer.relu:
-                unit = UnitMap(tag, k, layer.name, np.zeros(0, np.int64), np.zeros(0, bool))
+                real = None if layer.auxiliary is None else layer.real
+                unit = UnitMap(tag, k, layer.name, np.zeros(0, np.int64), np.zeros(0, bool), real)
                 form = self._activate(pre, stability.layers[k], unit)
                 self.units.append(unit)
             else:

@@ -67,10 +67,19 @@ class LayerMatch:
     matched: np.ndarray
     stable: np.ndarray
     one_sided: np.ndarray
+    real: np.ndarray | None = None
+    """Per neuron of the layer: a unit of the graph; ``False`` for the auxiliary passthrough
+    neurons of a residual CNN (``DenseLayer.auxiliary``), which take part in the proof but are
+    never counted or reported. ``None``: every neuron is a unit."""
+
+    def counted(self, role: str) -> np.ndarray:
+        """The units of ``role`` ("matched", "stable", "one_sided") that are units of the graph."""
+        units = getattr(self, role)
+        return units if self.real is None else units[self.real[units]]
 
     @property
     def size(self) -> int:
-        return int(self.matched.size + self.stable.size + self.one_sided.size)
+        return sum(int(self.counted(role).size) for role in ("matched", "stable", "one_sided"))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,9 +87,9 @@ class LayerMatch:
             "layer": self.layer,
             "name": self.name,
             "size": self.size,
-            "matched": int(self.matched.size),
-            "stable": int(self.stable.size),
-            "one_sided": self.one_sided.tolist(),
+            "matched": int(self.counted("matched").size),
+            "stable": int(self.counted("stable").size),
+            "one_sided": self.counted("one_sided").tolist(),
         }
 
 
@@ -99,7 +108,7 @@ class Correspondence:
 
     def count(self, role: str, network: str | None = None) -> int:
         return sum(
-            getattr(layer, role).size
+            layer.counted(role).size
             for layer in self.layers
             if network is None or layer.network == network
         )
@@ -164,6 +173,7 @@ def correspondence_of(canonical: Canonical) -> Correspondence:
                 matched=np.flatnonzero((free & both) | unit.twin),
                 stable=np.flatnonzero(~free & ~unit.twin),
                 one_sided=np.flatnonzero(free & ~both),
+                real=unit.real,
             )
         )
     return Correspondence(layers)
@@ -171,6 +181,11 @@ def correspondence_of(canonical: Canonical) -> Correspondence:
 
 QUICK_SAMPLES = 2048
 """Box points forward-passed by :func:`quick_stability` (centre, uniform, Bernoulli corners)."""
+
+QUICK_TARGET_SAMPLES = 256
+"""The same with ``targets``: the vertices that attain the targets' bounds are the inputs that
+can refute them; ``check``'s onnxruntime sampling covers the box (a numpy forward pass of a big
+CNN's dense layers costs far more than onnxruntime's)."""
 
 
 def quick_stability(
@@ -191,11 +206,19 @@ def quick_stability(
     proof needs decided, e.g. :meth:`onnx_exact.equivalence.structural.Alignment.targets`), CROWN
     runs only up to the deepest layer where a target is still open after interval arithmetic, and
     there only on those targets: the layers below need CROWN for tight ReLU relaxations, the
-    layers above nothing (they keep their interval bounds, which are sound).
+    layers above nothing (they keep their interval bounds, which are sound). Then only the
+    targets' vertices (first-layer extremes, CROWN vertices) and ``QUICK_TARGET_SAMPLES`` box
+    points are forward-passed.
     """
     box_net = box.to_network(net.input_map)
     bounds = interval_bounds(net, box_net)
-    candidates = [box_net.center[None, :], first_layer_extremes(net, box_net)]
+    candidates = [box_net.center[None, :]]
+    if targets is None:
+        candidates.append(first_layer_extremes(net, box_net))
+    elif 0 in targets:
+        positive = net.layers[0].weight[targets[0]] > 0.0
+        lo, hi = box_net.lower, box_net.upper
+        candidates += [np.where(positive, hi, lo), np.where(positive, lo, hi)]
     for k in range(1, len(net.layers)):
         current = bounds[k]
         rows = np.flatnonzero((current.lower < 0.0) & (current.upper > 0.0))
@@ -216,9 +239,12 @@ def quick_stability(
             continue
         bounds[k], corners = symbolic_bounds(net, box_net, bounds, k, rows)
         bounds = interval_bounds(net, box_net, bounds)
+        if targets is not None:
+            corners = corners[:, np.isin(rows, targets.get(k, ()))]
         candidates.append(corners.reshape(-1, net.in_features))
     rng = np.random.default_rng(seed)
-    candidates.append(sample_inputs(box_net, rng, QUICK_SAMPLES))
+    samples = QUICK_SAMPLES if targets is None else QUICK_TARGET_SAMPLES
+    candidates.append(sample_inputs(box_net, rng, samples))
     seen = observe(net, np.clip(np.concatenate(candidates), box_net.lower, box_net.upper))
     layers = []
     for k, layer in enumerate(net.layers):

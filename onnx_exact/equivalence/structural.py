@@ -99,16 +99,16 @@ class Alignment:
         """The roles in :class:`Correspondence` terms: ``B``'s units and their counterparts are
         matched, ``A``'s removed units stable (dead); auxiliary neurons are no units."""
         layers_a, layers_b = [], []
+        none = np.zeros(0, dtype=np.int64)
         for a in self.layers:
             la, lb = net_a.layers[a.layer], net_b.layers[a.layer]
-            if not la.relu:
-                continue
-            real_a, real_b = la.real, lb.real
-            matched_a = np.sort(a.rows[real_a[a.rows]])
-            removed = a.removed[real_a[a.removed]]
-            none = np.zeros(0, dtype=np.int64)
-            layers_a.append(LayerMatch("A", a.layer, la.name, matched_a, removed, none))
-            layers_b.append(LayerMatch("B", a.layer, lb.name, np.flatnonzero(real_b), none, none))
+            if la.relu:
+                real_a = None if la.auxiliary is None else la.real
+                real_b = None if lb.auxiliary is None else lb.real
+                matched = np.sort(a.rows)
+                layers_a.append(LayerMatch("A", a.layer, la.name, matched, a.removed, none, real_a))
+                every = np.arange(lb.out_features)
+                layers_b.append(LayerMatch("B", a.layer, lb.name, every, none, none, real_b))
         return Correspondence(layers_a + layers_b)
 
 
@@ -247,10 +247,16 @@ def prove_structurally(
         output_tensor=net_a.output_name,
         timings_s=timings,
         correspondence=correspondence,
-        notes=[
-            f"structural correspondence: B is A with {alignment.removed} hidden neurons removed "
-            f"({dead} proved inactive on the box, {alignment.removed - dead} zero by "
-            "construction) and every kept weight identical, so f_A = f_B exactly on the box"
-        ],
+        notes=[_note(alignment.removed, dead)],
     )
     return result, stability
+
+
+def _note(removed: int, dead: int) -> str:
+    if not removed:
+        return "structural correspondence: every weight of B is A's, so f_A = f_B exactly"
+    return (
+        f"structural correspondence: B is A with {removed} hidden neurons removed ({dead} proved "
+        f"inactive on the box, {removed - dead} zero by construction) and every kept weight "
+        "identical, so f_A = f_B exactly on the box"
+    )
