@@ -350,3 +350,34 @@ def test_a_relu6_in_the_dense_head_loses_its_dead_and_saturated_units():
         run_onnxruntime(result.model, x, (2, 4, 4)), run_onnxruntime(model, x, (2, 4, 4)),
         atol=1e-5,
     )  # fmt: skip
+
+
+def test_a_relu6_mlp_is_read_as_a_clip_network_and_compressed():
+    """An MLP with ReLU6 (``Gemm → Clip → Gemm → Clip → Gemm``, no Conv) goes to the reader that
+    knows Clip: hidden unit 0 dead, unit 1 saturated (folded into the next Gemm's bias), and the
+    second Clip linear everywhere (small weights, bias 3), so it is removed."""
+    rng = np.random.default_rng(6)
+    g = GraphBuilder()
+    low, high = g.const(np.float32(0.0)), g.const(np.float32(6.0))
+    bias = (rng.normal(size=8) * 0.1).astype(np.float32)
+    bias[:2] = [-50.0, 50.0]
+    h = g.node("Gemm", ["x", g.const(rng.normal(size=(8, 6)).astype(np.float32)),
+                        g.const(bias)], transB=1)  # fmt: skip
+    h = g.node("Clip", [h, low, high], name="relu6_1")
+    weight = (rng.normal(size=(4, 8)) * 0.02).astype(np.float32)
+    h = g.node("Gemm", [h, g.const(weight), g.const(np.full(4, 3.0, np.float32))], transB=1)
+    h = g.node("Clip", [h, low, high], name="relu6_2")
+    head = rng.normal(size=(2, 4)).astype(np.float32)
+    g.node("Gemm", [h, g.const(head), g.const(np.zeros(2, np.float32))], output="y", transB=1)
+    model = g.model([g.tensor("x", ["n", 6])], [g.tensor("y", ["n", 2])], opset=13)
+    box = DomainSpec(lower=np.zeros(6), upper=np.ones(6))
+    result = compress(model, None, box, AnalysisOptions(time_limit=10, jobs=1))
+    first, second = (layer.channels for layer in result.report.layers)
+    assert result.report.passed
+    assert (first.dead, first.saturated, first.removed) == ([0], [1], [0, 1])
+    assert second.relu_removed and second.active == [0, 1, 2, 3]
+    assert [n.name for n in result.model.graph.node if n.op_type == "Clip"] == ["relu6_1"]
+    x = np.random.default_rng(2).random((40, 6))
+    np.testing.assert_allclose(
+        run_onnxruntime(result.model, x, (6,)), run_onnxruntime(model, x, (6,)), atol=1e-5
+    )

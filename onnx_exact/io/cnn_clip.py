@@ -29,6 +29,7 @@ line naming the node.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from onnx_exact.core.operators import IndexOperator
 from onnx_exact.io.affine_chain import AffineChain
@@ -83,12 +84,29 @@ def clip_maximum(walk, index: int) -> float:
             bounds.append(float(np.float32(node_attr(node, what, default))))
     low, high = bounds
     if low != 0.0 or not 0.0 < high < FLOAT_LIMIT:
-        shown = "none" if high >= FLOAT_LIMIT else f"{high:g}"
+        shown = ["none" if abs(b) >= FLOAT_LIMIT else f"{b:g}" for b in bounds]
         raise walk.fail(
-            f"{label}: Clip(min {low:g}, max {shown}) is not supported; only Clip(0, c) with "
-            "c > 0 (ReLU6) and Relu can be analysed (a Clip(0, none) is a Relu: export it as one)"
+            f"{label}: Clip(min {shown[0]}, max {shown[1]}) is not supported; only ReLU and "
+            "Clip(0, c) with c > 0 (ReLU6) activations can be analysed (a Clip(0, none) is a "
+            "Relu: export it as one)"
         )
     return high
+
+
+def holds_clip_activation(model: onnx.ModelProto) -> bool:
+    """Whether a ``Clip`` of the main graph feeds a Conv, Gemm or MatMul (directly or through
+    other nodes): an activation between layers, which the CNN reader reads (for an MLP too, whose
+    reader knows only Relu); a Clip in the tail after the last layer is no activation."""
+    cores = {"Conv", "Gemm", "MatMul"}
+    reaches: set[str] = set()  # graph nodes are topologically sorted
+    for node in reversed(model.graph.node):
+        standard = node.domain in ("", "ai.onnx")
+        feeds = any(o in reaches for o in node.output)
+        if standard and node.op_type == "Clip" and feeds:
+            return True
+        if feeds or (standard and node.op_type in cores):
+            reaches.update(name for name in node.input if name)
+    return False
 
 
 def with_kinks(

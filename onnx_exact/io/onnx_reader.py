@@ -36,6 +36,7 @@ import onnx
 
 from onnx_exact.core.errors import UnsupportedModelError
 from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.io.cnn_clip import holds_clip_activation
 from onnx_exact.io.cnn_reader import holds_conv, read_cnn
 from onnx_exact.io.graph import (
     Binding,
@@ -67,7 +68,8 @@ ModelSource = str | os.PathLike | onnx.ModelProto | ReadResult
 
 
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
-    """Load an ONNX model and extract its ReLU network (a sequential CNN when it holds a Conv:
+    """Load an ONNX model and extract its ReLU network (a sequential CNN when it holds a Conv,
+    and a network with ``Clip(0, c)``/ReLU6 activations, MLPs too:
     :func:`onnx_exact.io.cnn_reader.read_cnn`).
 
     Parameters
@@ -94,7 +96,7 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
         model, external = load_with_external_data(path)
     check_opsets(model, label)
     check_integrity(model, label)
-    if holds_conv(model):
+    if holds_conv(model) or holds_clip_activation(model):
         result = read_cnn(model, label, path, external)
     else:
         result = _GraphWalker(model, label).read(path, external)
