@@ -227,13 +227,23 @@ def subdivide(analysis: Analysis, k: int, effort: float = 1.0) -> None:
     the attack tier a second or two, so the large budget goes only to what the attack left,
     mostly stable directions whose extreme lies near 0. The search keeps its open leaves, so each
     call and retry continues it; directions settled elsewhere meanwhile are dropped from it.
-    Labels are the same for any ``jobs``.
+    In the first pass (``effort`` 1) under a time limit, the call also stops at an equal share
+    of the time left for this layer and each layer above it: a layer whose directions need
+    many leaves must not starve the layers above, whose open directions are often decided by
+    a few leaves or witnesses; the retries continue the search. Labels are the same for any
+    ``jobs``.
     """
     if k == 0:
         return
     with analysis.timed(Tier.SUBDIVIDE):
         if k in analysis.searches or _start_search(analysis, k):
-            _run_search(analysis, k, int(policy.SUBDIVIDE_LEAVES * effort), Tier.SUBDIVIDE)
+            deadline = analysis.deadline
+            if effort <= 1.0 and np.isfinite(deadline):
+                layers_left = sum(1 for j in analysis.net.relu_layer_indices if j >= k)
+                now = time.monotonic()
+                deadline = min(deadline, now + (deadline - now) / max(layers_left, 1))
+            leaves = int(policy.SUBDIVIDE_LEAVES * effort)
+            _run_search(analysis, k, leaves, Tier.SUBDIVIDE, deadline)
 
 
 def _start_search(analysis: Analysis, k: int) -> bool:
@@ -257,11 +267,15 @@ def _start_search(analysis: Analysis, k: int) -> bool:
     return True
 
 
-def _run_search(analysis: Analysis, k: int, leaves: int, tier: Tier) -> None:
-    """Continue layer k's input search for ``leaves`` leaves; apply its verdicts as ``tier``."""
+def _run_search(
+    analysis: Analysis, k: int, leaves: int, tier: Tier, deadline: float | None = None
+) -> None:
+    """Continue layer k's input search for ``leaves`` leaves (until ``deadline``, by default
+    the analysis's); apply its verdicts as ``tier``."""
     search = analysis.searches[k]
     neurons, signs = search.neurons, search.signs
-    outcome = search.run(leaves, analysis.deadline, asked=analysis.still_open(k, neurons, signs))
+    stop = analysis.deadline if deadline is None else deadline
+    outcome = search.run(leaves, stop, asked=analysis.still_open(k, neurons, signs))
     analysis.see(outcome.witnesses, tier)
     proved = outcome.proved & analysis.still_open(k, neurons, signs)
     analysis.prove_covered(k, neurons[proved], signs[proved], outcome.worst[proved], tier)

@@ -1,0 +1,51 @@
+"""How the schedule hands the input search's time between layers (few-input networks)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnx_exact.core.box import Box
+from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.core.verdicts import NeuronState, Tier
+from onnx_exact.stability import analyze_stability, policy
+from onnx_exact.stability import tiers as stability_tiers
+
+
+def sink_net() -> tuple[Network, Box]:
+    """Layer 1 holds directions no leaf can close; layer 2's neuron needs splitting.
+
+    ``-relu(x0)`` has maximum exactly 0 and ``relu(x0 + x1)`` minimum exactly 0 on
+    ``[-1, 1]^2``: neither is provable beyond the margin nor refutable, so their search never
+    ends. ``relu(x0 + x1) + relu(x0 - x1) - 2.5 <= -0.5`` is stably inactive, but the triangle
+    relaxation of the whole box bounds it by ``+0.5``: only splitting the input proves it.
+    """
+    layers = [
+        DenseLayer(np.array([[1.0, 1.0], [1.0, -1.0], [1.0, 0.0]]), np.zeros(3), True, "fc0"),
+        DenseLayer(
+            np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+            np.zeros(3),
+            True,
+            "fc1",
+        ),
+        DenseLayer(np.array([[0.0, 1.0, 1.0]]), np.array([-2.5]), True, "fc2"),
+        DenseLayer(np.ones((1, 1)), np.zeros(1), False, "out"),
+    ]
+    return Network(layers, InputMap.identity(2)), Box(-np.ones(2), np.ones(2))
+
+
+def test_a_layer_whose_search_never_ends_leaves_the_layers_above_their_share(monkeypatch):
+    """Under a time limit a layer's first-pass subdivide stops at its share of the time left
+    (equal shares for it and each layer above), so a layer above a search that never ends still
+    gets its turn before the deadline; without the share layer 1 took all the time."""
+    net, box = sink_net()
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 1)
+    monkeypatch.setattr(policy, "SUBDIVIDE_LEAVES", 10**9)  # only time stops layer 1's search
+    monkeypatch.setitem(stability_tiers.TIER_FUNCTIONS, Tier.ATTACK, lambda *args: None)
+    result = analyze_stability(net, box, tiers=("split", "subdivide"), time_limit=4)
+    assert result.time_limit_hit
+    assert result.layers[1].states[0] == NeuronState.UNDECIDED
+    assert result.layers[2].states[0] == NeuronState.INACTIVE
+    assert result.layers[2].decided_by[0] == "subdivide"
+    assert result.layers[2].upper[0] <= 0.0
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 101)] * 2), axis=-1).reshape(-1, 2)
+    assert net.preactivations(grid)[2].max() <= result.layers[2].upper[0]
