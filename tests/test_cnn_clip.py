@@ -261,9 +261,12 @@ def test_a_kink_seen_positive_ends_the_proofs_that_the_clip_is_the_identity():
     assert not analysis.structural(k)[1].any()
 
 
-def _inverted_residual(fork_after_clip: bool) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+def _inverted_residual(
+    fork_after_clip: bool, projection: bool = False
+) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     """A MobileNet-v2 inverted residual block: ``stem Conv [→ Clip]`` forks into ``1×1 expand →
-    Clip → depthwise 3×3 → Clip → 1×1 project`` and the identity skip, joined by ``Add``, then
+    Clip → depthwise 3×3 → Clip → 1×1 project`` and the identity skip (or a 1×1 projection
+    Conv, listed before the branch: the fork's first reader), joined by ``Add``, then
     ``GlobalAveragePool → Flatten → Gemm``; expand channel 1 is dead (bias −50)."""
     rng = np.random.default_rng(12)
     g = GraphBuilder()
@@ -278,13 +281,14 @@ def _inverted_residual(fork_after_clip: bool) -> tuple[onnx.ModelProto, tuple[in
     h = conv("input", 3, 2, 3, pads=[1, 1, 1, 1])
     if fork_after_clip:
         h = g.node("Clip", [h, zero, six], name="clip_stem")
+    skip = conv(h, 3, 3, 1) if projection else h
     expand_bias = np.array([0.5, -50.0, 1.0, 2.0, 0.1, 0.3], np.float32)
     b = conv(h, 6, 3, 1, bias=expand_bias)
     b = g.node("Clip", [b, zero, six], name="clip_expand")
     b = conv(b, 6, 1, 3, group=6, pads=[1, 1, 1, 1])
     b = g.node("Clip", [b, zero, six], name="clip_dw")
     b = conv(b, 3, 6, 1)
-    h = g.node("Add", [b, h])
+    h = g.node("Add", [b, skip])
     h = g.node("GlobalAveragePool", [h])
     h = g.node("Flatten", [h], axis=1)
     g.node("Gemm", [h, g.const(rng.normal(size=(2, 3)).astype(np.float32))], output="out",
@@ -294,12 +298,17 @@ def _inverted_residual(fork_after_clip: bool) -> tuple[onnx.ModelProto, tuple[in
     return model, shape
 
 
-@pytest.mark.parametrize("fork_after_clip", [True, False], ids=["clip_fork", "conv_fork"])
-def test_clips_inside_a_residual_branch_read_and_prune_exactly(fork_after_clip):
+@pytest.mark.parametrize(
+    "fork_after_clip, projection",
+    [(True, False), (False, False), (True, True)],
+    ids=["clip_fork", "conv_fork", "projection_first"],
+)
+def test_clips_inside_a_residual_branch_read_and_prune_exactly(fork_after_clip, projection):
     """The skip source (a Clip output, or a Conv output) is carried across the branch's Clip
-    layers (after their kinks) in the pair form; the network is onnxruntime's, and the dead
+    layers (after their kinks) in the pair form; the branch is the path with the Clips even when
+    a projection skip is the fork's first reader; the network is onnxruntime's, and the dead
     expand channel goes from the compressed model, which verifies."""
-    model, shape = _inverted_residual(fork_after_clip)
+    model, shape = _inverted_residual(fork_after_clip, projection)
     n = int(np.prod(shape))
     x = np.random.default_rng(1).uniform(-1, 1, (40, n))
     net = read_model(model).network

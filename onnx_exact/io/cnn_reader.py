@@ -298,6 +298,12 @@ class _CnnWalker(ResidualWalk, GraphWalk):
         self._close_layer(None, current)
         return current
 
+    def _is_relu(self, index: int) -> bool:
+        """Whether node ``index`` is an activation that closes a layer (a Relu or a Clip): a
+        residual block's branch is the path holding one."""
+        node = self.graph.node[index]
+        return node.op_type in ("Relu", "Clip") and node.domain in ("", "ai.onnx")
+
     def _unsupported(self, index: int) -> UnsupportedModelError:
         node = self.graph.node[index]
         label = node_label(index, node)
