@@ -25,7 +25,7 @@ from onnx_exact.equivalence.correspondence import quick_stability
 from onnx_exact.equivalence.proof import Counterexample
 from onnx_exact.equivalence.prover import ProgressCallback, Replay, prove_equivalence
 from onnx_exact.equivalence.results import CheckReport, ProofResult
-from onnx_exact.equivalence.structural import Alignment, align
+from onnx_exact.equivalence.structural import align
 from onnx_exact.io.domain_sources import InputLayout, model_input_dims
 from onnx_exact.io.graph import output_names
 from onnx_exact.io.onnx_reader import ModelSource, ReadResult, read_model
@@ -161,6 +161,11 @@ def check_equivalence(
             alignment = align(read_a.network, read_b.network)
         targets = None if alignment is None else alignment.targets()
         reads = (read_a,) if alignment is not None else (read_a, read_b)
+        if alignment is not None and not isinstance(b, ReadResult):
+            # B's network is not needed while A is analysed: it is read again from its loaded
+            # proto afterwards, so the peak holds one dense network and the analysis, not two
+            # (resnet_4b's are 600 MB each).
+            read_b.network = None
         for index, read in enumerate(reads):
             net = read.network
             if net.in_features != box.size:
@@ -168,6 +173,8 @@ def check_equivalence(
             if stabilities[index] is None:
                 stabilities[index] = quick_stability(net, box, seed, targets=targets)
             witnesses.append(_raw_witnesses(net, box, stabilities[index]))
+        if read_b.network is None:
+            read_b.network = read_model(read_b.model).network
     timings["analysis"] = time.monotonic() - stage
 
     stage = time.monotonic()
@@ -183,7 +190,7 @@ def check_equivalence(
         remaining = None if time_limit is None else max(time_limit - (stage - started), 1e-3)
         proof = _prove_models(
             read_a, read_b, why_a or why_b, box, atol, sampled, extra, stabilities, remaining,
-            seed, jobs, progress, alignment,
+            seed, jobs, progress,
         )  # fmt: skip
         timings["proof"] = time.monotonic() - stage
         if proof.proved and not sampled.passed:
@@ -208,7 +215,6 @@ def _prove_models(
     seed: int,
     jobs: int,
     progress: ProgressCallback | None,
-    alignment: Alignment | None = None,
 ) -> ProofResult:
     """The proof on two read models: tolerance, replay in onnxruntime, notes about tails."""
     if read_a is None or read_b is None:
@@ -246,7 +252,6 @@ def _prove_models(
         seed=seed,
         jobs=jobs,
         progress=progress,
-        alignment=alignment,
     )
     result.output_tensor = end_a
     result.notes = notes + result.notes

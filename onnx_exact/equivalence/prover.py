@@ -7,6 +7,12 @@ a thin region of the box).
 
 How the proof goes
 ------------------
+First, when ``B`` is ``A`` with units removed and every kept weight bit-identical (what pruning
+writes: :mod:`onnx_exact.equivalence.structural`), only ``A``'s removed units need a proof of
+being dead (bounds of ``A`` up to the deepest of them, then the exact tiers on those left open);
+then ``f_A = f_B`` exactly, every direction is proved with bound 0 by ``matched`` (nothing
+removed) or ``stable-units``, and nothing below runs. Otherwise:
+
 0. ``stability``: each network's sound bounds and sampled signs (interval and CROWN bounds,
    forward passes: :func:`onnx_exact.equivalence.correspondence.quick_stability`), or the
    analysis ``compress`` already ran.
@@ -56,12 +62,7 @@ from onnx_exact.equivalence.correspondence import (
 )
 from onnx_exact.equivalence.proof import Counterexample, DirectionBound, milp_tier
 from onnx_exact.equivalence.results import ProofResult
-from onnx_exact.equivalence.structural import (
-    TARGETED_SHARE,
-    Alignment,
-    align,
-    prove_structurally,
-)
+from onnx_exact.equivalence.structural import TARGETED_SHARE, align, prove_structurally
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: "matched" and "stable-units" report the directions proved so
@@ -96,7 +97,6 @@ def prove_equivalence(
     seed: int = 0,
     jobs: int = 1,
     progress: ProgressCallback | None = None,
-    alignment: Alignment | None = None,
 ) -> ProofResult:
     """Prove ``max_x |f_A(x) - f_B(x)| <= tol`` over the raw box, or find a violating input.
 
@@ -116,8 +116,6 @@ def prove_equivalence(
     seed : seed of the stability analyses' sampling.
     jobs : worker processes of the targeted stability analyses and the per-direction MILPs.
     progress : optional :data:`ProgressCallback`, called after each method.
-    alignment : the structural correspondence of ``B`` to ``A`` when the caller has it
-        (:func:`onnx_exact.equivalence.structural.align`, which runs here otherwise).
 
     Returns
     -------
@@ -142,8 +140,7 @@ def prove_equivalence(
                 f"{net_b.out_features})"
             ],
         )
-    if alignment is None:
-        alignment = align(net_a, net_b)
+    alignment = align(net_a, net_b)
     if alignment is not None:
         structural, stability_a = prove_structurally(
             net_a, net_b, box, tol, alignment, stability_a, deadline, seed=seed, jobs=jobs
