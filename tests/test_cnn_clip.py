@@ -10,6 +10,8 @@ file), then compared with the input model in onnxruntime on box samples.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -390,3 +392,20 @@ def test_a_relu6_mlp_is_read_as_a_clip_network_and_compressed():
     np.testing.assert_allclose(
         run_onnxruntime(result.model, x, (6,)), run_onnxruntime(model, x, (6,)), atol=1e-5
     )
+
+
+def test_the_command_line_shows_the_clip_layers_saturated_and_folded(tmp_path):
+    """``onnx-exact IN OUT``: the Channels table names each Clip layer's kind and its saturated
+    channels; the JSON has the Clip keys per layer."""
+    fixture = VALID_BUILDERS["clip_legacy"]()
+    model, out, report = tmp_path / "clip.onnx", tmp_path / "small.onnx", tmp_path / "r.json"
+    onnx.save(fixture.model, model)
+    code, stdout, stderr = run_cli(
+        [model, out, "-r", "[0,1]", "--time-limit", "10", "--jobs", "1", "--json", report]
+    )
+    assert code == 0, stderr
+    assert "Clip(0, 6)" in stdout and "saturated" in stdout and "verification PASSED" in stdout
+    layers = {layer["name"]: layer for layer in json.loads(report.read_text())["layers"]}
+    assert layers["clip1"]["clip"] == 6.0 and layers["clip1"]["channels"]["folded"] == [1]
+    assert len(layers["clip1"]["stably_saturated"]) == 36
+    assert layers["clip2"]["channels"]["relu_removed"]
