@@ -76,12 +76,14 @@ class DenseLayer:
         removes a channel only when every neuron carrying its index is proved inactive. ``None``
         for a dense layer.
     auxiliary : (out,) bool or None
-        Neurons that are no unit of the ONNX graph: the *passthrough* neurons a residual CNN's
-        reader adds to carry a skip connection's source ``s >= 0`` (a ReLU output) across the
-        layers of the other branch (:mod:`onnx_exact.io.cnn_residual`). Each is ``relu(s_j) =
-        s_j`` exactly, so the analysis marks them ACTIVE by construction, and they are never
-        reported, pursued, counted or pruned. They come after the layer's real neurons; their
-        ``channels`` entry is one past the largest real channel. ``None``: no such neuron.
+        Neurons that are no unit of the ONNX graph, never reported, pursued, counted or pruned:
+        the kinks of a Clip layer (see ``clip``) and the *passthrough* neurons a residual CNN's
+        reader adds to carry a skip connection's source across the layers of the other branch
+        (:mod:`onnx_exact.io.cnn_residual`): a selection row ``relu(s_j) = s_j`` of a ReLU
+        output ``s >= 0`` (ACTIVE by construction: :attr:`passthrough`), or the pair
+        ``relu(±s)`` of a source that may be negative. They come after the layer's real neurons
+        (kinks first); their ``channels`` entry is one past the largest real channel. ``None``:
+        no such neuron.
     clip : float or None
         ``c > 0`` when the layer is a ``Clip(0, c)`` (ReLU6: ``c = 6``) of the graph, read as
         ``clip(y, 0, c) = relu(y) - relu(y - c)``: its ``n`` real neurons are the units
@@ -100,9 +102,9 @@ class DenseLayer:
     auxiliary: np.ndarray | None = None
     clip: float | None = None
     passthrough: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
-    """When every auxiliary neuron is a trailing selection row (weight 1 on one input, bias 0):
-    the input each one copies, so :meth:`apply` gathers them instead of multiplying (a third
-    of a ResNet's dense entries are such rows)."""
+    """When every auxiliary neuron after the kinks is a selection row (weight 1 on one input,
+    bias 0): the input each one copies, so :meth:`apply` gathers them instead of multiplying (a
+    third of a ResNet's dense entries are such rows)."""
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, dtype=np.float64)

@@ -92,8 +92,7 @@ class Analysis:
         ReLUs that keep the verdicts of the bounds pass and witnesses and are never pursued
         (:meth:`structural`): the pair ``relu(±s)`` of a skip from a tensor that may be
         negative, and the kinks ``relu(y - c)`` of a ``Clip(0, c)`` layer
-        (:attr:`DenseLayer.kinks`, which may be negative; they come before the passthrough
-        rows).
+        (:attr:`DenseLayer.kinks`, before the passthrough rows).
         """
         layer = self.net.layers[k]
         if k == 0 or not self.net.layers[k - 1].relu or layer.passthrough is None:
