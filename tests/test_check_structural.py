@@ -96,6 +96,10 @@ def test_quick_stability_with_targets_runs_crown_only_up_to_the_deepest_target(m
     assert all(set(rows) <= set(target.tolist()) for k, rows in calls if k == 2)
     # the layers below the target got CROWN as before, so the target's verdicts are as tight
     np.testing.assert_array_equal(result.layers[2].upper[target], full.layers[2].upper[target])
+    calls.clear()
+    late = correspondence.quick_stability(net, _box(6), targets={2: target}, deadline=-np.inf)
+    assert not calls  # past the deadline: interval verdicts only, the time limit holds
+    assert np.all(late.layers[2].upper[target] >= result.layers[2].upper[target])
 
 
 def test_check_of_a_pruned_residual_cnn_analyses_only_the_reference(monkeypatch):
@@ -108,9 +112,9 @@ def test_check_of_a_pruned_residual_cnn_analyses_only_the_reference(monkeypatch)
     analysed = []
     quick = check_module.quick_stability
 
-    def recording(net, box, seed=0, targets=None):
+    def recording(net, box, seed=0, targets=None, deadline=np.inf):
         analysed.append(targets)
-        return quick(net, box, seed, targets=targets)
+        return quick(net, box, seed, targets, deadline)
 
     monkeypatch.setattr(check_module, "quick_stability", recording)
     box = Box(fixture.lower, fixture.upper, "input", "test")

@@ -143,6 +143,7 @@ def check_equivalence(
     """
     timings: dict[str, float] = {}
     started = stage = time.monotonic()
+    deadline = np.inf if time_limit is None else started + time_limit
     read_a, label_a, why_a = _read(a)
     read_b, label_b, why_b = _read(b)
     model_a = _runnable(read_a) if read_a is not None else a
@@ -171,7 +172,7 @@ def check_equivalence(
             if net.in_features != box.size:
                 break
             if stabilities[index] is None:
-                stabilities[index] = quick_stability(net, box, seed, targets=targets)
+                stabilities[index] = quick_stability(net, box, seed, targets, deadline)
             witnesses.append(_raw_witnesses(net, box, stabilities[index]))
         if read_b.network is None:
             read_b.network = read_model(read_b.model).network

@@ -189,7 +189,11 @@ CNN's dense layers costs far more than onnxruntime's)."""
 
 
 def quick_stability(
-    net: Network, box: Box, seed: int = 0, targets: dict[int, np.ndarray] | None = None
+    net: Network,
+    box: Box,
+    seed: int = 0,
+    targets: dict[int, np.ndarray] | None = None,
+    deadline: float = np.inf,
 ) -> StabilityResult:
     """The verdicts a proof starts from, in bounded time: bounds and forward passes only.
 
@@ -208,7 +212,8 @@ def quick_stability(
     there only on those targets: the layers below need CROWN for tight ReLU relaxations, the
     layers above nothing (they keep their interval bounds, which are sound). Then only the
     targets' vertices (first-layer extremes, CROWN vertices) and ``QUICK_TARGET_SAMPLES`` box
-    points are forward-passed.
+    points are forward-passed. Past ``deadline`` (``time.monotonic()``) no further layer gets
+    CROWN: its neurons keep their interval verdicts (the proof's time limit holds it).
     """
     box_net = box.to_network(net.input_map)
     bounds = interval_bounds(net, box_net)
@@ -220,6 +225,8 @@ def quick_stability(
         lo, hi = box_net.lower, box_net.upper
         candidates += [np.where(positive, hi, lo), np.where(positive, lo, hi)]
     for k in range(1, len(net.layers)):
+        if time.monotonic() >= deadline:
+            break
         current = bounds[k]
         rows = np.flatnonzero((current.lower < 0.0) & (current.upper > 0.0))
         if targets is not None:

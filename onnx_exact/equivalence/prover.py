@@ -74,12 +74,14 @@ at ``coordinate`` of the end tensor when it is a graph output, else the largest 
 outputs after the tail; ``exceeds`` is whether any compared value is beyond its tolerance."""
 
 
-def _analysis(net: Network, box: Box, given: StabilityResult | None, seed: int) -> StabilityResult:
+def _analysis(
+    net: Network, box: Box, given: StabilityResult | None, seed: int, deadline: float
+) -> StabilityResult:
     """``given`` (e.g. ``compress``'s analysis), or :func:`quick_stability` over the raw box.
 
     Neurons it leaves undecided cost the proof targeting or binaries, never soundness.
     """
-    return given if given is not None else quick_stability(net, box, seed)
+    return given if given is not None else quick_stability(net, box, seed, deadline=deadline)
 
 
 def prove_equivalence(
@@ -153,8 +155,8 @@ def prove_equivalence(
     timings: dict[str, float] = {}
     stage = time.monotonic()
     stabilities = [
-        _analysis(net_a, box, stability_a, seed),
-        _analysis(net_b, box, stability_b, seed),
+        _analysis(net_a, box, stability_a, seed, deadline),
+        _analysis(net_b, box, stability_b, seed, deadline),
     ]
     timings["stability"] = time.monotonic() - stage
 

@@ -214,7 +214,7 @@ def prove_structurally(
     stage = time.monotonic()
     stability = stability_a
     if stability is None:
-        stability = quick_stability(net_a, box, seed, targets=targets)
+        stability = quick_stability(net_a, box, seed, targets, deadline)
     timings = {"stability": time.monotonic() - stage}
     unproved = alignment.unproved(stability)
     targeted = sum(units.size for units in unproved.values())
