@@ -145,3 +145,16 @@ def test_the_canonical_correspondence_does_not_count_auxiliary_neurons():
         assert layer.size == int(net.layers[layer.layer].real.sum()), layer.name
     units = sum(int(net.layers[k].real.sum()) for k in net.relu_layer_indices)
     assert sum(layer.size for layer in matches.layers) == 2 * units
+
+
+def test_compress_prove_on_a_cnn_reuses_its_analysis_for_the_structural_proof():
+    """``compress --prove`` hands its own verdicts to the proof: the pruned CNN is proved with
+    bound 0 from them (no other analysis, no MILP)."""
+    fixture = VALID_BUILDERS["residual_block"]()
+    domain = DomainSpec(lower=fixture.lower, upper=fixture.upper)
+    options = AnalysisOptions(time_limit=5, jobs=1)
+    report = compress(fixture.model, None, domain, options, prove=True).report
+    proof = report.proof
+    assert report.passed and proof.status == "proved" and proof.bound == 0.0
+    assert any("structural correspondence" in note for note in proof.notes)
+    assert set(proof.timings_s) == {"stability"}  # no exact tier, no canonical walk, no MILP
