@@ -106,6 +106,19 @@ def test_relu_layer_stats_splits_the_graph_at_each_relu():
     ]
 
 
+def test_relu_layer_stats_name_a_relu6_layer_by_its_clip():
+    """A Clip(0, c) layer owns its Conv like a Relu layer does (not the next Relu's layer)."""
+    model = VALID_BUILDERS["clip_legacy"]().model
+    stats = model_stats(model)
+    layers, tail = relu_layer_stats(model, ["clip1", "clip2"], stats)
+    by_node = {row.name: row for row in stats.nodes}
+    assert [(c.name, c.macs) for c in layers] == [
+        ("clip1", by_node["conv1"].macs),
+        ("clip2", by_node["conv2"].macs),
+    ]
+    assert tail.macs == by_node["Gemm_13"].macs > 0
+
+
 def _stability(net: Network, states: list[list[int]]) -> StabilityResult:
     layers = []
     for k, layer in enumerate(net.layers):

@@ -195,8 +195,9 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
 
 
 def _relu_key(node: onnx.NodeProto, names: set[str]) -> str | None:
-    """The name under which ``node`` is one of the asked ReLUs (its node name or output)."""
-    if node.op_type != "Relu":
+    """The name under which ``node`` is one of the asked ReLU layers (its node name or output):
+    a ``Relu``, or a ``Clip`` (a ReLU6 layer is named by its Clip)."""
+    if node.op_type not in ("Relu", "Clip"):
         return None
     for key in (node.name, node.output[0] if node.output else ""):
         if key and key in names:
