@@ -18,6 +18,7 @@ bias takes that sum (:attr:`Plan.shifts`); anything else keeps the channel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,10 @@ AFFINE_OPS = {"Add", "Sub", "Mul", "Div"}
 """Elementwise ops with one constant operand, allowed on the chain between a core and its Relu."""
 
 CHAIN_PASS_OPS = {"Identity", "Dropout", "Transpose"}
+"""Single-input ops that pass channels on unchanged (Transpose moves their axis)."""
+
+CORE_OPS = {"Conv", "Gemm", "MatMul"}
+"""The ops a channel's chain starts at: they own its filter (weights and bias)."""
 
 
 class Keep(Exception):
@@ -207,18 +212,33 @@ class ChannelPlanner:
         """The per-channel nodes that compute ``tensor`` from a core (``tensor``'s side first)
         and the core. With ``release`` (the channels are dropped, not proved 0), Relu, Clip,
         pools and Pad may be on the chain too."""
-        chain: list[int] = []
         allowed = CHAIN_PASS_OPS | (ACTIVATION_OPS | {"Pad"} | POOL_OPS if release else set())
+        return self.walk_chain(
+            tensor,
+            allowed,
+            lambda index: self.nodes[index].op_type in CORE_OPS,
+            "a Conv, Gemm or MatMul",
+        )
+
+    def walk_chain(
+        self, tensor: str, allowed: set[str], starts: Callable[[int], bool], start_kind: str
+    ) -> tuple[list[int], int]:
+        """The per-channel nodes computing ``tensor`` (its side first) up to the first node for
+        which ``starts`` holds, and that node. On the way: Add/Sub/Mul/Div by a constant,
+        inference BatchNormalization and the ``allowed`` single-input ops; anything else (a
+        second output in use, a foreign domain, a tensor with two readers) is a :class:`Keep`
+        naming the node. ``start_kind`` names what ``starts`` accepts, for the message."""
+        chain: list[int] = []
         while True:
             self.single_reader(tensor, "the tensor")
             index = self.producer.get(tensor)
             if index is None:
-                raise Keep(f"'{tensor}' is not computed by a Conv, Gemm or MatMul")
+                raise Keep(f"'{tensor}' is not computed by {start_kind}")
             node = self.nodes[index]
             op = node.op_type
             if node.domain not in ("", "ai.onnx"):
                 raise Keep(f"{self.label(index)} of domain '{node.domain}' is on the chain")
-            if op in ("Conv", "Gemm", "MatMul"):
+            if starts(index):
                 return chain, index
             if self.extra_outputs_used(index):
                 raise Keep(f"{self.label(index)} has a second output in use")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_exact.io.channel_plan import AFFINE_OPS, ChannelPlanner, Flow, Keep, Plan
+from onnx_exact.io.channel_plan import AFFINE_OPS, CORE_OPS, ChannelPlanner, Flow, Keep, Plan
 from onnx_exact.io.graph import node_attr
 
 JOIN_OPS = {"Add", "Sum"}
@@ -91,32 +91,12 @@ class StreamPlanner(ChannelPlanner):
     def _links(self, tensor: str) -> tuple[list[int], int]:
         """The per-channel nodes computing ``tensor`` (its side first) and the core or join
         they start at."""
-        links: list[int] = []
-        while True:
-            self.single_reader(tensor, "the tensor")
-            index = self.producer.get(tensor)
-            if index is None:
-                raise Keep(f"'{tensor}' is not computed by a Conv, Gemm, MatMul or residual Add")
-            node = self.nodes[index]
-            op = node.op_type
-            if node.domain not in ("", "ai.onnx"):
-                raise Keep(f"{self.label(index)} of domain '{node.domain}' is on the chain")
-            if op in ("Conv", "Gemm", "MatMul") or self.is_join(index):
-                return links, index
-            if self.extra_outputs_used(index):
-                raise Keep(f"{self.label(index)} has a second output in use")
-            if op in AFFINE_OPS:
-                slots = [s for s in (0, 1) if self.constants.value(node.input[s]) is None]
-                if len(slots) != 1:
-                    raise Keep(f"{self.label(index)} joins two computed tensors")
-                tensor = node.input[slots[0]]
-            elif op == "BatchNormalization" and not node_attr(node, "training_mode", 0):
-                tensor = node.input[0]
-            elif op in SKIP_PASS_OPS or op == "Transpose":
-                tensor = node.input[0]
-            else:
-                raise Keep(f"{self.label(index)} between the Relu and its core is not supported")
-            links.append(index)
+        return self.walk_chain(
+            tensor,
+            SKIP_PASS_OPS | {"Transpose"},
+            lambda index: self.nodes[index].op_type in CORE_OPS or self.is_join(index),
+            "a Conv, Gemm, MatMul or residual Add",
+        )
 
     def _operand(self, tensor: str, stream: Stream) -> int | None:
         """A join operand: the member Relu it passes on unchanged, or None after recording the
