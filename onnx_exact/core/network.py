@@ -216,15 +216,6 @@ class Network:
                 )
 
     @property
-    def kinks(self) -> np.ndarray:
-        """Indices of the kink neurons ``relu(y - c)`` of a Clip layer (unit ``i``'s kink is
-        ``kinks[i]``); empty for a Relu layer."""
-        if self.clip is None:
-            return np.zeros(0, dtype=np.int64)
-        units = int(self.real.sum())
-        return np.arange(units, 2 * units)
-
-    @property
     def in_features(self) -> int:
         return self.layers[0].in_features
 
