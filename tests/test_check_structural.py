@@ -9,8 +9,8 @@ from cnn_fixtures import VALID_BUILDERS
 from onnx_exact import AnalysisOptions, DomainSpec, compress
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
+from onnx_exact.equivalence import canonical, correspondence
 from onnx_exact.equivalence import check as check_module
-from onnx_exact.equivalence import correspondence
 from onnx_exact.equivalence.canonical import Canonical
 from onnx_exact.equivalence.check import check_equivalence
 from onnx_exact.equivalence.prover import prove_equivalence
@@ -158,3 +158,21 @@ def test_compress_prove_on_a_cnn_reuses_its_analysis_for_the_structural_proof():
     assert report.passed and proof.status == "proved" and proof.bound == 0.0
     assert any("structural correspondence" in note for note in proof.notes)
     assert set(proof.timings_s) == {"stability"}  # no exact tier, no canonical walk, no MILP
+
+
+def test_a_canonical_walk_beyond_its_memory_limit_is_not_proved_instead_of_run(monkeypatch):
+    """A pair that is not one pruned from the other goes to the canonical walk; when that walk
+    would exceed ``WALK_MAX_BYTES`` the proof says "not proved" (exit 4) before allocating."""
+    a = _mlp((5, 12, 8, 3), seed=2)
+    b = _without(a, 0, [])
+    b.layers[0].weight[3] *= 2.0  # unit 3 rescaled by 2, its outgoing column by 1/2: same f
+    b.layers[0].bias[3] *= 2.0
+    b.layers[1].weight[:, 3] /= 2.0
+    assert align(a, b) is None
+    box = _box(5)
+    assert prove_equivalence(a, b, box, 1e-5).status == "proved"
+    monkeypatch.setattr(canonical, "WALK_MAX_BYTES", 10_000)
+    proof = prove_equivalence(a, b, box, 1e-5)
+    assert proof.status == "not proved" and not proof.proved
+    assert any("canonical form" in note for note in proof.notes)
+    assert {d.status for d in proof.directions} == {"open"}

@@ -149,6 +149,26 @@ class UnitMap:
         return self.column < 0
 
 
+WALK_MAX_BYTES = 1 << 30
+"""Largest memory a walk step may hold (its dense forms are ``rows x width`` float64, and the
+width grows with every free neuron): a pair of big CNNs that are not one pruned from the other
+(:mod:`onnx_exact.equivalence.structural`) would need many GiB. Beyond it the walk stops with
+:class:`WalkTooLarge` and the proof says "not proved" instead of exhausting the machine."""
+
+FORM_COPIES = 6
+"""Arrays of one layer's ``rows x width`` alive at once in a walk step: the previous form padded,
+its absolute value, the new coefficients, the value rows, the activated coefficients, their
+padding."""
+
+
+class WalkTooLarge(Exception):
+    """The next walk step would hold more than ``WALK_MAX_BYTES`` (``needed`` bytes)."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
+
+
 class Canonical:
     """The free variables ``V`` shared by both networks and the output forms over them."""
 
@@ -187,6 +207,7 @@ class Canonical:
         scale, shift = net.input_map.scale, net.input_map.shift
         form: Form | None = None
         for k, layer in enumerate(net.layers):
+            self._check_size(layer.out_features, layer.in_features)
             absmax = self.absmax
             weight, bias = layer.weight, layer.bias
             abs_weight = np.abs(weight)
@@ -213,6 +234,17 @@ class Canonical:
             else:
                 form = pre
         return form
+
+    def _check_size(self, rows: int, previous: int) -> None:
+        """Raise :class:`WalkTooLarge` when the next step's forms and what is kept exceed
+        ``WALK_MAX_BYTES``."""
+        width = self.width + 1
+        kept = sum(f.coeffs.nbytes for f in self.stable) + sum(
+            b.rows.coeffs.nbytes for b in self.batches
+        )
+        needed = 8 * width * FORM_COPIES * max(rows, previous) + kept
+        if needed > WALK_MAX_BYTES:
+            raise WalkTooLarge(needed)
 
     def _activate(self, pre: Form, verdict, unit: UnitMap) -> Form:
         """Forms of ``h = relu(y)`` for one ReLU layer; fills ``unit``'s columns and twins.

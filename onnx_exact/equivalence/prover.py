@@ -52,7 +52,7 @@ from onnx_exact.core.box import Box
 from onnx_exact.core.errors import UsageError
 from onnx_exact.core.network import Network
 from onnx_exact.core.verdicts import StabilityResult
-from onnx_exact.equivalence.canonical import Canonical, gamma
+from onnx_exact.equivalence.canonical import WALK_MAX_BYTES, Canonical, WalkTooLarge, gamma
 from onnx_exact.equivalence.correspondence import (
     METHODS,
     Correspondence,
@@ -161,7 +161,11 @@ def prove_equivalence(
     timings["stability"] = time.monotonic() - stage
 
     stage = time.monotonic()
-    walk = _Walk(net_a, net_b, box, stabilities)
+    try:
+        walk = _Walk(net_a, net_b, box, stabilities)
+    except WalkTooLarge as large:
+        timings["matched"] = time.monotonic() - stage
+        return _too_large(net_a, tol, large, timings, started)
     directions = walk.directions(tol, "matched" if walk.matches.complete else "stable-units")
     timings["matched"] = time.monotonic() - stage
     _report(progress, "matched", directions)
@@ -200,7 +204,10 @@ def prove_equivalence(
                 proved += count
                 if progress is not None:
                     progress("one-sided units proved stable", proved, targeted)
-            walk = _Walk(net_a, net_b, box, stabilities)
+            try:
+                walk = _Walk(net_a, net_b, box, stabilities)
+            except WalkTooLarge:
+                break  # the last walk that fitted stays (its bounds hold)
         if targeted:
             walk.matches.targeted, walk.matches.proved_stable = targeted, proved
             for old, new in zip(directions, walk.directions(tol, "stable-units"), strict=True):
@@ -267,6 +274,32 @@ def prove_equivalence(
     result.timings_s = timings
     result.time_s = time.monotonic() - started
     return result
+
+
+def _too_large(
+    net_a: Network, tol: float, large: WalkTooLarge, timings: dict, started: float
+) -> ProofResult:
+    """ "Not proved": the canonical walk of this pair would exceed ``WALK_MAX_BYTES``."""
+    directions = [
+        DirectionBound(o, sign, np.inf, "", "open")
+        for o in range(net_a.out_features)
+        for sign in (1, -1)
+    ]
+    note = (
+        f"B is not A with units removed (no structural proof), and the canonical form of these "
+        f"networks would need more than {large.needed / 2**30:.1f} GiB (limit "
+        f"{WALK_MAX_BYTES / 2**30:.0f} GiB): the proof was not attempted"
+    )
+    return ProofResult(
+        "not proved",
+        tol,
+        np.inf,
+        directions=directions,
+        output_tensor=net_a.output_name,
+        timings_s=timings,
+        time_s=time.monotonic() - started,
+        notes=[note],
+    )
 
 
 STRUCTURAL_PROBES = 16
