@@ -176,3 +176,30 @@ def test_a_canonical_walk_beyond_its_memory_limit_is_not_proved_instead_of_run(m
     assert proof.status == "not proved" and not proof.proved
     assert any("canonical form" in note for note in proof.notes)
     assert {d.status for d in proof.directions} == {"open"}
+
+
+def _dead_beyond_bounds() -> tuple[Network, Network]:
+    """``A``: ``h = relu(x0), relu(x0), relu(x1)``, then ``relu(h0 - h1 - 0.1)`` (dead: always
+    -0.1, but no interval or CROWN bound shows it) and ``relu(h2 + 0.2)``; ``B`` without it."""
+    identity = InputMap.identity(2)
+    first = DenseLayer(np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), np.zeros(3), True, "L0")
+    a = Network(
+        [
+            first,
+            DenseLayer(np.array([[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]]), [-0.1, 0.2], True, "L1"),
+            DenseLayer(np.array([[1.0, 1.0]]), [0.0], False, "L2"),
+        ],
+        identity,
+    )
+    return a, _without(a, 1, [0])
+
+
+def test_a_removed_unit_only_an_exact_tier_proves_dead_is_proved_or_not_proved_in_time():
+    a, b = _dead_beyond_bounds()
+    box = _box(2)
+    assert {k: v.tolist() for k, v in align(a, b).targets().items()} == {1: [0]}
+    proof = prove_equivalence(a, b, box, 1e-5)
+    assert proof.status == "proved" and proof.bound == 0.0 and "stable-units" in proof.timings_s
+    late = prove_equivalence(a, b, box, 1e-5, time_limit=0.0)
+    assert late.status == "not proved" and late.time_limit_hit
+    assert any("not proved inactive within the time limit" in note for note in late.notes)

@@ -150,7 +150,7 @@ def prove_equivalence(
         if structural is not None:
             structural.best_difference = _largest_difference(net_a, net_b, box, start_points)
             structural.time_s = time.monotonic() - started
-            _report(progress, structural.tiers[0], structural.directions)
+            _report(progress, "structural", structural.directions)
             return structural
     timings: dict[str, float] = {}
     stage = time.monotonic()

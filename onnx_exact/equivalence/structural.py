@@ -202,12 +202,13 @@ def prove_structurally(
     seed: int = 0,
     jobs: int = 1,
 ) -> tuple[ProofResult | None, StabilityResult]:
-    """The proof of ``f_A = f_B`` from ``alignment``, or None when a target stays unproved.
+    """The proof of ``f_A = f_B`` from ``alignment``; None when a target stays unproved with time
+    left (the canonical proof may still decide the pair), "not proved" when the time is up.
 
     ``stability_a`` (e.g. ``compress``'s analysis) is used as it is; without it
     :func:`quick_stability` bounds ``A`` up to the deepest target. Targets it leaves open go to
-    :func:`prove_units_stable` with ``TARGETED_SHARE`` of the time left. Returns the proof (every
-    direction bounded by 0: the functions are equal, not merely close) or None, and ``A``'s
+    :func:`prove_units_stable` with ``TARGETED_SHARE`` of the time left. Returns the result (a
+    proof bounds every direction by 0: the functions are equal, not merely close) and ``A``'s
     verdicts for a caller that falls back to the canonical proof.
     """
     targets = alignment.targets()
@@ -225,8 +226,28 @@ def prove_structurally(
         stability, proved = prove_units_stable(net_a, box, stability, unproved, budget, jobs=jobs)
         timings["stable-units"] = time.monotonic() - stage
         unproved = alignment.unproved(stability)
+    if unproved and time.monotonic() < deadline:
+        return None, stability  # a removed unit not proved dead: the canonical proof decides
     if unproved:
-        return None, stability
+        count = sum(units.size for units in unproved.values())
+        open_result = ProofResult(
+            "not proved",
+            tol,
+            np.inf,
+            directions=[
+                DirectionBound(o, sign, np.inf, "", "open")
+                for o in range(net_a.out_features)
+                for sign in (1, -1)
+            ],
+            output_tensor=net_a.output_name,
+            timings_s=timings,
+            time_limit_hit=True,
+            notes=[
+                f"structural correspondence: B is A with {alignment.removed} hidden neurons "
+                f"removed; {count} of them were not proved inactive within the time limit"
+            ],
+        )
+        return open_result, stability
     method = "stable-units" if targets else "matched"
     correspondence = alignment.correspondence(net_a, net_b)
     correspondence.targeted, correspondence.proved_stable = targeted, proved
