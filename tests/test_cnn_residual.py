@@ -92,6 +92,27 @@ def test_auxiliary_neurons_are_active_by_construction_and_never_counted():
     assert set(np.flatnonzero(net.layers[net.relu_layer_indices[2]].channels == 4)) <= set(dead)
 
 
+def test_crown_substitutes_selection_rows_as_their_product_would():
+    """CROWN adds a selection row's coefficients into the column it copies instead of
+    multiplying by the row: the bounds equal those of the same layers without the shortcut."""
+    from onnx_exact.bounds.crown import interval_bounds, symbolic_bounds
+
+    fixture = VALID_BUILDERS["resnet_blocks"]()
+    net = read_model(fixture.model).network
+    box = Box(fixture.lower, fixture.upper).to_network(net.input_map)
+    plain = net.copy()
+    for layer in plain.layers:
+        layer.passthrough = None  # every row multiplied
+    assert any(layer.passthrough is not None for layer in net.layers)
+    bounds = interval_bounds(net, box)
+    for k in net.relu_layer_indices[1:]:
+        fast, corners = symbolic_bounds(net, box, bounds, k)
+        slow, slow_corners = symbolic_bounds(plain, box, bounds, k)
+        np.testing.assert_allclose(fast.upper, slow.upper, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(fast.lower, slow.lower, rtol=1e-12, atol=1e-12)
+        bounds[k] = fast
+
+
 @pytest.mark.parametrize("name", RESIDUAL)
 def test_residual_cnns_lose_their_stream_channels_and_verify(name):
     """Through ``compress``: verified on the written file, the planted channels removed from

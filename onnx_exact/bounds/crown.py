@@ -141,19 +141,29 @@ def _back_substitute(
     Walking down from layer ``layer - 1``, each ReLU is replaced by its upper line where the
     coefficient is positive and its lower line where it is negative (that keeps the expression an
     upper bound), then the affine layer is substituted. Columns of stably inactive neurons are zero
-    and are skipped, which keeps the products as small as the live part of each layer.
+    and are skipped, which keeps the products as small as the live part of each layer. A layer's
+    selection rows (:attr:`DenseLayer.passthrough`: ``y_i = h_{s_i}``, a residual CNN's skip
+    carried across a branch) are substituted by adding their coefficients into column ``s_i``,
+    the value of their product without its cost.
     """
     for j in range(layer - 1, -1, -1):
         upper_slope, upper_intercept, lower_slope = relaxations[j]
         positive = np.maximum(coeffs, 0.0)
         const = const + positive @ upper_intercept
         coeffs = positive * upper_slope + np.minimum(coeffs, 0.0) * lower_slope
-        live = (upper_slope != 0.0) | (lower_slope != 0.0)
-        weight, bias = net.layers[j].weight, net.layers[j].bias
+        current = net.layers[j]
+        copied = 0 if current.passthrough is None else current.passthrough.size
+        first = current.out_features - copied
+        selected = coeffs[:, first:]
+        coeffs = coeffs[:, :first]
+        live = (upper_slope[:first] != 0.0) | (lower_slope[:first] != 0.0)
+        weight, bias = current.weight[:first], current.bias[:first]
         if not live.all():
             coeffs, weight, bias = coeffs[:, live], weight[live], bias[live]
         const = const + coeffs @ bias
         coeffs = coeffs @ weight
+        if copied:
+            np.add.at(coeffs, (slice(None), current.passthrough), selected)
     return coeffs, const
 
 
