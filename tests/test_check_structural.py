@@ -127,6 +127,10 @@ def test_check_of_a_pruned_residual_cnn_analyses_only_the_reference(monkeypatch)
     for entry in (e for e in layers if e["network"] == "A"):
         assert entry["size"] == int(net_a.layers[entry["layer"]].real.sum())
     assert proof.correspondence.count("stable", "A") > 0
+    analysed.clear()
+    sampled_only = check_equivalence(fixture.model, written, box, samples=200, prove=False)
+    assert sampled_only.passed and sampled_only.proof is None
+    assert len(analysed) == 1 and analysed[0]  # witnesses from A's targets, B not analysed
 
 
 def test_the_canonical_correspondence_does_not_count_auxiliary_neurons():
