@@ -91,9 +91,10 @@ class Alignment:
                 out[k] = units[~dead]
         return out
 
-    @property
-    def removed(self) -> int:
-        return sum(a.removed.size for a in self.layers)
+    def removed(self, net_a: Network, which: str = "removed") -> int:
+        """How many units of ``A`` (``which``: "removed" or "targets") B lacks; auxiliary
+        passthrough neurons are no units and are not counted."""
+        return sum(int(net_a.layers[a.layer].real[getattr(a, which)].sum()) for a in self.layers)
 
     def correspondence(self, net_a: Network, net_b: Network) -> Correspondence:
         """The roles in :class:`Correspondence` terms: ``B``'s units and their counterparts are
@@ -243,7 +244,7 @@ def prove_structurally(
             timings_s=timings,
             time_limit_hit=True,
             notes=[
-                f"structural correspondence: B is A with {alignment.removed} hidden neurons "
+                f"structural correspondence: B is A with {alignment.removed(net_a)} hidden units "
                 f"removed; {count} of them were not proved inactive within the time limit"
             ],
         )
@@ -256,7 +257,6 @@ def prove_structurally(
         for o in range(net_a.out_features)
         for sign in (1, -1)
     ]
-    dead = sum(units.size for units in targets.values())
     result = ProofResult(
         "proved",
         tol,
@@ -268,7 +268,7 @@ def prove_structurally(
         output_tensor=net_a.output_name,
         timings_s=timings,
         correspondence=correspondence,
-        notes=[_note(alignment.removed, dead)],
+        notes=[_note(alignment.removed(net_a), alignment.removed(net_a, "targets"))],
     )
     return result, stability
 
@@ -277,7 +277,7 @@ def _note(removed: int, dead: int) -> str:
     if not removed:
         return "structural correspondence: every weight of B is A's, so f_A = f_B exactly"
     return (
-        f"structural correspondence: B is A with {removed} hidden neurons removed ({dead} proved "
+        f"structural correspondence: B is A with {removed} hidden units removed ({dead} proved "
         f"inactive on the box, {removed - dead} zero by construction) and every kept weight "
         "identical, so f_A = f_B exactly on the box"
     )
