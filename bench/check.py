@@ -26,6 +26,10 @@ Pairs (per base)
 * ``differ-weight``: one first-layer weight of an active unit changed by 1e-3 (must exit 1);
 * ``differ-thin``: a planted unit path active only on a sliver of the box at a corner, adding
   up to 0.02 to output 0 (no sampler finds it; must exit 1 with a counterexample).
+* ``cnn-own`` (base: each CNN of ``../shared/models/cnn/manifest.json`` on its VNN-LIB box): the
+  model against what ``onnx-exact IN OUT --vnnlib`` wrote for it (default options; its channels
+  pruned), the structural proof's case (issue 24: proved, bounded time, peak RSS well under
+  2 GB). Compressing the four takes 4-8 min before the checks.
 
 A refuted pair counts only when its saved counterexample replays in onnxruntime with
 ``|f_A - f_B| > atol``.
@@ -46,7 +50,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,6 +60,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_exact.io.onnx_reader import read_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when the tests load it by path
+from measure import measure_command  # noqa: E402  (bench/measure.py)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -72,6 +78,7 @@ PAIRS = (
     "torch-exports",
     "differ-weight",
     "differ-thin",
+    "cnn-own",
 )
 REFUTED = ("differ-weight", "differ-thin")
 
@@ -335,7 +342,31 @@ def build_pairs(folder: Path, kinds: list[str]) -> tuple[list[Pair], list[str]]:
             elif kind == "differ-thin" and len(weights) == 3:
                 b = save(gemm_model(differ_thin(weights, box)), kind)
                 pairs.append(Pair(base, kind, path, b, box_path))
+    if "cnn-own" in kinds:
+        pairs += cnn_pairs(folder, notes)
     return pairs, notes
+
+
+def cnn_pairs(folder: Path, notes: list[str]) -> list[Pair]:
+    """Each shared CNN against its compressed output (``onnx-exact IN OUT --vnnlib``)."""
+    cnn = SHARED / "models" / "cnn"
+    if not (cnn / "manifest.json").exists():
+        notes.append("../shared/models/cnn is absent: the cnn-own pairs are skipped")
+        return []
+    pairs = []
+    for entry in json.loads((cnn / "manifest.json").read_text()):
+        name, model = entry["name"], cnn / entry["model"]
+        out = folder / f"{name}_own.onnx"
+        done = subprocess.run(
+            [sys.executable, "-m", "onnx_exact", str(model), str(out), "--vnnlib",
+             str(cnn / entry["vnnlib"]), "--quiet"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            notes.append(f"{name}: compress exited {done.returncode}: {done.stderr.strip()[-200:]}")
+            continue
+        pairs.append(Pair(name, "cnn-own", model, out, cnn / entry["box_npz"]))
+    return pairs
 
 
 # ----------------------------------------------------------------------------- running
@@ -362,13 +393,12 @@ def run_pair(pair: Pair, folder: Path, jobs: int, time_limit: float) -> dict:
         "--input-range-file", str(pair.box), "--json", str(report), "--counterexample", str(cex),
         "--time-limit", str(time_limit), "--jobs", str(jobs), "--quiet",
     ]  # fmt: skip
-    started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.monotonic() - started
-    row = {"pair": pair.kind, "base": pair.base, "expected": pair.expected, "exit": done.returncode,
-           "wall_s": wall}  # fmt: skip
+    usage = measure_command(command)
+    row = {"pair": pair.kind, "base": pair.base, "expected": pair.expected,
+           "exit": usage.exit_code, "wall_s": usage.wall_s,
+           "peak_mb": usage.peak_rss_bytes / 2**20}  # fmt: skip
     if not report.exists():
-        row.update(status="error", method="", detail=done.stderr.strip()[-300:])
+        row.update(status="error", method="", detail=usage.stderr.strip()[-300:])
         return row
     data = json.loads(report.read_text())
     proof = data.get("proof") or {}
@@ -387,8 +417,8 @@ def run_pair(pair: Pair, folder: Path, jobs: int, time_limit: float) -> dict:
     )
     if cex.exists():
         row["replayed"] = replay(pair.a, pair.b, np.load(cex))
-    ok = (done.returncode == 0 and row["status"] == "proved") if pair.expected == "proved" else (
-        done.returncode == 1 and row.get("replayed", 0.0) > ATOL
+    ok = (usage.exit_code == 0 and row["status"] == "proved") if pair.expected == "proved" else (
+        usage.exit_code == 1 and row.get("replayed", 0.0) > ATOL
     )  # fmt: skip
     row["ok"] = ok
     return row
@@ -406,12 +436,14 @@ def markdown(
         f"target: proved within {TARGET_S:g} s, differing pairs exit 1 with a counterexample "
         "that replays in onnxruntime.\n\n"
         "Columns: *analysis s* is the sound bounds (interval, CROWN) and sampled signs of both "
-        "models (`quick_stability`), *proof s* the proof after it, *check s* the whole command; "
+        "models (`quick_stability`; of A alone, up to its deepest removed unit, when B is A "
+        "pruned), *proof s* the proof after it, *check s* the whole command; "
         "*matched/stable A/B* count hidden units of A and B (see `onnx_exact/equivalence/correspondence.py`), "
-        "*targeted* the one-sided units sent to the exact tiers.\n\n"
+        "*targeted* the one-sided units sent to the exact tiers, *peak MB* the command's own "
+        "peak RSS (`bench/measure.py`).\n\n"
         "| base | pair | expected | exit | status | method | analysis s | proof s | check s | "
-        "binaries | matched A/B | stable A/B | targeted | ok |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "peak MB | binaries | matched A/B | stable A/B | targeted | ok |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -424,7 +456,7 @@ def markdown(
         lines.append(
             f"| {r['base']} | {r['pair']} | {r['expected']} | {r['exit']} | {r['status']}{extra} | "
             f"{r['method']} | {r.get('timings', {}).get('analysis', float('nan')):.2f} | "
-            f"{r.get('proof_s', float('nan')):.2f} | {r['wall_s']:.1f} | "
+            f"{r.get('proof_s', float('nan')):.2f} | {r['wall_s']:.1f} | {r['peak_mb']:.0f} | "
             f"{r.get('binaries', '-')} | {pair_of('matched')} | {pair_of('stable')} | "
             f"{c.get('targeted', '-')} | {'yes' if r.get('ok') else 'NO'} |"
         )
