@@ -73,6 +73,11 @@ def test_a_pruned_pair_is_proved_exactly_and_a_live_unit_removed_is_not():
     assert any("structural correspondence" in note for note in proof.notes)
     assert proof.correspondence.count("stable", "A") == 2
     assert proof.correspondence.count("one_sided") == 0
+    swapped = prove_equivalence(pruned, a, box, 1e-5)  # check small.onnx big.onnx
+    assert swapped.status == "proved" and swapped.bound == 0.0
+    assert swapped.correspondence.count("stable", "B") == 2
+    assert swapped.correspondence.count("stable", "A") == 0
+    assert "A is B with 2 hidden units removed" in swapped.notes[-1]
     live = _without(a, 0, [0])  # unit 0 of layer 0 is not dead: removing it changes f
     assert prove_equivalence(a, live, box, 1e-5).status != "proved"
 
@@ -128,6 +133,11 @@ def test_check_of_a_pruned_residual_cnn_analyses_only_the_reference(monkeypatch)
         assert entry["size"] == int(net_a.layers[entry["layer"]].real.sum())
     removed = proof.correspondence.count("stable", "A")
     assert removed > 0 and f"B is A with {removed} hidden units removed" in proof.notes[-1]
+    analysed.clear()
+    reverse = check_equivalence(written, fixture.model, box, samples=200, time_limit=60)
+    assert reverse.proof.status == "proved" and reverse.proof.bound == 0.0
+    assert len(analysed) == 1 and analysed[0]  # the full model (B here) only
+    assert reverse.proof.correspondence.count("stable", "B") == removed
     analysed.clear()
     sampled_only = check_equivalence(fixture.model, written, box, samples=200, prove=False)
     assert sampled_only.passed and sampled_only.proof is None

@@ -25,7 +25,7 @@ from onnx_exact.equivalence.correspondence import quick_stability
 from onnx_exact.equivalence.proof import Counterexample
 from onnx_exact.equivalence.prover import ProgressCallback, Replay, prove_equivalence
 from onnx_exact.equivalence.results import CheckReport, ProofResult
-from onnx_exact.equivalence.structural import align
+from onnx_exact.equivalence.structural import align_pair
 from onnx_exact.io.domain_sources import InputLayout, model_input_dims
 from onnx_exact.io.graph import output_names
 from onnx_exact.io.onnx_reader import ModelSource, ReadResult, read_model
@@ -160,23 +160,25 @@ def check_equivalence(
         if sizes == (box.size, box.size):
             # B being A with units removed needs only A's verdicts on those units (structural),
             # and the inputs that attain their bounds are the witnesses worth sampling.
-            alignment = align(read_a.network, read_b.network)
+            alignment = align_pair(read_a.network, read_b.network)
         targets = None if alignment is None else alignment.targets()
-        reads = (read_a,) if alignment is not None else (read_a, read_b)
-        if alignment is not None and not isinstance(b, ReadResult):
-            # B's network is not needed while A is analysed: it is read again from its loaded
-            # proto afterwards, so the peak holds one dense network and the analysis, not two
-            # (resnet_4b's are 600 MB each).
-            read_b.network = None
-        for index, read in enumerate(reads):
-            net = read.network
+        indices = [0, 1] if alignment is None else [1 if alignment.swapped else 0]
+        pruned = None if alignment is None else 1 - indices[0]
+        if pruned is not None and not isinstance((a, b)[pruned], ReadResult):
+            # The pruned network is not needed while the full one is analysed: it is read again
+            # from its loaded proto afterwards, so the peak holds one dense network and the
+            # analysis, not two (resnet_4b's are 600 MB each).
+            (read_a, read_b)[pruned].network = None
+        for index in indices:
+            net = (read_a, read_b)[index].network
             if net.in_features != box.size:
                 break
             if stabilities[index] is None:
                 stabilities[index] = quick_stability(net, box, seed, targets, deadline)
             witnesses.append(_raw_witnesses(net, box, stabilities[index]))
-        if read_b.network is None:
-            read_b.network = read_model(read_b.model).network
+        for read in (read_a, read_b):
+            if read.network is None:
+                read.network = read_model(read.model).network
     timings["analysis"] = time.monotonic() - stage
 
     stage = time.monotonic()

@@ -62,7 +62,7 @@ from onnx_exact.equivalence.correspondence import (
 )
 from onnx_exact.equivalence.proof import Counterexample, DirectionBound, milp_tier
 from onnx_exact.equivalence.results import ProofResult
-from onnx_exact.equivalence.structural import TARGETED_SHARE, align, prove_structurally
+from onnx_exact.equivalence.structural import TARGETED_SHARE, align_pair, prove_structurally
 
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: "matched" and "stable-units" report the directions proved so
@@ -142,11 +142,17 @@ def prove_equivalence(
                 f"{net_b.out_features})"
             ],
         )
-    alignment = align(net_a, net_b)
+    alignment = align_pair(net_a, net_b)
     if alignment is not None:
-        structural, stability_a = prove_structurally(
-            net_a, net_b, box, tol, alignment, stability_a, deadline, seed=seed, jobs=jobs
+        full, pruned = (net_b, net_a) if alignment.swapped else (net_a, net_b)
+        given = stability_b if alignment.swapped else stability_a
+        structural, analysed = prove_structurally(
+            full, pruned, box, tol, alignment, given, deadline, seed=seed, jobs=jobs
         )
+        if alignment.swapped:
+            stability_b = analysed
+        else:
+            stability_a = analysed
         if structural is not None:
             structural.best_difference = _largest_difference(net_a, net_b, box, start_points)
             structural.time_s = time.monotonic() - started

@@ -77,6 +77,9 @@ class Alignment:
     """Every layer's :class:`LayerAlignment` (see the module docstring)."""
 
     layers: list[LayerAlignment]
+    swapped: bool = False
+    """The roles are exchanged: ``A`` is ``B`` with units removed (:func:`align_pair`); the
+    "full" network below is then ``B``."""
 
     def targets(self) -> dict[int, np.ndarray]:
         """Per layer of ``A``, the removed units that must be proved INACTIVE."""
@@ -96,21 +99,44 @@ class Alignment:
         passthrough neurons are no units and are not counted."""
         return sum(int(net_a.layers[a.layer].real[getattr(a, which)].sum()) for a in self.layers)
 
-    def correspondence(self, net_a: Network, net_b: Network) -> Correspondence:
-        """The roles in :class:`Correspondence` terms: ``B``'s units and their counterparts are
-        matched, ``A``'s removed units stable (dead); auxiliary neurons are no units."""
-        layers_a, layers_b = [], []
+    @property
+    def tags(self) -> tuple[str, str]:
+        """The names ("A"/"B") of the full and of the pruned network."""
+        return ("B", "A") if self.swapped else ("A", "B")
+
+    def correspondence(self, full: Network, pruned: Network) -> Correspondence:
+        """The roles in :class:`Correspondence` terms: the pruned network's units and their
+        counterparts are matched, the full network's removed units stable (dead); auxiliary
+        neurons are no units. Layers of "A" come first."""
+        tag_full, tag_pruned = self.tags
+        layers_full, layers_pruned = [], []
         none = np.zeros(0, dtype=np.int64)
         for a in self.layers:
-            la, lb = net_a.layers[a.layer], net_b.layers[a.layer]
-            if la.relu:
-                real_a = None if la.auxiliary is None else la.real
-                real_b = None if lb.auxiliary is None else lb.real
+            lf, lp = full.layers[a.layer], pruned.layers[a.layer]
+            if lf.relu:
+                real_f = None if lf.auxiliary is None else lf.real
+                real_p = None if lp.auxiliary is None else lp.real
                 matched = np.sort(a.rows)
-                layers_a.append(LayerMatch("A", a.layer, la.name, matched, a.removed, none, real_a))
-                every = np.arange(lb.out_features)
-                layers_b.append(LayerMatch("B", a.layer, lb.name, every, none, none, real_b))
-        return Correspondence(layers_a + layers_b)
+                layers_full.append(
+                    LayerMatch(tag_full, a.layer, lf.name, matched, a.removed, none, real_f)
+                )
+                every = np.arange(lp.out_features)
+                layers_pruned.append(
+                    LayerMatch(tag_pruned, a.layer, lp.name, every, none, none, real_p)
+                )
+        ordered = (layers_pruned, layers_full) if self.swapped else (layers_full, layers_pruned)
+        return Correspondence(ordered[0] + ordered[1])
+
+
+def align_pair(net_a: Network, net_b: Network) -> Alignment | None:
+    """:func:`align` of ``B`` to ``A``, else of ``A`` to ``B`` marked ``swapped`` (``check
+    small.onnx big.onnx``: ``f_A = f_B`` is symmetric, the full network is analysed)."""
+    alignment = align(net_a, net_b)
+    if alignment is None:
+        alignment = align(net_b, net_a)
+        if alignment is not None:
+            alignment.swapped = True
+    return alignment
 
 
 def align(net_a: Network, net_b: Network) -> Alignment | None:
@@ -192,12 +218,12 @@ def _match_rows(
 
 
 def prove_structurally(
-    net_a: Network,
-    net_b: Network,
+    full: Network,
+    pruned: Network,
     box: Box,
     tol: float,
     alignment: Alignment,
-    stability_a: StabilityResult | None,
+    stability: StabilityResult | None,
     deadline: float,
     *,
     seed: int = 0,
@@ -206,17 +232,18 @@ def prove_structurally(
     """The proof of ``f_A = f_B`` from ``alignment``; None when a target stays unproved with time
     left (the canonical proof may still decide the pair), "not proved" when the time is up.
 
-    ``stability_a`` (e.g. ``compress``'s analysis) is used as it is; without it
-    :func:`quick_stability` bounds ``A`` up to the deepest target. Targets it leaves open go to
-    :func:`prove_units_stable` with ``TARGETED_SHARE`` of the time left. Returns the result (a
-    proof bounds every direction by 0: the functions are equal, not merely close) and ``A``'s
-    verdicts for a caller that falls back to the canonical proof.
+    ``full`` is the network ``alignment`` removes units from (``A``, or ``B`` when
+    ``alignment.swapped``), ``pruned`` the other. ``stability`` of ``full`` (e.g. ``compress``'s
+    analysis) is used as it is; without it :func:`quick_stability` bounds ``full`` up to the
+    deepest target. Targets it leaves open go to :func:`prove_units_stable` with
+    ``TARGETED_SHARE`` of the time left. Returns the result (a proof bounds every direction by 0:
+    the functions are equal, not merely close) and ``full``'s verdicts for a caller that falls
+    back to the canonical proof.
     """
     targets = alignment.targets()
     stage = time.monotonic()
-    stability = stability_a
     if stability is None:
-        stability = quick_stability(net_a, box, seed, targets, deadline)
+        stability = quick_stability(full, box, seed, targets, deadline)
     timings = {"stability": time.monotonic() - stage}
     unproved = alignment.unproved(stability)
     targeted = sum(units.size for units in unproved.values())
@@ -224,11 +251,13 @@ def prove_structurally(
     if unproved and time.monotonic() < deadline:
         stage = time.monotonic()
         budget = TARGETED_SHARE * (deadline - stage) if np.isfinite(deadline) else None
-        stability, proved = prove_units_stable(net_a, box, stability, unproved, budget, jobs=jobs)
+        stability, proved = prove_units_stable(full, box, stability, unproved, budget, jobs=jobs)
         timings["stable-units"] = time.monotonic() - stage
         unproved = alignment.unproved(stability)
     if unproved and time.monotonic() < deadline:
         return None, stability  # a removed unit not proved dead: the canonical proof decides
+    tag_full, tag_pruned = alignment.tags
+    removed = alignment.removed(full)
     if unproved:
         count = sum(units.size for units in unproved.values())
         open_result = ProofResult(
@@ -237,47 +266,51 @@ def prove_structurally(
             np.inf,
             directions=[
                 DirectionBound(o, sign, np.inf, "", "open")
-                for o in range(net_a.out_features)
+                for o in range(full.out_features)
                 for sign in (1, -1)
             ],
-            output_tensor=net_a.output_name,
+            output_tensor=full.output_name,
             timings_s=timings,
             time_limit_hit=True,
             notes=[
-                f"structural correspondence: B is A with {alignment.removed(net_a)} hidden units "
-                f"removed; {count} of them were not proved inactive within the time limit"
+                f"structural correspondence: {tag_pruned} is {tag_full} with {removed} hidden "
+                f"units removed; {count} of them were not proved inactive within the time limit"
             ],
         )
         return open_result, stability
     method = "stable-units" if targets else "matched"
-    correspondence = alignment.correspondence(net_a, net_b)
+    correspondence = alignment.correspondence(full, pruned)
     correspondence.targeted, correspondence.proved_stable = targeted, proved
     directions = [
         DirectionBound(o, sign, 0.0, method, "proved")
-        for o in range(net_a.out_features)
+        for o in range(full.out_features)
         for sign in (1, -1)
     ]
+    dead = alignment.removed(full, "targets")
     result = ProofResult(
         "proved",
         tol,
         0.0,
         tiers=[method],
         directions=directions,
-        free_neurons=correspondence.count("matched", "B"),
-        shared_neurons=correspondence.count("matched", "A"),
-        output_tensor=net_a.output_name,
+        free_neurons=correspondence.count("matched", tag_pruned),
+        shared_neurons=correspondence.count("matched", tag_full),
+        output_tensor=full.output_name,
         timings_s=timings,
         correspondence=correspondence,
-        notes=[_note(alignment.removed(net_a), alignment.removed(net_a, "targets"))],
+        notes=[_note(removed, dead, alignment.tags)],
     )
     return result, stability
 
 
-def _note(removed: int, dead: int) -> str:
+def _note(removed: int, dead: int, tags: tuple[str, str]) -> str:
+    full, pruned = tags
     if not removed:
-        return "structural correspondence: every weight of B is A's, so f_A = f_B exactly"
+        return (
+            f"structural correspondence: every weight of {pruned} is {full}'s, so f_A = f_B exactly"
+        )
     return (
-        f"structural correspondence: B is A with {removed} hidden units removed ({dead} proved "
-        f"inactive on the box, {removed - dead} zero by construction) and every kept weight "
-        "identical, so f_A = f_B exactly on the box"
+        f"structural correspondence: {pruned} is {full} with {removed} hidden units removed "
+        f"({dead} proved inactive on the box, {removed - dead} zero by construction) and every "
+        "kept weight identical, so f_A = f_B exactly on the box"
     )
