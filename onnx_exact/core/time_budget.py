@@ -8,7 +8,10 @@ removes more.
 
 from __future__ import annotations
 
-from onnx_exact.core.network import Network
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # not at run time: the command line imports this module before its signal
+    from onnx_exact.core.network import Network  # handlers are installed, so it loads no numpy
 
 AUTO_TIME_LIMIT = "auto"
 """``AnalysisOptions.time_limit`` value that picks the budget from the model (:func:`time_budget`)."""
