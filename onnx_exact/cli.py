@@ -31,6 +31,7 @@ from onnx_exact.core.tolerance import DEFAULT_ATOL, DEFAULT_RTOL, is_tolerance, 
 from onnx_exact.interrupts import (
     INTERRUPT_EXIT_CODES,
     claim_interrupt_report,
+    interrupt_requested,
     interrupted_message,
     raise_if_interrupted,
     request_interrupt,
@@ -516,11 +517,28 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _on_signal(signum: int, frame: object) -> None:
     """SIGINT/SIGTERM: kill the worker processes, then unwind like Ctrl-C; nothing is written
-    before verification passed."""
+    before verification passed.
+
+    Only the first signal does so: the run is unwinding from then on (and
+    :func:`onnx_exact.interrupts.end_on_signals` ends it within its grace period whatever
+    happens). A second ``KeyboardInterrupt`` raised into that unwinding, by a second Ctrl-C or
+    by a signal simulated after the first was swallowed inside a HiGHS callback, could escape
+    the handler of the first and end the process by SIGINT instead of the first signal's code.
+    """
+    if interrupt_requested() is not None:
+        return
     _Interrupted.signum = signum
     request_interrupt(signum)
     shutdown_pools(kill=True)  # safe here: no lock, no waiting for the workers' solves
     raise KeyboardInterrupt
+
+
+def _exit_interrupted() -> None:
+    """End a run that a signal interrupted: its one line (unless the watcher thread of
+    :func:`onnx_exact.interrupts.end_on_signals` printed it) and the signal's exit code."""
+    if claim_interrupt_report():
+        print(interrupted_message(_Interrupted.signum), file=sys.stderr)
+    sys.exit(INTERRUPT_EXIT_CODES[_Interrupted.signum])
 
 
 def wants_version(args: list[str]) -> bool:
@@ -582,13 +600,13 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        if claim_interrupt_report():  # else end_on_signals' thread printed it and ends the run
-            print(interrupted_message(_Interrupted.signum), file=sys.stderr)
-        sys.exit(INTERRUPT_EXIT_CODES[_Interrupted.signum])
+        _exit_interrupted()
     except _PARSER_ERROR as err:
         print(f"onnx-exact: error: {err.format_message()} (see onnx-exact --help)", file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # noqa: BLE001 - the last line of defence: never a traceback
+        if interrupt_requested() is not None:  # the signal surfaced as another error: an
+            _exit_interrupted()  # interrupted C-extension import raises ImportError, for one
         print(
             f"onnx-exact: internal error: {type(err).__name__}: {err}. This is a bug: please report "
             "it with the command line (run again with --verbose for the traceback).",

@@ -472,6 +472,32 @@ def test_a_recorded_signal_is_raised_after_a_solve():
     assert interrupt_requested() is None
 
 
+def test_after_a_signal_any_error_ends_the_run_as_interrupted_and_later_signals_are_ignored(
+    monkeypatch, capsys
+):
+    """The first signal decides the end: a second one does not raise into the unwinding, and an
+    error the first one caused (an interrupted C-extension import raises ImportError) exits with
+    the first signal's code and its one line, not as an internal error."""
+    from onnx_exact import cli
+
+    def interrupted_import(*args, **kwargs):
+        request_interrupt(signal.SIGTERM)
+        cli._Interrupted.signum = signal.SIGTERM
+        cli._on_signal(signal.SIGINT, None)  # a second signal: ignored, no KeyboardInterrupt
+        raise ImportError("initialization failed")
+
+    clear_interrupt()
+    monkeypatch.setattr(cli, "app", interrupted_import)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli.main(["analyze", "model.onnx"])
+        assert ended.value.code == 143
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["onnx-exact: interrupted (SIGTERM); no output written"]
+    finally:
+        clear_interrupt()
+
+
 def test_the_heap_is_tuned_on_glibc_once_and_reported_elsewhere():
     """``retain_freed_heap`` sets glibc's thresholds (True), is idempotent, and reports False
     instead of raising where the C library has no ``mallopt``."""
