@@ -14,10 +14,12 @@ alive for more than about a second.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 import sys
 
-from onnx_exact.interrupts import INTERRUPT_EXIT_CODES, end_on_signals
+from onnx_exact.interrupts import INTERRUPT_EXIT_CODES, end_on_signals, interrupt_requested
 
 
 def _exit_during_start_up(signum: int, frame: object) -> None:
@@ -33,7 +35,22 @@ def main() -> None:
     from onnx_exact.cli import main as cli_main
 
     end_on_signals()
-    cli_main()
+    try:
+        cli_main()
+    except SystemExit as end:
+        if interrupt_requested() is None:
+            raise
+        # Ended by a signal: leave now, with the signal's code. The interpreter's own exit
+        # would turn it into a death by SIGINT (exit -2) when the KeyboardInterrupt passed
+        # through code that extension modules run with PyRun_String (pybind11's exec/eval, as
+        # in an import the signal interrupted): CPython then flags it unhandled even though it
+        # was caught. Nothing is left to write: the run wrote nothing and cleaned up while
+        # unwinding, and its workers are killed; the exit handlers still run (multiprocessing
+        # releases its semaphores there).
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(end.code if isinstance(end.code, int) else 1)
 
 
 if __name__ == "__main__":
