@@ -10,10 +10,10 @@ fixtures also stays below 6 (linear), checked by ``test_cnn_clip``.
 from __future__ import annotations
 
 import numpy as np
-from cnn_fixtures import CnnFixture, Trace, conv_layer, dense_layer, head
+from cnn_fixtures import CnnFixture, Trace, conv_layer, dense_layer, head, pooled_head
 from exporter_fixtures import GraphBuilder
 
-from onnx_exact.core.operators import AveragePoolOperator, ReshapeOperator, TransposeOperator
+from onnx_exact.core.operators import ReshapeOperator, TransposeOperator
 
 
 def mobilenet_block(seed: int = 5) -> CnnFixture:
@@ -49,13 +49,7 @@ def mobilenet_block(seed: int = 5) -> CnnFixture:
     trace.activation("clip_dw", 0.0, 6.0)
     h = g.node("Clip", [h, clip_min, clip_max], name="clip_dw")
     h, _ = conv_layer(trace, g, h, (6, 6), 6, 4, 1, name="project")
-    trace.linear(AveragePoolOperator.global_pool((4, 6, 6)))
-    h = g.node("GlobalAveragePool", [h])
-    h = g.node("Flatten", [h], axis=1)
-    weight, bias = dense_layer(trace, 4, 3)
-    g.node("Gemm", [h, g.const(weight), g.const(bias)], output="output", transB=1)
-    model = g.model([g.tensor("input", ["batch", *shape])], [g.tensor("output", ["batch", 3])])
-    return trace.fixture("mobilenet_block", model, lower, upper, shape)
+    return pooled_head(trace, g, h, (4, 6, 6), "mobilenet_block", lower, upper, shape)
 
 
 def clip_legacy(seed: int = 8) -> CnnFixture:

@@ -407,6 +407,20 @@ def matlab_conv1d(seed: int = 3) -> CnnFixture:
     return trace.fixture("matlab_conv1d", model, lower, upper, shape)
 
 
+def pooled_head(
+    trace: Trace, g: GraphBuilder, h: str, pooled: tuple[int, ...], name: str, lower, upper, shape
+) -> CnnFixture:
+    """``GlobalAveragePool → Flatten → Gemm`` to 3 outputs after a ``pooled`` (C, H, W)
+    activation, then the fixture ``name`` on the input ``[batch, *shape]``."""
+    trace.linear(AveragePoolOperator.global_pool(pooled))
+    h = g.node("GlobalAveragePool", [h])
+    h = g.node("Flatten", [h], axis=1)
+    weight, bias = dense_layer(trace, pooled[0], 3)
+    g.node("Gemm", [h, g.const(weight), g.const(bias)], output="output", transB=1)
+    model = g.model([g.tensor("input", ["batch", *shape])], [g.tensor("output", ["batch", 3])])
+    return trace.fixture(name, model, lower, upper, shape)
+
+
 def residual_block(seed: int = 4) -> CnnFixture:
     """A ResNet basic block: ``Conv → Relu (h) → Conv → Relu → Conv → Add(h) → Relu →
     GlobalAveragePool → Flatten → Gemm`` on ``[batch, 3, 6, 6]`` over [-1, 1].
@@ -431,13 +445,7 @@ def residual_block(seed: int = 4) -> CnnFixture:
     h = g.node("Add", [h, skip])
     trace.activation("relu_out")
     h = g.node("Relu", [h], name="relu_out")
-    trace.linear(AveragePoolOperator.global_pool((4, 6, 6)))
-    h = g.node("GlobalAveragePool", [h])
-    h = g.node("Flatten", [h], axis=1)
-    weight, bias = dense_layer(trace, 4, 3)
-    g.node("Gemm", [h, g.const(weight), g.const(bias)], output="output", transB=1)
-    model = g.model([g.tensor("input", ["batch", *shape])], [g.tensor("output", ["batch", 3])])
-    return trace.fixture("residual_block", model, lower, upper, shape)
+    return pooled_head(trace, g, h, (4, 6, 6), "residual_block", lower, upper, shape)
 
 
 def resnet_blocks(seed: int = 7) -> CnnFixture:
