@@ -24,7 +24,6 @@ is replaced with the command, commit, load average and the table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from measure import measure_command
+from measure import load_stability_bench, measure_command
 
 from onnx_exact.io.model_stats import model_stats
 
@@ -44,17 +43,6 @@ REPO = Path(__file__).resolve().parent.parent
 CNN = REPO.parent / "shared" / "models" / "cnn"
 TARGET_S = 60.0
 TARGET_MIB = 2048
-
-
-def _load_stability_bench():
-    """``bench/stability.py`` as a module, for its markdown writer (one section per run)."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_stability", REPO / "bench" / "stability.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def commit() -> str:
@@ -262,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in row.items() if k != "onnxsim"}, default=str), flush=True)
     command = "python bench/cnn.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(rows, args, started, load, command.strip())
-    _load_stability_bench().write_markdown(args.out, args.section, section)
+    load_stability_bench().write_markdown(args.out, args.section, section)
     print(section)
     return 0
 

@@ -25,7 +25,6 @@ section ``--section`` (default ``envelope``); other sections are kept.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import os
 import sys
@@ -35,24 +34,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from measure import load_stability_bench
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_MODELS = REPO.parent / "shared" / "models"
 TARGET_S = 60.0
 
-
-def _load_stability_bench():
-    """``bench/stability.py`` as a module: its case type, child runner and markdown writer."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_stability", REPO / "bench" / "stability.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = _load_stability_bench()
+BENCH = load_stability_bench()
 
 
 def envelope_cases() -> list:

@@ -7,10 +7,12 @@ Used by ``bench/large_model.py`` and by the calibration test of
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,17 @@ def measure_command(command: list[str]) -> ChildUsage:
         [sys.executable, "-c", _LAUNCHER, *command], capture_output=True, text=True, check=True
     )
     return ChildUsage(**json.loads(launcher.stdout))
+
+
+def load_stability_bench():
+    """``bench/stability.py`` as a module (``bench_stability``): its case type, child runner and
+    markdown writer, which the other benchmarks share (one section per run)."""
+    if "bench_stability" in sys.modules:
+        return sys.modules["bench_stability"]
+    spec = importlib.util.spec_from_file_location(
+        "bench_stability", Path(__file__).resolve().parent / "stability.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
