@@ -10,7 +10,7 @@ fixtures also stays below 6 (linear), checked by ``test_cnn_clip``.
 from __future__ import annotations
 
 import numpy as np
-from cnn_fixtures import CnnFixture, Trace, conv_layer, dense_layer, head, pooled_head
+from cnn_fixtures import CnnFixture, Trace, conv_layer, dense_layer, pooled_head, tf2onnx_head
 from exporter_fixtures import GraphBuilder
 
 from onnx_exact.core.operators import ReshapeOperator, TransposeOperator
@@ -105,13 +105,4 @@ def clip_tf2onnx(seed: int = 9) -> CnnFixture:
     h, conv2 = conv_layer(trace, g, h, (6, 6), 4, 6, 3, plant, pads=[0, 0, 1, 1], strides=[2, 2])
     trace.activation("Relu6_1", 0.0, 6.0)
     h = g.node("Clip", [h, low, high], name="Relu6_1")
-    h = g.node("Transpose", [h], perm=[0, 2, 3, 1])
-    back = TransposeOperator(conv2.output_shape, (1, 2, 0))
-    trace.linear(back)
-    h = g.node("Reshape", [h, g.const(np.array([-1, back.n_out]), dtype=np.int64)])
-    trace.linear(ReshapeOperator(back.output_shape, (back.n_out,)))
-    head(trace, g, h, back.n_out, "matmul", "dense_1")
-    model = g.model(
-        [g.tensor("input_1", ["unk__6", *shape])], [g.tensor("dense_1", ["unk__6", 3])], opset=13
-    )
-    return trace.fixture("clip_tf2onnx", model, lower, upper, shape)
+    return tf2onnx_head(trace, g, h, conv2.output_shape, "clip_tf2onnx", lower, upper, shape)

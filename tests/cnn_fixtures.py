@@ -352,8 +352,17 @@ def tf2onnx_nhwc(seed: int = 2) -> CnnFixture:
     )
     trace.activation("Relu_1")
     h = g.node("Relu", [h], name="Relu_1")
+    return tf2onnx_head(trace, g, h, conv2.output_shape, "tf2onnx_nhwc", lower, upper, shape)
+
+
+def tf2onnx_head(
+    trace: Trace, g: GraphBuilder, h: str, conv_shape, name: str, lower, upper, shape
+) -> CnnFixture:
+    """tf2onnx's tail after the last conv activation (NCHW ``conv_shape``): Transpose back to
+    NHWC, Reshape to ``[-1, n]``, the MatMul head to 3 outputs, then the fixture ``name`` on
+    its NHWC input ``[unk__6, *shape]`` (opset 13)."""
     h = g.node("Transpose", [h], perm=[0, 2, 3, 1])
-    back = TransposeOperator(conv2.output_shape, (1, 2, 0))
+    back = TransposeOperator(conv_shape, (1, 2, 0))
     trace.linear(back)
     h = g.node("Reshape", [h, g.const(np.array([-1, back.n_out]), dtype=np.int64)])
     trace.linear(ReshapeOperator(back.output_shape, (back.n_out,)))
@@ -361,7 +370,7 @@ def tf2onnx_nhwc(seed: int = 2) -> CnnFixture:
     model = g.model(
         [g.tensor("input_1", ["unk__6", *shape])], [g.tensor("dense_1", ["unk__6", 3])], opset=13
     )
-    return trace.fixture("tf2onnx_nhwc", model, lower, upper, shape)
+    return trace.fixture(name, model, lower, upper, shape)
 
 
 def matlab_conv1d(seed: int = 3) -> CnnFixture:
