@@ -85,16 +85,23 @@ def fixture(request):
     return VALID_BUILDERS[request.param]()
 
 
-def test_sequential_fixture_reads_into_the_network_onnxruntime_runs(fixture):
-    read = read_model(fixture.model)
-    network, binding = read.network, read.binding
-    assert isinstance(binding, CnnBinding)
+def _computes_the_model(network, fixture):
+    """Assert ``network`` equals the fixture's float64 reference and onnxruntime on points of
+    its box; return the points and the reference's pre-activations by activation name."""
     x = _box_points(fixture.lower, fixture.upper)
     expected, pre = fixture.reference(x)
     got = network.forward(x)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * max(1.0, np.abs(expected).max()))
     runtime = run_onnxruntime(fixture.model, x, fixture.input_shape)
     np.testing.assert_allclose(got, runtime, rtol=0, atol=1e-5 * max(1.0, np.abs(runtime).max()))
+    return x, pre
+
+
+def test_sequential_fixture_reads_into_the_network_onnxruntime_runs(fixture):
+    read = read_model(fixture.model)
+    network, binding = read.network, read.binding
+    assert isinstance(binding, CnnBinding)
+    x, pre = _computes_the_model(network, fixture)
 
     assert binding.relu_nodes == list(pre)  # the fixture records its activations in order
     assert [network.layers[k].name for k in network.relu_layer_indices] == binding.relu_nodes
@@ -144,12 +151,7 @@ def test_relu6_fixtures_read_with_a_kink_neuron_per_unit(name):
     fixture = VALID_BUILDERS[name]()
     read = read_model(fixture.model)
     network = read.network
-    x = _box_points(fixture.lower, fixture.upper)
-    expected, pre = fixture.reference(x)
-    got = network.forward(x)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * max(1.0, np.abs(expected).max()))
-    runtime = run_onnxruntime(fixture.model, x, fixture.input_shape)
-    np.testing.assert_allclose(got, runtime, rtol=0, atol=1e-5 * max(1.0, np.abs(runtime).max()))
+    x, pre = _computes_the_model(network, fixture)
     preactivations = network.preactivations(network.input_map.apply(x))
     clips = [k for k in network.relu_layer_indices if network.layers[k].clip is not None]
     assert [network.layers[k].name for k in clips] == [n for n in pre if n != "relu_fc"]
