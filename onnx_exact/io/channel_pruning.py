@@ -47,8 +47,10 @@ constant into its bias (:meth:`ChannelPlanner._fold_constant`: a Conv without pa
 otherwise they stay, and ``unfolded`` says why.
 
 A Relu proved the identity on the box (every neuron active) is removed: its readers read its
-input. Value-info entries of every tensor whose shape changed are dropped (shape inference
-restores them); edited initializers keep their name, position and dtype.
+input; the linear ops it joined are then fused into one node where that is exact and lowers the
+MACs (:mod:`onnx_exact.io.cnn_fusion`: Conv∘Gemm, Conv∘Conv). Value-info entries of every
+tensor whose shape changed are dropped (shape inference restores them); edited initializers keep
+their name, position and dtype.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from onnx import helper, numpy_helper
 
 from onnx_exact.io.channel_plan import Keep, Plan
 from onnx_exact.io.channel_stream import Stream, StreamPlanner
+from onnx_exact.io.cnn_fusion import FusionResult, fuse_removed_relus
 from onnx_exact.io.graph import all_graphs, node_attr
 
 
@@ -73,7 +76,8 @@ class PruneResult:
     Relu; ``kept`` the Relus whose proved-dead channels (some or all) stay, with the reason;
     ``removed_relus`` the Relus removed because they are the identity on the box; ``folded``
     the saturated Clip channels deleted (also in ``removed``: their constant went into the
-    consumers' biases), ``unfolded`` why a Clip's saturated channels stay.
+    consumers' biases), ``unfolded`` why a Clip's saturated channels stay; ``fusion`` which
+    linear chains joined by a removed Relu became one node (:mod:`onnx_exact.io.cnn_fusion`).
     """
 
     model: onnx.ModelProto
@@ -82,6 +86,7 @@ class PruneResult:
     removed_relus: list[str] = field(default_factory=list)
     folded: dict[str, list[int]] = field(default_factory=dict)
     unfolded: dict[str, str] = field(default_factory=dict)
+    fusion: FusionResult = field(default_factory=FusionResult)
 
 
 def prune_channels(
@@ -158,10 +163,14 @@ def prune_channels(
         result.removed[name] = sorted(set(result.removed.get(name, [])) | set(removed))
     _credit_released(pruner, plans, dead, result)
     pruner.apply(plans)
+    joins = {}
     for name in linear:
-        if pruner.remove_relu(pruner.relu_index(name)):
+        index = pruner.relu_index(name)
+        if pruner.remove_relu(index):
             result.removed_relus.append(name)
+            joins[name] = pruner.nodes[index].input[0]
     pruner.finish()
+    result.fusion = fuse_removed_relus(copy, joins)
     return result
 
 
