@@ -232,3 +232,75 @@ def test_compress_with_prove_on_a_fused_conv_pair():
     assert result.report.macs_after < result.report.macs_before
     assert result.report.passed and result.report.proof.status == "proved"
     assert check(model, result.model, box).proof.status == "proved"
+
+
+def test_batchnorm_and_average_pool_on_the_chain_are_composed_into_the_gemm():
+    """Conv → BatchNormalization → Relu (active) → AveragePool 2×2 → Flatten → Gemm: BN and
+    pool are folded into the one Gemm (the reader's composition), the Conv and both go."""
+    rng, g = np.random.default_rng(3), GraphBuilder()
+    h = _active_conv(g, rng, "x", 2, 4, 3, pads=[1] * 4)
+    scale = (0.5 + rng.random(4)).astype(np.float32)
+    shift = (np.abs(rng.normal(0, 0.1, 4)) + 2 * scale * 10).astype(np.float32)
+    stats = [g.const(scale), g.const(shift), g.const(np.zeros(4)), g.const(np.ones(4))]
+    h = g.node("BatchNormalization", [h, *stats], epsilon=0.0)
+    h = g.node("Relu", [h], name="relu1")
+    h = g.node("AveragePool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    _head(g, rng, h, 4 * 3 * 3, hidden=30)
+    model = _model(g)
+    pruned = _fused(model)
+    assert pruned.fusion.fused["relu1"].macs_after == 72 * 30
+    assert _ops(pruned.model) == ["Flatten", "Gemm", "Relu", "Gemm"]
+    _assert_same_function(model, pruned.model)
+
+
+def test_two_removed_relus_in_a_row_fuse_conv_conv_then_conv_gemm():
+    """relu1 and relu2 both active: Conv∘Conv first (3×3 then 1×1), then the fused Conv∘Gemm;
+    only Flatten and the Gemm head are left."""
+    rng, g = np.random.default_rng(4), GraphBuilder()
+    h = _active_conv(g, rng, "x", 2, 8, 3, pads=[1] * 4)
+    h = g.node("Relu", [h], name="relu1")
+    h = _active_conv(g, rng, h, 8, 2, 1)
+    h = g.node("Relu", [h], name="relu2")
+    _head(g, rng, h, 2 * 36, hidden=4)
+    model = _model(g)
+    pruned = prune_channels(model, {}, ["relu1", "relu2"])
+    assert pruned.fusion.fused["relu1"].kind == "Conv∘Conv"
+    assert pruned.fusion.fused["relu2"].kind == "Conv∘Gemm"
+    assert _ops(pruned.model) == ["Flatten", "Gemm", "Relu", "Gemm"]
+    _assert_same_function(model, pruned.model)
+
+
+def test_a_per_position_constant_between_two_convs_is_no_convolution_and_stays():
+    """An Add of a per-position constant after Conv1 makes Conv1∘Conv2 a dense map that no
+    convolution computes: it is read back, found different, and left unfused."""
+    rng, g = np.random.default_rng(5), GraphBuilder()
+    h = _active_conv(g, rng, "x", 2, 8, 3, pads=[1] * 4)
+    h = g.node("Add", [h, g.const(rng.random((8, 6, 6)))])
+    h = g.node("Relu", [h], name="relu1")
+    h = g.node("Conv", [h, g.const(_weight(rng, 2, 8, 1, 1))], kernel_shape=[1, 1])
+    h = g.node("Relu", [h], name="relu2")
+    _head(g, rng, h, 72)
+    model = _model(g)
+    pruned = _fused(model)
+    assert "bias varies over positions" in pruned.fusion.unfused["relu1"]
+    assert _ops(pruned.model).count("Conv") == 2
+    _assert_same_function(model, pruned.model)
+
+
+def test_an_ir3_model_keeps_its_initializers_declared_as_inputs():
+    """IR 3 needs every initializer among the graph inputs: the fused weights are declared,
+    the replaced ones no longer."""
+    rng, g = np.random.default_rng(6), GraphBuilder()
+    h = g.node("Relu", [_active_conv(g, rng, "x", 2, 4, 3)], name="relu1")
+    _head(g, rng, h, 64)
+    model = g.model(
+        [g.tensor("x", ["batch", *SHAPE])],
+        [g.tensor("y", ["batch", 3])],
+        opset=8,
+        ir_version=3,
+        initializers_as_inputs=True,
+    )
+    pruned = _fused(model)
+    graph = pruned.model.graph
+    assert {t.name for t in graph.initializer} == {i.name for i in graph.input} - {"x"}
+    _assert_same_function(model, pruned.model)
