@@ -46,9 +46,9 @@ from onnx_exact.report import ChannelSummary, RunReport
 
 
 def channel_summaries(net: Network, stability: StabilityResult) -> list[ChannelSummary]:
-    """Channel verdicts of each ReLU layer of ``net`` (``relu_layer_indices`` order)."""
+    """Channel verdicts of each ReLU layer of ``net`` (``unit_layer_indices`` order)."""
     summaries = []
-    for k in net.relu_layer_indices:
+    for k in net.unit_layer_indices:
         layer = net.layers[k]
         real = layer.real  # auxiliary neurons (residual CNNs, kinks) are no units: never counted
         states = stability.layers[k].states[real]

@@ -250,9 +250,10 @@ def _json_default(value: Any) -> Any:
 def summarize_layers(
     net: Network, stability: StabilityResult, reduction: Reduction | None = None
 ) -> list[LayerSummary]:
-    """One :class:`LayerSummary` per ReLU layer of ``net`` (graph order, input-model indices)."""
+    """One :class:`LayerSummary` per ReLU layer of ``net`` (graph order, input-model indices);
+    a layer of auxiliary neurons only (a MaxPool's max tree) is no unit of the graph: none."""
     summaries = []
-    for k in net.relu_layer_indices:
+    for k in net.unit_layer_indices:
         ls = stability.layers[k]
         real = net.layers[k].real  # auxiliary neurons (residual CNNs) come last, never counted
         states = ls.states[real]

@@ -4,8 +4,8 @@ Every valid sequential fixture of ``cnn_fixtures`` and both MNIST CNNs must read
 whose forward pass is onnxruntime's (float32 tolerance) and the fixture's float64 reference (at
 the output and at every ReLU's input, which pins the NCHW flat order), with ``channels`` right;
 the planted channels must come out proved by the stability analysis; the ReLU6 fixtures read
-with a kink neuron per unit; the MaxPool fixture and the bad models must give exit 2 and one
-line through ``onnx-exact analyze``.
+with a kink neuron per unit; the bad models must give exit 2 and one line through
+``onnx-exact analyze``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from onnx_exact.io.graph import Binding
 from onnx_exact.io.onnx_reader import read_model
 from onnx_exact.stability import analyze_stability
 
-REFUSED = {"torch_legacy_maxpool": "MaxPool is not supported yet"}
+REFUSED: dict[str, str] = {}  # MaxPool is read now (tests/test_cnn_maxpool.py)
 LAYOUTS = {"tf2onnx_nhwc": "NHWC", "matlab_conv1d": "NCW"}
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

@@ -82,8 +82,9 @@ class DenseLayer:
         (:mod:`onnx_exact.io.cnn_residual`): a selection row ``relu(s_j) = s_j`` of a ReLU
         output ``s >= 0`` (ACTIVE by construction: :attr:`passthrough`), or the pair
         ``relu(±s)`` of a source that may be negative. They come after the layer's real neurons
-        (kinks first); their ``channels`` entry is one past the largest real channel. ``None``:
-        no such neuron.
+        (kinks first); their ``channels`` entry is one past the largest real channel. A level of
+        a MaxPool's max tree (:mod:`onnx_exact.io.cnn_maxpool`) is a layer of auxiliary neurons
+        only (:attr:`is_auxiliary`). ``None``: no such neuron.
     clip : float or None
         ``c > 0`` when the layer is a ``Clip(0, c)`` (ReLU6: ``c = 6``) of the graph, read as
         ``clip(y, 0, c) = relu(y) - relu(y - c)``: its ``n`` real neurons are the units
@@ -102,9 +103,10 @@ class DenseLayer:
     auxiliary: np.ndarray | None = None
     clip: float | None = None
     passthrough: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
-    """When every auxiliary neuron after the kinks is a selection row (weight 1 on one input,
-    bias 0): the input each one copies, so :meth:`apply` gathers them instead of multiplying (a
-    third of a ResNet's dense entries are such rows)."""
+    """The input each auxiliary neuron of the trailing run of selection rows (weight 1 on one
+    input, bias 0) after the kinks copies, so :meth:`apply` gathers them instead of multiplying
+    (a third of a ResNet's dense entries are such rows; a MaxPool tree level carries its left
+    operands so); None when the last row is no such row."""
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, dtype=np.float64)
@@ -140,18 +142,20 @@ class DenseLayer:
             self.passthrough = self._selection_sources()
 
     def _selection_sources(self) -> np.ndarray | None:
-        """The input each auxiliary row after the kinks selects, or None if not all such."""
+        """The input each row of the trailing run of auxiliary selection rows after the kinks
+        selects, or None if the last row is no such row."""
         first = int(self.real.sum()) + self.kinks.size
         rows = self.weight[first:]
         if not rows.size or not self.auxiliary[first:].all():
             return None
         sources = np.argmax(rows != 0, axis=1)
         selects = (
-            np.all(np.count_nonzero(rows, axis=1) == 1)
-            and np.all(rows[np.arange(rows.shape[0]), sources] == 1.0)
-            and np.all(self.bias[first:] == 0.0)
+            (np.count_nonzero(rows, axis=1) == 1)
+            & (rows[np.arange(rows.shape[0]), sources] == 1.0)
+            & (self.bias[first:] == 0.0)
         )
-        return sources if selects else None
+        run = int(np.argmin(selects[::-1])) if not selects.all() else selects.size
+        return sources[selects.size - run :] if run else None
 
     def apply(self, h: np.ndarray) -> np.ndarray:
         """``W h + b`` for a batch ``h`` of shape ``(m, in)``, float64. Selection rows
@@ -172,6 +176,12 @@ class DenseLayer:
         if self.auxiliary is None:
             return np.ones(self.out_features, dtype=bool)
         return ~self.auxiliary
+
+    @property
+    def is_auxiliary(self) -> bool:
+        """Whether every neuron is auxiliary: a layer of no graph activation (a level of a
+        MaxPool's max tree, :mod:`onnx_exact.io.cnn_maxpool`), never reported or pruned."""
+        return self.auxiliary is not None and self.out_features > 0 and bool(self.auxiliary.all())
 
     @property
     def kinks(self) -> np.ndarray:
@@ -227,6 +237,12 @@ class Network:
     def relu_layer_indices(self) -> list[int]:
         """Indices (into ``layers``) of the layers that carry a ReLU, in graph order."""
         return [k for k, layer in enumerate(self.layers) if layer.relu]
+
+    @property
+    def unit_layer_indices(self) -> list[int]:
+        """The ReLU layers of a graph activation (not :attr:`DenseLayer.is_auxiliary`), in graph
+        order: what reports, channel verdicts and a CNN binding's ``relu_nodes`` list."""
+        return [k for k in self.relu_layer_indices if not self.layers[k].is_auxiliary]
 
     @property
     def param_count(self) -> int:

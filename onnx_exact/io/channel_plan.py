@@ -210,9 +210,10 @@ class ChannelPlanner:
 
     def _chain(self, tensor: str, release: bool) -> tuple[list[int], int]:
         """The per-channel nodes that compute ``tensor`` from a core (``tensor``'s side first)
-        and the core. With ``release`` (the channels are dropped, not proved 0), Relu, Clip,
-        pools and Pad may be on the chain too."""
-        allowed = CHAIN_PASS_OPS | (ACTIVATION_OPS | {"Pad"} | POOL_OPS if release else set())
+        and the core. Pools may be on it (``Conv → MaxPool → Relu``: pools never mix channels,
+        so a channel the activation zeroes goes from each). With ``release`` (the channels are
+        dropped, not proved 0), Relu, Clip and Pad may be on the chain too."""
+        allowed = CHAIN_PASS_OPS | POOL_OPS | (ACTIVATION_OPS | {"Pad"} if release else set())
         return self.walk_chain(
             tensor,
             allowed,

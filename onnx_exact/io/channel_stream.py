@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnx_exact.io.channel_plan import AFFINE_OPS, CORE_OPS, ChannelPlanner, Flow, Keep, Plan
+from onnx_exact.io.channel_plan import (
+    AFFINE_OPS,
+    CORE_OPS,
+    POOL_OPS,
+    ChannelPlanner,
+    Flow,
+    Keep,
+    Plan,
+)
 from onnx_exact.io.graph import node_attr
 
 JOIN_OPS = {"Add", "Sum"}
@@ -90,10 +98,10 @@ class StreamPlanner(ChannelPlanner):
 
     def _links(self, tensor: str) -> tuple[list[int], int]:
         """The per-channel nodes computing ``tensor`` (its side first) and the core or join
-        they start at."""
+        they start at (pools included: ``Conv → MaxPool → Relu``)."""
         return self.walk_chain(
             tensor,
-            SKIP_PASS_OPS | {"Transpose"},
+            SKIP_PASS_OPS | {"Transpose"} | POOL_OPS,
             lambda index: self.nodes[index].op_type in CORE_OPS or self.is_join(index),
             "a Conv, Gemm, MatMul or residual Add",
         )

@@ -26,10 +26,13 @@ Residual blocks (a tensor forked into a ReLU branch and a linear skip that meet 
 are read by :mod:`onnx_exact.io.cnn_residual`: the skip's source is carried across the branch
 by auxiliary passthrough neurons (:attr:`DenseLayer.auxiliary`), exactly. A ``Clip(0, c)``
 (ReLU6) closes a layer like a Relu, with one auxiliary kink neuron per unit
-(:mod:`onnx_exact.io.cnn_clip`: ``clip(y, 0, c) = relu(y) - relu(y - c)``).
+(:mod:`onnx_exact.io.cnn_clip`: ``clip(y, 0, c) = relu(y) - relu(y - c)``). A ``MaxPool`` or
+``GlobalMaxPool`` closes one layer of auxiliary neurons per level of its windows' max trees
+(:mod:`onnx_exact.io.cnn_maxpool`: ``max(a, b) = a + relu(b - a)``).
 
 Refused with one line naming the node (this round): other forks and joins (three-way forks,
-nested skips, both paths with ReLUs, ``Concat``), ``MaxPool``, other Clips and other
+nested skips, both paths with ReLUs, ``Concat``), a MaxPool in a residual block or with
+its Indices output used, other Clips and other
 activations, a Conv weight computed at run time, a group count that does not divide the
 channels, dynamic spatial dims, and a layer too big to materialise.
 """
@@ -56,6 +59,7 @@ from onnx_exact.core.operators import (
 )
 from onnx_exact.io.affine_chain import AffineChain
 from onnx_exact.io.cnn_clip import ClipChain, clip_maximum, with_kinks
+from onnx_exact.io.cnn_maxpool import MAX_POOL_OPS, MaxPoolWalk
 from onnx_exact.io.cnn_residual import ResidualWalk
 from onnx_exact.io.graph import PathStep, node_attr, node_label
 from onnx_exact.io.node_semantics import GraphWalk
@@ -85,7 +89,7 @@ class CnnBinding:
     Attributes
     ----------
     relu_nodes : the Relu (or ``Clip(0, c)``) node names, one per ReLU layer, in
-        ``network.relu_layer_indices`` order (a nameless node is named by its output tensor);
+        ``network.unit_layer_indices`` order (a nameless node is named by its output tensor);
         ``DenseLayer.name`` is the same.
     input_layout : the input's layout, ``"NCHW"``, ``"NCW"``, ``"NCDHW"``, channels-last
         (``"NHWC"``, ``"NWC"``...) when the path starts with a Transpose moving the last axis to
@@ -97,7 +101,8 @@ class CnnBinding:
     path : every node on the data path, in graph order, with its role: ``"preprocess"``
         (InputMap), ``"pass"`` (Identity/Dropout/Cast/Flatten/Reshape), ``"fold"``
         (BatchNormalization, Add/Sub/Mul/Div by a constant), ``"core"`` (Conv/Gemm/MatMul),
-        ``"linear"`` (Pad, AveragePool, GlobalAveragePool, Transpose) or ``"relu"``.
+        ``"linear"`` (Pad, AveragePool, GlobalAveragePool, Transpose), ``"maxpool"`` (MaxPool,
+        GlobalMaxPool: the layers of its max tree) or ``"relu"``.
     weight_dtype : the float type of the stored weights (= the activations').
     """
 
@@ -138,7 +143,7 @@ def read_cnn(
     return _CnnWalker(model, label).read(path, external)
 
 
-class _CnnWalker(ResidualWalk, GraphWalk):
+class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
     """Walks the CNN data path once, composing the linear ops of each layer into one matrix.
 
     The state between two ReLUs is an :class:`~onnx_exact.io.affine_chain.AffineChain` from the
@@ -273,6 +278,8 @@ class _CnnWalker(ResidualWalk, GraphWalk):
             self._pad(index, current)
         elif op in ("AveragePool", "GlobalAveragePool"):
             self._average_pool(index)
+        elif op in MAX_POOL_OPS:
+            self.max_pool(index, MAX_DENSE_ENTRIES)
         else:
             raise self._unsupported(index)
         return node.output[0]
@@ -310,11 +317,6 @@ class _CnnWalker(ResidualWalk, GraphWalk):
         op = node.op_type
         if op in OTHER_ACTIVATIONS:
             return self.fail(f"{label}: only ReLU activations can be analysed")
-        if op == "MaxPool":
-            return self.fail(
-                f"{label}: MaxPool is not supported yet (only AveragePool and "
-                "GlobalAveragePool); replace it by a strided Conv or an AveragePool"
-            )
         if op in ("Add", "Sub", "Mul", "Concat", "Sum"):
             return self.fail(
                 f"{label}: {op} of two computed tensors (a residual or branch join) is not "

@@ -83,21 +83,25 @@ class Analysis:
         self.focused = False
 
     def _mark_auxiliary(self, k: int) -> None:
-        """Auxiliary passthrough neurons that select a ReLU output are ACTIVE by construction.
+        """Auxiliary neurons that sum ReLU outputs are ACTIVE by construction.
 
-        Such a row (:attr:`DenseLayer.passthrough`) selects one output of the previous layer
-        (weight 1, bias 0), which carries a ReLU, so ``y = relu(...) >= 0`` exactly: the ReLU
-        is the identity on it. Decided by "linear", so no tier pursues them and no count
-        includes them (as for a layer without ReLU). The other auxiliary kinds are ordinary
+        Such a row (after the kinks) has no negative weight and no negative bias over the
+        outputs of the previous layer, which carries a ReLU, so ``y >= 0`` exactly: the ReLU is
+        the identity on it. Examples: a passthrough row (:attr:`DenseLayer.passthrough`: weight
+        1 on one input, bias 0), the carried ``a + relu(b - a)`` of a MaxPool's max tree
+        (:mod:`onnx_exact.io.cnn_maxpool`). Decided by "linear", so no tier pursues them and no
+        count includes them (as for a layer without ReLU). The other auxiliary kinds are ordinary
         ReLUs that keep the verdicts of the bounds pass and witnesses and are never pursued
         (:meth:`structural`): the pair ``relu(±s)`` of a skip from a tensor that may be
         negative, and the kinks ``relu(y - c)`` of a ``Clip(0, c)`` layer
         (:attr:`DenseLayer.kinks`, before the passthrough rows).
         """
         layer = self.net.layers[k]
-        if k == 0 or not self.net.layers[k - 1].relu or layer.passthrough is None:
+        if k == 0 or not self.net.layers[k - 1].relu:
             return
-        rows = np.arange(layer.out_features - layer.passthrough.size, layer.out_features)
+        first = int(layer.real.sum()) + layer.kinks.size
+        nonnegative = np.all(layer.weight[first:] >= 0.0, axis=1) & (layer.bias[first:] >= 0.0)
+        rows = first + np.flatnonzero(nonnegative & layer.auxiliary[first:])
         self.states[k][rows] = NeuronState.ACTIVE
         self.decided_by[k][rows] = Tier.LINEAR.value
 
