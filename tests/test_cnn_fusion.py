@@ -15,6 +15,7 @@ from conftest import run_cli
 from exporter_fixtures import GraphBuilder
 
 from onnx_exact import AnalysisOptions, DomainSpec, check, compress
+from onnx_exact.core.operators import ConvOperator
 from onnx_exact.io.channel_pruning import prune_channels
 from onnx_exact.io.model_stats import model_stats
 
@@ -26,10 +27,15 @@ def _weight(rng, *shape) -> np.ndarray:
     return (rng.normal(size=shape) / np.sqrt(fan_in)).astype(np.float32)
 
 
-def _active_conv(g: GraphBuilder, rng, x: str, c_in: int, c_out: int, k: int, **attrs) -> str:
-    """A Conv whose every output is ≥ 1 on inputs in [0, 1] (bias Σ|W| + 1)."""
+def _active_weights(rng, c_in: int, c_out: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Conv weights whose every output is ≥ 1 on inputs in [0, 1] (bias Σ|W| + 1)."""
     kernel = _weight(rng, c_out, c_in, k, k)
     bias = (np.abs(kernel.astype(np.float64)).sum(axis=(1, 2, 3)) + 1.0).astype(np.float32)
+    return kernel, bias
+
+
+def _active_conv(g: GraphBuilder, rng, x: str, c_in: int, c_out: int, k: int, **attrs) -> str:
+    kernel, bias = _active_weights(rng, c_in, c_out, k)
     return g.node("Conv", [x, g.const(kernel), g.const(bias)], kernel_shape=[k, k], **attrs)
 
 
@@ -67,11 +73,15 @@ def conv_gemm(out_channels: int = 4, k: int = 3, hidden: int = 10, style="gemm",
 def conv_conv(pad2: int = 0, k2: int = 1, stride1: int = 1, stride2: int = 1, seed=0):
     """``Conv(2 → 8, 3×3, pad 1, stride1) → Relu (always active) → Conv(8 → 2, k2, pad2,
     stride2) → Relu → Flatten → Gemm → Relu → Gemm``."""
-    rng, g = np.random.default_rng(seed), GraphBuilder()
-    h = _active_conv(g, rng, "x", SHAPE[0], 8, 3, pads=[1] * 4, strides=[stride1] * 2)
+    rng, g, h = np.random.default_rng(seed), GraphBuilder(), "x"
+    kernel1, bias1 = _active_weights(rng, SHAPE[0], 8, 3)
+    attrs = {"pads": [1] * 4, "strides": [stride1] * 2}
+    h = g.node("Conv", [h, g.const(kernel1), g.const(bias1)], kernel_shape=[3, 3], **attrs)
     h = g.node("Relu", [h], name="relu1")
     kernel = _weight(rng, 2, 8, k2, k2)
-    bias = rng.normal(0, 0.1, 2).astype(np.float32)
+    conv1 = ConvOperator(kernel1, bias1, SHAPE[1:], attrs["pads"], attrs["strides"])
+    centre = conv1.forward(np.full((1, conv1.n_in), 0.5)).reshape(8, -1).mean(axis=1)
+    bias = (-kernel.astype(np.float64).sum(axis=(2, 3)) @ centre).astype(np.float32)  # mixed
     h = g.node(
         "Conv",
         [h, g.const(kernel), g.const(bias)],
@@ -303,4 +313,20 @@ def test_an_ir3_model_keeps_its_initializers_declared_as_inputs():
     pruned = _fused(model)
     graph = pruned.model.graph
     assert {t.name for t in graph.initializer} == {i.name for i in graph.input} - {"x"}
+    _assert_same_function(model, pruned.model)
+
+
+def test_a_linear_relu6_is_removed_and_fused_like_a_relu():
+    """``Clip(0, c)`` with every unit between 0 and c (c above the Conv's largest output on the
+    box) is the identity: removed with its bound constants, its Conv fused into the Gemm."""
+    rng, g = np.random.default_rng(8), GraphBuilder()
+    h = _active_conv(g, rng, "x", 2, 4, 3)
+    bounds = [g.const(np.float32(0.0)), g.const(np.float32(1000.0))]
+    h = g.node("Clip", [h, *bounds], name="clip1")
+    _head(g, rng, h, 64)
+    model = _model(g)
+    pruned = prune_channels(model, {}, ["clip1"])
+    assert pruned.removed_relus == ["clip1"] and pruned.fusion.fused["clip1"].kind == "Conv∘Gemm"
+    assert _ops(pruned.model) == ["Flatten", "Gemm", "Relu", "Gemm"]
+    assert len(pruned.model.graph.initializer) == 4  # fused W, b and the head's: no bounds left
     _assert_same_function(model, pruned.model)
