@@ -192,6 +192,24 @@ def test_a_maxpool_whose_indices_are_used_is_refused_in_one_line(tmp_path):
         read_model(model)
 
 
+def test_a_maxpool_inside_a_residual_block_is_refused_in_one_line():
+    """``s → [Conv → Relu → MaxPool(3x3, stride 1, pads 1)] + s``: the branch's tree layers
+    would have to carry ``s`` too, which the reader does not do; one line names the node."""
+    g = GraphBuilder()
+    rng = np.random.default_rng(1)
+    weight = g.const(rng.normal(size=(2, 1, 3, 3)).astype(np.float32))
+    s = g.node("Relu", [g.node("Conv", ["input", weight], pads=[1, 1, 1, 1])])
+    branch = g.const(rng.normal(size=(2, 2, 3, 3)).astype(np.float32))
+    h = g.node("Relu", [g.node("Conv", [s, branch], pads=[1, 1, 1, 1])])
+    h = g.node("MaxPool", [h], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    h = g.node("Relu", [g.node("Add", [h, s])])
+    h = g.node("Flatten", [h], axis=1)
+    g.node("Gemm", [h, g.const(np.ones((1, 32), np.float32))], output="output", transB=1)
+    model = g.model([g.tensor("input", ["batch", 1, 4, 4])], [g.tensor("output", ["batch", 1])])
+    with pytest.raises(UnsupportedModelError, match="node 'pool' .* inside a residual block"):
+        read_model(model)
+
+
 # ----------------------------------------------------------------------------- property
 
 
