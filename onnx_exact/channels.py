@@ -177,6 +177,8 @@ def prune(report: RunReport, read: ReadResult) -> PruneResult:
                 f"{summary.clip:g}) kept: {pruned.unfolded[layer.name]}"
             )
         summary.relu_removed = layer.name in pruned.removed_relus
+        if layer.name in pruned.fusion.fused:
+            report.notes.append(f"{layer.name}: {pruned.fusion.fused[layer.name].describe()}")
         layer.folded = summary.relu_removed
         layer.removed = (
             layer.size if summary.relu_removed else len(summary.removed) * summary.positions

@@ -8,6 +8,7 @@ box (interval bounds prove it). The rest of the network is random (seeded).
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -226,6 +227,9 @@ def test_compress_fuses_a_proved_active_relu_lowers_the_macs_and_check_proves_it
     doc = json.loads(report.read_text())
     written = onnx.load(out)
     assert "Conv" not in _ops(written)
+    note = next(n for n in doc["notes"] if n.startswith("relu1: Conv 'Conv_4' fused into Gemm"))
+    before, after = map(int, re.search(r"MACs (\d+) -> (\d+)", note).groups())
+    assert after < before
     assert doc["macs_after"] == model_stats(written).macs < doc["macs_before"]
     _assert_same_function(model, written)
     code, stdout, stderr = run_cli(["check", source, out, "-r", "[0,1]", "--json", "-"])

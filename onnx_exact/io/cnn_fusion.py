@@ -87,6 +87,7 @@ class Fusion:
     macs_after: int
 
     def describe(self) -> str:
+        """The report's note, e.g. ``Conv 'c1' fused into Gemm 'fc' (Conv∘Gemm, MACs a -> b)``."""
         return (
             f"{', '.join(self.removed)} fused into {self.into} ({self.kind}, MACs "
             f"{self.macs_before} -> {self.macs_after})"
