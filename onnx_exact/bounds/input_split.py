@@ -611,7 +611,7 @@ def _signs_shown(
     first = np.zeros(layers.size, dtype=np.int64)
     h = points
     for k, layer in enumerate(net.layers[: int(layers.max()) + 1]):
-        y = h @ layer.weight.T + layer.bias
+        y = layer.apply(h)
         columns = np.flatnonzero(layers == k)
         if columns.size:
             signed = y[:, neurons[columns]] * signs[columns]

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnx_exact.core.structured_map import StructuredMap
+
 
 @dataclass
 class InputMap:
@@ -107,6 +109,10 @@ class DenseLayer:
     input, bias 0) after the kinks copies, so :meth:`apply` gathers them instead of multiplying
     (a third of a ResNet's dense entries are such rows; a MaxPool tree level carries its left
     operands so); None when the last row is no such row."""
+    structured: StructuredMap | None = field(default=None, init=False, repr=False, compare=False)
+    """The layer's map as the operators it was composed from (a CNN layer without auxiliary
+    rows, set by the reader when cheaper: :mod:`onnx_exact.core.structured_map`); :meth:`apply`
+    and :meth:`pullback` use it instead of the dense matrix. None: the dense matrix."""
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, dtype=np.float64)
@@ -162,6 +168,8 @@ class DenseLayer:
         (:attr:`passthrough`) are copied from ``h``: exactly the value of their product (one
         term ``1 · h_j``, the others ``0 · h``), without its cost; the other rows are one
         product (whose float64 sums BLAS may order differently than for the whole matrix)."""
+        if self.structured is not None:
+            return self.structured.forward(h)
         if self.passthrough is None:
             return h @ self.weight.T + self.bias
         first = self.out_features - self.passthrough.size
@@ -169,6 +177,13 @@ class DenseLayer:
         y[:, :first] = h @ self.weight[:first].T + self.bias[:first]
         y[:, first:] = h[:, self.passthrough]
         return y
+
+    def pullback(self, rows: np.ndarray) -> np.ndarray:
+        """``rows W`` for row vectors ``rows`` of shape ``(r, out)``: a gradient or a linear
+        bound carried back through the layer's linear map."""
+        if self.structured is not None:
+            return self.structured.pullback(rows)
+        return rows @ self.weight
 
     @property
     def real(self) -> np.ndarray:

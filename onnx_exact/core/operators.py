@@ -343,24 +343,35 @@ class ConvOperator(LinearOperator):
         return y.reshape(m, self.n_out)
 
     def transpose(self, l: np.ndarray) -> np.ndarray:  # noqa: E741
-        """col2im: for each kernel tap, the output-side rows times that tap's weights are added
-        to the strided slice of the padded input they came from; the pads are then cut off."""
+        """col2im, in blocks of rows whose window matrix stays under ``IM2COL_ELEMENTS``."""
         l = self._batch(l, self.n_out, "transpose")  # noqa: E741
+        window = math.prod(self.output_shape[1:]) * self.kernel.shape[1] * self.groups
+        block = max(1, IM2COL_ELEMENTS // (window * math.prod(self.kernel_spatial)))
+        if l.shape[0] <= block:
+            return self._col2im(l)
+        return np.vstack([self._col2im(l[i : i + block]) for i in range(0, l.shape[0], block)])
+
+    def _col2im(self, l: np.ndarray) -> np.ndarray:  # noqa: E741
+        """The adjoint of :meth:`_im2col`: one matrix product per group gives every window's
+        share (rows times the kernel), which each kernel tap then adds to the strided slice of
+        the padded input it read; the pads are cut off."""
         r, d, g = l.shape[0], len(self.kernel_spatial), self.groups
         c_out, c_in_group = self.kernel.shape[:2]
         out_spatial = self.output_shape[1:]
         spatial = self.input_shape[1:]
-        rows = l.reshape(r, g, c_out // g, *out_spatial)
+        positions, taps = math.prod(out_spatial), math.prod(self.kernel_spatial)
+        # (r, g, C_out/g, P) -> (g, r·P, C_out/g), times (g, C_out/g, C_in/g·K)
+        rows = l.reshape(r, g, c_out // g, positions).transpose(1, 0, 3, 2)
+        rows = rows.reshape(g, r * positions, c_out // g)
+        cols = rows @ self.kernel.reshape(g, c_out // g, c_in_group * taps)
+        # (g, r, *O, C_in/g, K) -> (r, g, C_in/g, *O, K)
+        cols = cols.reshape(g, r, *out_spatial, c_in_group, taps)
+        cols = cols.transpose(1, 0, 2 + d, *range(2, 2 + d), 3 + d)
         padded_shape = tuple(s + self.pads[i] + self.pads[d + i] for i, s in enumerate(spatial))
         grad = np.zeros((r, g, c_in_group, *padded_shape))
-        weights = self.kernel.reshape(g, c_out // g, c_in_group, *self.kernel_spatial)
-        letters = "uvwxyz"[:d]  # spatial axes; r, g, o, c name the others
-        spec = f"rgo{letters},goc->rgc{letters}"
-        for tap in np.ndindex(*self.kernel_spatial):
-            w_tap = weights[(slice(None), slice(None), slice(None), *tap)]
-            grad[(slice(None), slice(None), slice(None), *self._tap_slices(tap))] += np.einsum(
-                spec, rows, w_tap, optimize=True
-            )
+        everything = (slice(None),) * 3  # the axes r, g, C_in/g
+        for index, tap in enumerate(np.ndindex(*self.kernel_spatial)):
+            grad[(*everything, *self._tap_slices(tap))] += cols[..., index]
         crop = tuple(slice(self.pads[i], self.pads[i] + s) for i, s in enumerate(spatial))
         grad = grad[(slice(None), slice(None), slice(None), *crop)]
         return grad.reshape(r, self.n_in)

@@ -26,6 +26,7 @@ from onnx_exact.core.operators import (
     IndexOperator,
     LinearOperator,
 )
+from onnx_exact.core.structured_map import CHEAPER_BY, ElementwiseAffine, StructuredMap
 
 
 def conv_matrix(conv: ConvOperator) -> np.ndarray:
@@ -74,6 +75,7 @@ class AffineChain:
         self.dense: np.ndarray | None = None  # (width, n_src) once a mixing op came
         self.offset = np.zeros(n)
         self.ops = 0
+        self.steps: list[LinearOperator] = []  # the operators composed, for structured_map()
 
     def entries_after(self, op: LinearOperator) -> int:
         """Entries of ``W`` once ``op`` is composed (index ops keep the index form)."""
@@ -89,6 +91,9 @@ class AffineChain:
             self.dense = self.dense * scale[:, None]
         self.offset = self.offset * scale + shift
         self.ops += 1
+        self.steps.append(
+            ElementwiseAffine(scale * np.ones(self.width), shift * np.ones(self.width))
+        )
 
     def apply(self, op: LinearOperator) -> None:
         """``t ← op(t)``."""
@@ -108,6 +113,19 @@ class AffineChain:
         self.offset = op.forward(self.offset[None])[0]
         self.width = op.n_out
         self.ops += 1
+        self.steps.append(op)
+
+    def structured_map(self, weight: np.ndarray, bias: np.ndarray) -> StructuredMap | None:
+        """The composed operators as a :class:`StructuredMap` of the layer ``(weight, bias)``,
+        or None when it would not be cheaper than the dense product (by ``CHEAPER_BY``) or does
+        not reproduce it on random probes (a caller changed the chain by hand: a residual join
+        sums two chains' matrices)."""
+        if not self.steps:
+            return None
+        structured = StructuredMap(self.steps)
+        if structured.cost * CHEAPER_BY > weight.size:
+            return None
+        return structured if structured.agrees_with(weight, bias) else None
 
     def weight(self) -> np.ndarray:
         """``W`` as a dense ``(width, n_src)`` float64 array."""

@@ -374,9 +374,10 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
             )
             if self.in_branch:
                 self.carry = self.carry + units  # the carried rows moved behind the kinks
-        self.layers.append(
-            DenseLayer(weight, bias, relu is not None, name, channels, auxiliary, clip)
-        )
+        layer = DenseLayer(weight, bias, relu is not None, name, channels, auxiliary, clip)
+        if auxiliary is None:
+            layer.structured = self.chain.structured_map(layer.weight, layer.bias)
+        self.layers.append(layer)
         if relu is not None:
             self.relu_nodes.append(name)
             self.relu_tensors.append(tensor)

@@ -208,7 +208,7 @@ def _value_and_gradient(
     masks = []
     for j in range(layer):
         current = net.layers[j]
-        y = h @ current.weight.T + current.bias
+        y = current.apply(h)
         if current.relu:
             mask = y > 0.0
             h = np.where(mask, y, 0.0)
@@ -221,7 +221,7 @@ def _value_and_gradient(
     value = np.einsum("dn,dn->d", h, rows) + target.bias[neurons]
     gradient = rows
     for j in range(layer - 1, -1, -1):
-        gradient = (gradient * masks[j]) @ net.layers[j].weight
+        gradient = net.layers[j].pullback(gradient * masks[j])
     return value, gradient
 
 
