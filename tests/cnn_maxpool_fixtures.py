@@ -157,12 +157,29 @@ def tf2onnx_maxpool(seed: int = 15) -> MaxPoolFixture:
     return b.fixture("tf2onnx_maxpool", (8, 8, 1), 3, {"Relu": [0], "Relu_1": [3]})
 
 
+def resnet_stem(seed: int = 16) -> MaxPoolFixture:
+    """A ResNet stem and basic block: ``Conv → Relu → MaxPool(3x3, stride 2, pads 1)``, whose
+    output forks into ``Conv → Relu → Conv`` and the identity skip, ``Add → Relu →
+    GlobalAveragePool → Flatten → Gemm`` on ``[1, 8, 8]``."""
+    b = _Builder(seed)
+    g = b.g
+    h = g.node("Relu", [b.conv("input", 1, 4, 3, pads=[1, 1, 1, 1])], name="stem")
+    s = g.node("MaxPool", [h], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    h = g.node("Relu", [b.conv(s, 4, 4, 3, dead=(2,), pads=[1, 1, 1, 1])], name="branch")
+    h = g.node("Add", [b.conv(h, 4, 4, 3, pads=[1, 1, 1, 1]), s])
+    h = g.node("Relu", [h], name="out")
+    h = g.node("Flatten", [g.node("GlobalAveragePool", [h])], axis=1)
+    b.gemm(h, 4, 3, "output")
+    return b.fixture("resnet_stem", (1, 8, 8), 3, {"branch": [2]})
+
+
 FIXTURES = {
     "torch_relu_maxpool": torch_relu_maxpool,
     "maxpool_relu": maxpool_relu,
     "overlapping_pool": overlapping_pool,
     "global_max_head": global_max_head,
     "tf2onnx_maxpool": tf2onnx_maxpool,
+    "resnet_stem": resnet_stem,
 }
 
 

@@ -3,7 +3,8 @@ analysed, pruned through the pool, checked, and refused in one line where unsupp
 
 Fixtures: ``cnn_maxpool_fixtures`` (torch ``Relu → MaxPool``, ``MaxPool → Relu``, overlapping
 3x3/stride 2 windows with pads, a GlobalMaxPool head, tf2onnx NHWC with Transposes around the
-pool), each with planted dead channels; ``cnn_fixtures.torch_legacy("maxpool")``.
+pool, a ResNet stem whose pool output forks into a basic block), each with planted dead
+channels; ``cnn_fixtures.torch_legacy("maxpool")``.
 """
 
 from __future__ import annotations
