@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import onnx
+import pytest
 from conftest import run_cli
 from exporter_fixtures import GraphBuilder
 
@@ -334,3 +335,50 @@ def test_a_linear_relu6_is_removed_and_fused_like_a_relu():
     assert _ops(pruned.model) == ["Flatten", "Gemm", "Relu", "Gemm"]
     assert len(pruned.model.graph.initializer) == 4  # fused W, b and the head's: no bounds left
     _assert_same_function(model, pruned.model)
+
+
+@pytest.mark.parametrize(
+    ("spatial", "conv1", "conv2"),
+    [
+        ((7, 7), {"k": 3, "pads": [1, 0, 2, 1], "strides": [2, 1]}, {"k": 2, "strides": [1, 2]}),
+        (
+            (8, 8),
+            {"k": 3, "auto_pad": "SAME_UPPER", "strides": [2, 2]},
+            {"k": 2, "strides": [2, 2]},
+        ),
+        ((6, 6), {"k": 2, "group": 2, "pads": [1, 1, 1, 1]}, {"k": 1, "auto_pad": "VALID"}),
+        ((9,), {"k": 3, "pads": [2, 1], "strides": [2]}, {"k": 3, "strides": [1]}),
+    ],
+)
+def test_conv_conv_geometries_fuse_into_the_same_function(spatial, conv1, conv2):
+    """Strides, asymmetric and ``auto_pad`` pads, a grouped Conv1, 1-D: the fused Conv (group 1,
+    kernel ``s1·(k2−1)+k1``, stride ``s1·s2``) computes what the two did, on the box."""
+    rng, g = np.random.default_rng(9), GraphBuilder()
+    d, c_in, c_mid = len(spatial), 2, 8
+    k1, k2 = conv1.pop("k"), conv2.pop("k")
+    kernel = _weight(rng, c_mid, c_in // conv1.get("group", 1), *(k1,) * d)
+    bias = (np.abs(kernel.astype(np.float64)).sum(axis=tuple(range(1, d + 2))) + 1.0).astype(
+        np.float32
+    )
+    h = g.node("Conv", ["x", g.const(kernel), g.const(bias)], kernel_shape=[k1] * d, **conv1)
+    h = g.node("Relu", [h], name="relu1")
+    w2 = _weight(rng, 3, c_mid, *(k2,) * d)
+    h = g.node("Conv", [h, g.const(w2)], kernel_shape=[k2] * d, output="y", **conv2)
+    model = g.model(
+        [g.tensor("x", ["batch", c_in, *spatial])],
+        [g.tensor("y", ["batch", 3, *(f"s{i}" for i in range(d))])],
+    )
+    model = onnx.shape_inference.infer_shapes(model)
+    pruned = prune_channels(model, {}, ["relu1"])
+    assert _ops(pruned.model) == ["Conv"], pruned.fusion.unfused
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).random((64, c_in, *spatial)).astype(np.float32)
+    runs = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0]
+        for m in (model, pruned.model)
+    ]
+    assert runs[0].shape == runs[1].shape
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-5)
