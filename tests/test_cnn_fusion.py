@@ -98,11 +98,12 @@ def conv_conv(pad2: int = 0, k2: int = 1, stride1: int = 1, stride2: int = 1, se
     return _model(g)
 
 
-def _outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def _outputs(model: onnx.ModelProto, x: np.ndarray, shape=SHAPE) -> np.ndarray:
+    """onnxruntime's output for flat samples ``x`` fed as ``[m, *shape]`` float32."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x.astype(np.float32).reshape(-1, *SHAPE)})[0]
+    return session.run(None, {"x": x.astype(np.float32).reshape(-1, *shape)})[0]
 
 
 def _samples(n: int = 256) -> np.ndarray:
@@ -371,14 +372,7 @@ def test_conv_conv_geometries_fuse_into_the_same_function(spatial, conv1, conv2)
     model = onnx.shape_inference.infer_shapes(model)
     pruned = prune_channels(model, {}, ["relu1"])
     assert _ops(pruned.model) == ["Conv"], pruned.fusion.unfused
-    import onnxruntime as ort
-
-    x = np.random.default_rng(1).random((64, c_in, *spatial)).astype(np.float32)
-    runs = [
-        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            None, {"x": x}
-        )[0]
-        for m in (model, pruned.model)
-    ]
+    x = np.random.default_rng(1).random((64, c_in * int(np.prod(spatial))))
+    runs = [_outputs(m, x, (c_in, *spatial)) for m in (model, pruned.model)]
     assert runs[0].shape == runs[1].shape
     np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-5)
