@@ -158,6 +158,19 @@ def test_corner_ascent_never_loses_ground_and_stays_in_box() -> None:
     assert np.all(found_values >= start_values)
 
 
+def test_ascents_past_their_deadline_take_no_step() -> None:
+    """A deadline already passed returns the (clipped) starts: no step of either ascent begins,
+    while without one both move the same starts (so the deadline, not a stall, stopped them)."""
+    rng = np.random.default_rng(5)
+    net, box, _ = _needle_network(24, rng)
+    neurons, signs = np.array([0, 1]), np.array([1, -1])
+    starts = np.tile(box.center, (2, 1))
+    for ascent in (corner_ascent, gradient_ascent):
+        stopped = ascent(net, box, 1, neurons, signs, starts, deadline=0.0)
+        np.testing.assert_array_equal(stopped, starts)
+        assert not np.array_equal(ascent(net, box, 1, neurons, signs, starts), starts)
+
+
 def test_gradient_ascent_lands_in_an_interior_bump_that_corner_ascent_misses() -> None:
     """``y = 0.02 - ||x - c||_1`` is positive only in a small diamond around an interior point."""
     for n in (6, 20):

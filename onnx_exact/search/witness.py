@@ -233,6 +233,7 @@ def corner_ascent(
     signs: np.ndarray,
     start_points: np.ndarray,
     max_steps: int = 20,
+    deadline: float = np.inf,
 ) -> np.ndarray:
     """Search the box for inputs with ``sign * y_{layer, neuron} > 0``, one search per direction.
 
@@ -246,6 +247,8 @@ def corner_ascent(
     ----------
     neurons, signs : ``(d,)`` neuron indices of layer ``layer`` and the wanted sign (+1 / -1).
     start_points : ``(d, n_in)`` points in the box.
+    deadline : ``time.monotonic()`` after which no further step starts (the points so far are
+        returned); on a big CNN one step of every direction takes a second or more.
 
     Returns
     -------
@@ -259,7 +262,7 @@ def corner_ascent(
     running = signs * value <= 0.0
     for _ in range(max_steps):
         idx = np.flatnonzero(running)
-        if idx.size == 0:
+        if idx.size == 0 or time.monotonic() > deadline:
             break
         current, toward = points[idx], signs[idx, None] * gradient[idx]
         vertex = np.where(toward > 0.0, hi, np.where(toward < 0.0, lo, current))
@@ -295,6 +298,7 @@ def gradient_ascent(
     signs: np.ndarray,
     start_points: np.ndarray,
     max_steps: int = 40,
+    deadline: float = np.inf,
 ) -> np.ndarray:
     """Projected sign-gradient ascent (PGD) on ``sign * y_{layer, neuron}``, one search per direction.
 
@@ -303,7 +307,8 @@ def gradient_ascent(
     step moves ``x <- clip(x + alpha * (hi - lo) * sign(sign * g), lo, hi)`` with ``g`` the gradient
     in the current linear region and ``alpha`` decaying geometrically from 1/4 to 1/1024 of the box
     width (coarse moves first, then precision to land in thin regions); the best point seen per
-    direction is kept. A search stops once it shows the wanted sign.
+    direction is kept. A search stops once it shows the wanted sign, and every search at
+    ``deadline`` (``time.monotonic()``).
 
     Returns
     -------
@@ -312,7 +317,7 @@ def gradient_ascent(
     lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
     points = np.clip(np.asarray(start_points, dtype=np.float64), lo, hi)
     schedule = (_PGD_FIRST_STEP, _PGD_DECAY)
-    batch = (net, layer, neurons, np.asarray(signs, dtype=np.float64), lo, hi, max_steps, np.inf)
+    batch = (net, layer, neurons, np.asarray(signs, dtype=np.float64), lo, hi, max_steps, deadline)
     best, _ = _ascend_from_starts(*batch, points[:, None, :], schedule)
     return best[:, 0]
 

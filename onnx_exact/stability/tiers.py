@@ -124,6 +124,7 @@ def symbolic(analysis: Analysis, k: int, effort: float = 1.0) -> None:
             np.concatenate([neurons, neurons]),
             np.concatenate([signs, signs]),
             starts,
+            deadline=analysis.deadline,
         )
         analysis.see(found, Tier.ASCENT)
         neurons, signs = analysis.open_directions(k)
@@ -131,7 +132,8 @@ def symbolic(analysis: Analysis, k: int, effort: float = 1.0) -> None:
             return
         pool = np.concatenate([pool, found])
         start = best_points(net, k, neurons, signs, pool)
-        analysis.see(gradient_ascent(net, box, k, neurons, signs, start), Tier.ASCENT)
+        found = gradient_ascent(net, box, k, neurons, signs, start, deadline=analysis.deadline)
+        analysis.see(found, Tier.ASCENT)
 
 
 def tighten_previous(analysis: Analysis, k: int) -> None:
