@@ -27,9 +27,11 @@ attacks need no change. Windows follow the ONNX operator: ``kernel_shape``, ``st
 ``pads`` (a padded position is ``-inf`` for a max: it is simply not in the window),
 ``dilations``, ``ceil_mode`` (only windows that start inside the input or its begin pad) and
 ``auto_pad``; overlapping windows each get their own tree. ``GlobalMaxPool`` is one window per
-channel. Each level is a dense matrix like a Conv layer's (rows ≈ windows · K / 2 per level
-for the differences, as many again for the carried values), within the reader's
-``MAX_DENSE_ENTRIES``.
+channel. Each level is a dense matrix like a Conv layer's, within the reader's
+``MAX_DENSE_ENTRIES``: the first has ``windows · K / 2`` difference rows and as many carried
+rows (twice as many, the pairs, before a Relu), each later level about half the one below, and
+each reads every neuron of the level below (so a pool over ``n`` values costs about ``n²``
+entries at its first level).
 
 Refused in one line naming the node: a MaxPool inside a residual block's branch or skip, a
 MaxPool whose ``Indices`` output is used, and a window holding no input element.
