@@ -86,6 +86,24 @@ def test_maxpool_fixtures_read_into_a_network_onnxruntime_runs(name):
     _computes_the_model(FIXTURES[name]())
 
 
+def test_a_maxpool_without_any_conv_is_read_as_a_cnn():
+    """``MaxPool → Flatten → Gemm → Relu → Gemm`` (no Conv): the CNN reader reads it (the MLP
+    reader knows no pool), and the network equals onnxruntime on samples of ``[-1, 1]``."""
+    g = GraphBuilder()
+    rng = np.random.default_rng(3)
+    h = g.node("Flatten", [g.node("MaxPool", ["input"], kernel_shape=[2, 2], strides=[2, 2])])
+    h = g.node("Gemm", [h, g.const(rng.normal(size=(5, 16)).astype(np.float32))], transB=1)
+    h = g.node("Relu", [h], name="relu")
+    w = g.const(rng.normal(size=(2, 5)).astype(np.float32))
+    g.node("Gemm", [h, w], output="output", transB=1)
+    model = g.model([g.tensor("input", ["batch", 1, 8, 8])], [g.tensor("output", ["batch", 2])])
+    read = read_model(model)
+    assert read.binding.relu_nodes == ["relu"]
+    x = _samples(-np.ones(64), np.ones(64))
+    runtime = run_onnxruntime(model, x, (1, 8, 8))
+    np.testing.assert_allclose(read.network.forward(x), runtime, rtol=0, atol=1e-5)
+
+
 def test_relu_then_maxpool_carries_its_left_operands_by_active_selection_rows():
     """``Relu → MaxPool``: the first tree level ends with selection rows of the ReLU output
     (a passthrough run), the second with nonnegative sums; both are ACTIVE by construction,

@@ -116,8 +116,10 @@ class CnnBinding:
 
 
 def holds_conv(model: onnx.ModelProto) -> bool:
-    """Whether the main graph has a ``Conv`` node (then :func:`read_cnn` reads it)."""
-    return any(n.op_type == "Conv" and n.domain in ("", "ai.onnx") for n in model.graph.node)
+    """Whether the main graph has a ``Conv`` or a max pool node (then :func:`read_cnn` reads
+    it; the MLP reader knows neither)."""
+    ops = MAX_POOL_OPS | {"Conv"}
+    return any(n.op_type in ops and n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
 def read_cnn(
