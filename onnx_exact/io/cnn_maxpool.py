@@ -129,6 +129,11 @@ class PoolChain(AffineChain):
         self.apply(IndexOperator((n_src,), (terms.shape[0],), terms[:, 0]))
         self.terms, self.factors = terms, factors
 
+    def structured_map(self, weight: np.ndarray, bias: np.ndarray) -> None:
+        """None: the copied term columns are no operator of ``steps``, so the layer after the
+        pool is applied densely."""
+        return None
+
     def weight(self) -> np.ndarray:
         """``W M``: the representative columns, and ``f_t`` times them for the other terms."""
         matrix = np.array(super().weight())
