@@ -229,6 +229,17 @@ def test_a_maxpool_inside_a_residual_block_is_refused_in_one_line():
         read_model(model)
 
 
+def test_a_max_tree_over_the_dense_limit_is_refused_before_it_is_built(monkeypatch):
+    """``torch_relu_maxpool``'s first tree level is 256 x 256 (a ReLU output of 4 x 8 x 8): with
+    a limit of 40,000 entries its conv layer (256 x 64) still fits, the level does not."""
+    import onnx_exact.io.cnn_reader as cnn_reader
+
+    monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", 40_000)
+    model = FIXTURES["torch_relu_maxpool"]().model
+    with pytest.raises(UnsupportedModelError, match="max tree would be a dense 256 x 256 matrix"):
+        read_model(model)
+
+
 # ----------------------------------------------------------------------------- property
 
 

@@ -192,10 +192,10 @@ class MaxPoolWalk:
         return tensor in self.graph_outputs or bool(self.consumers.get(tensor))
 
     def _max_tree(self, index: int, table: np.ndarray, limit: int) -> None:
-        """Close one auxiliary ReLU layer per level of the windows' max trees."""
+        """Close one auxiliary ReLU layer per level of the windows' max trees (each level's
+        size checked against ``limit`` before anything is built)."""
         node = self.graph.node[index]
         chain = self.chain
-        weight, offset = chain.weight(), chain.offset
         selects = (
             type(chain) is AffineChain
             and chain.dense is None
@@ -203,54 +203,46 @@ class MaxPoolWalk:
             and self.layers[-1].relu
             and bool(np.all(chain.src >= 0))
             and bool(np.all(chain.coef == 1.0))
-            and bool(np.all(offset == 0.0))
+            and bool(np.all(chain.offset == 0.0))
         )  # the pool reads a ReLU output: every value of the tree is >= 0
+        levels = [_pair_up(slots) for slots in _tree_slots(table)]
+        n_src = chain.n_src
+        for _, _, pair, live in levels:
+            rows = int(pair.sum()) + int(live.sum()) * (1 if selects else 2)
+            self._check_size(index, (rows, n_src), limit)
+            n_src = rows
+        if chain.dense is None:  # the pool's inputs are materialised as dense rows
+            self._check_size(index, (chain.width, chain.n_src), limit)
         # The values: level 0 are the pool's inputs (dense rows over the chain's source),
         # later ones sums of the last level's neurons (terms, factors).
-        slots = table
+        weight, offset = chain.weight(), chain.offset
         terms = factors = None
-        level = 0
-        while slots.shape[1] > 1:
-            level += 1
-            if slots.shape[1] % 2:
-                slots = np.hstack([slots, np.full((slots.shape[0], 1), -1)])
-            left, right = slots[:, 0::2].reshape(-1), slots[:, 1::2].reshape(-1)
-            live = left >= 0
-            pair = live & (right >= 0)
+        for level, (left, right, pair, live) in enumerate(levels, 1):
             a, b, carried = left[pair], right[pair], left[live]
             n_diff, n_carry = a.size, carried.size
             rows = [(b, a), (carried, None)] + ([] if selects else [(None, carried)])
             n_src = self.layers[-1].out_features if terms is not None else 0
             parts = [_rows(weight, offset, terms, factors, n_src, *row) for row in rows]
             layer_weight = np.vstack([w for w, _ in parts])
-            layer_bias = np.concatenate([c for _, c in parts])
-            self._check_size(index, layer_weight.shape, limit)
-            name = f"{node.name or node.output[0]}/max{level}"
             self.layers.append(
                 DenseLayer(
                     layer_weight,
-                    layer_bias,
+                    np.concatenate([c for _, c in parts]),
                     True,
-                    name,
+                    f"{node.name or node.output[0]}/max{level}",
                     auxiliary=np.ones(layer_weight.shape[0], dtype=bool),
                 )
             )
             # Next level's values: carried a (+ relu(b - a)) (- relu(-a)), one per live slot.
-            new = np.full(left.size, -1)
-            new[live] = np.arange(n_carry)
-            diff_of = np.full(n_carry, -1)
-            diff_of[np.flatnonzero(pair[live])] = np.arange(n_diff)
             terms = np.full((n_carry, 3), -1)
             terms[:, 0] = n_diff + np.arange(n_carry)
-            terms[:, 1] = np.where(diff_of >= 0, diff_of, -1)
+            terms[np.flatnonzero(pair[live]), 1] = np.arange(n_diff)
             if not selects:
                 terms[:, 2] = n_diff + n_carry + np.arange(n_carry)
             factors = np.tile([1.0, 1.0, -1.0], (n_carry, 1))
-            weight, offset = None, None
-            slots = new.reshape(slots.shape[0], -1)
+            weight = offset = None
         self.path.append(PathStep(index, "maxpool", len(self.layers), 0, self.width))
-        order = slots[:, 0]
-        self.chain = PoolChain(self.layers[-1].out_features, terms[order], factors[order])
+        self.chain = PoolChain(self.layers[-1].out_features, terms, factors)
         self.width = self.chain.width
         self.at_input = False
 
@@ -262,6 +254,31 @@ class MaxPoolWalk:
                 f"{shape[0]} x {shape[1]} matrix, over the limit of {limit} entries "
                 f"({limit * 8 / 2**20:.3g} MiB of float64); CNNs this large are not supported yet"
             )
+
+
+def _tree_slots(table: np.ndarray) -> list[np.ndarray]:
+    """The slots of each tree level: ``table`` (the windows' input values, ``-1`` empty) for
+    the first, then per window the values the level below leaves (numbered in order over the
+    live slots, ``-1`` empty), until one per window is left."""
+    levels = []
+    slots = table
+    while slots.shape[1] > 1:
+        if slots.shape[1] % 2:
+            slots = np.hstack([slots, np.full((slots.shape[0], 1), -1)])
+        levels.append(slots)
+        live = slots[:, 0::2] >= 0
+        new = np.full(live.shape, -1)
+        new[live] = np.arange(int(live.sum()))
+        slots = new
+    return levels
+
+
+def _pair_up(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(left, right, pair, live)`` of one level: the operands of each pair of slots
+    (flattened in window order), where both are values, and where the left one is."""
+    left, right = slots[:, 0::2].reshape(-1), slots[:, 1::2].reshape(-1)
+    live = left >= 0
+    return left, right, live & (right >= 0), live
 
 
 def _rows(
