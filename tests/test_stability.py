@@ -703,3 +703,26 @@ def test_the_tier_table_holds_the_order_the_flags_and_the_solver_caps():
     assert solver_tiers <= set(stability_tiers.TIER_FUNCTIONS)
     assert {Tier.ISA, Tier.PER_NEURON} == set(stability_tiers.BASELINES)
     assert f"{Tier.CROWN_BAB}" == "crown-bab" and str(Tier.CUTS) == "cuts"
+
+
+def test_tightening_under_a_time_limit_ends_at_half_of_the_layers_share(monkeypatch):
+    """tighten_previous gives α-CROWN at most half of layer k's equal share of the time left
+    (k and each ReLU layer above it get one), so the tiers that decide k keep the rest."""
+    net = random_network(np.random.default_rng(6), [6, 16, 16, 16, 16, 2])
+    box = Box(np.zeros(6), np.ones(6))
+    analysis = state.Analysis(net, box, time.monotonic() + 600.0, 0, 1, None)
+    stability_tiers.interval(analysis)
+    given: list[float] = []
+
+    def record(analysis, k, rows, deadline=None):
+        given.append(deadline)
+        return np.zeros((0, net.in_features))
+
+    monkeypatch.setattr(stability_tiers, "_optimise_rows", record)
+    started = time.monotonic()
+    stability_tiers.tighten_previous(analysis, 2)
+    layers_left = sum(1 for j in net.relu_layer_indices if j >= 2)
+    assert given, "no layer below 2 was tightened"
+    share = (analysis.deadline - started) / (2 * layers_left)
+    assert all(deadline <= started + share + 1.0 for deadline in given)
+    assert all(deadline < analysis.deadline - 100.0 for deadline in given)

@@ -144,11 +144,22 @@ def tighten_previous(analysis: Analysis, k: int) -> None:
     (its interval bounds are exact); each layer is tightened once, bottom-up, so every bound sees
     the tightened bounds of the layers beneath it. Optimised slopes
     (:func:`onnx_exact.bounds.relu_bab.optimised_bounds`, all neurons of a layer in one batch)
-    come close to the triangle LP's bounds at a fraction of its cost.
+    come close to the triangle LP's bounds at a fraction of its cost. Under a time limit the
+    tightening stops at half of layer k's equal share of the time left (``k`` and each ReLU
+    layer above it get a share): on a CNN the layers below hold thousands of loose neurons, and
+    α-CROWN over them could take the whole budget from the tiers that decide layer k's open
+    directions. The bounds reached by then are sound (every α-CROWN iterate is).
     """
+    deadline = analysis.deadline
+    if np.isfinite(deadline):
+        layers_left = sum(1 for j in analysis.net.relu_layer_indices if j >= k)
+        now = time.monotonic()
+        deadline = min(deadline, now + (deadline - now) / (2 * max(layers_left, 1)))
     for previous in range(1, k):
         if previous in analysis.tightened or analysis.out_of_time():
             continue
+        if time.monotonic() >= deadline:
+            break  # the layers left untightened may be tightened for a later layer
         analysis.tightened.add(previous)
         loose = np.flatnonzero(
             (analysis.states[previous] != NeuronState.ACTIVE)
@@ -157,7 +168,7 @@ def tighten_previous(analysis: Analysis, k: int) -> None:
         if not loose.size:
             continue
         with analysis.timed("tighten"):
-            _optimise_rows(analysis, previous, loose)
+            _optimise_rows(analysis, previous, loose, deadline)
             analysis.propagate()
     with analysis.timed(Tier.SYMBOLIC):
         analysis.prove_from_bounds(k, Tier.INTERVAL)
@@ -170,8 +181,11 @@ def tighten_previous(analysis: Analysis, k: int) -> None:
             analysis.propagate()
 
 
-def _optimise_rows(analysis: Analysis, k: int, rows: np.ndarray) -> np.ndarray:
-    """Intersect layer k's bounds on ``rows`` with α-CROWN's; return the bounds' vertices."""
+def _optimise_rows(
+    analysis: Analysis, k: int, rows: np.ndarray, deadline: float | None = None
+) -> np.ndarray:
+    """Intersect layer k's bounds on ``rows`` with α-CROWN's (optimised until ``deadline``, by
+    default the analysis's); return the bounds' vertices."""
     lower, upper, vertices = relu_bab.optimised_bounds(
         analysis.net,
         analysis.box,
@@ -179,7 +193,7 @@ def _optimise_rows(analysis: Analysis, k: int, rows: np.ndarray) -> np.ndarray:
         analysis.solver_states(k),
         k,
         rows,
-        deadline=analysis.deadline,
+        deadline=analysis.deadline if deadline is None else deadline,
     )
     optimised = analysis.bounds[k].copy()
     optimised.lower[rows], optimised.upper[rows] = lower, upper
