@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnx_exact.io.graph import ConstantResolver, all_graphs, node_attr, node_label
+from onnx_exact.io.graph import ConstantResolver, node_attr, node_label, read_counts, reader_slots
 
 PASS_OPS = {"Identity", "Dropout", "Relu"}
 """Elementwise downstream ops that map a zero slice to a zero slice (and a ``Clip`` whose range
@@ -90,16 +90,8 @@ class ChannelPlanner:
         self.constants = ConstantResolver(self.graph)
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
-        self.consumers: dict[str, list[tuple[int, int]]] = {}
-        for i, node in enumerate(self.nodes):
-            for slot, name in enumerate(node.input):
-                if name:
-                    self.consumers.setdefault(name, []).append((i, slot))
-        self.read_count: dict[str, int] = {}
-        for sub in all_graphs(self.graph):
-            for node in sub.node:
-                for name in node.input:
-                    self.read_count[name] = self.read_count.get(name, 0) + 1
+        self.consumers = reader_slots(self.graph)
+        self.read_count = read_counts(self.graph)
         self.outputs = {o.name for o in self.graph.output}
         self.shapes = inferred_shapes(model)
         self.absorbed: set[int] = set()  # residual joins a stream plan cuts as a whole

@@ -55,7 +55,15 @@ from onnx_exact.core.operators import ConvOperator, resolve_auto_pad
 from onnx_exact.io.affine_chain import conv_matrix
 from onnx_exact.io.channel_plan import inferred_shapes
 from onnx_exact.io.cnn_reader import read_cnn
-from onnx_exact.io.graph import FLOAT_TYPES, ConstantResolver, all_graphs, node_attr, node_label
+from onnx_exact.io.graph import (
+    FLOAT_TYPES,
+    ConstantResolver,
+    all_graphs,
+    node_attr,
+    node_label,
+    read_counts,
+    reader_slots,
+)
 from onnx_exact.io.model_stats import model_stats
 
 STRUCTURE_RTOL = 1e-9
@@ -133,16 +141,10 @@ class _Fuser:
         self.nodes = self.graph.node
         self.constants = ConstantResolver(self.graph)
         self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
-        self.readers: dict[str, list[int]] = {}
-        for i, node in enumerate(self.nodes):
-            for name in node.input:
-                if name:
-                    self.readers.setdefault(name, []).append(i)
-        self.read_count: dict[str, int] = {}
-        for sub in all_graphs(self.graph):
-            for node in sub.node:
-                for name in node.input:
-                    self.read_count[name] = self.read_count.get(name, 0) + 1
+        self.readers = {
+            name: [index for index, _ in slots] for name, slots in reader_slots(self.graph).items()
+        }
+        self.read_count = read_counts(self.graph)
         self.outputs = {o.name for o in self.graph.output}
         self.taken = (
             set(self.producer)

@@ -46,7 +46,7 @@ import numpy as np
 from onnx_exact.core.network import DenseLayer
 from onnx_exact.core.operators import IndexOperator
 from onnx_exact.io.affine_chain import AffineChain
-from onnx_exact.io.graph import PathStep, node_attr, node_label
+from onnx_exact.io.graph import PathStep, node_label
 
 #: The pools this module reads.
 MAX_POOL_OPS = frozenset({"MaxPool", "GlobalMaxPool"})
@@ -167,14 +167,7 @@ class MaxPoolWalk:
             kernel, d = tuple(spatial), len(spatial)
             pads, strides, dilations, ceil = (0,) * (2 * d), (1,) * d, (1,) * d, False
         else:
-            kernel = tuple(int(k) for k in node_attr(node, "kernel_shape", []))
-            if len(kernel) != len(spatial):
-                raise self.fail(
-                    f"{label}: kernel_shape {list(kernel)} does not fit the sample shape "
-                    f"{list(self.sample_shape)}"
-                )
-            pads, strides, dilations = self._window(index, kernel, spatial)
-            ceil = bool(node_attr(node, "ceil_mode", 0))
+            kernel, pads, strides, dilations, ceil = self._pool_window(index, spatial)
         try:
             table, out_shape = window_table(
                 self.sample_shape, kernel, pads, strides, dilations, ceil

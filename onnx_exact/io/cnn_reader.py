@@ -430,6 +430,18 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
             raise self.fail(f"{node_label(index, node)}: {exc}") from None
         return pads, strides, dilations
 
+    def _pool_window(self, index: int, spatial) -> tuple:
+        """``(kernel, pads, strides, dilations, ceil_mode)`` of an AveragePool/MaxPool node."""
+        node = self.graph.node[index]
+        kernel = tuple(int(k) for k in node_attr(node, "kernel_shape", []))
+        if len(kernel) != len(spatial):
+            raise self.fail(
+                f"{node_label(index, node)}: kernel_shape {list(kernel)} does not fit the "
+                f"sample shape {list(self.sample_shape)}"
+            )
+        pads, strides, dilations = self._window(index, kernel, spatial)
+        return kernel, pads, strides, dilations, bool(node_attr(node, "ceil_mode", 0))
+
     def _conv(self, index: int, current: str) -> None:
         node = self.graph.node[index]
         label = node_label(index, node)
@@ -546,15 +558,8 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
         if node.op_type == "GlobalAveragePool":
             op = AveragePoolOperator.global_pool(self.sample_shape)
         else:
-            kernel = tuple(int(k) for k in node_attr(node, "kernel_shape", []))
-            if len(kernel) != len(spatial):
-                raise self.fail(
-                    f"{label}: kernel_shape {list(kernel)} does not fit the sample shape "
-                    f"{list(self.sample_shape)}"
-                )
-            pads, strides, dilations = self._window(index, kernel, spatial)
+            kernel, pads, strides, dilations, ceil = self._pool_window(index, spatial)
             include = bool(node_attr(node, "count_include_pad", 0))
-            ceil = bool(node_attr(node, "ceil_mode", 0))
             try:
                 op = AveragePoolOperator(
                     self.sample_shape, kernel, pads, strides, dilations, include, ceil

@@ -138,6 +138,27 @@ def all_graphs(graph: onnx.GraphProto):
                     yield from all_graphs(sub)
 
 
+def reader_slots(graph: onnx.GraphProto) -> dict[str, list[tuple[int, int]]]:
+    """Per tensor name, the ``(node index, input slot)`` of every main-graph node reading it."""
+    readers: dict[str, list[tuple[int, int]]] = {}
+    for index, node in enumerate(graph.node):
+        for slot, name in enumerate(node.input):
+            if name:
+                readers.setdefault(name, []).append((index, slot))
+    return readers
+
+
+def read_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """Per tensor name, how many node inputs read it in ``graph`` and its subgraphs: more than
+    the main graph's readers when an If/Loop body reads it too (then it must not change)."""
+    counts: dict[str, int] = {}
+    for sub in all_graphs(graph):
+        for node in sub.node:
+            for name in node.input:
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def all_tensors(model: onnx.ModelProto, *, sparse: bool = False) -> Iterator[onnx.TensorProto]:
     """Every TensorProto that may hold data, graph by graph (subgraphs included), in graph order.
 
