@@ -726,3 +726,24 @@ def test_tightening_under_a_time_limit_ends_at_half_of_the_layers_share(monkeypa
     share = (analysis.deadline - started) / (2 * layers_left)
     assert all(deadline <= started + share + 1.0 for deadline in given)
     assert all(deadline < analysis.deadline - 100.0 for deadline in given)
+
+
+def test_no_background_attack_copies_a_network_over_the_weight_limit(monkeypatch):
+    """A background process gets its own copy of the network: over
+    ``BACKGROUND_MAX_WEIGHT_BYTES`` of dense weights (a CNN's conv matrices) none starts, and
+    the run says why; under it one does."""
+    net = random_network(np.random.default_rng(0), [10, 20, 20, 20, 2])
+    box = Box(np.zeros(10), np.ones(10))
+    weight_bytes = 8 * sum(layer.weight.size for layer in net.layers)
+    monkeypatch.setattr(policy, "BACKGROUND_MAX_WEIGHT_BYTES", weight_bytes - 1)
+    analysis = state.Analysis(net, box, np.inf, 0, 1, None)
+    stability_tiers.interval(analysis)
+    analysis.jobs = int(analysis.open_directions(2)[0].size) + 1
+    analysis.start_background_attack(2)
+    assert analysis.background is None
+    assert any("background attack not started" in note for note in analysis.notes)
+    monkeypatch.setattr(policy, "BACKGROUND_MAX_WEIGHT_BYTES", weight_bytes)
+    with analysis.background_attack(2):
+        analysis.start_background_attack(2)
+        assert analysis.background is not None
+    assert analysis.background is None

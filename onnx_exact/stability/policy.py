@@ -60,6 +60,7 @@ ATTACK_MAX_EFFORT = 16.0  # ... up to this; also the effort after a retried tier
 # --- background attack (jobs >= 2, fewer open directions than jobs) -------------------------
 BACKGROUND_POLISH_QUANTILE = 0.75  # polish only PGD ends in the top quarter of earlier rounds
 BACKGROUND_WARMUP_ROUNDS = 4  # rounds polished unconditionally before that quantile applies
+BACKGROUND_MAX_WEIGHT_BYTES = 256 * 2**20  # dense float64 weights a background process may copy
 
 # --- probe (one short attack round before a layer's CROWN branch and bound) ----------------
 PROBE_STARTS = 16  # PGD starts per direction: refuted as often as 64 in a third of the time

@@ -362,7 +362,10 @@ class Analysis:
         work on one direction at a time (a layer's decision MILPs run in parallel only for two
         or more directions), so the attack takes a core nothing else uses. Never for the first
         layer (its interval bounds are exact), when one is already running, or in a process that
-        may not start one (:func:`onnx_exact.parallel.can_start_workers`).
+        may not start one (:func:`onnx_exact.parallel.can_start_workers`). Nor when the network
+        holds more than ``policy.BACKGROUND_MAX_WEIGHT_BYTES`` of dense weights: the process
+        gets its own copy, and a CNN's dense conv matrices (600 MB for ResNet-4b)
+        would push the run's peak memory past what its analysis needs.
         """
         if self.jobs < 2 or k == 0 or self.background is not None or self.out_of_time():
             return
@@ -370,6 +373,15 @@ class Analysis:
             return
         neurons, signs = self.open_directions(k)
         if not 0 < neurons.size < self.jobs:
+            return
+        weight_bytes = 8 * sum(layer.weight.size for layer in self.net.layers)
+        if weight_bytes > policy.BACKGROUND_MAX_WEIGHT_BYTES:
+            note = (
+                f"background attack not started: it would copy {weight_bytes / 2**20:.0f} MiB "
+                "of dense weights into a second process; the attack tier ran here instead"
+            )
+            if note not in self.notes:
+                self.notes.append(note)
             return
         target = self.attack_target(k)
         seed = (self.seed, k, self.backgrounds_started)
