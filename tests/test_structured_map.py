@@ -92,3 +92,48 @@ def test_a_layer_without_a_structured_map_uses_its_matrix():
 def test_chained_operators_must_fit():
     with pytest.raises(ValueError, match="takes 3 features"):
         StructuredMap([DenseOperator(np.ones((2, 4))), DenseOperator(np.ones((5, 3)))])
+
+
+@pytest.mark.parametrize("name", ["torch", "pool"])
+def test_alpha_crown_through_the_structured_maps_equals_the_dense_bounds(name, monkeypatch):
+    """α-CROWN carries its multipliers through a conv layer's structured map (CROWN keeps the
+    dense matrix, whose live columns it trims); the bounds are the dense matrix's up to float64
+    rounding."""
+    from onnx_exact.bounds.crown import interval_bounds, symbolic_bounds
+    from onnx_exact.bounds.relu_bab import optimised_bounds
+    from onnx_exact.core.box import Box
+
+    fixture = FIXTURES[name]()
+    read = read_model(fixture.model)
+    net = read.network
+    box = Box(fixture.lower, fixture.upper).to_network(net.input_map)
+    assert any(layer.structured is not None for layer in net.layers[:-1])
+
+    def bounds_of(network):
+        bounds = interval_bounds(network, box)
+        for k in range(1, len(network.layers)):
+            bounds[k], _ = symbolic_bounds(network, box, bounds, k)
+        k = len(network.layers) - 1
+        states = [np.zeros(layer.out_features, dtype=np.int8) for layer in network.layers]
+        neurons = np.arange(network.layers[k].out_features)
+        lower, upper, _ = optimised_bounds(network, box, bounds, states, k, neurons, steps=5)
+        return bounds, lower, upper
+
+    pulled = []
+    original = StructuredMap.pullback
+
+    def counted(self, rows):
+        pulled.append(rows.shape[0])
+        return original(self, rows)
+
+    monkeypatch.setattr(StructuredMap, "pullback", counted)
+    structured = bounds_of(net)
+    assert pulled, "no bound went through a structured map"
+    for layer in net.layers:
+        layer.structured = None
+    dense = bounds_of(net)
+    for got, want in zip(structured[0], dense[0], strict=True):
+        np.testing.assert_allclose(got.lower, want.lower, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(got.upper, want.upper, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(structured[1], dense[1], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(structured[2], dense[2], rtol=1e-9, atol=1e-9)

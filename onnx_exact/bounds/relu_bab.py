@@ -68,7 +68,7 @@ import numpy as np
 
 from onnx_exact.core.box import Box
 from onnx_exact.core.directions import Direction, DirectionBook, DirectionResult, WitnessFeed
-from onnx_exact.core.network import Network
+from onnx_exact.core.network import DenseLayer, Network
 from onnx_exact.core.verdicts import TIERS, NeuronState, ProofStatus, Tier
 
 METHOD = Tier.CROWN_BAB.value
@@ -120,10 +120,13 @@ class SubNetwork:
     neurons and 0 for stably inactive ones (unstable entries are overwritten per node). Every
     neuron of every layer below owns the slice ``hidden[j] : hidden[j + 1]`` of the bound
     multipliers, with its proved pre-activation bounds ``lower[j]``, ``upper[j]`` (clipped at 0 on
-    the proved side of a stable ReLU).
+    the proved side of a stable ReLU). ``layers[j]`` is layer ``j`` itself: back-substitution
+    carries the multipliers through it by :meth:`DenseLayer.pullback` and the gradient forward by
+    :meth:`DenseLayer.apply`, so a conv layer with a structured map
+    (:mod:`onnx_exact.core.structured_map`) costs its convolution, not its dense matrix.
     """
 
-    weights: list[np.ndarray]
+    layers: list[DenseLayer]
     biases: list[np.ndarray]
     relu: list[bool]
     fixed_slope: list[np.ndarray]
@@ -180,7 +183,7 @@ class SubNetwork:
         widths = [net.layers[j].out_features for j in range(layer)]
         hidden = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
         return cls(
-            weights=[net.layers[j].weight for j in range(layer)],
+            layers=list(net.layers[:layer]),
             biases=[net.layers[j].bias for j in range(layer)],
             relu=[net.layers[j].relu for j in range(layer)],
             fixed_slope=fixed,
@@ -237,7 +240,7 @@ def bound_nodes(
     tape = []
     score = np.full(phase.shape, -np.inf)
     magnitude = np.zeros(n_nodes)
-    for j in range(len(sub.weights) - 1, -1, -1):
+    for j in range(len(sub.layers) - 1, -1, -1):
         cells = slice(int(sub.hidden[j]), int(sub.hidden[j + 1]))
         rho = multipliers[:, cells]
         sigma = multipliers[:, n_hidden + cells.start : n_hidden + cells.stop]
@@ -269,7 +272,7 @@ def bound_nodes(
         mu += sigma - rho
         const += (rho * node_upper).sum(axis=1) - (sigma * node_lower).sum(axis=1)
         const += mu @ sub.biases[j]
-        lam = mu @ sub.weights[j]
+        lam = sub.layers[j].pullback(mu)
     box = sub.box
     value = const + lam @ box.center + np.abs(lam) @ box.radius
     # lower + mask * width: cheaper than np.where broadcasting two (n_in,) rows into (N, n_in)
@@ -281,14 +284,14 @@ def bound_nodes(
     grad_multipliers = np.zeros(multipliers.shape)
     d_lam = vertex  # dB / d lambda at the input (a subgradient where lambda = 0)
     for j, cells, node_lower, node_upper, idx, cut, slope, upper_line, lam_u in reversed(tape):
-        d_mu = d_lam @ sub.weights[j].T + sub.biases[j]
+        d_mu = sub.layers[j].apply(d_lam)
         grad_multipliers[:, cells] = node_upper - d_mu
         grad_multipliers[:, n_hidden + cells.start : n_hidden + cells.stop] = d_mu - node_lower
         if idx is not None:
             d_mu_u = d_mu[:, idx]
             lower_line = (phase[:, cut] < 0) & ~upper_line
             grad_alpha[:, cut] = np.where(lower_line, d_mu_u * lam_u, 0.0)
-        if j == len(sub.weights) - 1:
+        if j == len(sub.layers) - 1:
             break  # lambda_{k-1} is the fixed target row
         if idx is None:
             d_lam = d_mu

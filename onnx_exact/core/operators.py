@@ -364,14 +364,14 @@ class ConvOperator(LinearOperator):
         rows = l.reshape(r, g, c_out // g, positions).transpose(1, 0, 3, 2)
         rows = rows.reshape(g, r * positions, c_out // g)
         cols = rows @ self.kernel.reshape(g, c_out // g, c_in_group * taps)
-        # (g, r, *O, C_in/g, K) -> (r, g, C_in/g, *O, K)
+        # (g, r, *O, C_in/g, K) -> (K, r, g, C_in/g, *O), one contiguous block per tap
         cols = cols.reshape(g, r, *out_spatial, c_in_group, taps)
-        cols = cols.transpose(1, 0, 2 + d, *range(2, 2 + d), 3 + d)
+        cols = np.ascontiguousarray(cols.transpose(3 + d, 1, 0, 2 + d, *range(2, 2 + d)))
         padded_shape = tuple(s + self.pads[i] + self.pads[d + i] for i, s in enumerate(spatial))
         grad = np.zeros((r, g, c_in_group, *padded_shape))
         everything = (slice(None),) * 3  # the axes r, g, C_in/g
         for index, tap in enumerate(np.ndindex(*self.kernel_spatial)):
-            grad[(*everything, *self._tap_slices(tap))] += cols[..., index]
+            grad[(*everything, *self._tap_slices(tap))] += cols[index]
         crop = tuple(slice(self.pads[i], self.pads[i] + s) for i, s in enumerate(spatial))
         grad = grad[(slice(None), slice(None), slice(None), *crop)]
         return grad.reshape(r, self.n_in)
