@@ -85,6 +85,26 @@ def test_planted_dead_channels_are_removed_and_outputs_stay(name):
     )
 
 
+@pytest.mark.parametrize("name", SEQUENTIAL)
+def test_the_pruned_model_declares_no_stale_shapes(name):
+    """The dynamo exporter declares the shape of every initializer and intermediate tensor in
+    ``value_info``; after pruning, every declared shape must agree with the tensors (strict
+    shape inference: what TensorRT's parser and onnxsim's MAC count rely on)."""
+    fixture = VALID_BUILDERS[name]()
+    declared = onnx.shape_inference.infer_shapes(fixture.model)
+    graph = declared.graph
+    graph.value_info.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in graph.initializer
+    )
+    result = prune_channels(declared, planted(fixture))
+    assert result.removed
+    onnx.shape_inference.infer_shapes(result.model, strict_mode=True)
+    assert_same_outputs(
+        fixture.model, result.model, fixture.lower, fixture.upper, fixture.input_shape
+    )
+
+
 def first_conv_weight(model: onnx.ModelProto) -> np.ndarray:
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     return initializer(model, conv.input[1])

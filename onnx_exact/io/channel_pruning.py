@@ -328,7 +328,10 @@ class _Pruner(StreamPlanner):
         self.graph.node.extend(keep)
         for tensor in [t for t in self.graph.initializer if t.name in orphans]:
             self.graph.initializer.remove(tensor)
-        for entry in [v for v in self.graph.value_info if v.name in self.reshaped]:
+        # value_info of a reshaped tensor or of an initializer pruned in place (the dynamo
+        # exporter declares every initializer's shape there) would contradict the new shapes
+        stale = self.reshaped | self.replaced
+        for entry in [v for v in self.graph.value_info if v.name in stale]:
             self.graph.value_info.remove(entry)
         current = {t.name: t for t in self.graph.initializer}
         inputs = []
