@@ -529,6 +529,48 @@ class AveragePoolOperator(LinearOperator):
         )  # fmt: skip
 
 
+class MeanOperator(LinearOperator):
+    """ONNX ``ReduceMean`` of one sample over ``axes`` (sample axes, the batch excluded): each
+    output is the mean of the inputs that agree with it on the other axes; with ``keepdims``
+    the reduced axes stay with extent 1, else they go. 0 parameters and 0 MACs (a pooling, as
+    onnxsim counts it). Its adjoint spreads each row equally over its inputs."""
+
+    def __init__(self, input_shape: Sequence[int], axes: Sequence[int], keepdims: bool) -> None:
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.axes = tuple(sorted({int(a) for a in axes}))
+        if not self.axes or min(self.axes) < 0 or max(self.axes) >= len(self.input_shape):
+            raise ValueError(f"MeanOperator: axes {axes} do not fit {self.input_shape}")
+        self._kept = tuple(1 if i in self.axes else s for i, s in enumerate(self.input_shape))
+        self.output_shape = (
+            self._kept
+            if keepdims
+            else tuple(s for i, s in enumerate(self.input_shape) if i not in self.axes)
+        )
+        self.count = math.prod(self.input_shape[a] for a in self.axes)
+        self.bias = np.zeros(self.n_out)
+
+    def linear(self, x: np.ndarray) -> np.ndarray:
+        x = self._batch(x, self.n_in, "linear").reshape(-1, *self.input_shape)
+        return x.mean(axis=tuple(a + 1 for a in self.axes)).reshape(x.shape[0], self.n_out)
+
+    def transpose(self, l: np.ndarray) -> np.ndarray:  # noqa: E741
+        l = self._batch(l, self.n_out, "transpose").reshape(-1, *self._kept)  # noqa: E741
+        spread = np.broadcast_to(l / self.count, (l.shape[0], *self.input_shape))
+        return spread.reshape(l.shape[0], self.n_in).copy()
+
+    def abs(self) -> MeanOperator:
+        return self  # every coefficient is positive, the bias is 0
+
+    def first_sources(self) -> np.ndarray:
+        """For each output, the flat index of the first input it averages (how per-element
+        labels such as channels follow the op when they are constant along ``axes``)."""
+        grid = np.arange(self.n_in).reshape(self.input_shape)
+        first = grid[
+            tuple(slice(0, 1) if i in self.axes else slice(None) for i in range(grid.ndim))
+        ]
+        return first.reshape(-1)
+
+
 class IndexOperator(LinearOperator):
     """Data movement: output ``j`` is input ``source[j]``, or 0 where ``source[j] = −1``, plus
     ``bias[j]`` (a constant pad value).

@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnx_exact.io.graph import ConstantResolver, node_attr, node_label, read_counts, reader_slots
+from onnx_exact.io.graph import (
+    ConstantResolver,
+    node_attr,
+    node_label,
+    read_counts,
+    reader_slots,
+    reduce_axes,
+)
 
 PASS_OPS = {"Identity", "Dropout", "Relu"}
 """Elementwise downstream ops that map a zero slice to a zero slice (and a ``Clip`` whose range
@@ -342,6 +349,21 @@ class ChannelPlanner:
                 self.cut(plan, index, slot, const_axis, idx)
         return axis
 
+    def _mean(self, index: int, flow: Flow) -> Flow:
+        """A ``ReduceMean`` over axes other than the channels' keeps each channel's slice apart
+        (a dead slice stays 0, a constant one constant); its output's channel axis moves left
+        by the reduced axes before it when they are dropped."""
+        node, label = self.nodes[index], self.label(index)
+        if flow.shape is None:
+            raise Keep(f"the shape read by {label} is unknown")
+        axes = reduce_axes(node, self.constants, len(flow.shape) + 1)
+        if axes is None or 0 in axes or flow.axis + 1 in axes:
+            raise Keep(f"{label} averages over the batch or the channels, or its axes are computed")
+        axis = flow.axis
+        if not node_attr(node, "keepdims", 1):
+            axis -= sum(1 for a in axes if a - 1 < flow.axis)
+        return Flow(node.output[0], self.sample_shape(node.output[0]), axis, flow.dead, flow.value)
+
     def _downstream(self, start: Flow, plan: Plan) -> None:
         """Follow every reader of the dead slices to linear consumers, planning their cuts."""
         stack = [start]
@@ -385,6 +407,8 @@ class ChannelPlanner:
             if op == "Pad":
                 self._check_pad(index)
             return Flow(out, self.sample_shape(out), 0, flow.dead, flow.value)
+        if op == "ReduceMean":
+            return self._mean(index, flow)
         if op == "Transpose":
             rank = len(flow.shape) + 1 if flow.shape is not None else None
             perm = list(node_attr(node, "perm", range(rank or 0)[::-1]))

@@ -52,7 +52,9 @@ from onnx_exact.core.operators import (
     AveragePoolOperator,
     ConvOperator,
     DenseOperator,
+    IndexOperator,
     LinearOperator,
+    MeanOperator,
     PadOperator,
     TransposeOperator,
     resolve_auto_pad,
@@ -61,7 +63,7 @@ from onnx_exact.io.affine_chain import AffineChain
 from onnx_exact.io.cnn_clip import ClipChain, clip_maximum, with_kinks
 from onnx_exact.io.cnn_maxpool import MAX_POOL_OPS, MaxPoolWalk
 from onnx_exact.io.cnn_residual import ResidualWalk
-from onnx_exact.io.graph import PathStep, node_attr, node_label
+from onnx_exact.io.graph import PathStep, node_attr, node_label, reduce_axes
 from onnx_exact.io.node_semantics import GraphWalk
 from onnx_exact.io.read_result import ReadResult
 
@@ -282,6 +284,8 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
             self._average_pool(index)
         elif op in MAX_POOL_OPS:
             self.max_pool(index, MAX_DENSE_ENTRIES)
+        elif op == "ReduceMean":
+            self._reduce_mean(index)
         else:
             raise self._unsupported(index)
         return node.output[0]
@@ -509,6 +513,39 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
         op = TransposeOperator(self.sample_shape, sample_perm)
         self._apply(index, op, "linear")
         self._move_channels(op.source, op.output_shape)
+
+    def _reduce_mean(self, index: int) -> None:
+        """``ReduceMean`` over spatial axes (torch dynamo's adaptive average pool to 1, a
+        ``mean(dim=(2, 3))``, Keras' GlobalAveragePooling2D in NHWC): a linear op. Refused when
+        it reduces the batch or mixes channels (labels vary along a reduced axis)."""
+        node = self.graph.node[index]
+        label = node_label(index, node)
+        rank = len(self.sample_shape) + 1
+        axes = reduce_axes(node, self.constants, rank)
+        if axes is None or 0 in axes:
+            raise self.fail(
+                f"{label}: its axes are computed at run time or include the batch axis; only "
+                "a mean over constant per-sample axes can be analysed"
+            )
+        if not axes:  # noop_with_empty_axes: the identity
+            flat = np.arange(math.prod(self.sample_shape))
+            self._apply(index, IndexOperator(self.sample_shape, self.sample_shape, flat), "linear")
+            return
+        op = MeanOperator(
+            self.sample_shape, [a - 1 for a in axes], bool(node_attr(node, "keepdims", 1))
+        )
+        if self.channel is not None:
+            labels = self.channel.reshape(self.sample_shape)
+            first = labels[
+                tuple(slice(0, 1) if i + 1 in axes else slice(None) for i in range(rank - 1))
+            ]
+            if not np.all(labels == first):
+                raise self.fail(
+                    f"{label}: it averages over the channel axis; only means over spatial axes "
+                    "can be analysed"
+                )
+        self._apply(index, op, "linear")
+        self._move_channels(op.first_sources(), op.output_shape)
 
     def _pad(self, index: int, current: str) -> None:
         node = self.graph.node[index]

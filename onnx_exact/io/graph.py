@@ -197,6 +197,24 @@ def node_attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
+def reduce_axes(node: onnx.NodeProto, constants: ConstantResolver, rank: int) -> tuple | None:
+    """The model axes (non-negative, sorted) a ``ReduceMean``/``ReduceSum``-style node of a
+    rank-``rank`` tensor reduces: the ``axes`` attribute (opset < 18) or constant second input
+    (opset >= 18); every axis when none are given, or ``()`` with ``noop_with_empty_axes``.
+    None when the axes are not constant or do not fit the rank."""
+    axes = node_attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = constants.value(node.input[1])
+        if value is None:
+            return None
+        axes = [int(a) for a in np.asarray(value).reshape(-1)]
+    if not axes:
+        return () if node_attr(node, "noop_with_empty_axes", 0) else tuple(range(rank))
+    if any(not -rank <= int(a) < rank for a in axes):
+        return None
+    return tuple(sorted({int(a) % rank for a in axes}))
+
+
 class ConstantResolver:
     """Values of constant tensors: initializers (also those listed as graph inputs, which IR < 4
     requires and tf2onnx sometimes does), ``Constant`` nodes, and ``Identity`` chains of either.

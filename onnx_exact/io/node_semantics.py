@@ -413,7 +413,8 @@ class GraphWalk(NodeSemantics):
         self.graph = model.graph
         self.label = label
         self.initializers = {t.name: t for t in self.graph.initializer}
-        self.constant = ConstantResolver(self.graph).value
+        self.constants = ConstantResolver(self.graph)
+        self.constant = self.constants.value
         self.consumers: dict[str, list[int]] = {}
         for index, node in enumerate(self.graph.node):
             for name in node.input:
