@@ -52,6 +52,7 @@ from onnx_exact.io.load import (
 )
 from onnx_exact.io.node_semantics import GraphWalk
 from onnx_exact.io.read_result import ReadResult
+from onnx_exact.io.shape_folding import fold_batch_reshapes
 
 #: Non-ReLU activations: named in the error so the user knows why the model is refused.
 OTHER_ACTIVATIONS = frozenset(
@@ -96,6 +97,7 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> ReadResult:
         model, external = load_with_external_data(path)
     check_opsets(model, label)
     check_integrity(model, label)
+    model = fold_batch_reshapes(model)  # x.view(x.size(0), -1) with a dynamic batch
     if holds_conv(model) or holds_clip_activation(model):
         result = read_cnn(model, label, path, external)
     else:
