@@ -747,3 +747,26 @@ def test_no_background_attack_copies_a_network_over_the_weight_limit(monkeypatch
         analysis.start_background_attack(2)
         assert analysis.background is not None
     assert analysis.background is None
+
+
+def test_a_layer_whose_tightening_was_cut_short_is_tightened_again_later(monkeypatch):
+    """The share ends inside α-CROWN: its bounds are kept, but the layer stays untightened so a
+    later call goes on with it (a fake clock jumps past the share during the first layer)."""
+    net = random_network(np.random.default_rng(6), [6, 16, 16, 16, 16, 2])
+    box = Box(np.zeros(6), np.ones(6))
+    real = time.monotonic
+    analysis = state.Analysis(net, box, real() + 600.0, 0, 1, None)
+    stability_tiers.interval(analysis)
+    jump = [0.0]
+
+    def clock():
+        return real() + jump[0]
+
+    def record(analysis, k, rows, deadline=None):
+        jump[0] = 300.0  # past the share (600 s / (2 * 3 layers)), before the analysis deadline
+        return np.zeros((0, net.in_features))
+
+    monkeypatch.setattr(stability_tiers, "_optimise_rows", record)
+    monkeypatch.setattr(stability_tiers.time, "monotonic", clock)
+    stability_tiers.tighten_previous(analysis, 3)
+    assert 1 not in analysis.tightened and 2 not in analysis.tightened

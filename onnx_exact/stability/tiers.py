@@ -148,7 +148,8 @@ def tighten_previous(analysis: Analysis, k: int) -> None:
     tightening stops at half of layer k's equal share of the time left (``k`` and each ReLU
     layer above it get a share): on a CNN the layers below hold thousands of loose neurons, and
     α-CROWN over them could take the whole budget from the tiers that decide layer k's open
-    directions. The bounds reached by then are sound (every α-CROWN iterate is).
+    directions. The bounds reached by then are sound (every α-CROWN iterate is) and kept; a
+    layer cut short is tightened again by a later call (a retry round, a layer above).
     """
     deadline = analysis.deadline
     if np.isfinite(deadline):
@@ -170,6 +171,8 @@ def tighten_previous(analysis: Analysis, k: int) -> None:
         with analysis.timed("tighten"):
             _optimise_rows(analysis, previous, loose, deadline)
             analysis.propagate()
+        if time.monotonic() >= deadline:
+            analysis.tightened.discard(previous)  # cut short: a later call may go on with it
     with analysis.timed(Tier.SYMBOLIC):
         analysis.prove_from_bounds(k, Tier.INTERVAL)
         rows = np.flatnonzero(~analysis.settled(k))
