@@ -107,3 +107,32 @@ def test_view_models_compress_and_check_for_any_batch(tmp_path, conv):
     x = np.random.default_rng(1).uniform(size=(5, 2, 5, 5)).astype(np.float32)
     np.testing.assert_allclose(_run(written, x), _run(model, x), rtol=0, atol=1e-5)
     assert check(model, written, domain).proof.status == "proved"
+
+
+def test_a_shape_constant_read_only_inside_a_subgraph_is_kept():
+    """The clean-up after folding drops only shape nodes nothing reads, an If/Loop body's reads
+    included."""
+    from onnx_exact.io.shape_folding import _drop_unread_shape_nodes
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["outer"], ["inner"])],
+        "body",
+        [],
+        [helper.make_tensor_value_info("inner", TensorProto.INT64, [1])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "Constant", [], ["outer"], value=numpy_helper.from_array(np.ones(1, np.int64))
+            ),
+            helper.make_node(
+                "Constant", [], ["unread"], value=numpy_helper.from_array(np.ones(1, np.int64))
+            ),
+            helper.make_node("If", ["cond"], ["picked"], then_branch=body, else_branch=body),
+        ],
+        "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("picked", TensorProto.INT64, [1])],
+    )
+    _drop_unread_shape_nodes(graph)
+    assert [n.output[0] for n in graph.node] == ["outer", "picked"]

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_exact.io.graph import ConstantResolver, node_attr
+from onnx_exact.io.graph import ConstantResolver, node_attr, read_counts
 
 #: Shape-computation ops evaluated here (and dropped once nothing reads them).
 SHAPE_OPS = frozenset(
@@ -152,10 +152,11 @@ class _ShapeEvaluator:
 
 
 def _drop_unread_shape_nodes(graph: onnx.GraphProto) -> None:
-    """Remove shape-computation nodes no node or graph output reads, until none is left."""
+    """Remove shape-computation nodes nothing reads (no node, also in a subgraph, and no graph
+    output), until none is left."""
     outputs = {o.name for o in graph.output}
     while True:
-        read = outputs | {x for n in graph.node for x in n.input if x}
+        read = outputs | set(read_counts(graph))  # subgraph (If/Loop body) reads included
         unread = [
             n
             for n in graph.node
