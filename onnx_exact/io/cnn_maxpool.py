@@ -245,7 +245,8 @@ class MaxPoolWalk:
             raise self.fail(
                 f"{node_label(index, node)}: a level of its max tree would be a dense "
                 f"{shape[0]} x {shape[1]} matrix, over the limit of {limit} entries "
-                f"({limit * 8 / 2**20:.3g} MiB of float64); CNNs this large are not supported yet"
+                f"({limit * 8 / 2**20:.3g} MiB of float64): a MaxPool over more than about "
+                f"{int(limit**0.5):,} values (channels x positions) is not supported yet"
             )
 
 
