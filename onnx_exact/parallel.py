@@ -20,8 +20,9 @@ Guarantees of every process started here (pool workers and :func:`start_process`
     * SIGINT is blocked while it starts and ignored once it runs: a Ctrl-C reaches the whole
       process group, and only the main process reports it (one line, exit code 130). A worker
       dies of SIGTERM/SIGKILL, which only the main process sends (:func:`shutdown_pools`).
-    * One thread of numpy's BLAS (the ``*_NUM_THREADS`` variables, set before numpy loads there)
-      and of HiGHS (every model is built with ``threads=1``): the workers are the parallelism.
+    * One thread of numpy's BLAS (the ``*_NUM_THREADS`` variables, in the environment it starts
+      with: :class:`_ChildStart`) and of HiGHS (every model is built with ``threads=1``): the
+      workers are the parallelism.
     * No onnx or onnxruntime: this module and the analysis modules a task runs (:mod:`milp`,
       :mod:`stability`, :mod:`input_split`, :mod:`proof_milp` and what they import) do not import
       them (a second or more per worker on a loaded machine, for nothing);
@@ -202,19 +203,38 @@ def with_context(function: Callable, context: TaskContext) -> Callable:
 
 
 # --------------------------------------------------------------------------- parent side
-class _SigintBlocked:
-    """Block SIGINT in this thread while a child starts: the child inherits the mask, so a
-    Ctrl-C during its start-up stays pending there until it ignores SIGINT (then it is
-    discarded), instead of a traceback from its imports. In this process the signal is taken
-    by another thread or stays pending until the block ends: it is never lost."""
+class _ChildStart:
+    """While a child starts from this thread: SIGINT blocked and one BLAS thread in the
+    environment it inherits.
+
+    SIGINT: the child inherits the mask, so a Ctrl-C during its start-up stays pending there
+    until it ignores SIGINT (then it is discarded), instead of a traceback from its imports. In
+    this process the signal is taken by another thread or stays pending until the block ends:
+    it is never lost.
+
+    Threads: a spawned child re-imports the parent's main module before :func:`_start_worker`
+    runs, and a user's script or a benchmark imports numpy there, so the variables
+    :func:`_start_worker` sets would come too late; set in the environment the child starts
+    with, they hold from its first import. (Two workers with a two-thread BLAS each on two cores
+    ran the input-splitting search at half the speed of one process.) This process keeps its
+    own threads: its BLAS read the variables when it loaded.
+    """
 
     def __enter__(self) -> None:
+        self.saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+        for name in _THREAD_VARIABLES:
+            os.environ[name] = "1"
         if _CAN_BLOCK:
             self.previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
     def __exit__(self, *exc: object) -> None:
         if _CAN_BLOCK:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class _Pool(ProcessPoolExecutor):
@@ -229,7 +249,7 @@ class _Pool(ProcessPoolExecutor):
         )
 
     def submit(self, fn, /, *args, **kwargs):  # noqa: D102 - ProcessPoolExecutor.submit
-        with _SigintBlocked():  # a worker may be spawned here
+        with _ChildStart():  # a worker may be spawned here
             return super().submit(fn, *args, **kwargs)
 
     def worker_pids(self) -> list[int]:
@@ -270,7 +290,7 @@ def start_process(target: Callable, args: tuple) -> multiprocessing.process.Base
     _forget_inherited()
     context = multiprocessing.get_context("spawn")
     process = context.Process(target=_run_process, args=(_StartedFrom(), target, args))
-    with _SigintBlocked():
+    with _ChildStart():
         process.start()
     _processes[:] = [p for p in _processes if p.exitcode is None]
     _processes.append(process)

@@ -100,6 +100,32 @@ def test_one_pool_is_reused_and_its_workers_skip_onnx():
     parallel.shutdown_pools()
 
 
+def _start_environment() -> dict[str, str]:
+    """The environment this process was started with (Linux: /proc, not later changes)."""
+    raw = Path("/proc/self/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().split("=", 1) for entry in raw if b"=" in entry)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_workers_start_with_one_blas_thread_before_any_import(monkeypatch):
+    """A spawned worker re-imports the parent's main module (a user's script importing numpy)
+    before its own start-up code runs, so its environment must say one BLAS thread from the
+    start; the parent's environment is restored afterwards."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        started = list(parallel.worker_pool(2).map(_start_environment_of, range(2)))
+    finally:
+        parallel.shutdown_pools()
+    for environment in started:
+        assert environment["OPENBLAS_NUM_THREADS"] == "1" and environment["OMP_NUM_THREADS"] == "1"
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "2" and "OMP_NUM_THREADS" not in os.environ
+
+
+def _start_environment_of(_: int) -> dict[str, str]:
+    return _start_environment()
+
+
 def test_two_milp_calls_of_a_run_share_the_pool_and_its_workers():
     """Two layers' decision MILPs with jobs=2 run in the same workers (no pool per call)."""
     import numpy as np
