@@ -81,29 +81,30 @@ class _Builder:
 
 def torch_relu_maxpool(seed: int = 11) -> MaxPoolFixture:
     """torch: ``Conv → Relu → MaxPool(2x2) → Conv → Relu → Flatten → Gemm`` on ``[1, 8, 8]``."""
-    b = _Builder(seed)
-    h = b.conv("input", 1, 4, 3, first=True, dead=(1,), pads=[1, 1, 1, 1])
-    h = b.g.node("Relu", [h], name="relu1")
-    h = b.g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
-    h = b.conv(h, 4, 6, 3, dead=(2,), pads=[1, 1, 1, 1])
-    h = b.g.node("Relu", [h], name="relu2")
-    h = b.g.node("Flatten", [h], axis=1)
-    b.gemm(h, 6 * 4 * 4, 3, "output")
-    return b.fixture("torch_relu_maxpool", (1, 8, 8), 3, {"relu1": [1], "relu2": [2]})
+    return _conv_pool_conv("torch_relu_maxpool", seed, pool_first=False, dead=((1,), (2,)), c2=6)
 
 
 def maxpool_relu(seed: int = 12) -> MaxPoolFixture:
     """``F.relu(F.max_pool2d(conv(x)))``: ``Conv → MaxPool(2x2) → Relu → Conv → Relu →
     Flatten → Gemm`` on ``[1, 8, 8]``; the pool reads pre-activations."""
+    return _conv_pool_conv("maxpool_relu", seed, pool_first=True, dead=((2,), (0,)), c2=5)
+
+
+def _conv_pool_conv(name: str, seed: int, pool_first: bool, dead, c2: int) -> MaxPoolFixture:
+    """``Conv(1→4) → [Relu, MaxPool(2x2)] in either order → Conv(4→c2) → Relu → Flatten → Gemm``
+    on ``[1, 8, 8]``, with the planted dead channels ``dead`` of relu1 and relu2."""
     b = _Builder(seed)
-    h = b.conv("input", 1, 4, 3, first=True, dead=(2,), pads=[1, 1, 1, 1])
-    h = b.g.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
-    h = b.g.node("Relu", [h], name="relu1")
-    h = b.conv(h, 4, 5, 3, dead=(0,), pads=[1, 1, 1, 1])
+    h = b.conv("input", 1, 4, 3, first=True, dead=dead[0], pads=[1, 1, 1, 1])
+    pool = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    if pool_first:
+        h = b.g.node("Relu", [b.g.node("MaxPool", [h], **pool)], name="relu1")
+    else:
+        h = b.g.node("MaxPool", [b.g.node("Relu", [h], name="relu1")], **pool)
+    h = b.conv(h, 4, c2, 3, dead=dead[1], pads=[1, 1, 1, 1])
     h = b.g.node("Relu", [h], name="relu2")
     h = b.g.node("Flatten", [h], axis=1)
-    b.gemm(h, 5 * 4 * 4, 3, "output")
-    return b.fixture("maxpool_relu", (1, 8, 8), 3, {"relu1": [2], "relu2": [0]})
+    b.gemm(h, c2 * 4 * 4, 3, "output")
+    return b.fixture(name, (1, 8, 8), 3, {"relu1": list(dead[0]), "relu2": list(dead[1])})
 
 
 def overlapping_pool(seed: int = 13) -> MaxPoolFixture:
