@@ -139,6 +139,7 @@ def estimate_peak_memory(
     from onnx_exact.stability.policy import SAMPLE_MACS, SAMPLE_MAX, SAMPLE_MIN
     from onnx_exact.verify import CHUNK_SAMPLES
 
+    lp = lp and not net.has_sparse_layers  # no HiGHS tier runs on a sparse layer
     params = net.param_count
     widths = [net.in_features] + [layer.out_features for layer in net.layers]
     resident = INTERPRETER_BYTES + 2 * stored_bytes_per_weight * params + 2 * _DOUBLE * params
@@ -148,8 +149,9 @@ def estimate_peak_memory(
 
     hidden = [k for k in net.relu_layer_indices if k < len(net.layers) - 1] or [0]
     widest = max(widths[k + 1] for k in hidden)
-    block = min(crown.ROW_BLOCK, widest)
-    symbolic = _DOUBLE * (2 * widest * net.in_features + 4 * 2 * block * max(widths))
+    block = min(crown.row_block(max(widths)), widest)
+    # the vertices (one byte per coordinate), then the block's working arrays
+    symbolic = 2 * widest * net.in_features + _DOUBLE * 4 * 2 * block * max(widths)
 
     phases = {"sampling": sampling, "symbolic": symbolic}
     if lp:
@@ -158,9 +160,7 @@ def estimate_peak_memory(
         deepest = hidden[-1]
         # (count_nonzero: HiGHS gets no zero entries, and a CNN's materialised conv matrices are
         # mostly zeros)
-        nonzeros = sum(
-            int(np.count_nonzero(net.layers[j].weight)) + 6 * widths[j + 1] for j in range(deepest)
-        )
+        nonzeros = sum(_nonzeros(net.layers[j].weight) + 6 * widths[j + 1] for j in range(deepest))
         columns = net.in_features + 3 * sum(widths[1 : deepest + 1])
         model = LP_BYTES_PER_NONZERO * nonzeros  # held twice: the relaxation and the MILP
         cut_pool = MILP_BYTES_PER_CUT_ENTRY * MILP_CUT_POOL * columns
@@ -169,6 +169,15 @@ def estimate_peak_memory(
     chunk = CHUNK_SAMPLES * (2 * net.in_features + 2 * sum(widths[1:]))
     phases["verify"] = 2 * 2 * stored_bytes_per_weight * params + stored_bytes_per_weight * chunk
     return MemoryEstimate(resident=int(resident), phases={k: int(v) for k, v in phases.items()})
+
+
+def _nonzeros(weight) -> int:
+    """Nonzero entries of a layer's ndarray or :class:`~onnx_exact.core.sparse.SparseMatrix`."""
+    return (
+        weight.count_nonzero()
+        if hasattr(weight, "count_nonzero")
+        else int(np.count_nonzero(weight))
+    )
 
 
 def check_memory(

@@ -229,14 +229,36 @@ def test_a_maxpool_inside_a_residual_block_is_refused_in_one_line():
         read_model(model)
 
 
-def test_a_max_tree_over_the_dense_limit_is_refused_before_it_is_built(monkeypatch):
-    """``torch_relu_maxpool``'s first tree level is 256 x 256 (a ReLU output of 4 x 8 x 8): with
-    a limit of 40,000 entries its conv layer (256 x 64) still fits, the level does not."""
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_max_trees_over_the_dense_limit_are_read_sparse_as_the_same_matrices(name, monkeypatch):
+    """With the reader's dense limit at 0 every tree level is a SparseMatrix holding the dense
+    read's entries, and the network still computes the model."""
     import onnx_exact.io.cnn_reader as cnn_reader
 
-    monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", 40_000)
+    fixture = FIXTURES[name]()
+    dense = read_model(fixture.model).network
+    monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", 0)
+    sparse = read_model(fixture.model).network
+    levels = [k for k, layer in enumerate(sparse.layers) if layer.is_auxiliary]
+    assert levels and all(sparse.layers[k].is_sparse for k in levels)
+    for a, b in zip(dense.layers, sparse.layers, strict=True):
+        got = b.weight.toarray() if b.is_sparse else b.weight
+        np.testing.assert_allclose(got, a.weight, rtol=0, atol=1e-15)
+        np.testing.assert_array_equal(b.bias, a.bias)
+        assert (a.passthrough is None) == (b.passthrough is None)
+    x = _samples(fixture.lower, fixture.upper)
+    runtime = run_onnxruntime(fixture.model, x, fixture.input_shape)
+    np.testing.assert_allclose(sparse.forward(x), runtime, rtol=0, atol=1e-5)
+
+
+def test_a_max_tree_over_the_sparse_limit_is_refused_in_one_line(monkeypatch):
+    import onnx_exact.io.affine_chain as affine_chain
+    import onnx_exact.io.cnn_reader as cnn_reader
+
+    monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", 0)
+    monkeypatch.setattr(affine_chain, "MAX_SPARSE_ENTRIES", 100)
     model = FIXTURES["torch_relu_maxpool"]().model
-    with pytest.raises(UnsupportedModelError, match="max tree would be a dense 256 x 256 matrix"):
+    with pytest.raises(UnsupportedModelError, match="max tree would have .* over the limit of 100"):
         read_model(model)
 
 

@@ -21,7 +21,7 @@ from cnn_fixtures import SEQUENTIAL_READ as SEQUENTIAL
 from conftest import run_cli
 from exporter_fixtures import GraphBuilder
 
-import onnx_exact.io.cnn_reader as cnn_reader
+import onnx_exact.io.affine_chain as affine_chain
 from onnx_exact.core.box import Box
 from onnx_exact.core.errors import UnsupportedModelError
 from onnx_exact.core.network import DenseLayer, InputMap, Network
@@ -248,11 +248,12 @@ def _refusal(model: onnx.ModelProto) -> str:
 
 def test_reader_refusals_name_the_node(monkeypatch):
     model, _ = _assorted_cnn()
-    too_small = 4 * 12 * 105 - 1  # the first layer's dense entries, minus one
-    monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", too_small)
+    # over the dense limit a layer is kept sparse; over the sparse limit it is refused
+    monkeypatch.setattr(affine_chain, "MAX_DENSE_ENTRIES", 0)
+    monkeypatch.setattr(affine_chain, "MAX_SPARSE_ENTRIES", 10)
     message = _refusal(model)
-    assert "(Conv): its layer would be a dense 48 x 105 matrix" in message
-    assert f"over the limit of {too_small} entries" in message
+    assert "(Conv): its layer would be a 48 x 105 matrix with " in message
+    assert "nonzero entries, over the limit of 10; CNNs this large" in message
     monkeypatch.undo()
 
     g = GraphBuilder()

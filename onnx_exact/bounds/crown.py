@@ -24,6 +24,7 @@ scale) covers that. Intersections of bounds from different sources are kept orde
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +32,15 @@ import numpy as np
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import Network
 
-# Rows of the back-substitution processed together; the working set is about
-# 2 * ROW_BLOCK * (widest layer) float64 values.
+# Rows of the back-substitution processed together, at most; the working set is about
+# 2 * block * (widest layer) float64 values, kept under BLOCK_VALUES by a smaller block.
 ROW_BLOCK = 512
+BLOCK_VALUES = 1 << 23
+
+
+def row_block(widest: int) -> int:
+    """Rows per back-substitution block when the widest layer involved has ``widest`` neurons."""
+    return int(min(ROW_BLOCK, max(16, BLOCK_VALUES // max(2 * widest, 1))))
 
 
 @dataclass
@@ -55,6 +62,21 @@ class LayerBounds:
 
     def copy(self) -> LayerBounds:
         return LayerBounds(self.lower.copy(), self.upper.copy())
+
+
+@dataclass
+class Vertices:
+    """Box vertices, one per bounded row and side, kept as which coordinates sit at the upper
+    end of the box (one byte per coordinate instead of eight: a CNN layer has thousands of rows
+    over thousands of inputs). Indexing gives the points: ``vertices[key]`` is
+    ``where(at_upper[key], upper, lower)``."""
+
+    at_upper: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.where(self.at_upper[key], self.upper, self.lower)
 
 
 def _post_activation(bounds: LayerBounds, relu: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +118,7 @@ def interval_bounds(
         centre = (lo + hi) / 2.0
         radius = (hi - lo) / 2.0
         mid = layer.weight @ centre + layer.bias
-        spread = np.abs(layer.weight) @ radius
+        spread = abs(layer.weight) @ radius
         current = LayerBounds(mid - spread, mid + spread)
         if start_bounds is not None and k < len(start_bounds) and start_bounds[k] is not None:
             current = current.intersect(start_bounds[k])
@@ -152,6 +174,11 @@ def _back_substitute(
         const = const + positive @ upper_intercept
         coeffs = positive * upper_slope + np.minimum(coeffs, 0.0) * lower_slope
         current = net.layers[j]
+        if current.is_sparse and current.structured is not None:
+            # dead columns are zero already; the operators' BLAS products beat a sparse one
+            const = const + coeffs @ current.bias
+            coeffs = current.pullback(coeffs)
+            continue
         copied = 0 if current.passthrough is None else current.passthrough.size
         first = current.out_features - copied
         selected = coeffs[:, first:]
@@ -173,7 +200,8 @@ def symbolic_bounds(
     bounds: list[LayerBounds],
     layer: int,
     rows: np.ndarray | None = None,
-) -> tuple[LayerBounds, np.ndarray]:
+    deadline: float = np.inf,
+) -> tuple[LayerBounds, Vertices]:
     """CROWN/DeepPoly bounds for selected neurons of one layer.
 
     Parameters
@@ -185,13 +213,17 @@ def symbolic_bounds(
     layer : index of the layer to bound.
     rows : neuron indices to bound (typically the ones interval arithmetic leaves unstable);
         ``None`` means all.
+    deadline : ``time.monotonic()`` after which no new block of rows is started (rows left
+        keep their bounds; their vertices are the box's lower corner). A big CNN's layer has
+        tens of thousands of rows.
 
     Returns
     -------
     bounds : LayerBounds of the whole layer.
-    corners : ``(2, len(rows), n_in)`` float64; ``corners[0, r]`` is the input vertex that attains the
-        linear upper bound of row ``rows[r]`` (a candidate for ``y > 0``), ``corners[1, r]`` the one
-        attaining the linear lower bound (a candidate for ``y < 0``).
+    corners : :class:`Vertices` of shape ``(2, len(rows), n_in)``; ``corners[0, r]`` is the input
+        vertex that attains the linear upper bound of row ``rows[r]`` (a candidate for
+        ``y > 0``), ``corners[1, r]`` the one attaining the linear lower bound (a candidate for
+        ``y < 0``).
     """
     target = net.layers[layer]
     rows = np.arange(target.out_features) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -202,22 +234,26 @@ def symbolic_bounds(
             np.full(target.out_features, -np.inf), np.full(target.out_features, np.inf)
         )
     lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
-    corners = np.empty((2, rows.shape[0], lo.shape[0]))
+    at_upper = np.zeros((2, rows.shape[0], lo.shape[0]), dtype=bool)
     relaxations = [relu_relaxation(bounds[j], net.layers[j].relu) for j in range(layer)]
-    for start in range(0, rows.shape[0], ROW_BLOCK):
-        block = rows[start : start + ROW_BLOCK]
+    widest = max([lo.shape[0]] + [net.layers[j].out_features for j in range(layer + 1)])
+    step = row_block(widest)
+    for start in range(0, rows.shape[0], step):
+        if start and time.monotonic() >= deadline:
+            break
+        block = rows[start : start + step]
         m = block.shape[0]
         # Upper bounds of +y (first m rows) and of -y (last m rows) in one pass.
-        coeffs = np.concatenate([target.weight[block], -target.weight[block]])
+        weight = target.rows(block)
+        coeffs = np.concatenate([weight, -weight])
         const = np.concatenate([target.bias[block], -target.bias[block]])
         coeffs, const = _back_substitute(net, relaxations, layer, coeffs, const)
         values = const + np.maximum(coeffs, 0.0) @ hi + np.minimum(coeffs, 0.0) @ lo
-        vertex = np.where(coeffs > 0.0, hi, lo)
-        corners[0, start : start + m] = vertex[:m]
-        corners[1, start : start + m] = vertex[m:]
+        at_upper[0, start : start + m] = coeffs[:m] > 0.0
+        at_upper[1, start : start + m] = coeffs[m:] > 0.0
         refined = LayerBounds(-values[m:], values[:m]).intersect(
             LayerBounds(result.lower[block], result.upper[block])
         )
         result.lower[block] = refined.lower
         result.upper[block] = refined.upper
-    return result, corners
+    return result, Vertices(at_upper, lo, hi)

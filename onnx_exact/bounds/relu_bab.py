@@ -98,6 +98,9 @@ _ALPHA_RATE, _MULTIPLIER_RATE, _RATE_DECAY = 0.3, 0.05, 0.98
 _ADAM_B1, _ADAM_B2, _ADAM_EPS = 0.9, 0.999, 1e-300
 BATCH_BYTES = 32 * 2**20
 """Working memory of one batch of nodes (sets the batch size, see :func:`_batch_size`)."""
+OPTIMISE_BYTES = 512 * 2**20
+"""Working memory of one batch of :func:`optimised_bounds` (a layer's rows go in batches:
+a CNN layer's thousands of rows over tens of thousands of neurons below would take GBs)."""
 _BATCH_MIN, _BATCH_MAX = 8, 512
 DIVE_SHARE = 0.25
 """Fraction of a direction's time the LP dive gets (the search gets the rest).
@@ -400,29 +403,42 @@ def optimised_bounds(
     slopes are optimised together, so the whole layer costs a few dozen matrix products instead
     of two LPs per neuron. Each bound is valid for its own slopes; it is about as tight as the
     triangle LP without the LP's intermediate bound constraints. The vertices (one per row,
-    maximisers first, then minimisers, of the last slopes) are witness candidates.
+    maximisers first, then minimisers, of the last slopes) are witness candidates. Rows go in
+    batches of :data:`OPTIMISE_BYTES`; rows whose batch the deadline leaves out get
+    ``(-inf, inf)`` and no vertex.
     """
     neurons = np.asarray(neurons, dtype=np.int64)
     sub = SubNetwork.below(net, box, bounds, states, layer)
-    weight, bias = net.layers[layer].weight[neurons], net.layers[layer].bias[neurons]
-    targets = np.concatenate([weight, -weight])
-    offsets = np.concatenate([bias, -bias])
-    rows = targets.shape[0]
-    best, _, _, last = optimise_nodes(
-        sub,
-        targets,
-        offsets,
-        np.full((rows, sub.count), -1, dtype=np.int8),
-        np.broadcast_to(sub.initial_alphas(), (rows, sub.count)),
-        np.zeros((rows, 2 * sub.neurons)),
-        steps,
-        deadline,
-    )
-    count = neurons.shape[0]
-    return -best[count:], best[:count], last.vertex
+    lower, upper = np.full(neurons.size, -np.inf), np.full(neurons.size, np.inf)
+    maximisers, minimisers = [], []
+    step = max(1, _batch_size(sub, OPTIMISE_BYTES) // 2)
+    for start in range(0, neurons.size, step):
+        if start and time.monotonic() >= deadline:
+            break  # the rows left keep their bounds (the caller intersects)
+        chunk = neurons[start : start + step]
+        weight, bias = net.layers[layer].rows(chunk), net.layers[layer].bias[chunk]
+        rows = 2 * chunk.size
+        best, _, _, last = optimise_nodes(
+            sub,
+            np.concatenate([weight, -weight]),
+            np.concatenate([bias, -bias]),
+            np.full((rows, sub.count), -1, dtype=np.int8),
+            np.broadcast_to(sub.initial_alphas(), (rows, sub.count)),
+            np.zeros((rows, 2 * sub.neurons)),
+            steps,
+            deadline,
+        )
+        upper[start : start + chunk.size], lower[start : start + chunk.size] = (
+            best[: chunk.size],
+            -best[chunk.size :],
+        )
+        maximisers.append(last.vertex[: chunk.size])
+        minimisers.append(last.vertex[chunk.size :])
+    vertices = np.concatenate(maximisers + minimisers) if maximisers else np.empty((0, box.size))
+    return lower, upper, vertices
 
 
-def _batch_size(sub: SubNetwork) -> int:
+def _batch_size(sub: SubNetwork, budget: int = BATCH_BYTES) -> int:
     """Nodes per batch so that one optimisation stays within :data:`BATCH_BYTES`.
 
     Per node, :func:`bound_nodes` keeps about a dozen float64 rows per layer (coefficients,
@@ -430,6 +446,8 @@ def _batch_size(sub: SubNetwork) -> int:
     :func:`optimise_nodes` six copies of the multipliers (values, gradient, two Adam moments).
     """
     per_node = 8 * (12 * (sub.neurons + sub.box.size) + 6 * 2 * sub.neurons)
+    if budget != BATCH_BYTES:
+        return int(max(_BATCH_MIN, budget // max(per_node, 1)))
     return int(np.clip(BATCH_BYTES // max(per_node, 1), _BATCH_MIN, _BATCH_MAX))
 
 
@@ -451,7 +469,7 @@ def _branch_direction(
     """
     direction = book.directions[j]
     layer = net.layers[direction.layer]
-    target = direction.sign * layer.weight[direction.neuron]
+    target = direction.sign * layer.rows(direction.neuron)
     offset = direction.sign * float(layer.bias[direction.neuron])
     root = np.full((1, sub.count), -1, dtype=np.int8)
     bound, alpha, multipliers, last = optimise_nodes(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from onnx_exact.core.sparse import SparseMatrix
 from onnx_exact.core.structured_map import StructuredMap
 
 
@@ -67,7 +68,8 @@ class DenseLayer:
 
     Attributes
     ----------
-    weight : (out, in) float64
+    weight : (out, in) float64 ndarray, or a :class:`~onnx_exact.core.sparse.SparseMatrix` for a
+        CNN layer too large to be dense (use :meth:`rows` for dense rows of either)
     bias : (out,) float64
     relu : whether ``h_out = max(0, y)`` (True) or ``h_out = y`` (False).
     name : a stable, human-readable name (the ReLU node's name, or the affine node's for a layer
@@ -115,7 +117,8 @@ class DenseLayer:
     and :meth:`pullback` use it instead of the dense matrix. None: the dense matrix."""
 
     def __post_init__(self) -> None:
-        self.weight = np.asarray(self.weight, dtype=np.float64)
+        if not isinstance(self.weight, SparseMatrix):
+            self.weight = np.asarray(self.weight, dtype=np.float64)
         self.bias = np.asarray(self.bias, dtype=np.float64).reshape(-1)
         if self.weight.ndim != 2 or self.weight.shape[0] != self.bias.shape[0]:
             raise ValueError(
@@ -151,15 +154,23 @@ class DenseLayer:
         """The input each row of the trailing run of auxiliary selection rows after the kinks
         selects, or None if the last row is no such row."""
         first = int(self.real.sum()) + self.kinks.size
-        rows = self.weight[first:]
-        if not rows.size or not self.auxiliary[first:].all():
+        if first == self.out_features or not self.auxiliary[first:].all():
             return None
-        sources = np.argmax(rows != 0, axis=1)
-        selects = (
-            (np.count_nonzero(rows, axis=1) == 1)
-            & (rows[np.arange(rows.shape[0]), sources] == 1.0)
-            & (self.bias[first:] == 0.0)
-        )
+        if isinstance(self.weight, SparseMatrix):
+            rows = self.weight[first:]
+            counts = np.diff(rows.indptr)
+            at = np.minimum(rows.indptr[:-1], max(rows.nnz - 1, 0))
+            sources = rows.indices[at] if rows.nnz else np.zeros(counts.size, dtype=np.int64)
+            ones = rows.data[at] == 1.0 if rows.nnz else np.zeros(counts.size, dtype=bool)
+            selects = (counts == 1) & ones & (self.bias[first:] == 0.0)
+        else:
+            rows = self.weight[first:]
+            sources = np.argmax(rows != 0, axis=1)
+            selects = (
+                (np.count_nonzero(rows, axis=1) == 1)
+                & (rows[np.arange(rows.shape[0]), sources] == 1.0)
+                & (self.bias[first:] == 0.0)
+            )
         run = int(np.argmin(selects[::-1])) if not selects.all() else selects.size
         return sources[selects.size - run :] if run else None
 
@@ -171,10 +182,10 @@ class DenseLayer:
         if self.structured is not None:
             return self.structured.forward(h)
         if self.passthrough is None:
-            return h @ self.weight.T + self.bias
+            return _times_transpose(h, self.weight) + self.bias
         first = self.out_features - self.passthrough.size
         y = np.empty((h.shape[0], self.out_features))
-        y[:, :first] = h @ self.weight[:first].T + self.bias[:first]
+        y[:, :first] = _times_transpose(h, self.weight[:first]) + self.bias[:first]
         y[:, first:] = h[:, self.passthrough]
         return y
 
@@ -184,6 +195,22 @@ class DenseLayer:
         if self.structured is not None:
             return self.structured.pullback(rows)
         return rows @ self.weight
+
+    def rows(self, neurons) -> np.ndarray:
+        """Rows ``neurons`` of ``W`` as a dense float64 array, whatever form ``W`` has."""
+        if isinstance(self.weight, SparseMatrix):
+            return self.weight.rows(neurons)
+        return self.weight[neurons]
+
+    def row_abs_sums(self) -> np.ndarray:
+        """``Σ_j |W_ij|`` per neuron (the scale of its pre-activation's round-off)."""
+        if isinstance(self.weight, SparseMatrix):
+            return self.weight.row_abs_sums()
+        return np.abs(self.weight).sum(axis=1)
+
+    @property
+    def is_sparse(self) -> bool:
+        return isinstance(self.weight, SparseMatrix)
 
     @property
     def real(self) -> np.ndarray:
@@ -217,7 +244,15 @@ class DenseLayer:
 
     @property
     def param_count(self) -> int:
+        """Entries of ``W`` (stored entries of a sparse one) and of ``b``."""
         return int(self.weight.size + self.bias.size)
+
+
+def _times_transpose(h: np.ndarray, weight: np.ndarray | SparseMatrix) -> np.ndarray:
+    """``h Wᵀ`` for a batch ``h`` of shape ``(m, in)``."""
+    if isinstance(weight, SparseMatrix):
+        return (weight @ h.T).T
+    return h @ weight.T
 
 
 @dataclass
@@ -247,6 +282,11 @@ class Network:
     @property
     def out_features(self) -> int:
         return self.layers[-1].out_features
+
+    @property
+    def has_sparse_layers(self) -> bool:
+        """Whether a layer keeps a sparse ``W`` (the LP/MILP encodings need dense rows)."""
+        return any(layer.is_sparse for layer in self.layers)
 
     @property
     def relu_layer_indices(self) -> list[int]:

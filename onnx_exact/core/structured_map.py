@@ -104,14 +104,15 @@ class StructuredMap:
         The tolerance is ``PROBE_TOLERANCE`` times a bound on each result's magnitude,
         ``max|W| · ||probe||_1 + |b|``: round-off of either product stays far below it, while a
         map that is not the matrix misses it. No temporary of the matrix's size is made (the
-        matrix may be hundreds of MB).
+        matrix may be hundreds of MB, or a :class:`~onnx_exact.core.sparse.SparseMatrix`).
         """
         if weight.shape != (self.n_out, self.n_in):
             return False
         rng = np.random.default_rng(seed)
         probe_in = rng.standard_normal((2, self.n_in))
         probe_out = rng.standard_normal((2, self.n_out))
-        largest = max(float(weight.max(initial=0.0)), -float(weight.min(initial=0.0)))
+        entries = getattr(weight, "data", weight)  # a SparseMatrix's stored entries
+        largest = float(np.max(np.abs(entries), initial=0.0))
         scale_in = largest * np.abs(probe_in).sum(axis=1, keepdims=True) + np.abs(bias) + 1.0
         scale_out = largest * np.abs(probe_out).sum(axis=1, keepdims=True) + 1.0
         forward_error = np.abs(self.forward(probe_in) - (probe_in @ weight.T + bias))

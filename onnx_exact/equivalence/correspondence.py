@@ -247,9 +247,8 @@ def quick_stability(
             continue
         bounds[k], corners = symbolic_bounds(net, box_net, bounds, k, rows)
         bounds = interval_bounds(net, box_net, bounds)
-        if targets is not None:
-            corners = corners[:, np.isin(rows, targets.get(k, ()))]
-        candidates.append(corners.reshape(-1, net.in_features))
+        picked = np.isin(rows, targets.get(k, ())) if targets is not None else slice(None)
+        candidates.append(corners[:, picked].reshape(-1, net.in_features))
     rng = np.random.default_rng(seed)
     samples = QUICK_SAMPLES if targets is None else QUICK_TARGET_SAMPLES
     candidates.append(sample_inputs(box_net, rng, samples))

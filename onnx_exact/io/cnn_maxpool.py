@@ -27,11 +27,12 @@ attacks need no change. Windows follow the ONNX operator: ``kernel_shape``, ``st
 ``pads`` (a padded position is ``-inf`` for a max: it is simply not in the window),
 ``dilations``, ``ceil_mode`` (only windows that start inside the input or its begin pad) and
 ``auto_pad``; overlapping windows each get their own tree. ``GlobalMaxPool`` is one window per
-channel. Each level is a dense matrix like a Conv layer's, within the reader's
-``MAX_DENSE_ENTRIES``: the first has ``windows · K / 2`` difference rows and as many carried
-rows (twice as many, the pairs, before a Relu), each later level about half the one below, and
-each reads every neuron of the level below (so a pool over ``n`` values costs about ``n²``
-entries at its first level).
+channel. Each level is a matrix like a Conv layer's: the first has ``windows · K / 2``
+difference rows and as many carried rows (twice as many, the pairs, before a Relu), each later
+level about half the one below, and each row reads one or two values. Dense, a pool over ``n``
+values costs about ``n²`` entries at its first level, so a pool over the reader's
+``MAX_DENSE_ENTRIES`` gets sparse levels (:class:`~onnx_exact.core.sparse.SparseMatrix`, two
+entries per difference row), within ``MAX_SPARSE_ENTRIES``.
 
 Refused in one line naming the node: a MaxPool inside a residual block's branch or skip, a
 MaxPool whose ``Indices`` output is used, and a window holding no input element.
@@ -45,6 +46,8 @@ import numpy as np
 
 from onnx_exact.core.network import DenseLayer
 from onnx_exact.core.operators import IndexOperator
+from onnx_exact.core.sparse import SparseMatrix
+from onnx_exact.io import affine_chain
 from onnx_exact.io.affine_chain import AffineChain
 from onnx_exact.io.graph import PathStep, node_label
 
@@ -134,6 +137,24 @@ class PoolChain(AffineChain):
         pool is applied densely."""
         return None
 
+    def matrix(self) -> np.ndarray | SparseMatrix:
+        """``W M`` as the layer keeps it (sparse for a layer too large to be dense)."""
+        base = super().matrix()
+        if not isinstance(base, SparseMatrix):
+            return base  # dense: super().matrix() is self.weight(), the copies made
+        value_of = np.full(self.n_src, -1)
+        value_of[self.terms[:, 0]] = np.arange(self.terms.shape[0])
+        value = value_of[base.indices]  # every entry sits in a representative column
+        rows, cols, values = [base.row_ids], [base.indices], [base.data]
+        for t in range(1, self.terms.shape[1]):
+            used = self.terms[value, t] >= 0
+            rows.append(base.row_ids[used])
+            cols.append(self.terms[value[used], t])
+            values.append(base.data[used] * self.factors[value[used], t])
+        return SparseMatrix.from_coo(
+            np.concatenate(rows), np.concatenate(cols), np.concatenate(values), base.shape
+        )
+
     def weight(self) -> np.ndarray:
         """``W M``: the representative columns, and ``f_t`` times them for the other terms."""
         matrix = np.array(super().weight())
@@ -148,8 +169,9 @@ class MaxPoolWalk:
     """The max-pool part of the CNN walker (:class:`onnx_exact.io.cnn_reader._CnnWalker`)."""
 
     def max_pool(self, index: int, limit: int) -> None:
-        """Read MaxPool/GlobalMaxPool node ``index``: close its tree levels (each at most
-        ``limit`` dense entries), start the chain at the pooled values (see the module)."""
+        """Read MaxPool/GlobalMaxPool node ``index``: close its tree levels (dense up to
+        ``limit`` entries, else sparse), start the chain at the pooled values (see the
+        module)."""
         node = self.graph.node[index]
         label = node_label(index, node)
         if self.in_branch:
@@ -185,13 +207,14 @@ class MaxPoolWalk:
         return tensor in self.graph_outputs or bool(self.consumers.get(tensor))
 
     def _max_tree(self, index: int, table: np.ndarray, limit: int) -> None:
-        """Close one auxiliary ReLU layer per level of the windows' max trees (each level's
-        size checked against ``limit`` before anything is built)."""
+        """Close one auxiliary ReLU layer per level of the windows' max trees (all dense if
+        every level fits ``limit`` entries, else all sparse)."""
         node = self.graph.node[index]
         chain = self.chain
         selects = (
             type(chain) is AffineChain
             and chain.dense is None
+            and chain.sparse is None
             and bool(self.layers)
             and self.layers[-1].relu
             and bool(np.all(chain.src >= 0))
@@ -199,24 +222,30 @@ class MaxPoolWalk:
             and bool(np.all(chain.offset == 0.0))
         )  # the pool reads a ReLU output: every value of the tree is >= 0
         levels = [_pair_up(slots) for slots in _tree_slots(table)]
-        n_src = chain.n_src
+        n_src, largest = chain.n_src, 0
         for _, _, pair, live in levels:
             rows = int(pair.sum()) + int(live.sum()) * (1 if selects else 2)
-            self._check_size(index, (rows, n_src), limit)
-            n_src = rows
-        if chain.dense is None:  # the pool's inputs are materialised as dense rows
-            self._check_size(index, (chain.width, chain.n_src), limit)
-        # The values: level 0 are the pool's inputs (dense rows over the chain's source),
-        # later ones sums of the last level's neurons (terms, factors).
-        weight, offset = chain.weight(), chain.offset
+            largest, n_src = max(largest, rows * n_src), rows
+        if chain.dense is None:  # the pool's inputs are rows of the chain's matrix
+            largest = max(largest, chain.width * chain.n_src)
+        # Levels over the dense limit are built sparse (each row reads two values).
+        sparse = largest > limit or chain.is_sparse
+        # The values: level 0 are the pool's inputs (rows of the chain's matrix over its
+        # source), later ones sums of the last level's neurons (terms, factors).
+        weight, offset = (chain.sparse_matrix() if sparse else chain.weight()), chain.offset
         terms = factors = None
         for level, (left, right, pair, live) in enumerate(levels, 1):
             a, b, carried = left[pair], right[pair], left[live]
             n_diff, n_carry = a.size, carried.size
             rows = [(b, a), (carried, None)] + ([] if selects else [(None, carried)])
             n_src = self.layers[-1].out_features if terms is not None else 0
-            parts = [_rows(weight, offset, terms, factors, n_src, *row) for row in rows]
-            layer_weight = np.vstack([w for w, _ in parts])
+            if sparse:
+                parts = [_sparse_rows(weight, offset, terms, factors, n_src, *r) for r in rows]
+                layer_weight = _stack(parts)
+                self._check_size(index, layer_weight.nnz)
+            else:
+                parts = [_rows(weight, offset, terms, factors, n_src, *row) for row in rows]
+                layer_weight = np.vstack([w for w, _ in parts])
             self.layers.append(
                 DenseLayer(
                     layer_weight,
@@ -239,14 +268,14 @@ class MaxPoolWalk:
         self.width = self.chain.width
         self.at_input = False
 
-    def _check_size(self, index: int, shape: tuple[int, int], limit: int) -> None:
-        if shape[0] * shape[1] > limit:
+    def _check_size(self, index: int, entries: int) -> None:
+        limit = affine_chain.MAX_SPARSE_ENTRIES
+        if entries > limit:
             node = self.graph.node[index]
             raise self.fail(
-                f"{node_label(index, node)}: a level of its max tree would be a dense "
-                f"{shape[0]} x {shape[1]} matrix, over the limit of {limit} entries "
-                f"({limit * 8 / 2**20:.3g} MiB of float64): a MaxPool over more than about "
-                f"{int(limit**0.5):,} values (channels x positions) is not supported yet"
+                f"{node_label(index, node)}: a level of its max tree would have {entries} "
+                f"nonzero entries, over the limit of {limit}; MaxPools this large are not "
+                "supported yet"
             )
 
 
@@ -273,6 +302,54 @@ def _pair_up(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     left, right = slots[:, 0::2].reshape(-1), slots[:, 1::2].reshape(-1)
     live = left >= 0
     return left, right, live & (right >= 0), live
+
+
+def _sparse_rows(
+    weight: SparseMatrix | None,
+    offset: np.ndarray | None,
+    terms: np.ndarray | None,
+    factors: np.ndarray | None,
+    n_src: int,
+    plus: np.ndarray | None,
+    minus: np.ndarray | None,
+) -> tuple[SparseMatrix, np.ndarray]:
+    """:func:`_rows` as a :class:`SparseMatrix` (for levels over the dense limit)."""
+    count = (plus if plus is not None else minus).size
+    rows, cols, values = [], [], []
+    bias = np.zeros(count)
+    for picked, sign in ((plus, 1.0), (minus, -1.0)):
+        if picked is None:
+            continue
+        if weight is not None:
+            part = weight[picked]
+            rows.append(part.row_ids)
+            cols.append(part.indices)
+            values.append(sign * part.data)
+            bias += sign * offset[picked]
+        else:
+            used = terms[picked] >= 0
+            rows.append(np.broadcast_to(np.arange(count)[:, None], used.shape)[used])
+            cols.append(terms[picked][used])
+            values.append(sign * factors[picked][used])
+    width = weight.shape[1] if weight is not None else n_src
+    matrix = SparseMatrix.from_coo(
+        np.concatenate(rows), np.concatenate(cols), np.concatenate(values), (count, width)
+    )
+    return matrix, bias
+
+
+def _stack(parts: list[tuple[SparseMatrix, np.ndarray]]) -> SparseMatrix:
+    """The parts' rows one after the other."""
+    start, rows, cols, values = 0, [], [], []
+    for matrix, _ in parts:
+        rows.append(start + matrix.row_ids)
+        cols.append(matrix.indices)
+        values.append(matrix.data)
+        start += matrix.shape[0]
+    width = parts[0][0].shape[1]
+    return SparseMatrix.from_coo(
+        np.concatenate(rows), np.concatenate(cols), np.concatenate(values), (start, width)
+    )
 
 
 def _rows(

@@ -15,8 +15,10 @@ dilations, groups incl. depthwise), ``Gemm``/``MatMul`` (the head), ``BatchNorma
 Their composition ``y_k = A_k h_{k-1} + c_k`` becomes the layer's dense float64 matrix
 (:class:`~onnx_exact.io.affine_chain.AffineChain`), so a BN or a per-channel Mul after a Conv,
 a Transpose and Reshape before a Gemm, or a Pad before a Conv are all folded into the layer
-that contains them. Materialising is exact but costs memory: a layer may have at
-most :data:`MAX_DENSE_ENTRIES` entries (the largest shared CNN layer, 4096 × 3072, has 12.6 M).
+that contains them. A layer whose dense matrix would have more than
+:data:`~onnx_exact.io.affine_chain.MAX_DENSE_ENTRIES` entries (a wide conv on a large image) is
+kept sparse (:class:`~onnx_exact.core.sparse.SparseMatrix`, the kernel taps only), up to
+:data:`~onnx_exact.io.affine_chain.MAX_SPARSE_ENTRIES` stored entries.
 
 Each ReLU layer records ``channels`` (:attr:`DenseLayer.channels`): the channel of every neuron,
 tracked through the ops (a Conv or a pool sets ``channel = flat index // positions`` of its NCHW
@@ -34,7 +36,8 @@ Refused with one line naming the node (this round): other forks and joins (three
 nested skips, both paths with ReLUs, ``Concat``), a MaxPool in a residual block or with
 its Indices output used, other Clips and other
 activations, a Conv weight computed at run time, a group count that does not divide the
-channels, dynamic spatial dims, and a layer too big to materialise.
+channels, dynamic spatial dims, a layer over the sparse limit, and a residual join, MaxPool
+or Clip over a layer too large to be dense.
 """
 
 from __future__ import annotations
@@ -59,18 +62,14 @@ from onnx_exact.core.operators import (
     TransposeOperator,
     resolve_auto_pad,
 )
-from onnx_exact.io.affine_chain import AffineChain
+from onnx_exact.core.sparse import SparseMatrix
+from onnx_exact.io.affine_chain import MAX_DENSE_ENTRIES, AffineChain, LayerTooLarge
 from onnx_exact.io.cnn_clip import ClipChain, clip_maximum, with_kinks
 from onnx_exact.io.cnn_maxpool import MAX_POOL_OPS, MaxPoolWalk
 from onnx_exact.io.cnn_residual import ResidualWalk
 from onnx_exact.io.graph import PathStep, node_attr, node_label, reduce_axes
 from onnx_exact.io.node_semantics import GraphWalk
 from onnx_exact.io.read_result import ReadResult
-
-MAX_DENSE_ENTRIES = 1 << 25
-"""Most entries of one layer's dense matrix (``out × in``): 2^25 float64 = 256 MiB. The
-analysis keeps a few arrays of that size per layer, so a larger layer would need the
-structured-operator IR, which the analysis does not use yet."""
 
 #: Ops that compute the core of a layer (where an MLP or CNN's path ends).
 CORE_OPS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -260,6 +259,12 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
     # ------------------------------------------------------------------ one node
     def _step(self, current: str, index: int) -> str:
         """Apply node ``index`` (reading ``current``) to the state; return its output."""
+        try:
+            return self._apply_node(current, index)
+        except LayerTooLarge as error:
+            raise self.fail(f"{node_label(index, self.graph.node[index])}: {error}") from None
+
+    def _apply_node(self, current: str, index: int) -> str:
         node = self.graph.node[index]
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
@@ -345,29 +350,27 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
 
     def _apply(self, index: int, op: LinearOperator, role: str) -> None:
         """``state ← op ∘ state`` (after a size check) and the path step."""
-        node = self.graph.node[index]
-        if self.chain.entries_after(op) > MAX_DENSE_ENTRIES:
-            raise self.fail(
-                f"{node_label(index, node)}: its layer would be a dense {op.n_out} x "
-                f"{self.chain.n_src} matrix, over the limit of {MAX_DENSE_ENTRIES} entries "
-                f"({MAX_DENSE_ENTRIES * 8 / 2**20:.3g} MiB of float64); CNNs this large are not "
-                "supported yet"
-            )
+        self.chain.apply(op)  # LayerTooLarge past the sparse limit (named by _step)
         self.path.append(PathStep(index, role, len(self.layers), 0, self.width))
-        self.chain.apply(op)
         self.width = op.n_out
         self.at_input = False
 
     def _close_layer(self, relu: int | None, tensor: str, clip: float | None = None) -> None:
         """The composed map becomes a layer (with a ReLU if ``relu`` is a node index; a
         ``Clip(0, clip)`` node adds the kink rows after its units)."""
-        weight, bias = self.chain.weight(), self.chain.offset
         if relu is not None:
             node = self.graph.node[relu]
             name = node.name or tensor
         else:
             name = self.last_core or f"layer{len(self.layers)}"
-        if not np.all(np.isfinite(weight)) or not np.all(np.isfinite(bias)):
+        bias = self.chain.offset
+        try:  # the rows a residual branch or a Clip adds need the dense form
+            dense = self.in_branch or clip is not None
+            weight = self.chain.weight() if dense else self.chain.matrix()
+        except LayerTooLarge as error:
+            raise self.fail(f"layer '{name}': {error}") from None
+        entries = weight.data if isinstance(weight, SparseMatrix) else weight
+        if not np.all(np.isfinite(entries)) or not np.all(np.isfinite(bias)):
             raise self.fail(f"layer '{name}': the folded weights overflow to Inf/NaN")
         channels = self.channel if relu is not None else None
         auxiliary = None

@@ -127,6 +127,8 @@ def attack_round(
     promising = near_bound(target, neurons, signs, found, limits.polish_gap)
     if polish_from is not None:
         promising &= reached >= polish_from
+    if net.has_sparse_layers:  # the region LPs take dense maps of every layer
+        promising[:] = False
     for d in np.flatnonzero(promising):
         direction = (neurons[d : d + 1], signs[d : d + 1])
         if not still_open(*direction)[0]:

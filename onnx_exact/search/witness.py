@@ -153,24 +153,23 @@ def first_layer_extremes(
     ``open_only``).
     """
     layer = net.layers[0]
-    positive = layer.weight > 0.0
     lo, hi = np.asarray(box.lower, dtype=np.float64), np.asarray(box.upper, dtype=np.float64)
     maximising, minimising = np.arange(layer.out_features), np.arange(layer.out_features)
     if open_only is not None:
         centre, radius = (lo + hi) / 2.0, (hi - lo) / 2.0
         middle = layer.weight @ centre + layer.bias
-        spread = np.abs(layer.weight) @ radius
+        spread = abs(layer.weight) @ radius
         # a vertex is skipped only where the bound excludes the sign by far more than the
         # interval tier's proof margin (1e-12 of the neuron's scale), so every direction the
         # interval tier leaves open keeps its vertex
         peak = float(np.max(np.maximum(np.abs(lo), np.abs(hi)), initial=0.0))
-        slack = 1e-9 * (np.abs(layer.weight).sum(axis=1) * peak + np.abs(layer.bias))
+        slack = 1e-9 * (layer.row_abs_sums() * peak + np.abs(layer.bias))
         maximising = np.flatnonzero(~open_only.seen_pos[0] & (middle + spread > -slack))
         minimising = np.flatnonzero(~open_only.seen_neg[0] & (middle - spread < slack))
     return np.concatenate(
         [
-            np.where(positive[maximising], hi, lo),
-            np.where(positive[minimising], lo, hi),
+            np.where(layer.rows(maximising) > 0.0, hi, lo),
+            np.where(layer.rows(minimising) > 0.0, lo, hi),
         ]
     )
 
@@ -217,7 +216,7 @@ def _value_and_gradient(
             h = y
         masks.append(mask)
     target = net.layers[layer]
-    rows = target.weight[neurons]
+    rows = target.rows(neurons)
     value = np.einsum("dn,dn->d", h, rows) + target.bias[neurons]
     gradient = rows
     for j in range(layer - 1, -1, -1):

@@ -121,7 +121,7 @@ def neuron_scale(net: Network, box: Box, bounds: list[LayerBounds], layer: int) 
     lower, upper = layer_input_bounds(net, box, bounds, layer)
     peak = float(np.max(np.maximum(np.abs(lower), np.abs(upper)), initial=0.0))
     current = net.layers[layer]
-    return np.abs(current.weight).sum(axis=1) * peak + np.abs(current.bias)
+    return current.row_abs_sums() * peak + np.abs(current.bias)
 
 
 def float_margins(net: Network, box: Box, bounds: list[LayerBounds], layer: int) -> np.ndarray:

@@ -30,6 +30,9 @@ from onnx_exact.stability.state import Analysis
 
 METHODS = ("auto", Tier.ISA.value, Tier.PER_NEURON.value)
 
+#: The tiers whose HiGHS models are built from the layers' dense rows.
+HIGHS_TIERS = (Tier.LP, Tier.CUTS, Tier.BAB, Tier.MILP)
+
 
 def analyze_stability(
     net: Network,
@@ -78,6 +81,11 @@ def analyze_stability(
     unknown = [tier for tier in tiers if tier not in SOLVER_TIERS]
     if unknown:
         raise UsageError(f"tiers {unknown} are not among {', '.join(SOLVER_TIERS)}")
+    if method != "auto" and net.has_sparse_layers:
+        raise UsageError(
+            f"--method {method} builds one MILP of the whole network, and this CNN has layers "
+            "too large to encode densely; use --method auto"
+        )
     if box.size != net.in_features:
         raise DomainError(
             f"the box for input {box.input_name!r} has {box.size} features, "
@@ -129,11 +137,14 @@ def run_tiers(analysis: Analysis, solver_tiers: tuple[Tier, ...]) -> None:
     With ``subdivide`` among the tiers and at most ``SUBDIVIDE_ONLY_MAX_INPUTS`` input
     features, the box-wide LP, cut, branch-and-bound and MILP tiers are not run: input
     splitting decides such networks far sooner, and the box-wide tiers would spend the
-    budget the layers above need.
+    budget the layers above need. A network with a sparse layer (a CNN too large to be
+    dense) runs no HiGHS tier: their encodings are built from dense rows.
     """
     few_inputs = analysis.net.in_features <= policy.SUBDIVIDE_ONLY_MAX_INPUTS
     if Tier.SUBDIVIDE in solver_tiers and few_inputs:
         solver_tiers = tuple(t for t in solver_tiers if t in (Tier.SPLIT, Tier.SUBDIVIDE))
+    if analysis.net.has_sparse_layers:  # HiGHS encodings take dense rows
+        solver_tiers = tuple(t for t in solver_tiers if t not in HIGHS_TIERS)
     relu_layers = analysis.net.relu_layer_indices
     bounds_pass(analysis)
     for k in range(len(analysis.net.layers)):
@@ -183,9 +194,13 @@ def bounds_pass(analysis: Analysis) -> None:
     neurons; otherwise only the open rows of the layer, if any. Layer 0 needs none: its
     interval bounds are exact. The pass is finished even when the deadline passes inside
     it (it costs about one CROWN per layer, seconds on MLPs); only the forward passes of
-    the CROWN vertices (witness candidates) stop at the deadline.
+    the CROWN vertices (witness candidates) stop at the deadline. A network with a sparse
+    layer (a CNN too large to be dense, tens of thousands of rows per layer, where CROWN
+    takes minutes) stops the pass at the deadline too: the rows not reached keep their
+    interval bounds.
     """
     relu_layers = analysis.net.relu_layer_indices
+    stop = analysis.deadline if analysis.net.has_sparse_layers else np.inf
     for number, k in enumerate(relu_layers, 1):
         analysis.layer_now = k
         with analysis.timed(Tier.INTERVAL):
@@ -199,7 +214,7 @@ def bounds_pass(analysis: Analysis) -> None:
                 rows = np.flatnonzero(~proved if later_open else ~analysis.settled(k))
                 if rows.size:
                     analysis.bounds[k], corners = symbolic_bounds(
-                        analysis.net, analysis.box, analysis.bounds, k, rows
+                        analysis.net, analysis.box, analysis.bounds, k, rows, stop
                     )
                     analysis.prove_from_bounds(k, Tier.SYMBOLIC)
                     analysis.propagate()

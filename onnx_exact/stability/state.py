@@ -100,7 +100,9 @@ class Analysis:
         if k == 0 or not self.net.layers[k - 1].relu:
             return
         first = int(layer.real.sum()) + layer.kinks.size
-        nonnegative = np.all(layer.weight[first:] >= 0.0, axis=1) & (layer.bias[first:] >= 0.0)
+        tail = layer.weight[first:]
+        smallest = tail.row_min() if layer.is_sparse else tail.min(axis=1, initial=0.0)
+        nonnegative = (smallest >= 0.0) & (layer.bias[first:] >= 0.0)
         rows = first + np.flatnonzero(nonnegative & layer.auxiliary[first:])
         self.states[k][rows] = NeuronState.ACTIVE
         self.decided_by[k][rows] = Tier.LINEAR.value

@@ -97,7 +97,9 @@ def symbolic(analysis: Analysis, k: int, effort: float = 1.0) -> None:
     net, box = analysis.net, analysis.box
     with analysis.timed(Tier.SYMBOLIC):
         rows = np.flatnonzero(~analysis.settled(k))
-        analysis.bounds[k], corners = symbolic_bounds(net, box, analysis.bounds, k, rows)
+        analysis.bounds[k], corners = symbolic_bounds(
+            net, box, analysis.bounds, k, rows, analysis.deadline
+        )
         analysis.prove_from_bounds(k, Tier.SYMBOLIC)
         analysis.propagate()
         neurons, signs = analysis.open_directions(k)
@@ -316,7 +318,7 @@ def _crown_bab_directions(analysis: Analysis, common: tuple, effort: float) -> l
     return relu_bab.decide_directions(
         *common,
         effort=effort,
-        dive=lp_dive_for(analysis.relaxation),
+        dive=None if analysis.relaxation is None else lp_dive_for(analysis.relaxation),
         feed=analysis.background_feed if analysis.background is not None else None,
         time_limit=spec.direction_seconds,
         node_limit=spec.direction_nodes,
@@ -374,7 +376,9 @@ def _solver_tier(
             if not batch:
                 break
             margins = policy.solver_margins(net, box, analysis.bounds, k)
-            if analysis.relaxation is None or analysis.relaxation.layer != k:
+            if net.has_sparse_layers:  # no LP encoding of a sparse layer (yet): no dive
+                analysis.relaxation = None
+            elif analysis.relaxation is None or analysis.relaxation.layer != k:
                 analysis.relaxation = lp_relaxation.LayerRelaxation.build(
                     net, box, analysis.bounds, analysis.solver_states(k), k
                 )
