@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from onnx_exact.bounds import input_split
+from onnx_exact.bounds import input_split, leaf_alpha
 from onnx_exact.bounds.crown import interval_bounds
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
@@ -255,6 +257,11 @@ def test_directions_of_the_first_layer_alone_are_decided() -> None:
     assert np.all(signed[outcome.proved].max(axis=1) <= 1e-12)
 
 
+def no_alpha_bound(net, bounds, lower, upper, layer, coeffs, const, wanted=None):
+    """A stand-in for :func:`leaf_alpha.bound_rows` that bounds nothing (the α stage off)."""
+    return np.full(coeffs.shape[:2], np.inf), np.zeros((*coeffs.shape[:2], lower.shape[1]))
+
+
 def deep_case(seed: int) -> tuple[Network, Box]:
     """A 2-input net with five hidden layers of 16 ReLUs: deep enough that the forward
     relaxation's intermediate bounds, not the leaf size, limit what a leaf proves."""
@@ -288,7 +295,8 @@ def test_tightened_leaf_bounds_enclose_every_point_and_are_tighter(seed: int) ->
 def test_tightening_closes_leaves_sooner_and_keeps_the_verdicts(monkeypatch) -> None:
     """On a deep net, tightening every leaf the forward relaxation leaves open proves the same
     directions with fewer leaves than never tightening (only the probes), and both agree with
-    the dense grid."""
+    the dense grid (α-CROWN off)."""
+    monkeypatch.setattr(leaf_alpha, "bound_rows", no_alpha_bound)
     net, box = deep_case(0)
     layers, neurons, signs = all_directions(net)
     deep = layers >= 3
@@ -320,3 +328,133 @@ def test_tightened_batches_in_the_worker_pool_give_the_serial_outcome(monkeypatc
     assert serial.leaves == pooled.leaves
     for field in ("proved", "refuted", "worst", "witnesses"):
         np.testing.assert_array_equal(getattr(serial, field), getattr(pooled, field))
+
+
+def alpha_problem(seed: int, radius: float):
+    """Leaves of a 3-input net with three hidden layers of 12 ReLUs, their tightened bounds, and
+    the rows of the top hidden layer (both signs)."""
+    rng = np.random.default_rng(seed)
+    net = random_network(rng, [3, 12, 12, 12, 2])
+    box = Box(-np.ones(3), np.ones(3))
+    centre = rng.uniform(-1.0, 1.0, (8, 3))
+    lower, upper = np.maximum(centre - radius, -1.0), np.minimum(centre + radius, 1.0)
+    top = 2
+    bounds, _ = input_split.leaf_bounds(net, lower, upper, interval_bounds(net, box), top, True)
+    weight, bias = net.layers[top].weight, net.layers[top].bias
+    start = np.broadcast_to(np.concatenate([weight, -weight]), (8, 24, 12))
+    const = np.broadcast_to(np.concatenate([bias, -bias]), (8, 24))
+    return net, bounds, lower, upper, top, start, const
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.05, 1.0))
+def test_alpha_bounds_are_sound_and_never_looser_than_crown(seed: int, radius: float) -> None:
+    """α-CROWN's bound of every row on every leaf (asked rows alone, and with the intermediate
+    layers optimised too) is at least the largest value of the row on points sampled in the
+    leaf; through the same leaf bounds it is at most the adaptive CROWN bound (its first
+    iterate; with the intermediate bounds tightened the relaxations differ, and the search
+    keeps the smaller of the two bounds)."""
+    net, bounds, lower, upper, top, start, const = alpha_problem(seed, radius)
+    crown_coeffs, crown_const, _ = input_split._back_substitute(
+        net, bounds, None, top, start, const
+    )
+    crown = leaf_alpha.maximum_over_leaf(crown_coeffs, crown_const, lower, upper)
+    last, _ = leaf_alpha.optimise(net, bounds, lower, upper, top, start, const)
+    every, vertices = leaf_alpha.bound_rows(net, bounds, lower, upper, top, start, const)
+    assert np.all(last <= crown)
+    rng = np.random.default_rng(seed)
+    for leaf in range(8):
+        points = rng.uniform(lower[leaf], upper[leaf], (400, 3))
+        y = net.preactivations(points)[top]
+        signed = np.concatenate([y, -y], axis=1).max(axis=0)
+        assert np.all(signed <= last[leaf] + 1e-9) and np.all(signed <= every[leaf] + 1e-9)
+    assert np.all((vertices == 0.0) | np.isfinite(vertices))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_alpha_tightens_crown_on_wide_leaves(seed: int) -> None:
+    """Where leaves are wide (many unstable neurons) the optimised slopes lower the bounds."""
+    net, bounds, lower, upper, top, start, const = alpha_problem(seed, 0.5)
+    crown_coeffs, crown_const, _ = input_split._back_substitute(
+        net, bounds, None, top, start, const
+    )
+    crown = leaf_alpha.maximum_over_leaf(crown_coeffs, crown_const, lower, upper)
+    every, _ = leaf_alpha.bound_rows(net, bounds, lower, upper, top, start, const)
+    assert np.sum(crown - every) > 0.05 * np.sum(np.abs(crown))
+
+
+def test_alpha_gradient_is_the_derivative_of_the_bound() -> None:
+    """The reverse pass gives the bound's derivative by each unstable neuron's lower slope
+    (central differences where the bound is smooth in it)."""
+    net, bounds, lower, upper, top, start, const = alpha_problem(7, 0.5)
+    relaxed = [leaf_alpha._relaxation(lo.T, hi.T) for lo, hi in bounds[:top]]
+    rng = np.random.default_rng(0)
+    slopes = {
+        j: np.where(r[0][:, None, :], rng.uniform(0, 1, (8, 24, 12)), r[3][:, None, :])
+        for j, r in enumerate(relaxed)
+    }
+    args = (net, relaxed)
+    value, final, tops = leaf_alpha._substitute(*args, slopes, top, start, const, lower, upper)
+    grads = leaf_alpha._gradient(*args, slopes, top, tops, final, lower, upper)
+    checked = 0
+    for j, (unstable, *_rest) in enumerate(relaxed):
+        leaves, neurons = np.nonzero(unstable)
+        for leaf, neuron in zip(leaves[:6], neurons[:6], strict=True):
+            moved = []
+            for step in (1e-7, -1e-7):
+                shifted = {i: a.copy() for i, a in slopes.items()}
+                shifted[j][leaf, :, neuron] += step
+                moved.append(
+                    leaf_alpha._substitute(*args, shifted, top, start, const, lower, upper)[0]
+                )
+            numeric = (moved[0][leaf] - moved[1][leaf]) / 2e-7
+            np.testing.assert_allclose(grads[j][leaf, :, neuron], numeric, rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked >= 6
+
+
+def test_alpha_closes_a_direction_the_plain_search_leaves_open(monkeypatch) -> None:
+    """A stable neuron of the top hidden layer of a deep 2-input net (its largest value on a
+    dense grid is about -0.0035): with α-CROWN on the leaves the tightened bound leaves open,
+    32 leaves prove it; without (the α stage returning no bound) they do not."""
+    rng = np.random.default_rng(36)
+    net = random_network(rng, [2, 16, 16, 16, 16, 2])
+    box = Box(-np.ones(2), np.ones(2))
+    args = (net, box, [3], [6], [1])
+    with_alpha = decide(*args, max_leaves=32)
+    assert with_alpha.proved[0]
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 400)] * 2), -1).reshape(-1, 2)
+    assert net.preactivations(grid)[3][:, 6].max() <= with_alpha.worst[0] < 0.0
+    monkeypatch.setattr(leaf_alpha, "bound_rows", no_alpha_bound)
+    plain = decide(*args, max_leaves=32)
+    assert not plain.proved[0] and not plain.refuted[0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_leaves_missing_their_targets_get_the_alpha_bound(seed: int, monkeypatch) -> None:
+    """:func:`_direction_bounds` with targets no bound reaches: with every leaf let through the
+    gate, every (leaf, row) gets a bound at most the tightened CROWN one (targets every bound
+    reaches), smaller in total, and still above every sampled value; with the default gate,
+    only leaves whose every row is within ``ALPHA_GATE`` of its gap to the centre value."""
+    net, box = deep_case(seed)
+    rng = np.random.default_rng(seed)
+    centre = rng.uniform(-1.0, 1.0, (32, 2))
+    lower, upper = np.maximum(centre - 0.3, -1.0), np.minimum(centre + 0.3, 1.0)
+    layers, neurons, signs = all_directions(net)
+    top = int(layers.max())
+    asked = np.flatnonzero(layers == top)
+    context = (net, lower, upper, interval_bounds(net, box), top, asked, layers, neurons, signs)
+    reached = np.full((32, asked.size), np.inf)
+    tight, _, _ = input_split._direction_bounds(*context, reached)
+    gated, _, _ = input_split._direction_bounds(*context, -reached)
+    y_centre = signs[asked] * net.preactivations((lower + upper) / 2.0)[top][:, neurons[asked]]
+    changed = (gated < tight).any(axis=1)
+    within = (tight <= input_split.ALPHA_GATE * (tight - y_centre)).all(axis=1)
+    assert np.all(gated <= tight) and np.all(within[changed])
+    monkeypatch.setattr(input_split, "ALPHA_GATE", np.inf)
+    alpha, _, _ = input_split._direction_bounds(*context, -reached)
+    assert np.all(alpha <= tight) and np.sum(tight - alpha) > 0.0
+    for leaf in range(32):
+        y = net.preactivations(rng.uniform(lower[leaf], upper[leaf], (300, 2)))[top]
+        signed = signs[asked] * y[:, neurons[asked]]
+        assert np.all(signed.max(axis=0) <= alpha[leaf] + 1e-9)
