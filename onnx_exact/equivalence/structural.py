@@ -163,7 +163,7 @@ def align(net_a: Network, net_b: Network) -> Alignment | None:
         # identically 0 (no ReLU: the only removable linear unit) for b == 0.
         zero = np.array(
             [
-                not np.any(la.weight[r, kept])
+                not np.any(_restricted(la.weight, [r], kept))
                 and (la.bias[r] <= 0.0 if la.relu else la.bias[r] == 0.0)
                 for r in removed.tolist()
             ],
@@ -176,6 +176,14 @@ def align(net_a: Network, net_b: Network) -> Alignment | None:
     return Alignment(layers)
 
 
+def _restricted(weight, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``weight[rows][:, cols]`` as a dense array, for an ndarray or a
+    :class:`~onnx_exact.core.sparse.SparseMatrix` weight."""
+    if isinstance(weight, np.ndarray):
+        return weight[np.ix_(rows, cols)]
+    return weight.rows(rows)[:, cols]
+
+
 def _row_keys(weight: np.ndarray, bias: np.ndarray, rows: np.ndarray, kept: np.ndarray) -> list:
     """A digest of each row ``weight[r, kept]`` with its bias (``-0.0`` read as ``0.0``), in
     blocks of rows so that no copy of the whole restricted matrix is made."""
@@ -183,7 +191,8 @@ def _row_keys(weight: np.ndarray, bias: np.ndarray, rows: np.ndarray, kept: np.n
     block = max(1, HASH_BLOCK_ENTRIES // max(kept.size, 1))
     for start in range(0, rows.size, block):
         chunk = rows[start : start + block]
-        values = np.concatenate([weight[np.ix_(chunk, kept)], bias[chunk, None]], axis=1) + 0.0
+        values = np.concatenate([_restricted(weight, chunk, kept), bias[chunk, None]], axis=1)
+        values = values + 0.0
         values = np.ascontiguousarray(values)
         keys += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in values]
     return keys
@@ -211,7 +220,10 @@ def _match_rows(
         if not candidates:
             return None
         r = candidates.popleft()
-        if bias_a[r] != bias_b[i] or not np.array_equal(weight_a[r, kept], weight_b[i]):
+        same = np.array_equal(
+            _restricted(weight_a, [r], kept), _restricted(weight_b, [i], identity)
+        )
+        if bias_a[r] != bias_b[i] or not same:
             return None
         out[i] = r
     return out
