@@ -248,6 +248,10 @@ class DenseLayer:
         return int(self.weight.size + self.bias.size)
 
 
+#: float64 values of one layer's activations per chunk of :meth:`Network.forward_net`.
+FORWARD_CHUNK_VALUES = 1 << 22
+
+
 def _times_transpose(h: np.ndarray, weight: np.ndarray | SparseMatrix) -> np.ndarray:
     """``h Wᵀ`` for a batch ``h`` of shape ``(m, in)``."""
     if isinstance(weight, SparseMatrix):
@@ -321,9 +325,22 @@ class Network:
         return out
 
     def forward_net(self, x_net: np.ndarray) -> np.ndarray:
-        """Network output (after the output layer's ReLU, if any) for network-space inputs."""
-        y = self.preactivations(x_net)[-1]
-        return np.maximum(y, 0.0) if self.layers[-1].relu else y
+        """Network output (after the output layer's ReLU, if any) for network-space inputs,
+        in chunks of rows whose widest activation holds at most ``FORWARD_CHUNK_VALUES``
+        float64 values (a CNN's layers have tens of thousands of neurons per sample)."""
+        h = np.asarray(x_net, dtype=np.float64)
+        if h.ndim == 1:
+            h = h[None, :]
+        widest = max([self.in_features] + [layer.out_features for layer in self.layers])
+        step = max(1, FORWARD_CHUNK_VALUES // widest)
+        if h.shape[0] > step:
+            return np.vstack(
+                [self.forward_net(h[i : i + step]) for i in range(0, h.shape[0], step)]
+            )
+        for layer in self.layers:
+            y = layer.apply(h)
+            h = np.maximum(y, 0.0) if layer.relu else y
+        return h
 
     def forward(self, x_raw: np.ndarray) -> np.ndarray:
         """Network output for raw (flattened, un-preprocessed) inputs ``(batch, n)``, float64."""

@@ -32,6 +32,11 @@ from onnx_exact.core.operators import (
 _BLOCK_VALUES = 1 << 23
 
 
+def _index_type(size: int) -> type:
+    """int32 for indices below ``size`` where they fit (half the memory of int64)."""
+    return np.int32 if size < 2**31 else np.int64
+
+
 class SparseMatrix:
     """``(n_out, n_in)`` float64 matrix in CSR form: row ``i``'s entries are
     ``data[indptr[i]:indptr[i+1]]`` at columns ``indices[...]`` (sorted, distinct, no zero).
@@ -48,7 +53,7 @@ class SparseMatrix:
         self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]
     ) -> None:
         self.data = np.asarray(data, dtype=np.float64)
-        self.indices = np.asarray(indices, dtype=np.int64)
+        self.indices = np.asarray(indices, dtype=_index_type(shape[1]))
         self.indptr = np.asarray(indptr, dtype=np.int64)
         self.shape = (int(shape[0]), int(shape[1]))
         if self.indptr.shape != (self.shape[0] + 1,) or self.indptr[-1] != self.data.size:
@@ -66,17 +71,18 @@ class SparseMatrix:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         cols = np.asarray(cols, dtype=np.int64).reshape(-1)
         values = np.asarray(values, dtype=np.float64).reshape(-1)
-        order = np.lexsort((cols, rows))
-        rows, cols, values = rows[order], cols[order], values[order]
-        if rows.size:
+        key = rows * int(shape[1]) + cols  # row-major position: one sort key
+        if rows.size and not np.all(key[1:] > key[:-1]):  # a conv's entries come in order
+            order = np.argsort(key, kind="stable")
+            key, rows, cols, values = key[order], rows[order], cols[order], values[order]
             first = np.ones(rows.size, dtype=bool)
-            first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+            first[1:] = key[1:] != key[:-1]
             if not first.all():
                 starts = np.flatnonzero(first)
                 values = np.add.reduceat(values, starts)
                 rows, cols = rows[starts], cols[starts]
-            keep = values != 0.0
-            rows, cols, values = rows[keep], cols[keep], values[keep]
+        keep = values != 0.0
+        rows, cols, values = rows[keep], cols[keep], values[keep]
         indptr = np.zeros(shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
         return cls(values, cols, indptr, shape)
@@ -104,7 +110,8 @@ class SparseMatrix:
     def row_ids(self) -> np.ndarray:
         """The row of every stored entry."""
         if self._row_ids is None:
-            self._row_ids = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+            rows = np.arange(self.shape[0], dtype=_index_type(self.shape[0]))
+            self._row_ids = np.repeat(rows, np.diff(self.indptr))
         return self._row_ids
 
     def copy(self) -> SparseMatrix:
