@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from cnn_fixtures import RESIDUAL, VALID_BUILDERS, run_onnxruntime
 from cnn_fixtures import SEQUENTIAL_READ as SEQUENTIAL
-from cnn_fixtures import VALID_BUILDERS, run_onnxruntime
 from exporter_fixtures import GraphBuilder
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -114,22 +114,27 @@ def sparse_layers(monkeypatch):
     monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", 0)
 
 
-@pytest.mark.parametrize("name", SEQUENTIAL)
+@pytest.mark.parametrize("name", [*SEQUENTIAL, *RESIDUAL, "torch_legacy_maxpool"])
 def test_a_cnn_read_sparse_has_the_dense_matrices(name, monkeypatch):
     fixture = VALID_BUILDERS[name]()
     dense = read_model(fixture.model).network
     monkeypatch.setattr(affine_chain, "MAX_DENSE_ENTRIES", 0)
+    monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", 0)
     sparse = read_model(fixture.model).network
     assert all(layer.is_sparse for layer in sparse.layers)
     for a, b in zip(dense.layers, sparse.layers, strict=True):
         np.testing.assert_allclose(b.weight.toarray(), a.weight, rtol=1e-15, atol=1e-15)
         np.testing.assert_array_equal(b.bias, a.bias)
+        np.testing.assert_array_equal(b.auxiliary, a.auxiliary)
+        assert (b.passthrough is None) == (a.passthrough is None)
+        rows = np.random.default_rng(2).standard_normal((3, a.out_features))
+        np.testing.assert_allclose(b.pullback(rows), a.pullback(rows), rtol=1e-12, atol=1e-12)
     rng = np.random.default_rng(0)
     x = fixture.lower + (fixture.upper - fixture.lower) * rng.random((16, fixture.lower.size))
     np.testing.assert_allclose(sparse.forward(x), dense.forward(x), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", [*SEQUENTIAL, "torch_legacy_maxpool"])
+@pytest.mark.parametrize("name", [*SEQUENTIAL, "torch_legacy_maxpool", "resnet_blocks"])
 def test_a_cnn_read_sparse_loses_its_planted_dead_channels_and_verifies(name, sparse_layers):
     """As the dense read does (tests/test_cnn_compress.py): bounds, witnesses and CROWN run on
     the sparse weights, the HiGHS tiers are left out, and the written model equals the input

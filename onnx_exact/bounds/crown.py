@@ -174,13 +174,19 @@ def _back_substitute(
         const = const + positive @ upper_intercept
         coeffs = positive * upper_slope + np.minimum(coeffs, 0.0) * lower_slope
         current = net.layers[j]
-        if current.is_sparse and current.structured is not None:
-            # dead columns are zero already; the operators' BLAS products beat a sparse one
-            const = const + coeffs @ current.bias
-            coeffs = current.pullback(coeffs)
-            continue
         copied = 0 if current.passthrough is None else current.passthrough.size
         first = current.out_features - copied
+        if current.is_sparse:
+            # Dead columns are zero already. The whole matrix's product (its operators' BLAS
+            # products, or the sparse one with the transpose cached on the weight) beats a
+            # fresh sparse matrix of the live rows per block.
+            selected = coeffs[:, first:].copy()
+            coeffs[:, first:] = 0.0
+            const = const + coeffs[:, :first] @ current.bias[:first]
+            coeffs = current.pullback(coeffs)
+            if copied:
+                np.add.at(coeffs, (slice(None), current.passthrough), selected)
+            continue
         selected = coeffs[:, first:]
         coeffs = coeffs[:, :first]
         live = (upper_slope[:first] != 0.0) | (lower_slope[:first] != 0.0)

@@ -41,13 +41,12 @@ of the leaves it is tried on (running mean), and otherwise only a sample of ``_T
 leaves per batch, which keeps the rate measured as the leaves shrink. Why half: a halved leaf
 that tightening closes with probability ``p`` leaves ``2 (1 - p)`` open children on average,
 so from ``p = 1/2`` on the tightened tree stops growing, whatever the forward bound does.
-A leaf the tightened bound leaves open gets α-CROWN (:mod:`onnx_exact.bounds.leaf_alpha`: lower
-ReLU lines optimised per leaf and row, the intermediate layers' too), several times the cost
-again, if it is likely to close the leaf: every bound ``v`` still above its target is at most
-``ALPHA_GATE`` times the gap ``v - y_c`` to the value at the leaf's centre (α-CROWN removes up
-to about half of that gap; on ACAS Xu nine in ten such leaves close, against one in six of all).
-A bound a constant factor tighter saves whole levels of the tree (a level costs ``2^n`` leaves
-to halve every width). The proof of a direction does not depend on which leaves got which bound.
+A leaf the tightened bound leaves open gets α-CROWN for its open rows
+(:mod:`onnx_exact.bounds.leaf_alpha`: lower ReLU lines optimised per (leaf, row)) if that is
+likely to close it: every bound ``v`` still above its target is at most ``ALPHA_GATE`` times
+the gap ``v - y_c`` to the row's value at the leaf's centre (α-CROWN removes up to about half
+of that gap; the others seldom close). The tightening rate counts such a leaf as left open.
+The proof of a direction does not depend on which leaves got which bound (all are sound).
 
 Split choice: for each open direction of a leaf, the *slack by input dimension*: every relaxed
 neuron's largest gap, weighted by the direction's CROWN coefficient on it, spread over the input
@@ -373,7 +372,7 @@ class InputSearch:
             spent += b_open.shape[0]
 
             rows = np.flatnonzero(b_open.any(axis=0))
-            values, coeffs, scores = self._bound(executor, b_lower, b_upper, top, rows)
+            values, coeffs, scores, _ = self._bound(executor, b_lower, b_upper, top, rows)
             was_open = b_open[:, rows]
             closed = was_open & (values <= -margins[rows])
             again = np.flatnonzero((was_open & ~closed).any(axis=1))
@@ -385,7 +384,8 @@ class InputSearch:
                 values[again] = np.minimum(values[again], tight[0])
                 coeffs[again], scores[again] = tight[1], tight[2]
                 closed = was_open & (values <= -margins[rows])
-                rate = 1.0 - (was_open[again] & ~closed[again]).any(axis=1).mean()
+                # the rate of tightening alone: a leaf that got α-CROWN was left open by it
+                rate = 1.0 - ((was_open[again] & ~closed[again]).any(axis=1) | tight[3]).mean()
                 self.tightening = (self.tightening + rate) / 2.0
             self.worst[rows] = np.maximum(
                 self.worst[rows], np.where(closed, values, -np.inf).max(axis=0)
@@ -437,7 +437,7 @@ class InputSearch:
         top: int,
         rows: np.ndarray,
         targets: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:func:`_direction_bounds` of a batch, in parts on the worker pool when it is large
         (tightened, with α-CROWN where ``targets`` are missed, when they are given)."""
         parts = min(self.jobs, lower.shape[0] // _PART_LEAVES) if executor is not None else 1
@@ -469,7 +469,7 @@ def _bounds_in_worker(
     top: int,
     asked: np.ndarray,
     targets: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`_direction_bounds` for part of a batch, in a worker of the run's pool."""
     net, outer, layers, neurons, signs = context
     return _direction_bounds(net, lower, upper, outer, top, asked, layers, neurons, signs, targets)
@@ -486,7 +486,7 @@ def _direction_bounds(
     neurons: np.ndarray,
     signs: np.ndarray,
     targets: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per leaf, bounds on ``s * y`` of the ``asked`` directions, and where to split for them.
 
     Returns ``values (B, R)``, the smaller of the forward bound and CROWN (back-substitution of
@@ -500,10 +500,12 @@ def _direction_bounds(
     ``targets (B, R)`` (the bounds each (leaf, row) must reach, ``inf`` where none) the leaves'
     intermediate bounds are CROWN-tightened first (:func:`leaf_bounds`), and a leaf that still
     misses targets, each by at most ``ALPHA_GATE`` of the row's gap to its value at the leaf's
-    centre, gets α-CROWN (:func:`onnx_exact.bounds.leaf_alpha.bound_rows`) for those rows.
+    centre, gets α-CROWN (:func:`onnx_exact.bounds.leaf_alpha.bound_rows`) for those rows;
+    ``tried (B,)`` says which leaves did.
     """
     bounds, shares = leaf_bounds(net, lower, upper, outer, top, targets is not None)
     batch, n = lower.shape
+    tried = np.zeros(batch, dtype=bool)
     values = np.empty((batch, asked.size))
     coeffs = np.empty((batch, asked.size, n))
     scores = np.empty((batch, asked.size, n))
@@ -535,6 +537,7 @@ def _direction_bounds(
         centre = sign * net.preactivations((lower + upper) / 2.0)[k][:, i]
         hopeless = missed & (values[:, columns] > ALPHA_GATE * (values[:, columns] - centre))
         stuck = np.flatnonzero(missed.any(axis=1) & ~hopeless.any(axis=1))
+        tried[stuck] = True
         if stuck.size:
             below = [(lo_j[:, stuck], hi_j[:, stuck]) for lo_j, hi_j in bounds[:k]]
             found, found_coeffs = leaf_alpha.bound_rows(
@@ -551,7 +554,7 @@ def _direction_bounds(
             better = found < values[cells]
             values[cells] = np.where(better, found, values[cells])
             coeffs[cells] = np.where(better[:, :, None], found_coeffs, coeffs[cells])
-    return values, coeffs, scores
+    return values, coeffs, scores, tried
 
 
 def _back_substitute(

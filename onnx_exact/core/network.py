@@ -112,9 +112,10 @@ class DenseLayer:
     (a third of a ResNet's dense entries are such rows; a MaxPool tree level carries its left
     operands so); None when the last row is no such row."""
     structured: StructuredMap | None = field(default=None, init=False, repr=False, compare=False)
-    """The layer's map as the operators it was composed from (a CNN layer without auxiliary
-    rows, set by the reader when cheaper: :mod:`onnx_exact.core.structured_map`); :meth:`apply`
-    and :meth:`pullback` use it instead of the dense matrix. None: the dense matrix."""
+    """The layer's map as the operators it was composed from, set by the reader when cheaper
+    (:mod:`onnx_exact.core.structured_map`): of the whole layer, or of the rows before the
+    :attr:`passthrough` ones when those end the layer (a residual branch's layer);
+    :meth:`apply` and :meth:`pullback` use it instead of the matrix. None: the matrix."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight, SparseMatrix):
@@ -179,22 +180,30 @@ class DenseLayer:
         (:attr:`passthrough`) are copied from ``h``: exactly the value of their product (one
         term ``1 · h_j``, the others ``0 · h``), without its cost; the other rows are one
         product (whose float64 sums BLAS may order differently than for the whole matrix)."""
-        if self.structured is not None:
-            return self.structured.forward(h)
         if self.passthrough is None:
+            if self.structured is not None:
+                return self.structured.forward(h)
             return _times_transpose(h, self.weight) + self.bias
         first = self.out_features - self.passthrough.size
         y = np.empty((h.shape[0], self.out_features))
-        y[:, :first] = _times_transpose(h, self.weight[:first]) + self.bias[:first]
+        if self.structured is not None:  # the map of the rows before the passthrough ones
+            y[:, :first] = self.structured.forward(h)
+        else:
+            y[:, :first] = _times_transpose(h, self.weight[:first]) + self.bias[:first]
         y[:, first:] = h[:, self.passthrough]
         return y
 
     def pullback(self, rows: np.ndarray) -> np.ndarray:
         """``rows W`` for row vectors ``rows`` of shape ``(r, out)``: a gradient or a linear
         bound carried back through the layer's linear map."""
-        if self.structured is not None:
+        if self.structured is None:
+            return rows @ self.weight
+        if self.passthrough is None:
             return self.structured.pullback(rows)
-        return rows @ self.weight
+        first = self.out_features - self.passthrough.size
+        out = self.structured.pullback(rows[:, :first])
+        np.add.at(out, (slice(None), self.passthrough), rows[:, first:])
+        return out
 
     def rows(self, neurons) -> np.ndarray:
         """Rows ``neurons`` of ``W`` as a dense float64 array, whatever form ``W`` has."""

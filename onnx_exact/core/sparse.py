@@ -300,3 +300,21 @@ def sparse_product(left: SparseMatrix, right: SparseMatrix) -> SparseMatrix:
     return SparseMatrix.from_coo(
         rows, right.indices[where], values, (left.shape[0], right.shape[1])
     )
+
+
+def stack_rows(parts: list, add: bool = False) -> np.ndarray | SparseMatrix:
+    """The parts' rows one after the other (``add``: the parts summed instead), dense when every
+    part is an ndarray, else a :class:`SparseMatrix` (a layer too large to be dense)."""
+    if all(isinstance(part, np.ndarray) for part in parts):
+        return sum(parts[1:], parts[0].copy()) if add else np.vstack(parts)
+    start, rows, cols, values = 0, [], [], []
+    for part in parts:
+        part = part if isinstance(part, SparseMatrix) else SparseMatrix.from_dense(part)
+        rows.append(part.row_ids.astype(np.int64) + (0 if add else start))
+        cols.append(part.indices)
+        values.append(part.data)
+        start += part.shape[0]
+    shape = (parts[0].shape[0] if add else start, parts[0].shape[1])
+    return SparseMatrix.from_coo(
+        np.concatenate(rows), np.concatenate(cols), np.concatenate(values), shape
+    )

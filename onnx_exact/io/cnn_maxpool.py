@@ -46,7 +46,7 @@ import numpy as np
 
 from onnx_exact.core.network import DenseLayer
 from onnx_exact.core.operators import IndexOperator
-from onnx_exact.core.sparse import SparseMatrix
+from onnx_exact.core.sparse import SparseMatrix, stack_rows
 from onnx_exact.io import affine_chain
 from onnx_exact.io.affine_chain import AffineChain
 from onnx_exact.io.graph import PathStep, node_label
@@ -241,7 +241,7 @@ class MaxPoolWalk:
             n_src = self.layers[-1].out_features if terms is not None else 0
             if sparse:
                 parts = [_sparse_rows(weight, offset, terms, factors, n_src, *r) for r in rows]
-                layer_weight = _stack(parts)
+                layer_weight = stack_rows([w for w, _ in parts])
                 self._check_size(index, layer_weight.nnz)
             else:
                 parts = [_rows(weight, offset, terms, factors, n_src, *row) for row in rows]
@@ -336,20 +336,6 @@ def _sparse_rows(
         np.concatenate(rows), np.concatenate(cols), np.concatenate(values), (count, width)
     )
     return matrix, bias
-
-
-def _stack(parts: list[tuple[SparseMatrix, np.ndarray]]) -> SparseMatrix:
-    """The parts' rows one after the other."""
-    start, rows, cols, values = 0, [], [], []
-    for matrix, _ in parts:
-        rows.append(start + matrix.row_ids)
-        cols.append(matrix.indices)
-        values.append(matrix.data)
-        start += matrix.shape[0]
-    width = parts[0][0].shape[1]
-    return SparseMatrix.from_coo(
-        np.concatenate(rows), np.concatenate(cols), np.concatenate(values), (start, width)
-    )
 
 
 def _rows(

@@ -364,9 +364,8 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
         else:
             name = self.last_core or f"layer{len(self.layers)}"
         bias = self.chain.offset
-        try:  # the rows a residual branch or a Clip adds need the dense form
-            dense = self.in_branch or clip is not None
-            weight = self.chain.weight() if dense else self.chain.matrix()
+        try:  # the kink rows a Clip adds need the dense form
+            weight = self.chain.weight() if clip is not None else self.chain.matrix()
         except LayerTooLarge as error:
             raise self.fail(f"layer '{name}': {error}") from None
         entries = weight.data if isinstance(weight, SparseMatrix) else weight
@@ -386,6 +385,12 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
         layer = DenseLayer(weight, bias, relu is not None, name, channels, auxiliary, clip)
         if auxiliary is None:
             layer.structured = self.chain.structured_map(layer.weight, layer.bias)
+        elif clip is None and layer.passthrough is not None:
+            head = layer.out_features - layer.passthrough.size
+            if head == units:  # the carried rows are all selections: map the branch's rows
+                layer.structured = self.chain.structured_map(
+                    layer.weight[:head], layer.bias[:head]
+                )
         self.layers.append(layer)
         if relu is not None:
             self.relu_nodes.append(name)

@@ -40,6 +40,8 @@ import copy
 import numpy as np
 
 from onnx_exact.core.operators import DenseOperator, IndexOperator
+from onnx_exact.core.sparse import SparseMatrix, stack_rows
+from onnx_exact.io import affine_chain
 from onnx_exact.io.affine_chain import AffineChain
 from onnx_exact.io.graph import PathStep, node_label
 
@@ -130,8 +132,8 @@ class ResidualWalk:
         self.in_branch, self.at_input = True, False
         self.paired = not (self.layers and self.chain.ops == 0)  # s may be negative
         if self.paired:
-            weight, offset = self.chain.weight(), self.chain.offset
-            self.first_rows = (np.vstack([weight, -weight]), np.concatenate([offset, -offset]))
+            weight, offset = self.chain.matrix(), self.chain.offset
+            self.first_rows = (stack_rows([weight, -weight]), np.concatenate([offset, -offset]))
             self.carry = None
         else:
             self.carry = np.arange(n_s)
@@ -147,7 +149,17 @@ class ResidualWalk:
             self.chain = fork_chain
         else:
             self.chain = AffineChain(branch_chain.n_src)
-            if self.paired:
+            if self.paired and n_s * branch_chain.n_src > affine_chain.MAX_DENSE_ENTRIES:
+                # s = relu(s) - relu(-s) from the carried pair, kept sparse: [I, -I]
+                self.chain.src, self.chain.width, self.chain.ops = None, n_s, 1
+                self.chain.offset = np.zeros(n_s)
+                self.chain.sparse = SparseMatrix.from_coo(
+                    np.tile(np.arange(n_s), 2),
+                    self.carry,
+                    np.repeat([1.0, -1.0], n_s),
+                    (n_s, branch_chain.n_src),
+                )
+            elif self.paired:
                 rebuild = np.zeros((n_s, branch_chain.n_src))
                 rebuild[np.arange(n_s), self.carry[:n_s]] = 1.0
                 rebuild[np.arange(n_s), self.carry[n_s:]] = -1.0
@@ -166,7 +178,13 @@ class ResidualWalk:
                 "shapes (no broadcasting) can be analysed"
             )
         summed = AffineChain(branch_chain.n_src)
-        summed.dense = branch_chain.weight() + self.chain.weight()
+        size = branch_chain.width * branch_chain.n_src
+        if size > affine_chain.MAX_DENSE_ENTRIES or branch_chain.is_sparse or self.chain.is_sparse:
+            summed.sparse = stack_rows(
+                [branch_chain.sparse_matrix(), self.chain.sparse_matrix()], add=True
+            )
+        else:
+            summed.dense = branch_chain.weight() + self.chain.weight()
         summed.src = None
         summed.offset = branch_chain.offset + self.chain.offset
         summed.width, summed.ops = branch_chain.width, branch_chain.ops + self.chain.ops + 1
@@ -191,12 +209,18 @@ class ResidualWalk:
         if self.first_rows is not None:
             rows, row_bias = self.first_rows
             self.first_rows = None
+        elif isinstance(weight, SparseMatrix):
+            count = self.carry.size
+            rows = SparseMatrix.from_coo(
+                np.arange(count), self.carry, np.ones(count), (count, n_src)
+            )
+            row_bias = np.zeros(count)
         else:
             rows = np.zeros((self.carry.size, n_src))
             rows[np.arange(self.carry.size), self.carry] = 1.0
             row_bias = np.zeros(self.carry.size)
         n_s = rows.shape[0]
-        weight = np.vstack([weight, rows])
+        weight = stack_rows([weight, rows])
         bias = np.concatenate([bias, row_bias])
         if channels is not None:
             sentinel = int(channels.max()) + 1 if channels.size else 0

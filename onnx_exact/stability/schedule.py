@@ -212,7 +212,7 @@ def bounds_pass(analysis: Analysis) -> None:
                 )
                 later_open = any(not analysis.settled(j).all() for j in relu_layers[number:])
                 rows = np.flatnonzero(~proved if later_open else ~analysis.settled(k))
-                if rows.size:
+                if rows.size and time.monotonic() < stop:
                     analysis.bounds[k], corners = symbolic_bounds(
                         analysis.net, analysis.box, analysis.bounds, k, rows, stop
                     )
