@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from cnn_fixtures import RESIDUAL, VALID_BUILDERS, run_onnxruntime
+from cnn_fixtures import CLIP, RESIDUAL, VALID_BUILDERS, run_onnxruntime
 from cnn_fixtures import SEQUENTIAL_READ as SEQUENTIAL
 from exporter_fixtures import GraphBuilder
 from hypothesis import given, settings
@@ -114,7 +114,7 @@ def sparse_layers(monkeypatch):
     monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", 0)
 
 
-@pytest.mark.parametrize("name", [*SEQUENTIAL, *RESIDUAL, "torch_legacy_maxpool"])
+@pytest.mark.parametrize("name", [*SEQUENTIAL, *RESIDUAL, *CLIP, "torch_legacy_maxpool"])
 def test_a_cnn_read_sparse_has_the_dense_matrices(name, monkeypatch):
     fixture = VALID_BUILDERS[name]()
     dense = read_model(fixture.model).network
@@ -161,6 +161,28 @@ def test_a_cnn_read_sparse_loses_its_planted_dead_channels_and_verifies(name, sp
         rtol=0,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("name", CLIP)
+def test_a_relu6_cnn_read_sparse_compresses_as_the_dense_read(name, monkeypatch):
+    """Clip(0, 6) layers carry kink rows: read sparse, the channel verdicts and removals equal
+    the dense read's, and the written model verifies."""
+    fixture = VALID_BUILDERS[name]()
+
+    def channels() -> list:
+        result = compress(
+            fixture.model,
+            None,
+            DomainSpec(lower=fixture.lower, upper=fixture.upper),
+            AnalysisOptions(time_limit=2, jobs=1),
+        )
+        assert result.report.passed
+        return [(x.name, x.channels.dead, x.channels.removed) for x in result.report.layers]
+
+    dense = channels()
+    monkeypatch.setattr(affine_chain, "MAX_DENSE_ENTRIES", 0)
+    monkeypatch.setattr(cnn_reader, "MAX_DENSE_ENTRIES", 0)
+    assert channels() == dense
 
 
 def test_the_baseline_methods_refuse_a_sparse_cnn_in_one_line(sparse_layers):

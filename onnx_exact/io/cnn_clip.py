@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from onnx_exact.core.operators import IndexOperator
+from onnx_exact.core.sparse import SparseMatrix, stack_rows
 from onnx_exact.io.affine_chain import AffineChain
 from onnx_exact.io.graph import node_attr, node_label
 
@@ -54,6 +55,19 @@ class ClipChain(AffineChain):
         super().__init__(n_src)
         self.apply(IndexOperator((n_src,), (units,), np.arange(units)))
         self.units = units
+
+    def matrix(self) -> np.ndarray | SparseMatrix:
+        """``W [I, -I, 0]`` as the layer keeps it (sparse for a layer too large to be dense)."""
+        base = super().matrix()
+        if not isinstance(base, SparseMatrix):
+            return base  # dense: super().matrix() is self.weight(), the kinks filled
+        on_unit = base.indices < self.units
+        return SparseMatrix.from_coo(
+            np.concatenate([base.row_ids, base.row_ids[on_unit]]),
+            np.concatenate([base.indices, base.indices[on_unit] + self.units]),
+            np.concatenate([base.data, -base.data[on_unit]]),
+            base.shape,
+        )
 
     def weight(self) -> np.ndarray:
         """``W [I, -I, 0]``: the unit columns' weights, and their negation on the kinks."""
@@ -110,7 +124,7 @@ def holds_clip_activation(model: onnx.ModelProto) -> bool:
 
 
 def with_kinks(
-    weight: np.ndarray,
+    weight: np.ndarray | SparseMatrix,
     bias: np.ndarray,
     channels: np.ndarray | None,
     auxiliary: np.ndarray | None,
@@ -123,7 +137,7 @@ def with_kinks(
     one past the largest real channel (as for passthrough neurons), and rows after the units
     (passthrough neurons already appended) move behind the kinks.
     """
-    weight = np.vstack([weight[:units], weight[:units], weight[units:]])
+    weight = stack_rows([weight[:units], weight[:units], weight[units:]])
     bias = np.concatenate([bias[:units], bias[:units] - clip, bias[units:]])
     if auxiliary is None:
         auxiliary = np.zeros(units, dtype=bool)

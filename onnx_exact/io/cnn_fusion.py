@@ -27,7 +27,7 @@ border that tap reaches — the bias leaks into the border outputs. Such chains 
 The composed map is computed exactly in float64 by the CNN reader itself
 (:func:`onnx_exact.io.cnn_reader.read_cnn` on a model holding only the chain), from the stored
 weights, so the fused node means what the reader means by the chain; a chain too large for its
-dense matrix (:data:`onnx_exact.io.cnn_reader.MAX_DENSE_ENTRIES`) stays unfused. A Conv∘Conv
+dense matrix (:data:`onnx_exact.io.affine_chain.MAX_DENSE_ENTRIES`) stays unfused. A Conv∘Conv
 composition is read back as a kernel (the weight of each tap, gathered at the output positions
 where that tap reads the input) and accepted only when that kernel's convolution matrix gives
 the composed matrix back within float64 round-off (``STRUCTURE_RTOL``) and the bias is one value
@@ -52,6 +52,7 @@ from onnx import helper, numpy_helper
 
 from onnx_exact.core.errors import OnnxExactError
 from onnx_exact.core.operators import ConvOperator, resolve_auto_pad
+from onnx_exact.io import affine_chain
 from onnx_exact.io.affine_chain import conv_matrix
 from onnx_exact.io.channel_plan import inferred_shapes
 from onnx_exact.io.cnn_reader import read_cnn
@@ -253,7 +254,11 @@ class _Fuser:
         if len(network.layers) != 1 or network.layers[0].relu or network.output_name != end:
             raise Unfused("the chain does not read as one affine map")
         layer = network.layers[0]
-        return layer.weight, layer.bias, dtype
+        if not layer.is_sparse:
+            return layer.weight, layer.bias, dtype
+        if layer.out_features * layer.in_features > affine_chain.MAX_DENSE_ENTRIES:
+            raise Unfused("the fused map is too large to be written as a dense weight")
+        return layer.weight.toarray(), layer.bias, dtype
 
     def macs(self, chain: list[int]) -> int:
         stats = model_stats(self.model)

@@ -364,8 +364,8 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
         else:
             name = self.last_core or f"layer{len(self.layers)}"
         bias = self.chain.offset
-        try:  # the kink rows a Clip adds need the dense form
-            weight = self.chain.weight() if clip is not None else self.chain.matrix()
+        try:
+            weight = self.chain.matrix()
         except LayerTooLarge as error:
             raise self.fail(f"layer '{name}': {error}") from None
         entries = weight.data if isinstance(weight, SparseMatrix) else weight
@@ -388,9 +388,7 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
         elif clip is None and layer.passthrough is not None:
             head = layer.out_features - layer.passthrough.size
             if head == units:  # the carried rows are all selections: map the branch's rows
-                layer.structured = self.chain.structured_map(
-                    layer.weight[:head], layer.bias[:head]
-                )
+                layer.structured = self.chain.structured_map(layer.weight[:head], layer.bias[:head])
         self.layers.append(layer)
         if relu is not None:
             self.relu_nodes.append(name)
