@@ -36,8 +36,7 @@ Refused with one line naming the node (this round): other forks and joins (three
 nested skips, both paths with ReLUs, ``Concat``), a MaxPool in a residual block or with
 its Indices output used, other Clips and other
 activations, a Conv weight computed at run time, a group count that does not divide the
-channels, dynamic spatial dims, a layer over the sparse limit, and a residual join, MaxPool
-or Clip over a layer too large to be dense.
+channels, dynamic spatial dims, and a layer over the sparse limit.
 """
 
 from __future__ import annotations
