@@ -222,7 +222,7 @@ def quick_stability(
     if targets is None:
         candidates.append(first_layer_extremes(net, box_net))
     elif 0 in targets:
-        positive = net.layers[0].weight[targets[0]] > 0.0
+        positive = net.layers[0].rows(targets[0]) > 0.0
         lo, hi = box_net.lower, box_net.upper
         candidates += [np.where(positive, hi, lo), np.where(positive, lo, hi)]
     for k in range(1, len(net.layers)):
@@ -371,17 +371,21 @@ class _TargetLayer:
         layer, k = self.layer, self.k
         margins = solver_margins(self.net, self.box, self.bounds, k)
         relaxation = None
-        for tier in (("lp", "cuts"), "crown-bab", ("bab", "milp")):
+        # the HiGHS encodings take dense rows: a network with a sparse layer gets CROWN-BaB only
+        highs = not self.net.has_sparse_layers
+        tiers = (("lp", "cuts"), "crown-bab", ("bab", "milp")) if highs else ("crown-bab",)
+        for tier in tiers:
             directions = self.open_directions()
             if not directions or time.monotonic() >= deadline:
                 break
-            if relaxation is None:
+            if relaxation is None and highs:
                 relaxation = lp_relaxation.LayerRelaxation.build(
                     self.net, self.box, self.bounds, self.below, k
                 )
             common = (self.net, self.box, self.bounds, self.below, k, directions, margins, deadline)
             if tier == "crown-bab":
-                results = relu_bab.decide_directions(*common, dive=lp_dive_for(relaxation))
+                dive = lp_dive_for(relaxation) if relaxation is not None else None
+                results = relu_bab.decide_directions(*common, dive=dive)
             else:
                 results = exact_tiers.decide_directions(
                     *common, tiers=tier, jobs=jobs, relaxation=relaxation

@@ -36,6 +36,7 @@ import numpy as np
 
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import Network
+from onnx_exact.core.sparse import SparseMatrix
 from onnx_exact.core.verdicts import NeuronState, StabilityResult
 from onnx_exact.equivalence.correspondence import (
     Correspondence,
@@ -198,6 +199,25 @@ def _row_keys(weight: np.ndarray, bias: np.ndarray, rows: np.ndarray, kept: np.n
     return keys
 
 
+def _sparse_rows(weight, kept: np.ndarray) -> SparseMatrix:
+    """``weight[:, kept]`` as a SparseMatrix over the ``kept.size`` columns: each row's stored
+    (column, value) pairs, sorted and without zeros, are its canonical form."""
+    if isinstance(weight, np.ndarray):
+        return SparseMatrix.from_dense(weight[:, kept])
+    position = np.full(weight.shape[1], -1, dtype=np.int64)
+    position[kept] = np.arange(kept.size)
+    cols = position[weight.indices]
+    inside = cols >= 0
+    shape = (weight.shape[0], kept.size)
+    return SparseMatrix.from_coo(weight.row_ids[inside], cols[inside], weight.data[inside], shape)
+
+
+def _sparse_row(matrix: SparseMatrix, bias: np.ndarray, r: int) -> tuple[bytes, bytes, float]:
+    span = slice(matrix.indptr[r], matrix.indptr[r + 1])
+    cols = matrix.indices[span].astype(np.int64)
+    return cols.tobytes(), matrix.data[span].tobytes(), float(bias[r]) + 0.0
+
+
 def _match_rows(
     weight_a: np.ndarray,
     bias_a: np.ndarray,
@@ -207,7 +227,15 @@ def _match_rows(
 ) -> np.ndarray | None:
     """For each row of ``B``, a distinct row of ``A`` equal to it on ``kept`` (bias too), the
     earliest unused first; None if some row of ``B`` has none. Digests find the candidates, an
-    exact comparison decides."""
+    exact comparison decides. A sparse layer (on either side) is compared in the sparse
+    canonical form of :func:`_sparse_rows`: no dense row of a 30k-column layer is hashed."""
+    if not (isinstance(weight_a, np.ndarray) and isinstance(weight_b, np.ndarray)):
+        return _match_sparse_rows(
+            _sparse_rows(weight_a, kept),
+            bias_a,
+            _sparse_rows(weight_b, np.arange(weight_b.shape[1])),
+            bias_b,
+        )
     rows_a = np.arange(weight_a.shape[0])
     pool: dict[bytes, deque[int]] = {}
     for row, key in zip(rows_a.tolist(), _row_keys(weight_a, bias_a, rows_a, kept), strict=True):
@@ -226,6 +254,23 @@ def _match_rows(
         if bias_a[r] != bias_b[i] or not same:
             return None
         out[i] = r
+    return out
+
+
+def _match_sparse_rows(
+    rows_a: SparseMatrix, bias_a: np.ndarray, rows_b: SparseMatrix, bias_b: np.ndarray
+) -> np.ndarray | None:
+    """:func:`_match_rows` on canonical sparse rows: the rows' (columns, values, bias) bytes are
+    the dictionary keys themselves, so equal keys are equal rows."""
+    pool: dict[tuple, deque[int]] = {}
+    for r in range(rows_a.shape[0]):
+        pool.setdefault(_sparse_row(rows_a, bias_a, r), deque()).append(r)
+    out = np.empty(rows_b.shape[0], dtype=np.int64)
+    for i in range(rows_b.shape[0]):
+        candidates = pool.get(_sparse_row(rows_b, bias_b, i))
+        if not candidates:
+            return None
+        out[i] = candidates.popleft()
     return out
 
 
