@@ -239,13 +239,10 @@ class MaxPoolWalk:
             n_diff, n_carry = a.size, carried.size
             rows = [(b, a), (carried, None)] + ([] if selects else [(None, carried)])
             n_src = self.layers[-1].out_features if terms is not None else 0
+            parts = [_rows(weight, offset, terms, factors, n_src, *r, sparse) for r in rows]
+            layer_weight = stack_rows([w for w, _ in parts])
             if sparse:
-                parts = [_sparse_rows(weight, offset, terms, factors, n_src, *r) for r in rows]
-                layer_weight = stack_rows([w for w, _ in parts])
                 self._check_size(index, layer_weight.nnz)
-            else:
-                parts = [_rows(weight, offset, terms, factors, n_src, *row) for row in rows]
-                layer_weight = np.vstack([w for w, _ in parts])
             self.layers.append(
                 DenseLayer(
                     layer_weight,
@@ -304,66 +301,42 @@ def _pair_up(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return left, right, live & (right >= 0), live
 
 
-def _sparse_rows(
-    weight: SparseMatrix | None,
-    offset: np.ndarray | None,
-    terms: np.ndarray | None,
-    factors: np.ndarray | None,
-    n_src: int,
-    plus: np.ndarray | None,
-    minus: np.ndarray | None,
-) -> tuple[SparseMatrix, np.ndarray]:
-    """:func:`_rows` as a :class:`SparseMatrix` (for levels over the dense limit)."""
-    count = (plus if plus is not None else minus).size
-    rows, cols, values = [], [], []
-    bias = np.zeros(count)
-    for picked, sign in ((plus, 1.0), (minus, -1.0)):
-        if picked is None:
-            continue
-        if weight is not None:
-            part = weight[picked]
-            rows.append(part.row_ids)
-            cols.append(part.indices)
-            values.append(sign * part.data)
-            bias += sign * offset[picked]
-        else:
-            used = terms[picked] >= 0
-            rows.append(np.broadcast_to(np.arange(count)[:, None], used.shape)[used])
-            cols.append(terms[picked][used])
-            values.append(sign * factors[picked][used])
-    width = weight.shape[1] if weight is not None else n_src
-    matrix = SparseMatrix.from_coo(
-        np.concatenate(rows), np.concatenate(cols), np.concatenate(values), (count, width)
-    )
-    return matrix, bias
-
-
 def _rows(
-    weight: np.ndarray | None,
+    weight: np.ndarray | SparseMatrix | None,
     offset: np.ndarray | None,
     terms: np.ndarray | None,
     factors: np.ndarray | None,
     n_src: int,
     plus: np.ndarray | None,
     minus: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
+    sparse: bool = False,
+) -> tuple[np.ndarray | SparseMatrix, np.ndarray]:
     """Rows ``value[plus] - value[minus]`` (either side may be None) over the current source:
-    dense rows of ``(weight, offset)`` at the first level, else the values' terms scattered
-    over the ``n_src`` neurons of the level below."""
+    rows of ``(weight, offset)`` at the first level, else the values' terms scattered over the
+    ``n_src`` neurons of the level below; a :class:`SparseMatrix` if ``sparse`` (a level over
+    the dense limit; then ``weight`` is sparse too)."""
     count = (plus if plus is not None else minus).size
-    if weight is not None:
-        rows, bias = np.zeros((count, weight.shape[1])), np.zeros(count)
+    bias = np.zeros(count)
+    if isinstance(weight, np.ndarray):
+        rows = np.zeros((count, weight.shape[1]))
         for values, sign in ((plus, 1.0), (minus, -1.0)):
             if values is not None:
                 rows += sign * weight[values]
                 bias += sign * offset[values]
         return rows, bias
-    rows = np.zeros((count, n_src))
+    entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for values, sign in ((plus, 1.0), (minus, -1.0)):
         if values is None:
             continue
-        cols, coefs = terms[values], factors[values] * sign
-        used = cols >= 0
-        row_index = np.broadcast_to(np.arange(count)[:, None], cols.shape)
-        np.add.at(rows, (row_index[used], cols[used]), coefs[used])
-    return rows, np.zeros(count)
+        if weight is not None:
+            part = weight[values]
+            entries.append((part.row_ids, part.indices, sign * part.data))
+            bias += sign * offset[values]
+        else:
+            used = terms[values] >= 0
+            row_index = np.broadcast_to(np.arange(count)[:, None], used.shape)
+            entries.append((row_index[used], terms[values][used], sign * factors[values][used]))
+    width = weight.shape[1] if weight is not None else n_src
+    rows, cols, coefs = (np.concatenate(column) for column in zip(*entries, strict=True))
+    matrix = SparseMatrix.from_coo(rows, cols, coefs, (count, width))
+    return (matrix if sparse else matrix.toarray()), bias
