@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from cnn_fixtures import SEQUENTIAL_READ as SEQUENTIAL
-from cnn_fixtures import VALID_BUILDERS, run_onnxruntime
+from cnn_fixtures import VALID_BUILDERS, assert_compressed_exactly
 from conftest import run_cli
 from exporter_fixtures import ALL_BUILDERS, gemm_mlp
 
@@ -206,25 +206,10 @@ def test_exporter_cnns_lose_their_planted_dead_channels_and_verify(name):
         DomainSpec(lower=fixture.lower, upper=fixture.upper),
         AnalysisOptions(time_limit=2),
     )
-    report = result.report
-    assert result.reduction is None and report.passed
-    by_name = {layer.name: layer for layer in report.layers}
-    for relu, planted in fixture.planted.items():
-        dead = {c for c, kind in planted.items() if kind == "dead"}
-        channels = by_name[relu].channels
-        assert dead <= set(channels.dead), (relu, channels)
-        assert dead <= set(channels.removed), (relu, channels)
+    assert result.reduction is None
+    assert_compressed_exactly(fixture, result)
     after = model_stats(result.model)
-    assert (after.params, after.macs) == (report.params_after, report.macs_after)
-    assert report.macs_after < report.macs_before
-    rng = np.random.default_rng(1)
-    x = fixture.lower + (fixture.upper - fixture.lower) * rng.random((64, fixture.lower.size))
-    np.testing.assert_allclose(
-        run_onnxruntime(result.model, x, fixture.input_shape),
-        run_onnxruntime(fixture.model, x, fixture.input_shape),
-        rtol=0,
-        atol=1e-5,
-    )
+    assert (after.params, after.macs) == (result.report.params_after, result.report.macs_after)
 
 
 def test_the_command_line_compresses_the_bundled_mnist_cnn(tmp_path):
