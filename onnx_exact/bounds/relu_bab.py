@@ -97,7 +97,7 @@ CHILD_STEPS = 12
 _ALPHA_RATE, _MULTIPLIER_RATE, _RATE_DECAY = 0.3, 0.05, 0.98
 _ADAM_B1, _ADAM_B2, _ADAM_EPS = 0.9, 0.999, 1e-300
 BATCH_BYTES = 32 * 2**20
-"""Working memory of one batch of nodes (sets the batch size, see :func:`_batch_size`)."""
+"""Working memory of one batch of nodes (sets the batch size, see :func:`_nodes_within`)."""
 OPTIMISE_BYTES = 512 * 2**20
 """Working memory of one batch of :func:`optimised_bounds` (a layer's rows go in batches:
 a CNN layer's thousands of rows over tens of thousands of neurons below would take GBs)."""
@@ -411,7 +411,7 @@ def optimised_bounds(
     sub = SubNetwork.below(net, box, bounds, states, layer)
     lower, upper = np.full(neurons.size, -np.inf), np.full(neurons.size, np.inf)
     maximisers, minimisers = [], []
-    step = max(1, _batch_size(sub, OPTIMISE_BYTES) // 2)
+    step = _nodes_within(sub, OPTIMISE_BYTES) // 2  # two nodes (signs) per row
     for start in range(0, neurons.size, step):
         if start and time.monotonic() >= deadline:
             break  # the rows left keep their bounds (the caller intersects)
@@ -438,17 +438,21 @@ def optimised_bounds(
     return lower, upper, vertices
 
 
-def _batch_size(sub: SubNetwork, budget: int = BATCH_BYTES) -> int:
-    """Nodes per batch so that one optimisation stays within :data:`BATCH_BYTES`.
+def _nodes_within(sub: SubNetwork, budget: int) -> int:
+    """Nodes whose optimisation fits ``budget`` bytes, at least :data:`_BATCH_MIN`.
 
     Per node, :func:`bound_nodes` keeps about a dozen float64 rows per layer (coefficients,
     slopes, node bounds and their gradients) over the layers and the input, and
     :func:`optimise_nodes` six copies of the multipliers (values, gradient, two Adam moments).
     """
     per_node = 8 * (12 * (sub.neurons + sub.box.size) + 6 * 2 * sub.neurons)
-    if budget != BATCH_BYTES:
-        return int(max(_BATCH_MIN, budget // max(per_node, 1)))
-    return int(np.clip(BATCH_BYTES // max(per_node, 1), _BATCH_MIN, _BATCH_MAX))
+    return int(max(_BATCH_MIN, budget // max(per_node, 1)))
+
+
+def _batch_size(sub: SubNetwork) -> int:
+    """Nodes per batch of the branch and bound: within :data:`BATCH_BYTES`, at most
+    :data:`_BATCH_MAX`."""
+    return min(_nodes_within(sub, BATCH_BYTES), _BATCH_MAX)
 
 
 def _branch_direction(

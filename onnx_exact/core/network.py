@@ -157,21 +157,13 @@ class DenseLayer:
         first = int(self.real.sum()) + self.kinks.size
         if first == self.out_features or not self.auxiliary[first:].all():
             return None
-        if isinstance(self.weight, SparseMatrix):
-            rows = self.weight[first:]
-            counts = np.diff(rows.indptr)
-            at = np.minimum(rows.indptr[:-1], max(rows.nnz - 1, 0))
-            sources = rows.indices[at] if rows.nnz else np.zeros(counts.size, dtype=np.int64)
-            ones = rows.data[at] == 1.0 if rows.nnz else np.zeros(counts.size, dtype=bool)
-            selects = (counts == 1) & ones & (self.bias[first:] == 0.0)
-        else:
-            rows = self.weight[first:]
-            sources = np.argmax(rows != 0, axis=1)
-            selects = (
-                (np.count_nonzero(rows, axis=1) == 1)
-                & (rows[np.arange(rows.shape[0]), sources] == 1.0)
-                & (self.bias[first:] == 0.0)
-            )
+        tail = self.weight[first:]  # one stored entry per selection row, in sparse form
+        rows = tail if isinstance(tail, SparseMatrix) else SparseMatrix.from_dense(tail)
+        counts = np.diff(rows.indptr)
+        at = np.minimum(rows.indptr[:-1], max(rows.nnz - 1, 0))  # each row's first entry
+        sources = rows.indices[at].astype(np.int64) if rows.nnz else np.zeros(counts.size, int)
+        ones = rows.data[at] == 1.0 if rows.nnz else np.zeros(counts.size, dtype=bool)
+        selects = (counts == 1) & ones & (self.bias[first:] == 0.0)
         run = int(np.argmin(selects[::-1])) if not selects.all() else selects.size
         return sources[selects.size - run :] if run else None
 
