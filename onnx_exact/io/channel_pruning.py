@@ -62,6 +62,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnx_exact.io.channel_gather import GatherRequest, insert_gathers, plan_consumers
 from onnx_exact.io.channel_plan import Keep, Plan
 from onnx_exact.io.channel_stream import Stream, StreamPlanner
 from onnx_exact.io.cnn_fusion import FusionResult, fuse_removed_relus
@@ -77,7 +78,10 @@ class PruneResult:
     ``removed_relus`` the Relus removed because they are the identity on the box; ``folded``
     the saturated Clip channels deleted (also in ``removed``: their constant went into the
     consumers' biases), ``unfolded`` why a Clip's saturated channels stay; ``fusion`` which
-    linear chains joined by a removed Relu became one node (:mod:`onnx_exact.io.cnn_fusion`).
+    linear chains joined by a removed Relu became one node (:mod:`onnx_exact.io.cnn_fusion`);
+    ``gathered`` the proved-dead channels of a residual stream member that stay in the stream but
+    went from the member's consumers through a Gather (:mod:`onnx_exact.io.channel_gather`; the
+    member is in ``kept`` too, saying so).
     """
 
     model: onnx.ModelProto
@@ -87,6 +91,7 @@ class PruneResult:
     folded: dict[str, list[int]] = field(default_factory=dict)
     unfolded: dict[str, str] = field(default_factory=dict)
     fusion: FusionResult = field(default_factory=FusionResult)
+    gathered: dict[str, list[int]] = field(default_factory=dict)
 
 
 def prune_channels(
@@ -129,6 +134,7 @@ def prune_channels(
     result = PruneResult(copy)
     plans: list[Plan] = []
     streams: dict[tuple[int, ...], Stream] = {}
+    gathers: list[GatherRequest] = []
     for name, channels in dead.items():
         index = pruner.relu_index(name)
         channels = sorted({int(c) for c in channels})
@@ -148,7 +154,7 @@ def prune_channels(
         if note:
             result.kept[name] = note
     for stream in streams.values():
-        _prune_stream(pruner, stream, dead, plans, result)
+        _prune_stream(pruner, stream, dead, plans, result, gathers)
     for name, (value, channels) in (saturated or {}).items():
         index = pruner.relu_index(name)
         try:
@@ -170,6 +176,7 @@ def prune_channels(
             result.removed_relus.append(name)
             joins[name] = pruner.nodes[index].input[0]
     pruner.finish()
+    insert_gathers(copy, gathers, pruner.taken)
     result.fusion = fuse_removed_relus(copy, joins)
     return result
 
@@ -180,8 +187,11 @@ def _prune_stream(
     dead: Mapping[str, Sequence[int]],
     plans: list[Plan],
     result: PruneResult,
+    gathers: list[GatherRequest],
 ) -> None:
-    """Plan the channels dead in every member of a residual stream; record the rest as kept."""
+    """Plan the channels dead in every member of a residual stream; record the rest as kept,
+    and remove them from the consumers of each member they are proved dead in where that is
+    exact (:func:`~onnx_exact.io.channel_gather.plan_consumers`)."""
     names = [pruner.relu_name(m) for m in stream.members]
     proved = {name: {int(c) for c in dead.get(name, ())} for name in names}
     common = sorted(set.intersection(*proved.values()))
@@ -194,19 +204,36 @@ def _prune_stream(
                 f"channels {partial} are not proved dead in every Relu of its residual stream "
                 f"(with {others})"
             )
-    if not common:
-        return
-    try:
-        plan, removed, note = pruner.plan_stream(stream, common)
-    except Keep as keep:
-        for name in asked:
-            result.kept[name] = str(keep)
-        return
-    plans.append(plan)
-    for name in names:
-        result.removed[name] = removed
-        if note:
-            result.kept[name] = note
+    removed: list[int] = []
+    if common:
+        try:
+            plan, removed, note = pruner.plan_stream(stream, common)
+        except Keep as keep:
+            for name in asked:
+                result.kept[name] = str(keep)
+        else:
+            plans.append(plan)
+            for name in names:
+                result.removed[name] = removed
+                if note:
+                    result.kept[name] = note
+    for member, name in zip(stream.members, names, strict=True):
+        channels = sorted(proved[name] - set(removed))
+        if not channels:
+            continue
+        reason = result.kept.get(name, "")
+        try:
+            plan, request = plan_consumers(pruner, member, channels, removed)
+        except Keep as keep:
+            result.kept[name] = f"{reason}; not removed from its consumers either: {keep}"
+            continue
+        plans.append(plan)
+        gathers.append(request)
+        result.gathered[name] = channels
+        result.kept[name] = (
+            f"channels {channels} removed from its consumers ({', '.join(request.consumers)}) "
+            f"through a Gather, kept in the residual stream: {reason}"
+        )
 
 
 def _credit_released(

@@ -290,6 +290,8 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
             self.max_pool(index, MAX_DENSE_ENTRIES)
         elif op == "ReduceMean":
             self._reduce_mean(index)
+        elif op == "Gather":
+            self._gather(index, current)
         else:
             raise self._unsupported(index)
         return node.output[0]
@@ -551,6 +553,29 @@ class _CnnWalker(MaxPoolWalk, ResidualWalk, GraphWalk):
                 )
         self._apply(index, op, "linear")
         self._move_channels(op.first_sources(), op.output_shape)
+
+    def _gather(self, index: int, current: str) -> None:
+        """``Gather(axis=1)`` with constant 1-D distinct indices (the channel selection the
+        pruner writes before a residual member's consumers): a linear selection of the
+        sample's entries, channel labels following their values."""
+        node = self.graph.node[index]
+        label = node_label(index, node)
+        indices = self.constant(node.input[1]) if node.input[0] == current else None
+        axis = node_attr(node, "axis", 0)
+        rank = len(self.sample_shape) + 1
+        if indices is None or indices.ndim != 1 or axis % rank != 1 or indices.dtype.kind != "i":
+            raise self.fail(
+                f"{label}: only a Gather of the activation on axis 1 with constant 1-D integer "
+                "indices can be analysed"
+            )
+        channels = self.sample_shape[0]
+        picked = np.where(indices < 0, indices + channels, indices).astype(np.int64)
+        if np.any(picked < 0) or np.any(picked >= channels) or np.unique(picked).size < picked.size:
+            raise self.fail(f"{label}: its indices are out of range or repeated")
+        flat = np.arange(math.prod(self.sample_shape)).reshape(self.sample_shape)[picked]
+        op = IndexOperator(self.sample_shape, flat.shape, flat.reshape(-1))
+        self._apply(index, op, "linear")
+        self._move_channels(op.source, op.output_shape)
 
     def _pad(self, index: int, current: str) -> None:
         node = self.graph.node[index]
