@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from cnn_fixtures import Trace, conv_layer, pooled_head, run_onnxruntime
 from conftest import run_cli
 from exporter_fixtures import GraphBuilder
 from onnx import numpy_helper
+from test_channel_pruning import assert_same_outputs, killed
 
 from onnx_exact import AnalysisOptions, DomainSpec, compress
+from onnx_exact.core.errors import UnsupportedModelError
 from onnx_exact.io.channel_pruning import prune_channels
 from onnx_exact.io.cnn_reader import read_cnn
 from onnx_exact.io.model_stats import model_stats
@@ -135,3 +138,37 @@ def test_a_depthwise_consumer_keeps_the_channel_and_says_why():
     assert "not removed from its consumers either" in reason and "consumer" in reason
     assert not any(n.op_type == "Gather" for n in result.model.graph.node)
     assert weight_of(result.model, "consumer").shape == (4, 1, 3, 3)
+
+
+def test_the_reader_refuses_a_gather_that_is_no_channel_selection():
+    """A Gather on another axis than the channels is refused in one line naming it."""
+    pruned = prune_channels(partial_stream().model, {"relu_a": [3]}).model
+    gather = next(n for n in pruned.graph.node if n.op_type == "Gather")
+    next(a for a in gather.attribute if a.name == "axis").i = 2
+    with pytest.raises(UnsupportedModelError, match="Gather of the activation on axis 1"):
+        read_cnn(pruned)
+
+
+def test_a_member_read_by_a_projection_and_a_branch_gets_a_gather_for_each(shared_models):
+    """resnet_4b with channel 5 of Relu_12 killed (dead there, alive in Relu_7): Conv_13 (the
+    next block's branch) and Conv_16 (its projection) each read Relu_12 through a Gather, so
+    the fork stays at Relu_12's output; outputs and the read network are unchanged."""
+    folder = shared_models / "cnn"
+    if not (folder / "resnet_4b.onnx").is_file():
+        pytest.skip("resnet_4b is absent")
+    model = killed(onnx.load(folder / "resnet_4b.onnx"), {"Relu_12": [5]})
+    box = np.load(folder / "resnet_4b.box.npz")
+    result = prune_channels(model, {"Relu_12": [5]})
+    assert result.gathered == {"Relu_12": [5]} and "Conv_16" in result.kept["Relu_12"]
+    gathers = [n for n in result.model.graph.node if n.op_type == "Gather"]
+    assert len(gathers) == 2 and {g.input[0] for g in gathers} == {"39"}
+    assert weight_of(result.model, "Conv_13").shape[1] == 31
+    assert weight_of(result.model, "Conv_16").shape[1] == 31
+    assert_same_outputs(model, result.model, box["lower"], box["upper"], (3, 32, 32), count=16)
+    x = box["lower"] + (box["upper"] - box["lower"]) * np.random.default_rng(0).random((4, 3072))
+    np.testing.assert_allclose(
+        read_cnn(result.model).network.forward(x),
+        read_cnn(model).network.forward(x),
+        rtol=0,
+        atol=1e-9,
+    )

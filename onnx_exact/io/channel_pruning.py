@@ -33,7 +33,10 @@ Identity/Cast is cut at its source, in the source's dtype.
 Residual blocks: the Relus tied by identity skips form a *stream*
 (:mod:`onnx_exact.io.channel_stream`); a channel goes from a stream only when it is proved dead
 in every member, and then from every producer feeding its Adds and every consumer of its
-members at once. A channel dead in some members only is kept, and ``kept`` says which.
+members at once. A channel dead in some members only stays in the stream, and ``kept`` says
+which; from each member it is proved dead in, it still goes from that member's consumers other
+than the joins, which then read the member through a ``Gather(axis=1)`` of the kept channels
+(:mod:`onnx_exact.io.channel_gather`; ``gathered``).
 
 The planning (the graph walks) lives in :mod:`onnx_exact.io.channel_plan` and
 :mod:`onnx_exact.io.channel_stream`; this module applies the plans and tidies the graph.

@@ -11,7 +11,8 @@ Every op between two ReLUs is an affine map of the flattened sample, built from
 dilations, groups incl. depthwise), ``Gemm``/``MatMul`` (the head), ``BatchNormalization`` and
 ``Add``/``Sub``/``Mul``/``Div`` by a constant (per channel or per element), constant ``Pad``,
 ``AveragePool``/``GlobalAveragePool``, ``Transpose`` (tf2onnx's NHWC ↔ NCHW), ``Flatten``/
-``Reshape`` (C-order identity on the flat index), ``Identity``/``Dropout``/same-type ``Cast``.
+``Reshape`` (C-order identity on the flat index), ``Identity``/``Dropout``/same-type ``Cast``,
+``Gather`` of channels (axis 1, constant indices: the pruner's selection before a consumer).
 Their composition ``y_k = A_k h_{k-1} + c_k`` becomes the layer's dense float64 matrix
 (:class:`~onnx_exact.io.affine_chain.AffineChain`), so a BN or a per-channel Mul after a Conv,
 a Transpose and Reshape before a Gemm, or a Pad before a Conv are all folded into the layer
