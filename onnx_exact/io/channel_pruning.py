@@ -199,43 +199,41 @@ def _prune_stream(
     proved = {name: {int(c) for c in dead.get(name, ())} for name in names}
     common = sorted(set.intersection(*proved.values()))
     asked = [name for name in names if proved[name]]
+    why: dict[str, str] = {}  # why a member's proved-dead channels stay in the stream
     for name in asked:
         partial = sorted(proved[name] - set(common))
         if partial:
             others = ", ".join(n for n in names if n != name)
-            result.kept[name] = (
-                f"channels {partial} are not proved dead in every Relu of its residual stream "
-                f"(with {others})"
-            )
+            why[name] = f"not proved dead in every Relu of its residual stream (with {others})"
+            result.kept[name] = f"channels {partial} are {why[name]}"
     removed: list[int] = []
     if common:
         try:
             plan, removed, note = pruner.plan_stream(stream, common)
         except Keep as keep:
             for name in asked:
-                result.kept[name] = str(keep)
+                result.kept[name] = why[name] = str(keep)
         else:
             plans.append(plan)
             for name in names:
                 result.removed[name] = removed
                 if note:
-                    result.kept[name] = note
+                    result.kept[name] = why[name] = note
     for member, name in zip(stream.members, names, strict=True):
         channels = sorted(proved[name] - set(removed))
         if not channels:
             continue
-        reason = result.kept.get(name, "")
         try:
             plan, request = plan_consumers(pruner, member, channels, removed)
         except Keep as keep:
-            result.kept[name] = f"{reason}; not removed from its consumers either: {keep}"
+            result.kept[name] += f"; not removed from its consumers either: {keep}"
             continue
         plans.append(plan)
         gathers.append(request)
         result.gathered[name] = channels
         result.kept[name] = (
             f"channels {channels} removed from its consumers ({', '.join(request.consumers)}) "
-            f"through a Gather, kept in the residual stream: {reason}"
+            f"through a Gather; kept in the stream's tensors: {why[name]}"
         )
 
 
