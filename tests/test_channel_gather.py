@@ -17,7 +17,10 @@ from onnx import numpy_helper
 from test_channel_pruning import assert_same_outputs, killed
 
 from onnx_exact import AnalysisOptions, DomainSpec, compress
+from onnx_exact.core.box import Box
 from onnx_exact.core.errors import UnsupportedModelError
+from onnx_exact.equivalence.correspondence import quick_stability
+from onnx_exact.equivalence.structural import align_pair
 from onnx_exact.io.channel_pruning import prune_channels
 from onnx_exact.io.cnn_reader import read_cnn
 from onnx_exact.io.model_stats import model_stats
@@ -128,7 +131,24 @@ def test_compress_removes_the_channel_from_the_consumer_and_check_proves_it(tmp_
         ["check", str(source), str(target), "--input-range-file", str(box), "--json", "-"]
     )
     assert code == 0, err
-    assert '"proved"' in out
+    assert '"proved"' in out and "no longer reads are proved inactive" in out  # structurally
+
+
+def test_the_structural_proof_needs_the_silenced_channel_dead():
+    """``check``'s structural correspondence leaves the Gather's dropped columns out of the row
+    comparison only by making their units targets: relu_a's channel 3 (dead) is proved by the
+    bounds; channel 1 (alive, dropped here on purpose) stays unproved."""
+    fixture = partial_stream()
+    full = read_cnn(fixture.model).network
+    box = Box(fixture.lower, fixture.upper, "input", "test")
+    for channel, dead in ((3, True), (1, False)):
+        pruned = read_cnn(prune_channels(fixture.model, {"relu_a": [channel]}).model).network
+        alignment = align_pair(full, pruned)
+        silenced = alignment.layers[0].silenced
+        assert not alignment.swapped and silenced.size == 36
+        assert set(full.layers[0].channels[silenced].tolist()) == {channel}
+        stability = quick_stability(full, box, 0, alignment.targets(), np.inf)
+        assert bool(alignment.unproved(stability)) is not dead
 
 
 def test_a_depthwise_consumer_keeps_the_channel_and_says_why():

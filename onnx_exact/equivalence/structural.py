@@ -20,6 +20,14 @@ a passthrough neuron of a removed channel), every other one by a proof that it i
 The output layer must keep every row in place. Then ``f_A = f_B`` exactly on the box: the bound
 of every output direction is 0, with no canonical form, no round-off term and no MILP.
 
+A unit ``B`` keeps may also lose its *outgoing* weights: the channel pruner removes a channel
+dead in one Relu of a residual stream from that Relu's consumers only (a ``Gather`` before the
+next Conv), so the unit stays but no real row of ``B``'s next layer reads it. Such columns
+(zero on every real row of ``B``, not on ``A``'s) are left out of the row comparison, and the
+unit is *silenced*: it must be proved INACTIVE in ``A`` like a removed one, since then it adds
+0 to either network whatever its weights. A silenced column of auxiliary passthrough neurons
+is traced back through their selection rows to the unit it carries.
+
 Anything else — a permuted or rescaled unit, a folded BatchNormalization, a merged layer (a ReLU
 proved the identity and removed), a different preprocessing — makes :func:`align` return None and
 the proof falls back to the canonical walk (:mod:`onnx_exact.equivalence.canonical`).
@@ -30,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -66,11 +74,13 @@ class LayerAlignment:
     rows: np.ndarray
     removed: np.ndarray
     zero: np.ndarray
+    silenced: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Units ``B`` keeps whose outgoing weights it dropped (see the module docstring)."""
 
     @property
     def targets(self) -> np.ndarray:
-        """The removed units that need a proof of being INACTIVE."""
-        return self.removed[~self.zero]
+        """The removed and the silenced units: each needs a proof of being INACTIVE."""
+        return np.concatenate([self.removed[~self.zero], self.silenced])
 
 
 @dataclass
@@ -96,8 +106,8 @@ class Alignment:
         return out
 
     def removed(self, net_a: Network, which: str = "removed") -> int:
-        """How many units of ``A`` (``which``: "removed" or "targets") B lacks; auxiliary
-        passthrough neurons are no units and are not counted."""
+        """How many units of ``A`` (``which``: "removed", "targets" or "silenced") B lacks or
+        does not read; auxiliary passthrough neurons are no units and are not counted."""
         return sum(int(net_a.layers[a.layer].real[getattr(a, which)].sum()) for a in self.layers)
 
     @property
@@ -155,6 +165,8 @@ def align(net_a: Network, net_b: Network) -> Alignment | None:
         if la.relu != lb.relu or lb.in_features != kept.size:
             return None
         rows = _match_rows(la.weight, la.bias, kept, lb.weight, lb.bias)
+        if rows is None and k > 0:
+            rows = _match_silenced(net_a, k, kept, lb, layers)
         if rows is None:
             return None
         removed = np.setdiff1d(np.arange(la.out_features), rows)
@@ -175,6 +187,63 @@ def align(net_a: Network, net_b: Network) -> Alignment | None:
         layers.append(LayerAlignment(k, rows, removed, zero))
         kept = rows
     return Alignment(layers)
+
+
+def _match_silenced(
+    net_a: Network, k: int, kept: np.ndarray, lb, layers: list[LayerAlignment]
+) -> np.ndarray | None:
+    """:func:`_match_rows` of layer ``k`` without the columns ``B`` silenced (zero on every real
+    row of ``B``, not on ``A``'s); their units, traced back to real ones, are recorded on
+    ``layers`` as silenced. None when there are none or the rows still differ."""
+    la = net_a.layers[k]
+    zero_b = ~_column_nonzero(lb.weight, np.flatnonzero(lb.real), np.arange(kept.size))
+    nonzero_a = _column_nonzero(la.weight, np.flatnonzero(la.real), kept)
+    columns = np.flatnonzero(zero_b & nonzero_a)
+    if columns.size == 0:
+        return None
+    units = [_carried_unit(net_a, k - 1, int(u)) for u in kept[columns]]
+    if any(unit is None for unit in units):
+        return None
+    inner = np.setdiff1d(np.arange(kept.size), columns)
+    rows = _match_rows(la.weight, la.bias, kept[inner], lb.weight, lb.bias, inner)
+    if rows is not None:
+        for layer, unit in units:
+            found = layers[layer]
+            if unit not in found.removed:  # a removed unit is a target already
+                found.silenced = np.union1d(found.silenced, [unit]).astype(np.int64)
+    return rows
+
+
+def _column_nonzero(weight, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Whether each column ``cols`` of ``weight`` has a non-zero entry on ``rows`` (a dense
+    weight in blocks of rows, as :func:`_row_keys` reads it)."""
+    if isinstance(weight, np.ndarray):
+        found = np.zeros(cols.size, dtype=bool)
+        block = max(1, HASH_BLOCK_ENTRIES // max(cols.size, 1))
+        for start in range(0, rows.size, block):
+            found |= np.any(weight[np.ix_(rows[start : start + block], cols)] != 0, axis=0)
+        return found
+    restricted = _sparse_rows(weight, cols)
+    on_rows = np.isin(restricted.row_ids, rows)
+    return np.bincount(restricted.indices[on_rows], minlength=cols.size) > 0
+
+
+def _carried_unit(net: Network, layer: int, unit: int) -> tuple[int, int] | None:
+    """``(layer, unit)`` of the real ReLU unit that neuron ``unit`` of ``layer`` is, following
+    auxiliary selection rows (weight 1 on one column, bias 0: ``relu(h) = h`` for ``h >= 0``)
+    down the layers; None for a neuron that is neither (a pair ``relu(±s)``, a kink)."""
+    while layer >= 0:
+        current = net.layers[layer]
+        if not current.relu:
+            return None
+        if current.real[unit]:
+            return layer, unit
+        row = _restricted(current.weight, np.asarray([unit]), np.arange(current.in_features))
+        where = np.flatnonzero(row[0])
+        if where.size != 1 or row[0, where[0]] != 1.0 or current.bias[unit] != 0.0 or layer == 0:
+            return None
+        layer, unit = layer - 1, int(where[0])
+    return None
 
 
 def _restricted(weight, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -224,23 +293,22 @@ def _match_rows(
     kept: np.ndarray,
     weight_b: np.ndarray,
     bias_b: np.ndarray,
+    cols_b: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """For each row of ``B``, a distinct row of ``A`` equal to it on ``kept`` (bias too), the
-    earliest unused first; None if some row of ``B`` has none. Digests find the candidates, an
-    exact comparison decides. A sparse layer (on either side) is compared in the sparse
-    canonical form of :func:`_sparse_rows`: no dense row of a 30k-column layer is hashed."""
+    """For each row of ``B``, a distinct row of ``A`` equal to it on ``kept`` (``B``'s on
+    ``cols_b``, all by default; bias too), the earliest unused first; None if some row of ``B``
+    has none. Digests find the candidates, an exact comparison decides. A sparse layer (on
+    either side) is compared in the sparse canonical form of :func:`_sparse_rows`: no dense row
+    of a 30k-column layer is hashed."""
+    identity = np.arange(weight_b.shape[1]) if cols_b is None else cols_b
     if not (isinstance(weight_a, np.ndarray) and isinstance(weight_b, np.ndarray)):
         return _match_sparse_rows(
-            _sparse_rows(weight_a, kept),
-            bias_a,
-            _sparse_rows(weight_b, np.arange(weight_b.shape[1])),
-            bias_b,
+            _sparse_rows(weight_a, kept), bias_a, _sparse_rows(weight_b, identity), bias_b
         )
     rows_a = np.arange(weight_a.shape[0])
     pool: dict[bytes, deque[int]] = {}
     for row, key in zip(rows_a.tolist(), _row_keys(weight_a, bias_a, rows_a, kept), strict=True):
         pool.setdefault(key, deque()).append(row)
-    identity = np.arange(weight_b.shape[1])
     out = np.empty(weight_b.shape[0], dtype=np.int64)
     keys_b = _row_keys(weight_b, bias_b, np.arange(weight_b.shape[0]), identity)
     for i, key in enumerate(keys_b):
@@ -343,7 +411,8 @@ def prove_structurally(
         for o in range(full.out_features)
         for sign in (1, -1)
     ]
-    dead = alignment.removed(full, "targets")
+    silenced = alignment.removed(full, "silenced")
+    dead = alignment.removed(full, "targets") - silenced
     result = ProofResult(
         "proved",
         tol,
@@ -355,19 +424,26 @@ def prove_structurally(
         output_tensor=full.output_name,
         timings_s=timings,
         correspondence=correspondence,
-        notes=[_note(removed, dead, alignment.tags)],
+        notes=[_note(removed, dead, alignment.tags, silenced)],
     )
     return result, stability
 
 
-def _note(removed: int, dead: int, tags: tuple[str, str]) -> str:
+def _note(removed: int, dead: int, tags: tuple[str, str], silenced: int = 0) -> str:
     full, pruned = tags
+    quiet = (
+        f"; {silenced} units {pruned} keeps but no longer reads are proved inactive on the box"
+        if silenced
+        else ""
+    )
     if not removed:
+        weights = "kept weight" if silenced else "weight"
         return (
-            f"structural correspondence: every weight of {pruned} is {full}'s, so f_A = f_B exactly"
+            f"structural correspondence: every {weights} of {pruned} is {full}'s{quiet}, so "
+            "f_A = f_B exactly"
         )
     return (
         f"structural correspondence: {pruned} is {full} with {removed} hidden units removed "
         f"({dead} proved inactive on the box, {removed - dead} zero by construction) and every "
-        "kept weight identical, so f_A = f_B exactly on the box"
+        f"kept weight identical{quiet}, so f_A = f_B exactly on the box"
     )
