@@ -410,6 +410,18 @@ def compress(
             report.constant_output = reduction.constant_output
             report.notes.extend(reduction.notes)
         report.bytes_after = model_size_bytes(model)
+        recorded = sum(  # each entry, with its field tag and length prefix
+            prop.ByteSize() + 4
+            for prop in model.metadata_props
+            if prop.key.startswith("onnx_exact.")
+        )
+        grown = report.bytes_after - (report.bytes_before or report.bytes_after)
+        if 0 < grown <= recorded:
+            report.notes.append(
+                f"the written file is {grown:,} bytes larger because its metadata records the "
+                f"input domain and a summary ({recorded:,} bytes of onnx_exact.*, which check "
+                "and later runs read back), not because of the network"
+            )
         report.verification = verification
 
         if prove:

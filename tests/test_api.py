@@ -96,3 +96,17 @@ def test_the_package_ships_its_type_marker():
     assert (REPO / "onnx_exact" / "py.typed").is_file()
     pyproject = (REPO / "pyproject.toml").read_text()
     assert '[tool.setuptools.package-data]\nonnx_exact = ["py.typed"]' in pyproject
+
+
+def test_a_file_grown_by_the_recorded_domain_says_so():
+    """A model with nothing to remove, over a box of distinct per-feature bounds: the written
+    file only gains the domain record, and the report says that is why it is larger."""
+    tiny = gemm_mlp((4, 3, 2), seed=3)
+    lower = -np.array([123.456789, 234.56789, 345.6789, 456.789])
+    result = compress(tiny, None, DomainSpec(lower=lower, upper=-lower))
+    assert not any(layer.removed for layer in result.report.layers)
+    report = result.report
+    assert report.bytes_after > report.bytes_before
+    grown = report.bytes_after - report.bytes_before
+    note = next(n for n in report.notes if "records the input domain" in n)
+    assert f"{grown:,} bytes larger" in note
