@@ -49,3 +49,32 @@ def test_a_layer_whose_search_never_ends_leaves_the_layers_above_their_share(mon
     assert result.layers[2].upper[0] <= 0.0
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 101)] * 2), axis=-1).reshape(-1, 2)
     assert net.preactivations(grid)[2].max() <= result.layers[2].upper[0]
+
+
+def sliver_net() -> tuple[Network, Box]:
+    """A second-layer neuron positive only where ``x0 > 0.9999`` (4e-5 of ``[0, 1]^2``).
+
+    ``h = relu(x0 - 0.9999)`` is at most ``1e-4``; ``y = 1e4 h - 0.6`` is positive only for
+    ``x0 > 0.99996``. The second input only makes the box two-dimensional, and a second unit
+    ``relu(x1 - 2)`` (dead) keeps a direction open however many points show ``y``'s signs.
+    """
+    layers = [
+        DenseLayer(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([-0.9999, -2.0]), True, "fc0"),
+        DenseLayer(np.array([[1e4, 0.0], [0.0, 1.0]]), np.array([-0.6, 0.0]), True, "fc1"),
+        DenseLayer(np.ones((1, 2)), np.zeros(1), False, "out"),
+    ]
+    return Network(layers, InputMap.identity(2)), Box(np.zeros(2), np.ones(2))
+
+
+def test_few_inputs_are_sampled_densely_past_idle_rounds():
+    """With few inputs the witness sample runs to ``SAMPLE_MAX_FEW_INPUTS`` points although its
+    rounds show no new sign for long (the sliver direction comes late), and so the sliver's
+    sign is shown by the sample itself: with the general cap, ``SAMPLE_MAX`` points, it would
+    be expected only 0.3 times."""
+    net, box = sliver_net()
+    events = []
+    result = analyze_stability(net, box, tiers=(), progress=events.append)
+    sampled = max(event.done for event in events if event.phase == Tier.WITNESS)
+    assert sampled == policy.SAMPLE_MAX_FEW_INPUTS
+    assert result.layers[1].states[0] == NeuronState.UNSTABLE
+    assert result.layers[1].decided_by[0] == Tier.WITNESS

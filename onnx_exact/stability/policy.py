@@ -40,6 +40,11 @@ SAMPLE_MACS = 2e9  # budget of (points x network MACs) for sampling: about a sec
 SAMPLE_MIN = 256  # points sampled at least, however large the network
 SAMPLE_MAX = 8192  # points sampled at most: later rounds rarely show a new sign
 SAMPLE_ROUND = 1024  # points per round; two rounds without a new sign end the sampling
+# few input features (at most SPLIT_MAX_INPUTS): a uniform sample covers the box densely, and a
+# sign shown only on a sliver of it (1e-5 of an ACAS Xu envelope) is cheaper to sample than to
+# leave to the input splitting, whose leaves holding such a direction are all wasted
+SAMPLE_MAX_FEW_INPUTS = 131_072  # points sampled at most, with no early end on idle rounds
+SAMPLE_ROUND_FEW_INPUTS = 8192
 
 # --- exact tiers ----------------------------------------------------------------------------
 SOLVER_BATCH = 32  # directions per solver call: witnesses found in one batch refute the next

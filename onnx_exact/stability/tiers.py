@@ -49,30 +49,34 @@ def collect_witnesses(analysis: Analysis, user_inputs: np.ndarray | None, sample
 
     The sample budget is ``SAMPLE_MACS`` multiply-accumulates (clipped to ``SAMPLE_MIN ..
     SAMPLE_MAX`` points), in rounds of ``SAMPLE_ROUND``; two rounds without a new sign end it:
-    the remaining directions need bounds.
+    the remaining directions need bounds. With few input features (at most
+    ``SPLIT_MAX_INPUTS``) the cap is ``SAMPLE_MAX_FEW_INPUTS`` and idle rounds do not end it: a
+    uniform sample then covers the box densely, and a sign shown only on a sliver of it (a
+    probability of ``1e-5`` per point on ACAS Xu nets) appears after many idle rounds, while
+    every leaf of the input splitting that holds such a direction open is spent in vain.
     """
     with analysis.timed(Tier.WITNESS):
         if user_inputs is not None and user_inputs.size:
             analysis.see(user_inputs, Tier.WITNESS)
         if not sample:
             return
+        few_inputs = analysis.net.in_features <= policy.SPLIT_MAX_INPUTS
+        cap, round_size = policy.SAMPLE_MAX, policy.SAMPLE_ROUND
+        if few_inputs:
+            cap, round_size = policy.SAMPLE_MAX_FEW_INPUTS, policy.SAMPLE_ROUND_FEW_INPUTS
         budget = int(
-            np.clip(
-                policy.SAMPLE_MACS / max(analysis.net.mac_count, 1),
-                policy.SAMPLE_MIN,
-                policy.SAMPLE_MAX,
-            )
+            np.clip(policy.SAMPLE_MACS / max(analysis.net.mac_count, 1), policy.SAMPLE_MIN, cap)
         )
         done = 0
         obs = analysis.obs
         while done < budget and analysis.any_open() and not analysis.out_of_time():
             before = sum(int(s.sum()) for s in obs.seen_pos + obs.seen_neg)
-            batch = min(policy.SAMPLE_ROUND, budget - done)
+            batch = min(round_size, budget - done)
             analysis.see(sample_inputs(analysis.box, analysis.rng, batch), Tier.WITNESS)
             done += batch
             analysis.emit(Tier.WITNESS, done, budget)
             after = sum(int(s.sum()) for s in obs.seen_pos + obs.seen_neg)
-            if after == before and done >= 2 * policy.SAMPLE_ROUND:
+            if after == before and done >= 2 * round_size and not few_inputs:
                 break
         extremes = first_layer_extremes(analysis.net, analysis.box, open_only=analysis.obs)
         if extremes.size:
