@@ -151,16 +151,21 @@ def test_the_structural_proof_needs_the_silenced_channel_dead():
         assert bool(alignment.unproved(stability)) is not dead
 
 
-def test_a_depthwise_consumer_keeps_the_channel_and_says_why():
-    """A depthwise consumer with a bias cannot drop an input channel (its group's outputs would
-    be the bias, not removed): nothing changes, and the reason names the Conv."""
+def test_a_depthwise_consumer_loses_the_group_the_gathered_channel_feeds():
+    """A depthwise consumer with a bias outputs its bias on the group of the gathered channel:
+    a constant that relu_b maps on; the group goes behind the Gather, and channel 3 goes from
+    relu_b too (io/channel_constants.py)."""
     fixture = partial_stream(depthwise=True)
     result = prune_channels(fixture.model, {"relu_a": [3]})
-    assert result.removed == {} and result.gathered == {}
-    reason = result.kept["relu_a"]
-    assert "not removed from its consumers either" in reason and "consumer" in reason
-    assert not any(n.op_type == "Gather" for n in result.model.graph.node)
-    assert weight_of(result.model, "consumer").shape == (4, 1, 3, 3)
+    assert result.gathered == {"relu_a": [3]} and result.removed == {"relu_b": [3]}
+    assert sum(n.op_type == "Gather" for n in result.model.graph.node) == 1
+    assert weight_of(result.model, "consumer").shape == (3, 1, 3, 3)
+    x = box_samples(fixture)
+    np.testing.assert_allclose(
+        run_onnxruntime(result.model, x, fixture.input_shape),
+        run_onnxruntime(fixture.model, x, fixture.input_shape),
+        atol=1e-5,
+    )
 
 
 def test_the_reader_refuses_a_gather_that_is_no_channel_selection():

@@ -44,8 +44,10 @@ EXPECTED = {
         "Relu6_1": ([2, 5], [], [], None, False),
     },
     "mobilenet_block": {
-        "clip_expand": ([2, 3, 4, 5], [1], [], [2], False),
-        "clip_dw": ([2, 3, 4, 5], [3], [3], None, False),
+        # clip_expand's dead channel 0 leaves depthwise channel 0 at its bias: a constant the
+        # project Conv takes, so channel 0 goes from both Clips
+        "clip_expand": ([0, 2, 3, 4, 5], [1], [], [2], False),
+        "clip_dw": ([0, 2, 3, 4, 5], [3], [3], None, False),
     },
 }
 
@@ -118,7 +120,8 @@ def test_a_removed_clip_takes_its_unshared_bound_constants_along():
 
 def _zero_passing_model(low: float) -> onnx.ModelProto:
     """``Conv → Relu → Clip(low, 6) → Conv → Flatten → Gemm``: the Relu's dead channel passes
-    the Clip as zeros only when ``low <= 0``."""
+    the Clip as zeros only when ``low <= 0`` (else it is the constant ``low``, which the
+    bias-free Conv cannot take)."""
     rng = np.random.default_rng(3)
     g = GraphBuilder()
     bias = np.array([-50.0, 0.1, 0.2], np.float32)
@@ -139,7 +142,7 @@ def test_a_dead_channel_passes_a_downstream_clip_whose_range_holds_zero(low, pas
     model = _zero_passing_model(low)
     result = prune_channels(model, {"relu": [0]})
     if passes:
-        assert result.removed == {"relu": [0]} and result.kept == {}
+        assert result.removed == {"relu": [0], "clip": [0]} and result.kept == {}
         x = np.random.default_rng(0).random((16, 8))
         np.testing.assert_allclose(
             run_onnxruntime(result.model, x, (2, 2, 2)),
@@ -147,7 +150,7 @@ def test_a_dead_channel_passes_a_downstream_clip_whose_range_holds_zero(low, pas
             atol=1e-5,
         )
     else:
-        assert result.removed == {} and "clip" in result.kept["relu"]
+        assert result.removed == {} and "no per-output constant bias" in result.kept["relu"]
 
 
 def _saturated_model(head: str, pads: int = 0) -> onnx.ModelProto:

@@ -10,20 +10,21 @@ slices along one per-sample axis, mapped through Transpose (axis permuted) and F
 
 A *constant* channel (a ``Clip(0, c)`` channel proved saturated: ``c`` at every position) is
 planned the same way with ``Flow.value = c``: its filter goes upstream, and downstream it may
-only pass ops that keep it the constant ``c`` (Identity, Dropout, Relu, a Clip whose range holds
-``c``, global pools, Transpose, Flatten, Reshape) and end in a Conv without padding (every tap
-reads ``c``: output ``o`` gains ``c·Σ W[o, channel]``) or a Gemm (``c·Σ`` of its columns), whose
-bias takes that sum (:attr:`Plan.shifts`); anything else keeps the channel.
+only pass ops that keep it constant per channel and end in a consumer whose bias takes it
+(:mod:`onnx_exact.io.channel_constants`: a Conv without padding, a Gemm, a MatMul with a bias
+Add; :attr:`Plan.shifts`). A grouped Conv reading dead channels that fill whole groups turns
+them into such constants (its bias), and BatchNormalization, Add/Sub/Mul/Div by constants,
+Relu and Clip map a removed channel's value on; anything else keeps the channel.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
+from onnx_exact.io.channel_constants import ConstantReaders, Flow, Keep, Plan, reshaped_value
 from onnx_exact.io.graph import (
     ConstantResolver,
     node_attr,
@@ -33,9 +34,12 @@ from onnx_exact.io.graph import (
     reduce_axes,
 )
 
-PASS_OPS = {"Identity", "Dropout", "Relu"}
-"""Elementwise downstream ops that map a zero slice to a zero slice (and a ``Clip`` whose range
-holds 0: :meth:`ChannelPlanner.keeps`)."""
+PASS_OPS = {"Identity", "Dropout"}
+"""Elementwise downstream ops that pass a slice on unchanged."""
+
+VALUE_OPS = {"Relu", "Clip", "BatchNormalization"}
+"""Per-channel downstream ops that map a removed channel's value (0 or a constant) on
+(:meth:`~onnx_exact.io.channel_constants.ConstantReaders._value_reader`)."""
 
 ACTIVATION_OPS = {"Relu", "Clip"}
 """The activations whose channels are planned: a Relu, or a ``Clip(0, c)`` the CNN reader
@@ -54,39 +58,7 @@ CORE_OPS = {"Conv", "Gemm", "MatMul"}
 """The ops a channel's chain starts at: they own its filter (weights and bias)."""
 
 
-class Keep(Exception):
-    """The Relu's dead channels cannot be removed soundly; the message says why."""
-
-
-@dataclass
-class Flow:
-    """Dead slices of a tensor: indices ``dead`` along per-sample axis ``axis`` (the batch axis is
-    not counted) of a tensor whose per-sample shape is ``shape`` (None when unknown)."""
-
-    tensor: str
-    shape: tuple[int, ...] | None
-    axis: int
-    dead: np.ndarray
-    value: float = 0.0  # what the slices hold at every position: 0 (dead) or a constant
-
-
-@dataclass
-class Plan:
-    """The edits one Relu needs: ``cuts`` (node index, input slot, axis, deleted indices),
-    ``targets`` (Reshape node index, new shape target), ``reshaped`` (tensors whose shape
-    changes), ``released`` (Relu node index → channels deleted because nothing reads them),
-    ``groups`` (grouped Conv node index → the groups it loses), ``shifts`` (node index, bias
-    input slot, what its bias gains from a removed constant channel; added before any cut)."""
-
-    cuts: list[tuple[int, int, int, np.ndarray]] = field(default_factory=list)
-    targets: list[tuple[int, np.ndarray]] = field(default_factory=list)
-    reshaped: set[str] = field(default_factory=set)
-    released: dict[int, set[int]] = field(default_factory=dict)
-    groups: dict[int, set[int]] = field(default_factory=dict)
-    shifts: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
-
-
-class ChannelPlanner:
+class ChannelPlanner(ConstantReaders):
     """An index of ``model``'s main graph (producers, readers, constants, inferred shapes) and
     the planning of one Relu's edits on it; nothing is changed here."""
 
@@ -188,6 +160,7 @@ class ChannelPlanner:
         axis = self._cut_chain(chain, core, dead, plan)
         if axis < 1:
             raise Keep("the channel axis ends up as the batch axis")
+        plan.owner = (relu, tuple(dead), value)
         out = self.nodes[relu].output[0]
         shape = self.sample_shape(out)
         flow = Flow(out, shape, axis - 1, np.asarray(dead, np.int64), value)
@@ -394,15 +367,17 @@ class ChannelPlanner:
                 raise Keep(f"{label} adds channels on axis 1, the dead ones are on {flow.axis + 1}")
             return None  # a join of the residual stream being planned: its output is cut whole
         if op in AFFINE_OPS or op in ("Sum", "Concat"):
-            return self._scaled(index, slot, flow, plan)
+            return self._affine_reader(index, slot, flow, plan)
         if slot != 0:
             raise Keep(f"{label} reads the channels as input {slot}")
-        if op in PASS_OPS or (op == "Clip" and self.keeps(index, flow.value)):
+        if op in VALUE_OPS:
+            return self._value_reader(index, flow, plan)
+        if op in PASS_OPS:
             return Flow(out, flow.shape, flow.axis, flow.dead, flow.value)
         if op in POOL_OPS or op == "Pad":
             if flow.axis != 0:
                 raise Keep(f"{label} works on axis 1 but the channels are on axis {flow.axis + 1}")
-            if flow.value and op not in ("GlobalAveragePool", "GlobalMaxPool"):
+            if flow.constant and op not in ("GlobalAveragePool", "GlobalMaxPool"):
                 raise Keep(f"{label} may not keep the constant channels constant at the border")
             if op == "Pad":
                 self._check_pad(index)
@@ -428,7 +403,7 @@ class ChannelPlanner:
                 )
             if node_attr(node, "group", 1) != 1:
                 return self._grouped_reader(index, flow, plan)
-            if flow.value:
+            if flow.constant:
                 self._fold_constant(index, flow, plan)
             self.cut(plan, index, 1, 1, flow.dead)
             return None
@@ -442,108 +417,11 @@ class ChannelPlanner:
             if flow.axis != last or (flow.shape is not None and len(flow.shape) != last + 1):
                 raise Keep(f"{label} contracts an axis other than the channel axis")
             trans = op == "Gemm" and node_attr(node, "transB", 0)
-            if flow.value:
+            if flow.constant:
                 self._fold_constant(index, flow, plan)
             self.cut(plan, index, 1, 1 if trans else 0, flow.dead)
             return None
         raise Keep(f"{label} reads the channels and is not supported")
-
-    def _grouped_reader(self, index: int, flow: Flow, plan: Plan) -> Flow:
-        """A grouped Conv reading dead channels: a group whose inputs are all dead, and whose
-        outputs have no bias (or a zero one), outputs zero channels (zero input, zero padding):
-        the group goes and its output channels flow on as dead ones."""
-        node, label = self.nodes[index], self.label(index)
-        if flow.value:
-            raise Keep(f"{label} is grouped: the constant channels would not be removed whole")
-        weight = self.constant(index, 1)
-        group = node_attr(node, "group", 1)
-        per_group, inputs = weight.shape[0] // group, weight.shape[1]
-        groups = sorted({int(c) // inputs for c in flow.dead})
-        whole = {c for j in groups for c in range(j * inputs, (j + 1) * inputs)}
-        if whole != set(flow.dead.tolist()):
-            raise Keep(f"the dead channels do not fill whole input groups of {label}")
-        outputs = np.asarray(
-            [o for j in groups for o in range(j * per_group, (j + 1) * per_group)], np.int64
-        )
-        has_bias = len(node.input) > 2 and node.input[2]
-        if has_bias and np.any(self.constant(index, 2).reshape(-1)[outputs] != 0):
-            raise Keep(f"{label} is grouped: a dead input group leaves its outputs at the bias")
-        self.cut(plan, index, 1, 0, outputs)
-        if has_bias:
-            self.cut(plan, index, 2, 0, outputs)
-        plan.groups.setdefault(index, set()).update(groups)
-        out = node.output[0]
-        return Flow(out, self.sample_shape(out), 0, outputs)
-
-    def _scaled(self, index: int, slot: int, flow: Flow, plan: Plan) -> Flow:
-        """``Mul`` by a constant, or ``Div`` by one, keeps a zero channel zero (the constant's
-        entries for the channel go too); an Add/Sub, or a second computed operand, does not."""
-        node = self.nodes[index]
-        op, label = node.op_type, self.label(index)
-        other = 1 - slot if len(node.input) == 2 and slot in (0, 1) else None
-        value = None if other is None else self.constants.value(node.input[other])
-        if value is None:
-            raise Keep(f"{label} joins the channels with another tensor (a residual {op}?)")
-        if flow.value:
-            raise Keep(f"{label} changes the constant channels")
-        if op in ("Add", "Sub"):
-            raise Keep(f"{label} adds a constant: the dead channels would not stay 0")
-        if op == "Div" and slot != 0:
-            raise Keep(f"{label} divides by the channels")
-        if flow.shape is None:
-            raise Keep(f"the rank of the input of {label} is unknown")
-        rank = len(flow.shape) + 1
-        if value.ndim > rank:
-            raise Keep(f"the constant of {label} raises the tensor's rank")
-        if self.sample_shape(node.output[0]) != flow.shape:
-            raise Keep(f"the constant of {label} broadcasts the tensor to another shape")
-        const_axis = flow.axis + 1 - (rank - value.ndim)
-        if const_axis >= 0 and value.shape[const_axis] != 1:
-            if value.shape[const_axis] != flow.shape[flow.axis]:
-                raise Keep(f"the constant of {label} does not match the channels")
-            self.cut(plan, index, other, const_axis, flow.dead)
-        return Flow(node.output[0], flow.shape, flow.axis, flow.dead)
-
-    def _fold_constant(self, index: int, flow: Flow, plan: Plan) -> None:
-        """Plan adding what the constant channels ``flow.dead`` (value ``flow.value``) contribute
-        to consumer ``index`` (a Conv without padding or a Gemm with alpha = beta = 1) to its
-        bias: the same at every output position, so deleting the channels is then exact."""
-        node, label = self.nodes[index], self.label(index)
-        weight = self.constant(index, 1).astype(np.float64)
-        if node.op_type == "Conv":
-            auto_pad = node_attr(node, "auto_pad", b"NOTSET")
-            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-            if any(node_attr(node, "pads", [])) or auto_pad not in ("NOTSET", "VALID"):
-                raise Keep(f"{label} pads its input: the constant channels are 0 at the border")
-            taps = weight[:, flow.dead].reshape(weight.shape[0], -1).sum(axis=1)
-        elif node_attr(node, "alpha", 1.0) != 1.0 or node_attr(node, "beta", 1.0) != 1.0:
-            raise Keep(f"{label} scales its product or bias (alpha, beta)")
-        elif node_attr(node, "transB", 0):
-            taps = weight[:, flow.dead].sum(axis=1)
-        else:
-            taps = weight[flow.dead, :].sum(axis=0)
-        name = node.input[2] if len(node.input) > 2 else ""
-        bias = self.constants.value(name) if name else None
-        if bias is None or bias.size != taps.size or bias.shape[-1:] != (taps.size,):
-            raise Keep(f"{label} has no per-output constant bias to take the constant channels")
-        if self.read_count.get(name, 0) != 1 or name in self.outputs:
-            raise Keep(f"the bias '{name}' of {label} is shared with other nodes")
-        plan.shifts.append((index, 2, flow.value * taps))
-
-    def keeps(self, index: int, value: float) -> bool:
-        """Whether ``Clip`` node ``index`` maps ``value`` to itself: constant bounds (inputs, or
-        attributes before opset 11) with ``min <= value <= max``; an absent bound is no bound."""
-        node = self.nodes[index]
-        bounds = []
-        for slot, what, default in ((1, "min", -np.inf), (2, "max", np.inf)):
-            if len(node.input) > slot and node.input[slot]:
-                bound = self.constants.value(node.input[slot])
-                if bound is None or bound.size != 1:
-                    return False
-                bounds.append(float(bound.reshape(-1)[0]))
-            else:
-                bounds.append(float(node_attr(node, what, default)))
-        return bounds[0] <= value <= bounds[1]
 
     def extra_outputs_used(self, index: int) -> bool:
         """Whether an output after the first (BN statistics, MaxPool indices, Dropout mask) is
@@ -608,8 +486,8 @@ class ChannelPlanner:
             ):
                 raise Keep(f"the shape target of {label} cannot follow the removed channels")
             if not np.array_equal(new_target, target):
-                plan.targets.append((index, new_target))
-        return Flow(out, out_shape, axis, dead, flow.value)
+                plan.targets.append((index, axis + 1, dead))
+        return Flow(out, out_shape, axis, dead, reshaped_value(flow, out_shape, axis, dead))
 
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:

@@ -26,8 +26,10 @@ A grouped (e.g. depthwise) Conv computing the channels loses whole groups only: 
 channels must fill them; the input channels that only those groups read are then unread, whatever
 their values, so they are deleted upstream too (through Relu, pools and Pad) and reported as
 removed from the Relu they pass; ``group`` shrinks. A grouped Conv *reading* dead channels that
-fill whole input groups outputs its bias on those groups: with no (or a zero) bias the groups go
-and their zero outputs flow on as dead channels; otherwise they keep. A constant read through
+fill whole input groups outputs its bias on those groups: the groups go and their outputs flow
+on as per-channel constants (0 without a bias) through BatchNormalization, affine constants,
+Relu and Clip, to consumers whose bias takes them (:mod:`onnx_exact.io.channel_constants`).
+Plans that would together leave a tensor without channels lose the later Relu's own plan. A constant read through
 Identity/Cast is cut at its source, in the source's dtype.
 
 Residual blocks: the Relus tied by identity skips form a *stream*
@@ -65,6 +67,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnx_exact.io.channel_constants import emptying
 from onnx_exact.io.channel_gather import GatherRequest, insert_gathers, plan_consumers
 from onnx_exact.io.channel_plan import Keep, Plan
 from onnx_exact.io.channel_stream import Stream, StreamPlanner
@@ -170,6 +173,9 @@ def prune_channels(
         plans.append(plan)
         result.folded[name] = removed
         result.removed[name] = sorted(set(result.removed.get(name, [])) | set(removed))
+    while (dropped := emptying(pruner, plans)) is not None:
+        plans[:] = [p for p in plans if p is not dropped[0]]
+        _leave_out(pruner, *dropped, result)
     _credit_released(pruner, plans, dead, result)
     pruner.apply(plans)
     joins = {}
@@ -237,6 +243,20 @@ def _prune_stream(
         )
 
 
+def _leave_out(pruner: _Pruner, plan: Plan, why: str, result: PruneResult) -> None:
+    """Take back the record of a Relu's own plan left out by
+    :func:`~onnx_exact.io.channel_constants.emptying`: its channels stay, and ``why``."""
+    relu, channels, value = plan.owner
+    name = pruner.relu_name(relu)
+    for record in (result.removed, result.folded) if value else (result.removed,):
+        rest = sorted(set(record.get(name, [])) - set(channels))
+        if rest:
+            record[name] = rest
+        else:
+            record.pop(name, None)
+    (result.unfolded if value else result.kept)[name] = why
+
+
 def _credit_released(
     pruner: _Pruner, plans: list[Plan], dead: Mapping[str, Sequence[int]], result: PruneResult
 ) -> None:
@@ -267,18 +287,21 @@ class _Pruner(StreamPlanner):
     def apply(self, plans: list[Plan]) -> None:
         """Delete the planned slices (in original coordinates, all at once per tensor)."""
         cuts: dict[tuple[int, int], dict[int, set[int]]] = {}
-        shifts: dict[tuple[int, int], np.ndarray] = {}
+        shifts: dict[tuple[int, int], dict[int, np.ndarray]] = {}
         for plan in plans:
             for index, slot, axis, idx in plan.cuts:
                 cuts.setdefault((index, slot), {}).setdefault(axis, set()).update(idx.tolist())
-            for index, slot, delta in plan.shifts:  # in original coordinates: before the cuts
-                shifts[index, slot] = shifts.get((index, slot), 0.0) + delta
+            # in original coordinates, before the cuts; one per removed input channel, so two
+            # plans folding the same channel's constant (it is the same value) add it once
+            for index, slot, channel, delta in plan.shifts:
+                shifts.setdefault((index, slot), {})[channel] = delta
                 cuts.setdefault((index, slot), {})
             self.reshaped |= plan.reshaped
         for (index, slot), axes in cuts.items():
             value = self.constants.value(self.nodes[index].input[slot])
             if (index, slot) in shifts:
-                shifted = value.astype(np.float64) + shifts[index, slot].reshape(value.shape)
+                delta = sum(shifts[index, slot].values())
+                shifted = value.astype(np.float64) + delta.reshape(value.shape)
                 value = shifted.astype(value.dtype)
             for axis, idx in axes.items():
                 value = np.delete(value, sorted(idx), axis=axis)
@@ -290,9 +313,15 @@ class _Pruner(StreamPlanner):
         for core, removed in groups.items():
             node = self.nodes[core]
             _set_group(node, node_attr(node, "group", 1) - len(removed))
+        targets: dict[int, dict[int, set[int]]] = {}  # two plans may shrink one Reshape target
         for plan in plans:
-            for index, target in plan.targets:
-                self._store(index, 1, target)
+            for index, entry, removed in plan.targets:
+                targets.setdefault(index, {}).setdefault(entry, set()).update(removed.tolist())
+        for index, entries in targets.items():
+            target = self.constants.value(self.nodes[index].input[1]).reshape(-1).copy()
+            for entry, removed in entries.items():
+                target[entry] -= len(removed)
+            self._store(index, 1, target)
 
     def _store(self, index: int, slot: int, value: np.ndarray) -> None:
         """Give input ``slot`` of node ``index`` the value ``value`` (its dtype kept): in place for
