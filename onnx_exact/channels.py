@@ -147,10 +147,12 @@ def describe_channels(report: RunReport, read: ReadResult, stability: StabilityR
 def prune(report: RunReport, read: ReadResult) -> PruneResult:
     """Remove the dead channels and identity ReLUs the report's verdicts allow; record it.
 
-    ``report`` must come from :func:`describe_channels`. Sets, per layer, the channels removed,
-    why proved-dead channels were kept, whether the ReLU went, the neurons removed and the
-    layer's params/MACs after (``None`` for a removed ReLU: its nodes join the next layer's);
-    and the whole graph's params/MACs after.
+    ``report`` must come from :func:`describe_channels`. Sets, per layer, the channels removed
+    (with a note for those not proved dead: released by a grouped Conv, or made constant by a
+    removed channel upstream, :mod:`onnx_exact.io.channel_constants`), why proved-dead channels
+    were kept, whether the ReLU went, the neurons removed and the layer's params/MACs after
+    (``None`` for a removed ReLU: its nodes join the next layer's); and the whole graph's
+    params/MACs after.
     """
     dead, linear = pruning_request(read.network, report)
     saturated = saturated_request(read.network, report, dead)
@@ -171,6 +173,13 @@ def prune(report: RunReport, read: ReadResult) -> PruneResult:
                 f"{layer.name}: {kept} proved-dead channels kept: {summary.kept_reason}"
             )
         summary.folded = sorted(int(c) for c in pruned.folded.get(layer.name, ()))
+        unproved = sorted(set(summary.removed) - set(summary.dead) - set(summary.folded))
+        if unproved:
+            report.notes.append(
+                f"{layer.name}: channels {unproved} removed though not proved dead: no longer "
+                "read (a grouped Conv lost their group), or a constant on the box because a "
+                "removed channel feeds them (taken into the next layer's bias)"
+            )
         if layer.name in pruned.unfolded:
             report.notes.append(
                 f"{layer.name}: {len(saturated[layer.name][1])} saturated channels (constant "

@@ -98,6 +98,7 @@ def test_a_dead_channel_feeding_a_depthwise_conv_with_a_bias_goes_everywhere(bn)
     assert 1 in layers["clip_expand"].dead
     assert 1 in layers["clip_expand"].removed and 1 in layers["clip_dw"].removed
     assert not [note for note in report.notes if "proved-dead channels kept" in note]
+    assert "clip_dw: channels [1] removed though not proved dead" in "\n".join(report.notes)
     convs = [n for n in pruned.graph.node if n.op_type == "Conv"]
     shapes = [initializer_of(pruned, c, 1).shape for c in convs]
     assert shapes[0][0] == 3 and shapes[1] == (3, 1, 3, 3) and shapes[2][1] == 3
