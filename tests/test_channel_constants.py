@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from test_channel_pruning import assert_same_outputs
 
 from onnx_exact import AnalysisOptions, DomainSpec, compress
+from onnx_exact.io.channel_constants import Flow, Keep, reshaped_value
 from onnx_exact.io.channel_pruning import prune_channels
 from onnx_exact.io.model_stats import model_stats
 
@@ -167,3 +168,15 @@ def test_a_constant_reaching_a_padded_conv_or_a_residual_add_keeps_the_channel(c
     result = prune_channels(model, {"clip_expand": [1]})
     assert result.removed == {} and reason in result.kept["clip_expand"]
     assert_same_outputs(model, result.model, LOWER, UPPER, SHAPE)
+
+
+def test_per_channel_values_follow_a_reshape_while_each_slice_holds_one_value():
+    """Channel ``c`` of ``(3, 2, 2)`` flattened is columns ``4c … 4c + 3``: each takes the
+    channel's value; a reshape that puts two removed channels with different values in one
+    slice keeps them."""
+    flow = Flow("t", (3, 2, 2), 0, np.array([0, 2]), np.array([1.5, -2.0]))
+    columns = np.array([0, 1, 2, 3, 8, 9, 10, 11])
+    assert reshaped_value(flow, (12,), 0, columns).tolist() == [1.5] * 4 + [-2.0] * 4
+    flow = Flow("t", (4, 1, 1), 0, np.array([0, 1]), np.array([1.5, -2.0]))
+    with pytest.raises(Keep, match="mixes the values"):
+        reshaped_value(flow, (2, 2), 0, np.array([0]))
