@@ -518,6 +518,8 @@ def test_the_probe_refutes_soundly_and_is_credited(monkeypatch):
     stay sound."""
     net = random_network(np.random.default_rng(2), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
+    # its 10 inputs taken as many: the dense few-input sample would find the sign first
+    monkeypatch.setattr(policy, "SPLIT_MAX_INPUTS", 8)
     _replace_solver_tiers(monkeypatch, lambda analysis, k, tier, effort=1.0: None)
     _replace_tier(monkeypatch, Tier.ALPHA_CROWN, lambda analysis, k, effort=1.0: None)
     result = analyze_stability(net, box, tiers=("crown-bab",))
@@ -535,6 +537,8 @@ def test_a_background_attack_refutes_while_the_exact_tiers_work(monkeypatch):
     the unstable directions (credited to "attack") while the tiers work; proofs stay sound."""
     net = random_network(np.random.default_rng(2), [10, 20, 20, 20, 2])
     box = Box(np.zeros(10), np.ones(10))
+    # its 10 inputs taken as many: the dense few-input sample would find the sign first
+    monkeypatch.setattr(policy, "SPLIT_MAX_INPUTS", 8)
     truth = analyze_stability(net, box, tiers=("crown-bab", "bab", "milp"))
     unstable = [layer.states == NeuronState.UNSTABLE for layer in truth.layers]
 
