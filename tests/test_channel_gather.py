@@ -84,13 +84,10 @@ def test_prune_channels_gathers_a_channel_dead_in_one_member_only():
     add = next(n for n in result.model.graph.node if n.op_type == "Add")
     relu_a = next(n for n in result.model.graph.node if n.name == "relu_a")
     assert relu_a.output[0] in add.input and gathers[0].input[0] == relu_a.output[0]
-    x = box_samples(fixture)
-    np.testing.assert_allclose(
-        run_onnxruntime(result.model, x, fixture.input_shape),
-        run_onnxruntime(fixture.model, x, fixture.input_shape),
-        rtol=0,
-        atol=1e-5,
+    assert_same_outputs(
+        fixture.model, result.model, fixture.lower, fixture.upper, fixture.input_shape
     )
+    x = box_samples(fixture)
     before, after = model_stats(fixture.model), model_stats(result.model)
     assert after.params == before.params - 4 * 9 and after.macs == before.macs - 36 * 4 * 9
     read = read_cnn(result.model)
@@ -114,12 +111,8 @@ def test_compress_removes_the_channel_from_the_consumer_and_check_proves_it(tmp_
     assert any(n.op_type == "Gather" for n in result.model.graph.node)
     assert report.passed
     assert report.params_after < report.params_before and report.macs_after < report.macs_before
-    x = box_samples(fixture)
-    np.testing.assert_allclose(
-        run_onnxruntime(result.model, x, fixture.input_shape),
-        run_onnxruntime(fixture.model, x, fixture.input_shape),
-        rtol=0,
-        atol=1e-5,
+    assert_same_outputs(
+        fixture.model, result.model, fixture.lower, fixture.upper, fixture.input_shape
     )
     source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(fixture.model, source)
