@@ -2,7 +2,9 @@
 
 Workloads (issue 25): the nine shared ACAS Xu nets over the operational envelope
 (``../shared/models/acasxu/`` net 1_1 and ``../shared/models/acasxu_nets/`` nets 1_2 … 1_9, box
-``operational.npz``) and the RL controllers of ``../shared/models/rl/`` on their case boxes. For
+``operational.npz``), the project's 2-input, 7-layer, 1,020-neuron regressor
+``models/checker2d_7x146.onnx`` over the ``[-1, 1]^2`` its metadata records (the shape issue 25
+names as held out) and the RL controllers of ``../shared/models/rl/`` on their case boxes. For
 every net the ``auto`` pipeline runs with ``--jobs`` 1 and 2 (``--jobs-list``), and the
 per-neuron MILP baseline (``method="per-neuron"``, two decision MILPs per neuron) capped at
 ``--baseline-cap`` seconds, each in its own spawned child process (the runner of
@@ -44,7 +46,8 @@ BENCH = load_stability_bench()
 
 
 def envelope_cases() -> list:
-    """ACAS Xu 1_1 … 1_9 over the operational envelope, then the RL controllers' case boxes."""
+    """ACAS Xu 1_1 … 1_9 over the operational envelope, the 2-input regressor of ``models/``,
+    then the RL controllers' case boxes."""
     cases = []
     first = SHARED_MODELS / "acasxu" / "ACASXU_run2a_1_1_batch_2000.onnx"
     if first.exists():
@@ -54,6 +57,8 @@ def envelope_cases() -> list:
     for path in sorted(more.glob("ACASXU_run2a_*_batch_2000.onnx")) if more.exists() else []:
         name = "acas_" + path.stem.split("_")[2] + "_" + path.stem.split("_")[3]
         cases.append(BENCH.Case(name, "operational", "full", path, more / "operational.npz"))
+    lowdim = REPO / "models" / "checker2d_7x146.onnx"  # the project's own (models/train_lowdim.py)
+    cases.append(BENCH.Case("checker2d_7x146", "metadata", "full", lowdim, None))
     rl = SHARED_MODELS / "rl"
     for path in sorted(rl.glob("*.onnx")) if rl.exists() else []:
         for box in sorted(rl.glob(f"{path.stem}.*.npz")):
