@@ -16,6 +16,7 @@ from test_equivalence import gemm_mlp, random_weights, unit_box
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.core.verdicts import NeuronState
+from onnx_exact.equivalence import correspondence
 from onnx_exact.equivalence.canonical import Canonical
 from onnx_exact.equivalence.check import check_equivalence
 from onnx_exact.equivalence.correspondence import (
@@ -112,7 +113,9 @@ def test_one_sided_units_the_cheap_tiers_leave_open_are_targeted_and_proved():
     assert given.layers[1].states[10] == NeuronState.UNDECIDED  # the caller's result is kept
 
 
-def test_prove_units_stable_decides_only_the_targets_with_the_solver_tiers():
+def test_prove_units_stable_decides_only_the_targets_with_the_solver_tiers(monkeypatch):
+    """(Its 3 inputs taken as many: few inputs go to the input splitting first, tested below.)"""
+    monkeypatch.setattr(correspondence, "SPLIT_MAX_INPUTS", 0)
     weights = random_weights((3, 6, 6, 2), seed=4)
     (w1, b1), (w2, b2), (w3, b3) = weights
     b2 = b2.copy()
@@ -131,6 +134,25 @@ def test_prove_units_stable_decides_only_the_targets_with_the_solver_tiers():
     assert merged.layers[1].states[3] == NeuronState.UNDECIDED  # not a target: untouched
     assert start.layers[1].states[2] == NeuronState.UNDECIDED  # the input is not changed
     assert merged.layers[0] is start.layers[0]
+
+
+def test_prove_units_stable_splits_the_input_of_a_few_input_network():
+    """``relu(x0 + x1) + relu(x0 - x1) - 2.5 <= -0.5`` on ``[-1, 1]^2`` is dead, which the
+    triangle relaxation of the whole box cannot show (it bounds it by +0.5); a few-input network
+    gets the input splitting first, which proves it, with a sound bound below the margin."""
+    first = (np.array([[1.0, 1.0], [1.0, -1.0]]), np.zeros(2))
+    second = (np.array([[1.0, 1.0]]), np.array([-2.5]))
+    net = mlp([first, second, (np.ones((1, 1)), np.zeros(1))])
+    box = unit_box(2, -1, 1)
+    start = cheap(net, box)
+    layer = start.layers[1]
+    states, lower, upper = layer.states.copy(), layer.lower.copy(), layer.upper.copy()
+    states[0], lower[0], upper[0] = NeuronState.UNDECIDED, -1e3, 1e3
+    start.layers[1] = replace(layer, states=states, lower=lower, upper=upper)
+    merged, proved = prove_units_stable(net, box, start, {1: np.array([0])}, 30.0)
+    assert proved == 1 and merged.layers[1].states[0] == NeuronState.INACTIVE
+    assert merged.layers[1].decided_by[0] == "split"
+    assert -0.5 - 1e-9 <= merged.layers[1].upper[0] < 0.0
 
 
 def test_an_all_active_layer_folded_away_is_proved_by_stable_units():

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from onnx_exact.bounds import relu_bab
+from onnx_exact.bounds import input_split, relu_bab
 from onnx_exact.bounds.crown import LayerBounds, interval_bounds, symbolic_bounds
 from onnx_exact.core.box import Box
 from onnx_exact.core.directions import Direction
@@ -50,7 +50,14 @@ from onnx_exact.core.verdicts import LayerStability, NeuronState, StabilityResul
 from onnx_exact.equivalence.canonical import Canonical
 from onnx_exact.search.witness import first_layer_extremes, observe, sample_inputs
 from onnx_exact.solvers import exact_tiers, lp_relaxation
-from onnx_exact.stability.policy import FLOAT_MARGIN, float_margins, neuron_scale, solver_margins
+from onnx_exact.stability.policy import (
+    FLOAT_MARGIN,
+    SPLIT_MAX_INPUTS,
+    SUBDIVIDE_LEAVES,
+    float_margins,
+    neuron_scale,
+    solver_margins,
+)
 from onnx_exact.stability.tiers import lp_dive_for
 
 METHODS = ("matched", "stable-units", "milp")
@@ -295,7 +302,10 @@ def prove_units_stable(
 
     The stability engine's tiers run on exactly these units, layer by layer from the shallowest,
     over the proved bounds and verdicts ``stability`` already holds for the layers below, in the
-    engine's order: per sign direction the triangle LP with a rigorous dual bound and ideal cuts,
+    engine's order: for a network of at most ``SPLIT_MAX_INPUTS`` input features first the
+    input-space branch and bound (:class:`onnx_exact.bounds.input_split.InputSearch`, up to
+    ``SUBDIVIDE_LEAVES`` leaves per layer: on few inputs it decides what the box-wide tiers take
+    minutes for), then per sign direction the triangle LP with a rigorous dual bound and ideal cuts,
     CROWN branch and bound, LP branch and bound and the decision MILP (their margins). (α-CROWN,
     which the engine runs first on a whole layer, is no tighter than the triangle LP and only
     pays for itself on hundreds of rows.) No witness search and no re-analysis of anything
@@ -367,8 +377,44 @@ class _TargetLayer:
             out += [Direction(self.k, i, s) for s in (first, -first) if (i, s) not in self.refuted]
         return out
 
+    def split(self, deadline: float, jobs: int) -> None:
+        """The input-space branch and bound on the open directions (few input features): a
+        direction is proved when every leaf of a cover of the box clears the float margin, and
+        its largest leaf bound ``worst`` then bounds the unit on the box."""
+        directions = self.open_directions()
+        if not directions:
+            return
+        neurons = np.array([d.neuron for d in directions], dtype=np.int64)
+        signs = np.array([d.sign for d in directions], dtype=np.int64)
+        margins = float_margins(self.net, self.box, self.bounds, self.k)[neurons]
+        search = input_split.InputSearch(
+            self.net,
+            self.box.lower,
+            self.box.upper,
+            self.bounds,
+            np.full(neurons.size, self.k),
+            neurons,
+            signs,
+            margins,
+            jobs=jobs,
+        )
+        outcome = search.run(SUBDIVIDE_LEAVES, deadline)
+        for i, sign, proved, refuted, worst in zip(
+            neurons, signs, outcome.proved, outcome.refuted, outcome.worst, strict=True
+        ):
+            if proved:
+                if sign > 0:
+                    self.layer.upper[i] = min(self.layer.upper[i], worst)
+                else:
+                    self.layer.lower[i] = max(self.layer.lower[i], -worst)
+                self.decide(int(i), int(sign), "split")
+            elif refuted:
+                self.refuted.add((int(i), int(sign)))
+
     def run(self, deadline: float, jobs: int) -> int:
         layer, k = self.layer, self.k
+        if self.net.in_features <= SPLIT_MAX_INPUTS and not self.net.has_sparse_layers:
+            self.split(deadline, jobs)
         margins = solver_margins(self.net, self.box, self.bounds, k)
         relaxation = None
         # the HiGHS encodings take dense rows: a network with a sparse layer gets CROWN-BaB only
