@@ -292,6 +292,54 @@ def test_tightened_leaf_bounds_enclose_every_point_and_are_tighter(seed: int) ->
             assert np.all(y >= lo[:, leaf] - 1e-9) and np.all(y <= hi[:, leaf] + 1e-9)
 
 
+def test_a_leaf_is_bounded_alike_alone_and_in_any_batch(monkeypatch) -> None:
+    """Tightened bounds and direction bounds of a leaf are the same, up to the last bits of
+    round-off of the matrix products, whether it is bounded alone, in a batch of 300 (cut into
+    cache-sized chunks, several sizes) or in another order: which neurons are tightened on a leaf
+    depends on that leaf alone, so what a search proves does not depend on how its batches
+    were cut (``jobs``, chunk sizes)."""
+
+    def same(found, expected):
+        np.testing.assert_allclose(found, expected, rtol=1e-12, atol=1e-12)
+
+    net, box = deep_case(2)
+    rng = np.random.default_rng(5)
+    centre = rng.uniform(box.lower, box.upper, (300, box.size))
+    radius = rng.uniform(0.0, 0.4, (300, box.size)) * (box.upper - box.lower)
+    lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
+    top, outer = len(net.layers) - 2, interval_bounds(net, box)
+    layers, neurons, signs = all_directions(net)
+    asked = np.flatnonzero(layers == top)
+    targets = np.full((300, asked.size), -0.01)
+
+    def both(lo, up, goal):
+        bounds, _ = input_split.leaf_bounds(net, lo, up, outer, top, tighten=True)
+        found = input_split._direction_bounds(
+            net, lo, up, outer, top, asked, layers, neurons, signs, goal
+        )
+        return bounds, found
+
+    whole = both(lower, upper, targets)
+    assert sum(int(((lo < 0) & (hi > 0)).any(axis=0).sum()) for lo, hi in whole[0][1:]) > 0
+    for cache, row_cache in ((1_000, 1_000), (40_000, 50_000), (10**9, 10**9)):
+        monkeypatch.setattr(input_split, "_CACHE_VALUES", cache)
+        monkeypatch.setattr(input_split, "_ROW_CACHE_VALUES", row_cache)
+        order = rng.permutation(300)
+        shuffled = both(lower[order], upper[order], targets[order])
+        for (lo, hi), (s_lo, s_hi) in zip(whole[0], shuffled[0], strict=True):
+            same(lo[:, order], s_lo)
+            same(hi[:, order], s_hi)
+        for part, s_part in zip(whole[1], shuffled[1], strict=True):
+            same(part[order], s_part)
+    for leaf in (0, 17, 299):
+        alone = both(lower[leaf : leaf + 1], upper[leaf : leaf + 1], targets[leaf : leaf + 1])
+        for (lo, hi), (a_lo, a_hi) in zip(whole[0], alone[0], strict=True):
+            same(lo[:, leaf : leaf + 1], a_lo)
+            same(hi[:, leaf : leaf + 1], a_hi)
+        for part, a_part in zip(whole[1][:2], alone[1][:2], strict=True):
+            same(part[leaf : leaf + 1], a_part)
+
+
 def test_tightening_closes_leaves_sooner_and_keeps_the_verdicts(monkeypatch) -> None:
     """On a deep net, tightening every leaf the forward relaxation leaves open proves the same
     directions with fewer leaves than never tightening (only the probes), and both agree with
