@@ -407,7 +407,8 @@ def test_alpha_bounds_are_sound_and_never_looser_than_crown(seed: int, radius: f
     )
     crown = leaf_alpha.maximum_over_leaf(crown_coeffs, crown_const, lower, upper)
     every, _ = leaf_alpha.optimise(net, bounds, lower, upper, top, start, const)
-    assert np.all(every <= crown)
+    # the two back-substitutions sum in different orders: equal up to round-off
+    assert np.all(every <= crown + 1e-12 * (1.0 + np.abs(crown)))
     rng = np.random.default_rng(seed)
     for leaf in range(8):
         points = rng.uniform(lower[leaf], upper[leaf], (400, 3))
