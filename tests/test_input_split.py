@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_exact.bounds import input_split, leaf_alpha
+from onnx_exact.bounds import input_split, leaf_alpha, leaf_crown
 from onnx_exact.bounds.crown import interval_bounds
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
@@ -76,7 +76,7 @@ def test_leaf_bounds_enclose_every_point_of_each_leaf(seed: int) -> None:
     radius = rng.uniform(0.0, 0.2, (64, box.size)) * (box.upper - box.lower)
     lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
     top = len(net.layers) - 1
-    bounds, _ = input_split.leaf_bounds(net, lower, upper, interval_bounds(net, box), top)
+    bounds, _ = leaf_crown.leaf_bounds(net, lower, upper, interval_bounds(net, box), top)
     for leaf in range(0, 64, 8):
         points = rng.uniform(lower[leaf], upper[leaf], (500, box.size))
         for (lo, hi), y in zip(bounds, net.preactivations(points), strict=True):
@@ -100,10 +100,10 @@ def test_direction_bounds_with_other_lower_lines_enclose_every_point(
     outer, asked = interval_bounds(net, box), np.arange(layers.size)
     top = int(layers.max())
     context = (layers, neurons, signs)
-    monkeypatch.setattr(input_split, "_LOWER_LINES", ())
-    adaptive, *_ = input_split._direction_bounds(net, lower, upper, outer, top, asked, *context)
-    monkeypatch.setattr(input_split, "_LOWER_LINES", lines)
-    values, *_ = input_split._direction_bounds(net, lower, upper, outer, top, asked, *context)
+    monkeypatch.setattr(leaf_crown, "_LOWER_LINES", ())
+    adaptive, *_ = leaf_crown.direction_bounds(net, lower, upper, outer, top, asked, *context)
+    monkeypatch.setattr(leaf_crown, "_LOWER_LINES", lines)
+    values, *_ = leaf_crown.direction_bounds(net, lower, upper, outer, top, asked, *context)
     assert np.all(values <= adaptive) and np.any(values < adaptive - 1e-9)
     for leaf in range(64):
         points = rng.uniform(lower[leaf], upper[leaf], (200, box.size))
@@ -281,8 +281,8 @@ def test_tightened_leaf_bounds_enclose_every_point_and_are_tighter(seed: int) ->
     radius = rng.uniform(0.0, 0.3, (64, box.size)) * (box.upper - box.lower)
     lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
     top, outer = len(net.layers) - 1, interval_bounds(net, box)
-    forward, _ = input_split.leaf_bounds(net, lower, upper, outer, top)
-    tight, _ = input_split.leaf_bounds(net, lower, upper, outer, top, tighten=True)
+    forward, _ = leaf_crown.leaf_bounds(net, lower, upper, outer, top)
+    tight, _ = leaf_crown.leaf_bounds(net, lower, upper, outer, top, tighten=True)
     width = sum(float(np.sum(hi - lo)) for lo, hi in forward)
     tight_width = sum(float(np.sum(hi - lo)) for lo, hi in tight)
     assert tight_width < 0.9 * width
@@ -313,8 +313,8 @@ def test_a_leaf_is_bounded_alike_alone_and_in_any_batch(monkeypatch) -> None:
     targets = np.full((300, asked.size), -0.01)
 
     def both(lo, up, goal):
-        bounds, _ = input_split.leaf_bounds(net, lo, up, outer, top, tighten=True)
-        found = input_split._direction_bounds(
+        bounds, _ = leaf_crown.leaf_bounds(net, lo, up, outer, top, tighten=True)
+        found = leaf_crown.direction_bounds(
             net, lo, up, outer, top, asked, layers, neurons, signs, goal
         )
         return bounds, found
@@ -322,8 +322,8 @@ def test_a_leaf_is_bounded_alike_alone_and_in_any_batch(monkeypatch) -> None:
     whole = both(lower, upper, targets)
     assert sum(int(((lo < 0) & (hi > 0)).any(axis=0).sum()) for lo, hi in whole[0][1:]) > 0
     for cache, row_cache in ((1_000, 1_000), (40_000, 50_000), (10**9, 10**9)):
-        monkeypatch.setattr(input_split, "_CACHE_VALUES", cache)
-        monkeypatch.setattr(input_split, "_ROW_CACHE_VALUES", row_cache)
+        monkeypatch.setattr(leaf_crown, "_CACHE_VALUES", cache)
+        monkeypatch.setattr(leaf_crown, "_ROW_CACHE_VALUES", row_cache)
         order = rng.permutation(300)
         shuffled = both(lower[order], upper[order], targets[order])
         for (lo, hi), (s_lo, s_hi) in zip(whole[0], shuffled[0], strict=True):
@@ -387,7 +387,7 @@ def alpha_problem(seed: int, radius: float):
     centre = rng.uniform(-1.0, 1.0, (8, 3))
     lower, upper = np.maximum(centre - radius, -1.0), np.minimum(centre + radius, 1.0)
     top = 2
-    bounds, _ = input_split.leaf_bounds(net, lower, upper, interval_bounds(net, box), top, True)
+    bounds, _ = leaf_crown.leaf_bounds(net, lower, upper, interval_bounds(net, box), top, True)
     weight, bias = net.layers[top].weight, net.layers[top].bias
     start = np.broadcast_to(np.concatenate([weight, -weight]), (8, 24, 12))
     const = np.broadcast_to(np.concatenate([bias, -bias]), (8, 24))
@@ -402,9 +402,7 @@ def test_alpha_bounds_are_sound_and_never_looser_than_crown(seed: int, radius: f
     bounds (its first iterate); bounding only some (leaf, row) pairs, each its own batch entry,
     gives those pairs the same bounds (the optimisation is per pair) and the others ``inf``."""
     net, bounds, lower, upper, top, start, const = alpha_problem(seed, radius)
-    crown_coeffs, crown_const, _ = input_split._back_substitute(
-        net, bounds, None, top, start, const
-    )
+    crown_coeffs, crown_const, _ = leaf_crown.back_substitute(net, bounds, None, top, start, const)
     crown = leaf_alpha.maximum_over_leaf(crown_coeffs, crown_const, lower, upper)
     every, _ = leaf_alpha.optimise(net, bounds, lower, upper, top, start, const)
     # the two back-substitutions sum in different orders: equal up to round-off
@@ -425,9 +423,7 @@ def test_alpha_bounds_are_sound_and_never_looser_than_crown(seed: int, radius: f
 def test_alpha_tightens_crown_on_wide_leaves(seed: int) -> None:
     """Where leaves are wide (many unstable neurons) the optimised slopes lower the bounds."""
     net, bounds, lower, upper, top, start, const = alpha_problem(seed, 0.5)
-    crown_coeffs, crown_const, _ = input_split._back_substitute(
-        net, bounds, None, top, start, const
-    )
+    crown_coeffs, crown_const, _ = leaf_crown.back_substitute(net, bounds, None, top, start, const)
     crown = leaf_alpha.maximum_over_leaf(crown_coeffs, crown_const, lower, upper)
     every, _ = leaf_alpha.bound_rows(net, bounds, lower, upper, top, start, const)
     assert np.sum(crown - every) > 0.05 * np.sum(np.abs(crown))
@@ -482,9 +478,9 @@ def test_alpha_closes_a_direction_the_plain_search_leaves_open(monkeypatch) -> N
 
 @pytest.mark.parametrize("seed", range(3))
 def test_leaves_missing_their_targets_get_the_alpha_bound(seed: int, monkeypatch) -> None:
-    """:func:`_direction_bounds` with targets no bound reaches: with every leaf let through the
-    gate, every (leaf, row) gets a bound at most the tightened CROWN one (targets every bound
-    reaches), smaller in total, and still above every sampled value; with the default gate,
+    """:func:`leaf_crown.direction_bounds` with targets no bound reaches: with every leaf let
+    through the gate, every (leaf, row) gets a bound at most the tightened CROWN one (targets
+    every bound reaches), smaller in total, and still above every sampled value; with the default gate,
     only leaves whose every row is within ``ALPHA_GATE`` of its gap to the centre value."""
     net, box = deep_case(seed)
     rng = np.random.default_rng(seed)
@@ -495,14 +491,14 @@ def test_leaves_missing_their_targets_get_the_alpha_bound(seed: int, monkeypatch
     asked = np.flatnonzero(layers == top)
     context = (net, lower, upper, interval_bounds(net, box), top, asked, layers, neurons, signs)
     reached = np.full((32, asked.size), np.inf)
-    tight, *_ = input_split._direction_bounds(*context, reached)
-    gated, *_ = input_split._direction_bounds(*context, -reached)
+    tight, *_ = leaf_crown.direction_bounds(*context, reached)
+    gated, *_ = leaf_crown.direction_bounds(*context, -reached)
     y_centre = signs[asked] * net.preactivations((lower + upper) / 2.0)[top][:, neurons[asked]]
     changed = (gated < tight).any(axis=1)
-    within = (tight <= input_split.ALPHA_GATE * (tight - y_centre)).all(axis=1)
+    within = (tight <= leaf_crown.ALPHA_GATE * (tight - y_centre)).all(axis=1)
     assert np.all(gated <= tight) and np.all(within[changed])
-    monkeypatch.setattr(input_split, "ALPHA_GATE", np.inf)
-    alpha, *_ = input_split._direction_bounds(*context, -reached)
+    monkeypatch.setattr(leaf_crown, "ALPHA_GATE", np.inf)
+    alpha, *_ = leaf_crown.direction_bounds(*context, -reached)
     assert np.all(alpha <= tight) and np.sum(tight - alpha) > 0.0
     for leaf in range(32):
         y = net.preactivations(rng.uniform(lower[leaf], upper[leaf], (300, 2)))[top]

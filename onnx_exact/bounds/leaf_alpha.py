@@ -25,7 +25,7 @@ in the rows, of the layer just below) closes more leaves, but costs tens of opti
 through several layers per leaf: measured on ACAS Xu (acas_1_9's layer 3: 42k and 56k leaves
 instead of 71k) it cost more time than the leaves it saved.
 
-Soundness: float64 throughout on the exact weights, as :mod:`onnx_exact.bounds.input_split`;
+Soundness: float64 throughout on the exact weights, as :mod:`onnx_exact.bounds.leaf_crown`;
 the bounds are intersected with the caller's, and the caller's margin covers rounding.
 """
 
