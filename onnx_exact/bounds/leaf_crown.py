@@ -102,7 +102,7 @@ def leaf_bounds(
     outer : sound bounds over the whole box of at least layers ``0 .. top`` (every leaf is part of
         the box, so they hold on each leaf).
     top : the highest layer to bound.
-    tighten : also bound every neuron of layers ``1 .. top - 1`` that is unstable on some leaf
+    tighten : also bound each neuron of layers ``1 .. top - 1`` on each leaf it is unstable on
         by CROWN through the leaf's own (so tightened) bounds of the layers below, before its
         ReLU is relaxed (:func:`_tighten_rows`): several times the cost of the forward pass,
         and on a deep net far tighter bounds of the layers above (see "Tightening").
