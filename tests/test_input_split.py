@@ -480,8 +480,9 @@ def test_alpha_closes_a_direction_the_plain_search_leaves_open(monkeypatch) -> N
 def test_leaves_missing_their_targets_get_the_alpha_bound(seed: int, monkeypatch) -> None:
     """:func:`leaf_crown.direction_bounds` with targets no bound reaches: with every leaf let
     through the gate, every (leaf, row) gets a bound at most the tightened CROWN one (targets
-    every bound reaches), smaller in total, and still above every sampled value; with the default gate,
-    only leaves whose every row is within ``ALPHA_GATE`` of its gap to the centre value."""
+    every bound reaches), smaller in total, and still above every sampled value; with the
+    default gate, only leaves whose every row is within ``ALPHA_GATE`` of its gap to the centre
+    value."""
     net, box = deep_case(seed)
     rng = np.random.default_rng(seed)
     centre = rng.uniform(-1.0, 1.0, (32, 2))

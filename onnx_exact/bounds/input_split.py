@@ -269,8 +269,9 @@ class InputSearch:
         rows: np.ndarray,
         targets: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """:func:`onnx_exact.bounds.leaf_crown.direction_bounds` of a batch, in parts on the worker pool when it is large
-        (tightened, with α-CROWN where ``targets`` are missed, when they are given)."""
+        """:func:`onnx_exact.bounds.leaf_crown.direction_bounds` of a batch, in parts on the
+        worker pool when it is large (tightened, with α-CROWN where ``targets`` are missed,
+        when they are given)."""
         parts = min(self.jobs, lower.shape[0] // _PART_LEAVES) if executor is not None else 1
         context = (self.net, self.outer, self.layers, self.neurons, self.signs)
         if parts < 2:
@@ -301,7 +302,8 @@ def _bounds_in_worker(
     asked: np.ndarray,
     targets: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`onnx_exact.bounds.leaf_crown.direction_bounds` for part of a batch, in a worker of the run's pool."""
+    """:func:`onnx_exact.bounds.leaf_crown.direction_bounds` for part of a batch, in a worker
+    of the run's pool."""
     net, outer, layers, neurons, signs = context
     return leaf_crown.direction_bounds(
         net, lower, upper, outer, top, asked, layers, neurons, signs, targets
