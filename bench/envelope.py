@@ -10,7 +10,8 @@ per-neuron MILP baseline (``method="per-neuron"``, two decision MILPs per neuron
 ``--baseline-cap`` seconds, each in its own spawned child process (the runner of
 ``bench/stability.py``). Per run: wall time of ``analyze_stability``, neurons left undecided,
 leaves bounded by the input-splitting branch and bound (``input_split.InputSearch.run``,
-counted in the child), and the time per tier. Labels of every pair of runs are compared on
+counted in the child), the time per tier and, when neurons are left open, the least share of
+the box on which the input splitting proved an open neuron (how far from done it stopped). Labels of every pair of runs are compared on
 the neurons both decided.
 
 Usage::
@@ -90,7 +91,11 @@ def _child_run(conn, case, method: str, time_limit: float, jobs: int, seed: int)
             net, box, method=method, time_limit=time_limit, jobs=jobs, seed=seed
         )
         summary = BENCH.run_summary(net, result, time.perf_counter() - start)
-        conn.send({**summary, "leaves": leaves[0]})
+        shares = [layer.proved_share for layer in result.layers if layer.proved_share is not None]
+        measured = np.concatenate(shares) if shares else np.empty(0)
+        measured = measured[np.isfinite(measured)]
+        least = float(measured.min()) if measured.size else None
+        conn.send({**summary, "leaves": leaves[0], "least_proved_share": least})
     except Exception as exc:  # noqa: BLE001 - any failure is a benchmark finding, not a crash
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         where = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
@@ -120,7 +125,9 @@ def fmt_run(summary: dict) -> str:
     text = f"{summary['seconds']:.1f}"
     if summary.get("time_limit_hit") or open_count:
         text = f"≥ {summary['time_limit']:.0f}" if summary.get("time_limit_hit") else text
-        text += f" ({open_count} open)"
+        least = summary.get("least_proved_share")
+        shown = f", least proved on {100.0 * least:.3g} % of the box" if least is not None else ""
+        text += f" ({open_count} open{shown})"
     return text
 
 

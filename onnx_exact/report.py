@@ -99,6 +99,9 @@ class LayerSummary:
     stably_inactive: list[int]
     unstable: list[int]
     undecided: list[int]  # open at the time limit or within the margin
+    # aligned with ``undecided``: share of the box on which input splitting proved the neuron's
+    # open directions (None where no input search pursued them)
+    undecided_proved_share: list[float | None] = field(default_factory=list)
     removed: int = 0
     folded: bool = False
     decided_by: dict[str, int] = field(default_factory=dict)
@@ -136,6 +139,8 @@ class LayerSummary:
             out["channels"] = self.channels.to_json()
             for key in ("params_before", "params_after", "macs_before", "macs_after"):
                 out[key] = getattr(self, key)
+        if any(share is not None for share in self.undecided_proved_share):
+            out["undecided_proved_share"] = self.undecided_proved_share
         if self.clip is not None:
             out["clip"] = self.clip
             out["stably_saturated"] = self.stably_saturated
@@ -280,6 +285,11 @@ def summarize_layers(
             stable_proved_by=dict(sorted(proved.items())),
             unstable_shown_by=dict(sorted(shown.items())),
         )
+        if ls.proved_share is not None:
+            shares = ls.proved_share[real][summary.undecided]
+            summary.undecided_proved_share = [
+                float(share) if np.isfinite(share) else None for share in shares
+            ]
         kinks = net.layers[k].kinks
         if kinks.size:  # Clip(0, c): the kink relu(y - c) of unit i is neuron kinks[i]
             summary.clip = net.layers[k].clip

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onnx_exact import report
 from onnx_exact.bounds import input_split, leaf_alpha, leaf_crown
 from onnx_exact.bounds.crown import interval_bounds
 from onnx_exact.core.box import Box
@@ -242,6 +243,45 @@ def test_a_search_resumes_and_never_proves_what_the_caller_dropped() -> None:
     dropped = input_split.InputSearch(*args, [1e-12, 1e-12])
     outcome = dropped.run(1000, asked=np.array([False, True]))
     assert not outcome.proved[0] and not outcome.refuted[0] and outcome.refuted[1]
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_the_proved_share_and_the_open_leaves_make_up_the_box(seed: int) -> None:
+    """Leaves are disjoint and cover the box, so for every direction still open its proved share
+    (the volume of its closed leaves) and the volume of the leaves holding it open add up to the
+    whole box; the share only grows, and is 1 once the direction is proved."""
+    net, box = deep_case(seed)
+    layers, neurons, signs = all_directions(net)
+    outer = interval_bounds(net, box)
+    margins = np.full(layers.size, 1e-9)
+    search = input_split.InputSearch(
+        net, box.lower, box.upper, outer, layers, neurons, signs, margins
+    )
+    before = np.zeros(layers.size)
+    for _ in range(6):
+        outcome = search.run(4)
+        live = ~(outcome.proved | outcome.refuted | search.dropped)
+        volume = input_split._volume_shares(search.lower, search.upper, search.extent, search.flat)
+        left = volume @ search.open
+        assert np.allclose(outcome.covered[live] + left[live], 1.0, rtol=0.0, atol=1e-9)
+        assert np.all(outcome.covered[outcome.proved] == 1.0)
+        assert np.all((outcome.covered >= before - 1e-12) & (outcome.covered <= 1.0))
+        before = outcome.covered
+    assert (before[live] > 0.0).any() and (before[live] < 1.0).any()  # a partial proof was seen
+
+
+def test_an_undecided_neuron_reports_the_share_of_the_box_the_search_proved(monkeypatch) -> None:
+    net, box = diagonal_net()
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 3)  # the root and its two halves
+    result = analyze_stability(net, box, tiers=("split",))
+    assert result.layers[1].states[0] == NeuronState.UNDECIDED
+    share = result.layers[1].proved_share[0]
+    # a + b - 2.5 <= -0.5 needs the quarters of [-1, 1]^2; halves close none or half of it
+    assert 0.0 <= share < 1.0
+    assert np.isnan(result.layers[1].proved_share[1])  # b is unstable: decided, no share
+    assert any("input splitting proved them on" in note for note in result.notes)
+    summary = report.summarize_layers(net, result)[1].to_json()
+    assert summary["undecided"] == [0] and summary["undecided_proved_share"] == [share]
 
 
 def test_directions_of_the_first_layer_alone_are_decided() -> None:

@@ -16,6 +16,9 @@ when no leaf holds it open (the closed leaves cover the box and the largest of t
 of a leaf (its centre, or the vertex that maximises the direction's linear upper bound on the leaf)
 shows ``s * y_{k,i} > 0`` strictly. A leaf whose open directions are all closed or refuted is
 dropped; the others are halved and their halves inherit the directions still open.
+A direction still open keeps ``covered``, the fraction of the box's volume on which its closed
+leaves prove it (the leaves are disjoint, so their volumes add up): what is left to prove when a
+budget runs out, since a leaf count says little when the box has many leaves to its proof.
 
 Bounds of a batch of leaves: :mod:`onnx_exact.bounds.leaf_crown` (forward linear relaxation,
 CROWN for the asked rows; with targets, CROWN-tightened intermediate bounds and α-CROWN where
@@ -74,7 +77,8 @@ class SplitOutcome:
     ``s * y``) then bounds it on the box. ``refuted``: a point of the box shows the sign strictly;
     ``witnesses`` holds one such point per refuted direction (network space, duplicates removed).
     ``leaves``: leaves bounded. Directions neither proved nor refuted were open when the leaf
-    budget or the deadline ran out, or could not be split further.
+    budget or the deadline ran out, or could not be split further; ``covered`` is the fraction
+    of the box's volume on which the closed leaves prove each direction (1 when proved).
     """
 
     proved: np.ndarray
@@ -82,6 +86,7 @@ class SplitOutcome:
     worst: np.ndarray
     witnesses: np.ndarray
     leaves: int
+    covered: np.ndarray
 
 
 def batch_size(net: Network, top: int) -> int:
@@ -157,6 +162,8 @@ class InputSearch:
         self.dropped = np.zeros(count, dtype=bool)  # given up, or no longer asked by the caller
         self.worst = np.full(count, -np.inf)
         self.extent = np.where(upper > lower, upper - lower, 1.0)
+        self.flat = ~(np.asarray(upper) > np.asarray(lower))  # no volume along these dimensions
+        self.covered = np.zeros(count)  # fraction of the box's volume closed, per direction
         self.lower = np.asarray(lower, dtype=np.float64)[None, :].copy()
         self.upper = np.asarray(upper, dtype=np.float64)[None, :].copy()
         self.open = np.ones((1, count), dtype=bool)
@@ -221,6 +228,7 @@ class InputSearch:
             self.worst[rows] = np.maximum(
                 self.worst[rows], np.where(closed, values, -np.inf).max(axis=0)
             )
+            self.covered[rows] += _volume_shares(b_lower, b_upper, self.extent, self.flat) @ closed
             still = was_open & ~closed
             busy = still.any(axis=1)
             if busy.any():
@@ -256,8 +264,9 @@ class InputSearch:
                 _tighten(outer, layers[done], neurons[done], signs[done], self.worst[done])
                 self.worker = None  # the workers need the tightened bounds
         points = np.concatenate(witnesses) if witnesses else np.empty((0, n))
+        covered = np.where(self.proved, 1.0, np.minimum(self.covered, 1.0))
         return SplitOutcome(
-            self.proved.copy(), self.refuted.copy(), self.worst.copy(), points, spent
+            self.proved.copy(), self.refuted.copy(), self.worst.copy(), points, spent, covered
         )
 
     def _bound(
@@ -343,6 +352,14 @@ def _signs_shown(
             first[columns] = np.argmax(positive, axis=0)
         h = np.maximum(y, 0.0) if layer.relu else y
     return shown, first
+
+
+def _volume_shares(
+    lower: np.ndarray, upper: np.ndarray, extent: np.ndarray, flat: np.ndarray
+) -> np.ndarray:
+    """Each leaf's share of the box's volume: the product of its widths over the box's, over the
+    dimensions the box is not flat in (a flat dimension is never split)."""
+    return np.where(flat, 1.0, (upper - lower) / extent).prod(axis=1)
 
 
 def _halves(

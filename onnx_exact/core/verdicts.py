@@ -167,7 +167,9 @@ class LayerStability:
     ``not_pursued`` (CNNs under the structural focus, else None) marks the UNDECIDED neurons
     left open on purpose: none of their open directions could change the channel structure
     (:meth:`onnx_exact.stability.state.Analysis.structural`); the other UNDECIDED ones are
-    open for lack of time or within the margin.
+    open for lack of time or within the margin. ``proved_share`` (None for a layer without ReLU)
+    gives, per UNDECIDED neuron whose open directions an input search pursued, the share of the
+    box's volume on which it proved them (NaN elsewhere): what was left to prove.
     """
 
     index: int
@@ -177,6 +179,7 @@ class LayerStability:
     lower: np.ndarray
     upper: np.ndarray
     not_pursued: np.ndarray | None = None
+    proved_share: np.ndarray | None = None
 
     def counts(self) -> dict[str, int]:
         """Number of neurons per state name (``{"ACTIVE": 3, ...}``)."""

@@ -77,6 +77,9 @@ class Analysis:
         self.tightened: set[int] = set()
         self.relaxation: lp_relaxation.LayerRelaxation | None = None  # of the layer being decided
         self.searches: dict[int, input_split.InputSearch] = {}  # split/subdivide's, per layer
+        # per layer (n_k, 2): share of the box on which the input search proved y <= 0 (column
+        # 0) and y >= 0 (column 1); NaN where no search measured it
+        self.proved_share = [np.full((layer.out_features, 2), np.nan) for layer in net.layers]
         # Structural focus: only CNNs (some layer carries ``channels``) are pruned by channel;
         # the schedule turns it on (``focused``) for the costly tiers and the retries.
         self.focus = any(layer.channels is not None for layer in net.layers)
@@ -264,6 +267,23 @@ class Analysis:
         margin = policy.float_margins(self.net, self.box, self.bounds, k)
         self.prove(k, np.flatnonzero(self.bounds[k].upper <= -margin), NeuronState.INACTIVE, tier)
         self.prove(k, np.flatnonzero(self.bounds[k].lower >= margin), NeuronState.ACTIVE, tier)
+
+    def record_cover(
+        self, k: int, neurons: np.ndarray, signs: np.ndarray, covered: np.ndarray
+    ) -> None:
+        """Shares of the box on which an input search proved layer k's directions."""
+        self.proved_share[k][neurons, np.where(signs > 0, 0, 1)] = covered
+
+    def undecided_share(self, k: int) -> np.ndarray:
+        """Per neuron of layer k, the share of the box on which the input search proved its
+        open directions (the smaller share when both signs are open); NaN where the neuron is
+        decided or an open direction of it was not searched."""
+        undecided = self.states[k] == NeuronState.UNDECIDED
+        share = self.proved_share[k]
+        pos = np.where(self.obs.seen_pos[k], np.inf, share[:, 0])
+        neg = np.where(self.obs.seen_neg[k], np.inf, share[:, 1])
+        smaller = np.minimum(pos, neg)  # NaN stays NaN
+        return np.where(undecided & np.isfinite(smaller), smaller, np.nan)
 
     def prove_covered(
         self, k: int, neurons: np.ndarray, signs: np.ndarray, worst: np.ndarray, tier: str
@@ -453,7 +473,10 @@ class Analysis:
                     if self.time_limit_hit
                     else "no witness and no proof beyond the margin"
                 )
-                self.notes.append(f"layer {layer.name!r}: {undecided} neurons undecided ({reason})")
+                self.notes.append(
+                    f"layer {layer.name!r}: {undecided} neurons undecided ({reason})"
+                    + _share_phrase(self.undecided_share(k), undecided)
+                )
             layers.append(
                 LayerStability(
                     index=k,
@@ -463,6 +486,7 @@ class Analysis:
                     lower=self.bounds[k].lower,
                     upper=self.bounds[k].upper,
                     not_pursued=not_pursued if self.focus else None,
+                    proved_share=self.undecided_share(k) if layer.relu else None,
                 )
             )
         return StabilityResult(
@@ -473,3 +497,21 @@ class Analysis:
             time_limit_hit=self.time_limit_hit,
             notes=self.notes,
         )
+
+
+def _share_phrase(share: np.ndarray, undecided: int) -> str:
+    """``"; input splitting proved them on 96.2-99.97 % of the box"`` for the measured shares
+    of the ``undecided`` neurons (empty when none is measured): how much is left to prove."""
+    measured = share[np.isfinite(share)]
+    if not measured.size:
+        return ""
+    low, high = _percent(float(measured.min())), _percent(float(measured.max()))
+    span = f"{low} %" if low == high else f"{low}-{high} %"
+    which = "them" if measured.size == undecided else f"{measured.size} of them"
+    return f"; input splitting proved {which} on {span} of the box"
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage of four significant digits that never rounds up to 100."""
+    text = f"{100.0 * share:.4g}"
+    return "> 99.99" if share < 1.0 and float(text) >= 100.0 else text

@@ -302,6 +302,7 @@ def _run_search(
     stop = analysis.deadline if deadline is None else deadline
     outcome = search.run(leaves, stop, asked=analysis.still_open(k, neurons, signs))
     analysis.see(outcome.witnesses, tier)
+    analysis.record_cover(k, neurons, signs, outcome.covered)
     proved = outcome.proved & analysis.still_open(k, neurons, signs)
     analysis.prove_covered(k, neurons[proved], signs[proved], outcome.worst[proved], tier)
 
