@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from onnx_exact import report
 from onnx_exact.bounds import input_split, leaf_alpha, leaf_crown
-from onnx_exact.bounds.crown import interval_bounds
+from onnx_exact.bounds.crown import interval_bounds, symbolic_bounds
 from onnx_exact.core.box import Box
 from onnx_exact.core.network import DenseLayer, InputMap, Network
 from onnx_exact.core.verdicts import NeuronState
@@ -282,6 +282,43 @@ def test_an_undecided_neuron_reports_the_share_of_the_box_the_search_proved(monk
     assert any("input splitting proved them on" in note for note in result.notes)
     summary = report.summarize_layers(net, result)[1].to_json()
     assert summary["undecided"] == [0] and summary["undecided_proved_share"] == [share]
+
+
+def test_a_refined_search_keeps_the_tighter_bounds_and_stays_sound() -> None:
+    """``refine`` intersects the search's bounds with newer sound ones (here CROWN's, tighter than
+    the interval bounds the search started from); the search goes on from them and its proofs
+    still hold on a dense grid."""
+    net, box = deep_case(1)
+    layers, neurons, signs = all_directions(net)
+    outer = interval_bounds(net, box)
+    tighter = [bound.copy() for bound in outer]
+    for k in range(len(net.layers)):
+        symbolic, _ = symbolic_bounds(net, box, tighter, k)
+        tighter[k] = tighter[k].intersect(symbolic)
+        tighter = interval_bounds(net, box, tighter)
+    margins = np.full(layers.size, 1e-9)
+    search = input_split.InputSearch(
+        net, box.lower, box.upper, outer, layers, neurons, signs, margins
+    )
+    search.run(8)
+    search.worker = "started"  # stands for a worker context built from the current bounds
+    search.refine(outer)  # nothing tighter: the workers keep their context
+    assert search.worker == "started"
+    before = [bound.copy() for bound in search.outer]  # with the search's own proofs
+    search.refine(tighter)
+    assert search.worker is None
+    for mine, old, new in zip(search.outer, before, tighter, strict=True):
+        assert np.array_equal(mine.upper, np.minimum(old.upper, new.upper))
+        assert np.array_equal(mine.lower, np.maximum(old.lower, new.lower))
+    assert any((new.upper < old.upper).any() for old, new in zip(outer, tighter, strict=True))
+    outcome = search.run(100_000)
+    assert np.all(outcome.proved | outcome.refuted)
+    grid = net.preactivations(dense_grid(box))
+    signed = np.stack(
+        [sign * grid[k][:, i] for k, i, sign in zip(layers, neurons, signs, strict=True)]
+    )
+    assert np.all(signed[outcome.proved].max(axis=1) <= 1e-9)
+    assert np.all(signed[outcome.refuted].max(axis=1) > 0.0)
 
 
 def test_directions_of_the_first_layer_alone_are_decided() -> None:

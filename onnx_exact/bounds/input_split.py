@@ -126,7 +126,8 @@ class InputSearch:
     net : the network (network space).
     lower, upper : ``(n,)`` the box.
     outer : sound bounds of every layer up to the highest asked over the whole box; copied, and
-        tightened (on the copy) by each direction proved on the way, so later leaves use them.
+        tightened (on the copy) by each direction proved on the way and by :meth:`refine`, so
+        later leaves use them.
     layers, neurons, signs : ``(D,)`` the directions (signs ``+1`` / ``-1``).
     margins : ``(D,)`` what a leaf bound must clear, ``max s * y <= -margin``.
     jobs : with ``jobs >= 2`` a batch's leaves are bounded in that many parts in the run's worker
@@ -170,6 +171,26 @@ class InputSearch:
         self.priority = np.full(1, np.inf)
         self.tightening = 0.0  # running share of tightened leaves that tightening closed
         self.worker = None
+
+    def refine(self, outer: list[LayerBounds]) -> None:
+        """Intersect the search's whole-box bounds with other sound bounds of the same layers.
+
+        Why: the caller's bounds tighten while a search waits for its next instalment (another
+        layer's search proved some of its neurons stable); every leaf bounded afterwards
+        starts from the tighter bounds, so fewer of its neurons are relaxed. Both are sound,
+        so their intersection is; the verdicts already given stand.
+        """
+        changed = False
+        for mine, theirs in zip(self.outer, outer, strict=False):
+            tighter = mine.intersect(theirs)
+            if not (
+                np.array_equal(tighter.lower, mine.lower)
+                and np.array_equal(tighter.upper, mine.upper)
+            ):
+                mine.lower, mine.upper = tighter.lower, tighter.upper
+                changed = True
+        if changed:
+            self.worker = None  # the workers need the tightened bounds
 
     def run(
         self, max_leaves: int, deadline: float = np.inf, asked: np.ndarray | None = None

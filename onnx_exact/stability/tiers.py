@@ -296,10 +296,11 @@ def _run_search(
     analysis: Analysis, k: int, leaves: int, tier: Tier, deadline: float | None = None
 ) -> None:
     """Continue layer k's input search for ``leaves`` leaves (until ``deadline``, by default
-    the analysis's); apply its verdicts as ``tier``."""
+    the analysis's) from the analysis's current bounds; apply its verdicts as ``tier``."""
     search = analysis.searches[k]
     neurons, signs = search.neurons, search.signs
     stop = analysis.deadline if deadline is None else deadline
+    search.refine(analysis.bounds)  # what other layers' proofs established meanwhile
     outcome = search.run(leaves, stop, asked=analysis.still_open(k, neurons, signs))
     analysis.see(outcome.witnesses, tier)
     analysis.record_cover(k, neurons, signs, outcome.covered)
