@@ -11,8 +11,8 @@ per-neuron MILP baseline (``method="per-neuron"``, two decision MILPs per neuron
 ``bench/stability.py``). Per run: wall time of ``analyze_stability``, neurons left undecided,
 leaves bounded by the input-splitting branch and bound (``input_split.InputSearch.run``,
 counted in the child), the time per tier and, when neurons are left open, the least share of
-the box on which the input splitting proved an open neuron (how far from done it stopped). Labels of every pair of runs are compared on
-the neurons both decided.
+the box on which the input splitting proved an open neuron (how far from done it stopped).
+Labels of every pair of runs are compared on the neurons both decided.
 
 Usage::
 
