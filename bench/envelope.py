@@ -168,7 +168,9 @@ def summary_lines(results: list[tuple[str, dict]]) -> list[str]:
     ]
     lines = [f"- 0 undecided within {TARGET_S:.0f} s: {len(met)} of {len(results)} runs"]
     if finished:
-        name, run = max(finished, key=lambda item: item[1]["seconds"])
+        # runs stopped by the time limit all take about as long: the one left furthest from done
+        # (most neurons open) is the slowest
+        name, run = max(finished, key=lambda item: (undecided(item[1]), item[1]["seconds"]))
         lines.append(f"- Slowest: {name}, time {fmt_run(run)} (s); tiers {fmt_tiers(run)}")
     return lines
 
