@@ -459,6 +459,7 @@ class Analysis:
                 # Witnesses found while deciding later layers may complete earlier neurons' pairs.
                 self.finish_layer(k)
             not_pursued = self.not_pursued(k) & layer.real if layer.relu else None
+            share = self.undecided_share(k) if layer.relu else None
             undecided = int(np.count_nonzero(self.states[k][layer.real] == NeuronState.UNDECIDED))
             if not_pursued is not None and not_pursued.any():
                 undecided -= int(not_pursued.sum())
@@ -475,7 +476,7 @@ class Analysis:
                 )
                 self.notes.append(
                     f"layer {layer.name!r}: {undecided} neurons undecided ({reason})"
-                    + _share_phrase(self.undecided_share(k), undecided)
+                    + ("" if share is None else _share_phrase(share, undecided))
                 )
             layers.append(
                 LayerStability(
@@ -486,7 +487,7 @@ class Analysis:
                     lower=self.bounds[k].lower,
                     upper=self.bounds[k].upper,
                     not_pursued=not_pursued if self.focus else None,
-                    proved_share=self.undecided_share(k) if layer.relu else None,
+                    proved_share=share,
                 )
             )
         return StabilityResult(
