@@ -78,3 +78,37 @@ def test_few_inputs_are_sampled_densely_past_idle_rounds():
     assert sampled == policy.SAMPLE_MAX_FEW_INPUTS
     assert result.layers[1].states[0] == NeuronState.UNSTABLE
     assert result.layers[1].decided_by[0] == Tier.WITNESS
+
+
+def test_with_the_search_alone_a_probe_precedes_it_and_one_attack_round_follows(monkeypatch):
+    """When the input search is the only tier after the split (few inputs), a probe, not an
+    attack, runs before each layer's first instalment, one attack round only on what the
+    instalment left, and one round after each retried instalment: the search refutes as it
+    proves. Layer 1's directions never close (see :func:`sink_net`), layer 2's are proved by
+    the search, so no attack is spent on layer 2."""
+    net, box = sink_net()
+    monkeypatch.setattr(policy, "SPLIT_BOXES_PER_LAYER", 1)
+    monkeypatch.setattr(policy, "SUBDIVIDE_LEAVES", 200)
+    calls: list[tuple[str, int, float]] = []
+
+    def recorded(tier):
+        function = stability_tiers.TIER_FUNCTIONS[tier]
+
+        def call(analysis, k, effort=1.0):
+            calls.append((tier.value, k, effort))
+            function(analysis, k, effort)
+
+        return call
+
+    for tier in (Tier.PROBE, Tier.ATTACK, Tier.SUBDIVIDE):
+        monkeypatch.setitem(stability_tiers.TIER_FUNCTIONS, tier, recorded(tier))
+    result = analyze_stability(net, box, tiers=("split", "subdivide"), time_limit=3)
+    first = [call for call in calls if call[2] == 1.0][:4]
+    assert first[:3] == [("probe", 1, 1.0), ("subdivide", 1, 1.0), ("attack", 1, 1.0)]
+    assert ("attack", 2, 1.0) not in calls
+    assert result.layers[2].decided_by[0] == "subdivide"
+    retried = [i for i, call in enumerate(calls) if call[0] == "subdivide" and call[2] > 1.0]
+    assert retried
+    for i in retried:
+        if i + 1 < len(calls):
+            assert calls[i + 1] == ("attack", 1, policy.SEARCH_ATTACK_EFFORT)

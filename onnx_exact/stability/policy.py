@@ -61,6 +61,9 @@ PATTERN_SECONDS = 3.0  # pattern-search seconds per direction per round (near-bo
 PATTERN_GAP = 0.05  # pattern search only from points with -y <= gap * (bound - y)
 ATTACK_ESCALATION = 4.0  # the attack's effort (rounds) grows by this before each attacked tier
 ATTACK_MAX_EFFORT = 16.0  # ... up to this; also the effort after a retried tier without a cap
+# rounds after a retried input search that is the only exact tier (few inputs): its leaves'
+# points refute too, best first where the sign is likeliest (ring2d/smooth8: 16 rounds found none)
+SEARCH_ATTACK_EFFORT = 1.0
 
 # --- background attack (jobs >= 2, fewer open directions than jobs) -------------------------
 BACKGROUND_POLISH_QUANTILE = 0.75  # polish only PGD ends in the top quarter of earlier rounds
@@ -97,7 +100,7 @@ def probe_limits() -> AttackLimits:
     )
 
 
-def retry_attack_effort(tier: Tier, effort: float) -> float:
+def retry_attack_effort(tier: Tier, effort: float, search_only: bool = False) -> float:
     """Attack rounds after a retry of ``tier`` at ``effort``: one attack second per proof second.
 
     A direction still open after the first pass is either unstable with its sign in a sliver of
@@ -108,8 +111,13 @@ def retry_attack_effort(tier: Tier, effort: float) -> float:
     answer, against the order that would have been right; a fixed number of rounds instead
     starves the refutation when one round succeeds rarely. After the tier, not before:
     directions it proves cost no attack. A tier without a per-direction cap (subdivide) is
-    followed by ``ATTACK_MAX_EFFORT`` rounds.
+    followed by ``ATTACK_MAX_EFFORT`` rounds, or by ``SEARCH_ATTACK_EFFORT`` when it is the
+    input search and no other exact tier runs (``search_only``): the search is a refuter too,
+    forward-passing points of its most promising leaves first, so the attack is only the
+    shortcut to a sign in a sliver.
     """
+    if search_only:
+        return SEARCH_ATTACK_EFFORT
     seconds = tier_direction_seconds(tier)
     if seconds is None:
         return ATTACK_MAX_EFFORT

@@ -118,7 +118,8 @@ def run_tiers(analysis: Analysis, solver_tiers: tuple[Tier, ...]) -> None:
     it. The first pass gives every layer its capped tiers; only then do the retries at
     ``policy.RETRY_EFFORTS`` (longer caps per direction) go round the layers still open,
     lowest first, with the tiers the table marks ``retried``, each followed by an attack of
-    equal time (:func:`policy.retry_attack_effort`). Deciding a neuron late is sound for the layers
+    equal time, or of one round after an input search that is the only retried tier
+    (:func:`policy.retry_attack_effort`). Deciding a neuron late is sound for the layers
     above: while it was open they treated it as unstable, a relaxation that covers both of
     its phases.
 
@@ -153,6 +154,7 @@ def run_tiers(analysis: Analysis, solver_tiers: tuple[Tier, ...]) -> None:
             continue
         decide_layer(analysis, k, solver_tiers)
     retry_tiers = tuple(tier for tier in solver_tiers if TIERS[tier].retried)
+    search_only = retry_tiers == (Tier.SUBDIVIDE,)
     if not retry_tiers or not np.isfinite(analysis.deadline):
         return
     efforts = policy.RETRY_EFFORTS
@@ -171,9 +173,8 @@ def run_tiers(analysis: Analysis, solver_tiers: tuple[Tier, ...]) -> None:
                         analysis.start_background_attack(k)
                     tier_impl.run(analysis, tier, k, effort)
                     if analysis.has_open(k) and not analysis.attacked_in_background(k):
-                        tier_impl.run(
-                            analysis, Tier.ATTACK, k, policy.retry_attack_effort(tier, effort)
-                        )
+                        rounds = policy.retry_attack_effort(tier, effort, search_only)
+                        tier_impl.run(analysis, Tier.ATTACK, k, rounds)
             analysis.finish_layer(k)
         idle = time.monotonic() - started < policy.IDLE_ROUND_SECONDS
         if round_index >= len(efforts) - 1 and idle and analysis.open_count() == open_before:
@@ -232,6 +233,13 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
     the selected exact tiers in table order, a probe before the first ``probed_before`` one,
     an attack (at growing effort) before each ``attacked_before`` one unless a background
     attack (started before a ``background`` tier) covers the layer already.
+
+    When the input search (``subdivide``) is the only tier after the split (few inputs), a probe
+    runs before it and one attack round after it, on what its instalment left: the search
+    forward-passes points of its leaves, the most promising first, so it refutes as it proves,
+    and an attack round before it was mostly spent on directions the search then proved
+    (2-input ring2d: 26 s of a 63 s run, no sign found). The retries attack one round after
+    each instalment (:func:`policy.retry_attack_effort`).
     """
     analysis.layer_now = k
     # A CNN's tiers pursue only the directions that can change its structure (CROWN still
@@ -250,6 +258,9 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
     if milp_tiers and k > 0 and analysis.has_open(k):
         tier_impl.run(analysis, Tier.ALPHA_CROWN, k)
     attack_effort, probed = 1.0, False
+    # the input search refutes as it proves (its leaves' points are forward-passed): with
+    # nothing else after the split tier, only a probe runs before it (see the docstring)
+    search_only = milp_tiers == (Tier.SUBDIVIDE,)
     with analysis.background_attack(k):
         for tier in milp_tiers:
             spec = TIERS[tier]
@@ -262,7 +273,12 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
                     break
             if spec.background:
                 analysis.start_background_attack(k)
-            if spec.attacked_before and k > 0 and not analysis.attacked_in_background(k):
+            if spec.attacked_before and k > 0 and search_only and not probed:
+                tier_impl.run(analysis, Tier.PROBE, k)
+                probed = True
+                if not analysis.has_open(k):
+                    break
+            elif spec.attacked_before and k > 0 and not analysis.attacked_in_background(k):
                 tier_impl.run(analysis, Tier.ATTACK, k, attack_effort)
                 attack_effort = min(
                     attack_effort * policy.ATTACK_ESCALATION, policy.ATTACK_MAX_EFFORT
@@ -270,5 +286,7 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
                 if not analysis.has_open(k):
                     break
             tier_impl.run(analysis, tier, k)
+            if search_only and analysis.has_open(k):  # what the search's instalment left
+                tier_impl.run(analysis, Tier.ATTACK, k)
     analysis.focused = False
     analysis.finish_layer(k)

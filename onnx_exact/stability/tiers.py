@@ -247,10 +247,11 @@ def subdivide(analysis: Analysis, k: int, effort: float = 1.0) -> None:
     """Layer k's input search continued for ``SUBDIVIDE_LEAVES * effort`` more leaves.
 
     Only above the first layer (its interval bounds are exact); a search is started if the split
-    tier did not. Why a second instalment rather than the whole budget in the split tier: an
-    unstable direction whose sign lives in a sliver costs the branch and bound many leaves and
-    the attack tier a second or two, so the large budget goes only to what the attack left,
-    mostly stable directions whose extreme lies near 0. The search keeps its open leaves, so each
+    tier did not. Why a second instalment rather than the whole budget in the split tier: what
+    the split tier leaves open is mostly stable directions whose extreme lies near 0, or
+    unstable ones whose sign lives in a sliver; the tiers in between (an attack, or with few
+    inputs only a probe, since the search refutes too) take the cheap share of the latter
+    before the large budget goes to the rest. The search keeps its open leaves, so each
     call and retry continues it; directions settled elsewhere meanwhile are dropped from it.
     In the first pass (``effort`` 1) under a time limit, the call also stops at an equal share
     of the time left for this layer and each layer above it: a layer whose directions need
