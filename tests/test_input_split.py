@@ -114,6 +114,40 @@ def test_direction_bounds_with_other_lower_lines_enclose_every_point(
 
 
 @pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tightened", [False, True])
+def test_crown_on_the_open_pairs_alone_gives_their_dense_bounds(seed, tightened) -> None:
+    """With ``open_pairs`` sparse enough, CROWN runs pair by pair on the open (leaf, row) pairs
+    only; each open pair gets the bound, coefficients and split scores the dense pass gives it,
+    up to the rounding of a differently shaped matrix product, and every other pair keeps its
+    sound forward bound."""
+    net, box = case(seed)
+    rng = np.random.default_rng(seed)
+    centre = rng.uniform(box.lower, box.upper, (64, box.size))
+    radius = rng.uniform(0.0, 0.3, (64, box.size)) * (box.upper - box.lower)
+    lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
+    layers, neurons, signs = all_directions(net)
+    outer, asked = interval_bounds(net, box), np.arange(layers.size)
+    top = int(layers.max())
+    context = (layers, neurons, signs)
+    open_pairs = rng.random((64, asked.size)) < 0.3
+    targets = np.where(open_pairs, 0.0, np.inf) if tightened else None
+    dense = leaf_crown.direction_bounds(net, lower, upper, outer, top, asked, *context, targets)
+    paired = leaf_crown.direction_bounds(
+        net, lower, upper, outer, top, asked, *context, targets, open_pairs
+    )
+    scale = 1e-9 * (1.0 + np.abs(dense[0]))
+    assert np.all(np.abs(paired[0] - dense[0])[open_pairs] <= scale[open_pairs])
+    for dense_part, paired_part in zip(dense[1:3], paired[1:3], strict=True):
+        assert np.allclose(paired_part[open_pairs], dense_part[open_pairs], rtol=1e-9, atol=1e-12)
+    assert np.all(paired[0][~open_pairs] >= dense[0][~open_pairs] - scale[~open_pairs])
+    for leaf in range(64):
+        points = rng.uniform(lower[leaf], upper[leaf], (200, box.size))
+        y = net.preactivations(points)
+        signed = np.stack([y[k][:, i] for k, i in zip(layers, neurons, strict=True)], 1) * signs
+        assert np.all(signed <= paired[0][leaf] + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_proved_directions_never_flip_on_a_dense_grid_and_refutations_are_real(seed: int) -> None:
     net, box = case(seed)
     layers, neurons, signs = all_directions(net)

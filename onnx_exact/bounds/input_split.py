@@ -231,15 +231,19 @@ class InputSearch:
             spent += b_open.shape[0]
 
             rows = np.flatnonzero(b_open.any(axis=0))
-            values, coeffs, scores, _ = self._bound(executor, b_lower, b_upper, top, rows)
             was_open = b_open[:, rows]
+            values, coeffs, scores, _ = self._bound(
+                executor, b_lower, b_upper, top, rows, open_pairs=was_open
+            )
             closed = was_open & (values <= -margins[rows])
             again = np.flatnonzero((was_open & ~closed).any(axis=1))
             if top > 1 and again.size:
                 if self.tightening < TIGHTEN_RATE:  # a sample keeps the rate measured
                     again = again[:: max(again.size // _TIGHTEN_PROBES, 1)]
                 targets = np.where(was_open[again], -margins[rows], np.inf)
-                tight = self._bound(executor, b_lower[again], b_upper[again], top, rows, targets)
+                tight = self._bound(
+                    executor, b_lower[again], b_upper[again], top, rows, targets, was_open[again]
+                )
                 values[again] = np.minimum(values[again], tight[0])
                 coeffs[again], scores[again] = tight[1], tight[2]
                 closed = was_open & (values <= -margins[rows])
@@ -298,15 +302,16 @@ class InputSearch:
         top: int,
         rows: np.ndarray,
         targets: np.ndarray | None = None,
+        open_pairs: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:func:`onnx_exact.bounds.leaf_crown.direction_bounds` of a batch, in parts on the
         worker pool when it is large (tightened, with α-CROWN where ``targets`` are missed,
-        when they are given)."""
+        when they are given; CROWN only on ``open_pairs`` when they are few)."""
         parts = min(self.jobs, lower.shape[0] // _PART_LEAVES) if executor is not None else 1
         context = (self.net, self.outer, self.layers, self.neurons, self.signs)
         if parts < 2:
             return leaf_crown.direction_bounds(
-                self.net, lower, upper, self.outer, top, rows, *context[2:], targets
+                self.net, lower, upper, self.outer, top, rows, *context[2:], targets, open_pairs
             )
         if self.worker is None:
             self.worker = parallel.with_context(_bounds_in_worker, parallel.TaskContext(context))
@@ -319,6 +324,7 @@ class InputSearch:
                 [top] * parts,
                 [rows] * parts,
                 [None if targets is None else targets[piece] for piece in pieces],
+                [None if open_pairs is None else open_pairs[piece] for piece in pieces],
             )
         )
         return tuple(np.concatenate(part) for part in zip(*results, strict=True))
@@ -331,12 +337,13 @@ def _bounds_in_worker(
     top: int,
     asked: np.ndarray,
     targets: np.ndarray | None,
+    open_pairs: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`onnx_exact.bounds.leaf_crown.direction_bounds` for part of a batch, in a worker
     of the run's pool."""
     net, outer, layers, neurons, signs = context
     return leaf_crown.direction_bounds(
-        net, lower, upper, outer, top, asked, layers, neurons, signs, targets
+        net, lower, upper, outer, top, asked, layers, neurons, signs, targets, open_pairs
     )
 
 

@@ -54,6 +54,7 @@ ALPHA_GATE = 0.5  # α-CROWN for a leaf whose every missed bound v has v <= this
 # CROWN lower ReLU lines tried per row besides the adaptive one: a slope in [0, 1], or "chord"
 # (every unstable neuron's lower line parallel to its upper line, slope u / (u - l))
 _LOWER_LINES: tuple[float | str, ...] = ("chord",)
+PAIR_DENSITY = 0.75  # CROWN pair by pair when at most this share of (leaf, row) pairs is open
 
 
 def _extremes(
@@ -244,6 +245,7 @@ def direction_bounds(
     neurons: np.ndarray,
     signs: np.ndarray,
     targets: np.ndarray | None = None,
+    open_pairs: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per leaf, bounds on ``s * y`` of the ``asked`` directions, and where to split for them.
 
@@ -260,6 +262,11 @@ def direction_bounds(
     misses targets, each by at most ``ALPHA_GATE`` of the row's gap to its value at the leaf's
     centre, gets α-CROWN (:func:`onnx_exact.bounds.leaf_alpha.bound_rows`) for those rows;
     ``tried (B,)`` says which leaves did.
+
+    With ``open_pairs (B, R)`` (which directions are still open on which leaf) CROWN runs only on
+    the open (leaf, row) pairs when they are at most ``PAIR_DENSITY`` of the batch: a leaf of a
+    layer with many open directions holds few of them (2-input ring2d: 40 %). The other pairs
+    get the forward bound, zero coefficients and zero scores: their values are never read.
     """
     # leaves are independent: a chunk at a time, the (leaves, rows, width) arrays of CROWN
     # stay in cache
@@ -278,6 +285,7 @@ def direction_bounds(
                 neurons,
                 signs,
                 None if targets is None else targets[s : s + chunk],
+                None if open_pairs is None else open_pairs[s : s + chunk],
             )
             for s in range(0, lower.shape[0], chunk)
         ]
@@ -297,19 +305,35 @@ def direction_bounds(
         row_weight = sign[:, None] * net.layers[k].weight[i]
         start = np.broadcast_to(row_weight, (batch, *row_weight.shape))
         start_const = np.broadcast_to(sign * net.layers[k].bias[i], (batch, i.size))
-        row_coeffs, const, slack = back_substitute(net, bounds, shares, int(k), start, start_const)
-        crown = leaf_alpha.maximum_over_leaf(row_coeffs, const, lower, upper)
-        for lower_choice in _LOWER_LINES:
-            found, found_const, _ = back_substitute(
-                net, bounds, None, int(k), start, start_const, lower_choice
+        wanted = None if open_pairs is None else open_pairs[:, columns]
+        if wanted is not None and wanted.mean() <= PAIR_DENSITY:
+            leaf, column = np.nonzero(wanted)
+            values[:, columns] = forward
+            coeffs[:, columns] = scores[:, columns] = 0.0
+            if leaf.size:
+                crown, row_coeffs, slack = _crown_rows(
+                    net,
+                    bounds,
+                    shares,
+                    int(k),
+                    row_weight[column][:, None, :],
+                    start_const[leaf, column][:, None],
+                    lower,
+                    upper,
+                    leaf,
+                )
+                values[leaf, columns[column]] = np.minimum(forward[leaf, column], crown[:, 0])
+                coeffs[leaf, columns[column]] = row_coeffs[:, 0]
+                scores[leaf, columns[column]] = (
+                    slack[:, 0] + np.abs(row_coeffs[:, 0]) * width[leaf] / 2.0
+                )
+        else:
+            crown, row_coeffs, slack = _crown_rows(
+                net, bounds, shares, int(k), start, start_const, lower, upper
             )
-            found_crown = leaf_alpha.maximum_over_leaf(found, found_const, lower, upper)
-            better = found_crown < crown
-            crown = np.where(better, found_crown, crown)
-            row_coeffs = np.where(better[:, :, None], found, row_coeffs)
-        values[:, columns] = np.minimum(forward, crown)
-        coeffs[:, columns] = row_coeffs
-        scores[:, columns] = slack + np.abs(row_coeffs) * width[:, None, :] / 2.0
+            values[:, columns] = np.minimum(forward, crown)
+            coeffs[:, columns] = row_coeffs
+            scores[:, columns] = slack + np.abs(row_coeffs) * width[:, None, :] / 2.0
         if targets is None or k == 0:
             continue
         missed = values[:, columns] > targets[:, columns]
@@ -334,6 +358,37 @@ def direction_bounds(
             values[cells] = np.where(better, found, values[cells])
             coeffs[cells] = np.where(better[:, :, None], found_coeffs, coeffs[cells])
     return values, coeffs, scores, tried
+
+
+def _crown_rows(
+    net: Network,
+    bounds: list[tuple[np.ndarray, np.ndarray]],
+    shares: list[np.ndarray],
+    layer: int,
+    start: np.ndarray,
+    start_const: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    owner: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CROWN's bound of the rows ``start . h + start_const``, the smallest over the adaptive
+    lower lines and those of ``_LOWER_LINES``: the bounds ``(B, R)``, their input coefficients
+    ``(B, R, n)`` and the adaptive pass's slack by input dimension (:func:`back_substitute`;
+    with ``owner``, one entry per (leaf, row) pair, ``B`` the pairs)."""
+    low, high = (lower, upper) if owner is None else (lower[owner], upper[owner])
+    row_coeffs, const, slack = back_substitute(
+        net, bounds, shares, layer, start, start_const, owner=owner
+    )
+    crown = leaf_alpha.maximum_over_leaf(row_coeffs, const, low, high)
+    for lower_choice in _LOWER_LINES:
+        found, found_const, _ = back_substitute(
+            net, bounds, None, layer, start, start_const, lower_choice, owner
+        )
+        found_crown = leaf_alpha.maximum_over_leaf(found, found_const, low, high)
+        better = found_crown < crown
+        crown = np.where(better, found_crown, crown)
+        row_coeffs = np.where(better[:, :, None], found, row_coeffs)
+    return crown, row_coeffs, slack
 
 
 def back_substitute(
@@ -393,7 +448,8 @@ def back_substitute(
                 gaps = positive * (upper_intercept + lower_gap)[:, None, :]
                 gaps -= coeffs * lower_gap[:, None, :]
                 # a matrix product per leaf (einsum's loop over this contraction is ~20x slower)
-                slack += np.matmul(gaps, shares[j].transpose(2, 0, 1))
+                by_leaf = shares[j].transpose(2, 0, 1)
+                slack += np.matmul(gaps, by_leaf if owner is None else by_leaf[owner])
             positive *= (upper_slope - lower_slope)[:, None, :]
             coeffs = coeffs * lower_slope[:, None, :]
             coeffs += positive
