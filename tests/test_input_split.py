@@ -101,6 +101,7 @@ def test_direction_bounds_with_other_lower_lines_enclose_every_point(
     outer, asked = interval_bounds(net, box), np.arange(layers.size)
     top = int(layers.max())
     context = (layers, neurons, signs)
+    monkeypatch.setattr(leaf_crown, "LOWER_LINES_MIN_INPUTS", 1)
     monkeypatch.setattr(leaf_crown, "_LOWER_LINES", ())
     adaptive, *_ = leaf_crown.direction_bounds(net, lower, upper, outer, top, asked, *context)
     monkeypatch.setattr(leaf_crown, "_LOWER_LINES", lines)
@@ -111,6 +112,28 @@ def test_direction_bounds_with_other_lower_lines_enclose_every_point(
         y = net.preactivations(points)
         signed = np.stack([y[k][:, i] for k, i in zip(layers, neurons, strict=True)], 1) * signs
         assert np.all(signed <= values[leaf] + 1e-9)
+
+
+def test_the_other_lower_lines_need_enough_inputs(monkeypatch) -> None:
+    """Below ``LOWER_LINES_MIN_INPUTS`` input features the second CROWN pass does not run: the
+    bounds are the adaptive pass's alone; from it on, it runs and tightens some."""
+    net, box = case(0)
+    rng = np.random.default_rng(0)
+    lower = rng.uniform(box.lower, (box.lower + box.upper) / 2.0, (64, box.size))
+    upper = lower + (box.upper - box.lower) / 4.0
+    layers, neurons, signs = all_directions(net)
+    outer, asked, top = interval_bounds(net, box), np.arange(layers.size), int(layers.max())
+    context = (layers, neurons, signs)
+
+    def values(lines, min_inputs):
+        monkeypatch.setattr(leaf_crown, "_LOWER_LINES", lines)
+        monkeypatch.setattr(leaf_crown, "LOWER_LINES_MIN_INPUTS", min_inputs)
+        return leaf_crown.direction_bounds(net, lower, upper, outer, top, asked, *context)[0]
+
+    adaptive = values((), 1)
+    assert np.array_equal(values(("chord",), box.size + 1), adaptive)
+    with_chord = values(("chord",), box.size)
+    assert np.all(with_chord <= adaptive) and np.any(with_chord < adaptive - 1e-9)
 
 
 @pytest.mark.parametrize("seed", range(4))
