@@ -2,9 +2,10 @@
 
 Workloads (issue 25): the nine shared ACAS Xu nets over the operational envelope
 (``../shared/models/acasxu/`` net 1_1 and ``../shared/models/acasxu_nets/`` nets 1_2 … 1_9, box
-``operational.npz``), the project's 2-input, 7-layer, 1,020-neuron regressor
-``models/checker2d_7x146.onnx`` over the ``[-1, 1]^2`` its metadata records (the shape issue 25
-names as held out) and the RL controllers of ``../shared/models/rl/`` on their case boxes. For
+``operational.npz``), the project's few-input regressors of ``models/train_lowdim.py`` over the
+``[-1, 1]^n`` their metadata records (``checker2d_7x146`` and ``ring2d_7x146``: 2 inputs, 7
+layers, 1,020 neurons, the shape issue 25 names as held out; ``smooth8_3x64``: 8 inputs) and
+the RL controllers of ``../shared/models/rl/`` on their case boxes. For
 every net the ``auto`` pipeline runs with ``--jobs`` 1 and 2 (``--jobs-list``), and the
 per-neuron MILP baseline (``method="per-neuron"``, two decision MILPs per neuron) capped at
 ``--baseline-cap`` seconds, each in its own spawned child process (the runner of
@@ -47,7 +48,7 @@ BENCH = load_stability_bench()
 
 
 def envelope_cases() -> list:
-    """ACAS Xu 1_1 … 1_9 over the operational envelope, the 2-input regressor of ``models/``,
+    """ACAS Xu 1_1 … 1_9 over the operational envelope, the few-input regressors of ``models/``,
     then the RL controllers' case boxes."""
     cases = []
     first = SHARED_MODELS / "acasxu" / "ACASXU_run2a_1_1_batch_2000.onnx"
@@ -58,8 +59,8 @@ def envelope_cases() -> list:
     for path in sorted(more.glob("ACASXU_run2a_*_batch_2000.onnx")) if more.exists() else []:
         name = "acas_" + path.stem.split("_")[2] + "_" + path.stem.split("_")[3]
         cases.append(BENCH.Case(name, "operational", "full", path, more / "operational.npz"))
-    lowdim = REPO / "models" / "checker2d_7x146.onnx"  # the project's own (models/train_lowdim.py)
-    cases.append(BENCH.Case("checker2d_7x146", "metadata", "full", lowdim, None))
+    for name in ("checker2d_7x146", "ring2d_7x146", "smooth8_3x64"):  # models/train_lowdim.py
+        cases.append(BENCH.Case(name, "metadata", "full", REPO / "models" / f"{name}.onnx", None))
     rl = SHARED_MODELS / "rl"
     for path in sorted(rl.glob("*.onnx")) if rl.exists() else []:
         for box in sorted(rl.glob(f"{path.stem}.*.npz")):
