@@ -56,7 +56,7 @@ ALPHA_GATE = 0.5  # α-CROWN for a leaf whose every missed bound v has v <= this
 _LOWER_LINES: tuple[float | str, ...] = ("chord",)
 # ... with at least this many input features: the pass costs as much as the first per leaf,
 # while a tighter bound saves about d log2(ratio) levels of splits with d inputs (2-input nets
-# 1.3-1.7x faster without it, ACAS Xu's 5 inputs alike, an 8-input net 7 % slower)
+# 1.2-1.3x faster without it, an 8-input one alike, ACAS Xu 1_1 5 % slower)
 LOWER_LINES_MIN_INPUTS = 4
 PAIR_DENSITY = 0.75  # CROWN pair by pair when at most this share of (leaf, row) pairs is open
 
