@@ -200,3 +200,36 @@ def test_onnx_exact_compresses_a_shipped_model_without_flags(
     ]
     np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     assert np.array_equal(np.argmax(logits[1], axis=-1), np.argmax(logits[0], axis=-1))
+
+
+@pytest.mark.parametrize("name", ["checker2d_7x146", "ring2d_7x146", "smooth8_3x64"])
+def test_shipped_few_input_nets_carry_their_box_and_are_analysed_soundly(name: str) -> None:
+    """The few-input nets of ``models/train_lowdim.py`` read their ``[-1, 1]^n`` box from their
+    metadata, and what a short analysis proves holds on a dense sample of that box: a neuron
+    proved ACTIVE (INACTIVE) is never seen negative (positive), and every pre-activation seen
+    lies within the proved bounds."""
+    from onnx_exact.core.verdicts import NeuronState
+    from onnx_exact.pipeline import AnalysisOptions, analyze
+
+    path = MODELS_DIR / f"{name}.onnx"
+    assert "train_lowdim.py" in _metadata(onnx.load(path))["training"]
+    analysis = analyze(path, options=AnalysisOptions(time_limit=3, jobs=1))
+    net, box = analysis.read.network, analysis.box
+    assert "metadata" in analysis.report.domain_source
+    assert np.all(box.lower == -1.0) and np.all(box.upper == 1.0)
+    assert box.size == net.in_features == (8 if name.startswith("smooth8") else 2)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(box.lower, box.upper, (20_000, box.size))
+    proved = 0
+    for dense, layer, y in zip(
+        net.layers, analysis.stability.layers, net.preactivations(x), strict=True
+    ):
+        assert np.all(y >= np.asarray(layer.lower) - 1e-9)
+        assert np.all(y <= np.asarray(layer.upper) + 1e-9)
+        if not dense.relu:
+            continue
+        states = np.asarray(layer.states)
+        assert np.all(y[:, states == NeuronState.ACTIVE] >= 0.0)
+        assert np.all(y[:, states == NeuronState.INACTIVE] <= 0.0)
+        proved += int(np.sum((states == NeuronState.ACTIVE) | (states == NeuronState.INACTIVE)))
+    assert proved > 0

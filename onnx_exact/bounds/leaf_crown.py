@@ -378,9 +378,8 @@ def _crown_rows(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CROWN's bound of the rows ``start . h + start_const``, the smallest over the adaptive
     lower lines and those of ``_LOWER_LINES`` (with enough inputs): the bounds ``(B, R)``, their
-    input coefficients
-    ``(B, R, n)`` and the adaptive pass's slack by input dimension (:func:`back_substitute`;
-    with ``owner``, one entry per (leaf, row) pair, ``B`` the pairs)."""
+    input coefficients ``(B, R, n)`` and the adaptive pass's slack by input dimension
+    (:func:`back_substitute`; with ``owner``, one entry per (leaf, row) pair, ``B`` the pairs)."""
     low, high = (lower, upper) if owner is None else (lower[owner], upper[owner])
     row_coeffs, const, slack = back_substitute(
         net, bounds, shares, layer, start, start_const, owner=owner
