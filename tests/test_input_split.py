@@ -84,6 +84,30 @@ def test_leaf_bounds_enclose_every_point_of_each_leaf(seed: int) -> None:
             assert np.all(y >= lo[:, leaf] - 1e-9) and np.all(y <= hi[:, leaf] + 1e-9)
 
 
+def leaf_batch(seed: int) -> tuple:
+    """:func:`case`'s net and box, 64 random leaves of the box, a generator for sampling them,
+    and the arguments of ``direction_bounds`` after the leaves for every direction:
+    ``(outer, top, asked, layers, neurons, signs)`` with interval ``outer`` bounds."""
+    net, box = case(seed)
+    rng = np.random.default_rng(seed)
+    centre = rng.uniform(box.lower, box.upper, (64, box.size))
+    radius = rng.uniform(0.0, 0.3, (64, box.size)) * (box.upper - box.lower)
+    lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
+    layers, neurons, signs = all_directions(net)
+    asked = (interval_bounds(net, box), int(layers.max()), np.arange(layers.size))
+    return net, rng, lower, upper, (*asked, layers, neurons, signs)
+
+
+def assert_bounds_every_point(net, rng, lower, upper, values, asked) -> None:
+    """``values (B, R)`` bound ``s * y`` of every direction on 200 points of each leaf."""
+    layers, neurons, signs = asked[3:]
+    for leaf in range(lower.shape[0]):
+        points = rng.uniform(lower[leaf], upper[leaf], (200, lower.shape[1]))
+        y = net.preactivations(points)
+        signed = np.stack([y[k][:, i] for k, i in zip(layers, neurons, strict=True)], 1) * signs
+        assert np.all(signed <= values[leaf] + 1e-9)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("lines", [(0.0, 0.5, 1.0), ("chord",)])
 def test_direction_bounds_with_other_lower_lines_enclose_every_point(
@@ -92,26 +116,14 @@ def test_direction_bounds_with_other_lower_lines_enclose_every_point(
     """CROWN of each row with other lower ReLU lines (fixed slopes, or parallel to the upper
     line: the cheap α-steps) stays an upper bound of ``s * y`` on every sampled point of each
     leaf, and tightens some bounds."""
-    net, box = case(seed)
-    rng = np.random.default_rng(seed)
-    centre = rng.uniform(box.lower, box.upper, (64, box.size))
-    radius = rng.uniform(0.0, 0.3, (64, box.size)) * (box.upper - box.lower)
-    lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
-    layers, neurons, signs = all_directions(net)
-    outer, asked = interval_bounds(net, box), np.arange(layers.size)
-    top = int(layers.max())
-    context = (layers, neurons, signs)
+    net, rng, lower, upper, asked = leaf_batch(seed)
     monkeypatch.setattr(leaf_crown, "LOWER_LINES_MIN_INPUTS", 1)
     monkeypatch.setattr(leaf_crown, "_LOWER_LINES", ())
-    adaptive, *_ = leaf_crown.direction_bounds(net, lower, upper, outer, top, asked, *context)
+    adaptive, *_ = leaf_crown.direction_bounds(net, lower, upper, *asked)
     monkeypatch.setattr(leaf_crown, "_LOWER_LINES", lines)
-    values, *_ = leaf_crown.direction_bounds(net, lower, upper, outer, top, asked, *context)
+    values, *_ = leaf_crown.direction_bounds(net, lower, upper, *asked)
     assert np.all(values <= adaptive) and np.any(values < adaptive - 1e-9)
-    for leaf in range(64):
-        points = rng.uniform(lower[leaf], upper[leaf], (200, box.size))
-        y = net.preactivations(points)
-        signed = np.stack([y[k][:, i] for k, i in zip(layers, neurons, strict=True)], 1) * signs
-        assert np.all(signed <= values[leaf] + 1e-9)
+    assert_bounds_every_point(net, rng, lower, upper, values, asked)
 
 
 def test_the_other_lower_lines_need_enough_inputs(monkeypatch) -> None:
@@ -143,31 +155,17 @@ def test_crown_on_the_open_pairs_alone_gives_their_dense_bounds(seed, tightened)
     only; each open pair gets the bound, coefficients and split scores the dense pass gives it,
     up to the rounding of a differently shaped matrix product, and every other pair keeps its
     sound forward bound."""
-    net, box = case(seed)
-    rng = np.random.default_rng(seed)
-    centre = rng.uniform(box.lower, box.upper, (64, box.size))
-    radius = rng.uniform(0.0, 0.3, (64, box.size)) * (box.upper - box.lower)
-    lower, upper = np.maximum(centre - radius, box.lower), np.minimum(centre + radius, box.upper)
-    layers, neurons, signs = all_directions(net)
-    outer, asked = interval_bounds(net, box), np.arange(layers.size)
-    top = int(layers.max())
-    context = (layers, neurons, signs)
-    open_pairs = rng.random((64, asked.size)) < 0.3
+    net, rng, lower, upper, asked = leaf_batch(seed)
+    open_pairs = rng.random((64, asked[2].size)) < 0.3
     targets = np.where(open_pairs, 0.0, np.inf) if tightened else None
-    dense = leaf_crown.direction_bounds(net, lower, upper, outer, top, asked, *context, targets)
-    paired = leaf_crown.direction_bounds(
-        net, lower, upper, outer, top, asked, *context, targets, open_pairs
-    )
+    dense = leaf_crown.direction_bounds(net, lower, upper, *asked, targets)
+    paired = leaf_crown.direction_bounds(net, lower, upper, *asked, targets, open_pairs)
     scale = 1e-9 * (1.0 + np.abs(dense[0]))
     assert np.all(np.abs(paired[0] - dense[0])[open_pairs] <= scale[open_pairs])
     for dense_part, paired_part in zip(dense[1:3], paired[1:3], strict=True):
         assert np.allclose(paired_part[open_pairs], dense_part[open_pairs], rtol=1e-9, atol=1e-12)
     assert np.all(paired[0][~open_pairs] >= dense[0][~open_pairs] - scale[~open_pairs])
-    for leaf in range(64):
-        points = rng.uniform(lower[leaf], upper[leaf], (200, box.size))
-        y = net.preactivations(points)
-        signed = np.stack([y[k][:, i] for k, i in zip(layers, neurons, strict=True)], 1) * signs
-        assert np.all(signed <= paired[0][leaf] + 1e-9)
+    assert_bounds_every_point(net, rng, lower, upper, paired[0], asked)
 
 
 @pytest.mark.parametrize("seed", range(4))
