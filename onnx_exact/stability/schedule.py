@@ -286,7 +286,7 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
                 if not analysis.has_open(k):
                     break
             tier_impl.run(analysis, tier, k)
-            if search_only and analysis.has_open(k):  # what the search's instalment left
+            if search_only and k > 0 and analysis.has_open(k):  # what the instalment left
                 tier_impl.run(analysis, Tier.ATTACK, k)
     analysis.focused = False
     analysis.finish_layer(k)
