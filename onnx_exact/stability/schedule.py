@@ -154,7 +154,7 @@ def run_tiers(analysis: Analysis, solver_tiers: tuple[Tier, ...]) -> None:
             continue
         decide_layer(analysis, k, solver_tiers)
     retry_tiers = tuple(tier for tier in solver_tiers if TIERS[tier].retried)
-    search_only = retry_tiers == (Tier.SUBDIVIDE,)
+    search_only = search_alone(solver_tiers)
     if not retry_tiers or not np.isfinite(analysis.deadline):
         return
     efforts = policy.RETRY_EFFORTS
@@ -179,6 +179,16 @@ def run_tiers(analysis: Analysis, solver_tiers: tuple[Tier, ...]) -> None:
         idle = time.monotonic() - started < policy.IDLE_ROUND_SECONDS
         if round_index >= len(efforts) - 1 and idle and analysis.open_count() == open_before:
             return  # the tiers returned at once and decided nothing: they have nothing left
+
+
+def search_alone(solver_tiers: tuple[Tier, ...]) -> bool:
+    """Whether the input search (``subdivide``) is the only exact tier after the split tier.
+
+    Then it is also the run's refuter (it forward-passes points of its most promising leaves),
+    so the attack is only the shortcut to a sign in a sliver: a probe before each layer's first
+    instalment, one round after each instalment (:func:`decide_layer`, :func:`run_tiers`).
+    """
+    return tuple(tier for tier in solver_tiers if tier != Tier.SPLIT) == (Tier.SUBDIVIDE,)
 
 
 def bounds_pass(analysis: Analysis) -> None:
@@ -258,9 +268,7 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
     if milp_tiers and k > 0 and analysis.has_open(k):
         tier_impl.run(analysis, Tier.ALPHA_CROWN, k)
     attack_effort, probed = 1.0, False
-    # the input search refutes as it proves (its leaves' points are forward-passed): with
-    # nothing else after the split tier, only a probe runs before it (see the docstring)
-    search_only = milp_tiers == (Tier.SUBDIVIDE,)
+    search_only = search_alone(solver_tiers)
     with analysis.background_attack(k):
         for tier in milp_tiers:
             spec = TIERS[tier]
@@ -273,7 +281,7 @@ def decide_layer(analysis: Analysis, k: int, solver_tiers: tuple[Tier, ...]) -> 
                     break
             if spec.background:
                 analysis.start_background_attack(k)
-            if spec.attacked_before and k > 0 and search_only and not probed:
+            if spec.attacked_before and k > 0 and search_only:
                 tier_impl.run(analysis, Tier.PROBE, k)
                 probed = True
                 if not analysis.has_open(k):
