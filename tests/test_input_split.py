@@ -316,8 +316,9 @@ def test_the_proved_share_and_the_open_leaves_make_up_the_box(seed: int) -> None
     for _ in range(6):
         outcome = search.run(4)
         live = ~(outcome.proved | outcome.refuted | search.dropped)
-        volume = input_split._volume_shares(search.lower, search.upper, search.extent, search.flat)
-        left = volume @ search.open
+        pool = search.pool
+        volume = input_split._volume_shares(pool.lower, pool.upper, search.extent, search.flat)
+        left = volume @ pool.open
         assert np.allclose(outcome.covered[live] + left[live], 1.0, rtol=0.0, atol=1e-9)
         assert np.all(outcome.covered[outcome.proved] == 1.0)
         assert np.all((outcome.covered >= before - 1e-12) & (outcome.covered <= 1.0))
@@ -637,3 +638,42 @@ def test_leaves_missing_their_targets_get_the_alpha_bound(seed: int, monkeypatch
         y = net.preactivations(rng.uniform(lower[leaf], upper[leaf], (300, 2)))[top]
         signed = signs[asked] * y[:, neurons[asked]]
         assert np.all(signed.max(axis=0) <= alpha[leaf] + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_leaf_pool_takes_the_best_leaves_and_keeps_the_others(seed: int) -> None:
+    """After any sequence of additions, takes and forgets, the pool holds exactly the leaves
+    added and not taken (less those left with no open direction), a take returns the leaves of
+    highest priority, and ``counts`` is the number of pool leaves holding each direction open."""
+    rng = np.random.default_rng(seed)
+    directions = 6
+    pool = input_split._LeafPool(np.zeros(2), np.ones(2), directions)
+    kept = {0.0: (np.inf, np.ones(directions, dtype=bool))}  # lower corner's x -> the leaf
+    decided = np.zeros(directions, dtype=bool)
+    for step in range(40):
+        if step % 7 == 6:
+            decided[rng.integers(directions)] = True
+            pool.forget(decided)
+            kept = {x: (p, o & ~decided) for x, (p, o) in kept.items() if (o & ~decided).any()}
+        count = int(rng.integers(1, 30))
+        priority = rng.integers(0, 5, count).astype(float)  # many ties, as siblings have
+        open_ = rng.random((count, directions)) < 0.4
+        open_[:, 0] |= ~open_.any(axis=1)
+        open_ &= ~decided
+        keep = open_.any(axis=1)
+        corner = step + 1 + rng.random(count)  # a leaf is known by its lower corner's x
+        lower = np.stack([corner, np.zeros(count)], axis=1)[keep]
+        pool.add(lower, lower + 1.0, open_[keep], priority[keep])
+        added = zip(lower[:, 0], priority[keep], open_[keep], strict=True)
+        kept.update({x: (p, o) for x, p, o in added})
+        take = int(rng.integers(1, 25))
+        best = sorted(p for p, _ in kept.values())[::-1][: min(take, len(kept))]
+        lower, upper, taken_open = pool.take(take)
+        assert sorted(kept[x][0] for x in lower[:, 0])[::-1] == best
+        assert np.array_equal(upper, lower + 1.0)
+        for x, o in zip(lower[:, 0], taken_open, strict=True):
+            assert np.array_equal(kept.pop(x)[1], o)
+        assert sorted(pool.lower[:, 0]) == sorted(kept)
+        held = np.array([kept[x][1] for x in pool.lower[:, 0]]).reshape(-1, directions)
+        assert np.array_equal(pool.open, held)
+        assert np.array_equal(pool.counts[~decided], held.sum(axis=0)[~decided])
