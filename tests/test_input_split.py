@@ -644,7 +644,8 @@ def test_leaves_missing_their_targets_get_the_alpha_bound(seed: int, monkeypatch
 def test_the_leaf_pool_takes_the_best_leaves_and_keeps_the_others(seed: int) -> None:
     """After any sequence of additions, takes and forgets, the pool holds exactly the leaves
     added and not taken (less those left with no open direction), a take returns the leaves of
-    highest priority, and ``counts`` is the number of pool leaves holding each direction open."""
+    highest priority and, among equal ones, the oldest, and ``counts`` is the number of pool
+    leaves holding each direction open."""
     rng = np.random.default_rng(seed)
     directions = 6
     pool = input_split._LeafPool(np.zeros(2), np.ones(2), directions)
@@ -661,15 +662,15 @@ def test_the_leaf_pool_takes_the_best_leaves_and_keeps_the_others(seed: int) -> 
         open_[:, 0] |= ~open_.any(axis=1)
         open_ &= ~decided
         keep = open_.any(axis=1)
-        corner = step + 1 + rng.random(count)  # a leaf is known by its lower corner's x
+        corner = step + 1 + np.arange(count) / count  # a leaf is known by its lower corner's x
         lower = np.stack([corner, np.zeros(count)], axis=1)[keep]
         pool.add(lower, lower + 1.0, open_[keep], priority[keep])
         added = zip(lower[:, 0], priority[keep], open_[keep], strict=True)
         kept.update({x: (p, o) for x, p, o in added})
         take = int(rng.integers(1, 25))
-        best = sorted(p for p, _ in kept.values())[::-1][: min(take, len(kept))]
+        best = sorted(kept, key=lambda x: (-kept[x][0], x))[:take]  # x grows with age
         lower, upper, taken_open = pool.take(take)
-        assert sorted(kept[x][0] for x in lower[:, 0])[::-1] == best
+        assert sorted(lower[:, 0]) == sorted(best)
         assert np.array_equal(upper, lower + 1.0)
         for x, o in zip(lower[:, 0], taken_open, strict=True):
             assert np.array_equal(kept.pop(x)[1], o)

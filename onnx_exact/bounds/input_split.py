@@ -337,6 +337,8 @@ class _LeafPool:
         self._upper = np.asarray(upper, dtype=np.float64)[None, :].copy()
         self._open = np.ones((1, directions), dtype=bool)
         self._priority = np.full(1, np.inf)
+        self._born = np.zeros(1, dtype=np.int64)  # when each leaf was added: ties go oldest first
+        self._added = 1
         self.size = 1
         self.counts = np.ones(directions, dtype=np.int64)
         self._decided = np.zeros(directions, dtype=bool)
@@ -366,17 +368,25 @@ class _LeafPool:
         live &= ~decided
         keep = np.flatnonzero(live.any(axis=1))
         if keep.size < self.size:
-            for rows in (self._lower, self._upper, self._open, self._priority):
+            for rows in (self._lower, self._upper, self._open, self._priority, self._born):
                 rows[: keep.size] = rows[keep]
             self.size = keep.size
         self.counts = self.open.sum(axis=0)
 
     def take(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Remove the ``count`` leaves of highest priority (all of them when fewer) and return
-        their ``lower, upper, open``, in pool order."""
+        """Remove the ``count`` leaves of highest priority (all of them when fewer; among equal
+        priorities the oldest, so that a search whose leaves tie, as siblings do, goes breadth
+        first) and return their ``lower, upper, open``, in pool order."""
         size = self.size
         if size > count:
-            taken = np.sort(np.argpartition(-self._priority[:size], count - 1)[:count])
+            priority = self._priority[:size]
+            threshold = np.partition(priority, size - count)[size - count]
+            above = np.flatnonzero(priority > threshold)
+            tied = np.flatnonzero(priority == threshold)
+            need = count - above.size
+            if tied.size > need:
+                tied = tied[np.argpartition(self._born[tied], need - 1)[:need]]
+            taken = np.sort(np.concatenate([above, tied]))
         else:
             taken = np.arange(size)
         out = (self._lower[taken], self._upper[taken], self._open[taken])
@@ -385,7 +395,7 @@ class _LeafPool:
         tail = np.ones(size - rest, dtype=bool)
         tail[taken[taken >= rest] - rest] = False
         movers = rest + np.flatnonzero(tail)
-        for rows in (self._lower, self._upper, self._open, self._priority):
+        for rows in (self._lower, self._upper, self._open, self._priority, self._born):
             rows[holes] = rows[movers]
         self.size = rest
         self.counts -= out[2].sum(axis=0)
@@ -398,13 +408,15 @@ class _LeafPool:
         end = self.size + lower.shape[0]
         if end > self._priority.size:
             capacity = max(end, 2 * self._priority.size)
-            for name in ("_lower", "_upper", "_open", "_priority"):
+            for name in ("_lower", "_upper", "_open", "_priority", "_born"):
                 rows = getattr(self, name)
                 grown = np.empty((capacity, *rows.shape[1:]), dtype=rows.dtype)
                 grown[: self.size] = rows[: self.size]
                 setattr(self, name, grown)
         self._lower[self.size : end], self._upper[self.size : end] = lower, upper
         self._open[self.size : end], self._priority[self.size : end] = open_, priority
+        self._born[self.size : end] = self._added + np.arange(end - self.size)
+        self._added += end - self.size
         self.size = end
         self.counts += open_.sum(axis=0)
 
