@@ -323,8 +323,8 @@ class _LeafPool:
     """The open leaves of a search: their boxes, open directions and priorities.
 
     Why a pool of its own: a long search holds millions of open leaves, and taking a batch or
-    adding its children must cost in proportion to the batch, not to the pool (with a copy of
-    the whole pool per batch, a 600-s search of ACAS Xu 1_3 spent 27 % of its time there). The
+    adding its children must cost in proportion to the batch, not to the pool (a copy of the
+    whole pool per batch took a quarter of a long ACAS Xu search: docs/benchmarks.md). The
     arrays keep spare rows (doubled when full); a taken leaf's row is filled from the pool's
     end; children are appended. Leaves whose open directions were all decided are removed by
     :meth:`forget` only when a direction was decided since its last call. ``counts`` holds, per
@@ -342,6 +342,11 @@ class _LeafPool:
         self.size = 1
         self.counts = np.ones(directions, dtype=np.int64)
         self._decided = np.zeros(directions, dtype=bool)
+
+    _FIELDS = ("_lower", "_upper", "_open", "_priority", "_born")  # one row per leaf each
+
+    def _fields(self) -> list[np.ndarray]:
+        return [getattr(self, name) for name in self._FIELDS]
 
     @property
     def lower(self) -> np.ndarray:
@@ -368,7 +373,7 @@ class _LeafPool:
         live &= ~decided
         keep = np.flatnonzero(live.any(axis=1))
         if keep.size < self.size:
-            for rows in (self._lower, self._upper, self._open, self._priority, self._born):
+            for rows in self._fields():
                 rows[: keep.size] = rows[keep]
             self.size = keep.size
         self.counts = self.open.sum(axis=0)
@@ -395,7 +400,7 @@ class _LeafPool:
         tail = np.ones(size - rest, dtype=bool)
         tail[taken[taken >= rest] - rest] = False
         movers = rest + np.flatnonzero(tail)
-        for rows in (self._lower, self._upper, self._open, self._priority, self._born):
+        for rows in self._fields():
             rows[holes] = rows[movers]
         self.size = rest
         self.counts -= out[2].sum(axis=0)
@@ -408,8 +413,7 @@ class _LeafPool:
         end = self.size + lower.shape[0]
         if end > self._priority.size:
             capacity = max(end, 2 * self._priority.size)
-            for name in ("_lower", "_upper", "_open", "_priority", "_born"):
-                rows = getattr(self, name)
+            for name, rows in zip(self._FIELDS, self._fields(), strict=True):
                 grown = np.empty((capacity, *rows.shape[1:]), dtype=rows.dtype)
                 grown[: self.size] = rows[: self.size]
                 setattr(self, name, grown)
